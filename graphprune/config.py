@@ -1,0 +1,195 @@
+"""What to prune and how: the schedule, the structure, layer-wise or global, per-weight rules.
+
+    config = PruningConfig(
+        schedule=PolynomialDecay(0.0, 0.9, 0, 1000, frequency=100),
+        structure=Structure(block_size=(1, 2)),
+        scope="global",
+        rules=[Rule("depthwise", skip=True), Rule("dense_1/kernel", sparsity=0.5)],
+    )
+
+A rule's ``pattern`` is a regular expression searched in the weight's name, its op types and the
+names of the ops that use it; the first matching rule applies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Iterable
+
+from graphprune.errors import ScheduleError, StructureError
+from graphprune.masks import POOLINGS, check_block, check_m_by_n
+from graphprune.schedules import ConstantSparsity, PolynomialDecay, PruningSchedule
+
+SCOPES = ("layer", "global")
+
+
+def parse_block_size(value) -> tuple[int, int]:
+    """'1x2', (1, 2) or [1, 2] -> (1, 2)."""
+    if isinstance(value, str):
+        parts = re.split(r"[xX,]", value.strip())
+    else:
+        parts = list(value) if value is not None else [1, 1]
+    try:
+        block = tuple(int(p) for p in parts)
+    except (TypeError, ValueError):
+        raise StructureError(f"block_size must look like 1x2, got {value!r}") from None
+    if len(block) != 2 or min(block) < 1:
+        raise StructureError(f"block_size must be two positive integers like 1x2, got {value!r}")
+    return block
+
+
+def parse_m_by_n(value) -> tuple[int, int] | None:
+    """'2:4', (2, 4) -> (2, 4); None stays None."""
+    if value is None or value == "":
+        return None
+    parts = re.split(r"[:xX,/]", value.strip()) if isinstance(value, str) else list(value)
+    try:
+        m, n = (int(p) for p in parts)
+    except (TypeError, ValueError):
+        raise StructureError(f"m_by_n must look like 2:4, got {value!r}") from None
+    if not 0 < m < n:
+        raise StructureError(f"m_by_n must be M:N with 0 < M < N (M pruned of every N), got {value!r}")
+    return m, n
+
+
+@dataclasses.dataclass(frozen=True)
+class Structure:
+    """Unstructured (default), blocks (``block_size``, ``block_pooling``) or M:N (``m_by_n``)."""
+
+    block_size: tuple[int, int] = (1, 1)
+    block_pooling: str = "AVG"
+    m_by_n: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "block_size", parse_block_size(self.block_size))
+        object.__setattr__(self, "m_by_n", parse_m_by_n(self.m_by_n))
+        pooling = str(self.block_pooling).upper()
+        if pooling not in POOLINGS:
+            raise StructureError(f"block_pooling must be AVG or MAX, got {self.block_pooling!r}")
+        object.__setattr__(self, "block_pooling", pooling)
+        if self.m_by_n is not None and self.block_size != (1, 1):
+            raise StructureError("choose either block_size or m_by_n, not both")
+
+    @property
+    def unstructured(self) -> bool:
+        return self.m_by_n is None and self.block_size == (1, 1)
+
+    def check(self, weight) -> None:
+        """Raise StructureError if this structure cannot apply to ``weight`` (a WeightInfo)."""
+        if self.m_by_n is not None:
+            check_m_by_n(weight.shape, self.m_by_n, weight.input_axis, weight.key)
+        else:
+            try:
+                check_block(weight.shape, self.block_size)
+            except StructureError as error:
+                raise StructureError(f"{weight.key}: {error}") from None
+
+    def describe(self) -> str:
+        if self.m_by_n is not None:
+            return f"{self.m_by_n[0]}:{self.m_by_n[1]}"
+        if self.block_size != (1, 1):
+            return f"block {self.block_size[0]}x{self.block_size[1]} {self.block_pooling}"
+        return "unstructured"
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Per-weight override selected by regex: skip it, give it its own sparsity (a number: the
+    global schedule's shape ending there; or a schedule) and/or its own structure."""
+
+    pattern: str
+    skip: bool = False
+    sparsity: float | PruningSchedule | None = None
+    structure: Structure | None = None
+
+    def __post_init__(self):
+        try:
+            re.compile(self.pattern)
+        except re.error as error:
+            raise ScheduleError(f"rule pattern {self.pattern!r} is not a valid regular expression: {error}") from None
+
+    def matches(self, weight) -> bool:
+        haystack = [weight.key, *weight.ops, *(use.node for use in weight.uses)]
+        return any(re.search(self.pattern, text) for text in haystack)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightPlan:
+    """How one weight is pruned: resolved from the config and the first matching rule."""
+
+    key: str
+    schedule: PruningSchedule
+    structure: Structure
+    in_global_group: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class PruningConfig:
+    schedule: PruningSchedule
+    structure: Structure = Structure()
+    scope: str = "layer"
+    rules: tuple[Rule, ...] = ()
+
+    def __post_init__(self):
+        if not isinstance(self.schedule, PruningSchedule):
+            raise ScheduleError(
+                f"schedule must be graphprune.PolynomialDecay or ConstantSparsity, got {type(self.schedule).__name__}"
+            )
+        if self.scope not in SCOPES:
+            raise ScheduleError(f"scope must be 'layer' or 'global', got {self.scope!r}")
+        object.__setattr__(self, "rules", tuple(self.rules))
+
+    def plan(self, weights: Iterable) -> tuple[dict[str, WeightPlan], dict[str, str]]:
+        """(plans by weight key, skipped weight key -> reason). Structures are checked here."""
+        plans, skipped = {}, {}
+        for weight in weights:
+            rule = next((r for r in self.rules if r.matches(weight)), None)
+            if rule is not None and rule.skip:
+                skipped[weight.key] = f"skipped by rule {rule.pattern!r}"
+                continue
+            schedule, structure, own = self.schedule, self.structure, False
+            if rule is not None and rule.sparsity is not None:
+                own = True
+                schedule = (rule.sparsity if isinstance(rule.sparsity, PruningSchedule)
+                            else self.schedule.with_final_sparsity(rule.sparsity))
+            if rule is not None and rule.structure is not None:
+                own, structure = True, rule.structure
+            structure.check(weight)
+            in_global = self.scope == "global" and not own and structure.m_by_n is None
+            plans[weight.key] = WeightPlan(weight.key, schedule, structure, in_global)
+        return plans, skipped
+
+
+def make_config(schedule=None, *, final_sparsity=None, initial_sparsity=0.0, begin_step=0, end_step=None,
+                frequency=100, power=3, kind="polynomial", block_size=(1, 1), block_pooling="AVG", m_by_n=None,
+                scope="layer", exclude=None, sparsity_for=(), rules=()) -> PruningConfig:
+    """A PruningConfig from flat settings (the CLI and the text pipeline use this)."""
+    if schedule is None:
+        if final_sparsity is None:
+            raise ScheduleError("give a schedule or final_sparsity")
+        if kind == "constant":
+            schedule = ConstantSparsity(final_sparsity, begin_step, -1 if end_step is None else end_step, frequency)
+        elif kind == "polynomial":
+            if end_step is None:
+                raise ScheduleError("a polynomial schedule needs end_step")
+            schedule = PolynomialDecay(initial_sparsity, final_sparsity, begin_step, end_step, power, frequency)
+        else:
+            raise ScheduleError(f"schedule must be 'polynomial' or 'constant', got {kind!r}")
+    all_rules = list(rules)
+    if exclude:
+        all_rules.insert(0, Rule(exclude, skip=True))
+    for item in sparsity_for:
+        pattern, sep, value = item.rpartition("=") if isinstance(item, str) else ("", "=", "")
+        if isinstance(item, str):
+            if not sep or not pattern:
+                raise ScheduleError(f"sparsity_for must be REGEX=SPARSITY, got {item!r}")
+            try:
+                sparsity = float(value)
+            except ValueError:
+                raise ScheduleError(f"sparsity_for {item!r}: {value!r} is not a number") from None
+        else:
+            pattern, sparsity = item
+        all_rules.append(Rule(pattern, sparsity=sparsity))
+    structure = Structure(block_size=block_size, block_pooling=block_pooling, m_by_n=m_by_n)
+    return PruningConfig(schedule=schedule, structure=structure, scope=scope, rules=tuple(all_rules))

@@ -1,0 +1,223 @@
+"""The data passes work on: a traced model as GraphDefs plus the variables they read.
+
+A TracedModel is immutable: passes build a new one (``dataclasses.replace``) and never touch the
+GraphDefs of the one they were given (they copy before editing, see ``copy_graph``).
+
+    TracedModel
+      entries:   one Entry per callable (signature, method, the mask update)
+                   graph_def           flat GraphDef (+ library for While/If bodies)
+                   inputs / outputs    placeholder names / tensor names, in flat order
+                   resources           resource placeholder name -> variable key
+      variables: key -> VariableSpec (existing variables, and the ones passes ask for)
+      facts:     analysis results (``find_weights`` records ``weights`` here)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections import Counter
+from types import MappingProxyType
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2, tensor_pb2, types_pb2
+from tensorflow.python.framework import dtypes, tensor_util
+
+# Names inserted by graphprune live under this scope so re-runs and finalization can find them.
+SCOPE = "graphprune"
+ROLE_WEIGHT = "weight"
+ROLE_MASK = "mask"
+ROLE_THRESHOLD = "threshold"
+ROLE_STEP = "step"
+ROLE_OTHER = "variable"
+
+
+@dataclasses.dataclass(frozen=True)
+class VariableSpec:
+    """A variable the model reads.
+
+    ``initial`` is None for variables that exist already (bound at rebuild by ``key``) and holds
+    the starting value for the ones a pass asks for (masks, thresholds, the step).
+    """
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+    role: str = ROLE_OTHER
+    trainable: bool = True
+    initial: np.ndarray | None = None
+    weight: str | None = None  # for masks and thresholds: the key of their weight
+
+    @property
+    def name(self) -> str:
+        return self.key
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """One flat input of an entry: the placeholder it feeds and its spec."""
+
+    placeholder: str
+    name: str
+    shape: tuple[int | None, ...] | None
+    dtype: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One callable of the model, as a flat GraphDef.
+
+    ``input_structure`` / ``output_structure`` are nests (of TensorSpecs) that the flat inputs and
+    outputs are packed into; ``parameters`` are the Python parameter names of the callable.
+    """
+
+    name: str
+    kind: str  # "signature", "method" or "update"
+    graph_def: graph_pb2.GraphDef
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[str, ...]
+    resources: Mapping[str, str]
+    input_structure: Any = None
+    output_structure: Any = None
+    parameters: tuple[str, ...] = ()
+    control_outputs: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class TracedModel:
+    entries: tuple[Entry, ...]
+    variables: Mapping[str, VariableSpec]
+    facts: Mapping[str, Any] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
+
+    def entry(self, name: str) -> Entry:
+        for entry in self.entries:
+            if entry.name == name:
+                return entry
+        raise KeyError(name)
+
+    def with_facts(self, **facts) -> "TracedModel":
+        merged = dict(self.facts)
+        merged.update(facts)
+        return dataclasses.replace(self, facts=MappingProxyType(merged))
+
+    def with_variables(self, specs: Iterable[VariableSpec], drop: Iterable[str] = ()) -> "TracedModel":
+        merged = dict(self.variables)
+        for key in drop:
+            merged.pop(key, None)
+        for spec in specs:
+            merged[spec.key] = spec
+        return dataclasses.replace(self, variables=MappingProxyType(merged))
+
+
+# ---------------------------------------------------------------------------------------------
+# GraphDef helpers
+
+
+def copy_graph(graph_def: graph_pb2.GraphDef) -> graph_pb2.GraphDef:
+    new = graph_pb2.GraphDef()
+    new.CopyFrom(graph_def)
+    return new
+
+
+def parse_input(name: str) -> tuple[str, int, bool]:
+    """'^a' -> ('a', -1, True); 'a:1' -> ('a', 1, False); 'a' -> ('a', 0, False)."""
+    if name.startswith("^"):
+        return name[1:], -1, True
+    node, _, index = name.partition(":")
+    return node, int(index) if index else 0, False
+
+
+def tensor_name(node: str, index: int = 0) -> str:
+    return node if index == 0 else f"{node}:{index}"
+
+
+class NodeIndex:
+    """Name -> node and node -> consumers for one GraphDef (top level)."""
+
+    def __init__(self, graph_def: graph_pb2.GraphDef):
+        self.graph_def = graph_def
+        self.nodes = {node.name: node for node in graph_def.node}
+        self.consumers: dict[str, list[tuple[node_def_pb2.NodeDef, int]]] = {}
+        for node in graph_def.node:
+            for position, raw in enumerate(node.input):
+                source, _, _ = parse_input(raw)
+                self.consumers.setdefault(source, []).append((node, position))
+
+    def producer(self, raw_input: str) -> node_def_pb2.NodeDef | None:
+        return self.nodes.get(parse_input(raw_input)[0])
+
+
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9_.\-/]")
+
+
+def node_scope(key: str) -> str:
+    """A node-name-safe scope for a variable key: '<key>/graphprune'."""
+    safe = _SAFE_NAME.sub("_", key).strip("/") or "weight"
+    if not re.match(r"[A-Za-z0-9.]", safe[0]):
+        safe = "w" + safe
+    return f"{safe}/{SCOPE}"
+
+
+def make_node(name: str, op: str, inputs: Iterable[str] = (), **attrs) -> node_def_pb2.NodeDef:
+    node = node_def_pb2.NodeDef(name=name, op=op)
+    node.input.extend(inputs)
+    for attr_name, value in attrs.items():
+        if isinstance(value, dtypes.DType):
+            node.attr[attr_name].type = value.as_datatype_enum
+        elif isinstance(value, tensor_pb2.TensorProto):
+            node.attr[attr_name].tensor.CopyFrom(value)
+        elif isinstance(value, attr_value_pb2.AttrValue):
+            node.attr[attr_name].CopyFrom(value)
+        elif isinstance(value, bool):
+            node.attr[attr_name].b = value
+        elif isinstance(value, (list, tuple)):
+            node.attr[attr_name].shape.CopyFrom(shape_proto(value))
+        else:
+            raise TypeError(f"unsupported attr {attr_name}={value!r}")
+    return node
+
+
+def shape_proto(shape):
+    from tensorflow.core.framework import tensor_shape_pb2
+
+    proto = tensor_shape_pb2.TensorShapeProto()
+    for size in shape:
+        proto.dim.add(size=-1 if size is None else int(size))
+    return proto
+
+
+def resource_placeholder(name: str) -> node_def_pb2.NodeDef:
+    return make_node(name, "Placeholder", dtype=dtypes.resource, shape=[])
+
+
+def const_node(name: str, value: np.ndarray, dtype: str) -> node_def_pb2.NodeDef:
+    tf_dtype = dtypes.as_dtype(dtype)
+    return make_node(
+        name, "Const", value=tensor_util.make_tensor_proto(np.asarray(value), dtype=tf_dtype), dtype=tf_dtype
+    )
+
+
+def node_dtype(node: node_def_pb2.NodeDef, attr: str = "T") -> str:
+    return dtypes.as_dtype(node.attr[attr].type).name
+
+
+def op_counts(graph_def: graph_pb2.GraphDef) -> Counter:
+    """Op types in the graph and in every library function body."""
+    counts = Counter(node.op for node in graph_def.node)
+    for function in graph_def.library.function:
+        counts.update(node.op for node in function.node_def)
+    return counts
+
+
+def count_diff(before: Counter, after: Counter) -> list[str]:
+    """tf2onnx-style op-count lines: 'Mul +2 (3->5)'."""
+    lines = []
+    for op in sorted(set(before) | set(after)):
+        if before[op] != after[op]:
+            lines.append(f"{op} {after[op] - before[op]:+d} ({before[op]}->{after[op]})")
+    return lines
+
+
+def resource_dtype_enum():
+    return types_pb2.DT_RESOURCE

@@ -1,0 +1,275 @@
+"""Edge: turn what a user hands us into a TracedModel and the live variables it reads.
+
+Accepted targets: a SavedModel directory, a tf.Module (its ``__call__`` and its tf.functions that
+have an input signature or exactly one trace), a tf.function with an input signature, or a
+ConcreteFunction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import re
+from types import MappingProxyType
+from typing import Any
+
+import tensorflow as tf
+from tensorflow.python.framework import convert_to_constants
+
+from graphprune import graph as g
+from graphprune.errors import BadModelError, UnsupportedError
+
+# Functions a graphprune PrunableModel adds; they are machinery, not entries to rewrite.
+RESERVED_FUNCTIONS = ("update_masks", "prune_now")
+_GENERIC_VARIABLE_NAME = re.compile(r"^(Variable|unknown)(_\d+)?$")
+
+
+@dataclasses.dataclass
+class Loaded:
+    """A traced model, the live variables by key, and the object that keeps them alive."""
+
+    model: g.TracedModel
+    variables: dict[str, tf.Variable]
+    owner: Any = None
+    source: str = ""
+
+
+def inline_functions(concrete_function) -> tf.compat.v1.GraphDef:
+    """Grappler's function inlining, as ``convert_variables_to_constants_v2`` runs it.
+
+    Calls (StatefulPartitionedCall/PartitionedCall) are inlined into one flat GraphDef; While and
+    If stay functional (their bodies remain in the library). This is a private TF helper: the
+    test ``test_load.py::test_inline_helper_is_available`` pins the TF versions it works with.
+    """
+    try:
+        return convert_to_constants._run_inline_graph_optimization(  # pylint: disable=protected-access
+            concrete_function, lower_control_flow=False, aggressive_inlining=True
+        )
+    except AttributeError as error:  # pragma: no cover - only on a TF without the helper
+        raise UnsupportedError(
+            f"this TensorFlow ({tf.__version__}) lacks the function-inlining helper graphprune uses; "
+            "install tensorflow>=2.16,<2.22"
+        ) from error
+
+
+def load(target, *, name: str | None = None) -> Loaded:
+    """Trace ``target`` into a TracedModel; see the module docstring for what is accepted."""
+    if isinstance(target, (str, os.PathLike)):
+        return _load_saved_model(os.fspath(target))
+    if _is_concrete_function(target):
+        return _trace({(name or "__call__", "method"): target}, owner=target, source="concrete function")
+    if _is_polymorphic_function(target):
+        return _trace({(name or "__call__", "method"): _concrete_of(target, "the function")}, owner=target,
+                      source="tf.function")
+    if isinstance(target, tf.Module) or hasattr(target, "_trackable_children"):
+        functions = {(n, "method"): f for n, f in _module_functions(target).items()}
+        return _trace(functions, owner=target, source=type(target).__name__)
+    raise BadModelError(
+        f"cannot prune a {type(target).__name__}: pass a SavedModel directory, a tf.Module, a tf.function "
+        "with input_signature or a ConcreteFunction (a Keras model: model.export(dir) first)"
+    )
+
+
+def _is_concrete_function(obj) -> bool:
+    return isinstance(obj, tf.types.experimental.ConcreteFunction)
+
+
+def _is_polymorphic_function(obj) -> bool:
+    return isinstance(obj, tf.types.experimental.PolymorphicFunction)
+
+
+def _concrete_of(function, what: str):
+    signature = getattr(function, "input_signature", None)
+    if signature is not None:
+        return function.get_concrete_function()
+    traced = _traced_concrete_functions(function)
+    if len(traced) == 1:
+        return traced[0]
+    raise BadModelError(
+        f"{what} has no input_signature and {len(traced)} traces: decorate it with "
+        "@tf.function(input_signature=[tf.TensorSpec(shape, dtype), ...]) or pass fn.get_concrete_function(spec)"
+    )
+
+
+def _traced_concrete_functions(function) -> list:
+    try:
+        return list(function._list_all_concrete_functions())  # pylint: disable=protected-access
+    except AttributeError:
+        return list(getattr(function, "concrete_functions", []))
+
+
+def _module_functions(module) -> dict:
+    """The module's tf.functions that can be traced without guessing shapes."""
+    functions = {}
+    for attr_name, attr in inspect.getmembers(type(module)):
+        if attr_name in RESERVED_FUNCTIONS or not _is_polymorphic_function(attr):
+            continue
+        bound = getattr(module, attr_name)
+        if bound.input_signature is not None or len(_traced_concrete_functions(bound)) == 1:
+            functions[attr_name] = _concrete_of(bound, f"{type(module).__name__}.{attr_name}")
+    if not functions:
+        raise BadModelError(
+            f"{type(module).__name__} has no tf.function with an input_signature: decorate __call__ with "
+            "@tf.function(input_signature=[...]) or pass module.__call__.get_concrete_function(spec)"
+        )
+    return functions
+
+
+def _load_saved_model(path: str) -> Loaded:
+    if not os.path.isdir(path):
+        raise BadModelError(f"{path}: no such directory; pass the directory that holds saved_model.pb")
+    if not any(os.path.exists(os.path.join(path, f)) for f in ("saved_model.pb", "saved_model.pbtxt")):
+        raise BadModelError(f"{path}: not a SavedModel (no saved_model.pb); export it with tf.saved_model.save or model.export")
+    try:
+        loaded = tf.saved_model.load(path)
+    except Exception as error:  # TF raises many types for broken files
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise BadModelError(f"{path}: cannot load the SavedModel ({first_line[:200]}); re-export it") from error
+    # A Keras export has both a 'serve' signature (keyword inputs) and a 'serve' function
+    # (positional inputs): both become entries, told apart by kind.
+    functions: dict[tuple[str, str], Any] = {}
+    for signature_name, function in loaded.signatures.items():
+        functions[(signature_name, "signature")] = function
+    for attr_name, child in _children(loaded).items():
+        if attr_name in RESERVED_FUNCTIONS or not _is_polymorphic_function(child):
+            continue
+        traced = _traced_concrete_functions(child)
+        if len(traced) == 1:
+            functions[(attr_name, "method")] = traced[0]
+    if not functions:
+        raise BadModelError(f"{path}: the SavedModel has no signature or traced function; save it with signatures=...")
+    return _trace(functions, owner=loaded, source=path)
+
+
+def _children(obj) -> dict:
+    try:
+        return dict(obj._trackable_children())  # pylint: disable=protected-access
+    except (AttributeError, TypeError):
+        return {}
+
+
+def _variable_paths(owner) -> dict[int, str]:
+    """id(variable) -> first attribute path to it, for naming variables that have generic names."""
+    paths: dict[int, str] = {}
+    seen = set()
+    queue = [(owner, "")]
+    while queue:
+        obj, prefix = queue.pop(0)
+        if id(obj) in seen or len(seen) > 100_000:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, tf.Variable):
+            paths.setdefault(id(obj), prefix)
+            continue
+        for child_name, child in _children(obj).items():
+            if child_name.startswith("_") or child_name in ("signatures",) or _is_polymorphic_function(child):
+                continue
+            queue.append((child, f"{prefix}/{child_name}" if prefix else child_name))
+    return paths
+
+
+def _trace(functions: dict, *, owner, source: str) -> Loaded:
+    """functions: (entry name, kind) -> ConcreteFunction."""
+    variables: dict[str, tf.Variable] = {}
+    key_of: dict[int, str] = {}
+    specs: dict[str, g.VariableSpec] = {}
+    paths = None
+    entries = []
+    for (entry_name, kind), function in functions.items():
+        captured_variables = {id(v.handle): v for v in function.graph.variables}
+        resources = {}
+        constants = {}
+        for external, internal in function.graph.captures:
+            variable = captured_variables.get(id(external))
+            if variable is None:
+                if external.dtype == tf.resource:
+                    raise UnsupportedError(
+                        f"{entry_name}: captures a resource that is not a variable ({internal.op.name}); "
+                        "lookup tables and other resources are not supported"
+                    )
+                constants[internal.op.name] = external
+                continue
+            if id(variable) not in key_of:
+                if paths is None:
+                    paths = _variable_paths(owner)
+                key = _variable_key(variable, paths, variables)
+                key_of[id(variable)] = key
+                variables[key] = variable
+                specs[key] = _spec_of(key, variable)
+            resources[internal.op.name] = key_of[id(variable)]
+        graph_def = inline_functions(function)
+        if constants:
+            graph_def = _inline_captured_constants(graph_def, constants)
+        n_user_inputs = len(function.inputs) - len(function.graph.captures)
+        inputs = tuple(
+            g.TensorInfo(
+                placeholder=t.op.name,
+                name=t.op.name,
+                shape=tuple(t.shape.as_list()) if t.shape.rank is not None else None,
+                dtype=t.dtype.name,
+            )
+            for t in function.inputs[:n_user_inputs]
+        )
+        entries.append(
+            g.Entry(
+                name=entry_name,
+                kind=kind,
+                graph_def=graph_def,
+                inputs=inputs,
+                outputs=tuple(t.name for t in function.outputs),
+                resources=MappingProxyType(resources),
+                input_structure=function.structured_input_signature,
+                output_structure=function.structured_outputs,
+                parameters=tuple(function.function_type.parameters),
+                control_outputs=tuple(op.name for op in function.graph.control_outputs
+                                      if op.name in {n.name for n in graph_def.node}),
+            )
+        )
+    model = g.TracedModel(entries=tuple(entries), variables=MappingProxyType(specs))
+    return Loaded(model=model, variables=variables, owner=owner, source=source)
+
+
+def _variable_key(variable, paths: dict[int, str], taken: dict) -> str:
+    name = variable.name.split(":")[0]
+    if _GENERIC_VARIABLE_NAME.match(name) and paths.get(id(variable)):
+        name = paths[id(variable)]
+    key, suffix = name, 1
+    while key in taken:
+        key = f"{name}_{suffix}"
+        suffix += 1
+    return key
+
+
+def role_of(key: str) -> tuple[str, str | None]:
+    """The role a variable plays, from the deterministic names graphprune gives what it adds."""
+    if key == f"{g.SCOPE}/step":
+        return g.ROLE_STEP, None
+    for role in (g.ROLE_MASK, g.ROLE_THRESHOLD):
+        suffix = f"/{g.SCOPE}/{role}"
+        if key.endswith(suffix):
+            return role, key[: -len(suffix)]
+    return g.ROLE_OTHER, None
+
+
+def _spec_of(key: str, variable) -> g.VariableSpec:
+    role, weight = role_of(key)
+    return g.VariableSpec(
+        key=key,
+        shape=tuple(variable.shape.as_list()),
+        dtype=variable.dtype.name,
+        role=role,
+        trainable=bool(variable.trainable) and role == g.ROLE_OTHER,
+        weight=weight,
+    )
+
+
+def _inline_captured_constants(graph_def, constants: dict) -> tf.compat.v1.GraphDef:
+    """Eager tensors captured by value become Const nodes under the placeholder's name."""
+    for node in graph_def.node:
+        if node.name in constants:
+            value = constants[node.name]
+            replacement = g.const_node(node.name, value.numpy(), value.dtype.name)
+            node.Clear()
+            node.CopyFrom(replacement)
+    return graph_def

@@ -1,0 +1,172 @@
+"""Magnitude masks as TF ops, with the reference toolkit's rule (shared/REFERENCE.md).
+
+For n elements at target sparsity s:  k = max(round_half_to_even(n * (1 - s)), 1) elements are
+kept; threshold = the k-th largest |w|; mask = |w| >= threshold (ties at the threshold are kept).
+
+Blocks: |w| is pooled (AVG or MAX, SAME padding, stride = block) over (bh, bw) blocks of the 2-D
+view, the rule picks blocks, and each decision is expanded back and cropped. The 2-D view of a
+rank-2 weight is itself; of a conv kernel [H, W, Cin, Cout] (any rank > 2) it is the im2col
+matrix [H * W * Cin, Cout], so a 4x1 block spans 4 consecutive input rows of one output channel,
+like a Dense [in, out] kernel.
+
+M:N (e.g. 2:4, M pruned of every N): groups of N consecutive elements along the weight's input
+axis keep their N - M largest |w|. A weight whose input axis is not a multiple of N is refused,
+not padded (the reference pads and counts the padding as pruned).
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from graphprune.errors import StructureError
+
+POOLINGS = ("AVG", "MAX")
+
+
+def kept_count(size, sparsity):
+    """k = max(round_half_to_even(n * (1 - s)), 1), computed in float32 like the reference."""
+    size = tf.cast(size, tf.float32)
+    sparsity = tf.cast(sparsity, tf.float32)
+    return tf.maximum(tf.constant(1, tf.int32), tf.cast(tf.math.round(size * (1.0 - sparsity)), tf.int32))
+
+
+def kth_largest(values, sparsity):
+    """The threshold: the k-th largest of ``values`` (any shape) for the given sparsity."""
+    flat = tf.reshape(values, [-1])
+    k = kept_count(tf.size(flat), sparsity)
+    top = tf.math.top_k(flat, k=k, sorted=True).values
+    return tf.gather(top, k - 1)
+
+
+def as_matrix(tensor):
+    """The 2-D view blocks are taken on: rank 2 as is, higher ranks as [prod(shape[:-1]), shape[-1]]."""
+    rank = tensor.shape.rank
+    if rank == 2:
+        return tensor
+    if rank is None or rank < 2:
+        raise StructureError(f"block sparsity needs a weight of rank >= 2, got shape {tensor.shape}")
+    return tf.reshape(tensor, [-1, tensor.shape[-1]])
+
+
+def check_block(shape, block_size) -> None:
+    bh, bw = block_size
+    if bh < 1 or bw < 1:
+        raise StructureError(f"block_size must be positive, got {bh}x{bw}")
+    if (bh, bw) == (1, 1):
+        return
+    if len(shape) < 2:
+        raise StructureError(f"block_size {bh}x{bw} needs a weight of rank >= 2, got shape {tuple(shape)}")
+    rows = 1
+    for dim in shape[:-1]:
+        rows *= dim
+    if bh > rows or bw > shape[-1]:
+        raise StructureError(
+            f"block_size {bh}x{bw} is larger than the weight's 2-D view {rows}x{shape[-1]} (shape {tuple(shape)}); "
+            "use a smaller block or exclude this weight"
+        )
+
+
+def check_m_by_n(shape, m_by_n, axis, name="weight") -> None:
+    m, n = m_by_n
+    if not (0 < m < n):
+        raise StructureError(f"m_by_n must be M:N with 0 < M < N, got {m}:{n}")
+    if axis is None:
+        raise StructureError(f"{name}: M:N needs an input-channel axis, which this op ({name}) has not; exclude it")
+    if shape[axis] % n:
+        raise StructureError(
+            f"{name}: input-channel count {shape[axis]} (axis {axis} of {tuple(shape)}) is not a multiple of N={n}; "
+            f"exclude it (exclude=REGEX) or use another structure"
+        )
+
+
+def _block_scores(magnitude, block_size, pooling):
+    matrix = as_matrix(magnitude)
+    pooled = tf.nn.pool(
+        matrix[tf.newaxis, :, :, tf.newaxis],
+        window_shape=list(block_size),
+        pooling_type=pooling,
+        strides=list(block_size),
+        padding="SAME",
+    )
+    return pooled[0, :, :, 0]
+
+
+def _expand_blocks(block_mask, block_size, shape):
+    bh, bw = block_size
+    rows = tf.repeat(tf.repeat(block_mask, bh, axis=0), bw, axis=1)
+    matrix_rows = 1
+    for dim in shape[:-1]:
+        matrix_rows *= dim
+    return tf.reshape(rows[:matrix_rows, : shape[-1]], shape)
+
+
+def m_by_n_mask(magnitude, m_by_n, axis):
+    """Keep the N - M largest of every N consecutive elements along ``axis``."""
+    m, n = m_by_n
+    rank = magnitude.shape.rank
+    perm = [d for d in range(rank) if d != axis] + [axis]
+    moved = tf.transpose(magnitude, perm)
+    groups = tf.reshape(moved, [-1, n])
+    _, indices = tf.math.top_k(groups, k=n - m)
+    keep = tf.reduce_sum(tf.one_hot(indices, n, dtype=magnitude.dtype), axis=-2)
+    inverse = [perm.index(d) for d in range(rank)]
+    return tf.transpose(tf.reshape(keep, tf.shape(moved)), inverse)
+
+
+def mask_and_threshold(weight, sparsity, block_size=(1, 1), block_pooling="AVG", m_by_n=None, input_axis=None,
+                       alive=None, threshold=None):
+    """(mask, threshold) for one weight. ``alive`` (the current mask) keeps pruned elements pruned;
+    a given ``threshold`` (global pruning) replaces the per-weight k-th largest."""
+    weight = tf.convert_to_tensor(weight)
+    magnitude = tf.abs(weight)
+    if alive is not None:
+        magnitude = magnitude * tf.cast(alive, magnitude.dtype)
+    if m_by_n is not None:
+        check_m_by_n(weight.shape.as_list(), m_by_n, input_axis)
+        mask = m_by_n_mask(magnitude, m_by_n, input_axis)
+        threshold = tf.zeros([], weight.dtype)
+    elif tuple(block_size) != (1, 1):
+        block_pooling = block_pooling.upper()
+        if block_pooling not in POOLINGS:
+            raise StructureError(f"block_pooling must be AVG or MAX, got {block_pooling!r}")
+        check_block(weight.shape.as_list(), block_size)
+        scores = _block_scores(magnitude, tuple(block_size), block_pooling)
+        if threshold is None:
+            threshold = kth_largest(scores, sparsity)
+        block_mask = tf.cast(scores >= tf.cast(threshold, scores.dtype), weight.dtype)
+        mask = _expand_blocks(block_mask, tuple(block_size), weight.shape.as_list())
+    else:
+        if threshold is None:
+            threshold = kth_largest(magnitude, sparsity)
+        mask = tf.cast(magnitude >= tf.cast(threshold, magnitude.dtype), weight.dtype)
+    if alive is not None:
+        mask = mask * tf.cast(alive, weight.dtype)
+    return tf.cast(mask, weight.dtype), tf.cast(threshold, weight.dtype)
+
+
+def magnitude_mask(weight, sparsity, block_size=(1, 1), block_pooling="AVG", m_by_n=None, input_axis=None):
+    """The mask (weight's dtype) zeroing the smallest-magnitude elements of ``weight``.
+
+    ``m_by_n=(M, N)`` prunes M of every N elements along ``input_axis`` (default: the first axis
+    of a rank-2 [in, out] weight, the second-to-last of a conv kernel [..., Cin, Cout]).
+    """
+    weight = tf.convert_to_tensor(weight)
+    if m_by_n is not None and input_axis is None:
+        input_axis = 0 if weight.shape.rank == 2 else weight.shape.rank - 2
+    mask, _ = mask_and_threshold(weight, sparsity, block_size, block_pooling, m_by_n, input_axis)
+    return mask
+
+
+def global_threshold(scores: list, sparsity):
+    """One threshold across several weights' magnitudes (or block scores)."""
+    return kth_largest(tf.concat([tf.reshape(tf.cast(s, tf.float32), [-1]) for s in scores], axis=0), sparsity)
+
+
+def scores_for_global(weight, block_size=(1, 1), block_pooling="AVG", alive=None):
+    """What a weight contributes to a global threshold: |w| or its pooled block scores."""
+    magnitude = tf.abs(tf.convert_to_tensor(weight))
+    if alive is not None:
+        magnitude = magnitude * tf.cast(alive, magnitude.dtype)
+    if tuple(block_size) != (1, 1):
+        return _block_scores(magnitude, tuple(block_size), block_pooling.upper())
+    return magnitude

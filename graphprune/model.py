@@ -1,0 +1,146 @@
+"""PrunableModel: the user's model with masked weights, as a tf.Module that trains and saves."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+from graphprune import graph as g
+from graphprune import rebuild
+from graphprune.errors import GraphPruneError
+
+UPDATE_ENTRY = "update_masks"
+
+
+class PrunableModel(tf.Module):
+    """Callable like the original: same inputs, outputs and signatures, with every pruned weight
+    read through its mask.
+
+    - ``trainable_variables``: the original model's trainable variables (masks are not trainable).
+    - ``masks`` / ``thresholds`` / ``step``: the pruning state; ``pruned_weights``: the weights.
+    - ``update_masks()``: advance the step by one and, when the schedule says so, recompute the
+      masks and zero the pruned weights. Call it once per training step.
+    - ``signatures``: concrete functions by signature name, for ``graphprune.save``.
+    """
+
+    def __init__(self, traced: g.TracedModel, variables, *, config=None, name: str = "prunable_model"):
+        super().__init__(name=name)
+        live = rebuild.create_variables(traced, variables)
+        self._graphprune = _State(traced, live, config)
+        self.original_variables = [live[k] for k, s in traced.variables.items() if s.role == g.ROLE_OTHER]
+        self.masks = [live[k] for k, s in traced.variables.items() if s.role == g.ROLE_MASK]
+        self.thresholds = [live[k] for k, s in traced.variables.items() if s.role == g.ROLE_THRESHOLD]
+        self.pruned_weights = [live[s.weight] for s in traced.variables.values() if s.role == g.ROLE_MASK]
+        steps = [live[k] for k, s in traced.variables.items() if s.role == g.ROLE_STEP]
+        self.step = steps[0] if steps else None
+        functions = {}
+        for entry in traced.entries:
+            if entry.kind == "update":
+                self.update_masks = rebuild.build_update_function(entry, live)
+                continue
+            function, concrete = rebuild.build_entry_function(entry, live)
+            self._graphprune.concrete[entry.name] = concrete
+            if entry.kind == "signature":
+                self._graphprune.signatures[entry.name] = concrete
+                if any(e.name == entry.name and e.kind == "method" for e in traced.entries):
+                    continue  # the method of the same name owns the attribute
+            functions[entry.name] = function
+            if entry.name == "__call__":
+                # The instance attribute is what SavedModel exports (so the reloaded object is
+                # callable); Python's call syntax goes through the class's __call__ below.
+                self.__dict__["__call__"] = function
+            elif entry.name.isidentifier():
+                setattr(self, entry.name, function)
+        default_name = next((n for n in ("__call__", "serving_default") if n in functions), next(iter(functions)))
+        self._graphprune.default = functions[default_name]
+        self._graphprune.default_name = default_name
+
+    def __call__(self, *args, **kwargs):
+        return self._graphprune.default(*args, **kwargs)
+
+    @property
+    def signatures(self) -> dict:
+        return dict(self._graphprune.signatures)
+
+    @property
+    def traced(self) -> g.TracedModel:
+        """The rewritten graphs this model runs (read-only)."""
+        return self._graphprune.traced
+
+    @property
+    def variables_by_key(self) -> dict:
+        return dict(self._graphprune.variables)
+
+    @property
+    def config(self):
+        return self._graphprune.config
+
+    def weights(self) -> list[dict]:
+        """Per pruned weight: name, op types, shape, elements, nonzeros and current sparsity."""
+        from graphprune.passes.find_weights import weights_of
+
+        by_key = {w.key: w for w in weights_of(self.traced)}
+        rows = []
+        for key, spec in self.traced.variables.items():
+            if spec.role != g.ROLE_MASK:
+                continue
+            weight = self._graphprune.variables[spec.weight].numpy()
+            mask = self._graphprune.variables[key].numpy()
+            info = by_key.get(spec.weight)
+            rows.append({
+                "name": spec.weight,
+                "op": ",".join(info.ops) if info else "",
+                "shape": list(weight.shape),
+                "elements": int(weight.size),
+                "nonzeros": int(np.count_nonzero(weight * mask)),
+                "sparsity": float(1.0 - np.count_nonzero(mask) / max(mask.size, 1)),
+            })
+        return rows
+
+    def sparsity(self) -> float:
+        """Overall sparsity of the pruned weights (zeros in masks / elements)."""
+        rows = self.weights()
+        total = sum(r["elements"] for r in rows)
+        return 1.0 - sum(r["nonzeros"] for r in rows) / total if total else 0.0
+
+    def prune_now(self, sparsity: float | None = None) -> None:
+        """One-shot: set every mask to its plan's final sparsity (or ``sparsity``) now and zero the
+        pruned weights, with the same computation the in-graph update uses."""
+        from graphprune.passes.find_weights import weights_of
+        from graphprune.update import compute_masks
+
+        if self.config is None:
+            raise GraphPruneError("this PrunableModel has no pruning config; build it with graphprune.prune(schedule=...)")
+        config = self.config
+        if sparsity is not None:
+            config = dataclasses.replace(config, schedule=config.schedule.with_final_sparsity(sparsity))
+        live = self._graphprune.variables
+        weights = [w for w in weights_of(self.traced) if w.mask is not None and w.mask in live]
+        plans, _ = config.plan(weights)
+        weights = [w for w in weights if w.key in plans]
+        values = {w.key: live[w.key].read_value() for w in weights}
+        targets = {w.key: tf.constant(plans[w.key].schedule.final_sparsity, tf.float32) for w in weights}
+        alive = {w.key: live[w.mask].read_value() for w in weights}
+        computed = compute_masks(values, plans, targets, {w.key: w.input_axis for w in weights}, alive)
+        for weight in weights:
+            mask, threshold = computed[weight.key]
+            live[weight.mask].assign(mask)
+            threshold_key = f"{weight.key}/{g.SCOPE}/threshold"
+            if threshold_key in live:
+                live[threshold_key].assign(threshold)
+            live[weight.key].assign(values[weight.key] * mask)
+
+
+class _State:
+    """Python-side state kept off tf.Module's tracking (it is not saved; the graphs are)."""
+
+    def __init__(self, traced, variables, config):
+        self.traced = traced
+        self.variables = variables
+        self.config = config
+        self.signatures = {}
+        self.concrete = {}
+        self.default = None
+        self.default_name = None

@@ -1,0 +1,217 @@
+"""Passes, their registry, and the pipeline that runs them with a check after each.
+
+A pass is a plain function ``pass_fn(model, context, **options) -> PassResult``: it reads a
+TracedModel and a frozen context and returns a new TracedModel plus a report; it never mutates
+its input. Each module in ``graphprune.passes`` registers one pass under its own module name.
+
+A pipeline can be written as text, like TF's graph transform tool:
+
+    find_weights insert_masks(sparsity=0.8, block_size=1x2) fold_masks
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import re
+from collections import Counter
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from graphprune import graph as g
+from graphprune.errors import GraphPruneError, PassError
+
+
+class VariableValues(Mapping):
+    """Read-only current values by variable key: live variables read lazily, new ones from specs."""
+
+    def __init__(self, variables: Mapping[str, Any] | None = None, overrides: Mapping[str, np.ndarray] | None = None):
+        self._variables = dict(variables or {})
+        self._cache: dict[str, np.ndarray] = dict(overrides or {})
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self._cache:
+            variable = self._variables[key]
+            self._cache[key] = np.asarray(variable.numpy() if hasattr(variable, "numpy") else variable)
+        return self._cache[key]
+
+    def __iter__(self):
+        return iter(set(self._variables) | set(self._cache))
+
+    def __len__(self):
+        return len(set(self._variables) | set(self._cache))
+
+
+@dataclasses.dataclass(frozen=True)
+class PassContext:
+    """What a pass may read besides the graph: current variable values (read-only)."""
+
+    values: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+    def value(self, model: g.TracedModel, key: str) -> np.ndarray:
+        spec = model.variables[key]
+        if spec.initial is not None and key not in self.values:
+            return np.asarray(spec.initial)
+        if key in self.values:
+            return np.asarray(self.values[key])
+        raise PassError(f"the value of variable '{key}' is needed but the pass context has none; pass values=")
+
+
+@dataclasses.dataclass(frozen=True)
+class PassResult:
+    model: g.TracedModel
+    changed: bool
+    report: dict = dataclasses.field(default_factory=dict)
+
+
+PassFn = Callable[..., PassResult]
+REGISTRY: dict[str, PassFn] = {}
+
+
+def register_pass(name: str, fn: PassFn) -> PassFn:
+    """Register ``fn`` under ``name`` (the module's name, by convention)."""
+    REGISTRY[name] = fn
+    return fn
+
+
+def registry() -> dict[str, PassFn]:
+    import graphprune.passes  # noqa: F401  (registers every pass)
+
+    return dict(REGISTRY)
+
+
+def describe_registry() -> str:
+    lines = []
+    for name, fn in sorted(registry().items()):
+        summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        lines.append(f"  {name:22s} {summary}")
+    return "\n".join(lines)
+
+
+_STEP = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\(([^()]*)\))?")
+
+
+def parse_pipeline(text: str) -> list[tuple[str, dict]]:
+    """'a b(x=1, y=1x2)' -> [('a', {}), ('b', {'x': 1, 'y': '1x2'})]; unknown names are refused."""
+    known = registry()
+    steps, position = [], 0
+    text = text.strip()
+    while position < len(text):
+        match = _STEP.match(text, position)
+        if not match or match.end() == position:
+            raise PassError(f"cannot parse the pass list at {text[position:][:30]!r}; write 'name(key=value, ...) name2'")
+        name, arguments = match.group(1), match.group(2)
+        if name not in known:
+            raise PassError(f"unknown pass '{name}'; registered passes: {', '.join(sorted(known))}")
+        steps.append((name, _parse_arguments(name, arguments or "")))
+        position = match.end()
+        while position < len(text) and text[position] in " \t\n,;":
+            position += 1
+    return steps
+
+
+def _parse_arguments(pass_name: str, text: str) -> dict:
+    options = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, raw = part.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise PassError(f"pass '{pass_name}': argument {part!r} is not key=value")
+        raw = raw.strip()
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw.strip("'\"")
+        options[key.strip()] = value
+    return options
+
+
+def validate(model: g.TracedModel) -> None:
+    """Raise ValueError if an entry's graph is broken: dangling inputs, unknown resources, or a
+    GraphDef that TensorFlow refuses to import."""
+    import tensorflow as tf
+
+    for entry in model.entries:
+        index = g.NodeIndex(entry.graph_def)
+        if len(index.nodes) != len(entry.graph_def.node):
+            names = Counter(n.name for n in entry.graph_def.node)
+            raise ValueError(f"entry '{entry.name}': duplicate node names {[n for n, c in names.items() if c > 1][:3]}")
+        for node in entry.graph_def.node:
+            for raw in node.input:
+                if g.parse_input(raw)[0] not in index.nodes:
+                    raise ValueError(f"entry '{entry.name}': node '{node.name}' reads missing '{raw}'")
+        for placeholder, key in entry.resources.items():
+            if placeholder not in index.nodes:
+                raise ValueError(f"entry '{entry.name}': resource placeholder '{placeholder}' is missing")
+            if key not in model.variables:
+                raise ValueError(f"entry '{entry.name}': placeholder '{placeholder}' maps to unknown variable '{key}'")
+        for name in list(entry.outputs) + list(entry.control_outputs):
+            if g.parse_input(name.split(":")[0])[0] not in index.nodes:
+                raise ValueError(f"entry '{entry.name}': output '{name}' is missing")
+        with tf.Graph().as_default():
+            try:
+                tf.graph_util.import_graph_def(entry.graph_def, name="")
+            except (ValueError, TypeError, tf.errors.OpError) as error:
+                raise ValueError(f"entry '{entry.name}': {str(error).splitlines()[0]}") from error
+
+
+@dataclasses.dataclass
+class PipelineResult:
+    model: g.TracedModel
+    reports: list[tuple[str, PassResult, list[str]]]
+
+    def summary(self) -> str:
+        lines = []
+        for name, result, diff in self.reports:
+            lines.append(f"{name}: {'changed' if result.changed else 'unchanged'}" + (f"  [{', '.join(diff)}]" if diff else ""))
+        return "\n".join(lines)
+
+
+def run_pipeline(
+    model: g.TracedModel,
+    steps,
+    context: PassContext | None = None,
+    *,
+    check: bool = True,
+    after_pass: Callable[[str, g.TracedModel, g.TracedModel], None] | None = None,
+) -> PipelineResult:
+    """Run ``steps`` (text, or a list of (name, options) / (fn, options)) in order.
+
+    After every pass the model is validated; a failure names the pass and the ones before it.
+    ``after_pass(name, before, after)`` is called after each pass (verification hooks).
+    """
+    if isinstance(steps, str):
+        steps = parse_pipeline(steps)
+    context = context or PassContext()
+    known = registry()
+    reports = []
+    done: list[str] = []
+    for step, options in steps:
+        fn = known[step] if isinstance(step, str) else step
+        name = step if isinstance(step, str) else getattr(fn, "__name__", str(fn))
+        before_counts = _counts(model)
+        try:
+            result = fn(model, context, **options)
+        except GraphPruneError:
+            raise
+        except TypeError as error:
+            raise PassError(f"pass '{name}': {error}; see `graphprune run --list`") from error
+        if check:
+            try:
+                validate(result.model)
+            except ValueError as error:
+                after = f" (after {', '.join(done)})" if done else " (first pass)"
+                raise PassError(f"pass '{name}'{after} left an invalid graph: {error}") from error
+        if after_pass is not None:
+            after_pass(name, model, result.model)
+        reports.append((name, result, g.count_diff(before_counts, _counts(result.model))))
+        done.append(name)
+        model = result.model
+    return PipelineResult(model=model, reports=reports)
+
+
+def _counts(model: g.TracedModel) -> Counter:
+    total = Counter()
+    for entry in model.entries:
+        total.update(g.op_counts(entry.graph_def))
+    return total

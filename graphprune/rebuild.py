@@ -1,0 +1,129 @@
+"""Edge: turn a TracedModel's entries back into tf.functions bound to real variables.
+
+Inside a tf.function, each entry's GraphDef is imported with its input placeholders mapped to the
+call's tensors and each resource placeholder mapped to its variable's captured handle. The
+variable is also watched, so a GradientTape around the call sees it (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import inspect
+import keyword
+from typing import Mapping
+
+import numpy as np
+import tensorflow as tf
+
+from graphprune import graph as g
+from graphprune.errors import BadModelError
+
+
+def create_variables(model: g.TracedModel, variables: Mapping[str, tf.Variable]) -> dict[str, tf.Variable]:
+    """The live variables for every spec: the given ones, plus new ones for specs with an initial
+    value (created under the current tf.distribute strategy scope, if any)."""
+    live = dict(variables)
+    for key, spec in model.variables.items():
+        if key in live:
+            continue
+        if spec.initial is None:
+            raise BadModelError(f"variable '{key}' is read by the graph but was not given; pass the model it came from")
+        live[key] = tf.Variable(
+            np.asarray(spec.initial),
+            name=key,
+            dtype=spec.dtype,
+            trainable=spec.trainable,
+            # Masks, thresholds and the step are written only by the cross-replica update.
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+        )
+    return live
+
+
+def _replica_components(variable) -> tuple:
+    """The per-replica variables behind a distributed variable, or (variable,)."""
+    values = getattr(variable, "values", None)
+    if isinstance(values, (tuple, list)) and values and not isinstance(variable, tf.Tensor):
+        return tuple(values)
+    return (variable,)
+
+
+def import_entry(entry: g.Entry, flat_inputs, variables: Mapping[str, tf.Variable], *, replica: int | None = None,
+                 scope: str = "graphprune"):
+    """Import ``entry`` into the current (function) graph; returns its flat outputs."""
+    graph = tf.compat.v1.get_default_graph()
+    input_map = {}
+    for info, value in zip(entry.inputs, flat_inputs):
+        input_map[info.placeholder] = tf.convert_to_tensor(value, dtype=info.dtype)
+    for placeholder, key in entry.resources.items():
+        variable = variables[key]
+        if replica is not None:
+            variable = _replica_components(variable)[replica]
+        input_map[placeholder] = graph.capture(variable.handle) if hasattr(graph, "capture") else variable.handle
+        if hasattr(graph, "watch_variable"):
+            graph.watch_variable(variable)
+    fetches = list(entry.outputs) + list(entry.control_outputs)
+    imported = tf.graph_util.import_graph_def(entry.graph_def, input_map=input_map, return_elements=fetches, name=scope)
+    tensors, operations = imported[: len(entry.outputs)], imported[len(entry.outputs):]
+    if operations:
+        with tf.control_dependencies(operations):
+            tensors = [tf.identity(t) for t in tensors]
+    return list(tensors)
+
+
+def pack_outputs(structure, flat):
+    """Put flat output tensors back into the entry's output structure (non-tensor leaves kept)."""
+    flat = iter(flat)
+
+    def fill(leaf):
+        if isinstance(leaf, (tf.Tensor, tf.TensorSpec)) or hasattr(leaf, "dtype") and hasattr(leaf, "shape"):
+            return next(flat)
+        return leaf
+
+    if structure is None:
+        return None
+    return tf.nest.map_structure(fill, structure)
+
+
+def _parameter_name(name: str, position: int) -> str:
+    return name if name.isidentifier() and not keyword.iskeyword(name) else f"arg_{position}"
+
+
+def build_entry_function(entry: g.Entry, variables: Mapping[str, tf.Variable]):
+    """(tf.function, its concrete function) computing ``entry`` with the original call signature."""
+    args_structure, kwargs_structure = entry.input_structure or ((), {})
+    args_structure = tuple(args_structure)
+    kwargs_structure = dict(kwargs_structure)
+    positional = [_parameter_name(n, i) for i, n in enumerate(entry.parameters[: len(args_structure)])]
+    positional += [f"arg_{i}" for i in range(len(positional), len(args_structure))]
+    keyword_names = {key: _parameter_name(key, len(positional) + i) for i, key in enumerate(kwargs_structure)}
+    parameters = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in positional]
+    parameters += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY) for n in keyword_names.values()]
+    signature = inspect.Signature(parameters)
+
+    def call(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        args_values = tuple(bound.arguments[n] for n in positional)
+        kwargs_values = {key: bound.arguments[n] for key, n in keyword_names.items()}
+        flat = tf.nest.flatten((args_values, kwargs_values), expand_composites=True)
+        return pack_outputs(entry.output_structure, import_entry(entry, flat, variables))
+
+    call.__signature__ = signature
+    call.__name__ = _parameter_name(entry.name.strip("_"), 0) or "call"
+    function = tf.function(call, autograph=False)
+    kwargs_specs = {keyword_names[k]: v for k, v in kwargs_structure.items()}
+    concrete = function.get_concrete_function(*args_structure, **kwargs_specs)
+    return function, concrete
+
+
+def build_update_function(entry: g.Entry, variables: Mapping[str, tf.Variable]):
+    """A no-argument tf.function running the update entry once per replica (cross-replica)."""
+
+    def update():
+        replicas = max(len(_replica_components(variables[key])) for key in entry.resources.values())
+        results = None
+        for replica in range(replicas):
+            outputs = import_entry(entry, [], variables, replica=replica if replicas > 1 else None,
+                                   scope=f"graphprune_update_{replica}")
+            results = results or outputs
+        return pack_outputs(entry.output_structure, results)
+
+    return tf.function(update, input_signature=[], autograph=False)

@@ -1,0 +1,9 @@
+"""graphprune's graph passes, one per module; each registers itself under its module name.
+
+The import order below is the order a full pipeline runs them in:
+analysis first (find_weights), then the rewrites that build on its facts, then finalization.
+"""
+
+from graphprune.passes import find_weights  # noqa: F401  analysis: what is prunable
+from graphprune.passes import insert_masks  # noqa: F401  mask variables + Mul in front of every use
+from graphprune.passes import insert_mask_updates  # noqa: F401  step, schedule, conditional mask update

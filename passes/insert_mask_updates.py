@@ -1,0 +1,148 @@
+"""insert_mask_updates: the step variable, the schedule, and the conditional mask update.
+
+Precondition: weights are masked (insert_masks ran). Adds one int64 variable ``graphprune/step``
+(starting at -1), a scalar ``<w>/graphprune/threshold`` per masked weight, and an entry
+``update_masks`` (no inputs) whose graph does:
+
+    step += 1
+    for each schedule (weights with their own sparsity have their own):
+        should_prune, target = schedule(step)
+        If(should_prune):  mask, threshold = magnitude rule(w * mask, target)   # pruned stay pruned
+                           assign mask, threshold; assign w := w * mask       # storage sparse too
+    outputs: step, should_prune and target_sparsity of the main schedule
+
+The graph is built from TF ops (the same ``compute_masks`` the one-shot prune uses) in a scratch
+graph, then kept as a GraphDef like every other entry. Re-running with the same config is a no-op.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from types import MappingProxyType
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.python.framework import dtypes
+
+from graphprune import graph as g
+from graphprune.config import PruningConfig, make_config
+from graphprune.errors import PassError
+from graphprune.passes.find_weights import weights_of
+from graphprune.pipeline import PassContext, PassResult, register_pass
+from graphprune.update import compute_masks
+
+STEP_KEY = f"{g.SCOPE}/step"
+UPDATE_ENTRY = "update_masks"
+
+
+def threshold_key(weight_key: str) -> str:
+    return f"{weight_key}/{g.SCOPE}/threshold"
+
+
+def insert_mask_updates(model: g.TracedModel, context: PassContext, config: PruningConfig | None = None,
+                        **options) -> PassResult:
+    """Add the step variable, the schedule ops and the conditional mask update entry."""
+    if config is None:
+        config = make_config(**options)
+    weights = [w for w in weights_of(model) if w.mask is not None and w.mask in model.variables]
+    if not weights:
+        raise PassError("insert_mask_updates: no masked weight; run insert_masks first")
+    plans, _ = config.plan(weights)
+    weights = [w for w in weights if w.key in plans]
+    description = repr((config, sorted(w.key for w in weights)))
+    if model.facts.get("update_config") == description and any(e.name == UPDATE_ENTRY for e in model.entries):
+        return PassResult(model, changed=False, report={"updates": [w.key for w in weights]})
+
+    specs = [g.VariableSpec(STEP_KEY, (), "int64", g.ROLE_STEP, trainable=False, initial=np.array(-1, np.int64))]
+    specs += [
+        g.VariableSpec(threshold_key(w.key), (), w.dtype, g.ROLE_THRESHOLD, trainable=False,
+                       initial=np.zeros((), dtypes.as_dtype(w.dtype).as_numpy_dtype), weight=w.key)
+        for w in weights
+    ]
+    new_model = model.with_variables(specs)
+    entry = _build_update_entry(new_model, config, weights, plans)
+    entries = tuple(e for e in model.entries if e.name != UPDATE_ENTRY) + (entry,)
+    new_model = dataclasses.replace(new_model, entries=entries)
+    report = {
+        "updates": [w.key for w in weights],
+        "schedules": sorted({repr(plans[w.key].schedule) for w in weights}),
+        "scope": config.scope,
+    }
+    return PassResult(new_model.with_facts(update_config=description), changed=True, report=report)
+
+
+def _build_update_entry(model, config, weights, plans) -> g.Entry:
+    graph = tf.Graph()
+    resources = {}
+    with graph.as_default(), tf.name_scope(f"{g.SCOPE}/update"):
+        handles = {}
+
+        def handle(key):
+            if key not in handles:
+                name = f"{g.node_scope(key)}/resource"
+                placeholder = tf.compat.v1.placeholder(tf.resource, [], name=name)
+                resources[placeholder.op.name] = key
+                handles[key] = placeholder
+            return handles[key]
+
+        def read(key):
+            return tf.raw_ops.ReadVariableOp(resource=handle(key), dtype=dtypes.as_dtype(model.variables[key].dtype))
+
+        step = read(STEP_KEY) + 1
+        advance = tf.raw_ops.AssignVariableOp(resource=handle(STEP_KEY), value=step)
+        # Weights sharing a schedule (and the global threshold) are updated together.
+        groups: dict = {}
+        for weight in weights:
+            groups.setdefault(plans[weight.key].schedule, []).append(weight)
+        main_should, main_target = None, None
+        with tf.control_dependencies([advance]):
+            for schedule, members in groups.items():
+                for weight in members:  # create every placeholder outside the branch functions
+                    handle(weight.key), handle(weight.mask), handle(threshold_key(weight.key))
+                should_prune, target = schedule(step)
+                branch = _update_branch(members, plans, target, read, handle)
+                updated = tf.cond(should_prune, branch, lambda: tf.constant(False))
+                if schedule == config.schedule or main_should is None:
+                    main_should, main_target = updated, target
+            step_out = tf.identity(step, name="step")
+        should_out = tf.identity(main_should, name="should_prune")
+        target_out = tf.identity(main_target, name="target_sparsity")
+    graph_def = graph.as_graph_def()
+    structure = {
+        "should_prune": tf.TensorSpec([], tf.bool),
+        "step": tf.TensorSpec([], tf.int64),
+        "target_sparsity": tf.TensorSpec([], tf.float32),
+    }
+    # Output order is tf.nest's: sorted keys.
+    outputs = (should_out.name, step_out.name, target_out.name)
+    return g.Entry(
+        name=UPDATE_ENTRY,
+        kind="update",
+        graph_def=graph_def,
+        inputs=(),
+        outputs=outputs,
+        resources=MappingProxyType(resources),
+        input_structure=((), {}),
+        output_structure=structure,
+    )
+
+
+def _update_branch(members, plans, target, read, handle):
+    def branch():
+        values = {w.key: read(w.key) for w in members}
+        alive = {w.key: read(w.mask) for w in members}
+        computed = compute_masks(values, plans, {w.key: target for w in members},
+                                 {w.key: w.input_axis for w in members}, alive)
+        assigns = []
+        for weight in members:
+            mask, threshold = computed[weight.key]
+            assigns.append(tf.raw_ops.AssignVariableOp(resource=handle(weight.mask), value=mask))
+            assigns.append(tf.raw_ops.AssignVariableOp(resource=handle(threshold_key(weight.key)), value=threshold))
+            assigns.append(tf.raw_ops.AssignVariableOp(resource=handle(weight.key), value=values[weight.key] * mask))
+        with tf.control_dependencies(assigns):
+            return tf.constant(True)
+
+    return branch
+
+
+register_pass("insert_mask_updates", insert_mask_updates)

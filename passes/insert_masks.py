@@ -1,0 +1,113 @@
+"""insert_masks: a mask variable per weight, multiplied in front of every read of that weight.
+
+Matches every ReadVariableOp of a weight recorded by find_weights (runs it if needed), in every
+entry. Rewrites:
+
+    before:  Placeholder(w) -> ReadVariableOp -> MatMul
+    after:   Placeholder(w) -> ReadVariableOp ----------------> Mul '<w>/graphprune/masked' -> MatMul
+             Placeholder('<w>/graphprune/mask/resource') -> ReadVariableOp '<w>/graphprune/mask/read' /
+
+One non-trainable mask variable ``<w>/graphprune/mask`` per weight (shared by all its uses and
+entries), initialised to ones, or with ``sparsity=`` to the magnitude mask of the weight's current
+value (one-shot pruning). Weights that are already masked are left alone, so a re-run is a no-op.
+Postcondition: every use of a masked weight reads ``w * mask``; with all-ones masks the model
+computes exactly what it computed before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.python.framework import dtypes
+
+from graphprune import graph as g
+from graphprune.config import PruningConfig, make_config
+from graphprune.passes.find_weights import resource_of, weights_of
+from graphprune.pipeline import PassContext, PassResult, register_pass
+from graphprune.schedules import ConstantSparsity
+from graphprune.update import compute_masks
+
+
+def mask_key(weight_key: str) -> str:
+    return f"{weight_key}/{g.SCOPE}/mask"
+
+
+def config_from_options(config: PruningConfig | None, sparsity, options: dict) -> PruningConfig:
+    """The pass's PruningConfig: the one given, or one built from flat text-pipeline options."""
+    if config is not None:
+        if sparsity is not None:
+            return dataclasses.replace(config, schedule=config.schedule.with_final_sparsity(sparsity))
+        return config
+    return make_config(ConstantSparsity(sparsity if sparsity is not None else 0.0, 0, 0, 1), **options)
+
+
+def insert_masks(model: g.TracedModel, context: PassContext, sparsity=None, final_sparsity=None, config=None,
+                 **options) -> PassResult:
+    """Add a mask variable per weight and Mul(read(w), read(mask)) in front of every use."""
+    sparsity = final_sparsity if sparsity is None else sparsity
+    config = config_from_options(config, sparsity, options)
+    weights = weights_of(model)
+    plans, skipped = config.plan(w for w in weights if w.mask is None)
+    to_mask = [w for w in weights if w.key in plans]
+    if not to_mask:
+        return PassResult(model.with_facts(weights=weights), changed=False,
+                          report={"masked": [], "skipped": skipped})
+
+    initial = _initial_masks(model, context, to_mask, plans, sparsity)
+    specs = [
+        g.VariableSpec(key=mask_key(w.key), shape=w.shape, dtype=w.dtype, role=g.ROLE_MASK, trainable=False,
+                       initial=initial[w.key], weight=w.key)
+        for w in to_mask
+    ]
+    keys = {w.key for w in to_mask}
+    entries = tuple(_mask_entry(entry, keys, model) if entry.kind != "update" else entry for entry in model.entries)
+    new_model = dataclasses.replace(model, entries=entries).with_variables(specs)
+    masked = tuple(dataclasses.replace(w, mask=mask_key(w.key)) if w.key in keys else w for w in weights)
+    report = {"masked": sorted(keys), "skipped": skipped,
+              "initial_sparsity": {k: float(1 - np.mean(v)) for k, v in initial.items()}}
+    return PassResult(new_model.with_facts(weights=masked), changed=True, report=report)
+
+
+def _initial_masks(model, context, weights, plans, sparsity) -> dict[str, np.ndarray]:
+    if sparsity is None:
+        return {w.key: np.ones(w.shape, dtype=dtypes.as_dtype(w.dtype).as_numpy_dtype) for w in weights}
+    values = {w.key: tf.constant(context.value(model, w.key)) for w in weights}
+    # One-shot: each weight goes to its plan's final sparsity (own-sparsity rules included).
+    targets = {w.key: tf.constant(plans[w.key].schedule.final_sparsity, tf.float32) for w in weights}
+    computed = compute_masks(values, plans, targets, {w.key: w.input_axis for w in weights})
+    return {key: mask.numpy() for key, (mask, _) in computed.items()}
+
+
+def _mask_entry(entry: g.Entry, keys: set[str], model: g.TracedModel) -> g.Entry:
+    graph_def = g.copy_graph(entry.graph_def)
+    index = g.NodeIndex(graph_def)
+    reads: dict[str, list] = {}
+    for node in graph_def.node:
+        if node.op == "ReadVariableOp":
+            key = resource_of(index, entry, node)
+            if key in keys:
+                reads.setdefault(key, []).append(node)
+    if not reads:
+        return entry
+    resources = dict(entry.resources)
+    for key, read_nodes in sorted(reads.items()):
+        scope = g.node_scope(key)
+        dtype = dtypes.as_dtype(model.variables[key].dtype)
+        placeholder = f"{scope}/mask/resource"
+        mask_read = f"{scope}/mask/read"
+        graph_def.node.append(g.resource_placeholder(placeholder))
+        graph_def.node.append(g.make_node(mask_read, "ReadVariableOp", [placeholder], dtype=dtype))
+        resources[placeholder] = mask_key(key)
+        for number, read in enumerate(sorted(read_nodes, key=lambda n: n.name)):
+            masked = f"{scope}/masked" + (f"_{number}" if number else "")
+            for consumer, position in index.consumers.get(read.name, []):
+                source, output, control = g.parse_input(consumer.input[position])
+                if not control and output == 0:
+                    consumer.input[position] = masked
+            graph_def.node.append(g.make_node(masked, "Mul", [read.name, mask_read], T=dtype))
+    return dataclasses.replace(entry, graph_def=graph_def, resources=resources)
+
+
+register_pass("insert_masks", insert_masks)

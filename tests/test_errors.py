@@ -1,0 +1,51 @@
+"""Bad input gets a GraphPruneError subclass with a message that says what to do."""
+
+import pytest
+import tensorflow as tf
+
+import graphprune
+import testmodels
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(graphprune.BadModelError, match="no such directory"):
+        graphprune.prune(str(tmp_path / "nope"))
+
+
+def test_directory_that_is_not_a_saved_model(tmp_path):
+    (tmp_path / "file.txt").write_text("hello")
+    with pytest.raises(graphprune.BadModelError, match="not a SavedModel"):
+        graphprune.prune(str(tmp_path))
+
+
+def test_garbage_saved_model_pb(tmp_path):
+    (tmp_path / "saved_model.pb").write_bytes(b"\x00garbage\xff" * 10)
+    with pytest.raises(graphprune.BadModelError, match="cannot load"):
+        graphprune.prune(str(tmp_path))
+
+
+def test_model_without_prunable_op():
+    with pytest.raises(graphprune.NoPrunableWeightsError, match="nothing to prune"):
+        graphprune.prune(testmodels.NoPrunable())
+
+
+def test_function_without_input_signature():
+    weight = tf.Variable(tf.ones([3, 3]))
+
+    @tf.function
+    def f(x):
+        return tf.matmul(x, weight)
+
+    with pytest.raises(graphprune.BadModelError, match="input_signature"):
+        graphprune.prune(f)
+
+
+def test_not_a_model():
+    with pytest.raises(graphprune.BadModelError, match="model.export"):
+        graphprune.prune(42)
+
+
+def test_errors_are_graphprune_errors():
+    for error in (graphprune.BadModelError, graphprune.NoPrunableWeightsError, graphprune.ScheduleError,
+                  graphprune.StructureError, graphprune.OutputExistsError, graphprune.UnsupportedError):
+        assert issubclass(error, graphprune.GraphPruneError)

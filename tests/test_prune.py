@@ -1,0 +1,163 @@
+"""The core promise: any tf.function / tf.Module / SavedModel becomes a masked, trainable,
+saveable model that computes exactly what the original computed while its masks are ones."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import graphprune
+import testmodels
+
+
+def _assert_close(actual, expected, atol=1e-6):
+    np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), atol=atol, rtol=0)
+
+
+def test_mlp_module_all_ones_masks_are_exact(mlp):
+    x = testmodels.batch([8])
+    pm = graphprune.prune(mlp)
+    _assert_close(pm(x), mlp(x))
+    assert sorted(r["name"] for r in pm.weights()) == ["dense/kernel", "dense_1/kernel"]
+    assert all(not m.trainable for m in pm.masks)
+
+
+def test_cnn_module_finds_conv_depthwise_and_dense_through_nested_function(cnn):
+    x = testmodels.batch([8, 8, 3])
+    pm = graphprune.prune(cnn)
+    _assert_close(pm(x), cnn(x))
+    ops = {r["name"]: r["op"] for r in pm.weights()}
+    assert ops == {
+        "conv2d/kernel": "Conv2D",
+        "depthwise_conv2d/depthwise_kernel": "DepthwiseConv2dNative",
+        "dense/kernel": "MatMul",
+    }
+
+
+def test_keras3_export_is_just_a_saved_model(keras_saved_model):
+    x = testmodels.batch([8, 8, 3])
+    original = tf.saved_model.load(keras_saved_model)
+    pm = graphprune.prune(keras_saved_model)
+    expected = original.serve(x)
+    _assert_close(pm.serve(x), expected)
+    _assert_close(pm.signatures["serving_default"](image=x)["output_0"], expected)
+    assert len(pm.weights()) == 4  # conv, depthwise, two dense kernels
+
+
+def test_saved_model_from_disk(mlp, mlp_saved_model):
+    x = testmodels.batch([8])
+    pm = graphprune.prune(mlp_saved_model)
+    _assert_close(pm(x), mlp(x))  # the restored __call__
+    _assert_close(pm.signatures["serving_default"](x=x)["output_0"], mlp(x))
+
+
+def test_concrete_function_and_tf_function_targets(mlp):
+    x = testmodels.batch([8])
+    for target in (mlp.__call__, mlp.__call__.get_concrete_function()):
+        pm = graphprune.prune(target)
+        _assert_close(pm(x), mlp(x))
+
+
+def test_zero_mask_removes_exactly_that_weights_contribution(mlp):
+    x = testmodels.batch([8])
+    pm = graphprune.prune(mlp)
+    mask = next(m for m in pm.masks if m.name.startswith("dense_1/kernel"))
+    values = np.ones(mask.shape, np.float32)
+    values[3, 2] = 0.0
+    mask.assign(values)
+    hidden = tf.nn.relu(tf.matmul(x, mlp.w1) + mlp.b1)
+    expected = tf.matmul(hidden, mlp.w2 * values) + mlp.b2
+    _assert_close(pm(x), expected, atol=1e-5)
+    # the difference to the dense model is exactly hidden[:, 3] * w2[3, 2] in output column 2
+    delta = (mlp(x) - pm(x)).numpy()
+    _assert_close(delta[:, 2], (hidden[:, 3] * mlp.w2[3, 2]).numpy(), atol=1e-5)
+    _assert_close(np.delete(delta, 2, axis=1), 0.0)
+
+
+def test_gradients_of_masked_elements_are_exactly_zero(cnn):
+    x = testmodels.batch([8, 8, 3])
+    pm = graphprune.prune(cnn)
+    rng = np.random.RandomState(3)
+    for mask in pm.masks:
+        mask.assign((rng.uniform(size=mask.shape) > 0.5).astype(np.float32))
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(pm(x) ** 2)
+    grads = tape.gradient(loss, pm.pruned_weights)
+    for grad, mask in zip(grads, pm.masks):
+        assert grad is not None
+        assert np.all(grad.numpy()[mask.numpy() == 0] == 0.0)
+        assert np.any(grad.numpy()[mask.numpy() == 1] != 0.0)
+
+
+def test_trainable_variables_are_the_original_weights(mlp):
+    pm = graphprune.prune(mlp, schedule=graphprune.ConstantSparsity(0.5, 0))
+    names = sorted(v.name for v in pm.trainable_variables)
+    assert names == sorted(v.name for v in mlp.trainable_variables)
+
+
+def test_gradient_tape_training_loop_reduces_loss(mlp):
+    rng = np.random.RandomState(0)
+    x = tf.constant(rng.standard_normal([64, 8]).astype(np.float32))
+    y = tf.constant(rng.standard_normal([64, 4]).astype(np.float32))
+    pm = graphprune.prune(mlp, schedule=graphprune.ConstantSparsity(0.5, begin_step=0, frequency=10))
+    optimizer = tf.keras.optimizers.SGD(0.05)
+    first = None
+    for _ in range(60):
+        pm.update_masks()
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean((pm(x) - y) ** 2)
+        grads = tape.gradient(loss, pm.trainable_variables)
+        optimizer.apply_gradients(zip(grads, pm.trainable_variables))
+        first = float(loss) if first is None else first
+    assert float(loss) < 0.8 * first
+    assert all(abs(r["sparsity"] - 0.5) < 1e-6 for r in pm.weights())
+
+
+def test_save_load_call_keeps_masks_and_outputs(tmp_path, cnn):
+    x = testmodels.batch([8, 8, 3])
+    pm = graphprune.prune(cnn, schedule=graphprune.ConstantSparsity(0.6, 0, frequency=1))
+    pm.update_masks()
+    expected = pm(x)
+    path = graphprune.save(pm, str(tmp_path / "pruned"))
+    loaded = tf.saved_model.load(path)
+    _assert_close(loaded(x), expected)
+    _assert_close(loaded.signatures["serving_default"](x=x)["output_0"], expected)
+    masks = {m.name: m.numpy() for m in loaded.masks}
+    assert masks.keys() == {m.name for m in pm.masks}
+    for m in pm.masks:
+        np.testing.assert_array_equal(masks[m.name], m.numpy())
+    assert int(loaded.step.numpy()) == 0
+    out = loaded.update_masks()  # still prunes after reload
+    assert int(out["step"]) == 1
+
+
+def test_saving_refuses_to_clobber(tmp_path, mlp):
+    pm = graphprune.prune(mlp)
+    path = tmp_path / "out"
+    graphprune.save(pm, str(path))
+    with pytest.raises(graphprune.OutputExistsError, match="overwrite"):
+        graphprune.save(pm, str(path))
+    graphprune.save(pm, str(path), overwrite=True)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_input_saved_model_is_not_modified(mlp_saved_model):
+    def snapshot():
+        import hashlib
+        import os
+
+        digest = {}
+        for root, _, files in os.walk(mlp_saved_model):
+            for name in files:
+                with open(os.path.join(root, name), "rb") as handle:
+                    digest[os.path.relpath(os.path.join(root, name), mlp_saved_model)] = hashlib.sha256(handle.read()).hexdigest()
+        return digest
+
+    before = snapshot()
+    pm = graphprune.prune(mlp_saved_model, schedule=graphprune.ConstantSparsity(0.9, 0, frequency=1))
+    pm.update_masks()
+    assert snapshot() == before
+
+
+def test_verify_mode_reports_every_pass(mlp):
+    pm = graphprune.prune(mlp, schedule=graphprune.ConstantSparsity(0.5, 0), verify=True)
+    assert pm(testmodels.batch([8])).shape == (5, 4)

@@ -1,0 +1,81 @@
+"""Small real models the tests build, rewrite and run (no downloads, seeded weights)."""
+
+import numpy as np
+import tensorflow as tf
+
+
+def _init(rng, *shape, scale=None):
+    scale = scale or 1.0 / np.sqrt(np.prod(shape[:-1]))
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+class MLP(tf.Module):
+    """784-free tiny MLP: dense 8->16 relu, dense 16->4."""
+
+    def __init__(self, seed=0):
+        super().__init__(name="mlp")
+        rng = np.random.RandomState(seed)
+        self.w1 = tf.Variable(_init(rng, 8, 16), name="dense/kernel")
+        self.b1 = tf.Variable(np.zeros(16, np.float32), name="dense/bias")
+        self.w2 = tf.Variable(_init(rng, 16, 4), name="dense_1/kernel")
+        self.b2 = tf.Variable(np.zeros(4, np.float32), name="dense_1/bias")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32)])
+    def __call__(self, x):
+        hidden = tf.nn.relu(tf.matmul(x, self.w1) + self.b1)
+        return tf.matmul(hidden, self.w2) + self.b2
+
+
+class CNN(tf.Module):
+    """conv2d 3x3 (3->8) -> depthwise 3x3 -> dense (flattened -> 10), with a nested tf.function."""
+
+    def __init__(self, seed=0):
+        super().__init__(name="cnn")
+        rng = np.random.RandomState(seed)
+        self.conv = tf.Variable(_init(rng, 3, 3, 3, 8), name="conv2d/kernel")
+        self.conv_bias = tf.Variable(np.zeros(8, np.float32), name="conv2d/bias")
+        self.depthwise = tf.Variable(_init(rng, 3, 3, 8, 1), name="depthwise_conv2d/depthwise_kernel")
+        self.dense = tf.Variable(_init(rng, 4 * 4 * 8, 10), name="dense/kernel")
+        self.dense_bias = tf.Variable(np.zeros(10, np.float32), name="dense/bias")
+
+    @tf.function
+    def features(self, x):
+        y = tf.nn.relu(tf.nn.conv2d(x, self.conv, strides=1, padding="SAME") + self.conv_bias)
+        y = tf.nn.max_pool2d(y, 2, 2, "VALID")
+        return tf.nn.relu(tf.nn.depthwise_conv2d(y, self.depthwise, [1, 1, 1, 1], "SAME"))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 3], tf.float32)])
+    def __call__(self, x):
+        y = self.features(x)
+        return tf.matmul(tf.reshape(y, [-1, 4 * 4 * 8]), self.dense) + self.dense_bias
+
+
+class NoPrunable(tf.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = tf.Variable(2.0)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32)])
+    def __call__(self, x):
+        return x * self.scale
+
+
+def keras_functional_export(path, seed=0):
+    """A Keras 3 functional CNN exported with model.export (serve endpoint + serving_default)."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = keras.layers.Conv2D(8, 3, activation="relu")(inputs)
+    x = keras.layers.DepthwiseConv2D(3, activation="relu")(x)
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dense(16, activation="relu")(x)
+    outputs = keras.layers.Dense(4)(x)
+    model = keras.Model(inputs, outputs)
+    model.export(path, verbose=False)
+    return path
+
+
+def batch(entry_shape, seed=1, n=5):
+    rng = np.random.RandomState(seed)
+    return tf.constant(rng.standard_normal([n, *entry_shape]).astype(np.float32))

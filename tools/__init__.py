@@ -1,0 +1,1 @@
+"""graphprune's command-line programs (absl apps), installed as graphprune.tools."""
