@@ -3,8 +3,10 @@
 For n elements at target sparsity s:  k = max(round_half_to_even(n * (1 - s)), 1) elements are
 kept; threshold = the k-th largest |w|; mask = |w| >= threshold (ties at the threshold are kept).
 
-Blocks: |w| is pooled (AVG or MAX, SAME padding, stride = block) over (bh, bw) blocks of the 2-D
-view, the rule picks blocks, and each decision is expanded back and cropped. The 2-D view of a
+Blocks: |w| is pooled (AVG or MAX, stride = block) over (bh, bw) blocks of the 2-D view, the
+rule picks blocks, and each decision is expanded back and cropped. A partial last block is scored
+over its valid elements (SAME semantics) but anchored at the top-left, so the scored block is the
+masked block (see _block_scores for where this differs from the reference). The 2-D view of a
 rank-2 weight is itself; of a conv kernel [H, W, Cin, Cout] (any rank > 2) it is the im2col
 matrix [H * W * Cin, Cout], so a 4x1 block spans 4 consecutive input rows of one output channel,
 like a Dense [in, out] kernel.
@@ -80,14 +82,22 @@ def check_m_by_n(shape, m_by_n, axis, name="weight") -> None:
 
 
 def _block_scores(magnitude, block_size, pooling):
+    """Pooled |w| per block of the 2-D view, blocks anchored at the top-left corner.
+
+    A partial last block is scored over its valid elements only (SAME-padding semantics), but
+    the padding goes at the end: TF's SAME padding centres it, which shifts every scored block
+    against the block it masks (the reference toolkit has that misalignment). Where the view's
+    dims are multiples of the block, this equals the reference exactly.
+    """
     matrix = as_matrix(magnitude)
-    pooled = tf.nn.pool(
-        matrix[tf.newaxis, :, :, tf.newaxis],
-        window_shape=list(block_size),
-        pooling_type=pooling,
-        strides=list(block_size),
-        padding="SAME",
-    )
+    bh, bw = block_size
+    rows, cols = matrix.shape
+    pad = [[0, -rows % bh], [0, -cols % bw]]
+    padded = tf.pad(matrix, pad)[tf.newaxis, :, :, tf.newaxis]
+    pooled = tf.nn.pool(padded, window_shape=[bh, bw], pooling_type=pooling, strides=[bh, bw], padding="VALID")
+    if pooling == "AVG" and (pad[0][1] or pad[1][1]):
+        valid = tf.pad(tf.ones_like(matrix), pad)[tf.newaxis, :, :, tf.newaxis]
+        pooled = pooled / tf.nn.pool(valid, window_shape=[bh, bw], pooling_type="AVG", strides=[bh, bw], padding="VALID")
     return pooled[0, :, :, 0]
 
 

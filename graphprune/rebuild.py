@@ -46,6 +46,21 @@ def _replica_components(variable) -> tuple:
     return (variable,)
 
 
+def register_library(graph_def) -> None:
+    """Make the GraphDef's library functions (If/While bodies) callable at run time.
+
+    import_graph_def adds them to the graph only as legacy _DefinedFunctions; the eager runtime
+    resolves them by name in the context, where nothing keeps them once the graph they were built
+    in is gone. Registering an identical FunctionDef twice is harmless.
+    """
+    from tensorflow.python.eager import context  # pylint: disable=import-outside-toplevel
+
+    ctx = context.context()
+    for function_def in graph_def.library.function:
+        if not ctx.has_function(function_def.signature.name):
+            ctx.add_function_def(function_def)
+
+
 def import_entry(entry: g.Entry, flat_inputs, variables: Mapping[str, tf.Variable], *, replica: int | None = None,
                  scope: str = "graphprune"):
     """Import ``entry`` into the current (function) graph; returns its flat outputs."""
@@ -60,6 +75,7 @@ def import_entry(entry: g.Entry, flat_inputs, variables: Mapping[str, tf.Variabl
         input_map[placeholder] = graph.capture(variable.handle) if hasattr(graph, "capture") else variable.handle
         if hasattr(graph, "watch_variable"):
             graph.watch_variable(variable)
+    register_library(entry.graph_def)
     fetches = list(entry.outputs) + list(entry.control_outputs)
     imported = tf.graph_util.import_graph_def(entry.graph_def, input_map=input_map, return_elements=fetches, name=scope)
     tensors, operations = imported[: len(entry.outputs)], imported[len(entry.outputs):]
