@@ -22,8 +22,10 @@ from graphprune.errors import (
     StructureError,
     UnsupportedError,
 )
+from graphprune.finalize import export_tflite, finalize
 from graphprune.masks import magnitude_mask
 from graphprune.model import PrunableModel
+from graphprune.report import SizeReport, size_report
 from graphprune.schedules import ConstantSparsity, PolynomialDecay, PruningSchedule
 
 __all__ = [
@@ -42,8 +44,12 @@ __all__ = [
     "Structure",
     "StructureError",
     "UnsupportedError",
+    "export_tflite",
+    "finalize",
     "magnitude_mask",
     "prune",
     "save",
+    "size_report",
+    "SizeReport",
 ]
 __version__ = "0.1.0"

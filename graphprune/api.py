@@ -46,7 +46,7 @@ def prune(target, schedule=None, *, block_size=(1, 1), block_pooling="AVG", m_by
     if verify:
         from graphprune.verify import Verifier
 
-        after_pass = Verifier(loaded.variables)
+        after_pass = Verifier(context.values)
     result = run_pipeline(loaded.model, steps, context, after_pass=after_pass)
     model = result.model
     if not any(w.mask for w in model.facts.get("weights", ())):
@@ -59,6 +59,7 @@ def prune(target, schedule=None, *, block_size=(1, 1), block_pooling="AVG", m_by
     prunable = PrunableModel(model, loaded.variables, config=config)
     prunable._graphprune.owner = loaded.owner  # keeps a loaded SavedModel's objects alive
     prunable._graphprune.pipeline = result
+    prunable._graphprune.verify_report = after_pass.report if verify else None
     if one_shot:
         prunable.prune_now()
     return prunable

@@ -21,7 +21,7 @@ from types import MappingProxyType
 from typing import Any, Iterable, Mapping
 
 import numpy as np
-from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2, tensor_pb2, types_pb2
+from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2, tensor_pb2
 from tensorflow.python.framework import dtypes, tensor_util
 
 # Names inserted by graphprune live under this scope so re-runs and finalization can find them.
@@ -38,7 +38,8 @@ class VariableSpec:
     """A variable the model reads.
 
     ``initial`` is None for variables that exist already (bound at rebuild by ``key``) and holds
-    the starting value for the ones a pass asks for (masks, thresholds, the step).
+    the starting value for the ones a pass asks for (masks, thresholds, the step). ``value`` is a
+    value a pass assigned (fold_masks with freeze=False): it supersedes the live variable's.
     """
 
     key: str
@@ -48,6 +49,7 @@ class VariableSpec:
     trainable: bool = True
     initial: np.ndarray | None = None
     weight: str | None = None  # for masks and thresholds: the key of their weight
+    value: np.ndarray | None = None
 
     @property
     def name(self) -> str:
@@ -202,6 +204,39 @@ def node_dtype(node: node_def_pb2.NodeDef, attr: str = "T") -> str:
     return dtypes.as_dtype(node.attr[attr].type).name
 
 
+def rename_functions(graph_def: graph_pb2.GraphDef, suffix_of) -> graph_pb2.GraphDef:
+    """A copy whose library functions are renamed ``name -> name + suffix_of(function_def)``,
+    with every reference (node attrs, function bodies, gradients) updated."""
+    renamed = copy_graph(graph_def)
+    mapping = {f.signature.name: f.signature.name + suffix_of(f) for f in renamed.library.function}
+
+    def fix(nodes):
+        for node in nodes:
+            for attr in node.attr.values():
+                if attr.HasField("func") and attr.func.name in mapping:
+                    attr.func.name = mapping[attr.func.name]
+                for func in attr.list.func:
+                    if func.name in mapping:
+                        func.name = mapping[func.name]
+
+    fix(renamed.node)
+    for function in renamed.library.function:
+        function.signature.name = mapping[function.signature.name]
+        fix(function.node_def)
+    for gradient in renamed.library.gradient:
+        gradient.function_name = mapping.get(gradient.function_name, gradient.function_name)
+        gradient.gradient_func = mapping.get(gradient.gradient_func, gradient.gradient_func)
+    return renamed
+
+
+def content_suffix(function_def) -> str:
+    """'_gp' + a short hash of the function's body: equal bodies, equal names."""
+    import hashlib  # pylint: disable=import-outside-toplevel
+
+    body = function_def.SerializeToString(deterministic=True)
+    return "_gp" + hashlib.sha1(body).hexdigest()[:12]
+
+
 def op_counts(graph_def: graph_pb2.GraphDef) -> Counter:
     """Op types in the graph and in every library function body."""
     counts = Counter(node.op for node in graph_def.node)
@@ -218,6 +253,3 @@ def count_diff(before: Counter, after: Counter) -> list[str]:
             lines.append(f"{op} {after[op] - before[op]:+d} ({before[op]}->{after[op]})")
     return lines
 
-
-def resource_dtype_enum():
-    return types_pb2.DT_RESOURCE

@@ -144,3 +144,6 @@ class _State:
         self.concrete = {}
         self.default = None
         self.default_name = None
+        self.owner = None
+        self.pipeline = None
+        self.verify_report = None

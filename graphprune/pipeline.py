@@ -50,11 +50,14 @@ class PassContext:
     values: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def value(self, model: g.TracedModel, key: str) -> np.ndarray:
+        """A pass-assigned value, else the live variable's, else the new variable's initial value."""
         spec = model.variables[key]
-        if spec.initial is not None and key not in self.values:
-            return np.asarray(spec.initial)
+        if spec.value is not None:
+            return np.asarray(spec.value)
         if key in self.values:
             return np.asarray(self.values[key])
+        if spec.initial is not None:
+            return np.asarray(spec.initial)
         raise PassError(f"the value of variable '{key}' is needed but the pass context has none; pass values=")
 
 

@@ -12,6 +12,7 @@ import tensorflow as tf
 from graphprune import graph as g
 from graphprune import rebuild
 from graphprune.errors import PassError
+from graphprune.pipeline import PassContext
 
 
 def seeded_inputs(entry: g.Entry, seed: int = 0, batch: int = 2) -> list[np.ndarray]:
@@ -32,13 +33,19 @@ def seeded_inputs(entry: g.Entry, seed: int = 0, batch: int = 2) -> list[np.ndar
     return values
 
 
-def run_entries(model: g.TracedModel, variables, seed: int = 0) -> dict[str, list[np.ndarray]]:
-    """Outputs of every non-update entry on seeded inputs, with all masks set to ones."""
-    live = dict(variables)
+def run_entries(model: g.TracedModel, values, *, ones_masks: bool = True, seed: int = 0) -> dict:
+    """Outputs of every non-update entry on seeded inputs, as {"kind:name": [arrays]}.
+
+    Variables are fresh copies of the values a pass would see (``PassContext.value``), so the
+    caller's variables are never touched; with ``ones_masks`` every mask is all ones.
+    """
+    context = PassContext(values=values)
+    live = {}
     for key, spec in model.variables.items():
-        if key not in live and spec.initial is not None:
-            initial = np.ones(spec.shape, spec.initial.dtype) if spec.role == g.ROLE_MASK else spec.initial
-            live[key] = tf.Variable(initial, dtype=spec.dtype, trainable=False)
+        value = context.value(model, key)
+        if ones_masks and spec.role == g.ROLE_MASK:
+            value = np.ones_like(value)
+        live[key] = tf.Variable(value, dtype=spec.dtype, trainable=False)
     outputs = {}
     for entry in model.entries:
         if entry.kind == "update":
@@ -56,16 +63,21 @@ def _runner(entry, live):
 
 
 class Verifier:
-    """``after_pass`` hook for run_pipeline: compares each pass's result with its input."""
+    """``after_pass`` hook for run_pipeline: compares each pass's result with its input.
 
-    def __init__(self, variables, *, atol: float = 1e-5, rtol: float = 1e-5, seed: int = 0):
-        self.variables = variables
+    ``ones_masks=True`` (rewriting): masks are forced to ones, so every pass must keep outputs.
+    ``ones_masks=False`` (finalizing): the real masks are used, so folding must keep outputs too.
+    """
+
+    def __init__(self, values, *, ones_masks: bool = True, atol: float = 1e-5, rtol: float = 1e-5, seed: int = 0):
+        self.values = values
+        self.ones_masks = ones_masks
         self.atol, self.rtol, self.seed = atol, rtol, seed
         self.report: list[tuple[str, str, int, float]] = []  # (pass, entry, output, max |diff|)
 
     def __call__(self, pass_name: str, before: g.TracedModel, after: g.TracedModel) -> None:
-        expected = run_entries(before, self.variables, self.seed)
-        actual = run_entries(after, self.variables, self.seed)
+        expected = run_entries(before, self.values, ones_masks=self.ones_masks, seed=self.seed)
+        actual = run_entries(after, self.values, ones_masks=self.ones_masks, seed=self.seed)
         for entry_name, reference in expected.items():
             for number, (want, got) in enumerate(zip(reference, actual.get(entry_name, []))):
                 difference = float(np.max(np.abs(want.astype(np.float64) - got.astype(np.float64)))) if want.size else 0.0

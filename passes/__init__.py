@@ -7,3 +7,6 @@ analysis first (find_weights), then the rewrites that build on its facts, then f
 from graphprune.passes import find_weights  # noqa: F401  analysis: what is prunable
 from graphprune.passes import insert_masks  # noqa: F401  mask variables + Mul in front of every use
 from graphprune.passes import insert_mask_updates  # noqa: F401  step, schedule, conditional mask update
+from graphprune.passes import fold_masks  # noqa: F401  w * mask -> Const (or the variable's value)
+from graphprune.passes import freeze_variables  # noqa: F401  remaining variable reads -> Const
+from graphprune.passes import strip_unused  # noqa: F401  dead nodes, variables, functions

@@ -107,7 +107,9 @@ def _build_update_entry(model, config, weights, plans) -> g.Entry:
             step_out = tf.identity(step, name="step")
         should_out = tf.identity(main_should, name="should_prune")
         target_out = tf.identity(main_target, name="target_sparsity")
-    graph_def = graph.as_graph_def()
+    # The branch functions are owned by the scratch graph, and the eager context forgets their
+    # names when it is collected; content-hashed names are owned by no Python object.
+    graph_def = g.rename_functions(graph.as_graph_def(), g.content_suffix)
     structure = {
         "should_prune": tf.TensorSpec([], tf.bool),
         "step": tf.TensorSpec([], tf.int64),

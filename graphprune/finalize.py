@@ -1,0 +1,120 @@
+"""The end of the pipeline: fold masks, strip the machinery, export SavedModel and TFLite."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from graphprune import graph as g
+from graphprune.errors import BadModelError, GraphPruneError
+from graphprune.io import atomic_directory, atomic_file
+from graphprune.load import load
+from graphprune.pipeline import PassContext, VariableValues, run_pipeline
+
+QUANTIZE_MODES = (None, "dynamic", "int8")
+
+
+def finalize_model(prunable, *, freeze: bool = True, verify: bool = False):
+    """(final TracedModel, values of its remaining variables, pipeline result), nothing written."""
+    if isinstance(prunable, (str, os.PathLike)):
+        loaded = load(os.fspath(prunable))
+        traced, variables = loaded.model, loaded.variables
+    elif hasattr(prunable, "traced"):
+        traced, variables = prunable.traced, prunable.variables_by_key
+    else:
+        raise BadModelError(
+            f"finalize takes a PrunableModel or the directory it was saved to, got {type(prunable).__name__}"
+        )
+    steps = [("find_weights", {}), ("fold_masks", {"freeze": freeze})]
+    if freeze:
+        steps.append(("freeze_variables", {}))
+    steps.append(("strip_unused", {}))
+    values = VariableValues(variables)
+    after_pass = None
+    if verify:
+        from graphprune.verify import Verifier
+
+        after_pass = Verifier(values, ones_masks=False)
+    result = run_pipeline(traced, steps, PassContext(values=values), after_pass=after_pass)
+    final = result.model
+    context = PassContext(values=values)
+    remaining = {key: context.value(final, key) for key in final.variables}
+    return final, remaining, result
+
+
+def finalize(prunable, output_dir, *, freeze: bool = True, overwrite: bool = False, verify: bool = False) -> str:
+    """Fold the masks into the weights, drop every mask/step/update op, and write a SavedModel
+    with the original signatures that plain TensorFlow loads and runs (no graphprune needed).
+
+    prunable: a PrunableModel, or the directory ``graphprune.save`` wrote.
+    freeze=True: pruned weights (and all other variable reads) become constants;
+    freeze=False: weights stay variables, holding the pruned values.
+    """
+    from graphprune.model import PrunableModel
+
+    inputs = [prunable] if isinstance(prunable, (str, os.PathLike)) else []
+    final, values, _ = finalize_model(prunable, freeze=freeze, verify=verify)
+    variables = {
+        key: tf.Variable(values[key], name=key, dtype=spec.dtype, trainable=spec.trainable)
+        for key, spec in final.variables.items()
+    }
+    exported = PrunableModel(final, variables, name="finalized_model")
+    signatures = dict(exported.signatures)
+    if not signatures:
+        state = exported._graphprune
+        signatures = {"serving_default": state.concrete[state.default_name]}
+    with atomic_directory(output_dir, overwrite=overwrite, inputs=inputs) as temp:
+        tf.saved_model.save(exported, temp, signatures=signatures)
+    return os.path.abspath(os.fspath(output_dir))
+
+
+def export_tflite(saved_model_dir, tflite_path, *, quantize=None, sparse: bool = False, representative_data=None,
+                  signature_keys=None, overwrite: bool = False) -> str:
+    """Convert a (finalized) SavedModel to TFLite.
+
+    quantize: None (float), "dynamic" (int8 weights, float activations) or "int8" (full integer;
+        needs ``representative_data``: an array of inputs, a list of them, or a callable yielding
+        lists of input arrays). Inputs and outputs stay float.
+    sparse: use TFLite's sparse tensor encoding for weights that are sparse enough.
+    """
+    if quantize not in QUANTIZE_MODES:
+        raise GraphPruneError(f"quantize must be one of none, dynamic, int8; got {quantize!r}")
+    if quantize == "int8" and representative_data is None:
+        raise GraphPruneError("quantize='int8' needs representative_data (a few hundred real input samples)")
+    if not os.path.isdir(os.fspath(saved_model_dir)):
+        raise BadModelError(f"{saved_model_dir}: no such SavedModel directory")
+    converter = tf.lite.TFLiteConverter.from_saved_model(os.fspath(saved_model_dir), signature_keys=signature_keys)
+    optimizations = []
+    if quantize is not None:
+        optimizations.append(tf.lite.Optimize.DEFAULT)
+    if sparse:
+        optimizations.append(tf.lite.Optimize.EXPERIMENTAL_SPARSITY)
+    converter.optimizations = optimizations
+    if quantize == "int8":
+        converter.representative_dataset = _representative(representative_data)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    try:
+        flatbuffer = converter.convert()
+    except Exception as error:  # the converter raises many types
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise GraphPruneError(f"TFLite conversion failed: {first[:300]}") from error
+    with atomic_file(tflite_path, overwrite=overwrite) as temp:
+        with open(temp, "wb") as handle:
+            handle.write(flatbuffer)
+    return os.path.abspath(os.fspath(tflite_path))
+
+
+def _representative(data):
+    if callable(data):
+        return data
+
+    def generate():
+        samples = data if isinstance(data, (list, tuple)) else [data]
+        for sample in samples:
+            array = np.asarray(sample, np.float32)
+            for row in array:
+                yield [row[np.newaxis, ...]]
+
+    return generate

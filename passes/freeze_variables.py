@@ -1,0 +1,40 @@
+"""freeze_variables: every variable read becomes a Const holding the variable's current value.
+
+Matches ReadVariableOp nodes whose resource is one of the entry's variable placeholders and
+replaces each with a Const of the same name (consumers need no rewiring). Variables used other
+than by ReadVariableOp (ResourceGather, assignments) stay variables. Postcondition: outputs are
+unchanged; placeholders left without readers are dead (strip_unused removes them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from graphprune import graph as g
+from graphprune.passes.find_weights import resource_of
+from graphprune.pipeline import PassContext, PassResult, register_pass
+
+
+def freeze_variables(model: g.TracedModel, context: PassContext) -> PassResult:
+    """Replace every variable read by a Const of the variable's current value."""
+    entries, frozen = [], set()
+    for entry in model.entries:
+        graph_def = g.copy_graph(entry.graph_def)
+        index = g.NodeIndex(graph_def)
+        for position, node in enumerate(graph_def.node):
+            if node.op != "ReadVariableOp":
+                continue
+            key = resource_of(index, entry, node)
+            if key is None:
+                continue
+            value = context.value(model, key)
+            graph_def.node[position].CopyFrom(g.const_node(node.name, value, model.variables[key].dtype))
+            frozen.add(key)
+        entries.append(dataclasses.replace(entry, graph_def=graph_def) if frozen else entry)
+    if not frozen:
+        return PassResult(model, changed=False, report={"frozen": []})
+    return PassResult(dataclasses.replace(model, entries=tuple(entries)), changed=True,
+                      report={"frozen": sorted(frozen)})
+
+
+register_pass("freeze_variables", freeze_variables)

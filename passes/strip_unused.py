@@ -1,0 +1,123 @@
+"""strip_unused: remove every node, library function and variable that no output needs.
+
+Live nodes are those reachable (data or control edges) from the entry's outputs and from its
+control outputs that have side effects. Control edges to side-effect-free nodes (variable reads,
+NoOps grouping only reads) only order pure work and are dropped, so the reads they pinned can die.
+Then resource placeholders without readers, variables no entry reads, and library functions no
+live node calls are removed. Postcondition: outputs are unchanged; nothing dead is left.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from types import MappingProxyType
+
+from graphprune import graph as g
+from graphprune.pipeline import PassContext, PassResult, register_pass
+
+SIDE_EFFECT_PREFIXES = ("Assign", "ResourceApply", "ResourceScatter", "ResourceSparseApply", "Print", "Write",
+                        "Save", "Restore", "Enqueue", "Stateful", "While", "If", "Case")
+
+
+def has_side_effect(node, index: g.NodeIndex, memo: dict) -> bool:
+    if node.name in memo:
+        return memo[node.name]
+    memo[node.name] = False  # breaks cycles
+    if node.op in ("NoOp", "Identity"):
+        result = any(
+            has_side_effect(index.nodes[g.parse_input(raw)[0]], index, memo)
+            for raw in node.input if g.parse_input(raw)[0] in index.nodes
+        )
+    else:
+        result = node.op.startswith(SIDE_EFFECT_PREFIXES) or "Summary" in node.op
+    memo[node.name] = result
+    return result
+
+
+def _called_functions(nodes, library) -> set[str]:
+    """Names of library functions referenced (transitively) by attrs of ``nodes``."""
+    by_name = {f.signature.name: f for f in library.function}
+    pending = [n for n in nodes]
+    called: set[str] = set()
+    while pending:
+        node = pending.pop()
+        for attr in node.attr.values():
+            names = [attr.func.name] if attr.HasField("func") else []
+            names += [f.name for f in attr.list.func]
+            for name in names:
+                if name in by_name and name not in called:
+                    called.add(name)
+                    pending.extend(by_name[name].node_def)
+    return called
+
+
+def _drop_colocation_with_removed(node, live: set) -> None:
+    """Colocation constraints ('_class': 'loc:@other') naming a removed node would make the graph
+    unimportable; they only matter for placement, so drop those entries."""
+    if "_class" not in node.attr:
+        return
+    kept = [v for v in node.attr["_class"].list.s if not v.startswith(b"loc:@") or v[5:].decode() in live]
+    if kept:
+        del node.attr["_class"].list.s[:]
+        node.attr["_class"].list.s.extend(kept)
+    else:
+        del node.attr["_class"]
+
+
+def _strip_entry(entry: g.Entry) -> g.Entry:
+    graph_def = g.copy_graph(entry.graph_def)
+    index = g.NodeIndex(graph_def)
+    memo: dict = {}
+    for node in graph_def.node:
+        kept = [raw for raw in node.input
+                if not raw.startswith("^") or (g.parse_input(raw)[0] in index.nodes
+                                               and has_side_effect(index.nodes[raw[1:]], index, memo))]
+        if len(kept) != len(node.input):
+            del node.input[:]
+            node.input.extend(kept)
+    control_outputs = tuple(name for name in entry.control_outputs
+                            if name in index.nodes and has_side_effect(index.nodes[name], index, memo))
+    roots = [g.parse_input(name.split(":")[0])[0] for name in entry.outputs] + list(control_outputs)
+    roots += [p.placeholder for p in entry.inputs]  # inputs stay, even if unused
+    live, pending = set(), list(roots)
+    while pending:
+        name = pending.pop()
+        if name in live or name not in index.nodes:
+            continue
+        live.add(name)
+        pending.extend(g.parse_input(raw)[0] for raw in index.nodes[name].input)
+    kept_nodes = [node for node in graph_def.node if node.name in live]
+    for node in kept_nodes:
+        _drop_colocation_with_removed(node, live)
+    del graph_def.node[:]
+    graph_def.node.extend(kept_nodes)
+    called = _called_functions(kept_nodes, graph_def.library)
+    functions = [f for f in graph_def.library.function if f.signature.name in called]
+    del graph_def.library.function[:]
+    graph_def.library.function.extend(functions)
+    gradients = [gr for gr in graph_def.library.gradient if gr.function_name in called]
+    del graph_def.library.gradient[:]
+    graph_def.library.gradient.extend(gradients)
+    resources = MappingProxyType({p: k for p, k in entry.resources.items() if p in live})
+    return dataclasses.replace(entry, graph_def=graph_def, resources=resources, control_outputs=control_outputs)
+
+
+def strip_unused(model: g.TracedModel, context: PassContext) -> PassResult:
+    """Drop dead nodes, unread resource placeholders, unused variables and library functions."""
+    entries = tuple(_strip_entry(entry) for entry in model.entries)
+    used = {key for entry in entries for key in entry.resources.values()}
+    unused = [key for key in model.variables if key not in used]
+    removed_nodes = sum(len(a.graph_def.node) - len(b.graph_def.node) for a, b in zip(model.entries, entries))
+    removed_functions = sum(len(a.graph_def.library.function) - len(b.graph_def.library.function)
+                            for a, b in zip(model.entries, entries))
+    changed = bool(removed_nodes or removed_functions or unused) or any(
+        a.control_outputs != b.control_outputs or a.graph_def != b.graph_def for a, b in zip(model.entries, entries))
+    if not changed:
+        return PassResult(model, changed=False, report={"removed_nodes": 0, "removed_variables": []})
+    new_model = dataclasses.replace(model, entries=entries).with_variables((), drop=unused)
+    return PassResult(new_model, changed=True,
+                      report={"removed_nodes": removed_nodes, "removed_functions": removed_functions,
+                              "removed_variables": sorted(unused)})
+
+
+register_pass("strip_unused", strip_unused)

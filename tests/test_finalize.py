@@ -1,0 +1,218 @@
+"""Finalization: masks folded, machinery stripped, SavedModel and TFLite give the masked outputs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import graphprune
+import testmodels
+from graphprune import graph as g
+from graphprune.load import load
+from graphprune.passes.find_weights import find_weights
+from graphprune.passes.fold_masks import fold_masks
+from graphprune.passes.freeze_variables import freeze_variables
+from graphprune.passes.strip_unused import strip_unused
+from graphprune.pipeline import PassContext, VariableValues
+from graphprune.verify import run_entries
+
+MACHINERY_OPS = {"AssignVariableOp", "AssignAddVariableOp", "VarHandleOp", "If", "StatelessIf", "TopKV2"}
+
+
+@pytest.fixture
+def pruned_cnn(cnn):
+    pm = graphprune.prune(cnn, schedule=graphprune.ConstantSparsity(0.8, 0, frequency=1))
+    pm.update_masks()
+    return pm
+
+
+def _context(pm):
+    return PassContext(values=VariableValues(pm.variables_by_key))
+
+
+def _same(before, after, values):
+    expected = run_entries(before, values, ones_masks=False)
+    actual = run_entries(after, values, ones_masks=False)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        for want, got in zip(expected[name], actual[name]):
+            np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+
+
+def _all_ops(model):
+    ops = set()
+    for entry in model.entries:
+        ops.update(g.op_counts(entry.graph_def))
+    return ops
+
+
+# the passes, four tests each -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_fold_masks_numeric(pruned_cnn, freeze):
+    context = _context(pruned_cnn)
+    result = fold_masks(pruned_cnn.traced, context, freeze=freeze)
+    _same(pruned_cnn.traced, result.model, context.values)
+    assert result.report["sparsity"]["conv2d/kernel"] == pytest.approx(0.8, abs=0.01)
+
+
+def test_fold_masks_structure(pruned_cnn):
+    model = fold_masks(pruned_cnn.traced, _context(pruned_cnn)).model
+    for entry in model.entries:
+        assert entry.kind != "update"
+        for node in entry.graph_def.node:
+            assert not (node.op == "Mul" and "graphprune/masked" in node.name)
+        folded = [n for n in entry.graph_def.node if "graphprune/masked" in n.name]
+        assert folded and all(n.op == "Const" for n in folded)
+
+
+def test_fold_masks_no_match(mlp):
+    loaded = load(mlp)
+    result = fold_masks(loaded.model, PassContext(values=VariableValues(loaded.variables)))
+    assert result.changed is False and result.model is loaded.model
+
+
+def test_fold_masks_idempotent(pruned_cnn):
+    context = _context(pruned_cnn)
+    once = fold_masks(pruned_cnn.traced, context)
+    twice = fold_masks(once.model, context)
+    assert twice.changed is False
+    assert [e.graph_def for e in twice.model.entries] == [e.graph_def for e in once.model.entries]
+
+
+def test_strip_unused_numeric_structure_and_idempotence(pruned_cnn):
+    context = _context(pruned_cnn)
+    folded = fold_masks(pruned_cnn.traced, context).model
+    stripped = strip_unused(folded, context)
+    assert stripped.changed
+    _same(folded, stripped.model, context.values)
+    roles = {spec.role for spec in stripped.model.variables.values()}
+    assert roles == {g.ROLE_OTHER}  # no mask, threshold or step left
+    assert "graphprune/step" in stripped.report["removed_variables"]
+    assert not any("/graphprune/mask/" in n.name for e in stripped.model.entries for n in e.graph_def.node)
+    again = strip_unused(stripped.model, context)
+    assert again.changed is False
+
+
+def test_strip_unused_no_match(mlp):
+    loaded = load(mlp)
+    context = PassContext(values=VariableValues(loaded.variables))
+    stripped = strip_unused(loaded.model, context)  # drops only the pure control outputs
+    assert strip_unused(stripped.model, context).changed is False
+    _same(loaded.model, stripped.model, context.values)
+
+
+def test_freeze_variables_numeric_structure_no_match_idempotent(pruned_cnn):
+    context = _context(pruned_cnn)
+    folded = strip_unused(fold_masks(pruned_cnn.traced, context).model, context).model
+    frozen = freeze_variables(folded, context)
+    assert frozen.changed
+    final = strip_unused(frozen.model, context).model
+    _same(folded, final, context.values)
+    assert "ReadVariableOp" not in _all_ops(final) and not final.variables
+    assert freeze_variables(final, context).changed is False  # nothing left: no-match and idempotent
+
+
+# finalize ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_finalize_saved_model_matches_masked_model(tmp_path, pruned_cnn, freeze):
+    x = testmodels.batch([8, 8, 3])
+    path = graphprune.finalize(pruned_cnn, str(tmp_path / "final"), freeze=freeze)
+    loaded = tf.saved_model.load(path)
+    np.testing.assert_allclose(loaded(x).numpy(), pruned_cnn(x).numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(loaded.signatures["serving_default"](x=x)["output_0"].numpy(),
+                               pruned_cnn(x).numpy(), atol=1e-5, rtol=0)
+    graph_def = loaded.signatures["serving_default"].graph.as_graph_def()
+    ops = [n.op for f in graph_def.library.function for n in f.node_def] + [n.op for n in graph_def.node]
+    assert not MACHINERY_OPS & set(ops)
+    names = [n.name for f in graph_def.library.function for n in f.node_def]
+    assert not any("/graphprune/mask/" in n or "graphprune/step" in n or "graphprune/update" in n for n in names)
+    if freeze:
+        assert "ReadVariableOp" not in ops  # no variable at all
+    else:
+        values = {v.name.split(":")[0]: v.numpy() for v in loaded.original_variables}
+        assert np.mean(values["dense/kernel"] == 0) == pytest.approx(0.8, abs=0.01)
+        assert not any("graphprune" in name for name in values)
+
+
+def test_finalized_model_loads_without_graphprune(tmp_path, pruned_cnn):
+    x = testmodels.batch([8, 8, 3])
+    path = graphprune.finalize(pruned_cnn, str(tmp_path / "final"))
+    np.save(tmp_path / "x.npy", x.numpy())
+    script = (
+        "import sys, numpy as np, tensorflow as tf\n"
+        "assert 'graphprune' not in sys.modules\n"
+        f"m = tf.saved_model.load({path!r})\n"
+        f"np.save({str(tmp_path / 'y.npy')!r}, m.signatures['serving_default'](x=np.load({str(tmp_path / 'x.npy')!r}))['output_0'].numpy())\n"
+    )
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=str(tmp_path), env=env)
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), pruned_cnn(x).numpy(), atol=1e-5, rtol=0)
+
+
+def test_finalize_from_saved_prunable_dir(tmp_path, pruned_cnn):
+    x = testmodels.batch([8, 8, 3])
+    saved = graphprune.save(pruned_cnn, str(tmp_path / "prunable"))
+    path = graphprune.finalize(saved, str(tmp_path / "final"), verify=True)
+    np.testing.assert_allclose(tf.saved_model.load(path)(x).numpy(), pruned_cnn(x).numpy(), atol=1e-5, rtol=0)
+    with pytest.raises(graphprune.OutputExistsError):
+        graphprune.finalize(saved, str(tmp_path / "final"))
+    with pytest.raises(graphprune.OutputExistsError, match="inside the input"):
+        graphprune.finalize(saved, os.path.join(saved, "sub"))
+
+
+# TFLite --------------------------------------------------------------------------------------
+
+
+def _litert(path, x):
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=path)
+    runner = interpreter.get_signature_runner("serving_default")
+    outputs = [runner(x=row[np.newaxis]) for row in x]
+    return np.concatenate([next(iter(o.values())) for o in outputs])
+
+
+@pytest.mark.parametrize("quantize, sparse, atol", [(None, False, 1e-5), (None, True, 1e-5), ("dynamic", False, 0.05),
+                                                     ("int8", False, 0.15)])
+def test_tflite_matches_masked_model(tmp_path, pruned_cnn, quantize, sparse, atol):
+    x = testmodels.batch([8, 8, 3]).numpy()
+    final = graphprune.finalize(pruned_cnn, str(tmp_path / "final"))
+    tflite = graphprune.export_tflite(final, str(tmp_path / "m.tflite"), quantize=quantize, sparse=sparse,
+                                      representative_data=testmodels.batch([8, 8, 3], seed=9, n=32).numpy())
+    expected = pruned_cnn(x).numpy()
+    actual = _litert(tflite, x)
+    # quantized: tolerance relative to the output range
+    assert np.max(np.abs(actual - expected)) <= atol * max(1.0, np.max(np.abs(expected)))
+    report = graphprune.size_report(tflite)
+    assert len(report.weights) == 3
+    for weight in report.weights:
+        assert weight.sparsity == pytest.approx(0.8, abs=0.02), weight
+    if sparse:
+        assert any(w.encoding == "tflite-sparse" for w in report.weights)
+
+
+def test_int8_without_representative_data_is_refused(tmp_path, pruned_cnn):
+    final = graphprune.finalize(pruned_cnn, str(tmp_path / "final"))
+    with pytest.raises(graphprune.GraphPruneError, match="representative_data"):
+        graphprune.export_tflite(final, str(tmp_path / "m.tflite"), quantize="int8")
+
+
+def test_size_report_saved_models_and_bound(tmp_path, pruned_cnn, cnn):
+    final = graphprune.finalize(pruned_cnn, str(tmp_path / "final"))
+    prunable = graphprune.save(pruned_cnn, str(tmp_path / "prunable"))
+    for path in (final, prunable):
+        report = graphprune.size_report(path)
+        assert sorted(w.name for w in report.weights)[0].startswith("conv2d")
+        assert report.sparsity == pytest.approx(0.8, abs=0.01)
+        assert all(w.raw_bytes == w.elements * 4 for w in report.weights)
+        assert report.bound_bytes < sum(w.raw_bytes for w in report.weights)
+        json.dumps(report.to_dict())
+        assert "total (3 weights)" in report.table()
