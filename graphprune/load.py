@@ -149,9 +149,10 @@ def _children(obj) -> dict:
         return {}
 
 
-def _variable_paths(owner) -> dict[int, str]:
-    """id(variable) -> first attribute path to it, for naming variables that have generic names."""
-    paths: dict[int, str] = {}
+def _variable_paths(owner) -> dict[int, tuple[str, Any]]:
+    """id(variable) -> (first attribute path to it, the variable), for naming variables that have
+    generic names and for finding the distributed variable a captured component belongs to."""
+    paths: dict[int, tuple[str, Any]] = {}
     seen = set()
     queue = [(owner, "")]
     while queue:
@@ -160,7 +161,7 @@ def _variable_paths(owner) -> dict[int, str]:
             continue
         seen.add(id(obj))
         if isinstance(obj, tf.Variable):
-            paths.setdefault(id(obj), prefix)
+            paths.setdefault(id(obj), (prefix, obj))
             continue
         for child_name, child in _children(obj).items():
             if child_name.startswith("_") or child_name in ("signatures",) or _is_polymorphic_function(child):
@@ -177,7 +178,13 @@ def _trace(functions: dict, *, owner, source: str) -> Loaded:
     paths = None
     entries = []
     for (entry_name, kind), function in functions.items():
-        captured_variables = {id(v.handle): v for v in function.graph.variables}
+        if paths is None:
+            paths = _variable_paths(owner)
+            # Traced in cross-replica context, a function captures the primary component of a
+            # distributed variable; the model must hold the distributed variable itself.
+            parents = {id(component): variable for _, variable in paths.values()
+                       for component in _components(variable)}
+        captured_variables = {id(v.handle): parents.get(id(v), v) for v in function.graph.variables}
         resources = {}
         constants = {}
         for external, internal in function.graph.captures:
@@ -191,8 +198,6 @@ def _trace(functions: dict, *, owner, source: str) -> Loaded:
                 constants[internal.op.name] = external
                 continue
             if id(variable) not in key_of:
-                if paths is None:
-                    paths = _variable_paths(owner)
                 key = _variable_key(variable, paths, variables)
                 key_of[id(variable)] = key
                 variables[key] = variable
@@ -230,10 +235,15 @@ def _trace(functions: dict, *, owner, source: str) -> Loaded:
     return Loaded(model=model, variables=variables, owner=owner, source=source)
 
 
-def _variable_key(variable, paths: dict[int, str], taken: dict) -> str:
+def _components(variable) -> tuple:
+    values = getattr(variable, "values", None)
+    return tuple(values) if isinstance(values, (tuple, list)) else ()
+
+
+def _variable_key(variable, paths: dict, taken: dict) -> str:
     name = variable.name.split(":")[0]
-    if _GENERIC_VARIABLE_NAME.match(name) and paths.get(id(variable)):
-        name = paths[id(variable)]
+    if _GENERIC_VARIABLE_NAME.match(name) and paths.get(id(variable), ("",))[0]:
+        name = paths[id(variable)][0]
     key, suffix = name, 1
     while key in taken:
         key = f"{name}_{suffix}"

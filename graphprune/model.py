@@ -105,6 +105,23 @@ class PrunableModel(tf.Module):
         total = sum(r["elements"] for r in rows)
         return 1.0 - sum(r["nonzeros"] for r in rows) / total if total else 0.0
 
+    def write_summaries(self, step=None, writer=None) -> None:
+        """TensorBoard scalars at ``step`` (default: the pruning step): per weight
+        ``pruning/<weight>/sparsity`` and ``/threshold``, ``pruning/sparsity`` overall and
+        ``pruning/target_sparsity`` (the main schedule's target at that step)."""
+        live = self._graphprune.variables
+        step = int(self.step.numpy()) if step is None and self.step is not None else (step or 0)
+        context = writer.as_default() if writer is not None else _nullcontext()
+        with context:
+            for row in self.weights():
+                _scalar(f"pruning/{row['name']}/sparsity", row["sparsity"], step)
+                threshold_key = f"{row['name']}/{g.SCOPE}/threshold"
+                if threshold_key in live:
+                    _scalar(f"pruning/{row['name']}/threshold", float(live[threshold_key].numpy()), step)
+            _scalar("pruning/sparsity", self.sparsity(), step)
+            if self.config is not None:
+                _scalar("pruning/target_sparsity", float(self.config.schedule(tf.constant(step, tf.int64))[1]), step)
+
     def prune_now(self, sparsity: float | None = None) -> None:
         """One-shot: set every mask to its plan's final sparsity (or ``sparsity``) now and zero the
         pruned weights, with the same computation the in-graph update uses."""
@@ -131,6 +148,21 @@ class PrunableModel(tf.Module):
             if threshold_key in live:
                 live[threshold_key].assign(threshold)
             live[weight.key].assign(values[weight.key] * mask)
+
+
+def _scalar(tag: str, value: float, step: int) -> None:
+    """A TensorBoard scalar without importing TensorBoard (tf.summary.scalar needs it installed)."""
+    from tensorflow.core.framework import summary_pb2
+
+    metadata = summary_pb2.SummaryMetadata()
+    metadata.plugin_data.plugin_name = "scalars"
+    tf.summary.write(tag, tf.constant(value, tf.float32), step=step, metadata=metadata)
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
 
 
 class _State:

@@ -38,12 +38,13 @@ def create_variables(model: g.TracedModel, variables: Mapping[str, tf.Variable])
     return live
 
 
+def _is_distributed(variable) -> bool:
+    return isinstance(getattr(variable, "values", None), (tuple, list)) and not isinstance(variable, tf.Tensor)
+
+
 def _replica_components(variable) -> tuple:
     """The per-replica variables behind a distributed variable, or (variable,)."""
-    values = getattr(variable, "values", None)
-    if isinstance(values, (tuple, list)) and values and not isinstance(variable, tf.Tensor):
-        return tuple(values)
-    return (variable,)
+    return tuple(variable.values) if _is_distributed(variable) else (variable,)
 
 
 def register_library(graph_def) -> None:
@@ -68,10 +69,14 @@ def import_entry(entry: g.Entry, flat_inputs, variables: Mapping[str, tf.Variabl
     input_map = {}
     for info, value in zip(entry.inputs, flat_inputs):
         input_map[info.placeholder] = tf.convert_to_tensor(value, dtype=info.dtype)
+    cross_replica = tf.distribute.in_cross_replica_context()
     for placeholder, key in entry.resources.items():
         variable = variables[key]
+        components = _replica_components(variable)
         if replica is not None:
-            variable = _replica_components(variable)[replica]
+            variable = components[replica]
+        elif cross_replica and _is_distributed(variables[key]):
+            variable = components[0]  # outside strategy.run a distributed variable has no handle
         input_map[placeholder] = graph.capture(variable.handle) if hasattr(graph, "capture") else variable.handle
         if hasattr(graph, "watch_variable"):
             graph.watch_variable(variable)
@@ -134,12 +139,17 @@ def build_update_function(entry: g.Entry, variables: Mapping[str, tf.Variable]):
     """A no-argument tf.function running the update entry once per replica (cross-replica)."""
 
     def update():
-        replicas = max(len(_replica_components(variables[key])) for key in entry.resources.values())
-        results = None
-        for replica in range(replicas):
-            outputs = import_entry(entry, [], variables, replica=replica if replicas > 1 else None,
-                                   scope=f"graphprune_update_{replica}")
-            results = results or outputs
+        first = variables[next(iter(entry.resources.values()))]
+        distributed = _is_distributed(first)
+        per_replica = []
+        for replica, component in enumerate(_replica_components(first)):
+            # Every replica holds the same weights, so each computes the same masks locally.
+            with tf.device(component.device if distributed else None):
+                per_replica.append(import_entry(entry, [], variables, replica=replica if distributed else None,
+                                                scope=f"graphprune_update_{replica}"))
+        # An update nobody consumes would be pruned at run time: tie every replica's to the result.
+        with tf.control_dependencies([t for outputs in per_replica for t in outputs]):
+            results = [tf.identity(t) for t in per_replica[0]]
         return pack_outputs(entry.output_structure, results)
 
     return tf.function(update, input_signature=[], autograph=False)

@@ -86,7 +86,10 @@ def _build_update_entry(model, config, weights, plans) -> g.Entry:
             return handles[key]
 
         def read(key):
-            return tf.raw_ops.ReadVariableOp(resource=handle(key), dtype=dtypes.as_dtype(model.variables[key].dtype))
+            spec = model.variables[key]
+            value = tf.raw_ops.ReadVariableOp(resource=handle(key), dtype=dtypes.as_dtype(spec.dtype))
+            value.set_shape(spec.shape)  # a bare resource placeholder carries no shape
+            return value
 
         step = read(STEP_KEY) + 1
         advance = tf.raw_ops.AssignVariableOp(resource=handle(STEP_KEY), value=step)
@@ -95,6 +98,7 @@ def _build_update_entry(model, config, weights, plans) -> g.Entry:
         for weight in weights:
             groups.setdefault(plans[weight.key].schedule, []).append(weight)
         main_should, main_target = None, None
+        updates = []
         with tf.control_dependencies([advance]):
             for schedule, members in groups.items():
                 for weight in members:  # create every placeholder outside the branch functions
@@ -102,11 +106,14 @@ def _build_update_entry(model, config, weights, plans) -> g.Entry:
                 should_prune, target = schedule(step)
                 branch = _update_branch(members, plans, target, read, handle)
                 updated = tf.cond(should_prune, branch, lambda: tf.constant(False))
+                updates.append(updated)
                 if schedule == config.schedule or main_should is None:
                     main_should, main_target = updated, target
+        # Every group's update must feed the outputs, or it would be pruned at run time.
+        with tf.control_dependencies(updates):
             step_out = tf.identity(step, name="step")
-        should_out = tf.identity(main_should, name="should_prune")
-        target_out = tf.identity(main_target, name="target_sparsity")
+            should_out = tf.identity(main_should, name="should_prune")
+            target_out = tf.identity(main_target, name="target_sparsity")
     # The branch functions are owned by the scratch graph, and the eager context forgets their
     # names when it is collected; content-hashed names are owned by no Python object.
     graph_def = g.rename_functions(graph.as_graph_def(), g.content_suffix)

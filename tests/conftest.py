@@ -9,6 +9,13 @@ import tensorflow as tf  # noqa: E402
 
 import testmodels  # noqa: E402
 
+# Two logical CPUs, so MirroredStrategy has two replicas; must happen before TF initialises.
+try:
+    _cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+except RuntimeError:
+    pass
+
 
 @pytest.fixture
 def mlp():

@@ -1,0 +1,228 @@
+"""Gradual pruning while training in the user's own loop: schedules, structures, rules,
+distribution, checkpoints and summaries."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import graphprune
+import testmodels
+
+
+def _images(n=64, seed=0):
+    rng = np.random.RandomState(seed)
+    x = rng.standard_normal([n, 8, 8, 3]).astype(np.float32)
+    labels = (x[:, :4, :4, 0].mean(axis=(1, 2)) > 0).astype(np.int32) + 2 * (x[:, 4:, 4:, 1].mean(axis=(1, 2)) > 0)
+    return tf.constant(x), tf.constant(labels)
+
+
+def _loss(pm, x, labels):
+    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, pm(x)))
+
+
+def _train(pm, steps, x, labels, lr=0.05, on_step=None):
+    optimizer = tf.keras.optimizers.SGD(lr)
+    for step in range(steps):
+        pm.update_masks()
+        with tf.GradientTape() as tape:
+            loss = _loss(pm, x, labels)
+        grads = tape.gradient(loss, pm.trainable_variables)
+        optimizer.apply_gradients(zip(grads, pm.trainable_variables))
+        if on_step is not None:
+            on_step(step)
+    return float(loss)
+
+
+def _within_one_element(weight_row, target):
+    return abs(weight_row["sparsity"] - target) <= 1.0 / weight_row["elements"] + 1e-9
+
+
+def test_cnn_polynomial_decay_reaches_target_and_learns(cnn):
+    x, labels = _images()
+    pm = graphprune.prune(cnn, schedule=graphprune.PolynomialDecay(0.0, 0.9, begin_step=0, end_step=60,
+                                                                   frequency=10))
+    untrained = float(_loss(pm, x, labels))
+    final_loss = _train(pm, 80, x, labels)
+    for row in pm.weights():
+        assert _within_one_element(row, 0.9), row
+        # stored weights are zero too, not only masked in the forward pass
+        assert row["nonzeros"] == round((1 - row["sparsity"]) * row["elements"])
+    assert final_loss < untrained
+
+
+def test_masks_never_revive_and_checkpoints_are_sparse_at_every_step(tmp_path, cnn):
+    x, labels = _images()
+    pm = graphprune.prune(cnn, schedule=graphprune.PolynomialDecay(0.2, 0.8, 0, 20, frequency=5))
+    checkpoint = tf.train.Checkpoint(model=pm)
+    previous = [m.numpy() for m in pm.masks]
+
+    def check(step):
+        nonlocal previous
+        current = [m.numpy() for m in pm.masks]
+        for before, after in zip(previous, current):
+            assert not np.any((before == 0) & (after == 1)), f"a pruned weight revived at step {step}"
+        previous = current
+        path = checkpoint.write(str(tmp_path / f"ckpt-{step}"))
+        reader = tf.train.load_checkpoint(path)
+        for weight, mask in zip(pm.pruned_weights, pm.masks):
+            key = next(k for k in reader.get_variable_to_shape_map()
+                       if k.endswith("VARIABLE_VALUE") and reader.get_tensor(k).shape == weight.shape
+                       and np.array_equal(reader.get_tensor(k), weight.numpy()))
+            stored = reader.get_tensor(key)
+            assert np.all(stored[mask.numpy() == 0] == 0), f"checkpoint at step {step} is not sparse"
+
+    _train(pm, 25, x, labels, on_step=check)
+
+
+def test_global_scope_shares_one_threshold(cnn):
+    pm = graphprune.prune(cnn, schedule=graphprune.ConstantSparsity(0.7, 0, frequency=1), scope="global")
+    pm.update_masks()
+    thresholds = {float(t.numpy()) for t in pm.thresholds}
+    assert len(thresholds) == 1
+    rows = pm.weights()
+    total = sum(r["elements"] for r in rows)
+    zeros = sum(r["sparsity"] * r["elements"] for r in rows)
+    assert zeros / total == pytest.approx(0.7, abs=1.0 / total)
+    assert len({round(r["sparsity"], 3) for r in rows}) > 1  # layers end at different sparsities
+    # the threshold is the k-th largest |w| over all weights
+    magnitudes = np.concatenate([np.abs(w.numpy()).ravel() for w in cnn.trainable_variables if w.shape.rank >= 2])
+    assert thresholds.pop() == pytest.approx(np.sort(magnitudes)[::-1][round(total * 0.3) - 1], abs=0)
+
+
+def test_rules_skip_own_sparsity_and_own_structure(cnn):
+    rules = [
+        graphprune.Rule("Depthwise", skip=True),
+        graphprune.Rule("conv2d/kernel", sparsity=0.5),
+        graphprune.Rule("dense/kernel", structure=graphprune.Structure(block_size=(4, 1))),
+    ]
+    pm = graphprune.prune(cnn, schedule=graphprune.ConstantSparsity(0.75, 0, frequency=1), rules=rules)
+    pm.update_masks()
+    rows = {r["name"]: r for r in pm.weights()}
+    assert set(rows) == {"conv2d/kernel", "dense/kernel"}
+    assert _within_one_element(rows["conv2d/kernel"], 0.5)
+    assert rows["dense/kernel"]["sparsity"] == pytest.approx(0.75, abs=4 / 1280)
+    dense_mask = next(m for m in pm.masks if m.name.startswith("dense/kernel")).numpy()
+    blocks = dense_mask.reshape(32, 4, 10)
+    assert np.all(blocks.min(axis=1) == blocks.max(axis=1))
+
+
+def test_two_four_structure_through_update(mlp):
+    pm = graphprune.prune(mlp, schedule=graphprune.ConstantSparsity(0.5, 0, frequency=1), m_by_n=(2, 4))
+    pm.update_masks()
+    for mask in pm.masks:
+        assert np.all(mask.numpy().T.reshape(-1, 4).sum(axis=-1) == 2)
+
+
+def test_two_four_refuses_weights_that_do_not_fit():
+    weight = tf.Variable(tf.ones([6, 4]), name="odd")
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 6], tf.float32)])
+    def f(x):
+        return tf.matmul(x, weight)
+
+    with pytest.raises(graphprune.StructureError, match="odd.*not a multiple of N=4.*exclude"):
+        graphprune.prune(f, schedule=graphprune.ConstantSparsity(0.5, 0), m_by_n=(2, 4))
+
+
+def test_one_shot_prunes_now(cnn):
+    x = testmodels.batch([8, 8, 3])
+    pm = graphprune.prune(cnn, schedule=graphprune.ConstantSparsity(0.6, 0), one_shot=True)
+    for row in pm.weights():
+        assert _within_one_element(row, 0.6)
+    # outputs are those of the model with the pruned weights
+    for weight, mask in zip(pm.pruned_weights, pm.masks):
+        np.testing.assert_array_equal(weight.numpy() * mask.numpy(), weight.numpy())
+    assert pm(x).shape == (5, 10)
+
+
+def test_schedule_gates_updates_and_step_is_one_variable(mlp):
+    pm = graphprune.prune(mlp, schedule=graphprune.ConstantSparsity(0.5, begin_step=3, frequency=2))
+    pruned_at = [bool(pm.update_masks()["should_prune"]) for _ in range(8)]
+    assert pruned_at == [False, False, False, True, False, True, False, True]
+    assert int(pm.step.numpy()) == 7
+    assert len([v for v in pm.variables if v.dtype == tf.int64]) == 1
+
+
+def test_mirrored_strategy_two_replicas_identical_masks():
+    devices = tf.config.list_logical_devices("CPU")
+    assert len(devices) >= 2, "conftest configures two logical CPUs"
+    strategy = tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
+    with strategy.scope():
+        model = testmodels.MLP()
+        pm = graphprune.prune(model, schedule=graphprune.PolynomialDecay(0.0, 0.8, 0, 20, frequency=5))
+        optimizer = tf.keras.optimizers.SGD(0.05)
+    rng = np.random.RandomState(0)
+    data = tf.data.Dataset.from_tensor_slices((rng.standard_normal([64, 8]).astype(np.float32),
+                                               rng.standard_normal([64, 4]).astype(np.float32)))
+    batches = iter(strategy.experimental_distribute_dataset(data.batch(16).repeat()))
+
+    @tf.function
+    def train_step(batch):
+        def step(x, y):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean((pm(x) - y) ** 2)
+            grads = tape.gradient(loss, pm.trainable_variables)
+            optimizer.apply_gradients(zip(grads, pm.trainable_variables))
+
+        strategy.run(step, args=batch)
+
+    for _ in range(25):
+        pm.update_masks()
+        train_step(next(batches))
+    for variable in pm.masks + pm.pruned_weights:
+        replicas = [component.numpy() for component in variable.values]
+        assert len(replicas) == 2
+        np.testing.assert_array_equal(replicas[0], replicas[1])
+        assert np.mean(replicas[0] == 0) == pytest.approx(0.8, abs=1.0 / replicas[0].size)
+
+
+def _free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.mark.slow
+def test_multi_worker_mirrored_two_processes(tmp_path):
+    worker = os.path.join(os.path.dirname(__file__), "multiworker_worker.py")
+    ports = [str(p) for p in _free_ports(2)]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="-1")
+    processes = [subprocess.Popen([sys.executable, worker, str(i), *ports, str(tmp_path)], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+    for process in processes:
+        output, _ = process.communicate(timeout=300)
+        assert process.returncode == 0, output.decode()[-2000:]
+    first, second = np.load(tmp_path / "worker0.npz"), np.load(tmp_path / "worker1.npz")
+    assert sorted(first.files) == sorted(second.files) and len(first.files) == 4
+    for name in first.files:
+        np.testing.assert_array_equal(first[name], second[name])
+        assert np.mean(first[name] == 0) == pytest.approx(0.75, abs=1.0 / first[name].size)
+
+
+def test_tensorboard_summaries(tmp_path, mlp):
+    pm = graphprune.prune(mlp, schedule=graphprune.PolynomialDecay(0.0, 0.5, 0, 10, frequency=5))
+    writer = tf.summary.create_file_writer(str(tmp_path))
+    for _ in range(6):
+        pm.update_masks()
+        pm.write_summaries(writer=writer)
+    writer.flush()
+    from tensorflow.core.util import event_pb2
+
+    tags = {}
+    for name in os.listdir(tmp_path):
+        for record in tf.data.TFRecordDataset(str(tmp_path / name)):
+            event = event_pb2.Event.FromString(record.numpy())
+            for value in event.summary.value:
+                tags.setdefault(value.tag, []).append((event.step, float(tf.make_ndarray(value.tensor))))
+    assert {"pruning/sparsity", "pruning/target_sparsity", "pruning/dense/kernel/sparsity",
+            "pruning/dense/kernel/threshold"} <= set(tags)
+    assert tags["pruning/target_sparsity"][5] == (5, pytest.approx(0.5 * (1 - 0.5 ** 3), abs=1e-6))
