@@ -11,6 +11,7 @@
 """
 
 from graphprune.api import prune, save
+from graphprune.callbacks import PruningCallback
 from graphprune.config import PruningConfig, Rule, Structure
 from graphprune.errors import (
     BadModelError,
@@ -37,6 +38,7 @@ __all__ = [
     "PassError",
     "PolynomialDecay",
     "PrunableModel",
+    "PruningCallback",
     "PruningConfig",
     "PruningSchedule",
     "Rule",

@@ -226,3 +226,40 @@ def test_tensorboard_summaries(tmp_path, mlp):
     assert {"pruning/sparsity", "pruning/target_sparsity", "pruning/dense/kernel/sparsity",
             "pruning/dense/kernel/threshold"} <= set(tags)
     assert tags["pruning/target_sparsity"][5] == (5, pytest.approx(0.5 * (1 - 0.5 ** 3), abs=1e-6))
+
+
+def test_keras_fit_callback_updates_masks_every_batch(tmp_path, mlp):
+    import keras
+
+    pm = graphprune.prune(mlp, schedule=graphprune.PolynomialDecay(0.0, 0.5, 0, 8, frequency=2))
+
+    class Trainer(keras.Model):
+        """Keras 3 tracks only its own variables: train the pruned model's in train_step."""
+
+        def __init__(self, prunable):
+            super().__init__()
+            self.prunable = prunable
+
+        def call(self, x):
+            return self.prunable(x)
+
+        def train_step(self, data):
+            x, y = data
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean((self.prunable(x) - y) ** 2)
+            variables = self.prunable.trainable_variables
+            for variable, grad in zip(variables, tape.gradient(loss, variables)):
+                variable.assign_sub(0.05 * grad)
+            return {"loss": loss}
+
+    rng = np.random.RandomState(0)
+    x = rng.standard_normal([40, 8]).astype(np.float32)
+    y = rng.standard_normal([40, 4]).astype(np.float32)
+    trainer = Trainer(pm)
+    trainer.compile()
+    callback = graphprune.PruningCallback(pm, log_dir=str(tmp_path))
+    trainer.fit(x, y, batch_size=4, epochs=1, callbacks=[callback], verbose=0)
+    assert int(pm.step.numpy()) == 9  # ten batches: steps 0..9
+    for row in pm.weights():
+        assert _within_one_element(row, 0.5)
+    assert os.listdir(tmp_path)
