@@ -10,6 +10,7 @@
     graphprune.save(pm, "pruned_dir")
 """
 
+from graphprune import io
 from graphprune.api import prune, save
 from graphprune.callbacks import PruningCallback
 from graphprune.config import PruningConfig, Rule, Structure

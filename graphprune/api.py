@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from graphprune.config import PruningConfig, Rule, Structure
 from graphprune.errors import NoPrunableWeightsError
-from graphprune.io import atomic_directory
+from graphprune.io import atomic_directory, check_output
 from graphprune.load import load
 from graphprune.model import PrunableModel
 from graphprune.pipeline import PassContext, VariableValues, run_pipeline
@@ -65,12 +65,40 @@ def prune(target, schedule=None, *, block_size=(1, 1), block_pooling="AVG", m_by
     return prunable
 
 
-def save(model, output_dir, *, overwrite: bool = False) -> str:
+def save(model, output_dir, *, overwrite: bool = False, inputs=()) -> str:
     """Write ``model`` (a PrunableModel) as a SavedModel with the original signatures, atomically."""
-    signatures = dict(model.signatures)
+    state = model._graphprune
+    signatures = {**model.signatures, **state.save_signatures}
     if not signatures:
-        state = model._graphprune
         signatures = {"serving_default": state.concrete[state.default_name]}
-    with atomic_directory(output_dir, overwrite=overwrite) as temp:
+    with atomic_directory(output_dir, overwrite=overwrite, inputs=inputs) as temp:
         tf.saved_model.save(model, temp, signatures=signatures)
     return os.path.abspath(os.fspath(output_dir))
+
+
+def save_traced(model, values, output_dir, *, overwrite: bool = False, inputs=(), name: str = "graphprune_model") -> str:
+    """Save a TracedModel with fresh variables holding ``PassContext.value`` of each spec (pass-
+    assigned values first, then ``values``, then initial values); the variables the values came
+    from are not touched."""
+    context = PassContext(values=values)
+    variables = {
+        key: tf.Variable(context.value(model, key), name=key, dtype=spec.dtype, trainable=spec.trainable)
+        for key, spec in model.variables.items()
+    }
+    return save(PrunableModel(model, variables, name=name), output_dir, overwrite=overwrite, inputs=inputs)
+
+
+def run_passes(target, passes: str, output_dir, *, overwrite: bool = False, verify: bool = False):
+    """Run a text pass list on ``target`` and save the result; returns the PipelineResult."""
+    check_output(output_dir, overwrite=overwrite, inputs=[target] if isinstance(target, (str, os.PathLike)) else [])
+    loaded = load(target)
+    values = VariableValues(loaded.variables)
+    after_pass = None
+    if verify:
+        from graphprune.verify import Verifier
+
+        after_pass = Verifier(values)
+    result = run_pipeline(loaded.model, passes, PassContext(values=values), after_pass=after_pass)
+    inputs = [target] if isinstance(target, (str, os.PathLike)) else []
+    save_traced(result.model, values, output_dir, overwrite=overwrite, inputs=inputs)
+    return result

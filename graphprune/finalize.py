@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from graphprune import graph as g
 from graphprune.errors import BadModelError, GraphPruneError
-from graphprune.io import atomic_directory, atomic_file
+from graphprune.io import atomic_file, check_output
 from graphprune.load import load
 from graphprune.pipeline import PassContext, VariableValues, run_pipeline
 
@@ -17,7 +17,7 @@ QUANTIZE_MODES = (None, "dynamic", "int8")
 
 
 def finalize_model(prunable, *, freeze: bool = True, verify: bool = False):
-    """(final TracedModel, values of its remaining variables, pipeline result), nothing written."""
+    """(final TracedModel, the values its variables are read from, pipeline result); nothing written."""
     if isinstance(prunable, (str, os.PathLike)):
         loaded = load(os.fspath(prunable))
         traced, variables = loaded.model, loaded.variables
@@ -38,10 +38,7 @@ def finalize_model(prunable, *, freeze: bool = True, verify: bool = False):
 
         after_pass = Verifier(values, ones_masks=False)
     result = run_pipeline(traced, steps, PassContext(values=values), after_pass=after_pass)
-    final = result.model
-    context = PassContext(values=values)
-    remaining = {key: context.value(final, key) for key in final.variables}
-    return final, remaining, result
+    return result.model, values, result
 
 
 def finalize(prunable, output_dir, *, freeze: bool = True, overwrite: bool = False, verify: bool = False) -> str:
@@ -52,22 +49,12 @@ def finalize(prunable, output_dir, *, freeze: bool = True, overwrite: bool = Fal
     freeze=True: pruned weights (and all other variable reads) become constants;
     freeze=False: weights stay variables, holding the pruned values.
     """
-    from graphprune.model import PrunableModel
+    from graphprune.api import save_traced
 
     inputs = [prunable] if isinstance(prunable, (str, os.PathLike)) else []
+    check_output(output_dir, overwrite=overwrite, inputs=inputs)
     final, values, _ = finalize_model(prunable, freeze=freeze, verify=verify)
-    variables = {
-        key: tf.Variable(values[key], name=key, dtype=spec.dtype, trainable=spec.trainable)
-        for key, spec in final.variables.items()
-    }
-    exported = PrunableModel(final, variables, name="finalized_model")
-    signatures = dict(exported.signatures)
-    if not signatures:
-        state = exported._graphprune
-        signatures = {"serving_default": state.concrete[state.default_name]}
-    with atomic_directory(output_dir, overwrite=overwrite, inputs=inputs) as temp:
-        tf.saved_model.save(exported, temp, signatures=signatures)
-    return os.path.abspath(os.fspath(output_dir))
+    return save_traced(final, values, output_dir, overwrite=overwrite, inputs=inputs, name="finalized_model")
 
 
 def export_tflite(saved_model_dir, tflite_path, *, quantize=None, sparse: bool = False, representative_data=None,

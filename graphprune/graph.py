@@ -84,6 +84,10 @@ class Entry:
     output_structure: Any = None
     parameters: tuple[str, ...] = ()
     control_outputs: tuple[str, ...] = ()
+    # A signature that only calls a method entry's function (as SavedModel signatures do):
+    # (method entry name, method flat input index per signature input, method flat output index
+    # per signature output). Rebuilt as a call to that method, so the graph is stored once.
+    alias: tuple | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -231,6 +231,7 @@ def _trace(functions: dict, *, owner, source: str) -> Loaded:
                                       if op.name in {n.name for n in graph_def.node}),
             )
         )
+    entries = _mark_aliases(entries, functions)
     model = g.TracedModel(entries=tuple(entries), variables=MappingProxyType(specs))
     return Loaded(model=model, variables=variables, owner=owner, source=source)
 
@@ -238,6 +239,51 @@ def _trace(functions: dict, *, owner, source: str) -> Loaded:
 def _components(variable) -> tuple:
     values = getattr(variable, "values", None)
     return tuple(values) if isinstance(values, (tuple, list)) else ()
+
+
+def _mark_aliases(entries, functions) -> list:
+    """Mark signature entries whose graph is one call of a method entry's function."""
+    method_by_function = {
+        _function_name(function): name for (name, kind), function in functions.items() if kind == "method"
+    }
+    marked = []
+    for entry in entries:
+        alias = None
+        if entry.kind == "signature" and method_by_function:
+            alias = _alias_of(functions[(entry.name, "signature")], entry, method_by_function)
+        marked.append(dataclasses.replace(entry, alias=alias) if alias else entry)
+    return marked
+
+
+def _function_name(function) -> str:
+    name = function.name
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def _alias_of(function, entry, method_by_function):
+    graph_def = function.graph.as_graph_def()
+    nodes = {node.name: node for node in graph_def.node}
+    calls = [n for n in graph_def.node if n.op in ("StatefulPartitionedCall", "PartitionedCall")]
+    if len(calls) != 1 or calls[0].attr["f"].func.name not in method_by_function:
+        return None
+    call = calls[0]
+    call_inputs = [i for i in call.input if not i.startswith("^")]
+    try:
+        input_order = tuple(call_inputs.index(info.placeholder) for info in entry.inputs)
+    except ValueError:
+        return None
+    if sorted(input_order) != list(range(len(entry.inputs))):
+        return None
+    output_order = []
+    for output in entry.outputs:
+        node = nodes.get(output.split(":")[0])
+        while node is not None and node.op == "Identity":
+            source = node.input[0]
+            node = nodes.get(source.split(":")[0])
+        if node is None or node.name != call.name:
+            return None
+        output_order.append(int(source.split(":")[1]) if ":" in source else 0)
+    return (method_by_function[call.attr["f"].func.name], input_order, tuple(output_order))
 
 
 def _variable_key(variable, paths: dict, taken: dict) -> str:

@@ -36,9 +36,16 @@ class PrunableModel(tf.Module):
         steps = [live[k] for k, s in traced.variables.items() if s.role == g.ROLE_STEP]
         self.step = steps[0] if steps else None
         functions = {}
-        for entry in traced.entries:
+        methods = {e.name for e in traced.entries if e.kind == "method"}
+        # Methods first, so that signatures aliasing them can call them.
+        for entry in sorted(traced.entries, key=lambda e: e.kind != "method"):
             if entry.kind == "update":
                 self.update_masks = rebuild.build_update_function(entry, live)
+                continue
+            if entry.alias is not None and entry.alias[0] in methods:
+                alias = rebuild.build_alias_function(entry, functions[entry.alias[0]])
+                self._graphprune.signatures[entry.name] = alias.get_concrete_function()
+                self._graphprune.save_signatures[entry.name] = alias
                 continue
             function, concrete = rebuild.build_entry_function(entry, live)
             self._graphprune.concrete[entry.name] = concrete
@@ -173,6 +180,7 @@ class _State:
         self.variables = variables
         self.config = config
         self.signatures = {}
+        self.save_signatures = {}  # what tf.saved_model.save gets, where it differs from signatures
         self.concrete = {}
         self.default = None
         self.default_name = None

@@ -129,10 +129,41 @@ def build_entry_function(entry: g.Entry, variables: Mapping[str, tf.Variable]):
 
     call.__signature__ = signature
     call.__name__ = _parameter_name(entry.name.strip("_"), 0) or "call"
-    function = tf.function(call, autograph=False)
+    if kwargs_structure:
+        function = tf.function(call, autograph=False)
+    else:
+        # One trace for every call and for saving; without it SavedModel may trace (and store) it twice.
+        function = tf.function(call, input_signature=list(args_structure), autograph=False)
     kwargs_specs = {keyword_names[k]: v for k, v in kwargs_structure.items()}
     concrete = function.get_concrete_function(*args_structure, **kwargs_specs)
     return function, concrete
+
+
+def build_alias_function(entry: g.Entry, method_function):
+    """A tf.function for a signature that calls ``method_function`` (see Entry.alias).
+
+    It has an input_signature (positional parameters named like the signature's inputs), so
+    SavedModel traces it in its save context, where it calls the method's save-context trace:
+    the method's graph is stored once."""
+    _, input_order, output_order = entry.alias
+    _, kwargs_structure = entry.input_structure
+    names = sorted(dict(kwargs_structure))
+    signature = inspect.Signature(
+        [inspect.Parameter(_parameter_name(n, i), inspect.Parameter.POSITIONAL_OR_KEYWORD) for i, n in enumerate(names)]
+    )
+
+    def call(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        flat = [bound.arguments[_parameter_name(n, i)] for i, n in enumerate(names)]
+        arguments = [None] * len(flat)
+        for position, method_index in enumerate(input_order):
+            arguments[method_index] = flat[position]
+        outputs = tf.nest.flatten(method_function(*arguments))
+        return pack_outputs(entry.output_structure, [outputs[i] for i in output_order])
+
+    call.__signature__ = signature
+    specs = [dict(kwargs_structure)[n] for n in names]
+    return tf.function(call, input_signature=specs, autograph=False)
 
 
 def build_update_function(entry: g.Entry, variables: Mapping[str, tf.Variable]):
