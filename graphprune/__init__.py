@@ -10,49 +10,51 @@
     graphprune.save(pm, "pruned_dir")
 """
 
-from graphprune import io
-from graphprune.api import prune, save
-from graphprune.callbacks import PruningCallback
-from graphprune.config import PruningConfig, Rule, Structure
-from graphprune.errors import (
-    BadModelError,
-    GraphPruneError,
-    NoPrunableWeightsError,
-    OutputExistsError,
-    PassError,
-    ScheduleError,
-    StructureError,
-    UnsupportedError,
-)
-from graphprune.finalize import export_tflite, finalize
-from graphprune.masks import magnitude_mask
-from graphprune.model import PrunableModel
-from graphprune.report import SizeReport, size_report
-from graphprune.schedules import ConstantSparsity, PolynomialDecay, PruningSchedule
+import importlib
 
-__all__ = [
-    "BadModelError",
-    "ConstantSparsity",
-    "GraphPruneError",
-    "NoPrunableWeightsError",
-    "OutputExistsError",
-    "PassError",
-    "PolynomialDecay",
-    "PrunableModel",
-    "PruningCallback",
-    "PruningConfig",
-    "PruningSchedule",
-    "Rule",
-    "ScheduleError",
-    "Structure",
-    "StructureError",
-    "UnsupportedError",
-    "export_tflite",
-    "finalize",
-    "magnitude_mask",
-    "prune",
-    "save",
-    "size_report",
-    "SizeReport",
-]
+# Public name -> module. Loaded on first use (PEP 562), so `import graphprune` and the command
+# line start without importing TensorFlow until a command needs it.
+_EXPORTS = {
+    "prune": "graphprune.api",
+    "save": "graphprune.api",
+    "PruningCallback": "graphprune.callbacks",
+    "PruningConfig": "graphprune.config",
+    "Rule": "graphprune.config",
+    "Structure": "graphprune.config",
+    "BadModelError": "graphprune.errors",
+    "GraphPruneError": "graphprune.errors",
+    "NoPrunableWeightsError": "graphprune.errors",
+    "OutputExistsError": "graphprune.errors",
+    "PassError": "graphprune.errors",
+    "ScheduleError": "graphprune.errors",
+    "StructureError": "graphprune.errors",
+    "UnsupportedError": "graphprune.errors",
+    "export_tflite": "graphprune.finalize",
+    "finalize": "graphprune.finalize",
+    "magnitude_mask": "graphprune.masks",
+    "PrunableModel": "graphprune.model",
+    "SizeReport": "graphprune.report",
+    "size_report": "graphprune.report",
+    "ConstantSparsity": "graphprune.schedules",
+    "PolynomialDecay": "graphprune.schedules",
+    "PruningSchedule": "graphprune.schedules",
+}
+_SUBMODULES = ("io", "report", "pipeline", "graph", "load", "masks", "schedules", "config", "verify")
+
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"graphprune.{name}")
+    else:
+        raise AttributeError(f"module 'graphprune' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))

@@ -45,8 +45,20 @@ def call_library(function, *args, **kwargs):
         fail("interrupted; nothing was written", code=130)
 
 
-def quiet_tensorflow():
+def quiet_tensorflow(verbose: bool = False):
+    """Keep TensorFlow's C++ start-up and converter chatter off the terminal.
+
+    TF 2.21 writes it straight to file descriptor 2 whatever TF_CPP_MIN_LOG_LEVEL says, so fd 2
+    goes to /dev/null and Python's sys.stderr (our messages, progress) keeps the real stderr.
+    --verbose leaves everything as it is."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if not verbose:
+        sys.stderr.flush()
+        real_stderr = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        sys.stderr = os.fdopen(real_stderr, "w", buffering=1)
     import logging
 
     logging.getLogger("tensorflow").setLevel(logging.ERROR)

@@ -38,7 +38,7 @@ def run(argv=None):
     os.environ["GRAPHPRUNE_COMMAND"] = f"graphprune {command}"
     from graphprune.tools import common
 
-    common.quiet_tensorflow()
+    common.quiet_tensorflow(verbose=any(a in ("--verbose", "-verbose") for a in argv[2:]))
     module = importlib.import_module(f"graphprune.tools.{command}")
     from absl import app
 
