@@ -33,11 +33,33 @@ def kept_count(size, sparsity):
 
 
 def kth_largest(values, sparsity):
-    """The threshold: the k-th largest of ``values`` (any shape) for the given sparsity."""
+    """The threshold: the k-th largest of ``values`` (non-negative, any shape) for the sparsity.
+
+    Exact, by bisection on the IEEE bit patterns: for non-negative floats integer order is float
+    order, so the largest bit pattern t with count(bits >= t) >= k is the k-th largest value.
+    31 (float64: 63) counting passes; 10-30x faster than top_k on millions of weights (see
+    benchmarks/README.md). float16/bfloat16 are widened to float32, which keeps order exactly.
+    """
     flat = tf.reshape(values, [-1])
     k = kept_count(tf.size(flat), sparsity)
-    top = tf.math.top_k(flat, k=k, sorted=True).values
-    return tf.gather(top, k - 1)
+    if flat.dtype == tf.float64:
+        bits_dtype, limit = tf.int64, 0x7FF0000000000000
+        search = flat
+    else:
+        bits_dtype, limit = tf.int32, 0x7F800000
+        search = tf.cast(flat, tf.float32)
+    bits = tf.bitcast(search, bits_dtype)
+    count_needed = tf.cast(k, bits_dtype)
+
+    def narrow(low, high):
+        middle = low + (high - low + 1) // 2
+        enough = tf.reduce_sum(tf.cast(bits >= middle, bits_dtype)) >= count_needed
+        return tf.where(enough, middle, low), tf.where(enough, high, middle - 1)
+
+    low, _ = tf.while_loop(lambda low, high: low < high, narrow,
+                           (tf.constant(0, bits_dtype), tf.constant(limit, bits_dtype)),
+                           maximum_iterations=64)
+    return tf.cast(tf.bitcast(low, search.dtype), flat.dtype)
 
 
 def as_matrix(tensor):
