@@ -34,6 +34,10 @@ class PruningCallback:
     def on_train_batch_begin(self, batch, logs=None):
         self.last_update = self.prunable.update_masks()
 
+    def on_train_end(self, logs=None):
+        # the last optimizer step may have moved pruned weights (momentum): re-zero them
+        self.prunable.apply_masks()
+
     def on_epoch_end(self, epoch, logs=None):
         if self.log_dir is None:
             return

@@ -129,6 +129,14 @@ class PrunableModel(tf.Module):
             if self.config is not None:
                 _scalar("pruning/target_sparsity", float(self.config.schedule(tf.constant(step, tf.int64))[1]), step)
 
+    def apply_masks(self) -> None:
+        """Zero the stored pruned weights now (w := w * mask), without advancing the step.
+        ``update_masks()`` does this on every call; use this after the last optimizer step."""
+        live = self._graphprune.variables
+        for key, spec in self.traced.variables.items():
+            if spec.role == g.ROLE_MASK:
+                live[spec.weight].assign(live[spec.weight] * live[key])
+
     def prune_now(self, sparsity: float | None = None) -> None:
         """One-shot: set every mask to its plan's final sparsity (or ``sparsity``) now and zero the
         pruned weights, with the same computation the in-graph update uses."""
