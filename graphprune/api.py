@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import tensorflow as tf
 
@@ -49,6 +50,8 @@ def prune(target, schedule=None, *, block_size=(1, 1), block_pooling="AVG", m_by
         after_pass = Verifier(context.values)
     result = run_pipeline(loaded.model, steps, context, after_pass=after_pass)
     model = result.model
+    for key, reason in (model.facts.get("skipped_weights") or {}).items():
+        warnings.warn(f"graphprune: not pruning '{key}': {reason}", stacklevel=2)
     if not any(w.mask for w in model.facts.get("weights", ())):
         skipped = model.facts.get("skipped_weights") or {}
         detail = f" ({len(skipped)} skipped: {next(iter(skipped.values()))})" if skipped else ""

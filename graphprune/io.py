@@ -31,19 +31,53 @@ def check_output(path: str, *, overwrite: bool = False, inputs=()) -> str:
     return path
 
 
+def _partial_prefix(path: str) -> str:
+    return f".{os.path.basename(path)}.partial-"
+
+
+def remove_stale_partials(path: str) -> list[str]:
+    """Remove temp outputs for ``path`` left by runs that were killed (their pid is gone)."""
+    parent, prefix, removed = os.path.dirname(path), _partial_prefix(path), []
+    if not os.path.isdir(parent):
+        return removed
+    for name in os.listdir(parent):
+        if not name.startswith(prefix):
+            continue
+        pid = name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            full = os.path.join(parent, name)
+            shutil.rmtree(full, ignore_errors=True) if os.path.isdir(full) else os.remove(full)
+            removed.append(full)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_directory(path, *, overwrite: bool = False, inputs=()):
-    """Yield a temp dir in ``path``'s parent; on success it becomes ``path``."""
+    """Yield a temp dir in ``path``'s parent; on success it becomes ``path``.
+
+    The temp dir is named '.<name>.partial-<pid>-<random>': an interrupted run (even SIGKILL) never
+    leaves anything at ``path``, and the next run for the same path removes what it left."""
     path = check_output(path, overwrite=overwrite, inputs=inputs)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    temp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-", dir=parent)
+    remove_stale_partials(path)
+    temp = tempfile.mkdtemp(prefix=f"{_partial_prefix(path)}{os.getpid()}-", dir=parent)
     try:
         yield temp
-    except BaseException:
+        _replace(temp, path, is_dir=True)
+    except BaseException:  # KeyboardInterrupt too: nothing half-written stays behind
         shutil.rmtree(temp, ignore_errors=True)
         raise
-    _replace(temp, path, is_dir=True)
 
 
 @contextlib.contextmanager
@@ -52,15 +86,16 @@ def atomic_file(path, *, overwrite: bool = False, inputs=()):
     path = check_output(path, overwrite=overwrite, inputs=inputs)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.partial-", dir=parent)
+    remove_stale_partials(path)
+    handle, temp = tempfile.mkstemp(prefix=f"{_partial_prefix(path)}{os.getpid()}-", dir=parent)
     os.close(handle)
     try:
         yield temp
+        _replace(temp, path, is_dir=False)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temp)
         raise
-    _replace(temp, path, is_dir=False)
 
 
 def _replace(temp: str, path: str, *, is_dir: bool) -> None:
@@ -73,7 +108,11 @@ def _replace(temp: str, path: str, *, is_dir: bool) -> None:
     backup = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=os.path.dirname(path))
     os.rmdir(backup)
     os.rename(path, backup)
-    os.rename(temp, path)
+    try:
+        os.rename(temp, path)
+    except BaseException:
+        os.rename(backup, path)  # interrupted between the two renames: the old output comes back
+        raise
     if os.path.isdir(backup):
         shutil.rmtree(backup, ignore_errors=True)
     else:

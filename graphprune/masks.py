@@ -145,6 +145,12 @@ def m_by_n_mask(magnitude, m_by_n, axis):
     return tf.transpose(tf.reshape(keep, tf.shape(moved)), inverse)
 
 
+def _never_all(threshold, scores):
+    """A shared (global) threshold, lowered to this weight's largest score if it is above it: a
+    global threshold must not prune a whole weight (layer collapse); layer-wise never does."""
+    return tf.minimum(tf.cast(threshold, scores.dtype), tf.reduce_max(scores))
+
+
 def mask_and_threshold(weight, sparsity, block_size=(1, 1), block_pooling="AVG", m_by_n=None, input_axis=None,
                        alive=None, threshold=None):
     """(mask, threshold) for one weight. ``alive`` (the current mask) keeps pruned elements pruned;
@@ -165,11 +171,15 @@ def mask_and_threshold(weight, sparsity, block_size=(1, 1), block_pooling="AVG",
         scores = _block_scores(magnitude, tuple(block_size), block_pooling)
         if threshold is None:
             threshold = kth_largest(scores, sparsity)
+        else:
+            threshold = _never_all(threshold, scores)
         block_mask = tf.cast(scores >= tf.cast(threshold, scores.dtype), weight.dtype)
         mask = _expand_blocks(block_mask, tuple(block_size), weight.shape.as_list())
     else:
         if threshold is None:
             threshold = kth_largest(magnitude, sparsity)
+        else:
+            threshold = _never_all(threshold, magnitude)
         mask = tf.cast(magnitude >= tf.cast(threshold, magnitude.dtype), weight.dtype)
     if alive is not None:
         mask = mask * tf.cast(alive, weight.dtype)

@@ -183,6 +183,11 @@ def _nullcontext():
 class _State:
     """Python-side state kept off tf.Module's tracking (it is not saved; the graphs are)."""
 
+    def verify_summary(self) -> str:
+        from graphprune.verify import format_report
+
+        return format_report(self.verify_report)
+
     def __init__(self, traced, variables, config):
         self.traced = traced
         self.variables = variables

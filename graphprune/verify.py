@@ -89,4 +89,9 @@ class Verifier:
                     )
 
     def summary(self) -> str:
-        return "\n".join(f"{p:22s} {e}[{n}]  max |diff| = {d:.3g}" for p, e, n, d in self.report)
+        return format_report(self.report)
+
+
+def format_report(report) -> str:
+    """One line per (pass, entry, output): the largest |difference| verification saw."""
+    return "\n".join(f"  {p:22s} {e}[{n}]  max |diff| = {d:.3g}" for p, e, n, d in report or [])

@@ -42,3 +42,14 @@ def keras_saved_model(tmp_path):
 @pytest.fixture
 def rng():
     return np.random.RandomState(0)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Report how many property-based cases ran and how they ended (issue #8)."""
+    import sys
+
+    module = sys.modules.get("test_properties")
+    if module is not None and module.OUTCOMES:
+        terminalreporter.write_line(
+            "property-based cases: " + ", ".join(f"{k} {v}" for k, v in sorted(module.OUTCOMES.items()))
+        )

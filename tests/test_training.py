@@ -268,3 +268,18 @@ def test_keras_fit_callback_updates_masks_every_batch(tmp_path, mlp):
     for row in pm.weights():
         assert _within_one_element(row, 0.5)
     assert os.listdir(tmp_path)
+
+
+def test_global_scope_never_prunes_a_whole_weight():
+    large = tf.Variable(np.full([8, 8], 10.0, np.float32) + np.random.RandomState(0).rand(8, 8), name="large")
+    small = tf.Variable(np.random.RandomState(1).rand(8, 8).astype(np.float32) * 0.01, name="small")
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 8], tf.float32)])
+    def f(x):
+        return tf.matmul(tf.matmul(x, large), small)
+
+    pm = graphprune.prune(f, schedule=graphprune.ConstantSparsity(0.5, 0, frequency=1), scope="global")
+    pm.update_masks()
+    masks = {m.name.split("/")[0]: m.numpy() for m in pm.masks}
+    assert masks["large"].sum() == 64  # every large weight outranks every small one...
+    assert masks["small"].sum() == 1  # ...but the small layer keeps its largest element

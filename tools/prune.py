@@ -52,7 +52,10 @@ def main(argv):
     common.call_library(graphprune.io.check_output, _OUTPUT.value, overwrite=_OVERWRITE.value, inputs=[_INPUT.value])
     model = common.call_library(graphprune.prune, _INPUT.value, config=config, one_shot=_ONE_SHOT.value,
                                 verify=_VERIFY.value)
-    common.call_library(graphprune.save, model, _OUTPUT.value, overwrite=_OVERWRITE.value)
+    common.call_library(graphprune.save, model, _OUTPUT.value, overwrite=_OVERWRITE.value, inputs=[_INPUT.value])
+    if _VERIFY.value:
+        print("verify (all-ones masks, largest |difference| per output after each pass):")
+        print(model._graphprune.verify_summary())
     for row in model.weights():
         print(f"{row['name']:40s} {row['op']:22s} {str(row['shape']):20s} sparsity {row['sparsity']:.4f}")
     print(f"wrote {_OUTPUT.value}: {len(model.weights())} prunable weights, schedule {config.schedule!r}, "
