@@ -271,7 +271,7 @@ def test_keras_fit_callback_updates_masks_every_batch(tmp_path, mlp):
 
 
 def test_global_scope_never_prunes_a_whole_weight():
-    large = tf.Variable(np.full([8, 8], 10.0, np.float32) + np.random.RandomState(0).rand(8, 8), name="large")
+    large = tf.Variable((10.0 + np.random.RandomState(0).rand(8, 8)).astype(np.float32), name="large")
     small = tf.Variable(np.random.RandomState(1).rand(8, 8).astype(np.float32) * 0.01, name="small")
 
     @tf.function(input_signature=[tf.TensorSpec([1, 8], tf.float32)])
