@@ -15,7 +15,8 @@ from __future__ import annotations
 
 class PruningCallback:
     """Calls ``prunable.update_masks()`` before every training batch (the reference toolkit's
-    UpdatePruningStep), and writes TensorBoard summaries at each epoch end if ``log_dir`` is set."""
+    UpdatePruningStep), re-zeroes stored pruned weights (``apply_masks``) at each epoch end, and
+    writes TensorBoard summaries then if ``log_dir`` is set."""
 
     def __init__(self, prunable, log_dir: str | None = None):
         self.prunable = prunable
@@ -39,6 +40,8 @@ class PruningCallback:
         self.prunable.apply_masks()
 
     def on_epoch_end(self, epoch, logs=None):
+        # momentum optimizers move pruned weights between updates: keep epoch checkpoints sparse
+        self.prunable.apply_masks()
         if self.log_dir is None:
             return
         import tensorflow as tf

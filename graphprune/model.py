@@ -131,7 +131,11 @@ class PrunableModel(tf.Module):
 
     def apply_masks(self) -> None:
         """Zero the stored pruned weights now (w := w * mask), without advancing the step.
-        ``update_masks()`` does this on every call; use this after the last optimizer step."""
+
+        The forward pass always reads w * mask and pruned weights get zero gradients, so with SGD
+        the stored values stay zero. Optimizers with momentum (Adam, ...) still move them between
+        mask updates; the model's outputs are unaffected, but call this before writing a
+        checkpoint that must be sparse on disk (PruningCallback does at every epoch end)."""
         live = self._graphprune.variables
         for key, spec in self.traced.variables.items():
             if spec.role == g.ROLE_MASK:

@@ -8,8 +8,7 @@ Precondition: weights are masked (insert_masks ran). Adds one int64 variable ``g
     for each schedule (weights with their own sparsity have their own):
         should_prune, target = schedule(step)
         If(should_prune):  mask, threshold = magnitude rule(w * mask, target)   # pruned stay pruned
-                           assign mask, threshold
-    w := w * mask for every weight, every call (momentum optimizers move pruned weights otherwise)
+                           assign mask, threshold; assign w := w * mask       # storage sparse too
     outputs: step, should_prune and target_sparsity of the main schedule
 
 The graph is built from TF ops (the same ``compute_masks`` the one-shot prune uses) in a scratch
@@ -110,12 +109,6 @@ def _build_update_entry(model, config, weights, plans) -> g.Entry:
                 updates.append(updated)
                 if schedule == config.schedule or main_should is None:
                     main_should, main_target = updated, target
-        # Optimizers with momentum (Adam, ...) move pruned weights although their gradients are
-        # zero; re-zero the stored values on every call, so checkpoints stay sparse.
-        with tf.control_dependencies(updates):
-            for weight in weights:
-                updates.append(tf.raw_ops.AssignVariableOp(resource=handle(weight.key),
-                                                           value=read(weight.key) * read(weight.mask)))
         # Every group's update must feed the outputs, or it would be pruned at run time.
         with tf.control_dependencies(updates):
             step_out = tf.identity(step, name="step")
@@ -154,6 +147,7 @@ def _update_branch(members, plans, target, read, handle):
             mask, threshold = computed[weight.key]
             assigns.append(tf.raw_ops.AssignVariableOp(resource=handle(weight.mask), value=mask))
             assigns.append(tf.raw_ops.AssignVariableOp(resource=handle(threshold_key(weight.key)), value=threshold))
+            assigns.append(tf.raw_ops.AssignVariableOp(resource=handle(weight.key), value=values[weight.key] * mask))
         with tf.control_dependencies(assigns):
             return tf.constant(True)
 
