@@ -40,8 +40,6 @@ def prune(target, schedule=None, *, block_size=(1, 1), block_pooling="AVG", m_by
         masks_only = PruningConfig(ConstantSparsity(0.0, 0), Structure(block_size, block_pooling, m_by_n), scope,
                                    tuple(([Rule(exclude, skip=True)] if exclude else []) + list(rules)))
     steps = [("find_weights", {}), ("insert_masks", {"config": config if config is not None else masks_only})]
-    if config is not None:
-        steps.append(("insert_mask_updates", {"config": config}))
     context = PassContext(values=VariableValues(loaded.variables))
     after_pass = None
     if verify:
@@ -59,6 +57,10 @@ def prune(target, schedule=None, *, block_size=(1, 1), block_pooling="AVG", m_by
             f"{loaded.source}: no weight read by MatMul, BatchMatMul, Conv2D/3D, DepthwiseConv2dNative, "
             f"Conv2DBackpropInput or Einsum{detail}; nothing to prune (check the rules/exclude pattern)"
         )
+    if config is not None:
+        updates = run_pipeline(model, [("insert_mask_updates", {"config": config})], context, after_pass=after_pass)
+        result.reports.extend(updates.reports)
+        model = updates.model
     prunable = PrunableModel(model, loaded.variables, config=config)
     prunable._graphprune.owner = loaded.owner  # keeps a loaded SavedModel's objects alive
     prunable._graphprune.pipeline = result

@@ -168,36 +168,26 @@ def saved_model_weights(path: str) -> list[WeightSize]:
     from tensorflow.python.framework import tensor_util
 
     from graphprune.load import load
-    from graphprune.passes.find_weights import PASS_THROUGH_OPS, PRUNABLE_OPS, trace_to_variable
+    from graphprune.passes.find_weights import PASS_THROUGH_OPS, find_weights, weight_operands
     from graphprune.pipeline import PassContext, VariableValues
 
     loaded = load(path)
     context = PassContext(values=VariableValues(loaded.variables))
     found: dict[str, WeightSize] = {}
+    # Variable weights, also inside While/If bodies (masked ones as w * mask).
+    for weight in find_weights(loaded.model, context).model.facts["weights"]:
+        value = context.value(loaded.model, weight.key)
+        if weight.mask is not None:
+            value = value * context.value(loaded.model, weight.mask)
+        found[weight.key] = _weight_size(weight.key, ",".join(weight.ops), value)
+    # Frozen weights: one Const per entry that uses them, so count each name once.
     for entry in loaded.model.entries:
         index = g.NodeIndex(entry.graph_def)
         for node in entry.graph_def.node:
-            if node.op not in PRUNABLE_OPS:
-                continue
-            data_inputs = [i for i in node.input if not i.startswith("^")]
-            positions = PRUNABLE_OPS[node.op] or range(len(data_inputs))
-            for operand in positions:
-                if operand >= len(data_inputs):
-                    continue
-                traced = trace_to_variable(index, entry, data_inputs[operand])
-                if traced is not None:
-                    key, _, mask_key = traced
-                    if key in found or loaded.model.variables[key].role != g.ROLE_OTHER:
-                        continue
-                    value = context.value(loaded.model, key)
-                    if mask_key is not None:
-                        value = value * context.value(loaded.model, mask_key)
-                    found[key] = _weight_size(key, node.op, value)
-                    continue
-                producer = index.producer(data_inputs[operand])
+            for _, raw in weight_operands(node):
+                producer = index.producer(raw)
                 while producer is not None and producer.op in PASS_THROUGH_OPS:
                     producer = index.producer(producer.input[0])
-                # Frozen weights: one Const per entry that uses them, so count each name once.
                 if producer is not None and producer.op == "Const" and display_name(producer.name) not in found:
                     value = tensor_util.MakeNdarray(producer.attr["value"].tensor)
                     if value.ndim >= 2:

@@ -7,7 +7,9 @@ Matches, in every entry, a prunable op whose weight operand comes from a variabl
 
 Prunable ops and the operands that may be weights: MatMul, BatchMatMul{,V2,V3} (either operand),
 Conv2D, Conv3D, DepthwiseConv2dNative, Conv2DBackpropInput (the filter), Einsum (any operand).
-Function calls are inlined by the loader, so weights inside nested tf.functions are found too.
+Function calls are inlined by the loader, so weights inside nested tf.functions are found too;
+While and If bodies (which stay functional) are searched as well: there the weight enters as a
+resource argument of the body (RNN recurrent kernels).
 
 Postcondition: ``model.facts["weights"]`` is a tuple of WeightInfo, one per variable (a weight
 used by several ops or entries appears once); the graphs are unchanged.
@@ -16,7 +18,9 @@ used by several ops or entries appears once); the graphs are unchanged.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
+from graphprune import functions
 from graphprune import graph as g
 from graphprune.pipeline import PassContext, PassResult, register_pass
 
@@ -33,6 +37,16 @@ PRUNABLE_OPS = {
     "Einsum": None,
 }
 PASS_THROUGH_OPS = ("Identity", "Cast", "Snapshot")
+# A reshaped weight is still the weight (Keras 3 EinsumDense: Reshape(kernel) -> BatchMatMulV2),
+# but the op's axes no longer map to the variable's: its input axis becomes unknown.
+RESHAPE_OPS = ("Reshape",)
+
+
+class Traced(NamedTuple):
+    key: str
+    read: object
+    mask: str | None
+    reshaped: bool = False
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
@@ -69,19 +83,20 @@ class WeightInfo:
 
 def trace_to_variable(index: g.NodeIndex, entry: g.Entry, raw_input: str):
     """Follow a tensor back to (variable key, ReadVariableOp node, mask key or None), or None."""
-    mask_key = None
+    mask_key, reshaped = None, False
     node = index.producer(raw_input)
     for _ in range(64):
         if node is None:
             return None
-        if node.op in PASS_THROUGH_OPS:
+        if node.op in PASS_THROUGH_OPS or node.op in RESHAPE_OPS:
+            reshaped |= node.op in RESHAPE_OPS
             node = index.producer(node.input[0])
         elif node.op == "Mul" and is_mask_multiply(node):
             mask_key = resource_of(index, entry, index.producer(node.input[1]))
             node = index.producer(node.input[0])
         elif node.op == "ReadVariableOp":
             key = resource_of(index, entry, node)
-            return (key, node, mask_key) if key is not None else None
+            return Traced(key, node, mask_key, reshaped) if key is not None else None
         else:
             return None
     return None
@@ -140,34 +155,41 @@ def find_weights(model: g.TracedModel, context: PassContext, include_gather: boo
         ops["GatherV2"] = (0,)
     found: dict[str, dict] = {}
     skipped: dict[str, str] = {}
+
+    def record(entry, traced, node, operand, use_name):
+        key, mask_key = traced.key, traced.mask
+        spec = model.variables[key]
+        if spec.role != g.ROLE_OTHER:
+            return
+        if spec.dtype not in FLOAT_DTYPES:
+            skipped[key] = f"dtype {spec.dtype} is not a float type"
+            return
+        info = found.setdefault(key, {"uses": [], "axis": None, "mask": None})
+        info["uses"].append(Use(entry.name, use_name, node.op, operand))
+        if info["axis"] is None and not traced.reshaped:
+            info["axis"] = input_axis(node, operand, len(spec.shape))
+        info["mask"] = info["mask"] or mask_key or _existing_mask(model, key)
+
     for entry in model.entries:
         if entry.kind == "update":
             continue
         index = g.NodeIndex(entry.graph_def)
         for node in entry.graph_def.node:
-            if node.op not in ops:
+            for operand, raw in weight_operands(node, ops):
+                traced = trace_to_variable(index, entry, raw)
+                if traced is not None:
+                    record(entry, traced, node, operand, node.name)
+        # While/If bodies: weights enter as resource arguments (RNN recurrent kernels).
+        for outer, _, function, offset in functions.functional_nodes(entry):
+            arguments = functions.argument_resources(index, entry, outer, function, offset)
+            if not arguments:
                 continue
-            operands = ops[node.op]
-            data_inputs = [i for i in node.input if not i.startswith("^")]
-            positions = range(len(data_inputs)) if operands is None else operands
-            for operand in positions:
-                if operand >= len(data_inputs):
-                    continue
-                traced = trace_to_variable(index, entry, data_inputs[operand])
-                if traced is None:
-                    continue
-                key, _, mask_key = traced
-                spec = model.variables[key]
-                if spec.role != g.ROLE_OTHER:
-                    continue
-                if spec.dtype not in FLOAT_DTYPES:
-                    skipped[key] = f"dtype {spec.dtype} is not a float type"
-                    continue
-                info = found.setdefault(key, {"uses": [], "axis": None, "mask": None})
-                info["uses"].append(Use(entry.name, node.name, node.op, operand))
-                if info["axis"] is None:
-                    info["axis"] = input_axis(node, operand, len(spec.shape))
-                info["mask"] = info["mask"] or mask_key or _existing_mask(model, key)
+            body = functions.body_index(function)
+            for node in function.node_def:
+                for operand, raw in weight_operands(node, ops):
+                    traced = trace_in_body(body, arguments, raw)
+                    if traced is not None:
+                        record(entry, traced, node, operand, f"{outer.name}/{function.signature.name}/{node.name}")
     weights = tuple(
         WeightInfo(
             key=key,
@@ -187,6 +209,39 @@ def find_weights(model: g.TracedModel, context: PassContext, include_gather: boo
     }
     # Analysis only: the graphs are untouched, so the model never counts as changed.
     return PassResult(new_model, changed=False, report=report)
+
+
+def weight_operands(node, ops=PRUNABLE_OPS):
+    """(operand position, input) pairs of ``node`` that may hold a weight."""
+    if node.op not in ops:
+        return []
+    data_inputs = [i for i in node.input if not i.startswith("^")]
+    positions = range(len(data_inputs)) if ops[node.op] is None else ops[node.op]
+    return [(p, data_inputs[p]) for p in positions if p < len(data_inputs)]
+
+
+def trace_in_body(body: dict, arguments: dict, raw: str):
+    """Like trace_to_variable, inside a function body: (variable key, ReadVariableOp, mask key)."""
+    mask_key, reshaped = None, False
+    name = functions.producer_name(raw)
+    for _ in range(64):
+        node = body.get(name)
+        if node is None:
+            return None
+        if node.op in PASS_THROUGH_OPS or node.op in RESHAPE_OPS:
+            reshaped |= node.op in RESHAPE_OPS
+            name = functions.producer_name(node.input[0])
+        elif node.op == "Mul" and is_mask_multiply(node):
+            mask_read = body.get(functions.producer_name(node.input[1]))
+            if mask_read is not None and mask_read.op == "ReadVariableOp":
+                mask_key = arguments.get(functions.producer_name(mask_read.input[0]))
+            name = functions.producer_name(node.input[0])
+        elif node.op == "ReadVariableOp":
+            key = arguments.get(functions.producer_name(node.input[0]))
+            return Traced(key, node, mask_key, reshaped) if key is not None else None
+        else:
+            return None
+    return None
 
 
 def _existing_mask(model: g.TracedModel, key: str) -> str | None:

@@ -6,6 +6,7 @@ Matches the Mul nodes insert_masks added ('<w>/graphprune/masked[_N]'). Rewrites
     freeze=False:  Mul '<w>/graphprune/masked' -> Identity(read(w)), and w's value becomes w * mask
 
 The replacement keeps the Mul's name, so consumers need no rewiring (the fold_batch_norms trick).
+Masked Muls inside While/If bodies are folded the same way (the body is rewritten).
 The update entry (step, schedule, thresholds) is dropped: with no mask left it has nothing to do.
 Postcondition: no Mul by a mask; the mask reads are dead (strip_unused removes them); outputs
 equal the masked model's. Needs the current values of the weights and masks in the context.
@@ -18,6 +19,7 @@ import dataclasses
 import numpy as np
 from tensorflow.python.framework import dtypes
 
+from graphprune import functions
 from graphprune import graph as g
 from graphprune.passes.find_weights import is_mask_multiply, resource_of
 from graphprune.pipeline import PassContext, PassResult, register_pass
@@ -52,6 +54,9 @@ def fold_masks(model: g.TracedModel, context: PassContext, freeze: bool = True) 
                 replacement = g.make_node(node.name, "Identity", [node.input[0]], T=dtypes.as_dtype(dtype))
             graph_def.node[position].CopyFrom(replacement)
             touched.append(f"{entry.name}:{node.name}")
+        touched += functions.rewrite_bodies(
+            graph_def, entry, lambda function, arguments: _fold_in_body(function, arguments, model, context,
+                                                                        folded_values, freeze))
         entries.append(dataclasses.replace(entry, graph_def=graph_def))
     dropped_update = len(entries) != len(model.entries)
     if not touched and not dropped_update:
@@ -64,6 +69,31 @@ def fold_masks(model: g.TracedModel, context: PassContext, freeze: bool = True) 
     report = {"folded": sorted(folded_values), "nodes": touched, "freeze": freeze,
               "sparsity": {k: float(np.mean(v == 0)) for k, v in folded_values.items()}}
     return PassResult(new_model, changed=True, report=report)
+
+
+def _fold_in_body(function, arguments, model, context, folded_values, freeze) -> list:
+    body = functions.body_index(function)
+    touched = []
+    for position, node in enumerate(function.node_def):
+        if node.op != "Mul" or not is_mask_multiply(node):
+            continue
+        reads = [body.get(functions.producer_name(raw)) for raw in node.input[:2]]
+        if any(read is None or read.op != "ReadVariableOp" for read in reads):
+            continue
+        weight_key, mask_key = (arguments.get(functions.producer_name(read.input[0])) for read in reads)
+        if weight_key is None or mask_key is None:
+            continue
+        if weight_key not in folded_values:
+            weight = context.value(model, weight_key)
+            folded_values[weight_key] = (weight * context.value(model, mask_key)).astype(weight.dtype)
+        dtype = model.variables[weight_key].dtype
+        if freeze:
+            replacement = g.const_node(node.name, folded_values[weight_key], dtype)
+        else:
+            replacement = g.make_node(node.name, "Identity", [node.input[0]], T=dtypes.as_dtype(dtype))
+        functions.replace_body_node(function, position, replacement, "z")
+        touched.append(node.name)
+    return touched
 
 
 register_pass("fold_masks", fold_masks)

@@ -1,7 +1,8 @@
 """freeze_variables: every variable read becomes a Const holding the variable's current value.
 
 Matches ReadVariableOp nodes whose resource is one of the entry's variable placeholders and
-replaces each with a Const of the same name (consumers need no rewiring). Variables used other
+replaces each with a Const of the same name (consumers need no rewiring); reads of resource
+arguments inside While/If bodies likewise. Variables used other
 than by ReadVariableOp (ResourceGather, assignments) stay variables. Postcondition: outputs are
 unchanged; placeholders left without readers are dead (strip_unused removes them).
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from graphprune import functions
 from graphprune import graph as g
 from graphprune.passes.find_weights import resource_of
 from graphprune.pipeline import PassContext, PassResult, register_pass
@@ -30,11 +32,28 @@ def freeze_variables(model: g.TracedModel, context: PassContext) -> PassResult:
             value = context.value(model, key)
             graph_def.node[position].CopyFrom(g.const_node(node.name, value, model.variables[key].dtype))
             frozen.add(key)
-        entries.append(dataclasses.replace(entry, graph_def=graph_def) if frozen else entry)
+        touched = functions.rewrite_bodies(graph_def, entry,
+                                           lambda function, arguments: _freeze_in_body(function, arguments, model,
+                                                                                       context, frozen))
+        entries.append(dataclasses.replace(entry, graph_def=graph_def) if frozen or touched else entry)
     if not frozen:
         return PassResult(model, changed=False, report={"frozen": []})
     return PassResult(dataclasses.replace(model, entries=tuple(entries)), changed=True,
                       report={"frozen": sorted(frozen)})
+
+
+def _freeze_in_body(function, arguments, model, context, frozen) -> list:
+    touched = []
+    for position, node in enumerate(function.node_def):
+        key = arguments.get(functions.producer_name(node.input[0])) if node.op == "ReadVariableOp" else None
+        if key is None:
+            continue
+        value = context.value(model, key)
+        functions.replace_body_node(function, position, g.const_node(node.name, value, model.variables[key].dtype),
+                                    "value")
+        frozen.add(key)
+        touched.append(node.name)
+    return touched
 
 
 register_pass("freeze_variables", freeze_variables)

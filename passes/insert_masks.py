@@ -9,7 +9,8 @@ entry. Rewrites:
 
 One non-trainable mask variable ``<w>/graphprune/mask`` per weight (shared by all its uses and
 entries), initialised to ones, or with ``sparsity=`` to the magnitude mask of the weight's current
-value (one-shot pruning). Weights that are already masked are left alone, so a re-run is a no-op.
+value (one-shot pruning). Weights that are already masked are left alone, so a re-run is a no-op. Inside While/If bodies
+the mask enters as one more loop variable (or branch input) and the Mul happens in the body.
 Postcondition: every use of a masked weight reads ``w * mask``; with all-ones masks the model
 computes exactly what it computed before.
 """
@@ -22,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework import dtypes
 
+from graphprune import functions
 from graphprune import graph as g
 from graphprune.config import PruningConfig, make_config
 from graphprune.passes.find_weights import resource_of, weights_of
@@ -89,17 +91,16 @@ def _mask_entry(entry: g.Entry, keys: set[str], model: g.TracedModel) -> g.Entry
             key = resource_of(index, entry, node)
             if key in keys:
                 reads.setdefault(key, []).append(node)
-    if not reads:
-        return entry
     resources = dict(entry.resources)
+    body_masked = _mask_bodies(graph_def, index, entry, keys, model, resources)
+    if not reads and not body_masked:
+        return entry
     for key, read_nodes in sorted(reads.items()):
         scope = g.node_scope(key)
         dtype = dtypes.as_dtype(model.variables[key].dtype)
-        placeholder = f"{scope}/mask/resource"
+        placeholder = _mask_placeholder(graph_def, key, resources)
         mask_read = f"{scope}/mask/read"
-        graph_def.node.append(g.resource_placeholder(placeholder))
         graph_def.node.append(g.make_node(mask_read, "ReadVariableOp", [placeholder], dtype=dtype))
-        resources[placeholder] = mask_key(key)
         for number, read in enumerate(sorted(read_nodes, key=lambda n: n.name)):
             masked = f"{scope}/masked" + (f"_{number}" if number else "")
             for consumer, position in index.consumers.get(read.name, []):
@@ -108,6 +109,82 @@ def _mask_entry(entry: g.Entry, keys: set[str], model: g.TracedModel) -> g.Entry
                     consumer.input[position] = masked
             graph_def.node.append(g.make_node(masked, "Mul", [read.name, mask_read], T=dtype))
     return dataclasses.replace(entry, graph_def=graph_def, resources=resources)
+
+
+def _mask_placeholder(graph_def, key: str, resources: dict) -> str:
+    """The entry's resource placeholder for ``key``'s mask, added once."""
+    placeholder = f"{g.node_scope(key)}/mask/resource"
+    if placeholder not in resources:
+        graph_def.node.append(g.resource_placeholder(placeholder))
+        resources[placeholder] = mask_key(key)
+    return placeholder
+
+
+def _mask_bodies(graph_def, index, entry, keys, model, resources) -> bool:
+    """Mask weights read inside While/If bodies: each mask enters as one more loop variable (or
+    branch input) and is read and multiplied inside the body."""
+    library = functions.library_of(graph_def)
+    changed = False
+    for outer in list(graph_def.node):
+        attrs = functions.body_attrs(outer)
+        if not attrs:
+            continue
+        bodies = {attr: library.get(outer.attr[attr].func.name) for attr, _ in attrs}
+        offset = attrs[0][1]
+        read_keys = set()
+        for function in bodies.values():
+            if function is None:
+                continue
+            arguments = functions.argument_resources(index, entry, outer, function, offset)
+            read_keys |= {arguments.get(functions.producer_name(n.input[0])) for n in function.node_def
+                          if n.op == "ReadVariableOp"} & keys
+        if not read_keys:
+            continue
+        copies = {attr: _copy_function(function) for attr, function in bodies.items() if function is not None}
+        for key in sorted(read_keys):
+            placeholder = _mask_placeholder(graph_def, key, resources)
+            if outer.op in functions.LOOP_OPS:
+                functions.add_resource_loop_variable(outer, placeholder)
+            else:
+                functions.add_branch_input(outer, placeholder)
+            argument_name = f"graphprune_mask_{len(copies[attrs[0][0]].signature.input_arg)}"
+            for attr, function in copies.items():
+                functions.add_argument(function, argument_name, passthrough=attr == "body")
+                _mask_reads_in_body(function, bodies[attr], index, entry, outer, offset, key, argument_name, model)
+        for attr, function in copies.items():
+            outer.attr[attr].func.name = functions.rename_with_content_hash(function)
+            graph_def.library.function.append(function)
+        changed = True
+    return changed
+
+
+def _copy_function(function):
+    copy = type(function)()
+    copy.CopyFrom(function)
+    return copy
+
+
+def _mask_reads_in_body(function, original, index, entry, outer, offset, key, argument_name, model) -> None:
+    arguments = functions.argument_resources(index, entry, outer, original, offset)
+    reads = sorted((n for n in function.node_def if n.op == "ReadVariableOp"
+                    and arguments.get(functions.producer_name(n.input[0])) == key), key=lambda n: n.name)
+    if not reads:
+        return
+    scope = g.node_scope(key)
+    dtype = dtypes.as_dtype(model.variables[key].dtype)
+    mask_read = f"{scope}/mask/read"
+    function.node_def.append(g.make_node(mask_read, "ReadVariableOp", [argument_name], dtype=dtype))
+    for number, read in enumerate(reads):
+        masked = f"{scope}/masked" + (f"_{number}" if number else "")
+        old, new = f"{read.name}:value:0", f"{masked}:z:0"
+        for node in function.node_def:
+            for position, raw in enumerate(node.input):
+                if raw == old:
+                    node.input[position] = new
+        for output, value in list(function.ret.items()):
+            if value == old:
+                function.ret[output] = new
+        function.node_def.append(g.make_node(masked, "Mul", [old, f"{mask_read}:value:0"], T=dtype))
 
 
 register_pass("insert_masks", insert_masks)

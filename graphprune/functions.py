@@ -1,0 +1,158 @@
+"""Function bodies as first-class citizens: While loops (RNN recurrent kernels) and If branches.
+
+Grappler inlines plain calls, so what stays functional are While/If nodes of an entry's top-level
+graph. Their bodies read weights through function arguments:
+
+    entry:  Placeholder(w) ------------------------> While(..., w) --body--> while_body
+    body:   arg 'w_0' -> ReadVariableOp -> MatMul
+
+These helpers map body arguments to the variables they carry, and give masks a way into a body:
+the mask's resource becomes one more loop variable (body passes it through, cond ignores it).
+A body that was rewritten gets a new, content-hashed name, so rebuilt functions never collide.
+"""
+
+from __future__ import annotations
+
+from graphprune import graph as g
+from tensorflow.core.framework import types_pb2
+
+LOOP_OPS = ("While", "StatelessWhile")
+BRANCH_OPS = ("If", "StatelessIf")
+
+
+def body_attrs(node) -> list[tuple[str, int]]:
+    """(attr naming a body function, offset from node input index to function arg index)."""
+    if node.op in LOOP_OPS:
+        return [("body", 0), ("cond", 0)]
+    if node.op in BRANCH_OPS:
+        return [("then_branch", 1), ("else_branch", 1)]
+    return []
+
+
+def library_of(graph_def) -> dict:
+    return {f.signature.name: f for f in graph_def.library.function}
+
+
+def producer_name(raw: str) -> str:
+    """Node name in a function body reference ('n:out:0' -> 'n', '^n' -> 'n', 'arg' -> 'arg')."""
+    return raw.lstrip("^").split(":")[0]
+
+
+def argument_resources(index: g.NodeIndex, entry: g.Entry, node, function, offset: int) -> dict[str, str]:
+    """Body arg name -> variable key, for args fed by one of the entry's variable placeholders."""
+    data_inputs = [i for i in node.input if not i.startswith("^")]
+    found = {}
+    for position, arg in enumerate(function.signature.input_arg):
+        outer = position + offset
+        if arg.type != types_pb2.DT_RESOURCE or outer >= len(data_inputs):
+            continue
+        producer = index.producer(data_inputs[outer])
+        while producer is not None and producer.op == "Identity":
+            producer = index.producer(producer.input[0])
+        if producer is not None and producer.name in entry.resources:
+            found[arg.name] = entry.resources[producer.name]
+    return found
+
+
+def functional_nodes(entry: g.Entry):
+    """(node, attr, function, offset) for every While/If body of the entry's top-level graph."""
+    library = library_of(entry.graph_def)
+    for node in entry.graph_def.node:
+        for attr, offset in body_attrs(node):
+            function = library.get(node.attr[attr].func.name)
+            if function is not None:
+                yield node, attr, function, offset
+
+
+def body_index(function) -> dict:
+    return {n.name: n for n in function.node_def}
+
+
+def rename_with_content_hash(function) -> str:
+    """Give a rewritten function a name derived from its body; returns the new name."""
+    base = function.signature.name.split("_gp")[0]
+    function.signature.name = "graphprune_tmp"
+    function.signature.name = base + g.content_suffix(function)
+    return function.signature.name
+
+
+def add_resource_loop_variable(node, placeholder: str) -> int:
+    """Append a read-only resource input to a While node; returns its input index."""
+    data_inputs = [i for i in node.input if not i.startswith("^")]
+    controls = [i for i in node.input if i.startswith("^")]
+    position = len(data_inputs)
+    del node.input[:]
+    node.input.extend(data_inputs + [placeholder] + controls)
+    node.attr["T"].list.type.append(types_pb2.DT_RESOURCE)
+    if "output_shapes" in node.attr:
+        node.attr["output_shapes"].list.shape.add()
+    if "_output_shapes" in node.attr:
+        node.attr["_output_shapes"].list.shape.add()
+    if "_num_original_outputs" in node.attr:
+        node.attr["_num_original_outputs"].i += 1
+    if "_read_only_resource_inputs" in node.attr:
+        node.attr["_read_only_resource_inputs"].list.i.append(position)
+    return position
+
+
+def add_branch_input(node, placeholder: str) -> int:
+    """Append a resource input to an If node (after its existing inputs)."""
+    data_inputs = [i for i in node.input if not i.startswith("^")]
+    controls = [i for i in node.input if i.startswith("^")]
+    del node.input[:]
+    node.input.extend(data_inputs + [placeholder] + controls)
+    node.attr["Tin"].list.type.append(types_pb2.DT_RESOURCE)
+    if "_read_only_resource_inputs" in node.attr:
+        node.attr["_read_only_resource_inputs"].list.i.append(len(data_inputs))
+    return len(data_inputs)
+
+
+def add_argument(function, name: str, passthrough: bool) -> str:
+    """Add a resource argument (and, for loop bodies, an output returning it unchanged)."""
+    arg = function.signature.input_arg.add()
+    arg.name, arg.type = name, types_pb2.DT_RESOURCE
+    if passthrough:
+        out = function.signature.output_arg.add()
+        out.name, out.type = f"{name}_out", types_pb2.DT_RESOURCE
+        function.ret[out.name] = name
+    return name
+
+
+def replace_body_node(function, position: int, replacement, old_output: str) -> None:
+    """Swap a body node for ``replacement`` (same name), repointing references to its output
+    ('name:<old_output>:0') at the replacement's ('name:output:0', as Const and Identity name it)."""
+    name = function.node_def[position].name
+    function.node_def[position].CopyFrom(replacement)
+    old, new = f"{name}:{old_output}:0", f"{name}:output:0"
+    for node in function.node_def:
+        for index, raw in enumerate(node.input):
+            if raw == old:
+                node.input[index] = new
+    for output, value in list(function.ret.items()):
+        if value == old:
+            function.ret[output] = new
+
+
+def rewrite_bodies(graph_def, entry: g.Entry, rewrite) -> list:
+    """Apply ``rewrite(function, arguments) -> list of touched node names`` to a copy of every
+    While/If body of the entry's graph (``arguments``: body arg -> variable key); rewritten bodies
+    get content-hashed names. Returns what was touched."""
+    index = g.NodeIndex(graph_def)
+    library = library_of(graph_def)
+    touched = []
+    for outer in list(graph_def.node):
+        for attr, offset in body_attrs(outer):
+            original = library.get(outer.attr[attr].func.name)
+            if original is None:
+                continue
+            arguments = argument_resources(index, entry, outer, original, offset)
+            if not arguments:
+                continue
+            function = type(original)()
+            function.CopyFrom(original)
+            changes = rewrite(function, arguments)
+            if changes:
+                outer.attr[attr].func.name = rename_with_content_hash(function)
+                graph_def.library.function.append(function)
+                touched += [f"{outer.name}/{attr}:{c}" for c in changes]
+    return touched
