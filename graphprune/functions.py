@@ -156,3 +156,74 @@ def rewrite_bodies(graph_def, entry: g.Entry, rewrite) -> list:
                 graph_def.library.function.append(function)
                 touched += [f"{outer.name}/{attr}:{c}" for c in changes]
     return touched
+
+
+def _uses(function, argument: str) -> bool:
+    """Whether a body node or a non-passthrough output reads ``argument``."""
+    for node in function.node_def:
+        if any(producer_name(raw) == argument for raw in node.input):
+            return True
+    return False
+
+
+def drop_unused_resource_loop_variables(graph_def, node, index: g.NodeIndex) -> bool:
+    """Remove resource loop variables of a While whose body and cond no longer read them and
+    whose outputs nobody consumes (what folding and freezing leave behind)."""
+    library = library_of(graph_def)
+    body, cond = library.get(node.attr["body"].func.name), library.get(node.attr["cond"].func.name)
+    if body is None or cond is None:
+        return False
+    data_inputs = [i for i in node.input if not i.startswith("^")]
+    consumers = index.consumers.get(node.name, [])
+    used_outputs = {g.parse_input(c.input[p])[1] for c, p in consumers if not c.input[p].startswith("^")}
+    drop = []
+    for position, arg in enumerate(body.signature.input_arg):
+        if (arg.type == types_pb2.DT_RESOURCE and position < len(data_inputs) and position not in used_outputs
+                and not _uses(body, arg.name) and not _uses(cond, cond.signature.input_arg[position].name)):
+            output = body.signature.output_arg[position].name
+            if body.ret.get(output) == arg.name:
+                drop.append(position)
+    if not drop:
+        return False
+    keep = [i for i in range(len(data_inputs)) if i not in drop]
+    new_body, new_cond = type(body)(), type(cond)()
+    new_body.CopyFrom(body)
+    new_cond.CopyFrom(cond)
+    for function, has_outputs in ((new_body, True), (new_cond, False)):
+        arguments = [function.signature.input_arg[i] for i in keep]
+        del function.signature.input_arg[:]
+        function.signature.input_arg.extend(arguments)
+        if has_outputs:
+            removed = {function.signature.output_arg[i].name for i in drop}
+            outputs = [function.signature.output_arg[i] for i in keep]
+            del function.signature.output_arg[:]
+            function.signature.output_arg.extend(outputs)
+            for name in removed:
+                del function.ret[name]
+        function.arg_attr.clear()
+    controls = [i for i in node.input if i.startswith("^")]
+    del node.input[:]
+    node.input.extend([data_inputs[i] for i in keep] + controls)
+    types = [node.attr["T"].list.type[i] for i in keep]
+    del node.attr["T"].list.type[:]
+    node.attr["T"].list.type.extend(types)
+    for attr in ("output_shapes", "_output_shapes"):
+        if attr in node.attr and len(node.attr[attr].list.shape) == len(data_inputs):
+            shapes = [node.attr[attr].list.shape[i] for i in keep]
+            del node.attr[attr].list.shape[:]
+            node.attr[attr].list.shape.extend(shapes)
+    if "_num_original_outputs" in node.attr:
+        node.attr["_num_original_outputs"].i -= len(drop)
+    if "_read_only_resource_inputs" in node.attr:
+        renumbered = [keep.index(i) for i in node.attr["_read_only_resource_inputs"].list.i if i in keep]
+        del node.attr["_read_only_resource_inputs"].list.i[:]
+        node.attr["_read_only_resource_inputs"].list.i.extend(renumbered)
+    # outputs after a dropped one move down
+    for consumer, position in consumers:
+        source, output, control = g.parse_input(consumer.input[position])
+        if not control and output in keep:
+            consumer.input[position] = g.tensor_name(source, keep.index(output))
+    node.attr["body"].func.name = rename_with_content_hash(new_body)
+    node.attr["cond"].func.name = rename_with_content_hash(new_cond)
+    graph_def.library.function.extend([new_body, new_cond])
+    return True

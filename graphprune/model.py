@@ -44,7 +44,7 @@ class PrunableModel(tf.Module):
                 continue
             if entry.alias is not None and entry.alias[0] in methods:
                 alias = rebuild.build_alias_function(entry, functions[entry.alias[0]])
-                self._graphprune.signatures[entry.name] = alias.get_concrete_function()
+                self._graphprune.signatures[entry.name] = rebuild.keyword_concrete_function(alias, entry)
                 self._graphprune.save_signatures[entry.name] = alias
                 continue
             function, concrete = rebuild.build_entry_function(entry, live)

@@ -166,6 +166,16 @@ def build_alias_function(entry: g.Entry, method_function):
     return tf.function(call, input_signature=specs, autograph=False)
 
 
+def keyword_concrete_function(function, entry: g.Entry):
+    """A concrete function taking the signature's inputs by keyword only, like a loaded signature."""
+    kwargs_structure = dict(entry.input_structure[1])
+
+    def call(**kwargs):
+        return function(**kwargs)
+
+    return tf.function(call, autograph=False).get_concrete_function(**kwargs_structure)
+
+
 def build_update_function(entry: g.Entry, variables: Mapping[str, tf.Variable]):
     """A no-argument tf.function running the update entry once per replica (cross-replica)."""
 

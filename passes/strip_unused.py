@@ -4,7 +4,8 @@ Live nodes are those reachable (data or control edges) from the entry's outputs 
 control outputs that have side effects. Control edges to side-effect-free nodes (variable reads,
 NoOps grouping only reads) only order pure work and are dropped, so the reads they pinned can die.
 Then resource placeholders without readers, variables no entry reads, and library functions no
-live node calls are removed. Postcondition: outputs are unchanged; nothing dead is left.
+live node calls are removed. Inside While/If bodies dead nodes go too, and a While drops resource
+loop variables its body no longer reads (masks and weights after folding and freezing). Postcondition: outputs are unchanged; nothing dead is left.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from types import MappingProxyType
 
+from graphprune import functions
 from graphprune import graph as g
 from graphprune.pipeline import PassContext, PassResult, register_pass
 
@@ -64,8 +66,60 @@ def _drop_colocation_with_removed(node, live: set) -> None:
         del node.attr["_class"]
 
 
+def _strip_function(function) -> bool:
+    """Remove body nodes no output, control output or side effect needs; True if any went."""
+    nodes = {n.name: n for n in function.node_def}
+    memo: dict = {}
+
+    def effectful(node) -> bool:
+        if node.name not in memo:
+            memo[node.name] = False
+            if node.op in ("NoOp", "Identity"):
+                memo[node.name] = any(effectful(nodes[functions.producer_name(raw)]) for raw in node.input
+                                      if functions.producer_name(raw) in nodes)
+            else:
+                memo[node.name] = node.op.startswith(SIDE_EFFECT_PREFIXES) or "Summary" in node.op
+        return memo[node.name]
+
+    roots = [functions.producer_name(v) for v in list(function.ret.values()) + list(function.control_ret.values())]
+    roots += [n.name for n in function.node_def if effectful(n)]
+    live, pending = set(), roots
+    while pending:
+        name = pending.pop()
+        if name in live or name not in nodes:
+            continue
+        live.add(name)
+        pending.extend(functions.producer_name(raw) for raw in nodes[name].input)
+    if len(live) == len(nodes):
+        return False
+    kept = [n for n in function.node_def if n.name in live]
+    del function.node_def[:]
+    function.node_def.extend(kept)
+    return True
+
+
+def _strip_bodies(nodes, graph_def) -> None:
+    """Strip dead nodes from the While/If bodies the live nodes call (renamed by content)."""
+    library = functions.library_of(graph_def)
+    for node in nodes:
+        for attr, _ in functions.body_attrs(node):
+            original = library.get(node.attr[attr].func.name)
+            if original is None:
+                continue
+            function = type(original)()
+            function.CopyFrom(original)
+            if _strip_function(function):
+                node.attr[attr].func.name = functions.rename_with_content_hash(function)
+                graph_def.library.function.append(function)
+
+
 def _strip_entry(entry: g.Entry) -> g.Entry:
     graph_def = g.copy_graph(entry.graph_def)
+    index = g.NodeIndex(graph_def)
+    for node in list(graph_def.node):
+        if node.op in functions.LOOP_OPS:
+            _strip_bodies([node], graph_def)  # first, so reads made dead by folding go
+            functions.drop_unused_resource_loop_variables(graph_def, node, g.NodeIndex(graph_def))
     index = g.NodeIndex(graph_def)
     memo: dict = {}
     for node in graph_def.node:
@@ -89,12 +143,13 @@ def _strip_entry(entry: g.Entry) -> g.Entry:
     kept_nodes = [node for node in graph_def.node if node.name in live]
     for node in kept_nodes:
         _drop_colocation_with_removed(node, live)
+    _strip_bodies(kept_nodes, graph_def)
     del graph_def.node[:]
     graph_def.node.extend(kept_nodes)
     called = _called_functions(kept_nodes, graph_def.library)
-    functions = [f for f in graph_def.library.function if f.signature.name in called]
+    kept_functions = [f for f in graph_def.library.function if f.signature.name in called]
     del graph_def.library.function[:]
-    graph_def.library.function.extend(functions)
+    graph_def.library.function.extend(kept_functions)
     gradients = [gr for gr in graph_def.library.gradient if gr.function_name in called]
     del graph_def.library.gradient[:]
     graph_def.library.gradient.extend(gradients)

@@ -1,0 +1,169 @@
+"""Real architectures: RNN kernels in While bodies, attention (Einsum weights), transposed and 3-D
+convolutions; each as a SavedModel built here, with all-ones equivalence, training to a target,
+finalize and TFLite (run with LiteRT). The zoo models are slow and marked so."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import graphprune
+
+
+class LoopRNN(tf.Module):
+    """A plain tf.Module RNN written with tf.while_loop: both kernels are read inside the body."""
+
+    def __init__(self):
+        super().__init__()
+        rng = np.random.RandomState(0)
+        self.kernel = tf.Variable(rng.standard_normal([4, 8]).astype(np.float32) * 0.4, name="rnn/kernel")
+        self.recurrent = tf.Variable(rng.standard_normal([8, 8]).astype(np.float32) * 0.3, name="rnn/recurrent_kernel")
+        self.readout = tf.Variable(rng.standard_normal([8, 3]).astype(np.float32) * 0.3, name="readout/kernel")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 6, 4], tf.float32)])
+    def __call__(self, x):
+        def body(t, h):
+            return t + 1, tf.tanh(tf.matmul(x[:, t], self.kernel) + tf.matmul(h, self.recurrent))
+
+        _, h = tf.while_loop(lambda t, h: t < 6, body, (0, tf.zeros([tf.shape(x)[0], 8])))
+        return tf.matmul(h, self.readout)
+
+
+def _keras(build, shape):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input(shape, name="inputs")
+    return keras.Model(inputs, build(keras, inputs))
+
+
+ARCHITECTURES = {
+    "loop_rnn": (None, (6, 4), 3),
+    "lstm": (lambda k, i: k.layers.Dense(3)(k.layers.LSTM(8)(i)), (6, 4), 3),
+    "gru": (lambda k, i: k.layers.Dense(3)(k.layers.GRU(8)(i)), (6, 4), 3),
+    "bidirectional_lstm": (lambda k, i: k.layers.Dense(3)(k.layers.Bidirectional(k.layers.LSTM(8))(i)), (6, 4), 5),
+    "multi_head_attention": (lambda k, i: k.layers.MultiHeadAttention(2, 4)(i, i), (5, 8), 4),
+    "conv2d_transpose": (lambda k, i: k.layers.Conv2DTranspose(4, 3, strides=2)(i), (6, 6, 3), 1),
+    "conv3d": (lambda k, i: k.layers.Conv3D(4, 3)(i), (5, 5, 5, 2), 1),
+}
+
+
+KERAS_RECURRENT = ("lstm", "gru", "bidirectional_lstm")
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
+def architecture(request, tmp_path_factory):
+    build, shape, kernels = ARCHITECTURES[request.param]
+    path = str(tmp_path_factory.mktemp(request.param) / "saved_model")
+    if build is None:
+        model = LoopRNN()
+        tf.saved_model.save(model, path, signatures={"serving_default": model.__call__})
+        reference = model
+    else:
+        keras_model = _keras(build, shape)
+        keras_model.export(path, verbose=False)
+        reference = keras_model
+    x = np.random.RandomState(1).standard_normal([2, *shape]).astype(np.float32)
+    return request.param, path, reference, x, kernels
+
+
+def _call(model, x):
+    output = model(x) if callable(model) else model.serve(x)
+    return np.asarray(output)
+
+
+def test_all_ones_equivalence_and_every_kernel_found(architecture):
+    name, path, reference, x, kernels = architecture
+    pm = graphprune.prune(path)
+    np.testing.assert_allclose(np.asarray(pm.signatures["serving_default"](**{_input(pm): x})[_output(pm)]),
+                               _call(reference, x), atol=1e-5, rtol=0)
+    assert len(pm.weights()) == kernels, [r["name"] for r in pm.weights()]
+
+
+def _input(pm):
+    return next(iter(pm.signatures["serving_default"].structured_input_signature[1]))
+
+
+def _output(pm):
+    return next(iter(pm.signatures["serving_default"].structured_outputs))
+
+
+def test_train_to_target_finalize_and_tflite(architecture, tmp_path):
+    name, path, reference, x, kernels = architecture
+    pm = graphprune.prune(path, schedule=graphprune.PolynomialDecay(0.0, 0.75, 0, 6, frequency=2))
+    signature = pm.signatures["serving_default"]
+    variables = pm.trainable_variables
+    optimizer = tf.keras.optimizers.SGD(0.01)
+    target = np.random.RandomState(2).standard_normal(signature.structured_outputs[_output(pm)].shape.as_list()[1:])
+    for _ in range(8):
+        pm.update_masks()
+        with tf.GradientTape() as tape:
+            out = signature(**{_input(pm): x})[_output(pm)]
+            loss = tf.reduce_mean((out - target.astype(np.float32)) ** 2)
+        grads = tape.gradient(loss, variables)
+        assert all(g is not None for g, v in zip(grads, variables) if "kernel" in v.name)
+        optimizer.apply_gradients([(g, v) for g, v in zip(grads, variables) if g is not None])
+    for row in pm.weights():
+        assert abs(row["sparsity"] - 0.75) <= 1.0 / row["elements"] + 1e-9, row
+    expected = np.asarray(signature(**{_input(pm): x})[_output(pm)])
+    final = graphprune.finalize(pm, str(tmp_path / "final"), verify=True)
+    loaded = tf.saved_model.load(final)
+    np.testing.assert_allclose(loaded.signatures["serving_default"](**{_input(pm): x})[_output(pm)].numpy(),
+                               expected, atol=1e-5, rtol=0)
+    graph_def = loaded.signatures["serving_default"].graph.as_graph_def()
+    names = [n.name for f in graph_def.library.function for n in f.node_def]
+    ops = [n.op for f in graph_def.library.function for n in f.node_def]
+    assert not any("/graphprune/mask/" in n for n in names) and "ReadVariableOp" not in ops
+    if name in KERAS_RECURRENT:
+        # TF 2.21's converter refuses Keras 3 LSTM/GRU exports (dynamic TensorList element shapes),
+        # unpruned ones too: the refusal must be one clean GraphPruneError.
+        with pytest.raises(graphprune.GraphPruneError, match="TFLite conversion failed.*TensorList"):
+            graphprune.export_tflite(final, str(tmp_path / "m.tflite"))
+        return
+    tflite = graphprune.export_tflite(final, str(tmp_path / "m.tflite"))
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_path=tflite).get_signature_runner("serving_default")
+    lite = np.concatenate([next(iter(runner(**{_input(pm): row[np.newaxis]}).values())) for row in x])
+    np.testing.assert_allclose(lite, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_depthwise_can_be_excluded_by_rule(tmp_path):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 4))
+    model = keras.Model(inputs, keras.layers.Conv2D(4, 1)(keras.layers.DepthwiseConv2D(3)(inputs)))
+    model.export(str(tmp_path / "m"), verbose=False)
+    pruned = graphprune.prune(str(tmp_path / "m"), schedule=graphprune.ConstantSparsity(0.5, 0))
+    assert {r["op"] for r in pruned.weights()} == {"DepthwiseConv2dNative", "Conv2D"}
+    excluded = graphprune.prune(str(tmp_path / "m"), schedule=graphprune.ConstantSparsity(0.5, 0),
+                                rules=[graphprune.Rule("DepthwiseConv2dNative", skip=True)])
+    assert {r["op"] for r in excluded.weights()} == {"Conv2D"}
+
+
+ZOO = {
+    "MobileNetV2": lambda keras: keras.applications.MobileNetV2(weights=None, input_shape=(96, 96, 3)),
+    "ResNet50": lambda keras: keras.applications.ResNet50(weights=None, input_shape=(64, 64, 3)),
+    "EfficientNetB0": lambda keras: keras.applications.EfficientNetB0(weights=None, input_shape=(64, 64, 3)),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_model_zoo(name, tmp_path):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = ZOO[name](keras)
+    model.export(str(tmp_path / "model"), verbose=False)
+    kernels = [w for w in model.weights if w.path.endswith("kernel")]
+    pm = graphprune.prune(str(tmp_path / "model"), schedule=graphprune.ConstantSparsity(0.5, 0))
+    assert len(pm.weights()) == len(kernels)
+    x = np.random.RandomState(0).uniform(size=[1, *model.input_shape[1:]]).astype(np.float32)
+    expected = model(x).numpy()
+    final = graphprune.finalize(pm, str(tmp_path / "final"))  # masks all ones: outputs unchanged
+    np.testing.assert_allclose(tf.saved_model.load(final).serve(x).numpy(), expected, atol=1e-4, rtol=1e-3)
+    pm.prune_now(0.5)
+    graphprune.export_tflite(graphprune.finalize(pm, str(tmp_path / "pruned")), str(tmp_path / "m.tflite"))
+    report = graphprune.size_report(str(tmp_path / "m.tflite"))
+    assert report.sparsity == pytest.approx(0.5, abs=0.02)
