@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 
 import tensorflow as tf
@@ -77,7 +78,19 @@ def save(model, output_dir, *, overwrite: bool = False, inputs=()) -> str:
     if not signatures:
         signatures = {"serving_default": state.concrete[state.default_name]}
     with atomic_directory(output_dir, overwrite=overwrite, inputs=inputs) as temp:
-        tf.saved_model.save(model, temp, signatures=signatures)
+        try:
+            tf.saved_model.save(model, temp, signatures=signatures)
+        except ValueError as error:
+            if "custom gradient" not in str(error):
+                raise
+            # Some custom gradients (Keras swish) capture tensors SavedModel cannot store; the
+            # forward graphs are unaffected, gradients after reload use the ops' own gradients.
+            warnings.warn(f"graphprune: saving without custom gradients ({str(error).splitlines()[0][:120]})",
+                          stacklevel=2)
+            shutil.rmtree(temp)
+            os.makedirs(temp)
+            tf.saved_model.save(model, temp, signatures=signatures,
+                                options=tf.saved_model.SaveOptions(experimental_custom_gradients=False))
     return os.path.abspath(os.fspath(output_dir))
 
 
