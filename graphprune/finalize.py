@@ -7,7 +7,6 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from graphprune import graph as g
 from graphprune.errors import BadModelError, GraphPruneError
 from graphprune.io import atomic_file, check_output
 from graphprune.load import load

@@ -123,7 +123,11 @@ def replace_body_node(function, position: int, replacement, old_output: str) -> 
     ('name:<old_output>:0') at the replacement's ('name:output:0', as Const and Identity name it)."""
     name = function.node_def[position].name
     function.node_def[position].CopyFrom(replacement)
-    old, new = f"{name}:{old_output}:0", f"{name}:output:0"
+    repoint(function, f"{name}:{old_output}:0", f"{name}:output:0")
+
+
+def repoint(function, old: str, new: str) -> None:
+    """Make every body input and output that reads tensor ``old`` read ``new`` instead."""
     for node in function.node_def:
         for index, raw in enumerate(node.input):
             if raw == old:

@@ -81,25 +81,44 @@ class WeightInfo:
         return size
 
 
-def trace_to_variable(index: g.NodeIndex, entry: g.Entry, raw_input: str):
-    """Follow a tensor back to (variable key, ReadVariableOp node, mask key or None), or None."""
+def _trace(raw: str, producer, resource):
+    """Follow a tensor back through Identity/Cast/Reshape and a mask Mul to a variable read.
+
+    ``producer(raw)`` finds the node making a tensor; ``resource(read)`` gives the variable key a
+    ReadVariableOp reads (or None). Returns Traced(key, read, mask key, reshaped) or None."""
     mask_key, reshaped = None, False
-    node = index.producer(raw_input)
+    node = producer(raw)
     for _ in range(64):
         if node is None:
             return None
         if node.op in PASS_THROUGH_OPS or node.op in RESHAPE_OPS:
             reshaped |= node.op in RESHAPE_OPS
-            node = index.producer(node.input[0])
+            node = producer(node.input[0])
         elif node.op == "Mul" and is_mask_multiply(node):
-            mask_key = resource_of(index, entry, index.producer(node.input[1]))
-            node = index.producer(node.input[0])
+            mask_key = resource(producer(node.input[1]))
+            node = producer(node.input[0])
         elif node.op == "ReadVariableOp":
-            key = resource_of(index, entry, node)
+            key = resource(node)
             return Traced(key, node, mask_key, reshaped) if key is not None else None
         else:
             return None
     return None
+
+
+def trace_to_variable(index: g.NodeIndex, entry: g.Entry, raw_input: str):
+    """In an entry's graph: the variable (and mask) a tensor reads, or None."""
+    return _trace(raw_input, index.producer, lambda read: resource_of(index, entry, read))
+
+
+def trace_in_body(body: dict, arguments: dict, raw: str):
+    """In a While/If body (``arguments``: resource arg -> variable key): the same."""
+
+    def resource(read):
+        if read is None or read.op != "ReadVariableOp":
+            return None
+        return arguments.get(functions.producer_name(read.input[0]))
+
+    return _trace(raw, lambda name: body.get(functions.producer_name(name)), resource)
 
 
 def is_mask_multiply(node) -> bool:
@@ -218,30 +237,6 @@ def weight_operands(node, ops=PRUNABLE_OPS):
     data_inputs = [i for i in node.input if not i.startswith("^")]
     positions = range(len(data_inputs)) if ops[node.op] is None else ops[node.op]
     return [(p, data_inputs[p]) for p in positions if p < len(data_inputs)]
-
-
-def trace_in_body(body: dict, arguments: dict, raw: str):
-    """Like trace_to_variable, inside a function body: (variable key, ReadVariableOp, mask key)."""
-    mask_key, reshaped = None, False
-    name = functions.producer_name(raw)
-    for _ in range(64):
-        node = body.get(name)
-        if node is None:
-            return None
-        if node.op in PASS_THROUGH_OPS or node.op in RESHAPE_OPS:
-            reshaped |= node.op in RESHAPE_OPS
-            name = functions.producer_name(node.input[0])
-        elif node.op == "Mul" and is_mask_multiply(node):
-            mask_read = body.get(functions.producer_name(node.input[1]))
-            if mask_read is not None and mask_read.op == "ReadVariableOp":
-                mask_key = arguments.get(functions.producer_name(mask_read.input[0]))
-            name = functions.producer_name(node.input[0])
-        elif node.op == "ReadVariableOp":
-            key = arguments.get(functions.producer_name(node.input[0]))
-            return Traced(key, node, mask_key, reshaped) if key is not None else None
-        else:
-            return None
-    return None
 
 
 def _existing_mask(model: g.TracedModel, key: str) -> str | None:

@@ -176,14 +176,8 @@ def _mask_reads_in_body(function, original, index, entry, outer, offset, key, ar
     function.node_def.append(g.make_node(mask_read, "ReadVariableOp", [argument_name], dtype=dtype))
     for number, read in enumerate(reads):
         masked = f"{scope}/masked" + (f"_{number}" if number else "")
-        old, new = f"{read.name}:value:0", f"{masked}:z:0"
-        for node in function.node_def:
-            for position, raw in enumerate(node.input):
-                if raw == old:
-                    node.input[position] = new
-        for output, value in list(function.ret.items()):
-            if value == old:
-                function.ret[output] = new
+        old = f"{read.name}:value:0"
+        functions.repoint(function, old, f"{masked}:z:0")
         function.node_def.append(g.make_node(masked, "Mul", [old, f"{mask_read}:value:0"], T=dtype))
 
 

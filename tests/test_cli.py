@@ -1,6 +1,5 @@
 """The real console script, in subprocesses, on SavedModels built here."""
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,13 +25,7 @@ def graphprune(*args, check=True):
 
 
 def _digest(path):
-    digest = {}
-    for root, _, files in os.walk(path):
-        for name in sorted(files):
-            full = os.path.join(root, name)
-            with open(full, "rb") as handle:
-                digest[os.path.relpath(full, path)] = hashlib.sha256(handle.read()).hexdigest()
-    return digest
+    return testmodels.directory_digest(path)
 
 
 @pytest.fixture(scope="module")

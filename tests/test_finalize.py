@@ -13,7 +13,6 @@ import graphprune
 import testmodels
 from graphprune import graph as g
 from graphprune.load import load
-from graphprune.passes.find_weights import find_weights
 from graphprune.passes.fold_masks import fold_masks
 from graphprune.passes.freeze_variables import freeze_variables
 from graphprune.passes.strip_unused import strip_unused

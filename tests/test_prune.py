@@ -141,21 +141,10 @@ def test_saving_refuses_to_clobber(tmp_path, mlp):
 
 
 def test_input_saved_model_is_not_modified(mlp_saved_model):
-    def snapshot():
-        import hashlib
-        import os
-
-        digest = {}
-        for root, _, files in os.walk(mlp_saved_model):
-            for name in files:
-                with open(os.path.join(root, name), "rb") as handle:
-                    digest[os.path.relpath(os.path.join(root, name), mlp_saved_model)] = hashlib.sha256(handle.read()).hexdigest()
-        return digest
-
-    before = snapshot()
+    before = testmodels.directory_digest(mlp_saved_model)
     pm = graphprune.prune(mlp_saved_model, schedule=graphprune.ConstantSparsity(0.9, 0, frequency=1))
     pm.update_masks()
-    assert snapshot() == before
+    assert testmodels.directory_digest(mlp_saved_model) == before
 
 
 def test_verify_mode_reports_every_pass(mlp):

@@ -1,12 +1,10 @@
 """Hostile and broken inputs: every refusal is a GraphPruneError, nothing is lost or half-written."""
 
-import hashlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,13 +15,7 @@ import testmodels
 
 
 def _digest(path):
-    digest = {}
-    for root, _, files in os.walk(path):
-        for name in sorted(files):
-            full = os.path.join(root, name)
-            with open(full, "rb") as handle:
-                digest[os.path.relpath(full, path)] = hashlib.sha256(handle.read()).hexdigest()
-    return digest
+    return testmodels.directory_digest(path)
 
 
 def _schedule():

@@ -1,7 +1,21 @@
 """Small real models the tests build, rewrite and run (no downloads, seeded weights)."""
 
+import hashlib
+import os
+
 import numpy as np
 import tensorflow as tf
+
+
+def directory_digest(path):
+    """Relative path -> sha256 of every file under ``path`` (to prove inputs stay untouched)."""
+    digest = {}
+    for root, _, files in os.walk(path):
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            with open(full, "rb") as handle:
+                digest[os.path.relpath(full, path)] = hashlib.sha256(handle.read()).hexdigest()
+    return digest
 
 
 def _init(rng, *shape, scale=None):
