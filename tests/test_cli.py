@@ -46,10 +46,14 @@ def _run_chain(workspace, prefix, prune_flags, train_flags=(), finalize_flags=()
     graphprune("prune", f"--input={model}", f"--output={workspace / (prefix + '_prunable')}", *prune_flags)
     assert _digest(model) == before
     prunable = str(workspace / (prefix + "_prunable"))
+    before = _digest(prunable)
     graphprune("train", f"--input={prunable}", f"--output={workspace / (prefix + '_trained')}",
                f"--data={workspace / 'train.npz'}", *train_flags)
+    assert _digest(prunable) == before
     trained = str(workspace / (prefix + "_trained"))
+    before = _digest(trained)
     graphprune("finalize", f"--input={trained}", f"--output={workspace / (prefix + '_final')}", *finalize_flags)
+    assert _digest(trained) == before
     for path in (model, prunable, trained):
         assert os.path.isdir(path)
     report = json.loads(graphprune("inspect", f"--input={workspace / (prefix + '_final')}", "--json").stdout)
@@ -184,6 +188,46 @@ def test_existing_output_refused_without_overwrite(workspace):
     graphprune("prune", f"--input={model}", f"--output={out}", "--final_sparsity=0.7", "--end_step=2",
                "--overwrite")
     assert _digest(out) != stamp
+
+
+def test_overwrite_verify_and_verbose_on_every_writing_command(workspace):
+    model, trained = str(workspace / "model"), str(workspace / "poly_trained")
+    if not os.path.isdir(trained):
+        pytest.skip("needs test_prune_train_finalize_inspect_reaches_target")
+    commands = {
+        "train": ["train", f"--input={workspace / 'poly_prunable'}", f"--data={workspace / 'train.npz'}"],
+        "finalize": ["finalize", f"--input={trained}"],
+        "run": ["run", f"--input={model}", "--passes=find_weights insert_masks(sparsity=0.5)"],
+    }
+    for name, args in commands.items():
+        out = workspace / f"again_{name}"
+        graphprune(*args, f"--output={out}")
+        refused = graphprune(*args, f"--output={out}", check=False)
+        assert refused.returncode == 2 and "--overwrite" in refused.stderr
+        graphprune(*args, f"--output={out}", "--overwrite")
+    verified = graphprune("run", f"--input={model}", f"--output={workspace / 'run_verified'}", "--verify",
+                          "--passes=find_weights insert_masks strip_unused")
+    assert "insert_masks: changed" in verified.stdout
+    pruned = graphprune("prune", f"--input={model}", f"--output={workspace / 'pruned_verified'}",
+                        "--final_sparsity=0.5", "--one_shot", "--verify")
+    assert "max |diff| = 0" in pruned.stdout
+    verbose = graphprune("prune", f"--input={workspace / 'missing'}", f"--output={workspace / 'o_verbose'}",
+                         "--final_sparsity=0.5", "--one_shot", "--verbose", check=False)
+    assert verbose.returncode == 2 and "Traceback" in verbose.stderr and "no such directory" in verbose.stderr
+
+
+@pytest.mark.slow
+def test_demo_runs_on_the_shipped_sample(tmp_path):
+    result = graphprune("demo", f"--data_dir={tmp_path / 'no_data_here'}", f"--output_dir={tmp_path / 'demo'}",
+                        "--train_steps=3", "--finetune_steps=5", "--batch_size=8", "--final_sparsity=0.8",
+                        "--eval_examples=20")
+    assert "fashion_mnist_sample.npz" in result.stdout
+    assert "sparsity 0.8000" in result.stdout
+    for label in ("dense .tflite float", "pruned .tflite float, sparse encoding", "pruned .tflite full int8",
+                  "lower bound, float32 values + mask"):
+        assert label in result.stdout
+    refused = graphprune("demo", f"--output_dir={tmp_path / 'demo'}", check=False)
+    assert refused.returncode == 2 and "already holds" in refused.stderr
 
 
 def test_flagfile(workspace):
