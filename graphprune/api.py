@@ -17,7 +17,8 @@ from graphprune.pipeline import PassContext, VariableValues, run_pipeline
 
 
 def prune(target, schedule=None, *, block_size=(1, 1), block_pooling="AVG", m_by_n=None, scope="layer", rules=(),
-          exclude=None, one_shot=False, config: PruningConfig | None = None, verify=False) -> PrunableModel:
+          exclude=None, one_shot=False, config: PruningConfig | None = None, verify=False,
+          include_gather=False) -> PrunableModel:
     """Rewrite ``target`` so that its MatMul/Conv/Einsum weights are masked and prunable.
 
     target: a SavedModel directory, a tf.Module, a tf.function with input_signature or a
@@ -30,6 +31,7 @@ def prune(target, schedule=None, *, block_size=(1, 1), block_pooling="AVG", m_by
         ``exclude=REGEX`` is a shortcut for a skip rule.
     one_shot: prune to the schedule's final sparsity now (masks set, pruned weights zeroed).
     verify: after every pass, rebuild and compare outputs with the previous stage (all-ones masks).
+    include_gather: also prune embedding tables (weights looked up with ResourceGather).
     """
     loaded = load(target)
     if config is None and schedule is not None:
@@ -40,7 +42,7 @@ def prune(target, schedule=None, *, block_size=(1, 1), block_pooling="AVG", m_by
 
         masks_only = PruningConfig(ConstantSparsity(0.0, 0), Structure(block_size, block_pooling, m_by_n), scope,
                                    tuple(([Rule(exclude, skip=True)] if exclude else []) + list(rules)))
-    steps = [("find_weights", {}), ("insert_masks", {"config": config if config is not None else masks_only})]
+    steps = [("find_weights", {"include_gather": include_gather}), ("insert_masks", {"config": config if config is not None else masks_only})]
     context = PassContext(values=VariableValues(loaded.variables))
     after_pass = None
     if verify:

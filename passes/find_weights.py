@@ -130,7 +130,12 @@ def resource_of(index: g.NodeIndex, entry: g.Entry, read_node):
     """The variable key a ReadVariableOp reads (through Identity chains), or None."""
     if read_node is None or read_node.op != "ReadVariableOp":
         return None
-    node = index.producer(read_node.input[0])
+    return resource_key(index, entry, read_node.input[0])
+
+
+def resource_key(index: g.NodeIndex, entry: g.Entry, resource_input: str):
+    """The variable key behind a resource tensor (a placeholder, through Identity chains), or None."""
+    node = index.producer(resource_input)
     while node is not None and node.op == "Identity":
         node = index.producer(node.input[0])
     if node is None:
@@ -168,10 +173,10 @@ def input_axis(node, operand: int, rank: int) -> int | None:
 
 
 def find_weights(model: g.TracedModel, context: PassContext, include_gather: bool = False) -> PassResult:
-    """Record every variable read by MatMul/Conv/Einsum ops as a prunable weight (analysis)."""
+    """Record every variable read by MatMul/Conv/Einsum ops as a prunable weight (analysis).
+
+    include_gather: also embedding tables looked up with ResourceGather (opt-in)."""
     ops = dict(PRUNABLE_OPS)
-    if include_gather:
-        ops["GatherV2"] = (0,)
     found: dict[str, dict] = {}
     skipped: dict[str, str] = {}
 
@@ -198,6 +203,11 @@ def find_weights(model: g.TracedModel, context: PassContext, include_gather: boo
                 traced = trace_to_variable(index, entry, raw)
                 if traced is not None:
                     record(entry, traced, node, operand, node.name)
+            if include_gather and node.op == "ResourceGather":
+                # opt-in: an embedding table looked up from its resource is a weight too
+                key = resource_key(index, entry, node.input[0])
+                if key is not None:
+                    record(entry, Traced(key, None, _existing_mask(model, key)), node, 0, node.name)
         # While/If bodies: weights enter as resource arguments (RNN recurrent kernels).
         for outer, _, function, offset in functions.functional_nodes(entry):
             arguments = functions.argument_resources(index, entry, outer, function, offset)

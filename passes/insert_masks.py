@@ -3,11 +3,12 @@
 Matches every ReadVariableOp of a weight recorded by find_weights (runs it if needed), in every
 entry. Rewrites:
 
-    before:  Placeholder(w) -> ReadVariableOp -> MatMul
+    before:  Placeholder(w) -> ReadVariableOp -> MatMul           (and ResourceGather(w, ids))
     after:   Placeholder(w) -> ReadVariableOp ----------------> Mul '<w>/graphprune/masked' -> MatMul
              Placeholder('<w>/graphprune/mask/resource') -> ReadVariableOp '<w>/graphprune/mask/read' /
 
-One non-trainable mask variable ``<w>/graphprune/mask`` per weight (shared by all its uses and
+An embedding lookup of a masked weight (ResourceGather) becomes GatherV2(w * mask, ids), so a
+tied embedding is masked once for both of its uses. One non-trainable mask variable ``<w>/graphprune/mask`` per weight (shared by all its uses and
 entries), initialised to ones, or with ``sparsity=`` to the magnitude mask of the weight's current
 value (one-shot pruning). Weights that are already masked are left alone, so a re-run is a no-op. Inside While/If bodies
 the mask enters as one more loop variable (or branch input) and the Mul happens in the body.
@@ -26,7 +27,7 @@ from tensorflow.python.framework import dtypes
 from graphprune import functions
 from graphprune import graph as g
 from graphprune.config import PruningConfig, make_config
-from graphprune.passes.find_weights import resource_of, weights_of
+from graphprune.passes.find_weights import resource_key, resource_of, weights_of
 from graphprune.pipeline import PassContext, PassResult, register_pass
 from graphprune.schedules import ConstantSparsity
 from graphprune.update import compute_masks
@@ -86,11 +87,22 @@ def _mask_entry(entry: g.Entry, keys: set[str], model: g.TracedModel) -> g.Entry
     graph_def = g.copy_graph(entry.graph_def)
     index = g.NodeIndex(graph_def)
     reads: dict[str, list] = {}
+    gathers: dict[str, list] = {}
     for node in graph_def.node:
         if node.op == "ReadVariableOp":
             key = resource_of(index, entry, node)
             if key in keys:
                 reads.setdefault(key, []).append(node)
+        elif node.op == "ResourceGather" and node.attr["batch_dims"].i == 0:
+            key = resource_key(index, entry, node.input[0])
+            if key in keys:
+                gathers.setdefault(key, []).append(node)
+    for key, gather_nodes in gathers.items():
+        if key not in reads:  # a weight only looked up (embedding): read it, so it can be masked
+            read = g.make_node(f"{g.node_scope(key)}/read", "ReadVariableOp", [gather_nodes[0].input[0]],
+                               dtype=dtypes.as_dtype(model.variables[key].dtype))
+            graph_def.node.append(read)
+            reads[key] = [read]
     resources = dict(entry.resources)
     body_masked = _mask_bodies(graph_def, index, entry, keys, model, resources)
     if not reads and not body_masked:
@@ -108,7 +120,23 @@ def _mask_entry(entry: g.Entry, keys: set[str], model: g.TracedModel) -> g.Entry
                 if not control and output == 0:
                     consumer.input[position] = masked
             graph_def.node.append(g.make_node(masked, "Mul", [read.name, mask_read], T=dtype))
+        if key in gathers:
+            _gather_masked(graph_def, gathers[key], f"{scope}/masked", scope, dtype)
     return dataclasses.replace(entry, graph_def=graph_def, resources=resources)
+
+
+def _gather_masked(graph_def, gather_nodes, masked: str, scope: str, dtype) -> None:
+    """ResourceGather(w, ids) -> GatherV2(w * mask, ids, axis 0), under the gather's name: a tied
+    embedding's lookup sees the same pruned weight as its output projection."""
+    axis = f"{scope}/gather_axis"
+    graph_def.node.append(g.const_node(axis, np.array(0, np.int32), "int32"))
+    for gather in gather_nodes:
+        replacement = g.make_node(gather.name, "GatherV2", [masked, gather.input[1], axis], Tparams=dtype,
+                                  Taxis=dtypes.int32)
+        replacement.attr["Tindices"].CopyFrom(gather.attr["Tindices"])
+        replacement.attr["batch_dims"].i = 0
+        replacement.input.extend(i for i in gather.input if i.startswith("^"))
+        gather.CopyFrom(replacement)
 
 
 def _mask_placeholder(graph_def, key: str, resources: dict) -> str:

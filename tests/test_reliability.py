@@ -185,3 +185,57 @@ def test_interrupted_save_leaves_nothing(tmp_path, sig):
     graphprune.save(graphprune.prune(source, schedule=_schedule()), str(out))
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".out.partial-")]  # ...the next run does
     assert os.path.exists(out / "saved_model.pb")
+
+
+class TiedEmbedding(tf.Module):
+    """A language-model head tied to its embedding: lookup (ResourceGather) and output MatMul."""
+
+    def __init__(self):
+        super().__init__()
+        rng = np.random.RandomState(0)
+        self.table = tf.Variable(rng.standard_normal([12, 6]).astype(np.float32), name="embedding/table")
+        self.hidden = tf.Variable(rng.standard_normal([6, 6]).astype(np.float32), name="hidden/kernel")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.int32)])
+    def __call__(self, ids):
+        vectors = tf.reduce_mean(tf.nn.embedding_lookup(self.table, ids), axis=1)
+        return tf.matmul(tf.tanh(tf.matmul(vectors, self.hidden)), self.table, transpose_b=True)
+
+
+def test_tied_embedding_masked_once_for_lookup_and_projection():
+    module = TiedEmbedding()
+    ids = tf.constant([[0, 3, 5], [7, 7, 11]])
+    pm = graphprune.prune(module, schedule=graphprune.ConstantSparsity(0.5, 0, frequency=1))
+    np.testing.assert_array_equal(pm(ids).numpy(), module(ids).numpy())
+    names = sorted(m.name.split("/graphprune")[0] for m in pm.masks)
+    assert names == ["embedding/table", "hidden/kernel"]
+    ops = {n.op for n in pm.traced.entry("__call__").graph_def.node}
+    assert "ResourceGather" not in ops and "GatherV2" in ops
+    pm.update_masks()
+    mask = {m.name.split("/graphprune")[0]: m.numpy() for m in pm.masks}
+    table, hidden = module.table * mask["embedding/table"], module.hidden * mask["hidden/kernel"]
+    vectors = tf.reduce_mean(tf.gather(table, ids), axis=1)
+    expected = tf.matmul(tf.tanh(tf.matmul(vectors, hidden)), table, transpose_b=True)
+    np.testing.assert_allclose(pm(ids).numpy(), expected.numpy(), atol=1e-5)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(pm(ids) ** 2)
+    grad = tf.convert_to_tensor(tape.gradient(loss, module.table))
+    assert np.all(grad.numpy()[mask["embedding/table"] == 0] == 0)  # both paths masked
+
+
+def test_embedding_only_is_an_opt_in_target(tmp_path):
+    table = tf.Variable(np.random.RandomState(0).standard_normal([10, 4]).astype(np.float32), name="embedding")
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int32)])
+    def lookup(ids):
+        return tf.nn.embedding_lookup(table, ids)
+
+    with pytest.raises(graphprune.NoPrunableWeightsError):
+        graphprune.prune(lookup, schedule=_schedule())
+    pm = graphprune.prune(lookup, schedule=graphprune.ConstantSparsity(0.5, 0, frequency=1), include_gather=True)
+    pm.update_masks()
+    assert pm.weights()[0]["sparsity"] == 0.5
+    ids = tf.constant([1, 4, 9])
+    np.testing.assert_array_equal(pm(ids).numpy(), tf.gather(table * pm.masks[0], ids).numpy())
+    final = graphprune.finalize(pm, str(tmp_path / "final"))
+    np.testing.assert_array_equal(tf.saved_model.load(final)(ids).numpy(), pm(ids).numpy())
