@@ -19,6 +19,7 @@ from tensorflow.python.framework import convert_to_constants
 
 from graphprune import graph as g
 from graphprune.errors import BadModelError, UnsupportedError
+from graphprune.rebuild import is_distributed
 
 # Functions a graphprune PrunableModel adds; they are machinery, not entries to rewrite.
 RESERVED_FUNCTIONS = ("update_masks", "prune_now")
@@ -175,15 +176,13 @@ def _trace(functions: dict, *, owner, source: str) -> Loaded:
     variables: dict[str, tf.Variable] = {}
     key_of: dict[int, str] = {}
     specs: dict[str, g.VariableSpec] = {}
-    paths = None
+    paths = _variable_paths(owner)
+    # Traced in cross-replica context, a function captures the primary component of a distributed
+    # variable; the model must hold the distributed variable itself.
+    parents = {id(component): variable for _, variable in paths.values() if is_distributed(variable)
+               for component in variable.values}
     entries = []
     for (entry_name, kind), function in functions.items():
-        if paths is None:
-            paths = _variable_paths(owner)
-            # Traced in cross-replica context, a function captures the primary component of a
-            # distributed variable; the model must hold the distributed variable itself.
-            parents = {id(component): variable for _, variable in paths.values()
-                       for component in _components(variable)}
         captured_variables = {id(v.handle): parents.get(id(v), v) for v in function.graph.variables}
         resources = {}
         constants = {}
@@ -206,6 +205,7 @@ def _trace(functions: dict, *, owner, source: str) -> Loaded:
         graph_def = inline_functions(function)
         if constants:
             graph_def = _inline_captured_constants(graph_def, constants)
+        node_names = {node.name for node in graph_def.node}
         n_user_inputs = len(function.inputs) - len(function.graph.captures)
         inputs = tuple(
             g.TensorInfo(
@@ -227,18 +227,12 @@ def _trace(functions: dict, *, owner, source: str) -> Loaded:
                 input_structure=function.structured_input_signature,
                 output_structure=function.structured_outputs,
                 parameters=tuple(function.function_type.parameters),
-                control_outputs=tuple(op.name for op in function.graph.control_outputs
-                                      if op.name in {n.name for n in graph_def.node}),
+                control_outputs=tuple(op.name for op in function.graph.control_outputs if op.name in node_names),
             )
         )
     entries = _mark_aliases(entries, functions)
     model = g.TracedModel(entries=tuple(entries), variables=MappingProxyType(specs))
     return Loaded(model=model, variables=variables, owner=owner, source=source)
-
-
-def _components(variable) -> tuple:
-    values = getattr(variable, "values", None)
-    return tuple(values) if isinstance(values, (tuple, list)) else ()
 
 
 def _mark_aliases(entries, functions) -> list:

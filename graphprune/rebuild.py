@@ -38,13 +38,14 @@ def create_variables(model: g.TracedModel, variables: Mapping[str, tf.Variable])
     return live
 
 
-def _is_distributed(variable) -> bool:
+def is_distributed(variable) -> bool:
+    """A tf.distribute variable (MirroredVariable, ...): it has per-replica ``values``."""
     return isinstance(getattr(variable, "values", None), (tuple, list)) and not isinstance(variable, tf.Tensor)
 
 
 def _replica_components(variable) -> tuple:
     """The per-replica variables behind a distributed variable, or (variable,)."""
-    return tuple(variable.values) if _is_distributed(variable) else (variable,)
+    return tuple(variable.values) if is_distributed(variable) else (variable,)
 
 
 def register_library(graph_def) -> None:
@@ -75,7 +76,7 @@ def import_entry(entry: g.Entry, flat_inputs, variables: Mapping[str, tf.Variabl
         components = _replica_components(variable)
         if replica is not None:
             variable = components[replica]
-        elif cross_replica and _is_distributed(variables[key]):
+        elif cross_replica and is_distributed(variables[key]):
             variable = components[0]  # outside strategy.run a distributed variable has no handle
         input_map[placeholder] = graph.capture(variable.handle) if hasattr(graph, "capture") else variable.handle
         if hasattr(graph, "watch_variable"):
@@ -181,7 +182,7 @@ def build_update_function(entry: g.Entry, variables: Mapping[str, tf.Variable]):
 
     def update():
         first = variables[next(iter(entry.resources.values()))]
-        distributed = _is_distributed(first)
+        distributed = is_distributed(first)
         per_replica = []
         for replica, component in enumerate(_replica_components(first)):
             # Every replica holds the same weights, so each computes the same masks locally.
