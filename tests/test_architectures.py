@@ -167,3 +167,25 @@ def test_model_zoo(name, tmp_path):
     graphprune.export_tflite(graphprune.finalize(pm, str(tmp_path / "pruned")), str(tmp_path / "m.tflite"))
     report = graphprune.size_report(str(tmp_path / "m.tflite"))
     assert report.sparsity == pytest.approx(0.5, abs=0.02)
+
+
+def test_weights_inside_if_branches(tmp_path):
+    then_weight = tf.Variable(np.random.RandomState(0).randn(4, 3).astype(np.float32), name="then_w")
+    else_weight = tf.Variable(np.random.RandomState(1).randn(4, 3).astype(np.float32), name="else_w")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32), tf.TensorSpec([], tf.bool)])
+    def branchy(x, flag):
+        return tf.cond(flag, lambda: tf.matmul(x, then_weight), lambda: tf.matmul(x, else_weight))
+
+    x = tf.constant(np.random.RandomState(2).randn(2, 4).astype(np.float32))
+    pm = graphprune.prune(branchy, schedule=graphprune.ConstantSparsity(0.5, 0, frequency=1), verify=True)
+    assert sorted(r["name"] for r in pm.weights()) == ["else_w", "then_w"]
+    pm.update_masks()
+    masks = {m.name.split("/graphprune")[0]: m.numpy() for m in pm.masks}
+    np.testing.assert_array_equal(pm(x, True).numpy(), tf.matmul(x, then_weight * masks["then_w"]).numpy())
+    np.testing.assert_array_equal(pm(x, False).numpy(), tf.matmul(x, else_weight * masks["else_w"]).numpy())
+    loaded = tf.saved_model.load(graphprune.finalize(pm, str(tmp_path / "final"), verify=True))
+    for flag in (True, False):
+        np.testing.assert_array_equal(loaded(x, tf.constant(flag)).numpy(), pm(x, flag).numpy())
+    graph_def = loaded.signatures["serving_default"].graph.as_graph_def()
+    assert "ReadVariableOp" not in {n.op for f in graph_def.library.function for n in f.node_def}
