@@ -8,12 +8,14 @@ import warnings
 
 import tensorflow as tf
 
-from graphprune.config import PruningConfig, Rule, Structure
+from graphprune.config import PruningConfig, make_config
 from graphprune.errors import NoPrunableWeightsError
 from graphprune.io import atomic_directory, check_output
 from graphprune.load import load
 from graphprune.model import PrunableModel
 from graphprune.pipeline import PassContext, VariableValues, run_pipeline
+from graphprune.schedules import ConstantSparsity
+from graphprune.verify import optional_verifier
 
 
 def prune(target, schedule=None, *, block_size=(1, 1), block_pooling="AVG", m_by_n=None, scope="layer", rules=(),
@@ -34,21 +36,17 @@ def prune(target, schedule=None, *, block_size=(1, 1), block_pooling="AVG", m_by
     include_gather: also prune embedding tables (weights looked up with ResourceGather).
     """
     loaded = load(target)
-    if config is None and schedule is not None:
-        all_rules = ([Rule(exclude, skip=True)] if exclude else []) + list(rules)
-        config = PruningConfig(schedule, Structure(block_size, block_pooling, m_by_n), scope, tuple(all_rules))
-    elif config is None:
-        from graphprune.schedules import ConstantSparsity
-
-        masks_only = PruningConfig(ConstantSparsity(0.0, 0), Structure(block_size, block_pooling, m_by_n), scope,
-                                   tuple(([Rule(exclude, skip=True)] if exclude else []) + list(rules)))
-    steps = [("find_weights", {"include_gather": include_gather}), ("insert_masks", {"config": config if config is not None else masks_only})]
+    if config is None:
+        # Without a schedule, masks are inserted (all ones) with no update: a placeholder schedule
+        # carries the structure and rules for insert_masks.
+        config = make_config(schedule or ConstantSparsity(0.0, 0), block_size=block_size, block_pooling=block_pooling,
+                             m_by_n=m_by_n, scope=scope, exclude=exclude, rules=rules)
+        with_updates = schedule is not None
+    else:
+        with_updates = True
+    steps = [("find_weights", {"include_gather": include_gather}), ("insert_masks", {"config": config})]
     context = PassContext(values=VariableValues(loaded.variables))
-    after_pass = None
-    if verify:
-        from graphprune.verify import Verifier
-
-        after_pass = Verifier(context.values)
+    after_pass = optional_verifier(verify, context.values)
     result = run_pipeline(loaded.model, steps, context, after_pass=after_pass)
     model = result.model
     for key, reason in (model.facts.get("skipped_weights") or {}).items():
@@ -60,11 +58,11 @@ def prune(target, schedule=None, *, block_size=(1, 1), block_pooling="AVG", m_by
             f"{loaded.source}: no weight read by MatMul, BatchMatMul, Conv2D/3D, DepthwiseConv2dNative, "
             f"Conv2DBackpropInput or Einsum{detail}; nothing to prune (check the rules/exclude pattern)"
         )
-    if config is not None:
+    if with_updates:
         updates = run_pipeline(model, [("insert_mask_updates", {"config": config})], context, after_pass=after_pass)
         result.reports.extend(updates.reports)
         model = updates.model
-    prunable = PrunableModel(model, loaded.variables, config=config)
+    prunable = PrunableModel(model, loaded.variables, config=config if with_updates else None)
     prunable._graphprune.owner = loaded.owner  # keeps a loaded SavedModel's objects alive
     prunable._graphprune.pipeline = result
     prunable._graphprune.verify_report = after_pass.report if verify else None
@@ -110,15 +108,10 @@ def save_traced(model, values, output_dir, *, overwrite: bool = False, inputs=()
 
 def run_passes(target, passes: str, output_dir, *, overwrite: bool = False, verify: bool = False):
     """Run a text pass list on ``target`` and save the result; returns the PipelineResult."""
-    check_output(output_dir, overwrite=overwrite, inputs=[target] if isinstance(target, (str, os.PathLike)) else [])
+    inputs = [target] if isinstance(target, (str, os.PathLike)) else []
+    check_output(output_dir, overwrite=overwrite, inputs=inputs)
     loaded = load(target)
     values = VariableValues(loaded.variables)
-    after_pass = None
-    if verify:
-        from graphprune.verify import Verifier
-
-        after_pass = Verifier(values)
-    result = run_pipeline(loaded.model, passes, PassContext(values=values), after_pass=after_pass)
-    inputs = [target] if isinstance(target, (str, os.PathLike)) else []
+    result = run_pipeline(loaded.model, passes, PassContext(values=values), after_pass=optional_verifier(verify, values))
     save_traced(result.model, values, output_dir, overwrite=overwrite, inputs=inputs)
     return result

@@ -11,6 +11,7 @@ from graphprune.errors import BadModelError, GraphPruneError
 from graphprune.io import atomic_file, check_output
 from graphprune.load import load
 from graphprune.pipeline import PassContext, VariableValues, run_pipeline
+from graphprune.verify import optional_verifier
 
 QUANTIZE_MODES = (None, "dynamic", "int8")
 
@@ -31,11 +32,7 @@ def finalize_model(prunable, *, freeze: bool = True, verify: bool = False):
         steps.append(("freeze_variables", {}))
     steps.append(("strip_unused", {}))
     values = VariableValues(variables)
-    after_pass = None
-    if verify:
-        from graphprune.verify import Verifier
-
-        after_pass = Verifier(values, ones_masks=False)
+    after_pass = optional_verifier(verify, values, ones_masks=False)
     result = run_pipeline(traced, steps, PassContext(values=values), after_pass=after_pass)
     return result.model, values, result
 

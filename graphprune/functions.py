@@ -13,6 +13,8 @@ A body that was rewritten gets a new, content-hashed name, so rebuilt functions 
 
 from __future__ import annotations
 
+import re
+
 from graphprune import graph as g
 from tensorflow.core.framework import types_pb2
 
@@ -68,9 +70,20 @@ def body_index(function) -> dict:
     return {n.name: n for n in function.node_def}
 
 
+_CONTENT_SUFFIX = re.compile(r"_gp[0-9a-f]{12}$")
+
+
+def copy_function(function):
+    """A copy of a FunctionDef, to rewrite without touching the original."""
+    copy = type(function)()
+    copy.CopyFrom(function)
+    return copy
+
+
 def rename_with_content_hash(function) -> str:
-    """Give a rewritten function a name derived from its body; returns the new name."""
-    base = function.signature.name.split("_gp")[0]
+    """Give a rewritten function a name derived from its body; returns the new name. The hash is
+    taken under a neutral name, so equal bodies get equal names whatever they were called."""
+    base = _CONTENT_SUFFIX.sub("", function.signature.name)
     function.signature.name = "graphprune_tmp"
     function.signature.name = base + g.content_suffix(function)
     return function.signature.name
@@ -152,8 +165,7 @@ def rewrite_bodies(graph_def, entry: g.Entry, rewrite) -> list:
             arguments = argument_resources(index, entry, outer, original, offset)
             if not arguments:
                 continue
-            function = type(original)()
-            function.CopyFrom(original)
+            function = copy_function(original)
             changes = rewrite(function, arguments)
             if changes:
                 outer.attr[attr].func.name = rename_with_content_hash(function)
@@ -190,9 +202,7 @@ def drop_unused_resource_loop_variables(graph_def, node, index: g.NodeIndex) -> 
     if not drop:
         return False
     keep = [i for i in range(len(data_inputs)) if i not in drop]
-    new_body, new_cond = type(body)(), type(cond)()
-    new_body.CopyFrom(body)
-    new_cond.CopyFrom(cond)
+    new_body, new_cond = copy_function(body), copy_function(cond)
     for function, has_outputs in ((new_body, True), (new_cond, False)):
         arguments = [function.signature.input_arg[i] for i in keep]
         del function.signature.input_arg[:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import numpy as np
@@ -118,7 +119,7 @@ class PrunableModel(tf.Module):
         ``pruning/target_sparsity`` (the main schedule's target at that step)."""
         live = self._graphprune.variables
         step = int(self.step.numpy()) if step is None and self.step is not None else (step or 0)
-        context = writer.as_default() if writer is not None else _nullcontext()
+        context = writer.as_default() if writer is not None else contextlib.nullcontext()
         with context:
             for row in self.weights():
                 _scalar(f"pruning/{row['name']}/sparsity", row["sparsity"], step)
@@ -176,12 +177,6 @@ def _scalar(tag: str, value: float, step: int) -> None:
     metadata = summary_pb2.SummaryMetadata()
     metadata.plugin_data.plugin_name = "scalars"
     tf.summary.write(tag, tf.constant(value, tf.float32), step=step, metadata=metadata)
-
-
-def _nullcontext():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 class _State:

@@ -157,18 +157,18 @@ def _mask_bodies(graph_def, index, entry, keys, model, resources) -> bool:
         attrs = functions.body_attrs(outer)
         if not attrs:
             continue
-        bodies = {attr: library.get(outer.attr[attr].func.name) for attr, _ in attrs}
+        bodies = {attr: library[outer.attr[attr].func.name] for attr, _ in attrs
+                  if outer.attr[attr].func.name in library}
         offset = attrs[0][1]
+        arguments = {attr: functions.argument_resources(index, entry, outer, function, offset)
+                     for attr, function in bodies.items()}
         read_keys = set()
-        for function in bodies.values():
-            if function is None:
-                continue
-            arguments = functions.argument_resources(index, entry, outer, function, offset)
-            read_keys |= {arguments.get(functions.producer_name(n.input[0])) for n in function.node_def
+        for attr, function in bodies.items():
+            read_keys |= {arguments[attr].get(functions.producer_name(n.input[0])) for n in function.node_def
                           if n.op == "ReadVariableOp"} & keys
         if not read_keys:
             continue
-        copies = {attr: _copy_function(function) for attr, function in bodies.items() if function is not None}
+        copies = {attr: functions.copy_function(function) for attr, function in bodies.items()}
         for key in sorted(read_keys):
             placeholder = _mask_placeholder(graph_def, key, resources)
             if outer.op in functions.LOOP_OPS:
@@ -178,7 +178,7 @@ def _mask_bodies(graph_def, index, entry, keys, model, resources) -> bool:
             argument_name = f"graphprune_mask_{len(copies[attrs[0][0]].signature.input_arg)}"
             for attr, function in copies.items():
                 functions.add_argument(function, argument_name, passthrough=attr == "body")
-                _mask_reads_in_body(function, bodies[attr], index, entry, outer, offset, key, argument_name, model)
+                _mask_reads_in_body(function, arguments[attr], key, argument_name, model)
         for attr, function in copies.items():
             outer.attr[attr].func.name = functions.rename_with_content_hash(function)
             graph_def.library.function.append(function)
@@ -186,14 +186,7 @@ def _mask_bodies(graph_def, index, entry, keys, model, resources) -> bool:
     return changed
 
 
-def _copy_function(function):
-    copy = type(function)()
-    copy.CopyFrom(function)
-    return copy
-
-
-def _mask_reads_in_body(function, original, index, entry, outer, offset, key, argument_name, model) -> None:
-    arguments = functions.argument_resources(index, entry, outer, original, offset)
+def _mask_reads_in_body(function, arguments: dict, key: str, argument_name: str, model) -> None:
     reads = sorted((n for n in function.node_def if n.op == "ReadVariableOp"
                     and arguments.get(functions.producer_name(n.input[0])) == key), key=lambda n: n.name)
     if not reads:

@@ -106,8 +106,7 @@ def _strip_bodies(nodes, graph_def) -> None:
             original = library.get(node.attr[attr].func.name)
             if original is None:
                 continue
-            function = type(original)()
-            function.CopyFrom(original)
+            function = functions.copy_function(original)
             if _strip_function(function):
                 node.attr[attr].func.name = functions.rename_with_content_hash(function)
                 graph_def.library.function.append(function)

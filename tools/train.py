@@ -54,7 +54,6 @@ def main(argv):
     import tensorflow as tf
 
     import graphprune
-    from graphprune.errors import BadModelError
 
     common.call_library(graphprune.io.check_output, _OUTPUT.value, overwrite=_OVERWRITE.value, inputs=[_INPUT.value])
     x, y = _load_arrays(_DATA.value)
@@ -63,8 +62,7 @@ def main(argv):
     except Exception as error:  # TF raises many types for a bad directory
         common.fail(f"--input={_INPUT.value}: cannot load a SavedModel ({str(error).splitlines()[0][:200]})")
     if not hasattr(model, "update_masks") or not hasattr(model, "original_variables"):
-        common.call_library(_raise, BadModelError(
-            f"{_INPUT.value} is not a prunable SavedModel (no update_masks); run `graphprune prune` on it first"))
+        common.fail(f"{_INPUT.value} is not a prunable SavedModel (no update_masks); run `graphprune prune` on it first")
     forward = _forward(model)
     variables = [v for v in model.original_variables if v.trainable]
     masks = list(model.masks)
@@ -101,10 +99,6 @@ def main(argv):
         tf.saved_model.save(model, temp, signatures=signatures or None)
     print(f"wrote {_OUTPUT.value}: {step} steps, final loss {loss:.4f}, sparsity {_sparsity(masks):.4f}, "
           f"pruning step {int(model.step.numpy())}")
-
-
-def _raise(error):
-    raise error
 
 
 def _forward(model):
