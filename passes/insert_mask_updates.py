@@ -116,7 +116,9 @@ def _build_update_entry(model, config, weights, plans) -> g.Entry:
             target_out = tf.identity(main_target, name="target_sparsity")
     # The branch functions are owned by the scratch graph, and the eager context forgets their
     # names when it is collected; content-hashed names are owned by no Python object.
-    graph_def = g.rename_functions(graph.as_graph_def(), g.content_suffix)
+    graph_def = graph.as_graph_def()
+    _declare_side_effects(graph_def)
+    graph_def = g.rename_functions(graph_def, g.content_suffix)
     structure = {
         "should_prune": tf.TensorSpec([], tf.bool),
         "step": tf.TensorSpec([], tf.int64),
@@ -134,6 +136,22 @@ def _build_update_entry(model, config, weights, plans) -> g.Entry:
         input_structure=((), {}),
         output_structure=structure,
     )
+
+
+def _declare_side_effects(graph_def) -> None:
+    """Make every assign in the cond branch functions a control output of its function.
+
+    A plain tf.Graph (unlike a tf.function) gives cond branches no control outputs, so the assigns
+    ran only because the branch's return value was used. When ``update_masks()`` is called inside
+    another tf.function that ignores its outputs, the call is inlined, the return value is dead and
+    TensorFlow prunes the assigns: the step advanced but the masks never changed. Control outputs
+    are kept whatever the caller does with the outputs.
+    """
+    for function in graph_def.library.function:
+        for node in function.node_def:
+            if node.op == "AssignVariableOp" and node.name not in function.control_ret:
+                function.control_ret[node.name] = node.name
+                function.signature.control_output.append(node.name)
 
 
 def _update_branch(members, plans, target, read, handle):

@@ -145,6 +145,34 @@ def test_one_shot_prunes_now(cnn):
     assert pm(x).shape == (5, 10)
 
 
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_update_masks_traced_into_the_train_step_prunes_like_eager(cnn, scope):
+    """update_masks() inside the user's tf.function, its outputs unused: the inlined update must
+    still assign masks (it once only advanced the step), exactly as the eager calls do."""
+    x, labels = _images()
+    schedule = graphprune.PolynomialDecay(0.0, 0.8, begin_step=0, end_step=12, frequency=3)
+    eager = graphprune.prune(cnn, schedule=schedule, scope=scope)
+    traced = graphprune.prune(cnn, schedule=schedule, scope=scope)
+    optimizers = {id(eager): tf.keras.optimizers.SGD(0.05), id(traced): tf.keras.optimizers.SGD(0.05)}
+
+    def train_step(pm, with_update):
+        if with_update:
+            pm.update_masks()  # result ignored, as in a typical loop
+        with tf.GradientTape() as tape:
+            loss = _loss(pm, x, labels)
+        optimizers[id(pm)].apply_gradients(zip(tape.gradient(loss, pm.trainable_variables), pm.trainable_variables))
+
+    traced_step = tf.function(lambda: train_step(traced, True))
+    for _ in range(15):
+        eager.update_masks()
+        train_step(eager, False)
+        traced_step()
+    assert int(traced.step.numpy()) == int(eager.step.numpy()) == 14
+    assert traced.sparsity() == pytest.approx(0.8, abs=0.01)
+    for a, b in zip(eager.masks + eager.pruned_weights, traced.masks + traced.pruned_weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+
+
 def test_schedule_gates_updates_and_step_is_one_variable(mlp):
     pm = graphprune.prune(mlp, schedule=graphprune.ConstantSparsity(0.5, begin_step=3, frequency=2))
     pruned_at = [bool(pm.update_masks()["should_prune"]) for _ in range(8)]
