@@ -22,7 +22,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2, tensor_pb2
-from tensorflow.python.framework import dtypes, tensor_util
+from tensorflow.python.framework import dtypes, tensor_shape, tensor_util
 
 # Names inserted by graphprune live under this scope so re-runs and finalization can find them.
 SCOPE = "graphprune"
@@ -199,9 +199,16 @@ def resource_placeholder(name: str) -> node_def_pb2.NodeDef:
 
 def const_node(name: str, value: np.ndarray, dtype: str) -> node_def_pb2.NodeDef:
     tf_dtype = dtypes.as_dtype(dtype)
-    return make_node(
-        name, "Const", value=tensor_util.make_tensor_proto(np.asarray(value), dtype=tf_dtype), dtype=tf_dtype
-    )
+    array = np.asarray(value)
+    if array.size <= 1 or tf_dtype == dtypes.string:
+        proto = tensor_util.make_tensor_proto(array, dtype=tf_dtype)
+    else:
+        # What make_tensor_proto writes for a numeric array, with one copy of the bytes instead
+        # of several (frozen weights can be hundreds of megabytes).
+        proto = tensor_pb2.TensorProto(dtype=tf_dtype.as_datatype_enum,
+                                       tensor_shape=tensor_shape.TensorShape(array.shape).as_proto(),
+                                       tensor_content=np.ascontiguousarray(array, tf_dtype.as_numpy_dtype).tobytes())
+    return make_node(name, "Const", value=proto, dtype=tf_dtype)
 
 
 def node_dtype(node: node_def_pb2.NodeDef, attr: str = "T") -> str:

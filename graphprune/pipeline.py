@@ -160,21 +160,39 @@ def validate(model: g.TracedModel) -> None:
 
 def _without_large_constants(graph_def):
     """A copy for validation whose big Const values keep dtype and shape but drop their bytes:
-    importing checks types and shapes only, and frozen weights would make it slow."""
-    from tensorflow.core.framework import graph_pb2, tensor_pb2
+    importing checks types and shapes only. Big constants are never copied (frozen weights would
+    make every validation copy hundreds of megabytes)."""
+    from tensorflow.core.framework import graph_pb2
 
-    def lighten(nodes):
-        for node in nodes:
-            if node.op == "Const" and len(node.attr["value"].tensor.tensor_content) > 4096:
-                tensor = node.attr["value"].tensor
-                node.attr["value"].tensor.CopyFrom(tensor_pb2.TensorProto(dtype=tensor.dtype,
-                                                                          tensor_shape=tensor.tensor_shape))
+    def is_large(node):
+        return node.op == "Const" and len(node.attr["value"].tensor.tensor_content) > 4096
+
+    def light_copy(node, target):
+        if not is_large(node):
+            target.CopyFrom(node)
+            return
+        target.name, target.op, target.device = node.name, node.op, node.device
+        target.input.extend(node.input)
+        for key, attr in node.attr.items():
+            if key != "value":
+                target.attr[key].CopyFrom(attr)
+        tensor = node.attr["value"].tensor
+        target.attr["value"].tensor.dtype = tensor.dtype
+        target.attr["value"].tensor.tensor_shape.CopyFrom(tensor.tensor_shape)
 
     light = graph_pb2.GraphDef()
-    light.CopyFrom(graph_def)
-    lighten(light.node)
-    for function in light.library.function:
-        lighten(function.node_def)
+    light.versions.CopyFrom(graph_def.versions)
+    for node in graph_def.node:
+        light_copy(node, light.node.add())
+    for function in graph_def.library.function:
+        copy = light.library.function.add()
+        copy.signature.CopyFrom(function.signature)
+        for field in ("attr", "arg_attr", "resource_arg_unique_id", "ret", "control_ret"):
+            getattr(copy, field).MergeFrom(getattr(function, field))
+        for node in function.node_def:
+            light_copy(node, copy.node_def.add())
+    for field in ("gradient", "registered_gradients"):
+        getattr(light.library, field).extend(getattr(graph_def.library, field))
     return light
 
 
