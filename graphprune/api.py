@@ -74,7 +74,9 @@ def prune(target, schedule=None, *, block_size=(1, 1), block_pooling="AVG", m_by
 def save(model, output_dir, *, overwrite: bool = False, inputs=()) -> str:
     """Write ``model`` (a PrunableModel) as a SavedModel with the original signatures, atomically."""
     state = model._graphprune
-    signatures = {**model.signatures, **state.save_signatures}
+    # Aliased signatures are traced by SavedModel itself (see rebuild.build_alias_function).
+    signatures = {name: state.signatures[name] for name in state.signatures if name not in state.save_signatures}
+    signatures.update(state.save_signatures)
     if not signatures:
         signatures = {"serving_default": state.concrete[state.default_name]}
     with atomic_directory(output_dir, overwrite=overwrite, inputs=inputs) as temp:
@@ -103,7 +105,8 @@ def save_traced(model, values, output_dir, *, overwrite: bool = False, inputs=()
         key: tf.Variable(context.value(model, key), name=key, dtype=spec.dtype, trainable=spec.trainable)
         for key, spec in model.variables.items()
     }
-    return save(PrunableModel(model, variables, name=name), output_dir, overwrite=overwrite, inputs=inputs)
+    return save(PrunableModel(model, variables, name=name, trace_now=False), output_dir, overwrite=overwrite,
+                inputs=inputs)
 
 
 def run_passes(target, passes: str, output_dir, *, overwrite: bool = False, verify: bool = False):

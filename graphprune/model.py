@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 
 import numpy as np
 import tensorflow as tf
@@ -26,7 +27,10 @@ class PrunableModel(tf.Module):
     - ``signatures``: concrete functions by signature name, for ``graphprune.save``.
     """
 
-    def __init__(self, traced: g.TracedModel, variables, *, config=None, name: str = "prunable_model"):
+    def __init__(self, traced: g.TracedModel, variables, *, config=None, name: str = "prunable_model",
+                 trace_now: bool = True):
+        """trace_now=False defers tracing the entries' concrete functions to their first use: a
+        model built only to be saved (finalize) is then traced once, in SavedModel's own context."""
         super().__init__(name=name)
         live = rebuild.create_variables(traced, variables)
         self._graphprune = _State(traced, live, config)
@@ -45,7 +49,8 @@ class PrunableModel(tf.Module):
                 continue
             if entry.alias is not None and entry.alias[0] in methods:
                 alias = rebuild.build_alias_function(entry, functions[entry.alias[0]])
-                self._graphprune.signatures[entry.name] = rebuild.keyword_concrete_function(alias, entry)
+                self._graphprune.signatures[entry.name] = functools.partial(rebuild.keyword_concrete_function, alias,
+                                                                            entry)
                 self._graphprune.save_signatures[entry.name] = alias
                 continue
             function, concrete = rebuild.build_entry_function(entry, live)
@@ -64,13 +69,16 @@ class PrunableModel(tf.Module):
         default_name = next((n for n in ("__call__", "serving_default") if n in functions), next(iter(functions)))
         self._graphprune.default = functions[default_name]
         self._graphprune.default_name = default_name
+        if trace_now:
+            self._graphprune.signatures.resolve()
+            self._graphprune.concrete.resolve()
 
     def __call__(self, *args, **kwargs):
         return self._graphprune.default(*args, **kwargs)
 
     @property
     def signatures(self) -> dict:
-        return dict(self._graphprune.signatures)
+        return self._graphprune.signatures.resolve()
 
     @property
     def traced(self) -> g.TracedModel:
@@ -191,11 +199,26 @@ class _State:
         self.traced = traced
         self.variables = variables
         self.config = config
-        self.signatures = {}
+        self.signatures = _Traced()
         self.save_signatures = {}  # what tf.saved_model.save gets, where it differs from signatures
-        self.concrete = {}
+        self.concrete = _Traced()
         self.default = None
         self.default_name = None
         self.owner = None
         self.pipeline = None
         self.verify_report = None
+
+
+class _Traced(dict):
+    """Concrete functions by name, each traced on first access (values may be zero-argument
+    callables that trace it)."""
+
+    def __getitem__(self, name):
+        value = super().__getitem__(name)
+        if callable(value) and not isinstance(value, tf.types.experimental.ConcreteFunction):
+            value = value()
+            self[name] = value
+        return value
+
+    def resolve(self) -> dict:
+        return {name: self[name] for name in list(self)}

@@ -7,12 +7,14 @@ variable is also watched, so a GradientTape around the call sees it (DESIGN.md).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import keyword
 from typing import Mapping
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.core.framework import graph_pb2
 
 from graphprune import graph as g
 from graphprune.errors import BadModelError
@@ -81,14 +83,58 @@ def import_entry(entry: g.Entry, flat_inputs, variables: Mapping[str, tf.Variabl
         input_map[placeholder] = graph.capture(variable.handle) if hasattr(graph, "capture") else variable.handle
         if hasattr(graph, "watch_variable"):
             graph.watch_variable(variable)
-    register_library(entry.graph_def)
+    graph_def, constants = _split_large_constants(entry)
+    for name, value in constants.items():
+        input_map[f"{name}:0"] = graph.capture(value) if hasattr(graph, "capture") else value
+    register_library(graph_def)
     fetches = list(entry.outputs) + list(entry.control_outputs)
-    imported = tf.graph_util.import_graph_def(entry.graph_def, input_map=input_map, return_elements=fetches, name=scope)
+    imported = tf.graph_util.import_graph_def(graph_def, input_map=input_map, return_elements=fetches, name=scope)
     tensors, operations = imported[: len(entry.outputs)], imported[len(entry.outputs):]
     if operations:
         with tf.control_dependencies(operations):
             tensors = [tf.identity(t) for t in tensors]
     return list(tensors)
+
+
+LARGE_CONSTANT_BYTES = 1 << 16
+
+
+def _split_large_constants(entry: g.Entry):
+    """(the entry's GraphDef with each large top-level Const turned into a Placeholder, the
+    constants as eager tensors by node name); computed once per entry.
+
+    Frozen weights imported as Const nodes would sit inside every function that calls the entry,
+    and TensorFlow copies a function's body each time it builds a call to it (shape inference):
+    for ResNet50 that is 100 MB per call op. Captured eager tensors stay outside the function
+    bodies; SavedModel stores each once as a constant of its graph and feeds it to the functions.
+    The rebuilt functions compute the same values; the GraphDef passes see is unchanged.
+    """
+    cached = entry.__dict__.get("_graphprune_split")
+    if cached is not None:
+        return cached
+    large = [n for n in entry.graph_def.node
+             if n.op == "Const" and len(n.attr["value"].tensor.tensor_content) >= LARGE_CONSTANT_BYTES]
+    if not large:
+        graph_def, constants = entry.graph_def, {}
+    else:
+        names = {n.name for n in large}
+        graph_def = graph_pb2.GraphDef()
+        graph_def.versions.CopyFrom(entry.graph_def.versions)
+        graph_def.library.CopyFrom(entry.graph_def.library)
+        constants = {}
+        for node in entry.graph_def.node:
+            if node.name not in names:
+                graph_def.node.add().CopyFrom(node)
+                continue
+            tensor = node.attr["value"].tensor
+            with tf.init_scope():
+                constants[node.name] = tf.constant(tf.make_ndarray(tensor))
+            placeholder = graph_def.node.add(name=node.name, op="Placeholder", device=node.device)
+            placeholder.attr["dtype"].type = tensor.dtype
+            placeholder.attr["shape"].shape.CopyFrom(tensor.tensor_shape)
+    # Entries are immutable: the split is cached on the entry, and lives as long as it does.
+    object.__setattr__(entry, "_graphprune_split", (graph_def, constants))
+    return graph_def, constants
 
 
 def pack_outputs(structure, flat):
@@ -110,7 +156,8 @@ def _parameter_name(name: str, position: int) -> str:
 
 
 def build_entry_function(entry: g.Entry, variables: Mapping[str, tf.Variable]):
-    """(tf.function, its concrete function) computing ``entry`` with the original call signature."""
+    """(tf.function computing ``entry`` with the original call signature, a callable tracing its
+    concrete function)."""
     args_structure, kwargs_structure = entry.input_structure or ((), {})
     args_structure = tuple(args_structure)
     kwargs_structure = dict(kwargs_structure)
@@ -136,8 +183,7 @@ def build_entry_function(entry: g.Entry, variables: Mapping[str, tf.Variable]):
         # One trace for every call and for saving; without it SavedModel may trace (and store) it twice.
         function = tf.function(call, input_signature=list(args_structure), autograph=False)
     kwargs_specs = {keyword_names[k]: v for k, v in kwargs_structure.items()}
-    concrete = function.get_concrete_function(*args_structure, **kwargs_specs)
-    return function, concrete
+    return function, functools.partial(function.get_concrete_function, *args_structure, **kwargs_specs)
 
 
 def build_alias_function(entry: g.Entry, method_function):

@@ -141,6 +141,52 @@ def test_finalize_saved_model_matches_masked_model(tmp_path, pruned_cnn, freeze)
         assert not any("graphprune" in name for name in values)
 
 
+class WideMLP(tf.Module):
+    """Weights of 1 MiB and 48 KiB: one above and one below rebuild.LARGE_CONSTANT_BYTES."""
+
+    def __init__(self):
+        rng = np.random.RandomState(3)
+        self.w1 = tf.Variable(rng.standard_normal([64, 4096]).astype(np.float32), name="wide/kernel")
+        self.w2 = tf.Variable(rng.standard_normal([4096, 3]).astype(np.float32) * 0.01, name="out/kernel")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 64], tf.float32)])
+    def __call__(self, x):
+        return tf.matmul(tf.nn.relu(tf.matmul(x, self.w1)), self.w2)
+
+
+def test_frozen_large_weights_are_stored_once_outside_the_function_bodies(tmp_path):
+    """Large frozen weights are captured constants: stored once in the SavedModel's graph, fed
+    to the functions, never copied into a function body (ResNet50's finalize time depends on it)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    x = tf.constant(np.random.RandomState(0).standard_normal([5, 64]).astype(np.float32))
+    model = WideMLP()
+    pm = graphprune.prune(model, schedule=graphprune.ConstantSparsity(0.7, 0), one_shot=True)
+    path = graphprune.finalize(pm, str(tmp_path / "final"))
+    proto = saved_model_pb2.SavedModel()
+    with open(os.path.join(path, "saved_model.pb"), "rb") as handle:
+        proto.ParseFromString(handle.read())
+    meta = proto.meta_graphs[0]
+
+    def large(nodes):
+        return [n for n in nodes if n.op == "Const" and len(n.attr["value"].tensor.tensor_content) >= 1 << 16]
+
+    assert not [n.name for f in meta.graph_def.library.function for n in large(f.node_def)]
+    stored = large(meta.graph_def.node)
+    assert len(stored) == 1 and len(stored[0].attr["value"].tensor.tensor_content) == 64 * 4096 * 4
+    np.testing.assert_allclose(tf.make_ndarray(stored[0].attr["value"].tensor), pm.pruned_weights[0].numpy())
+    small = [n for f in meta.graph_def.library.function for n in f.node_def if n.op == "Const"
+             and len(n.attr["value"].tensor.tensor_content) == 4096 * 3 * 4]
+    assert small, "the small weight stays a Const inside the function"
+    loaded = tf.saved_model.load(path)
+    assert list(loaded.original_variables) == []  # frozen: no variable left
+    np.testing.assert_allclose(loaded(x).numpy(), pm(x).numpy(), atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose(loaded.signatures["serving_default"](x=x)["output_0"].numpy(), pm(x).numpy(),
+                               atol=1e-4, rtol=1e-5)
+    tflite = graphprune.export_tflite(path, str(tmp_path / "m.tflite"))
+    np.testing.assert_allclose(_litert(tflite, x.numpy()), pm(x).numpy(), atol=1e-4, rtol=1e-5)
+
+
 def test_finalized_model_loads_without_graphprune(tmp_path, pruned_cnn):
     x = testmodels.batch([8, 8, 3])
     path = graphprune.finalize(pruned_cnn, str(tmp_path / "final"))
