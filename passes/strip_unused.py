@@ -143,8 +143,7 @@ def _strip_entry(entry: g.Entry) -> g.Entry:
     for node in kept_nodes:
         _drop_colocation_with_removed(node, live)
     _strip_bodies(kept_nodes, graph_def)
-    del graph_def.node[:]
-    graph_def.node.extend(kept_nodes)
+    _delete_dead(graph_def.node, live)
     called = _called_functions(kept_nodes, graph_def.library)
     kept_functions = [f for f in graph_def.library.function if f.signature.name in called]
     del graph_def.library.function[:]
@@ -154,6 +153,21 @@ def _strip_entry(entry: g.Entry) -> g.Entry:
     graph_def.library.gradient.extend(gradients)
     resources = MappingProxyType({p: k for p, k in entry.resources.items() if p in live})
     return dataclasses.replace(entry, graph_def=graph_def, resources=resources, control_outputs=control_outputs)
+
+
+def _delete_dead(nodes, live: set) -> None:
+    """Delete the nodes not in ``live`` in place, a run of neighbours at a time, from the end:
+    rebuilding the list would copy every kept node (frozen weights included) once more."""
+    end = len(nodes)
+    while end > 0:
+        if nodes[end - 1].name in live:
+            end -= 1
+            continue
+        start = end - 1
+        while start > 0 and nodes[start - 1].name not in live:
+            start -= 1
+        del nodes[start:end]
+        end = start
 
 
 def strip_unused(model: g.TracedModel, context: PassContext) -> PassResult:
