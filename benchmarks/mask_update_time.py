@@ -9,7 +9,7 @@ import statistics
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import bench_common as bc  # sets the environment before TensorFlow is imported
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -56,10 +56,13 @@ def main(argv):
     del argv
     print(f"tf {tf.__version__}, {os.cpu_count()} cores; median of {_REPEATS.value} updates at sparsity 0.9")
     print(f"{'parameters':>12s} {'layer-wise ms':>14s} {'global ms':>10s} {'ns/param (layer)':>17s}")
+    rows = []
     for size in _SIZES.value:
         count, layer = time_update(float(size), "layer")
         _, global_ = time_update(float(size), "global")
-        print(f"{count:12d} {layer * 1e3:14.1f} {global_ * 1e3:10.1f} {layer / count * 1e9:17.1f}")
+        print(f"{count:12d} {layer * 1e3:14.1f} {global_ * 1e3:10.1f} {layer / count * 1e9:17.1f}", flush=True)
+        rows.append({"parameters": count, "layer_ms": layer * 1e3, "global_ms": global_ * 1e3})
+    print(f"wrote {bc.write_json('mask_update_time', {'machine': bc.machine(), 'rows': rows})}")
     return 0
 
 

@@ -11,7 +11,7 @@ import tempfile
 import time
 import warnings
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import bench_common as bc  # sets the environment before TensorFlow is imported
 
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
@@ -31,6 +31,7 @@ def main(argv):
     print(f"tf {tf.__version__}, {os.cpu_count()} cores, input {_SIZE.value}x{_SIZE.value}, random weights")
     print(f"{'model':16s} {'weights':>8s} {'params':>10s} {'load+save s':>12s} {'prune s':>8s} {'ratio':>6s} "
           f"{'save+finalize s':>16s} {'ratio':>6s}")
+    rows = []
     for name in _MODELS.value:
         model = getattr(keras.applications, name)(weights=None, input_shape=(_SIZE.value, _SIZE.value, 3))
         source = os.path.join(root, name)
@@ -47,7 +48,10 @@ def main(argv):
         graphprune.finalize(pm, os.path.join(root, name + "_final"))
         finalize = time.perf_counter() - started
         print(f"{name:16s} {len(pm.weights()):8d} {params:10d} {baseline:12.1f} {rewrite:8.1f} {rewrite / baseline:6.2f} "
-              f"{finalize:16.1f} {finalize / baseline:6.2f}")
+              f"{finalize:16.1f} {finalize / baseline:6.2f}", flush=True)
+        rows.append({"model": name, "weights": len(pm.weights()), "parameters": params, "baseline_s": baseline,
+                     "prune_s": rewrite, "finalize_s": finalize})
+    print(f"wrote {bc.write_json('rewrite_time', {'machine': bc.machine(), 'rows': rows})}")
     return 0
 
 
