@@ -161,8 +161,8 @@ class PolynomialDecay(PruningSchedule):
 
 
 def one_shot(sparsity: float) -> ConstantSparsity:
-    """Prune once, at the first update (step 0), to ``sparsity``."""
-    return ConstantSparsity(sparsity, begin_step=0, end_step=0, frequency=1)
+    """Prune once, at the first update (step 1), to ``sparsity``."""
+    return ConstantSparsity(sparsity, begin_step=1, end_step=1, frequency=1)
 
 
 def schedule_from_config(config: dict) -> PruningSchedule:

@@ -1,8 +1,10 @@
 """insert_mask_updates: the step variable, the schedule, and the conditional mask update.
 
 Precondition: weights are masked (insert_masks ran). Adds one int64 variable ``graphprune/step``
-(starting at -1), a scalar ``<w>/graphprune/threshold`` per masked weight, and an entry
-``update_masks`` (no inputs) whose graph does:
+(starting at 0: the first update is step 1, as a model's first training batch is in the reference
+toolkit, whose wrapper increments its step before the mask update), a scalar
+``<w>/graphprune/threshold`` per masked weight, and an entry ``update_masks`` (no inputs) whose
+graph does:
 
     step += 1
     for each schedule (weights with their own sparsity have their own):
@@ -53,7 +55,7 @@ def insert_mask_updates(model: g.TracedModel, context: PassContext, config: Prun
     if model.facts.get("update_config") == description and any(e.name == UPDATE_ENTRY for e in model.entries):
         return PassResult(model, changed=False, report={"updates": [w.key for w in weights]})
 
-    specs = [g.VariableSpec(STEP_KEY, (), "int64", g.ROLE_STEP, trainable=False, initial=np.array(-1, np.int64))]
+    specs = [g.VariableSpec(STEP_KEY, (), "int64", g.ROLE_STEP, trainable=False, initial=np.array(0, np.int64))]
     specs += [
         g.VariableSpec(threshold_key(w.key), (), w.dtype, g.ROLE_THRESHOLD, trainable=False,
                        initial=np.zeros((), dtypes.as_dtype(w.dtype).as_numpy_dtype), weight=w.key)

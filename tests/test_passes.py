@@ -197,7 +197,7 @@ def test_insert_mask_updates_structure(mlp):
     assert ops["If"] == 1 and ops["StatelessWhile"] == 2  # one threshold search per weight
     roles = sorted(s.role for s in result.model.variables.values() if s.initial is not None)
     assert roles == ["mask", "mask", "step", "threshold", "threshold"]
-    assert result.model.variables["graphprune/step"].initial == -1
+    assert result.model.variables["graphprune/step"].initial == 0  # first update: step 1
 
 
 def test_insert_mask_updates_no_match_refused():

@@ -125,9 +125,9 @@ def test_save_load_call_keeps_masks_and_outputs(tmp_path, cnn):
     assert masks.keys() == {m.name for m in pm.masks}
     for m in pm.masks:
         np.testing.assert_array_equal(masks[m.name], m.numpy())
-    assert int(loaded.step.numpy()) == 0
+    assert int(loaded.step.numpy()) == 1
     out = loaded.update_masks()  # still prunes after reload
-    assert int(out["step"]) == 1
+    assert int(out["step"]) == 2
 
 
 def test_saving_refuses_to_clobber(tmp_path, mlp):

@@ -167,17 +167,29 @@ def test_update_masks_traced_into_the_train_step_prunes_like_eager(cnn, scope):
         eager.update_masks()
         train_step(eager, False)
         traced_step()
-    assert int(traced.step.numpy()) == int(eager.step.numpy()) == 14
+    assert int(traced.step.numpy()) == int(eager.step.numpy()) == 15
     assert traced.sparsity() == pytest.approx(0.8, abs=0.01)
     for a, b in zip(eager.masks + eager.pruned_weights, traced.masks + traced.pruned_weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
 
 
+def test_step_numbering_matches_the_reference_toolkit(mlp):
+    """The reference's wrapper increments its step before the mask update, so a model's first
+    training batch is step 1 there: with begin_step=0 and frequency 4 it prunes at batches 4 and
+    8, never at the first. update_masks() numbers batches the same way."""
+    pm = graphprune.prune(mlp, schedule=graphprune.ConstantSparsity(0.5, begin_step=0, frequency=4))
+    outputs = [pm.update_masks() for _ in range(8)]
+    assert [int(o["step"]) for o in outputs] == list(range(1, 9))
+    assert [bool(o["should_prune"]) for o in outputs] == [False, False, False, True, False, False, False, True]
+    assert pm.sparsity() == pytest.approx(0.5, abs=0.01)
+
+
 def test_schedule_gates_updates_and_step_is_one_variable(mlp):
     pm = graphprune.prune(mlp, schedule=graphprune.ConstantSparsity(0.5, begin_step=3, frequency=2))
-    pruned_at = [bool(pm.update_masks()["should_prune"]) for _ in range(8)]
-    assert pruned_at == [False, False, False, True, False, True, False, True]
-    assert int(pm.step.numpy()) == 7
+    outputs = [pm.update_masks() for _ in range(8)]
+    assert [bool(o["should_prune"]) for o in outputs] == [False, False, True, False, True, False, True, False]
+    assert [int(o["step"]) for o in outputs] == list(range(1, 9))
+    assert int(pm.step.numpy()) == 8
     assert len([v for v in pm.variables if v.dtype == tf.int64]) == 1
 
 
@@ -258,7 +270,8 @@ def test_tensorboard_summaries(tmp_path, mlp):
                 tags.setdefault(value.tag, []).append((event.step, float(tf.make_ndarray(value.tensor))))
     assert {"pruning/sparsity", "pruning/target_sparsity", "pruning/dense/kernel/sparsity",
             "pruning/dense/kernel/threshold"} <= set(tags)
-    assert tags["pruning/target_sparsity"][5] == (5, pytest.approx(0.5 * (1 - 0.5 ** 3), abs=1e-6))
+    # the fifth update is step 5 (the first is step 1, as the reference's first batch)
+    assert tags["pruning/target_sparsity"][4] == (5, pytest.approx(0.5 * (1 - 0.5 ** 3), abs=1e-6))
 
 
 def test_keras_fit_callback_updates_masks_every_batch(tmp_path, mlp):
@@ -292,7 +305,7 @@ def test_keras_fit_callback_updates_masks_every_batch(tmp_path, mlp):
     trainer.compile()
     callback = graphprune.PruningCallback(pm, log_dir=str(tmp_path))
     trainer.fit(x, y, batch_size=4, epochs=1, callbacks=[callback], verbose=0)
-    assert int(pm.step.numpy()) == 9  # ten batches: steps 0..9
+    assert int(pm.step.numpy()) == 10  # ten batches: steps 1..10
     for row in pm.weights():
         assert _within_one_element(row, 0.5)
     assert os.listdir(tmp_path)
