@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import numpy as np
 import tensorflow as tf
@@ -54,13 +55,15 @@ def finalize(prunable, output_dir, *, freeze: bool = True, overwrite: bool = Fal
 
 
 def export_tflite(saved_model_dir, tflite_path, *, quantize=None, sparse: bool = False, representative_data=None,
-                  signature_keys=None, overwrite: bool = False) -> str:
+                  signature_keys=None, overwrite: bool = False, batch_size: int | None = None) -> str:
     """Convert a (finalized) SavedModel to TFLite.
 
     quantize: None (float), "dynamic" (int8 weights, float activations) or "int8" (full integer;
         needs ``representative_data``: an array of inputs, a list of them, or a callable yielding
         lists of input arrays). Inputs and outputs stay float.
     sparse: use TFLite's sparse tensor encoding for weights that are sparse enough.
+    batch_size: convert with this fixed batch size (the static_batch pass): needed for RNNs
+        (Keras LSTM/GRU), whose TensorList element shapes the converter wants static.
     """
     if quantize not in QUANTIZE_MODES:
         raise GraphPruneError(f"quantize must be one of none, dynamic, int8; got {quantize!r}")
@@ -68,6 +71,12 @@ def export_tflite(saved_model_dir, tflite_path, *, quantize=None, sparse: bool =
         raise GraphPruneError("quantize='int8' needs representative_data (a few hundred real input samples)")
     if not os.path.isdir(os.fspath(saved_model_dir)):
         raise BadModelError(f"{saved_model_dir}: no such SavedModel directory")
+    if batch_size is not None:
+        with tempfile.TemporaryDirectory(prefix="graphprune-static-batch-") as scratch:
+            static_dir = _with_static_batch(saved_model_dir, os.path.join(scratch, "model"), batch_size)
+            return export_tflite(static_dir, tflite_path, quantize=quantize, sparse=sparse,
+                                 representative_data=representative_data, signature_keys=signature_keys,
+                                 overwrite=overwrite)
     converter = tf.lite.TFLiteConverter.from_saved_model(os.fspath(saved_model_dir), signature_keys=signature_keys)
     optimizations = []
     if quantize is not None:
@@ -82,11 +91,27 @@ def export_tflite(saved_model_dir, tflite_path, *, quantize=None, sparse: bool =
         flatbuffer = converter.convert()
     except Exception as error:  # the converter raises many types
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise GraphPruneError(f"TFLite conversion failed: {first[:300]}") from error
+        hint = ""
+        if "TensorList" in str(error):
+            hint = " (an RNN's TensorList needs static shapes: convert with batch_size=1, --tflite_batch_size=1)"
+        raise GraphPruneError(f"TFLite conversion failed: {first[:300]}{hint}") from error
     with atomic_file(tflite_path, overwrite=overwrite) as temp:
         with open(temp, "wb") as handle:
             handle.write(flatbuffer)
     return os.path.abspath(os.fspath(tflite_path))
+
+
+def _with_static_batch(saved_model_dir, output_dir, batch_size):
+    """A copy of the SavedModel with every input's batch fixed (see passes/static_batch.py)."""
+    from graphprune.api import save_traced  # api imports this module
+
+    loaded = load(os.fspath(saved_model_dir))
+    values = VariableValues(loaded.variables)
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise GraphPruneError(f"batch_size must be a positive integer, got {batch_size!r}")
+    result = run_pipeline(loaded.model, [("static_batch", {"batch_size": batch_size})], PassContext(values=values))
+    save_traced(result.model, values, output_dir)
+    return output_dir
 
 
 def _representative(data):

@@ -10,3 +10,4 @@ from graphprune.passes import insert_mask_updates  # noqa: F401  step, schedule,
 from graphprune.passes import fold_masks  # noqa: F401  w * mask -> Const (or the variable's value)
 from graphprune.passes import freeze_variables  # noqa: F401  remaining variable reads -> Const
 from graphprune.passes import strip_unused  # noqa: F401  dead nodes, variables, functions
+from graphprune.passes import static_batch  # noqa: F401  fixed batch for TFLite (RNN TensorLists)

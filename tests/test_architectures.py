@@ -113,13 +113,15 @@ def test_train_to_target_finalize_and_tflite(architecture, tmp_path):
     names = [n.name for f in graph_def.library.function for n in f.node_def]
     ops = [n.op for f in graph_def.library.function for n in f.node_def]
     assert not any("/graphprune/mask/" in n for n in names) and "ReadVariableOp" not in ops
+    batch_size = None
     if name in KERAS_RECURRENT:
-        # TF 2.21's converter refuses Keras 3 LSTM/GRU exports (dynamic TensorList element shapes),
-        # unpruned ones too: the refusal must be one clean GraphPruneError.
-        with pytest.raises(graphprune.GraphPruneError, match="TFLite conversion failed.*TensorList"):
+        # TF 2.21's converter refuses Keras 3 LSTM/GRU exports with an unknown batch (dynamic
+        # TensorList element shapes), unpruned ones too: one clean error that says what to do,
+        # and batch_size=1 (the static_batch pass) converts.
+        with pytest.raises(graphprune.GraphPruneError, match="TFLite conversion failed.*TensorList.*batch_size=1"):
             graphprune.export_tflite(final, str(tmp_path / "m.tflite"))
-        return
-    tflite = graphprune.export_tflite(final, str(tmp_path / "m.tflite"))
+        batch_size = 1
+    tflite = graphprune.export_tflite(final, str(tmp_path / "m.tflite"), batch_size=batch_size)
     from ai_edge_litert.interpreter import Interpreter
 
     runner = Interpreter(model_path=tflite).get_signature_runner("serving_default")
@@ -189,3 +191,52 @@ def test_weights_inside_if_branches(tmp_path):
         np.testing.assert_array_equal(loaded(x, tf.constant(flag)).numpy(), pm(x, flag).numpy())
     graph_def = loaded.signatures["serving_default"].graph.as_graph_def()
     assert "ReadVariableOp" not in {n.op for f in graph_def.library.function for n in f.node_def}
+
+
+# static_batch (the pass export_tflite(batch_size=...) runs) -----------------------------------
+
+
+def _run_entry(model, values, name, x):
+    from graphprune import rebuild
+    from graphprune.pipeline import PassContext
+
+    context = PassContext(values=values)
+    live = {key: tf.Variable(context.value(model, key)) for key in model.variables}
+    entry = next(e for e in model.entries if e.name == name and e.kind == "signature")
+    return np.asarray(tf.function(lambda v: rebuild.import_entry(entry, [v], live)[0])(tf.constant(x)))
+
+
+def test_static_batch_pass_numeric_structure_no_match_idempotent(tmp_path):
+    from graphprune import graph as g
+    from graphprune.load import load
+    from graphprune.passes.static_batch import static_batch
+    from graphprune.pipeline import PassContext, VariableValues
+
+    build, shape, _ = ARCHITECTURES["lstm"]
+    path = str(tmp_path / "lstm")
+    _keras(build, shape).export(path, verbose=False)
+    loaded = load(path)
+    values = VariableValues(loaded.variables)
+    result = static_batch(loaded.model, PassContext(values=values), batch_size=1)
+    assert result.changed and result.report["inputs"] >= 1 and result.report["element_shapes"] >= 3
+    for entry in result.model.entries:
+        index = g.NodeIndex(entry.graph_def)
+        for info in entry.inputs:
+            assert info.shape[0] == 1
+            assert index.nodes[info.placeholder].attr["shape"].shape.dim[0].size == 1
+        for node in entry.graph_def.node:
+            if node.op == "Const" and node.name.endswith("element_shape"):
+                value = tf.make_ndarray(node.attr["value"].tensor)
+                assert value.ndim == 0 or value[0] == 1, node.name  # a scalar -1 is "any shape"
+    x = np.random.RandomState(0).standard_normal([1, *shape]).astype(np.float32)
+    np.testing.assert_allclose(_run_entry(result.model, values, "serving_default", x),
+                               _run_entry(loaded.model, values, "serving_default", x), atol=1e-6, rtol=0)
+    assert not static_batch(result.model, PassContext(values=values), batch_size=1).changed  # idempotent
+
+    static = tf.Module()
+    static.w = tf.Variable(np.ones([3, 2], np.float32))
+    static.f = tf.function(lambda v: tf.matmul(v, static.w), input_signature=[tf.TensorSpec([4, 3], tf.float32)])
+    plain = load(static.f)
+    assert not static_batch(plain.model, PassContext(values=VariableValues(plain.variables))).changed  # no match
+    with pytest.raises(graphprune.GraphPruneError, match="batch_size"):
+        static_batch(plain.model, PassContext(values=VariableValues(plain.variables)), batch_size=0)

@@ -109,6 +109,12 @@ def test_finalize_tflite_flags_and_inspect_table(workspace):
         assert "total (3 weights)" in table
         report = json.loads(graphprune("inspect", f"--input={tflite}", "--json").stdout)
         assert report["totals"]["sparsity"] == pytest.approx(0.75, abs=0.01)
+    from ai_edge_litert.interpreter import Interpreter
+
+    tflite = workspace / "m_batch1.tflite"
+    graphprune("finalize", f"--input={trained}", f"--output={workspace / 'final_batch1'}", f"--tflite={tflite}",
+               "--tflite_batch_size=1")
+    assert list(Interpreter(model_path=str(tflite)).get_input_details()[0]["shape"]) == [1, 8, 8, 3]
 
 
 def test_run_pass_list_and_registry(workspace):

@@ -20,6 +20,8 @@ _TFLITE = flags.DEFINE_string("tflite", None, "Also write a .tflite file here.")
 _QUANTIZE = flags.DEFINE_enum("quantize", "none", ["none", "dynamic", "int8"], "TFLite quantization.")
 _SPARSE = flags.DEFINE_bool("sparse_tflite", False, "Use TFLite's sparse tensor encoding.")
 _REPRESENTATIVE = flags.DEFINE_string("representative_data", None, ".npz with 'x': inputs for --quantize=int8.")
+_TFLITE_BATCH = flags.DEFINE_integer("tflite_batch_size", None, "Convert with this fixed batch size (needed for "
+                                     "Keras LSTM/GRU: static TensorList shapes).", lower_bound=1)
 _VERIFY = flags.DEFINE_bool("verify", False, "Check outputs after every pass.")
 
 flags.mark_flags_as_required(["input", "output"])
@@ -52,7 +54,7 @@ def main(argv):
     if _TFLITE.value:
         tflite = common.call_library(graphprune.export_tflite, path, _TFLITE.value, quantize=quantize,
                                      sparse=_SPARSE.value, representative_data=representative,
-                                     overwrite=_OVERWRITE.value)
+                                     overwrite=_OVERWRITE.value, batch_size=_TFLITE_BATCH.value)
         print(common.call_library(graphprune.size_report, tflite).table())
         print(f"wrote {tflite} ({os.path.getsize(tflite)} bytes)")
     print(f"wrote {path}")
