@@ -18,11 +18,24 @@ not padded (the reference pads and counts the padding as pruned).
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 from graphprune.errors import StructureError
 
 POOLINGS = ("AVG", "MAX")
+
+
+def pruned_values(weight, mask):
+    """The weight with its pruned elements set to +0.0 (TF tensors or NumPy arrays).
+
+    Not ``weight * mask``: a pruned negative weight times 0 is -0.0, whose bytes (00 00 00 80)
+    break the zero runs compressors live on. Half the zeros were negative; on the MNIST CNN at 90%
+    (one-shot) the gzipped float .tflite went from 2,183,542 to 1,557,937 bytes with +0.0."""
+    if isinstance(weight, np.ndarray) or np.isscalar(weight):
+        weight = np.asarray(weight)
+        return np.where(np.asarray(mask) != 0, weight, np.zeros((), weight.dtype)).astype(weight.dtype)
+    return tf.where(tf.not_equal(mask, 0), weight, tf.zeros_like(weight))
 
 
 def kept_count(size, sparsity):

@@ -12,6 +12,7 @@ import tensorflow as tf
 from graphprune import graph as g
 from graphprune import rebuild
 from graphprune.errors import GraphPruneError
+from graphprune.masks import pruned_values
 
 UPDATE_ENTRY = "update_masks"
 
@@ -148,7 +149,7 @@ class PrunableModel(tf.Module):
         live = self._graphprune.variables
         for key, spec in self.traced.variables.items():
             if spec.role == g.ROLE_MASK:
-                live[spec.weight].assign(live[spec.weight] * live[key])
+                live[spec.weight].assign(pruned_values(live[spec.weight], live[key]))
 
     def prune_now(self, sparsity: float | None = None) -> None:
         """One-shot: set every mask to its plan's final sparsity (or ``sparsity``) now and zero the
@@ -175,7 +176,7 @@ class PrunableModel(tf.Module):
             threshold_key = f"{weight.key}/{g.SCOPE}/threshold"
             if threshold_key in live:
                 live[threshold_key].assign(threshold)
-            live[weight.key].assign(values[weight.key] * mask)
+            live[weight.key].assign(pruned_values(values[weight.key], mask))
 
 
 def _scalar(tag: str, value: float, step: int) -> None:

@@ -21,6 +21,7 @@ from tensorflow.python.framework import dtypes
 
 from graphprune import functions
 from graphprune import graph as g
+from graphprune.masks import pruned_values
 from graphprune.passes.find_weights import is_mask_multiply, resource_of
 from graphprune.pipeline import PassContext, PassResult, register_pass
 
@@ -46,7 +47,7 @@ def fold_masks(model: g.TracedModel, context: PassContext, freeze: bool = True) 
             if weight_key not in folded_values:
                 weight = context.value(model, weight_key)
                 mask = context.value(model, mask_key)
-                folded_values[weight_key] = (weight * mask).astype(weight.dtype)
+                folded_values[weight_key] = pruned_values(weight, mask)
             dtype = model.variables[weight_key].dtype
             if freeze:
                 replacement = g.const_node(node.name, folded_values[weight_key], dtype)
@@ -85,7 +86,7 @@ def _fold_in_body(function, arguments, model, context, folded_values, freeze) ->
             continue
         if weight_key not in folded_values:
             weight = context.value(model, weight_key)
-            folded_values[weight_key] = (weight * context.value(model, mask_key)).astype(weight.dtype)
+            folded_values[weight_key] = pruned_values(weight, context.value(model, mask_key))
         dtype = model.variables[weight_key].dtype
         if freeze:
             replacement = g.const_node(node.name, folded_values[weight_key], dtype)

@@ -29,6 +29,7 @@ from tensorflow.python.framework import dtypes
 from graphprune import graph as g
 from graphprune.config import PruningConfig, make_config
 from graphprune.errors import PassError
+from graphprune.masks import pruned_values
 from graphprune.passes.find_weights import weights_of
 from graphprune.pipeline import PassContext, PassResult, register_pass
 from graphprune.update import compute_masks
@@ -167,7 +168,7 @@ def _update_branch(members, plans, target, read, handle):
             mask, threshold = computed[weight.key]
             assigns.append(tf.raw_ops.AssignVariableOp(resource=handle(weight.mask), value=mask))
             assigns.append(tf.raw_ops.AssignVariableOp(resource=handle(threshold_key(weight.key)), value=threshold))
-            assigns.append(tf.raw_ops.AssignVariableOp(resource=handle(weight.key), value=values[weight.key] * mask))
+            assigns.append(tf.raw_ops.AssignVariableOp(resource=handle(weight.key), value=pruned_values(values[weight.key], mask)))
         with tf.control_dependencies(assigns):
             return tf.constant(True)
 
