@@ -44,7 +44,7 @@ def inline_functions(concrete_function) -> tf.compat.v1.GraphDef:
     test ``test_load.py::test_inline_helper_is_available`` pins the TF versions it works with.
     """
     try:
-        return convert_to_constants._run_inline_graph_optimization(  # pylint: disable=protected-access
+        graph_def = convert_to_constants._run_inline_graph_optimization(  # pylint: disable=protected-access
             concrete_function, lower_control_flow=False, aggressive_inlining=True
         )
     except AttributeError as error:  # pragma: no cover - only on a TF without the helper
@@ -52,6 +52,10 @@ def inline_functions(concrete_function) -> tf.compat.v1.GraphDef:
             f"this TensorFlow ({tf.__version__}) lacks the function-inlining helper graphprune uses; "
             "install tensorflow>=2.16,<2.22"
         ) from error
+    # Grappler may rewrite a loop body and keep its name ('while_body_12'), while the original
+    # under that name stays registered in the process: two definitions of one name, which
+    # SavedModel refuses. Bodies are named by their content instead.
+    return g.rename_functions(graph_def, g.content_suffix)
 
 
 def load(target, *, name: str | None = None) -> Loaded:

@@ -179,6 +179,7 @@ def find_weights(model: g.TracedModel, context: PassContext, include_gather: boo
     ops = dict(PRUNABLE_OPS)
     found: dict[str, dict] = {}
     skipped: dict[str, str] = {}
+    nested: dict[str, str] = {}
 
     def record(entry, traced, node, operand, use_name):
         key, mask_key = traced.key, traced.mask
@@ -219,6 +220,12 @@ def find_weights(model: g.TracedModel, context: PassContext, include_gather: boo
                     traced = trace_in_body(body, arguments, raw)
                     if traced is not None:
                         record(entry, traced, node, operand, f"{outer.name}/{function.signature.name}/{node.name}")
+            for key in _nested_reads(function, arguments, ops, functions.library_of(entry.graph_def)):
+                nested.setdefault(key, "read by a MatMul/Conv inside a While/If body nested in another body; "
+                                       "nested bodies are not searched, so it is not pruned")
+    for key, reason in nested.items():
+        if key not in found:
+            skipped[key] = reason
     weights = tuple(
         WeightInfo(
             key=key,
@@ -238,6 +245,34 @@ def find_weights(model: g.TracedModel, context: PassContext, include_gather: boo
     }
     # Analysis only: the graphs are untouched, so the model never counts as changed.
     return PassResult(new_model, changed=False, report=report)
+
+
+def _nested_reads(function, arguments: dict, ops, library) -> list[str]:
+    """Variable keys that a While/If inside ``function`` (a body) passes on to a prunable op of its
+    own bodies: weights this pass does not reach, so that they are reported instead of silently
+    left dense."""
+    keys = []
+    for node in function.node_def:
+        for attr, offset in functions.body_attrs(node):
+            inner = library.get(node.attr[attr].func.name)
+            if inner is None:
+                continue
+            data = [raw for raw in node.input if not raw.startswith("^")]
+            inner_arguments = {}
+            for position, arg in enumerate(inner.signature.input_arg):
+                if position + offset < len(data):
+                    key = arguments.get(functions.producer_name(data[position + offset]))
+                    if key is not None:
+                        inner_arguments[arg.name] = key
+            if not inner_arguments:
+                continue
+            body = functions.body_index(inner)
+            for inner_node in inner.node_def:
+                for _, raw in weight_operands(inner_node, ops):
+                    traced = trace_in_body(body, inner_arguments, raw)
+                    if traced is not None:
+                        keys.append(traced.key)
+    return keys
 
 
 def weight_operands(node, ops=PRUNABLE_OPS):

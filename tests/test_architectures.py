@@ -240,3 +240,44 @@ def test_static_batch_pass_numeric_structure_no_match_idempotent(tmp_path):
     assert not static_batch(plain.model, PassContext(values=VariableValues(plain.variables))).changed  # no match
     with pytest.raises(graphprune.GraphPruneError, match="batch_size"):
         static_batch(plain.model, PassContext(values=VariableValues(plain.variables)), batch_size=0)
+
+
+class NestedLoops(tf.Module):
+    """A loop body that calls a tf.function (searched) and runs a loop of its own (not searched)."""
+
+    def __init__(self):
+        super().__init__()
+        rng = np.random.RandomState(0)
+        self.cell_kernel = tf.Variable(rng.standard_normal([4, 4]).astype(np.float32) * 0.5, name="cell/kernel")
+        self.nested_kernel = tf.Variable(rng.standard_normal([4, 4]).astype(np.float32) * 0.5, name="nested/kernel")
+
+    @tf.function
+    def cell(self, h):
+        return tf.tanh(tf.matmul(h, self.cell_kernel))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32)])
+    def __call__(self, x):
+        def body(t, h):
+            def inner(u, state):
+                return u + 1, tf.tanh(tf.matmul(state, self.nested_kernel))
+
+            _, h = tf.while_loop(lambda u, state: u < 2, inner, (0, h))
+            return t + 1, self.cell(h)
+
+        return tf.while_loop(lambda t, h: t < 3, body, (0, x))[1]
+
+
+def test_function_called_in_a_loop_body_is_pruned_and_a_nested_loop_is_reported(tmp_path):
+    model = NestedLoops()
+    x = tf.constant(np.random.RandomState(1).standard_normal([2, 4]).astype(np.float32))
+    with pytest.warns(UserWarning, match="not pruning 'nested/kernel'.*nested in another body"):
+        pm = graphprune.prune(model, schedule=graphprune.ConstantSparsity(0.5, 0, frequency=1))
+    assert [row["name"] for row in pm.weights()] == ["cell/kernel"]
+    dense = model(x).numpy()
+    np.testing.assert_allclose(pm(x).numpy(), dense, atol=1e-6, rtol=0)
+    pm.update_masks()
+    assert pm.weights()[0]["sparsity"] == pytest.approx(0.5)
+    expected = pm(x).numpy()
+    assert np.abs(expected - dense).max() > 1e-4  # the cell kernel really is pruned
+    final = graphprune.finalize(pm, str(tmp_path / "final"))
+    np.testing.assert_allclose(tf.saved_model.load(final)(x).numpy(), expected, atol=1e-5, rtol=0)
