@@ -214,12 +214,8 @@ def find_weights(model: g.TracedModel, context: PassContext, include_gather: boo
             arguments = functions.argument_resources(index, entry, outer, function, offset)
             if not arguments:
                 continue
-            body = functions.body_index(function)
-            for node in function.node_def:
-                for operand, raw in weight_operands(node, ops):
-                    traced = trace_in_body(body, arguments, raw)
-                    if traced is not None:
-                        record(entry, traced, node, operand, f"{outer.name}/{function.signature.name}/{node.name}")
+            for node, operand, traced in _body_weight_reads(function, arguments, ops):
+                record(entry, traced, node, operand, f"{outer.name}/{function.signature.name}/{node.name}")
             for key in _nested_reads(function, arguments, ops, functions.library_of(entry.graph_def)):
                 nested.setdefault(key, "read by a MatMul/Conv inside a While/If body nested in another body; "
                                        "nested bodies are not searched, so it is not pruned")
@@ -264,15 +260,19 @@ def _nested_reads(function, arguments: dict, ops, library) -> list[str]:
                     key = arguments.get(functions.producer_name(data[position + offset]))
                     if key is not None:
                         inner_arguments[arg.name] = key
-            if not inner_arguments:
-                continue
-            body = functions.body_index(inner)
-            for inner_node in inner.node_def:
-                for _, raw in weight_operands(inner_node, ops):
-                    traced = trace_in_body(body, inner_arguments, raw)
-                    if traced is not None:
-                        keys.append(traced.key)
+            if inner_arguments:
+                keys += [traced.key for _, _, traced in _body_weight_reads(inner, inner_arguments, ops)]
     return keys
+
+
+def _body_weight_reads(function, arguments: dict, ops):
+    """(node, operand, Traced) for each prunable operand of a body that reads a variable argument."""
+    body = functions.body_index(function)
+    for node in function.node_def:
+        for operand, raw in weight_operands(node, ops):
+            traced = trace_in_body(body, arguments, raw)
+            if traced is not None:
+                yield node, operand, traced
 
 
 def weight_operands(node, ops=PRUNABLE_OPS):
