@@ -42,7 +42,9 @@ _BATCH = flags.DEFINE_integer("batch_size", 64, "Batch size.")
 _SEED = flags.DEFINE_integer("seed", 0, "Initial weights and batch order.")
 _PROBE_EVERY = flags.DEFINE_integer("probe_every", 50, "Record the sparsity every this many steps.")
 _EXAMPLES = flags.DEFINE_integer("train_examples", None, "Use only the first N training images (quick checks).")
-_KEEP = flags.DEFINE_float("keep_models_at", 0.9, "Keep the models pruned to this target for artifact_sizes.py.")
+_KEEP = flags.DEFINE_float("keep_models_at", 0.9, "Keep the models pruned to this target for artifact_sizes.py "
+                           "(negative: keep none).")
+_NAME = flags.DEFINE_string("name", "accuracy_vs_sparsity", "Results file: results/<name>.json.")
 
 
 def _log(message):
@@ -123,9 +125,10 @@ def main(argv):
     runs.append({"method": "dense", "target": 0.0, "accuracy": bc.accuracy(copy, data), "sparsity": 0.0,
                  "loss": loss, "ms_per_step": seconds * 1e3, "ramp": []})
     _log(f"dense fine-tuned: accuracy {runs[-1]['accuracy']:.4f}, {seconds * 1e3:.1f} ms/step")
-    keep_dense = os.path.join(models_dir, "dense")
-    shutil.rmtree(keep_dense, ignore_errors=True)
-    tf.saved_model.save(copy, keep_dense, signatures={"serving_default": copy.__call__})
+    if _KEEP.value >= 0:
+        keep_dense = os.path.join(models_dir, "dense")
+        shutil.rmtree(keep_dense, ignore_errors=True)
+        tf.saved_model.save(copy, keep_dense, signatures={"serving_default": copy.__call__})
 
     for target in (float(s) for s in _SPARSITIES.value):
         schedule_args = dict(initial_sparsity=0.0, final_sparsity=target, begin_step=0, end_step=end_step,
@@ -157,7 +160,7 @@ def main(argv):
                           "schedule": f"PolynomialDecay(0 -> target, begin 0, end {end_step}, power 3, "
                                       f"frequency {_FREQUENCY.value})",
                           "finetune_steps": steps, "end_step": end_step, "data": _DATA_DIR.value}}
-    _log(f"wrote {bc.write_json('accuracy_vs_sparsity', payload)} ({time.time() - started:.0f}s)")
+    _log(f"wrote {bc.write_json(_NAME.value, payload)} ({time.time() - started:.0f}s)")
     print("\n| target | dense | " + " | ".join(_METHODS.value) + " |")
     print("|---|---|" + "---|" * len(_METHODS.value))
     dense_acc = runs[0]["accuracy"]

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Every benchmark in one run, then the plots: about 35 minutes on 2 cores.
+# Every benchmark in one run, then the plots: about 50 minutes on 2 cores.
 #   pip install -e ".[bench]"                 # tf-keras, tensorflow-model-optimization, matplotlib
 #   apt-get install dataset-fashion-mnist     # Fashion-MNIST in /usr/share/datasets/fashion-mnist
 #   sh benchmarks/run_all.sh
@@ -7,6 +7,7 @@ set -e
 cd "$(dirname "$0")/.."
 python benchmarks/accuracy_vs_sparsity.py
 python benchmarks/artifact_sizes.py
+sh benchmarks/seeds_at_90.sh
 python benchmarks/train_step_overhead.py --repeats=9
 python benchmarks/mask_update_time.py
 python benchmarks/rewrite_time.py
