@@ -131,9 +131,12 @@ def _parse_arguments(pass_name: str, text: str) -> dict:
 
 def validate(model: g.TracedModel) -> None:
     """Raise ValueError if an entry's graph is broken: dangling inputs, unknown resources, or a
-    GraphDef that TensorFlow refuses to import."""
+    GraphDef that TensorFlow refuses to import. A signature that aliases a method of the model
+    (Entry.alias) is rebuilt as a call to that method and its own graph is never imported, so it
+    gets the structural checks only."""
     import tensorflow as tf
 
+    methods = {entry.name for entry in model.entries if entry.kind == "method"}
     for entry in model.entries:
         index = g.NodeIndex(entry.graph_def)
         if len(index.nodes) != len(entry.graph_def.node):
@@ -151,6 +154,8 @@ def validate(model: g.TracedModel) -> None:
         for name in list(entry.outputs) + list(entry.control_outputs):
             if g.parse_input(name.split(":")[0])[0] not in index.nodes:
                 raise ValueError(f"entry '{entry.name}': output '{name}' is missing")
+        if entry.alias is not None and entry.alias[0] in methods:
+            continue
         with tf.Graph().as_default():
             try:
                 tf.graph_util.import_graph_def(_without_large_constants(entry.graph_def), name="")
@@ -218,7 +223,8 @@ def run_pipeline(
 ) -> PipelineResult:
     """Run ``steps`` (text, or a list of (name, options) / (fn, options)) in order.
 
-    After every pass the model is validated; a failure names the pass and the ones before it.
+    After every pass that returns a new model, the model is validated; a failure names the pass
+    and the ones before it.
     ``after_pass(name, before, after)`` is called after each pass (verification hooks).
     """
     if isinstance(steps, str):
@@ -237,7 +243,7 @@ def run_pipeline(
             raise
         except TypeError as error:
             raise PassError(f"pass '{name}': {error}; see `graphprune run --list`") from error
-        if check:
+        if check and result.model is not model:
             try:
                 validate(result.model)
             except ValueError as error:

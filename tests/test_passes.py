@@ -245,3 +245,40 @@ def test_pipeline_names_the_pass_that_broke_the_graph(mlp):
 
     with pytest.raises(graphprune.PassError, match=r"pass 'break_graph' \(after find_weights\).*does_not_exist"):
         run_pipeline(loaded.model, [("find_weights", {}), (break_graph, {})], context)
+
+
+def _break_entry(entry_name, breakage):
+    def break_graph(model, context):
+        import dataclasses
+
+        from graphprune.pipeline import PassResult
+
+        entries = []
+        for entry in model.entries:
+            if entry.name == entry_name and (entry.alias is not None) == (breakage == "dangling"):
+                graph_def = g.copy_graph(entry.graph_def)
+                node = next(n for n in graph_def.node if n.op == "MatMul")
+                if breakage == "dangling":
+                    node.input.append("does_not_exist")
+                else:
+                    node.attr["T"].type = tf.int32.as_datatype_enum
+                entry = dataclasses.replace(entry, graph_def=graph_def)
+            entries.append(entry)
+        return PassResult(dataclasses.replace(model, entries=tuple(entries)), True)
+
+    return break_graph
+
+
+def test_validation_imports_method_graphs_and_checks_aliasing_signatures_structurally(keras_saved_model):
+    loaded = load(keras_saved_model)
+    context = PassContext(values=VariableValues(loaded.variables))
+    aliases = [e.name for e in loaded.model.entries if e.alias is not None]
+    methods = [e.name for e in loaded.model.entries if e.kind == "method"]
+    assert aliases and methods, [(e.name, e.kind, e.alias) for e in loaded.model.entries]
+    # A type error only TensorFlow's importer sees, in the method every signature calls:
+    with pytest.raises(graphprune.PassError, match=r"pass 'break_graph'.*entry 'serve'"):
+        run_pipeline(loaded.model, [(_break_entry(methods[0], "type"), {})], context)
+    # An aliasing signature is rebuilt as a call of that method, but its graph still gets the
+    # structural checks:
+    with pytest.raises(graphprune.PassError, match="does_not_exist"):
+        run_pipeline(loaded.model, [(_break_entry(aliases[0], "dangling"), {})], context)
