@@ -18,7 +18,7 @@ from absl import app, flags  # noqa: E402
 import graphprune  # noqa: E402
 
 _SIZES = flags.DEFINE_list("sizes", ["1e5", "1e6", "3e6", "1e7", "3e7"], "Total weight counts.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Updates timed per configuration (median reported).")
+_REPEATS = flags.DEFINE_integer("repeats", 9, "Updates timed per configuration (median reported).")
 
 
 class MLP(tf.Module):

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 python benchmarks/accuracy_vs_sparsity.py
 python benchmarks/artifact_sizes.py
 sh benchmarks/seeds_at_90.sh
-python benchmarks/train_step_overhead.py --repeats=9
+python benchmarks/train_step_overhead.py --repeats=15
 python benchmarks/mask_update_time.py
 python benchmarks/rewrite_time.py
 python benchmarks/plots.py

@@ -1,7 +1,9 @@
 """Train-step time, pruned vs dense, on the classic MNIST CNN, measured in one run.
 
 Two pruned variants: update_masks() called from Python before each step (as in the README), and
-traced into the train step's own tf.function (one dispatch per step).
+traced into the train step's own tf.function (one dispatch per step). Two diagnostic arms split
+the overhead: the pruned model trained without any update_masks() (masked forward/backward only)
+and the dense SavedModel graphprune starts from, trained as tf.saved_model.load returns it.
 
     python benchmarks/train_step_overhead.py [--steps=60 --repeats=5 --batch_size=64]
 
@@ -63,8 +65,13 @@ def main(argv):
     end_step = 10 * _STEPS.value
     pm = graphprune.prune(path, schedule=graphprune.PolynomialDecay(0.0, 0.9, 0, end_step, frequency=100))
     pm_fused = graphprune.prune(path, schedule=graphprune.PolynomialDecay(0.0, 0.9, 0, end_step, frequency=100))
+    pm_masks_only = graphprune.prune(path, schedule=graphprune.PolynomialDecay(0.0, 0.9, 0, end_step, frequency=100))
+    reloaded = tf.saved_model.load(path)
     steps = {
         "dense": bc.make_train_step(dense, dense.trainable_variables),
+        "dense, tf.saved_model.load": bc.make_train_step(
+            reloaded.__call__, [v for v in reloaded.signatures["serving_default"].variables if v.trainable]),
+        "graphprune, masked forward only": bc.make_train_step(pm_masks_only, pm_masks_only.trainable_variables),
         "graphprune, update_masks() from Python": bc.make_train_step(pm, pm.trainable_variables),
         "graphprune, update_masks() in the step": bc.make_train_step(pm_fused, pm_fused.trainable_variables,
                                                                      before=pm_fused.update_masks),
