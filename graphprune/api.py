@@ -33,7 +33,7 @@ def prune(target, schedule=None, *, block_size=(1, 1), block_pooling="AVG", m_by
         ``exclude=REGEX`` is a shortcut for a skip rule.
     one_shot: prune to the schedule's final sparsity now (masks set, pruned weights zeroed).
     verify: after every pass, rebuild and compare outputs with the previous stage (all-ones masks).
-    include_gather: also prune embedding tables (weights looked up with ResourceGather).
+    include_gather: also prune embedding tables (weights looked up with ResourceGather or GatherV2).
     """
     loaded = load(target)
     if config is None:

@@ -6,7 +6,9 @@ Matches, in every entry, a prunable op whose weight operand comes from a variabl
                                                            \\-> Mul(., read(<w>/graphprune/mask))   (already masked)
 
 Prunable ops and the operands that may be weights: MatMul, BatchMatMul{,V2,V3} (either operand),
-Conv2D, Conv3D, DepthwiseConv2dNative, Conv2DBackpropInput (the filter), Einsum (any operand).
+Conv2D, Conv3D, DepthwiseConv2dNative, Conv2DBackpropInput (the filter), Einsum (any operand);
+with include_gather, also embedding lookups (ResourceGather; GatherV2/Gather params). A lookup of
+an already masked table always counts, so a reloaded prunable model reports it without the flag.
 Function calls are inlined by the loader, so weights inside nested tf.functions are found too;
 While and If bodies (which stay functional) are searched as well: there the weight enters as a
 resource argument of the body (RNN recurrent kernels).
@@ -36,6 +38,10 @@ PRUNABLE_OPS = {
     "Conv2DBackpropInput": (1,),
     "Einsum": None,
 }
+# Opt-in (include_gather): lookups of an embedding table read from its variable. Keras 3 reads
+# the table and gathers from the tensor (GatherV2); tf.nn.embedding_lookup on a variable uses
+# ResourceGather on the resource itself (matched separately).
+GATHER_OPS = {"GatherV2": (0,), "Gather": (0,)}
 PASS_THROUGH_OPS = ("Identity", "Cast", "Snapshot")
 # A reshaped weight is still the weight (Keras 3 EinsumDense: Reshape(kernel) -> BatchMatMulV2),
 # but the op's axes no longer map to the variable's: its input axis becomes unknown.
@@ -175,8 +181,9 @@ def input_axis(node, operand: int, rank: int) -> int | None:
 def find_weights(model: g.TracedModel, context: PassContext, include_gather: bool = False) -> PassResult:
     """Record every variable read by MatMul/Conv/Einsum ops as a prunable weight (analysis).
 
-    include_gather: also embedding tables looked up with ResourceGather (opt-in)."""
-    ops = dict(PRUNABLE_OPS)
+    include_gather: also embedding tables looked up with ResourceGather, or with GatherV2 from
+    the table's read (opt-in)."""
+    ops = dict(PRUNABLE_OPS, **GATHER_OPS)  # a lookup counts only opted in or already masked (below)
     found: dict[str, dict] = {}
     skipped: dict[str, str] = {}
     nested: dict[str, str] = {}
@@ -185,6 +192,8 @@ def find_weights(model: g.TracedModel, context: PassContext, include_gather: boo
         key, mask_key = traced.key, traced.mask
         spec = model.variables[key]
         if spec.role != g.ROLE_OTHER:
+            return
+        if node.op in GATHER_OPS and not include_gather and not (mask_key or _existing_mask(model, key)):
             return
         if spec.dtype not in FLOAT_DTYPES:
             skipped[key] = f"dtype {spec.dtype} is not a float type"
@@ -216,7 +225,8 @@ def find_weights(model: g.TracedModel, context: PassContext, include_gather: boo
                 continue
             for node, operand, traced in _body_weight_reads(function, arguments, ops):
                 record(entry, traced, node, operand, f"{outer.name}/{function.signature.name}/{node.name}")
-            for key in _nested_reads(function, arguments, ops, functions.library_of(entry.graph_def)):
+            nested_ops = ops if include_gather else PRUNABLE_OPS
+            for key in _nested_reads(function, arguments, nested_ops, functions.library_of(entry.graph_def)):
                 nested.setdefault(key, "read by a MatMul/Conv inside a While/If body nested in another body; "
                                        "nested bodies are not searched, so it is not pruned")
     for key, reason in nested.items():

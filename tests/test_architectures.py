@@ -1,5 +1,5 @@
 """Real architectures: RNN kernels in While bodies, attention (Einsum weights), transposed and 3-D
-convolutions; each as a SavedModel built here, with all-ones equivalence, training to a target,
+convolutions, a Keras embedding (opt-in lookup target); each as a SavedModel built here, with all-ones equivalence, training to a target,
 finalize and TFLite (run with LiteRT). The zoo models are slow and marked so."""
 
 import numpy as np
@@ -28,12 +28,19 @@ class LoopRNN(tf.Module):
         return tf.matmul(h, self.readout)
 
 
-def _keras(build, shape):
+def _keras(build, shape, dtype="float32"):
     import keras
 
     keras.utils.set_random_seed(0)
-    inputs = keras.Input(shape, name="inputs")
+    inputs = keras.Input(shape, name="inputs", dtype=dtype)
     return keras.Model(inputs, build(keras, inputs))
+
+
+def _embedding_classifier(k, i):
+    return k.layers.Dense(3)(k.layers.GlobalAveragePooling1D()(k.layers.Embedding(VOCABULARY, 6)(i)))
+
+
+VOCABULARY = 20
 
 
 ARCHITECTURES = {
@@ -44,7 +51,11 @@ ARCHITECTURES = {
     "multi_head_attention": (lambda k, i: k.layers.MultiHeadAttention(2, 4)(i, i), (5, 8), 4),
     "conv2d_transpose": (lambda k, i: k.layers.Conv2DTranspose(4, 3, strides=2)(i), (6, 6, 3), 1),
     "conv3d": (lambda k, i: k.layers.Conv3D(4, 3)(i), (5, 5, 5, 2), 1),
+    # The table is only looked up (ResourceGather): a target only with include_gather=True.
+    "embedding": (_embedding_classifier, (7,), 2),
 }
+PRUNE_OPTIONS = {"embedding": {"include_gather": True}}
+INTEGER_INPUTS = {"embedding": VOCABULARY}
 
 
 KERAS_RECURRENT = ("lstm", "gru", "bidirectional_lstm")
@@ -59,10 +70,13 @@ def architecture(request, tmp_path_factory):
         tf.saved_model.save(model, path, signatures={"serving_default": model.__call__})
         reference = model
     else:
-        keras_model = _keras(build, shape)
+        keras_model = _keras(build, shape, "int32" if request.param in INTEGER_INPUTS else "float32")
         keras_model.export(path, verbose=False)
         reference = keras_model
-    x = np.random.RandomState(1).standard_normal([2, *shape]).astype(np.float32)
+    if request.param in INTEGER_INPUTS:
+        x = np.random.RandomState(1).randint(0, INTEGER_INPUTS[request.param], [2, *shape]).astype(np.int32)
+    else:
+        x = np.random.RandomState(1).standard_normal([2, *shape]).astype(np.float32)
     return request.param, path, reference, x, kernels
 
 
@@ -73,7 +87,7 @@ def _call(model, x):
 
 def test_all_ones_equivalence_and_every_kernel_found(architecture):
     name, path, reference, x, kernels = architecture
-    pm = graphprune.prune(path)
+    pm = graphprune.prune(path, **PRUNE_OPTIONS.get(name, {}))
     np.testing.assert_allclose(np.asarray(pm.signatures["serving_default"](**{_input(pm): x})[_output(pm)]),
                                _call(reference, x), atol=1e-5, rtol=0)
     assert len(pm.weights()) == kernels, [r["name"] for r in pm.weights()]
@@ -89,7 +103,8 @@ def _output(pm):
 
 def test_train_to_target_finalize_and_tflite(architecture, tmp_path):
     name, path, reference, x, kernels = architecture
-    pm = graphprune.prune(path, schedule=graphprune.PolynomialDecay(0.0, 0.75, 0, 6, frequency=2))
+    pm = graphprune.prune(path, schedule=graphprune.PolynomialDecay(0.0, 0.75, 0, 6, frequency=2),
+                          **PRUNE_OPTIONS.get(name, {}))
     signature = pm.signatures["serving_default"]
     variables = pm.trainable_variables
     optimizer = tf.keras.optimizers.SGD(0.01)
@@ -100,7 +115,7 @@ def test_train_to_target_finalize_and_tflite(architecture, tmp_path):
             out = signature(**{_input(pm): x})[_output(pm)]
             loss = tf.reduce_mean((out - target.astype(np.float32)) ** 2)
         grads = tape.gradient(loss, variables)
-        assert all(g is not None for g, v in zip(grads, variables) if "kernel" in v.name)
+        assert all(g is not None for g, v in zip(grads, variables) if "kernel" in v.name or "embedding" in v.name)
         optimizer.apply_gradients([(g, v) for g, v in zip(grads, variables) if g is not None])
     for row in pm.weights():
         assert abs(row["sparsity"] - 0.75) <= 1.0 / row["elements"] + 1e-9, row

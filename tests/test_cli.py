@@ -95,6 +95,32 @@ def test_m_by_n_one_shot_and_mse(workspace):
     assert dense["sparsity"] == pytest.approx(0.5, abs=1e-9)  # exactly 2 of every 4
 
 
+class _Embedding(tf.Module):
+    def __init__(self):
+        super().__init__()
+        rng = np.random.RandomState(0)
+        self.table = tf.Variable(rng.standard_normal([12, 4]).astype(np.float32), name="embedding/table")
+        self.kernel = tf.Variable(rng.standard_normal([4, 3]).astype(np.float32), name="dense/kernel")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 5], tf.int32)])
+    def __call__(self, ids):
+        return tf.matmul(tf.reduce_mean(tf.gather(tf.convert_to_tensor(self.table), ids), axis=1), self.kernel)
+
+
+def test_include_gather_prunes_an_embedding_table(tmp_path):
+    module = _Embedding()
+    model = str(tmp_path / "model")
+    tf.saved_model.save(module, model, signatures={"serving_default": module.__call__})
+    sparsities = {}
+    for flag in ("--noinclude_gather", "--include_gather"):
+        out = tmp_path / flag.strip("-")
+        graphprune("prune", f"--input={model}", f"--output={out}", "--final_sparsity=0.5", "--one_shot", flag)
+        report = json.loads(graphprune("inspect", f"--input={out}", "--json").stdout)
+        sparsities[flag] = {w["name"]: w["sparsity"] for w in report["weights"]}
+    assert sparsities["--noinclude_gather"] == {"dense/kernel": 0.5}
+    assert sparsities["--include_gather"] == {"dense/kernel": 0.5, "embedding/table": 0.5}
+
+
 def test_finalize_tflite_flags_and_inspect_table(workspace):
     trained = str(workspace / "poly_trained")
     if not os.path.isdir(trained):

@@ -28,6 +28,8 @@ _SCOPE = flags.DEFINE_enum("scope", "layer", ["layer", "global"], "Threshold per
 _EXCLUDE = flags.DEFINE_string("exclude", None, "Regex of weights/ops not to prune.")
 _SPARSITY_FOR = flags.DEFINE_multi_string("sparsity_for", [], "REGEX=SPARSITY: own final sparsity (repeatable).")
 _ONE_SHOT = flags.DEFINE_bool("one_shot", False, "Prune to --final_sparsity now (no training needed).")
+_GATHER = flags.DEFINE_bool("include_gather", False, "Also prune embedding tables (weights only looked up, by "
+                            "ResourceGather or GatherV2).")
 _VERIFY = flags.DEFINE_bool("verify", False, "Run and compare the model after every pass (all-ones masks).")
 
 flags.mark_flags_as_required(["input", "output", "final_sparsity"])
@@ -51,7 +53,7 @@ def main(argv):
     )
     common.call_library(graphprune.io.check_output, _OUTPUT.value, overwrite=_OVERWRITE.value, inputs=[_INPUT.value])
     model = common.call_library(graphprune.prune, _INPUT.value, config=config, one_shot=_ONE_SHOT.value,
-                                verify=_VERIFY.value)
+                                verify=_VERIFY.value, include_gather=_GATHER.value)
     common.call_library(graphprune.save, model, _OUTPUT.value, overwrite=_OVERWRITE.value, inputs=[_INPUT.value])
     if _VERIFY.value:
         print("verify (all-ones masks, largest |difference| per output after each pass):")
