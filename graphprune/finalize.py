@@ -107,8 +107,6 @@ def _with_static_batch(saved_model_dir, output_dir, batch_size):
 
     loaded = load(os.fspath(saved_model_dir))
     values = VariableValues(loaded.variables)
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise GraphPruneError(f"batch_size must be a positive integer, got {batch_size!r}")
     result = run_pipeline(loaded.model, [("static_batch", {"batch_size": batch_size})], PassContext(values=values))
     save_traced(result.model, values, output_dir)
     return output_dir

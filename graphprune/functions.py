@@ -42,17 +42,28 @@ def producer_name(raw: str) -> str:
 
 def argument_resources(index: g.NodeIndex, entry: g.Entry, node, function, offset: int) -> dict[str, str]:
     """Body arg name -> variable key, for args fed by one of the entry's variable placeholders."""
+
+    def key_of(raw):
+        producer = index.producer(raw)
+        while producer is not None and producer.op == "Identity":
+            producer = index.producer(producer.input[0])
+        return entry.resources.get(producer.name) if producer is not None else None
+
+    return resource_arguments(node, function, offset, key_of)
+
+
+def resource_arguments(node, function, offset: int, key_of) -> dict[str, str]:
+    """Body arg name -> variable key for the resource args of ``function`` called by ``node``;
+    ``key_of(input)`` names the variable behind one of the node's inputs (or None)."""
     data_inputs = [i for i in node.input if not i.startswith("^")]
     found = {}
     for position, arg in enumerate(function.signature.input_arg):
         outer = position + offset
         if arg.type != types_pb2.DT_RESOURCE or outer >= len(data_inputs):
             continue
-        producer = index.producer(data_inputs[outer])
-        while producer is not None and producer.op == "Identity":
-            producer = index.producer(producer.input[0])
-        if producer is not None and producer.name in entry.resources:
-            found[arg.name] = entry.resources[producer.name]
+        key = key_of(data_inputs[outer])
+        if key is not None:
+            found[arg.name] = key
     return found
 
 

@@ -263,13 +263,8 @@ def _nested_reads(function, arguments: dict, ops, library) -> list[str]:
             inner = library.get(node.attr[attr].func.name)
             if inner is None:
                 continue
-            data = [raw for raw in node.input if not raw.startswith("^")]
-            inner_arguments = {}
-            for position, arg in enumerate(inner.signature.input_arg):
-                if position + offset < len(data):
-                    key = arguments.get(functions.producer_name(data[position + offset]))
-                    if key is not None:
-                        inner_arguments[arg.name] = key
+            inner_arguments = functions.resource_arguments(node, inner, offset,
+                                                           lambda raw: arguments.get(functions.producer_name(raw)))
             if inner_arguments:
                 keys += [traced.key for _, _, traced in _body_weight_reads(inner, inner_arguments, ops)]
     return keys

@@ -26,7 +26,7 @@ ELEMENT_SHAPE_INPUT = {"TensorListReserve": 0, "EmptyTensorList": 0, "TensorList
 
 def static_batch(model: g.TracedModel, context: PassContext, batch_size: int = 1) -> PassResult:
     """Fix the batch dimension of every entry's inputs and TensorList element shapes."""
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise PassError(f"static_batch: batch_size must be a positive integer, got {batch_size!r}")
     entries, report = [], {"inputs": 0, "element_shapes": 0}
     for entry in model.entries:
