@@ -49,6 +49,7 @@ def prune(target, schedule=None, *, block_size=(1, 1), block_pooling="AVG", m_by
     after_pass = optional_verifier(verify, context.values)
     result = run_pipeline(loaded.model, steps, context, after_pass=after_pass)
     model = result.model
+    config.check_rules_match(model.facts.get("weights", ()))
     for key, reason in (model.facts.get("skipped_weights") or {}).items():
         warnings.warn(f"graphprune: not pruning '{key}': {reason}", stacklevel=2)
     if not any(w.mask for w in model.facts.get("weights", ())):

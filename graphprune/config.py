@@ -17,23 +17,41 @@ import dataclasses
 import re
 from typing import Iterable
 
+import numpy as np
+
 from graphprune.errors import ScheduleError, StructureError
 from graphprune.masks import POOLINGS, check_block, check_m_by_n
-from graphprune.schedules import ConstantSparsity, PolynomialDecay, PruningSchedule
+from graphprune.schedules import ConstantSparsity, PolynomialDecay, PruningSchedule, check_sparsity
 
 SCOPES = ("layer", "global")
+
+
+def _whole_numbers(parts, what: str, value) -> tuple[int, ...]:
+    """Each part as an int: decimal digits in text, or an integral Python/NumPy integer; a float
+    (1.5), a bool or anything else is refused rather than truncated."""
+    numbers = []
+    for part in parts:
+        if isinstance(part, str) and re.fullmatch(r"\s*[0-9]+\s*", part):
+            numbers.append(int(part))
+        elif isinstance(part, (int, np.integer)) and not isinstance(part, (bool, np.bool_)):
+            numbers.append(int(part))
+        else:
+            raise StructureError(f"{what}, got {value!r}")
+    return tuple(numbers)
 
 
 def parse_block_size(value) -> tuple[int, int]:
     """'1x2', (1, 2) or [1, 2] -> (1, 2)."""
     if isinstance(value, str):
         parts = re.split(r"[xX,]", value.strip())
+    elif value is None:
+        parts = [1, 1]
     else:
-        parts = list(value) if value is not None else [1, 1]
-    try:
-        block = tuple(int(p) for p in parts)
-    except (TypeError, ValueError):
-        raise StructureError(f"block_size must look like 1x2, got {value!r}") from None
+        try:
+            parts = list(value)
+        except TypeError:
+            raise StructureError(f"block_size must look like 1x2 or (1, 2), got {value!r}") from None
+    block = _whole_numbers(parts, "block_size must be two whole numbers like 1x2", value)
     if len(block) != 2 or min(block) < 1:
         raise StructureError(f"block_size must be two positive integers like 1x2, got {value!r}")
     return block
@@ -43,11 +61,14 @@ def parse_m_by_n(value) -> tuple[int, int] | None:
     """'2:4', (2, 4) -> (2, 4); None stays None."""
     if value is None or value == "":
         return None
-    parts = re.split(r"[:xX,/]", value.strip()) if isinstance(value, str) else list(value)
     try:
-        m, n = (int(p) for p in parts)
-    except (TypeError, ValueError):
-        raise StructureError(f"m_by_n must look like 2:4, got {value!r}") from None
+        parts = re.split(r"[:xX,/]", value.strip()) if isinstance(value, str) else list(value)
+    except TypeError:
+        raise StructureError(f"m_by_n must look like 2:4 or (2, 4), got {value!r}") from None
+    numbers = _whole_numbers(parts, "m_by_n must be two whole numbers like 2:4", value)
+    if len(numbers) != 2:
+        raise StructureError(f"m_by_n must be two whole numbers like 2:4, got {value!r}")
+    m, n = numbers
     if not 0 < m < n:
         raise StructureError(f"m_by_n must be M:N with 0 < M < N (M pruned of every N), got {value!r}")
     return m, n
@@ -104,10 +125,20 @@ class Rule:
     structure: Structure | None = None
 
     def __post_init__(self):
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise ScheduleError(f"Rule needs a regular expression (a non-empty string) as its pattern, got "
+                                f"{self.pattern!r}")
         try:
             re.compile(self.pattern)
         except re.error as error:
             raise ScheduleError(f"rule pattern {self.pattern!r} is not a valid regular expression: {error}") from None
+        if not isinstance(self.skip, (bool, np.bool_)):
+            raise ScheduleError(f"Rule({self.pattern!r}): skip must be True or False, got {self.skip!r}")
+        if self.sparsity is not None and not isinstance(self.sparsity, PruningSchedule):
+            object.__setattr__(self, "sparsity", check_sparsity("sparsity", self.sparsity))
+        if self.structure is not None and not isinstance(self.structure, Structure):
+            raise ScheduleError(f"Rule({self.pattern!r}): structure must be a graphprune.Structure, got "
+                                f"{type(self.structure).__name__}")
 
     def matches(self, weight) -> bool:
         haystack = [weight.key, *weight.ops, *(use.node for use in weight.uses)]
@@ -138,7 +169,26 @@ class PruningConfig:
             )
         if self.scope not in SCOPES:
             raise ScheduleError(f"scope must be 'layer' or 'global', got {self.scope!r}")
+        if not isinstance(self.structure, Structure):
+            raise StructureError(f"structure must be a graphprune.Structure, got {type(self.structure).__name__}")
+        if isinstance(self.rules, (str, Rule)) or not hasattr(self.rules, "__iter__"):
+            raise ScheduleError(f"rules must be a list of graphprune.Rule, got {self.rules!r}")
         object.__setattr__(self, "rules", tuple(self.rules))
+        for rule in self.rules:
+            if not isinstance(rule, Rule):
+                raise ScheduleError(f"rules must be graphprune.Rule objects, got {rule!r} (write "
+                                    f"graphprune.Rule({rule!r}, skip=True) or Rule(..., sparsity=0.5))")
+
+    def check_rules_match(self, weights) -> None:
+        """Refuse a rule that matches none of ``weights``: a typo in a pattern must not silently
+        prune what it was meant to spare (or leave at its own sparsity)."""
+        weights = list(weights)
+        for rule in self.rules:
+            if not any(rule.matches(w) for w in weights):
+                names = [w.key for w in weights]
+                shown = ", ".join(names[:12]) + (f" (and {len(names) - 12} more)" if len(names) > 12 else "")
+                raise ScheduleError(f"rule pattern {rule.pattern!r} (exclude / sparsity_for / Rule) matches no weight; "
+                                    f"the weights are: {shown or 'none'}")
 
     def plan(self, weights: Iterable) -> tuple[dict[str, WeightPlan], dict[str, str]]:
         """(plans by weight key, skipped weight key -> reason). Structures are checked here."""
@@ -187,9 +237,12 @@ def make_config(schedule=None, *, final_sparsity=None, initial_sparsity=0.0, beg
             try:
                 sparsity = float(value)
             except ValueError:
-                raise ScheduleError(f"sparsity_for {item!r}: {value!r} is not a number") from None
+                raise ScheduleError(f"sparsity_for (--sparsity_for) {item!r}: {value!r} is not a number") from None
         else:
             pattern, sparsity = item
-        all_rules.append(Rule(pattern, sparsity=sparsity))
+        try:
+            all_rules.append(Rule(pattern, sparsity=sparsity))
+        except ScheduleError as error:
+            raise ScheduleError(f"sparsity_for (--sparsity_for) {item!r}: {error}") from None
     structure = Structure(block_size=block_size, block_pooling=block_pooling, m_by_n=m_by_n)
     return PruningConfig(schedule=schedule, structure=structure, scope=scope, rules=tuple(all_rules))

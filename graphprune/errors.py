@@ -1,7 +1,9 @@
 """The error taxonomy: every refusal is a GraphPruneError with a one-line, actionable message.
 
 Tools map GraphPruneError to exit code 2 and print only the message (a traceback only with
---verbose). Anything else escaping the library is a bug.
+--verbose). Anything else escaping the library is a bug. Errors about a value the caller gave
+(a sparsity, a step, a structure, a path, data) also subclass ValueError, as the reference
+toolkit's do, so code that catches ValueError keeps working.
 """
 
 
@@ -21,16 +23,26 @@ class UnsupportedError(GraphPruneError):
     """An op, dtype or structure we do not handle."""
 
 
-class ScheduleError(GraphPruneError):
-    """A pruning schedule with invalid settings."""
+class ScheduleError(GraphPruneError, ValueError):
+    """A pruning schedule (or rule) with invalid settings."""
 
 
-class StructureError(GraphPruneError):
+class StructureError(GraphPruneError, ValueError):
     """A block or M:N structure that does not fit a weight."""
 
 
-class OutputExistsError(GraphPruneError):
-    """The output path exists and overwrite was not asked for, or it lies inside the input."""
+class OutputExistsError(GraphPruneError, ValueError):
+    """The output path exists and overwrite was not asked for, lies inside the input, collides
+    with another output of the same call, or is a path no output may take (blank, '/', ...)."""
+
+
+class WriteError(GraphPruneError):
+    """An output could not be written (full disk, no permission, a file where a directory must be)."""
+
+
+class DataError(GraphPruneError, ValueError):
+    """Training data that does not fit the model (shape, dtype, labels, non-finite values), or
+    training that diverged (a NaN loss, non-finite weights at a mask update)."""
 
 
 class PassError(GraphPruneError):

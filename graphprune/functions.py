@@ -22,6 +22,13 @@ LOOP_OPS = ("While", "StatelessWhile")
 BRANCH_OPS = ("If", "StatelessIf")
 
 
+CALL_OPS = ("PartitionedCall", "StatefulPartitionedCall")
+# Ops that change a variable's value (or destroy it); a variable any of them touches is state,
+# not a weight to freeze.
+WRITE_OP_PREFIXES = ("Assign", "ResourceScatter", "ResourceApply", "ResourceSparseApply",
+                     "ResourceStridedSliceAssign", "DestroyResourceOp")
+
+
 def body_attrs(node) -> list[tuple[str, int]]:
     """(attr naming a body function, offset from node input index to function arg index)."""
     if node.op in LOOP_OPS:
@@ -29,6 +36,55 @@ def body_attrs(node) -> list[tuple[str, int]]:
     if node.op in BRANCH_OPS:
         return [("then_branch", 1), ("else_branch", 1)]
     return []
+
+
+def _called_functions(node) -> list[tuple[str, int]]:
+    """body_attrs plus the function of a (Stateful)PartitionedCall and Case's branches."""
+    if node.op in CALL_OPS:
+        return [("f", 0)]
+    if node.op == "Case":
+        return [("branches", 1)]
+    return body_attrs(node)
+
+
+def written_variables(model: g.TracedModel) -> set[str]:
+    """Keys of the variables some op assigns to (a counter, a running statistic), in the top graph
+    or in any body it calls, at any depth."""
+    written = set()
+    for entry in model.entries:
+        index = g.NodeIndex(entry.graph_def)
+        library = library_of(entry.graph_def)
+
+        def key_of(raw, index=index, entry=entry):
+            producer = index.producer(raw)
+            while producer is not None and producer.op == "Identity":
+                producer = index.producer(producer.input[0])
+            return entry.resources.get(producer.name) if producer is not None else None
+
+        written |= _written(entry.graph_def.node, key_of, library, set())
+    return written
+
+
+def _written(nodes, key_of, library, active) -> set[str]:
+    found = set()
+    for node in nodes:
+        if node.op.startswith(WRITE_OP_PREFIXES) and node.input:
+            key = key_of(node.input[0])
+            if key is not None:
+                found.add(key)
+        for attr, offset in _called_functions(node):
+            names = ([f.name for f in node.attr[attr].list.func] if attr == "branches"
+                     else [node.attr[attr].func.name])
+            for name in names:
+                function = library.get(name)
+                if function is None or name in active:
+                    continue
+                arguments = resource_arguments(node, function, offset, key_of)
+                if not arguments:
+                    continue
+                found |= _written(function.node_def, lambda raw, a=arguments: a.get(producer_name(raw)), library,
+                                  active | {name})
+    return found
 
 
 def library_of(graph_def) -> dict:

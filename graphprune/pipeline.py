@@ -11,7 +11,6 @@ A pipeline can be written as text, like TF's graph transform tool:
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import re
 from collections import Counter
@@ -20,7 +19,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from graphprune import graph as g
-from graphprune.errors import GraphPruneError, PassError
+from graphprune.errors import PassError
 
 
 class VariableValues(Mapping):
@@ -114,19 +113,57 @@ def parse_pipeline(text: str) -> list[tuple[str, dict]]:
     return steps
 
 
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_FLOAT = re.compile(r"[+-]?([0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(nan|inf)", re.IGNORECASE)
+
+
+def parse_value(raw: str):
+    """A pass option's value from text: true/false, a decimal integer, a decimal float, a quoted
+    string, else the text itself. Nothing else is evaluated: '0x2' stays the text '0x2'."""
+    raw = raw.strip()
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    if _INTEGER.fullmatch(raw):
+        return int(raw)
+    if _FLOAT.fullmatch(raw):
+        return float(raw)
+    if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+        return raw[1:-1]
+    return raw
+
+
 def _parse_arguments(pass_name: str, text: str) -> dict:
     options = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, sep, raw = part.partition("=")
         if not sep or not key.strip().isidentifier():
             raise PassError(f"pass '{pass_name}': argument {part!r} is not key=value")
-        raw = raw.strip()
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw.strip("'\"")
-        options[key.strip()] = value
+        options[key.strip()] = parse_value(raw)
     return options
+
+
+_OPTION_TYPES = {"bool": (bool,), "int": (int,), "float": (int, float)}
+
+
+def check_options(name: str, fn: PassFn, options: Mapping) -> None:
+    """Refuse options the pass does not declare and values of the wrong type (by its annotations),
+    before it runs: a TypeError raised inside a pass is then the bug it is, not 'bad options'."""
+    import inspect
+
+    parameters = dict(list(inspect.signature(fn).parameters.items())[2:])  # after (model, context)
+    open_ended = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    for key, value in options.items():
+        parameter = parameters.get(key)
+        if parameter is None:
+            if open_ended:
+                continue
+            declared = ", ".join(parameters) or "none"
+            raise PassError(f"pass '{name}' has no option '{key}' (its options: {declared}); see `graphprune run --list`")
+        annotation = parameter.annotation if isinstance(parameter.annotation, str) else getattr(
+            parameter.annotation, "__name__", "")
+        types = _OPTION_TYPES.get(annotation)
+        if types and (not isinstance(value, types) or (bool not in types and isinstance(value, bool))):
+            raise PassError(f"pass '{name}': option {key}={value!r} must be {annotation}")
 
 
 def validate(model: g.TracedModel) -> None:
@@ -237,12 +274,8 @@ def run_pipeline(
         fn = known[step] if isinstance(step, str) else step
         name = step if isinstance(step, str) else getattr(fn, "__name__", str(fn))
         before_counts = _counts(model)
-        try:
-            result = fn(model, context, **options)
-        except GraphPruneError:
-            raise
-        except TypeError as error:
-            raise PassError(f"pass '{name}': {error}; see `graphprune run --list`") from error
+        check_options(name, fn, options)
+        result = fn(model, context, **options)
         if check and result.model is not model:
             try:
                 validate(result.model)

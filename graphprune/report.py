@@ -92,6 +92,9 @@ class SizeReport:
             },
         }
 
+    def __str__(self) -> str:
+        return self.table()
+
     def table(self) -> str:
         header = f"{'weight':40s} {'op':22s} {'shape':18s} {'sparsity':>8s} {'nonzeros':>10s} {'bytes':>10s} {'gzip':>10s} {'bound':>10s}"
         lines = [f"{self.kind}: {self.path}", header, "-" * len(header)]
@@ -275,6 +278,8 @@ def size_report(path) -> SizeReport:
     if os.path.isfile(path):
         with open(path, "rb") as handle:
             data = handle.read()
+        if data[:4] == b"PK\x03\x04":
+            raise BadModelError(f"{path}: a zip archive (an .npz?), not a .tflite file or a SavedModel directory")
         return SizeReport(path=path, kind="tflite", weights=tflite_weights(path), file_bytes=len(data),
                           file_gzip_bytes=gzip_size(data))
     raise BadModelError(f"{path}: no such SavedModel directory or .tflite file")

@@ -58,10 +58,16 @@ class PruningSchedule:
         return f"{type(self).__name__}({arguments})"
 
     def _validate_steps(self, allow_open_end: bool):
-        if not isinstance(self.begin_step, (int, np.integer)) or self.begin_step < 0:
+        for name in ("begin_step", "end_step", "frequency"):
+            value = getattr(self, name)
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+                raise ScheduleError(f"{name} must be an integer, got {value!r}")
+            if not -1 <= int(value) <= INT64_MAX:
+                raise ScheduleError(f"{name} must be at most {INT64_MAX} (int64: the step is an int64 variable), "
+                                    f"got {value}")
+            setattr(self, name, int(value))
+        if self.begin_step < 0:
             raise ScheduleError(f"begin_step must be an integer >= 0, got {self.begin_step!r}")
-        if not isinstance(self.end_step, (int, np.integer)):
-            raise ScheduleError(f"end_step must be an integer, got {self.end_step!r}")
         if self.end_step < 0 and not (allow_open_end and self.end_step == -1):
             hint = " (-1, prune forever, is only allowed for ConstantSparsity)" if not allow_open_end else ""
             raise ScheduleError(f"end_step must be >= begin_step{hint}, got {self.end_step}")
@@ -88,7 +94,20 @@ class PruningSchedule:
             )
 
 
-def _check_sparsity(name: str, value) -> float:
+INT64_MAX = 2**63 - 1
+
+
+def _check_power(value) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ScheduleError(f"power must be a number >= 0, got {value!r}")
+    if not np.isfinite(value) or value < 0:
+        raise ScheduleError(f"power must be a finite number >= 0, got {value}")
+    return value
+
+
+def check_sparsity(name: str, value) -> float:
+    if isinstance(value, (bool, np.bool_)):
+        raise ScheduleError(f"{name} must be a number in [0, 1), got {value!r}")
     try:
         value = float(value)
     except (TypeError, ValueError):
@@ -103,7 +122,7 @@ class ConstantSparsity(PruningSchedule):
     (``end_step=-1``: forever)."""
 
     def __init__(self, target_sparsity, begin_step, end_step=-1, frequency=100):
-        self.target_sparsity = _check_sparsity("target_sparsity", target_sparsity)
+        self.target_sparsity = check_sparsity("target_sparsity", target_sparsity)
         self.begin_step, self.end_step, self.frequency = begin_step, end_step, frequency
         self._validate_steps(allow_open_end=True)
 
@@ -127,10 +146,10 @@ class PolynomialDecay(PruningSchedule):
     ``end_step`` along ``final + (initial - final) * (1 - p) ** power``."""
 
     def __init__(self, initial_sparsity, final_sparsity, begin_step, end_step, power=3, frequency=100):
-        self.initial_sparsity = _check_sparsity("initial_sparsity", initial_sparsity)
-        self.final_sparsity_value = _check_sparsity("final_sparsity", final_sparsity)
+        self.initial_sparsity = check_sparsity("initial_sparsity", initial_sparsity)
+        self.final_sparsity_value = check_sparsity("final_sparsity", final_sparsity)
         self.begin_step, self.end_step, self.frequency = begin_step, end_step, frequency
-        self.power = power
+        self.power = _check_power(power)
         self._validate_steps(allow_open_end=False)
         self._warn_if_final_unreached()
 

@@ -15,14 +15,20 @@ from graphprune.errors import PassError
 from graphprune.pipeline import PassContext
 
 
-def seeded_inputs(entry: g.Entry, seed: int = 0, batch: int = 2) -> list[np.ndarray]:
-    """Deterministic inputs for an entry's flat placeholders (unknown dims become ``batch``)."""
+def seeded_inputs(entry: g.Entry, seed: int = 0, batch: int = 2, positive: bool = False) -> list[np.ndarray]:
+    """Deterministic inputs for an entry's flat placeholders (unknown dims become ``batch``).
+
+    Floats are standard normal, or uniform in [0.1, 1) with ``positive`` (for models whose
+    outputs are NaN on negative inputs: a log, a sqrt); integers are 0 or 1 (valid token ids,
+    class ids and indices of any table with two rows or more)."""
     rng = np.random.RandomState(seed)
     values = []
     for info in entry.inputs:
         shape = [batch if d is None else d for d in (info.shape or (batch,))]
         dtype = tf.as_dtype(info.dtype)
-        if dtype.is_floating:
+        if dtype.is_floating and positive:
+            values.append(rng.uniform(0.1, 1.0, shape).astype(dtype.as_numpy_dtype))
+        elif dtype.is_floating:
             values.append(rng.standard_normal(shape).astype(dtype.as_numpy_dtype))
         elif dtype.is_integer:
             values.append(rng.randint(0, 2, size=shape).astype(dtype.as_numpy_dtype))
@@ -33,7 +39,8 @@ def seeded_inputs(entry: g.Entry, seed: int = 0, batch: int = 2) -> list[np.ndar
     return values
 
 
-def run_entries(model: g.TracedModel, values, *, ones_masks: bool = True, seed: int = 0) -> dict:
+def run_entries(model: g.TracedModel, values, *, ones_masks: bool = True, seed: int = 0,
+                positive: bool = False) -> dict:
     """Outputs of every non-update entry on seeded inputs, as {"kind:name": [arrays]}.
 
     Variables are fresh copies of the values a pass would see (``PassContext.value``), so the
@@ -51,7 +58,8 @@ def run_entries(model: g.TracedModel, values, *, ones_masks: bool = True, seed: 
         if entry.kind == "update":
             continue
         run = tf.function(_runner(entry, live), autograph=False)
-        outputs[f"{entry.kind}:{entry.name}"] = [np.asarray(t) for t in run(*seeded_inputs(entry, seed))]
+        outputs[f"{entry.kind}:{entry.name}"] = [np.asarray(t) for t in run(*seeded_inputs(entry, seed,
+                                                                                           positive=positive))]
     return outputs
 
 
@@ -75,20 +83,39 @@ class Verifier:
         self.atol, self.rtol, self.seed = atol, rtol, seed
         self.report: list[tuple[str, str, int, float]] = []  # (pass, entry, output, max |diff|)
         self._last = (None, None)  # (model, its outputs): a pass's result is the next one's input
+        self.positive = None  # decided on the first model: positive inputs if normal ones give NaN
 
     def _outputs(self, model: g.TracedModel) -> dict:
         if self._last[0] is not model:
-            self._last = (model, run_entries(model, self.values, ones_masks=self.ones_masks, seed=self.seed))
+            if self.positive is None:
+                outputs = run_entries(model, self.values, ones_masks=self.ones_masks, seed=self.seed)
+                self.positive = any(_has_nan(o) for values in outputs.values() for o in values)
+                if not self.positive:
+                    self._last = (model, outputs)
+                    return outputs
+            self._last = (model, run_entries(model, self.values, ones_masks=self.ones_masks, seed=self.seed,
+                                             positive=self.positive))
         return self._last[1]
 
     def __call__(self, pass_name: str, before: g.TracedModel, after: g.TracedModel) -> None:
         expected = self._outputs(before)
         actual = self._outputs(after)
         for entry_name, reference in expected.items():
-            for number, (want, got) in enumerate(zip(reference, actual.get(entry_name, []))):
-                difference = float(np.max(np.abs(want.astype(np.float64) - got.astype(np.float64)))) if want.size else 0.0
+            if entry_name not in actual:
+                raise PassError(f"verify: pass '{pass_name}' dropped '{entry_name}' (every signature and function "
+                                "must survive every pass)")
+            if len(actual[entry_name]) != len(reference):
+                raise PassError(f"verify: pass '{pass_name}' changed the outputs of '{entry_name}' from "
+                                f"{len(reference)} to {len(actual[entry_name])}")
+            for number, (want, got) in enumerate(zip(reference, actual[entry_name])):
+                if want.shape != got.shape:
+                    raise PassError(f"verify: pass '{pass_name}' changed the shape of output {number} of "
+                                    f"'{entry_name}' from {want.shape} to {got.shape}")
+                difference = max_difference(want, got)
                 self.report.append((pass_name, entry_name, number, difference))
-                if not np.allclose(want, got, atol=self.atol, rtol=self.rtol):
+                numeric = want.dtype.kind in "fciub"
+                if not (np.allclose(want, got, atol=self.atol, rtol=self.rtol, equal_nan=want.dtype.kind in "fc")
+                        if numeric else np.array_equal(want, got)):
                     raise PassError(
                         f"verify: pass '{pass_name}' changed output {number} of '{entry_name}' "
                         f"by up to {difference:.3g} (atol {self.atol})"
@@ -96,6 +123,25 @@ class Verifier:
 
     def summary(self) -> str:
         return format_report(self.report)
+
+
+def _has_nan(array) -> bool:
+    return array.dtype.kind in "fc" and bool(np.isnan(array).any())
+
+
+def max_difference(want, got) -> float:
+    """Largest |want - got|, NaN equal to NaN (where both have it); inf where only one has NaN."""
+    if not want.size:
+        return 0.0
+    if want.dtype.kind not in "fciub":
+        return 0.0 if np.array_equal(want, got) else float("inf")
+    want, got = want.astype(np.float64), got.astype(np.float64)
+    both = np.isnan(want) & np.isnan(got)
+    if (np.isnan(want) ^ np.isnan(got)).any():
+        return float("inf")
+    difference = np.abs(np.where(both, 0.0, want - got))
+    difference = np.where(np.isinf(want) & (want == got), 0.0, difference)
+    return float(np.max(difference))
 
 
 def optional_verifier(enabled: bool, values, *, ones_masks: bool = True):

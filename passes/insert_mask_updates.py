@@ -107,7 +107,7 @@ def _build_update_entry(model, config, weights, plans) -> g.Entry:
                 for weight in members:  # create every placeholder outside the branch functions
                     handle(weight.key), handle(weight.mask), handle(threshold_key(weight.key))
                 should_prune, target = schedule(step)
-                branch = _update_branch(members, plans, target, read, handle)
+                branch = _update_branch(members, plans, target, read, handle, step)
                 updated = tf.cond(should_prune, branch, lambda: tf.constant(False))
                 updates.append(updated)
                 if schedule == config.schedule or main_should is None:
@@ -157,12 +157,12 @@ def _declare_side_effects(graph_def) -> None:
                 function.signature.control_output.append(node.name)
 
 
-def _update_branch(members, plans, target, read, handle):
+def _update_branch(members, plans, target, read, handle, step):
     def branch():
         values = {w.key: read(w.key) for w in members}
         alive = {w.key: read(w.mask) for w in members}
         computed = compute_masks(values, plans, {w.key: target for w in members},
-                                 {w.key: w.input_axis for w in members}, alive)
+                                 {w.key: w.input_axis for w in members}, alive, step=step)
         assigns = []
         for weight in members:
             mask, threshold = computed[weight.key]

@@ -19,6 +19,7 @@ computes exactly what it computed before.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import numpy as np
 import tensorflow as tf
@@ -27,6 +28,7 @@ from tensorflow.python.framework import dtypes
 from graphprune import functions
 from graphprune import graph as g
 from graphprune.config import PruningConfig, make_config
+from graphprune.errors import PassError
 from graphprune.passes.find_weights import resource_key, resource_of, weights_of
 from graphprune.pipeline import PassContext, PassResult, register_pass
 from graphprune.schedules import ConstantSparsity
@@ -43,6 +45,11 @@ def config_from_options(config: PruningConfig | None, sparsity, options: dict) -
         if sparsity is not None:
             return dataclasses.replace(config, schedule=config.schedule.with_final_sparsity(sparsity))
         return config
+    accepted = set(inspect.signature(make_config).parameters) - {"schedule"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise PassError(f"insert_masks has no option '{unknown[0]}' (its options: sparsity, final_sparsity, config, "
+                        f"{', '.join(sorted(accepted))})")
     return make_config(ConstantSparsity(sparsity if sparsity is not None else 0.0, 0, 0, 1), **options)
 
 

@@ -1,4 +1,9 @@
-"""What every graphprune command shares: flag-error handling, library-error handling, output."""
+"""What every graphprune command shares: flag-error handling, library-error handling, output.
+
+Every failure is one line on stderr: a GraphPruneError (bad input, exit 2), Ctrl-C ("interrupted;
+nothing was written", exit 130), and even a bug (exit 1, "internal error ... --verbose"); the
+traceback only with --verbose.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +15,18 @@ from absl import flags
 
 FLAGS = flags.FLAGS
 
-_VERBOSE = flags.DEFINE_bool("verbose", False, "Print the full traceback on errors.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Print the full traceback on errors, TensorFlow's own messages and "
+                             "per-stage times.")
+
+HELP_ARGUMENTS = ("--help", "-help", "-h", "--helpshort", "-helpshort")
 
 
 def command_name() -> str:
     return os.environ.get("GRAPHPRUNE_COMMAND", "graphprune")
+
+
+def verbose() -> bool:
+    return bool(_VERBOSE.present and _VERBOSE.value) if FLAGS.is_parsed() else "--verbose" in sys.argv
 
 
 def fail(message: str, code: int = 2):
@@ -28,21 +40,44 @@ def parse_flags(argv):
     try:
         return FLAGS(argv)
     except flags.Error as error:
-        fail(f"{error}; see --helpfull")
+        fail(f"{error}; see {command_name()} --help")
 
 
-def call_library(function, *args, **kwargs):
-    """Run a library call; a GraphPruneError becomes one line and exit code 2."""
-    from graphprune.errors import GraphPruneError
+def command_help(module) -> str:
+    """The command's docstring and its own flags (plus --verbose and --flagfile)."""
+    doc = (module.__doc__ or "").strip()
+    own = []
+    for source in (*getattr(module, "HELP_MODULES", ()), module):
+        own += FLAGS.module_help(source).strip().splitlines()[1:]  # drop the module-name header
+    shared = FLAGS.module_help(sys.modules[__name__]).strip().splitlines()[1:]
+    lines = [doc, "", "flags:", *own, *shared, "  --flagfile: read flags from this file, one per line."]
+    return "\n".join(lines)
 
-    try:
-        return function(*args, **kwargs)
-    except GraphPruneError as error:
-        if _VERBOSE.value:
-            traceback.print_exc()
-        fail(str(error))
-    except KeyboardInterrupt:
-        fail("interrupted; nothing was written", code=130)
+
+def run_main(main):
+    """Wrap a command's main so that every way out is one line (see the module docstring)."""
+
+    def wrapped(argv):
+        from graphprune.errors import GraphPruneError
+
+        try:
+            return main(argv)
+        except GraphPruneError as error:
+            if verbose():
+                traceback.print_exc()
+            fail(str(error))
+        except KeyboardInterrupt:
+            fail("interrupted; nothing was written", code=130)
+        except (SystemExit, GeneratorExit, BrokenPipeError):
+            raise
+        except Exception as error:  # a bug: still one line, the traceback with --verbose
+            if verbose():
+                traceback.print_exc()
+            first = (str(error).strip().splitlines() or [""])[0][:300]
+            fail(f"internal error: {type(error).__name__}: {first} (rerun with --verbose for the traceback, and "
+                 "please report it)", code=1)
+
+    return wrapped
 
 
 def quiet_tensorflow(verbose: bool = False):
@@ -60,8 +95,21 @@ def quiet_tensorflow(verbose: bool = False):
         os.close(devnull)
         sys.stderr = os.fdopen(real_stderr, "w", buffering=1)
     import logging
+    import warnings
 
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)
     import absl.logging
 
-    absl.logging.set_verbosity(absl.logging.ERROR)
+    # Without --verbose, TensorFlow's own log lines (a garbage fingerprint.pb logs an error with a
+    # traceback, then loads fine) stay hidden; our messages are print()s and warnings.
+    level = logging.INFO if verbose else logging.CRITICAL
+    logging.getLogger("tensorflow").setLevel(level)
+    absl.logging.set_verbosity(absl.logging.INFO if verbose else absl.logging.FATAL)
+    warnings.showwarning = _one_line_warning
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings as 'graphprune COMMAND: warning: ...' lines (no file:line and source echo)."""
+    text = str(message).strip().splitlines()[0] if str(message).strip() else category.__name__
+    if text.startswith("graphprune: "):
+        text = text[len("graphprune: "):]
+    print(f"{command_name()}: warning: {text}", file=file or sys.stderr)

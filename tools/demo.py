@@ -96,13 +96,13 @@ def main(argv):
     end_step = max(int(steps * 0.6), 1)
     schedule = graphprune.PolynomialDecay(0.0, _FINAL_SPARSITY.value, begin_step=0, end_step=end_step,
                                           frequency=max(end_step // 10, 1))
-    pm = common.call_library(graphprune.prune, dense_dir, schedule=schedule)
+    pm = graphprune.prune(dense_dir, schedule=schedule)
     loss = _train(pm, pm.trainable_variables, data, steps, _BATCH_SIZE.value, seed=2, before_step=pm.update_masks)
     pruned_accuracy = mnist.accuracy(pm, eval_x, eval_y)
     print(f"pruned: {steps} steps ({schedule!r}), loss {loss:.3f}, sparsity {pm.sparsity():.4f}, "
           f"accuracy {pruned_accuracy:.4f} ({time.time() - started:.0f}s)")
     graphprune.save(pm, os.path.join(out, "pruned"))
-    final_dir = common.call_library(graphprune.finalize, pm, os.path.join(out, "final"))
+    final_dir = graphprune.finalize(pm, os.path.join(out, "final"))
 
     representative = data["x_train"][:200]
     artifacts = [("dense SavedModel", dense_dir), ("pruned SavedModel (final)", final_dir)]
@@ -114,7 +114,7 @@ def main(argv):
         ("pruned .tflite dynamic int8", final_dir, "dynamic", False, "pruned_dynamic.tflite"),
         ("pruned .tflite full int8", final_dir, "int8", False, "pruned_int8.tflite"),
     ):
-        path = common.call_library(graphprune.export_tflite, source_dir, os.path.join(out, name), quantize=quantize,
+        path = graphprune.export_tflite(source_dir, os.path.join(out, name), quantize=quantize,
                                    sparse=sparse, representative_data=representative)
         artifacts.append((label, path))
 

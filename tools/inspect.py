@@ -22,7 +22,7 @@ def main(argv):
     del argv
     import graphprune
 
-    report = common.call_library(graphprune.size_report, _INPUT.value)
+    report = graphprune.size_report(_INPUT.value)
     if _JSON.value:
         print(json.dumps(report.to_dict(), indent=2))
     else:

@@ -13,6 +13,7 @@ COMMANDS = {
     "prune": "Rewrite a SavedModel into a prunable SavedModel (masks, schedule, step).",
     "train": "Fine-tune a prunable SavedModel on arrays from an .npz, updating masks every step.",
     "finalize": "Fold masks, strip the pruning machinery, export SavedModel (and TFLite).",
+    "export": "Convert a finalized SavedModel to TFLite (one or several variants) without finalizing again.",
     "inspect": "Table of prunable weights of any SavedModel or .tflite (--json for scripts).",
     "run": "Run any registered pass list on a SavedModel (--list shows the registry).",
     "demo": "Classic MNIST CNN: train, prune to 90%, finalize, TFLite; accuracy and sizes.",
@@ -36,13 +37,29 @@ def run(argv=None):
         print(f"graphprune: error: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         sys.exit(2)
     os.environ["GRAPHPRUNE_COMMAND"] = f"graphprune {command}"
+    try:
+        _run_command(command, argv[2:])
+    except KeyboardInterrupt:  # Ctrl-C while TensorFlow is imported or flags are parsed
+        print(f"graphprune {command}: error: interrupted; nothing was written", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:  # `graphprune inspect ... | head`: the reader left; not an error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(0)
+
+
+def _run_command(command, arguments):
     from graphprune.tools import common
 
-    common.quiet_tensorflow(verbose=any(a in ("--verbose", "-verbose") for a in argv[2:]))
+    common.quiet_tensorflow(verbose=any(a in ("--verbose", "-verbose") for a in arguments))
     module = importlib.import_module(f"graphprune.tools.{command}")
+    if any(a in common.HELP_ARGUMENTS for a in arguments):
+        print(common.command_help(module))
+        sys.exit(0)
     from absl import app
 
-    app.run(module.main, argv=[f"graphprune {command}"] + argv[2:], flags_parser=common.parse_flags)
+    app.run(common.run_main(module.main), argv=[f"graphprune {command}"] + arguments,
+            flags_parser=common.parse_flags)
 
 
 if __name__ == "__main__":

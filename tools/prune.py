@@ -45,16 +45,16 @@ def main(argv):
         end_step = _BEGIN.value if _ONE_SHOT.value else None
         if end_step is None:
             common.fail("--end_step is required with --schedule=polynomial (or use --one_shot)")
-    config = common.call_library(
-        make_config, final_sparsity=_FINAL.value, initial_sparsity=_INITIAL.value, begin_step=_BEGIN.value,
+    config = make_config(
+        final_sparsity=_FINAL.value, initial_sparsity=_INITIAL.value, begin_step=_BEGIN.value,
         end_step=end_step, frequency=_FREQUENCY.value, power=_POWER.value, kind=_SCHEDULE.value,
         block_size=_BLOCK.value, block_pooling=_POOLING.value.upper(), m_by_n=_M_BY_N.value, scope=_SCOPE.value,
         exclude=_EXCLUDE.value, sparsity_for=_SPARSITY_FOR.value,
     )
-    common.call_library(graphprune.io.check_output, _OUTPUT.value, overwrite=_OVERWRITE.value, inputs=[_INPUT.value])
-    model = common.call_library(graphprune.prune, _INPUT.value, config=config, one_shot=_ONE_SHOT.value,
+    graphprune.io.check_output(_OUTPUT.value, overwrite=_OVERWRITE.value, inputs=[_INPUT.value])
+    model = graphprune.prune(_INPUT.value, config=config, one_shot=_ONE_SHOT.value,
                                 verify=_VERIFY.value, include_gather=_GATHER.value)
-    common.call_library(graphprune.save, model, _OUTPUT.value, overwrite=_OVERWRITE.value, inputs=[_INPUT.value])
+    graphprune.save(model, _OUTPUT.value, overwrite=_OVERWRITE.value, inputs=[_INPUT.value])
     if _VERIFY.value:
         print("verify (all-ones masks, largest |difference| per output after each pass):")
         print(model._graphprune.verify_summary())

@@ -30,7 +30,7 @@ def main(argv):
     for name, flag in (("--input", _INPUT), ("--output", _OUTPUT), ("--passes", _PASSES)):
         if not flag.value:
             common.fail(f"{name} is required (or --list)")
-    result = common.call_library(run_passes, _INPUT.value, _PASSES.value, _OUTPUT.value, overwrite=_OVERWRITE.value,
+    result = run_passes(_INPUT.value, _PASSES.value, _OUTPUT.value, overwrite=_OVERWRITE.value,
                                  verify=_VERIFY.value)
     print(result.summary())
     print(f"wrote {_OUTPUT.value}")

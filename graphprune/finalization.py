@@ -4,17 +4,28 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 
 import numpy as np
 import tensorflow as tf
 
 from graphprune.errors import BadModelError, GraphPruneError
+from graphprune.graph import ROLE_MASK
 from graphprune.io import atomic_file, check_output
 from graphprune.load import load
 from graphprune.pipeline import PassContext, VariableValues, run_pipeline
 from graphprune.verify import optional_verifier
 
 QUANTIZE_MODES = (None, "dynamic", "int8")
+# TFLite variants by name (the CLI's --tflite_variants): (quantize, sparse encoding).
+VARIANTS = {"float": (None, False), "dynamic": ("dynamic", False), "int8": ("int8", False), "sparse": (None, True)}
+
+
+def variant_path(base, variant: str) -> str:
+    """'model.tflite' + 'dynamic' -> 'model.dynamic.tflite' (absolute)."""
+    base = os.path.abspath(os.fspath(base))
+    stem = base[: -len(".tflite")] if base.endswith(".tflite") else base
+    return f"{stem}.{variant}.tflite"
 
 
 def finalize_model(prunable, *, freeze: bool = True, verify: bool = False):
@@ -33,9 +44,20 @@ def finalize_model(prunable, *, freeze: bool = True, verify: bool = False):
         steps.append(("freeze_variables", {}))
     steps.append(("strip_unused", {}))
     values = VariableValues(variables)
+    _warn_if_nothing_pruned(traced, values)
     after_pass = optional_verifier(verify, values, ones_masks=False)
     result = run_pipeline(traced, steps, PassContext(values=values), after_pass=after_pass)
     return result.model, values, result
+
+
+def _warn_if_nothing_pruned(traced, values) -> None:
+    masks = [key for key, spec in traced.variables.items() if spec.role == ROLE_MASK]
+    if not masks:
+        warnings.warn("graphprune: finalize: the model has no masks, so nothing is pruned; the output computes what "
+                      "the input does (prune it first: graphprune.prune / `graphprune prune`)", stacklevel=3)
+    elif all(np.all(np.asarray(values[key]) != 0) for key in masks):
+        warnings.warn("graphprune: finalize: nothing is pruned yet (every mask is all ones); train with "
+                      "update_masks() past begin_step, or prune one-shot, before finalizing", stacklevel=3)
 
 
 def finalize(prunable, output_dir, *, freeze: bool = True, overwrite: bool = False, verify: bool = False) -> str:
@@ -87,18 +109,41 @@ def export_tflite(saved_model_dir, tflite_path, *, quantize=None, sparse: bool =
     if quantize == "int8":
         converter.representative_dataset = _representative(representative_data)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    check_output(tflite_path, overwrite=overwrite, inputs=[saved_model_dir])
     try:
         flatbuffer = converter.convert()
     except Exception as error:  # the converter raises many types
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        hint = ""
-        if "TensorList" in str(error):
-            hint = " (an RNN's TensorList needs static shapes: convert with batch_size=1, --tflite_batch_size=1)"
-        raise GraphPruneError(f"TFLite conversion failed: {first[:300]}{hint}") from error
-    with atomic_file(tflite_path, overwrite=overwrite) as temp:
+        raise GraphPruneError(f"TFLite conversion failed: {converter_reason(error)}") from error
+    with atomic_file(tflite_path, overwrite=overwrite, inputs=[saved_model_dir]) as temp:
         with open(temp, "wb") as handle:
             handle.write(flatbuffer)
     return os.path.abspath(os.fspath(tflite_path))
+
+
+_REASONS = (
+    # (text in the converter's message, what to tell the user)
+    ("is neither a custom op nor a flex op", "allow TensorFlow ops in TFLite (converter.target_spec.supported_ops "
+                                            "+= [tf.lite.OpsSet.SELECT_TF_OPS]) or change the model"),
+    ("TensorList", "an RNN's TensorList needs static shapes: convert with batch_size=1 (--tflite_batch_size=1)"),
+    ("2GB", "the model exceeds TFLite's 2 GB flatbuffer limit: quantize it first (quantize='dynamic') or export "
+            "the part that fits"),
+    ("2 GB", "the model exceeds TFLite's 2 GB flatbuffer limit: quantize it first (quantize='dynamic') or export "
+             "the part that fits"),
+)
+
+
+def converter_reason(error: BaseException) -> str:
+    """One line for a converter failure: the line that names the real reason (not the first line,
+    which is often 'Could not translate MLIR to FlatBuffer ... loc(callsite(...'), and what to do."""
+    text = str(error).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for marker, advice in _REASONS:
+        for line in lines:
+            if marker in line:
+                reason = line.split("error: ", 1)[-1]
+                return f"{reason[:240]} ({advice})"
+    errors = [line.split("error: ", 1)[1] for line in lines if "error: " in line]
+    return (errors[0] if errors else lines[0] if lines else type(error).__name__)[:300]
 
 
 def _with_static_batch(saved_model_dir, output_dir, batch_size):
