@@ -88,6 +88,11 @@ class Entry:
     # (method entry name, method flat input index per signature input, method flat output index
     # per signature output). Rebuilt as a call to that method, so the graph is stored once.
     alias: tuple | None = None
+    # Placeholder -> the live object behind a non-variable capture: a lookup table (its resource
+    # handle is captured) or an Asset (its path is captured). Passes carry it untouched; rebuild
+    # captures the object's tensor again, and a model saved from it tracks the object, so
+    # SavedModel re-creates the table and copies the asset into the new directory.
+    captured_resources: Mapping[str, Any] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,7 +47,8 @@ def _protected_places() -> list[tuple[str, str]]:
 def check_output(path, *, overwrite: bool = False, inputs=()) -> str:
     """The absolute output path, or an OutputExistsError / WriteError saying why it cannot be one.
 
-    Nothing is created or removed here."""
+    Nothing is created here; what dead runs left beside the path is repaired first (recover_stale),
+    so that an output an interrupted overwrite hid is back, and counts as existing, before any work."""
     raw = "" if path is None else os.fspath(path)
     if not str(raw).strip():
         raise OutputExistsError(f"the output path is empty ({raw!r}); name a new directory or file "
@@ -70,6 +71,7 @@ def check_output(path, *, overwrite: bool = False, inputs=()) -> str:
         raise OutputExistsError(f"{path} is a dangling symbolic link (to {os.readlink(path)}); "
                                 "remove it or name another output")
     _check_parent(path)
+    recover_stale(path)
     if os.path.lexists(path) and not overwrite:
         raise OutputExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
     return path
@@ -181,10 +183,12 @@ def _write_error(error: BaseException, path: str):
     message = str(error)
     module = type(error).__module__ or ""
     if module.startswith("tensorflow"):
-        for marker, hint in (("No space left", " (free some space and run again)"), ("Read-only file system", ""),
-                             ("Permission denied", ""), ("Disk quota exceeded", "")):
+        for marker, reason, hint in (("No space left", "No space left on device", " (free some space and run again)"),
+                                     ("Read-only file system", "Read-only file system", ""),
+                                     ("Permission denied", "Permission denied", ""),
+                                     ("quota exceeded", "Disk quota exceeded", "")):
             if marker in message:
-                return WriteError(f"cannot write {path}: {marker}{hint}")
+                return WriteError(f"cannot write {path}: {reason}{hint}")
     return None
 
 
@@ -211,7 +215,6 @@ def atomic_directory(path, *, overwrite: bool = False, inputs=()):
     """Yield a temp dir in ``path``'s parent; on success it becomes ``path`` (see module doc)."""
     path = check_output(path, overwrite=overwrite, inputs=inputs)
     parent = _make_parent(path)
-    recover_stale(path)
     with _writing(path):
         temp = tempfile.mkdtemp(prefix=f"{_partial_prefix(path)}{os.getpid()}-", dir=parent)
         os.chmod(temp, 0o777 & ~_umask())
@@ -229,7 +232,6 @@ def atomic_file(path, *, overwrite: bool = False, inputs=()):
     """Yield a temp file path beside ``path``; on success it is renamed to ``path``."""
     path = check_output(path, overwrite=overwrite, inputs=inputs)
     parent = _make_parent(path)
-    recover_stale(path)
     with _writing(path):
         handle, temp = tempfile.mkstemp(prefix=f"{_partial_prefix(path)}{os.getpid()}-", dir=parent)
         os.close(handle)

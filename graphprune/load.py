@@ -19,7 +19,7 @@ from tensorflow.python.framework import convert_to_constants
 
 from graphprune import graph as g
 from graphprune.errors import BadModelError, UnsupportedError
-from graphprune.rebuild import is_distributed
+from graphprune.rebuild import captured_tensor, is_distributed
 
 # Functions a graphprune PrunableModel adds; they are machinery, not entries to rewrite.
 RESERVED_FUNCTIONS = ("update_masks", "prune_now")
@@ -175,9 +175,29 @@ def _variable_paths(owner) -> dict[int, tuple[str, Any]]:
     return paths
 
 
+def _resource_objects(owner) -> dict[int, Any]:
+    """id(captured tensor) -> the table (TrackableResource) or Asset the owner tracks, at any depth."""
+    found, seen, queue = {}, set(), [owner]
+    while queue:
+        obj = queue.pop(0)
+        if id(obj) in seen or len(seen) > 100_000 or isinstance(obj, tf.Variable):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, (tf.saved_model.Asset, tf.saved_model.experimental.TrackableResource)):
+            try:
+                found[id(captured_tensor(obj))] = obj
+            except (AttributeError, TypeError, ValueError):
+                pass
+        for child_name, child in _children(obj).items():
+            if child_name != "signatures" and not _is_polymorphic_function(child):
+                queue.append(child)
+    return found
+
+
 def _trace(functions: dict, *, owner, source: str) -> Loaded:
     """functions: (entry name, kind) -> ConcreteFunction."""
     variables: dict[str, tf.Variable] = {}
+    resource_objects = None
     key_of: dict[int, str] = {}
     specs: dict[str, g.VariableSpec] = {}
     paths = _variable_paths(owner)
@@ -190,13 +210,19 @@ def _trace(functions: dict, *, owner, source: str) -> Loaded:
         captured_variables = {id(v.handle): parents.get(id(v), v) for v in function.graph.variables}
         resources = {}
         constants = {}
+        captured_resources = {}
         for external, internal in function.graph.captures:
             variable = captured_variables.get(id(external))
             if variable is None:
+                if resource_objects is None:
+                    resource_objects = _resource_objects(owner)
+                if id(external) in resource_objects:
+                    captured_resources[internal.op.name] = resource_objects[id(external)]
+                    continue
                 if external.dtype == tf.resource:
                     raise UnsupportedError(
-                        f"{entry_name}: captures a resource that is not a variable ({internal.op.name}); "
-                        "lookup tables and other resources are not supported"
+                        f"{entry_name}: captures a resource that is neither a variable nor a lookup table its model "
+                        f"tracks ({internal.op.name}); pass the tf.Module or SavedModel that owns it"
                     )
                 constants[internal.op.name] = external
                 continue
@@ -232,6 +258,7 @@ def _trace(functions: dict, *, owner, source: str) -> Loaded:
                 output_structure=function.structured_outputs,
                 parameters=tuple(function.function_type.parameters),
                 control_outputs=tuple(op.name for op in function.graph.control_outputs if op.name in node_names),
+                captured_resources=MappingProxyType(captured_resources),
             )
         )
     entries = _mark_aliases(entries, functions)

@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from graphprune.errors import StructureError
+from graphprune.schedules import check_sparsity
 
 POOLINGS = ("AVG", "MAX")
 
@@ -107,6 +108,11 @@ def check_m_by_n(shape, m_by_n, axis, name="weight") -> None:
     m, n = m_by_n
     if not (0 < m < n):
         raise StructureError(f"m_by_n must be M:N with 0 < M < N, got {m}:{n}")
+    if len(shape) < 2:
+        raise StructureError(f"{name}: M:N needs a weight of rank >= 2 (an input-channel axis), got shape "
+                             f"{tuple(shape)}; exclude it or use another structure")
+    if axis is not None and not -len(shape) <= axis < len(shape):
+        raise StructureError(f"{name}: input_axis {axis} is outside the weight's shape {tuple(shape)}")
     if axis is None:
         raise StructureError(f"{name}: M:N needs an input-channel axis, which this op ({name}) has not; exclude it")
     if shape[axis] % n:
@@ -206,7 +212,15 @@ def magnitude_mask(weight, sparsity, block_size=(1, 1), block_pooling="AVG", m_b
     of a rank-2 [in, out] weight, the second-to-last of a conv kernel [..., Cin, Cout]).
     """
     weight = tf.convert_to_tensor(weight)
-    if m_by_n is not None and input_axis is None:
+    if not tf.is_tensor(sparsity) or tf.executing_eagerly():
+        check_sparsity("sparsity", np.asarray(sparsity).item() if np.size(sparsity) == 1 else sparsity)
+    if not weight.dtype.is_floating:
+        raise StructureError(f"magnitude_mask needs a floating-point weight, got {weight.dtype.name}")
+    from graphprune.config import parse_block_size, parse_m_by_n  # config imports this module
+
+    block_size = parse_block_size(block_size)
+    m_by_n = parse_m_by_n(m_by_n)
+    if m_by_n is not None and input_axis is None and weight.shape.rank is not None and weight.shape.rank >= 2:
         input_axis = 0 if weight.shape.rank == 2 else weight.shape.rank - 2
     mask, _ = mask_and_threshold(weight, sparsity, block_size, block_pooling, m_by_n, input_axis)
     return mask

@@ -41,6 +41,9 @@ class PrunableModel(tf.Module):
         self.pruned_weights = [live[s.weight] for s in traced.variables.values() if s.role == g.ROLE_MASK]
         steps = [live[k] for k, s in traced.variables.items() if s.role == g.ROLE_STEP]
         self.step = steps[0] if steps else None
+        # Tables and assets the graphs capture: tracked, so SavedModel saves them with the model.
+        unique = {id(obj): obj for entry in traced.entries for obj in entry.captured_resources.values()}
+        self.captured_resources = list(unique.values())
         functions = {}
         methods = {e.name for e in traced.entries if e.kind == "method"}
         # Methods first, so that signatures aliasing them can call them.

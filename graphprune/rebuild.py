@@ -40,6 +40,13 @@ def create_variables(model: g.TracedModel, variables: Mapping[str, tf.Variable])
     return live
 
 
+def captured_tensor(obj):
+    """See load.captured_tensor (the same rule, here to keep rebuild free of load)."""
+    if isinstance(obj, tf.saved_model.Asset):
+        return obj.asset_path
+    return obj.resource_handle
+
+
 def is_distributed(variable) -> bool:
     """A tf.distribute variable (MirroredVariable, ...): it has per-replica ``values``."""
     return isinstance(getattr(variable, "values", None), (tuple, list)) and not isinstance(variable, tf.Tensor)
@@ -83,6 +90,12 @@ def import_entry(entry: g.Entry, flat_inputs, variables: Mapping[str, tf.Variabl
         input_map[placeholder] = graph.capture(variable.handle) if hasattr(graph, "capture") else variable.handle
         if hasattr(graph, "watch_variable"):
             graph.watch_variable(variable)
+    present = None
+    for placeholder, obj in entry.captured_resources.items():
+        present = present if present is not None else {node.name for node in entry.graph_def.node}
+        if placeholder in present:  # a pass may have stripped a capture nothing reads any more
+            tensor = captured_tensor(obj)
+            input_map[placeholder] = graph.capture(tensor) if hasattr(graph, "capture") else tensor
     graph_def, constants = _split_large_constants(entry)
     for name, value in constants.items():
         input_map[f"{name}:0"] = graph.capture(value) if hasattr(graph, "capture") else value

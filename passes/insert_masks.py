@@ -48,7 +48,7 @@ def config_from_options(config: PruningConfig | None, sparsity, options: dict) -
     accepted = set(inspect.signature(make_config).parameters) - {"schedule"}
     unknown = sorted(set(options) - accepted)
     if unknown:
-        raise PassError(f"insert_masks has no option '{unknown[0]}' (its options: sparsity, final_sparsity, config, "
+        raise PassError(f"insert_masks has no option '{unknown[0]}' (its options: sparsity, config, "
                         f"{', '.join(sorted(accepted))})")
     return make_config(ConstantSparsity(sparsity if sparsity is not None else 0.0, 0, 0, 1), **options)
 

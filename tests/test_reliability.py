@@ -163,10 +163,10 @@ def test_interrupted_save_leaves_nothing(tmp_path, sig):
         "import sys, graphprune, graphprune.io as io\n"
         "import time\n"
         "pm = graphprune.prune(sys.argv[1], schedule=graphprune.ConstantSparsity(0.5, 0))\n"
-        "original = io._replace\n"
-        "def slow(temp, path, is_dir):\n"
-        "    print('READY', flush=True); time.sleep(60); original(temp, path, is_dir=is_dir)\n"
-        "io._replace = slow\n"
+        "original = io._publish\n"
+        "def slow(temp, path, **options):\n"
+        "    print('READY', flush=True); time.sleep(60); original(temp, path, **options)\n"
+        "io._publish = slow\n"
         "graphprune.save(pm, sys.argv[2])\n"
     )
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
