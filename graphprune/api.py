@@ -73,8 +73,15 @@ def prune(target, schedule=None, *, block_size=(1, 1), block_pooling="AVG", m_by
 
 
 def save(model, output_dir, *, overwrite: bool = False, inputs=()) -> str:
-    """Write ``model`` (a PrunableModel) as a SavedModel with the original signatures, atomically."""
+    """Write ``model`` (a PrunableModel) as a SavedModel with the original signatures, atomically.
+
+    The pruned weights are stored exactly masked (pruned elements +0.0): ``apply_masks()`` runs
+    first, since optimizers with momentum move pruned weights between mask updates (the outputs
+    never see it: the forward pass reads w * mask)."""
     state = model._graphprune
+    check_output(output_dir, overwrite=overwrite, inputs=inputs)
+    if model.masks:
+        model.apply_masks()
     # Aliased signatures are traced by SavedModel itself (see rebuild.build_alias_function).
     signatures = {name: state.signatures[name] for name in state.signatures if name not in state.save_signatures}
     signatures.update(state.save_signatures)

@@ -202,6 +202,26 @@ def resource_placeholder(name: str) -> node_def_pb2.NodeDef:
     return make_node(name, "Placeholder", dtype=dtypes.resource, shape=[])
 
 
+_CAPTURE_PREFIX = "graphprune_weight_"
+
+
+def capture_name(node_name: str) -> str:
+    """A name for a captured frozen weight that survives SavedModel, which lower-cases a function
+    argument's name and turns everything not alphanumeric into '_': the name in hex."""
+    return _CAPTURE_PREFIX + node_name.encode().hex()
+
+
+def name_from_capture(name: str) -> str | None:
+    """The node name capture_name encoded (anywhere in ``name``), or None."""
+    match = re.search(_CAPTURE_PREFIX + r"((?:[0-9a-f]{2})+)", name)
+    if match is None:
+        return None
+    try:
+        return bytes.fromhex(match.group(1)).decode()
+    except ValueError:
+        return None
+
+
 def const_node(name: str, value: np.ndarray, dtype: str) -> node_def_pb2.NodeDef:
     tf_dtype = dtypes.as_dtype(dtype)
     array = np.asarray(value)

@@ -98,7 +98,7 @@ def import_entry(entry: g.Entry, flat_inputs, variables: Mapping[str, tf.Variabl
             input_map[placeholder] = graph.capture(tensor) if hasattr(graph, "capture") else tensor
     graph_def, constants = _split_large_constants(entry)
     for name, value in constants.items():
-        input_map[f"{name}:0"] = graph.capture(value) if hasattr(graph, "capture") else value
+        input_map[f"{name}:0"] = graph.capture(value, name=g.capture_name(name)) if hasattr(graph, "capture") else value
     register_library(graph_def)
     fetches = list(entry.outputs) + list(entry.control_outputs)
     imported = tf.graph_util.import_graph_def(graph_def, input_map=input_map, return_elements=fetches, name=scope)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import io
 import math
 import os
@@ -152,7 +153,9 @@ _MASKED_SUFFIX = re.compile(r"/graphprune/masked(?:_\d+)?$")
 
 
 def display_name(node_name: str) -> str:
-    """'StatefulPartitionedCall/graphprune/dense/kernel/graphprune/masked' -> 'dense/kernel'."""
+    """'StatefulPartitionedCall/graphprune/dense/kernel/graphprune/masked' -> 'dense/kernel'; a
+    frozen weight captured under g.capture_name gets its name back."""
+    node_name = g.name_from_capture(node_name) or node_name
     return _MASKED_SUFFIX.sub("", _CALL_PREFIX.sub("", node_name))
 
 
@@ -183,8 +186,11 @@ def saved_model_weights(path: str) -> list[WeightSize]:
         if weight.mask is not None:
             value = value * context.value(loaded.model, weight.mask)
         found[weight.key] = _weight_size(weight.key, ",".join(weight.ops), value)
-    # Frozen weights: one Const per entry that uses them, so count each name once.
-    for entry in loaded.model.entries:
+    # Frozen weights: one Const per entry that uses them, so count each once (by content: a
+    # signature that calls a method captures the method's constant under a generic name, so
+    # methods, whose captures carry the weight's name, are read first).
+    seen_content = set()
+    for entry in sorted(loaded.model.entries, key=lambda e: e.kind != "method"):
         index = g.NodeIndex(entry.graph_def)
         for node in entry.graph_def.node:
             for _, raw in weight_operands(node):
@@ -193,7 +199,9 @@ def saved_model_weights(path: str) -> list[WeightSize]:
                     producer = index.producer(producer.input[0])
                 if producer is not None and producer.op == "Const" and display_name(producer.name) not in found:
                     value = tensor_util.MakeNdarray(producer.attr["value"].tensor)
-                    if value.ndim >= 2:
+                    content = (value.shape, value.dtype.str, hashlib.sha1(value.tobytes()).hexdigest())
+                    if value.ndim >= 2 and content not in seen_content:
+                        seen_content.add(content)
                         name = display_name(producer.name)
                         found[name] = _weight_size(name, node.op, value)
     return list(found.values())

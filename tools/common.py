@@ -15,8 +15,7 @@ from absl import flags
 
 FLAGS = flags.FLAGS
 
-_VERBOSE = flags.DEFINE_bool("verbose", False, "Print the full traceback on errors, TensorFlow's own messages and "
-                             "per-stage times.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Print the full traceback on errors and TensorFlow's own messages.")
 
 HELP_ARGUMENTS = ("--help", "-help", "-h", "--helpshort", "-helpshort")
 

@@ -18,7 +18,8 @@ from graphprune.tools import common
 
 _DATA_DIR = flags.DEFINE_string("data_dir", "/usr/share/datasets/fashion-mnist",
                                 "Fashion-MNIST idx .gz files; the shipped sample is used if absent.")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where to write the artifacts (default: a new temp dir).")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Keep the artifacts in this directory (default: a temporary "
+                                  "directory, removed at the end).")
 _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 400, "Dense training steps.", lower_bound=1)
 _FINETUNE_STEPS = flags.DEFINE_integer("finetune_steps", 400, "Pruning + fine-tuning steps.", lower_bound=1)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Batch size.", lower_bound=1)
@@ -68,6 +69,23 @@ def _tflite_accuracy(path, images, labels):
 
 def main(argv):
     del argv
+    if _OUTPUT_DIR.value is not None:
+        if not _OUTPUT_DIR.value.strip():
+            common.fail("--output_dir is empty; name a directory (or leave the flag out for a temporary one)")
+        out = os.path.abspath(_OUTPUT_DIR.value)
+        existing = [p for p in ("dense", "pruned", "final") if os.path.exists(os.path.join(out, p))]
+        if existing:
+            common.fail(f"--output_dir={out} already holds {', '.join(existing)}; choose an empty directory")
+        os.makedirs(out, exist_ok=True)
+        _demo(out)
+        print(f"artifacts kept in {out}")
+        return
+    with tempfile.TemporaryDirectory(prefix="graphprune-demo-") as out:
+        _demo(out)
+    print("temporary files removed (--output_dir=DIR keeps the artifacts)")
+
+
+def _demo(out):
     import tensorflow as tf
 
     import graphprune
@@ -75,11 +93,6 @@ def main(argv):
     from graphprune.report import directory_bytes, gzip_size
 
     started = time.time()
-    out = _OUTPUT_DIR.value or tempfile.mkdtemp(prefix="graphprune-demo-")
-    os.makedirs(out, exist_ok=True)
-    existing = [p for p in ("dense", "pruned", "final") if os.path.exists(os.path.join(out, p))]
-    if existing:
-        common.fail(f"--output_dir={out} already holds {', '.join(existing)}; choose an empty directory")
     data, source = mnist.load_fashion_mnist(_DATA_DIR.value)
     eval_x, eval_y = data["x_test"][:_EVAL_EXAMPLES.value], data["y_test"][:_EVAL_EXAMPLES.value]
     print(f"data: {source}: {len(data['x_train'])} training, {len(eval_x)} evaluation images")
@@ -136,5 +149,4 @@ def main(argv):
         print(f"{label:40s} {raw:12d} {zipped:12d} {shown}")
     print(f"{'lower bound, float32 values + mask':40s} {bound_float:12.0f}")
     print(f"{'lower bound, int8 values + mask':40s} {bound_int8:12.0f}")
-    print(f"\nweights: {report.elements} elements, sparsity {report.sparsity:.4f}; artifacts in {out} "
-          f"({time.time() - started:.0f}s)")
+    print(f"\nweights: {report.elements} elements, sparsity {report.sparsity:.4f} ({time.time() - started:.0f}s)")
