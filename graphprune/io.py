@@ -307,8 +307,16 @@ def _taken(temp: str, path: str) -> OutputExistsError:
                              f"was kept at {kept} (pass --overwrite to replace {path})")
 
 
+PUBLISHED: list[str] = []  # outputs this process completed, for what an interrupted command says
+
+
 def _publish(temp: str, path: str, *, overwrite: bool, is_dir: bool) -> None:
     """Move the finished ``temp`` to ``path``, never destroying anything not checked (module doc)."""
+    _move_into_place(temp, path, overwrite=overwrite, is_dir=is_dir)
+    PUBLISHED.append(path)
+
+
+def _move_into_place(temp: str, path: str, *, overwrite: bool, is_dir: bool) -> None:
     if rename_noreplace(temp, path, is_dir=is_dir):
         return
     if not overwrite:

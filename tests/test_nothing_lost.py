@@ -22,8 +22,9 @@ def _digest(path):
 
 
 def _one_error_line(result, code=2):
-    """The single stderr line of a refusal (train's progress lines aside)."""
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip() and not line.startswith("step ")]
+    """The single stderr line of a refusal (train's progress lines and warnings aside)."""
+    lines = [line for line in result.stderr.strip().splitlines()
+             if line.strip() and not line.startswith("step ") and ": warning: " not in line]
     assert result.returncode == code, result.stderr
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     return lines[0]

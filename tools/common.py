@@ -53,6 +53,15 @@ def command_help(module) -> str:
     return "\n".join(lines)
 
 
+def interrupted_message() -> str:
+    """What a Ctrl-C left: nothing, or the outputs published before it."""
+    from graphprune import io
+
+    if not io.PUBLISHED:
+        return "interrupted; nothing was written"
+    return f"interrupted after writing {', '.join(io.PUBLISHED)} (complete); nothing else was written"
+
+
 def run_main(main):
     """Wrap a command's main so that every way out is one line (see the module docstring)."""
 
@@ -66,7 +75,7 @@ def run_main(main):
                 traceback.print_exc()
             fail(str(error))
         except KeyboardInterrupt:
-            fail("interrupted; nothing was written", code=130)
+            fail(interrupted_message(), code=130)
         except (SystemExit, GeneratorExit, BrokenPipeError):
             raise
         except Exception as error:  # a bug: still one line, the traceback with --verbose

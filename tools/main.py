@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 
 COMMANDS = {
@@ -40,12 +41,17 @@ def run(argv=None):
     try:
         _run_command(command, argv[2:])
     except KeyboardInterrupt:  # Ctrl-C while TensorFlow is imported or flags are parsed
-        print(f"graphprune {command}: error: interrupted; nothing was written", file=sys.stderr)
-        sys.exit(130)
+        from graphprune.tools import common
+
+        common.fail(common.interrupted_message(), code=130)
     except BrokenPipeError:  # `graphprune inspect ... | head`: the reader left; not an error of ours
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         sys.exit(0)
+    finally:
+        # The command is done (or has failed and said so): a Ctrl-C during interpreter shutdown
+        # must not kill it with a signal and no word.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _run_command(command, arguments):
