@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from graphprune.errors import BadModelError, GraphPruneError
+from graphprune.errors import BadModelError, GraphPruneError, PassError
 from graphprune.graph import ROLE_MASK
 from graphprune.io import atomic_file, check_output
 from graphprune.load import load
@@ -60,19 +60,55 @@ def _warn_if_nothing_pruned(traced, values) -> None:
                       "update_masks() past begin_step, or prune one-shot, before finalizing", stacklevel=3)
 
 
-def finalize(prunable, output_dir, *, freeze: bool = True, overwrite: bool = False, verify: bool = False) -> str:
+def check_final(masked, final, values, *, atol: float = 1e-5, rtol: float = 1e-5) -> None:
+    """Refuse a finalized model that computes something else than the masked one: both run on the
+    same seeded inputs (each output compared with atol relative to its scale), and the largest
+    difference is named with the entry and output it was found in."""
+    from graphprune.verify import max_difference, run_entries
+
+    expected = run_entries(masked, values, ones_masks=False)
+    actual = run_entries(final, values, ones_masks=False)
+    worst = None
+    for name, reference in expected.items():
+        if name not in actual or len(actual[name]) != len(reference):
+            raise PassError(f"finalize: '{name}' lost an output or the whole function; nothing was written")
+        for number, (want, got) in enumerate(zip(reference, actual[name])):
+            if want.dtype.kind not in "fc":
+                if not np.array_equal(want, got):
+                    raise PassError(f"finalize: output {number} of '{name}' differs from the masked model's; "
+                                    "nothing was written")
+                continue
+            finite = want[np.isfinite(want)]
+            scale = float(np.max(np.abs(finite))) if finite.size else 1.0
+            difference = max_difference(want, got)
+            if difference > atol * max(1.0, scale) + rtol * scale and (worst is None or difference > worst[0]):
+                worst = (difference, name, number, scale)
+    if worst is not None:
+        difference, name, number, scale = worst
+        raise PassError(
+            f"finalize: the finalized model differs from the masked model by {difference:.3g} (output {number} of "
+            f"'{name}', output scale {scale:.3g}); nothing was written. Try freeze=False (--nofreeze): some "
+            "TensorFlow kernels (oneDNN) compute differently on constants than on variables")
+
+
+def finalize(prunable, output_dir, *, freeze: bool = True, overwrite: bool = False, verify: bool = False,
+             check: bool = True) -> str:
     """Fold the masks into the weights, drop every mask/step/update op, and write a SavedModel
     with the original signatures that plain TensorFlow loads and runs (no graphprune needed).
 
     prunable: a PrunableModel, or the directory ``graphprune.save`` wrote.
     freeze=True: pruned weights (and all other variable reads) become constants;
     freeze=False: weights stay variables, holding the pruned values.
+    check=True: run the finalized and the masked model on the same seeded inputs first and refuse
+        (PassError, nothing written) if any output differs beyond 1e-5 of its scale.
     """
     from graphprune.api import save_traced
 
     inputs = [prunable] if isinstance(prunable, (str, os.PathLike)) else []
     check_output(output_dir, overwrite=overwrite, inputs=inputs)
-    final, values, _ = finalize_model(prunable, freeze=freeze, verify=verify)
+    final, values, result = finalize_model(prunable, freeze=freeze, verify=verify)
+    if check:  # the pipeline's first pass (find_weights) only records facts: its model is the masked one
+        check_final(result.reports[0][1].model, final, values)
     return save_traced(final, values, output_dir, overwrite=overwrite, inputs=inputs, name="finalized_model")
 
 

@@ -55,7 +55,28 @@ def inline_functions(concrete_function) -> tf.compat.v1.GraphDef:
     # Grappler may rewrite a loop body and keep its name ('while_body_12'), while the original
     # under that name stays registered in the process: two definitions of one name, which
     # SavedModel refuses. Bodies are named by their content instead.
-    return g.rename_functions(graph_def, g.content_suffix)
+    return g.rename_functions(_without_python_gradients(graph_def), g.content_suffix)
+
+
+def _without_python_gradients(graph_def):
+    """Drop the ``_gradient_op_type`` of tf.custom_gradient ops (Keras 3 swish/silu, ...).
+
+    The name points at a Python gradient function registered by the original trace, whose closure
+    holds tensors of that trace's graph: in the rebuilt graph, taking a gradient raises 'tensor
+    ... is out of scope'. Without it the op (an IdentityN over the forward result) takes its
+    own gradient, so gradients flow through the forward ops that computed the result: the true
+    derivative (what swish's custom gradient computes, with less memory). A custom gradient that
+    is deliberately not the derivative (a straight-through estimator) is not kept; SavedModel
+    itself cannot store such a gradient either."""
+    def strip(nodes):
+        for node in nodes:
+            if "_gradient_op_type" in node.attr:
+                del node.attr["_gradient_op_type"]
+
+    strip(graph_def.node)
+    for function in graph_def.library.function:
+        strip(function.node_def)
+    return graph_def
 
 
 def load(target, *, name: str | None = None) -> Loaded:

@@ -52,7 +52,8 @@ class PrunableModel(tf.Module):
                 self.update_masks = rebuild.build_update_function(entry, live)
                 continue
             if entry.alias is not None and entry.alias[0] in methods:
-                alias = rebuild.build_alias_function(entry, functions[entry.alias[0]])
+                method_entry = next(e for e in traced.entries if e.kind == "method" and e.name == entry.alias[0])
+                alias = rebuild.build_alias_function(entry, functions[entry.alias[0]], method_entry)
                 self._graphprune.signatures[entry.name] = functools.partial(rebuild.keyword_concrete_function, alias,
                                                                             entry)
                 self._graphprune.save_signatures[entry.name] = alias

@@ -199,7 +199,7 @@ def build_entry_function(entry: g.Entry, variables: Mapping[str, tf.Variable]):
     return function, functools.partial(function.get_concrete_function, *args_structure, **kwargs_specs)
 
 
-def build_alias_function(entry: g.Entry, method_function):
+def build_alias_function(entry: g.Entry, method_function, method_entry: g.Entry | None = None):
     """A tf.function for a signature that calls ``method_function`` (see Entry.alias).
 
     It has an input_signature (positional parameters named like the signature's inputs), so
@@ -218,7 +218,14 @@ def build_alias_function(entry: g.Entry, method_function):
         arguments = [None] * len(flat)
         for position, method_index in enumerate(input_order):
             arguments[method_index] = flat[position]
-        outputs = tf.nest.flatten(method_function(*arguments))
+        if method_entry is not None and method_entry.input_structure is not None:
+            # The method's own structure (a dict of inputs, nested tuples, keywords): the flat
+            # arguments are its leaves in order.
+            args, kwargs = tf.nest.pack_sequence_as(tuple(method_entry.input_structure), arguments,
+                                                    expand_composites=True)
+            outputs = tf.nest.flatten(method_function(*args, **kwargs), expand_composites=True)
+        else:
+            outputs = tf.nest.flatten(method_function(*arguments))
         return pack_outputs(entry.output_structure, [outputs[i] for i in output_order])
 
     call.__signature__ = signature

@@ -174,7 +174,7 @@ def saved_model_weights(path: str) -> list[WeightSize]:
     from tensorflow.python.framework import tensor_util
 
     from graphprune.load import load
-    from graphprune.passes.find_weights import PASS_THROUGH_OPS, find_weights, weight_operands
+    from graphprune.passes.find_weights import PASS_THROUGH_OPS, RESHAPE_OPS, find_weights, weight_operands
     from graphprune.pipeline import PassContext, VariableValues
 
     loaded = load(path)
@@ -195,7 +195,7 @@ def saved_model_weights(path: str) -> list[WeightSize]:
         for node in entry.graph_def.node:
             for _, raw in weight_operands(node):
                 producer = index.producer(raw)
-                while producer is not None and producer.op in PASS_THROUGH_OPS:
+                while producer is not None and (producer.op in PASS_THROUGH_OPS or producer.op in RESHAPE_OPS):
                     producer = index.producer(producer.input[0])
                 if producer is not None and producer.op == "Const" and display_name(producer.name) not in found:
                     value = tensor_util.MakeNdarray(producer.attr["value"].tensor)

@@ -161,9 +161,12 @@ class PolynomialDecay(PruningSchedule):
         else:
             p = tf.cast(step - self.begin_step, tf.float32) / tf.constant(span, tf.float32)
             p = tf.minimum(1.0, tf.maximum(0.0, p))
-        initial = tf.constant(self.initial_sparsity, tf.float32)
+        # The reference subtracts the Python floats (double) and rounds once (REFERENCE.md):
+        # PolynomialDecay(0.45, 0.61, 1, 171, 2, 4) at step 1 is then 0.45000002, and 10 weights
+        # keep 5, as there.
+        span_sparsity = tf.constant(self.initial_sparsity - self.final_sparsity_value, tf.float32)
         final = tf.constant(self.final_sparsity_value, tf.float32)
-        return (initial - final) * tf.pow(1.0 - p, tf.constant(self.power, tf.float32)) + final
+        return span_sparsity * tf.pow(1.0 - p, tf.constant(self.power, tf.float32)) + final
 
     @property
     def final_sparsity(self):

@@ -43,9 +43,11 @@ PRUNABLE_OPS = {
 # ResourceGather on the resource itself (matched separately).
 GATHER_OPS = {"GatherV2": (0,), "Gather": (0,)}
 PASS_THROUGH_OPS = ("Identity", "Cast", "Snapshot")
-# A reshaped weight is still the weight (Keras 3 EinsumDense: Reshape(kernel) -> BatchMatMulV2),
-# but the op's axes no longer map to the variable's: its input axis becomes unknown.
-RESHAPE_OPS = ("Reshape",)
+# A weight seen through a view is still the weight: Keras 3 EinsumDense reshapes its kernel
+# (Reshape -> BatchMatMulV2), Conv1D expands it (ExpandDims -> Conv2D), tf.matmul(x,
+# tf.transpose(w)) transposes it. The op's axes no longer map to the variable's, so its input
+# axis becomes unknown (M:N refuses such a weight rather than guess).
+RESHAPE_OPS = ("Reshape", "ExpandDims", "Squeeze", "Transpose")
 
 
 class Traced(NamedTuple):

@@ -260,6 +260,21 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, tiny_filesystem, c
     assert os.listdir(tiny_filesystem) == []
 
 
+def test_a_read_only_filesystem_is_one_line(tmp_path, mlp_saved_model):
+    mount = tmp_path / "readonly"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here ({result.stderr.decode().strip()[:80]})")
+    try:
+        result = cli("prune", f"--input={mlp_saved_model}", f"--output={mount / 'out'}", "--final_sparsity=0.5",
+                     "--one_shot", check=False)
+        line = _one_error_line(result)
+        assert "Read-only file system" in line or "no permission to write" in line, line
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
 # silently wrong results ----------------------------------------------------------------------
 
 

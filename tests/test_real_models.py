@@ -1,0 +1,165 @@
+"""Models nobody here wrote (issue #16): keras-hub backbones with dict inputs, weights behind
+views, Keras 3 custom gradients, the reference's schedule arithmetic, finalize's own check."""
+
+import dataclasses
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import graphprune  # noqa: E402
+
+
+def _hub_backbones():
+    import keras_hub
+
+    models = keras_hub.models
+    small = dict(vocabulary_size=50, num_layers=1, hidden_dim=16, intermediate_dim=32)
+    return {
+        "bert": lambda: models.BertBackbone(num_heads=2, max_sequence_length=8, **small),
+        "gpt2": lambda: models.GPT2Backbone(num_heads=2, max_sequence_length=8, **small),
+        "gemma": lambda: models.GemmaBackbone(num_query_heads=2, num_key_value_heads=1, head_dim=8, **small),
+        "llama": lambda: models.LlamaBackbone(num_query_heads=2, num_key_value_heads=1, **small),
+        "t5": lambda: models.T5Backbone(num_heads=2, **small),
+        "whisper": lambda: models.WhisperBackbone(num_heads=2, num_mels=8, max_encoder_sequence_length=16,
+                                                  max_decoder_sequence_length=8, **small),
+    }
+
+
+def _inputs(spec: dict, rng) -> dict:
+    values = {}
+    for name, tensor_spec in spec.items():
+        if tensor_spec.dtype.is_floating:  # Whisper's audio features: (batch, frames, mels)
+            values[name] = tf.constant(rng.standard_normal([2, 16, 8]).astype(np.float32))
+        elif "padding_mask" in name:
+            values[name] = tf.ones([2, 8], tensor_spec.dtype)
+        elif "segment" in name:
+            values[name] = tf.zeros([2, 8], tensor_spec.dtype)
+        else:
+            values[name] = tf.constant(rng.randint(0, 50, [2, 8]), tensor_spec.dtype)
+    return values
+
+
+def _max_difference(a: dict, b: dict) -> float:
+    return max(float(np.max(np.abs(a[k].numpy() - b[k].numpy()))) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["bert", "gpt2", "gemma", "llama", "t5", "whisper"])
+def test_keras_hub_text_backbone_with_dict_inputs_full_chain(tmp_path, name):
+    model = _hub_backbones()[name]()
+    model.export(str(tmp_path / "export"), verbose=False)
+    original = tf.saved_model.load(str(tmp_path / "export"))
+    signature = original.signatures["serving_default"]
+    inputs = _inputs(signature.structured_input_signature[1], np.random.RandomState(0))
+    reference = signature(**inputs)
+    scale = max(float(np.max(np.abs(v.numpy()))) for v in reference.values())
+    assert scale > 0.1  # random weights, but outputs that mean something
+
+    pm = graphprune.prune(str(tmp_path / "export"), schedule=graphprune.ConstantSparsity(0.5, 0))
+    counted = sorted(w.path for w in model.weights if w.path.endswith(("/kernel", "/w", "/embeddings")) and
+                     len(w.shape) >= 2 and "embedding" not in w.path)
+    found = sorted(row["name"] for row in pm.weights())
+    assert len(found) == len(counted), (found, counted)
+    assert _max_difference(reference, pm.signatures["serving_default"](**inputs)) == 0.0  # all-ones masks
+
+    pm.prune_now()
+    assert all(row["sparsity"] == pytest.approx(0.5, abs=0.01) for row in pm.weights())
+    masked = pm.signatures["serving_default"](**inputs)
+    with tf.GradientTape() as tape:
+        loss = sum(tf.reduce_sum(tf.square(v)) for v in pm.serve(inputs).values())
+    gradients = tape.gradient(loss, pm.trainable_variables)
+    assert len(gradients) == len(pm.trainable_variables) and all(g is not None for g in gradients)
+
+    graphprune.save(pm, str(tmp_path / "prunable"))
+    reloaded = tf.saved_model.load(str(tmp_path / "prunable"))
+    assert _max_difference(masked, reloaded.signatures["serving_default"](**inputs)) <= 1e-5 * scale
+    final = tf.saved_model.load(graphprune.finalize(pm, str(tmp_path / "final")))
+    assert _max_difference(masked, final.signatures["serving_default"](**inputs)) <= 1e-5 * scale
+
+
+def test_weights_behind_views_are_found_conv1d_expanddims_and_transpose(tmp_path):
+    import keras
+
+    inputs = keras.Input((12, 4))
+    hidden = keras.layers.Conv1D(8, 3, name="conv1d")(inputs)
+    hidden = keras.layers.SeparableConv1D(6, 3, name="separable")(hidden)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(keras.layers.Flatten()(hidden)))
+    model.export(str(tmp_path / "export"), verbose=False)
+    pm = graphprune.prune(str(tmp_path / "export"), schedule=graphprune.ConstantSparsity(0.5, 0), one_shot=True)
+    found = sorted(row["name"] for row in pm.weights())
+    assert found == ["conv1d/kernel", "head/kernel", "separable/depthwise_kernel", "separable/pointwise_kernel"]
+    assert all(row["sparsity"] == pytest.approx(0.5, abs=0.02) for row in pm.weights())
+
+    rng = np.random.RandomState(0)
+    stem = tf.Variable(rng.randn(3, 4, 8).astype(np.float32), name="stem")
+    projection = tf.Variable(rng.randn(10, 8).astype(np.float32), name="projection")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 12, 4], tf.float32)])
+    def alone(x):  # a lone tf.nn.conv1d model is not refused as having nothing to prune
+        features = tf.reduce_mean(tf.nn.conv1d(x, stem, 1, "VALID"), axis=1)
+        return tf.matmul(features, tf.transpose(projection))
+
+    pm = graphprune.prune(alone, schedule=graphprune.ConstantSparsity(0.5, 0, frequency=1))
+    assert sorted(row["name"] for row in pm.weights()) == ["projection", "stem"]
+    x = tf.constant(rng.randn(2, 12, 4).astype(np.float32))
+    pm.update_masks()
+    masks = {m.name.split("/graphprune")[0]: m for m in pm.masks}
+    expected = tf.matmul(tf.reduce_mean(tf.nn.conv1d(x, stem * masks["stem"], 1, "VALID"), axis=1),
+                         tf.transpose(projection * masks["projection"]))
+    np.testing.assert_allclose(pm(x).numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+    final = tf.saved_model.load(graphprune.finalize(pm, str(tmp_path / "final")))
+    np.testing.assert_allclose(final(x).numpy(), pm(x).numpy(), rtol=1e-5, atol=1e-6)
+    assert sorted(w.name for w in graphprune.size_report(str(tmp_path / "final")).weights) == ["projection", "stem"]
+
+
+def test_keras_swish_trains_after_pruning_with_the_true_gradient(tmp_path):
+    import keras
+
+    inputs = keras.Input((8,))
+    model = keras.Model(inputs, keras.layers.Dense(4)(keras.layers.Dense(16, activation="swish")(inputs)))
+    model.export(str(tmp_path / "export"), verbose=False)
+    pm = graphprune.prune(str(tmp_path / "export"), schedule=graphprune.ConstantSparsity(0.5, 0))
+    x = tf.constant(np.random.RandomState(0).randn(3, 8).astype(np.float32))
+    with tf.GradientTape() as tape:
+        expected_loss = tf.reduce_sum(model(x) ** 2)
+    expected = tape.gradient(expected_loss, model.trainable_variables)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(pm.serve(x) ** 2)
+    gradients = tape.gradient(loss, pm.trainable_variables)
+    assert len(gradients) == 4
+    for want, got in zip(expected, gradients):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_polynomial_decay_rounds_like_the_reference():
+    schedule = graphprune.PolynomialDecay(0.45, 0.61, 1, 171, 2, 4)
+    _, sparsity = schedule(tf.constant(1, tf.int64))
+    assert np.float32(sparsity) == np.float32(0.45000002)
+    mask = graphprune.magnitude_mask(np.arange(1, 11, dtype=np.float32).reshape(2, 5), sparsity)
+    assert int(np.sum(mask.numpy())) == 5
+
+
+def test_finalize_refuses_a_model_that_computes_something_else(mlp):
+    from graphprune.finalization import check_final, finalize_model
+
+    pm = graphprune.prune(mlp, schedule=graphprune.ConstantSparsity(0.5, 0), one_shot=True)
+    final, values, result = finalize_model(pm)
+    check_final(result.reports[0][1].model, final, values)  # the real one passes
+    entries = []
+    for entry in final.entries:
+        graph_def = type(entry.graph_def)()
+        graph_def.CopyFrom(entry.graph_def)
+        for node in graph_def.node:
+            array = tf.make_ndarray(node.attr["value"].tensor).copy() if node.op == "Const" else None
+            if array is not None and array.ndim == 2 and np.count_nonzero(array):  # a frozen kernel
+                array.flat[np.flatnonzero(array)[0]] += 0.5
+                node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(array))
+                break
+        entries.append(dataclasses.replace(entry, graph_def=graph_def))
+    tampered = dataclasses.replace(final, entries=tuple(entries))
+    with pytest.raises(graphprune.PassError, match=r"differs from the masked model by .*output 0 of"):
+        check_final(result.reports[0][1].model, tampered, values)
