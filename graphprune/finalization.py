@@ -66,7 +66,11 @@ def check_final(masked, final, values, *, atol: float = 1e-5, rtol: float = 1e-5
     difference is named with the entry and output it was found in."""
     from graphprune.verify import max_difference, run_entries
 
-    expected = run_entries(masked, values, ones_masks=False)
+    try:
+        expected = run_entries(masked, values, ones_masks=False)
+    except PassError as error:  # inputs graphprune cannot make (a variant, a resource): say so
+        warnings.warn(f"graphprune: finalize: not checked against the masked model ({error})", stacklevel=3)
+        return
     actual = run_entries(final, values, ones_masks=False)
     worst = None
     for name, reference in expected.items():

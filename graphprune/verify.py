@@ -34,6 +34,8 @@ def seeded_inputs(entry: g.Entry, seed: int = 0, batch: int = 2, positive: bool 
             values.append(rng.randint(0, 2, size=shape).astype(dtype.as_numpy_dtype))
         elif dtype == tf.bool:
             values.append(rng.randint(0, 2, size=shape).astype(bool))
+        elif dtype == tf.string:  # words, a known one and an unknown one alike: both models get the same
+            values.append(rng.choice(np.array([b"a", b"the", b"graphprune", b""], dtype=object), size=shape))
         else:
             raise PassError(f"verify: cannot make inputs of dtype {info.dtype} for entry '{entry.name}'")
     return values
