@@ -80,6 +80,12 @@ def save(model, output_dir, *, overwrite: bool = False, inputs=()) -> str:
     never see it: the forward pass reads w * mask)."""
     state = model._graphprune
     check_output(output_dir, overwrite=overwrite, inputs=inputs)
+    # A polymorphic method is saved with every trace it had: trace them all now (SavedModel
+    # stores the traces a tf.function holds).
+    polymorphic = {name.split("#")[0] for name in state.concrete if "#" in name}
+    for name in list(state.concrete):
+        if name.split("#")[0] in polymorphic:
+            state.concrete[name]
     if model.masks:
         model.apply_masks()
     # Aliased signatures are traced by SavedModel itself (see rebuild.build_alias_function).

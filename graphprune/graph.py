@@ -93,6 +93,17 @@ class Entry:
     # captures the object's tensor again, and a model saved from it tracks the object, so
     # SavedModel re-creates the table and copies the asset into the new directory.
     captured_resources: Mapping[str, Any] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
+    # Which concrete trace of a polymorphic method this is (0, 1, ...): every trace is an entry of
+    # its own, and the rebuilt method dispatches a call to the trace its arguments fit.
+    trace: int = 0
+    # Defaults of the original Python callable's parameters (``training=False``), where known:
+    # a call that leaves them out runs the trace made with the default.
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def label(self) -> str:
+        """'kind:name', with '#trace' for a method's second and later traces (unique per model)."""
+        return f"{self.kind}:{self.name}" + (f"#{self.trace}" if self.trace else "")
 
 
 @dataclasses.dataclass(frozen=True)

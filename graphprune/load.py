@@ -84,13 +84,15 @@ def load(target, *, name: str | None = None) -> Loaded:
     if isinstance(target, (str, os.PathLike)):
         return _load_saved_model(os.fspath(target))
     if _is_concrete_function(target):
-        return _trace({(name or "__call__", "method"): target}, owner=target, source="concrete function")
+        return _trace({(name or "__call__", "method", 0): target}, owner=target, source="concrete function")
     if _is_polymorphic_function(target):
-        return _trace({(name or "__call__", "method"): _concrete_of(target, "the function")}, owner=target,
-                      source="tf.function")
+        return _trace({(name or "__call__", "method", i): f for i, f in enumerate(_concretes_of(target, "the function"))},
+                      owner=target, source="tf.function", defaults={name or "__call__": _defaults_of(target)})
     if isinstance(target, tf.Module) or hasattr(target, "_trackable_children"):
-        functions = {(n, "method"): f for n, f in _module_functions(target).items()}
-        return _trace(functions, owner=target, source=type(target).__name__)
+        methods = _module_functions(target)
+        functions = {(n, "method", i): f for n, traces in methods.items() for i, f in enumerate(traces)}
+        defaults = {n: _defaults_of(getattr(target, n)) for n in methods}
+        return _trace(functions, owner=target, source=type(target).__name__, defaults=defaults)
     raise BadModelError(
         f"cannot prune a {type(target).__name__}: pass a SavedModel directory, a tf.Module, a tf.function "
         "with input_signature or a ConcreteFunction (a Keras model: model.export(dir) first)"
@@ -105,16 +107,27 @@ def _is_polymorphic_function(obj) -> bool:
     return isinstance(obj, tf.types.experimental.PolymorphicFunction)
 
 
-def _concrete_of(function, what: str):
+def _defaults_of(function) -> dict:
+    """Parameter defaults of a tf.function's Python callable (also kept by a loaded SavedModel)."""
+    spec = getattr(getattr(function, "function_spec", None), "fullargspec", None)
+    if spec is None:
+        return {}
+    defaults = dict(zip(spec.args[len(spec.args) - len(spec.defaults or ()):], spec.defaults or ()))
+    defaults.update(spec.kwonlydefaults or {})
+    return {k: v for k, v in defaults.items() if v is None or isinstance(v, (bool, int, float, str))}
+
+
+def _concretes_of(function, what: str) -> list:
+    """Every concrete trace of a tf.function: its input_signature's, else all it was traced with."""
     signature = getattr(function, "input_signature", None)
     if signature is not None:
-        return function.get_concrete_function()
+        return [function.get_concrete_function()]
     traced = _traced_concrete_functions(function)
-    if len(traced) == 1:
-        return traced[0]
+    if traced:
+        return traced
     raise BadModelError(
-        f"{what} has no input_signature and {len(traced)} traces: decorate it with "
-        "@tf.function(input_signature=[tf.TensorSpec(shape, dtype), ...]) or pass fn.get_concrete_function(spec)"
+        f"{what} has no input_signature and was never called: decorate it with "
+        "@tf.function(input_signature=[tf.TensorSpec(shape, dtype), ...]) or call it once first"
     )
 
 
@@ -132,8 +145,8 @@ def _module_functions(module) -> dict:
         if attr_name in RESERVED_FUNCTIONS or not _is_polymorphic_function(attr):
             continue
         bound = getattr(module, attr_name)
-        if bound.input_signature is not None or len(_traced_concrete_functions(bound)) == 1:
-            functions[attr_name] = _concrete_of(bound, f"{type(module).__name__}.{attr_name}")
+        if bound.input_signature is not None or _traced_concrete_functions(bound):
+            functions[attr_name] = _concretes_of(bound, f"{type(module).__name__}.{attr_name}")
     if not functions:
         raise BadModelError(
             f"{type(module).__name__} has no tf.function with an input_signature: decorate __call__ with "
@@ -154,18 +167,19 @@ def _load_saved_model(path: str) -> Loaded:
         raise BadModelError(f"{path}: cannot load the SavedModel ({first_line[:200]}); re-export it") from error
     # A Keras export has both a 'serve' signature (keyword inputs) and a 'serve' function
     # (positional inputs): both become entries, told apart by kind.
-    functions: dict[tuple[str, str], Any] = {}
+    functions: dict[tuple[str, str, int], Any] = {}
+    defaults = {}
     for signature_name, function in loaded.signatures.items():
-        functions[(signature_name, "signature")] = function
+        functions[(signature_name, "signature", 0)] = function
     for attr_name, child in _children(loaded).items():
         if attr_name in RESERVED_FUNCTIONS or not _is_polymorphic_function(child):
             continue
-        traced = _traced_concrete_functions(child)
-        if len(traced) == 1:
-            functions[(attr_name, "method")] = traced[0]
+        for trace, function in enumerate(_traced_concrete_functions(child)):
+            functions[(attr_name, "method", trace)] = function
+        defaults[attr_name] = _defaults_of(child)
     if not functions:
         raise BadModelError(f"{path}: the SavedModel has no signature or traced function; save it with signatures=...")
-    return _trace(functions, owner=loaded, source=path)
+    return _trace(functions, owner=loaded, source=path, defaults=defaults)
 
 
 def _children(obj) -> dict:
@@ -215,8 +229,8 @@ def _resource_objects(owner) -> dict[int, Any]:
     return found
 
 
-def _trace(functions: dict, *, owner, source: str) -> Loaded:
-    """functions: (entry name, kind) -> ConcreteFunction."""
+def _trace(functions: dict, *, owner, source: str, defaults: dict | None = None) -> Loaded:
+    """functions: (entry name, kind, trace) -> ConcreteFunction."""
     variables: dict[str, tf.Variable] = {}
     resource_objects = None
     key_of: dict[int, str] = {}
@@ -227,7 +241,7 @@ def _trace(functions: dict, *, owner, source: str) -> Loaded:
     parents = {id(component): variable for _, variable in paths.values() if is_distributed(variable)
                for component in variable.values}
     entries = []
-    for (entry_name, kind), function in functions.items():
+    for (entry_name, kind, trace), function in functions.items():
         captured_variables = {id(v.handle): parents.get(id(v), v) for v in function.graph.variables}
         resources = {}
         constants = {}
@@ -280,6 +294,8 @@ def _trace(functions: dict, *, owner, source: str) -> Loaded:
                 parameters=tuple(function.function_type.parameters),
                 control_outputs=tuple(op.name for op in function.graph.control_outputs if op.name in node_names),
                 captured_resources=MappingProxyType(captured_resources),
+                trace=trace,
+                defaults=MappingProxyType((defaults or {}).get(entry_name, {})),
             )
         )
     entries = _mark_aliases(entries, functions)
@@ -290,13 +306,13 @@ def _trace(functions: dict, *, owner, source: str) -> Loaded:
 def _mark_aliases(entries, functions) -> list:
     """Mark signature entries whose graph is one call of a method entry's function."""
     method_by_function = {
-        _function_name(function): name for (name, kind), function in functions.items() if kind == "method"
+        _function_name(function): name for (name, kind, _), function in functions.items() if kind == "method"
     }
     marked = []
     for entry in entries:
         alias = None
         if entry.kind == "signature" and method_by_function:
-            alias = _alias_of(functions[(entry.name, "signature")], entry, method_by_function)
+            alias = _alias_of(functions[(entry.name, "signature", 0)], entry, method_by_function)
         marked.append(dataclasses.replace(entry, alias=alias) if alias else entry)
     return marked
 

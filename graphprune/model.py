@@ -46,19 +46,31 @@ class PrunableModel(tf.Module):
         self.captured_resources = list(unique.values())
         functions = {}
         methods = {e.name for e in traced.entries if e.kind == "method"}
+        traces = {}  # method name -> its traces (entries), in order
+        for entry in traced.entries:
+            if entry.kind == "method":
+                traces.setdefault(entry.name, []).append(entry)
         # Methods first, so that signatures aliasing them can call them.
         for entry in sorted(traced.entries, key=lambda e: e.kind != "method"):
             if entry.kind == "update":
                 self.update_masks = rebuild.build_update_function(entry, live)
                 continue
+            if entry.kind == "method" and entry.trace > 0:
+                continue  # built with trace 0 into one dispatching function
             if entry.alias is not None and entry.alias[0] in methods:
-                method_entry = next(e for e in traced.entries if e.kind == "method" and e.name == entry.alias[0])
+                method_entry = _trace_called_by(entry, traces[entry.alias[0]])
                 alias = rebuild.build_alias_function(entry, functions[entry.alias[0]], method_entry)
                 self._graphprune.signatures[entry.name] = functools.partial(rebuild.keyword_concrete_function, alias,
                                                                             entry)
                 self._graphprune.save_signatures[entry.name] = alias
                 continue
-            function, concrete = rebuild.build_entry_function(entry, live)
+            if entry.kind == "method" and len(traces[entry.name]) > 1:
+                function, concretes = rebuild.build_polymorphic_function(traces[entry.name], live)
+                concrete = concretes[0]
+                for number, extra in enumerate(concretes[1:], start=1):
+                    self._graphprune.concrete[f"{entry.name}#{number}"] = extra
+            else:
+                function, concrete = rebuild.build_entry_function(entry, live)
             self._graphprune.concrete[entry.name] = concrete
             if entry.kind == "signature":
                 self._graphprune.signatures[entry.name] = concrete
@@ -181,6 +193,19 @@ class PrunableModel(tf.Module):
             if threshold_key in live:
                 live[threshold_key].assign(threshold)
             live[weight.key].assign(pruned_values(values[weight.key], mask))
+
+
+def _trace_called_by(signature: g.Entry, method_traces: list) -> g.Entry:
+    """The trace of a method that a signature's graph calls: the one whose inputs have the
+    signature's dtypes and shapes (in the call's order)."""
+    _, input_order, _ = signature.alias
+    for trace in method_traces:
+        if len(trace.inputs) != len(signature.inputs):
+            continue
+        pairs = [(signature.inputs[position], trace.inputs[index]) for position, index in enumerate(input_order)]
+        if all(a.dtype == b.dtype and a.shape == b.shape for a, b in pairs):
+            return trace
+    return method_traces[0]
 
 
 def _scalar(tag: str, value: float, step: int) -> None:

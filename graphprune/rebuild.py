@@ -168,35 +168,124 @@ def _parameter_name(name: str, position: int) -> str:
     return name if name.isidentifier() and not keyword.iskeyword(name) else f"arg_{position}"
 
 
-def build_entry_function(entry: g.Entry, variables: Mapping[str, tf.Variable]):
-    """(tf.function computing ``entry`` with the original call signature, a callable tracing its
-    concrete function)."""
+def _binder(entry: g.Entry):
+    """(inspect.Signature of the traced callable, its positional names, kwargs key -> parameter)."""
     args_structure, kwargs_structure = entry.input_structure or ((), {})
-    args_structure = tuple(args_structure)
-    kwargs_structure = dict(kwargs_structure)
+    args_structure, kwargs_structure = tuple(args_structure), dict(kwargs_structure)
     positional = [_parameter_name(n, i) for i, n in enumerate(entry.parameters[: len(args_structure)])]
     positional += [f"arg_{i}" for i in range(len(positional), len(args_structure))]
     keyword_names = {key: _parameter_name(key, len(positional) + i) for i, key in enumerate(kwargs_structure)}
-    parameters = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in positional]
-    parameters += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY) for n in keyword_names.values()]
-    signature = inspect.Signature(parameters)
+    empty = inspect.Parameter.empty
+    originals = list(entry.parameters[: len(args_structure)]) + [None] * len(args_structure)
+    # A default is kept only from the first defaulted parameter on, as Python requires.
+    positional_defaults, seen_default = [], False
+    for original, name in zip(originals, positional):
+        default = entry.defaults.get(original, empty) if original is not None else empty
+        seen_default |= default is not empty
+        positional_defaults.append(default if seen_default and default is not empty else empty)
+    if seen_default and empty in positional_defaults[positional_defaults.index(next(
+            d for d in positional_defaults if d is not empty)):]:
+        positional_defaults = [empty] * len(positional)
+    parameters = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d)
+                  for n, d in zip(positional, positional_defaults)]
+    parameters += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=entry.defaults.get(key, empty))
+                   for key, n in keyword_names.items()]
+    return inspect.Signature(parameters), positional, keyword_names
+
+
+def _bound_values(entry: g.Entry, args, kwargs):
+    """(args, kwargs) of a call as the entry's structure nests them; raises TypeError if they do not bind."""
+    signature, positional, keyword_names = _binder(entry)
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return (tuple(bound.arguments[n] for n in positional),
+            {key: bound.arguments[n] for key, n in keyword_names.items()})
+
+
+def _call_entry(entry: g.Entry, variables, values):
+    """Run the entry on bound call values; Python values of the trace (``training=False``) are
+    part of its structure but not of its graph's inputs."""
+    specs = tf.nest.flatten(_structure(entry), expand_composites=True)
+    flat = [value for value, spec in zip(tf.nest.flatten(values, expand_composites=True), specs) if _is_spec(spec)]
+    return pack_outputs(entry.output_structure, import_entry(entry, flat, variables))
+
+
+def _structure(entry: g.Entry):
+    args_structure, kwargs_structure = entry.input_structure or ((), {})
+    return tuple(args_structure), dict(kwargs_structure)
+
+
+def _is_spec(leaf) -> bool:
+    return isinstance(leaf, tf.TypeSpec)
+
+
+def build_entry_function(entry: g.Entry, variables: Mapping[str, tf.Variable]):
+    """(tf.function computing ``entry`` with the original call signature, a callable tracing its
+    concrete function)."""
+    args_structure, kwargs_structure = _structure(entry)
+    signature, _, keyword_names = _binder(entry)
 
     def call(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        args_values = tuple(bound.arguments[n] for n in positional)
-        kwargs_values = {key: bound.arguments[n] for key, n in keyword_names.items()}
-        flat = tf.nest.flatten((args_values, kwargs_values), expand_composites=True)
-        return pack_outputs(entry.output_structure, import_entry(entry, flat, variables))
+        return _call_entry(entry, variables, _bound_values(entry, args, kwargs))
 
     call.__signature__ = signature
     call.__name__ = _parameter_name(entry.name.strip("_"), 0) or "call"
-    if kwargs_structure:
+    if kwargs_structure or not all(_is_spec(s) for s in tf.nest.flatten(args_structure)):
         function = tf.function(call, autograph=False)
     else:
         # One trace for every call and for saving; without it SavedModel may trace (and store) it twice.
         function = tf.function(call, input_signature=list(args_structure), autograph=False)
     kwargs_specs = {keyword_names[k]: v for k, v in kwargs_structure.items()}
     return function, functools.partial(function.get_concrete_function, *args_structure, **kwargs_specs)
+
+
+def _fits(entry: g.Entry, values) -> bool:
+    """Whether bound call values fit a trace: same nesting, tensors compatible with its specs and
+    Python values (``training=True``) equal to the traced ones."""
+    structure = _structure(entry)
+    try:
+        tf.nest.assert_same_structure(structure, values, expand_composites=False)
+    except (ValueError, TypeError):
+        return False
+    for spec, value in zip(tf.nest.flatten(structure), tf.nest.flatten(values)):
+        if _is_spec(spec):
+            try:
+                tensor = tf.convert_to_tensor(value, dtype=getattr(spec, "dtype", None))
+            except (TypeError, ValueError):
+                return False
+            if not spec.is_compatible_with(tensor):
+                return False
+        elif spec != value:
+            return False
+    return True
+
+
+def build_polymorphic_function(entries, variables: Mapping[str, tf.Variable]):
+    """(one tf.function over every trace of a polymorphic method, a callable tracing the first):
+    a call runs the first trace its arguments fit; each trace is traced now, so SavedModel
+    stores them all, as the original had them."""
+    first = entries[0]
+
+    def call(*args, **kwargs):
+        for entry in entries:
+            try:
+                values = _bound_values(entry, args, kwargs)
+            except TypeError:
+                continue
+            if _fits(entry, values):
+                return _call_entry(entry, variables, values)
+        raise TypeError(f"{first.name}: the arguments fit none of its {len(entries)} traced signatures")
+
+    call.__signature__ = _binder(first)[0]
+    call.__name__ = _parameter_name(first.name.strip("_"), 0) or "call"
+    function = tf.function(call, autograph=False)
+    concretes = []
+    for entry in entries:
+        args_structure, kwargs_structure = _structure(entry)
+        keyword_names = _binder(entry)[2]
+        concretes.append(functools.partial(function.get_concrete_function, *args_structure,
+                                           **{keyword_names[k]: v for k, v in kwargs_structure.items()}))
+    return function, concretes
 
 
 def build_alias_function(entry: g.Entry, method_function, method_entry: g.Entry | None = None):

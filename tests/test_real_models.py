@@ -162,3 +162,41 @@ def test_finalize_refuses_a_model_that_computes_something_else(mlp):
     tampered = dataclasses.replace(final, entries=tuple(entries))
     with pytest.raises(graphprune.PassError, match=r"differs from the masked model by .*output 0 of"):
         check_final(result.reports[0][1].model, tampered, values)
+
+
+class ThreeTraces(tf.Module):
+    """__call__ traced for three input signatures, one of them with training=True."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = tf.Variable(np.random.RandomState(0).randn(8, 4).astype(np.float32), name="dense/kernel")
+
+    @tf.function
+    def __call__(self, x, training=False):
+        y = tf.matmul(x, self.w)
+        return y * 2.0 if training else y
+
+
+@pytest.mark.parametrize("as_saved_model", [False, True])
+def test_every_trace_of_a_polymorphic_function_is_kept(tmp_path, as_saved_model):
+    module = ThreeTraces()
+    calls = [((tf.ones([2, 8]),), {}), ((tf.ones([3, 8]),), {"training": True}), ((tf.ones([1, 8], tf.float32),), {})]
+    for args, kwargs in calls:
+        module(*args, **kwargs)
+    target = module
+    if as_saved_model:
+        tf.saved_model.save(module, str(tmp_path / "m"))
+        target = str(tmp_path / "m")
+    pm = graphprune.prune(target, schedule=graphprune.ConstantSparsity(0.5, 0), one_shot=True)
+    masked = module.w * pm.masks[0]
+    rng = np.random.RandomState(1)
+    inputs = [tf.constant(rng.randn(*a[0].shape).astype(np.float32)) for a, _ in calls]
+    for x, (_, kwargs) in zip(inputs, calls):
+        expected = tf.matmul(x, masked) * (2.0 if kwargs.get("training") else 1.0)
+        np.testing.assert_allclose(pm(x, **kwargs).numpy(), expected.numpy(), rtol=1e-6)
+    graphprune.save(pm, str(tmp_path / "prunable"))
+    final = graphprune.finalize(pm, str(tmp_path / "final"))
+    for path in (str(tmp_path / "prunable"), final):
+        loaded = tf.saved_model.load(path)
+        for x, (_, kwargs) in zip(inputs, calls):
+            np.testing.assert_allclose(loaded(x, **kwargs).numpy(), pm(x, **kwargs).numpy(), rtol=1e-6)
