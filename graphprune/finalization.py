@@ -28,7 +28,7 @@ def variant_path(base, variant: str) -> str:
     return f"{stem}.{variant}.tflite"
 
 
-def finalize_model(prunable, *, freeze: bool = True, verify: bool = False):
+def finalize_model(prunable, *, freeze: bool | str = True, verify: bool = False):
     """(final TracedModel, the values its variables are read from, pipeline result); nothing written."""
     if isinstance(prunable, (str, os.PathLike)):
         loaded = load(os.fspath(prunable))
@@ -39,8 +39,10 @@ def finalize_model(prunable, *, freeze: bool = True, verify: bool = False):
         raise BadModelError(
             f"finalize takes a PrunableModel or the directory it was saved to, got {type(prunable).__name__}"
         )
-    steps = [("find_weights", {}), ("fold_masks", {"freeze": freeze})]
-    if freeze:
+    if not (isinstance(freeze, bool) or freeze == "all"):
+        raise GraphPruneError(f"freeze must be True, False or 'all', got {freeze!r}")
+    steps = [("find_weights", {}), ("fold_masks", {"freeze": bool(freeze)})]
+    if freeze == "all":
         steps.append(("freeze_variables", {}))
     steps.append(("strip_unused", {}))
     values = VariableValues(variables)
@@ -91,17 +93,22 @@ def check_final(masked, final, values, *, atol: float = 1e-5, rtol: float = 1e-5
         difference, name, number, scale = worst
         raise PassError(
             f"finalize: the finalized model differs from the masked model by {difference:.3g} (output {number} of "
-            f"'{name}', output scale {scale:.3g}); nothing was written. Try freeze=False (--nofreeze): some "
-            "TensorFlow kernels (oneDNN) compute differently on constants than on variables")
+            f"'{name}', output scale {scale:.3g}); nothing was written. Try freeze=False (--nofreeze): "
+            "TensorFlow folds and fuses constants (oneDNN), which changes the arithmetic")
 
 
-def finalize(prunable, output_dir, *, freeze: bool = True, overwrite: bool = False, verify: bool = False,
+def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool = False, verify: bool = False,
              check: bool = True) -> str:
     """Fold the masks into the weights, drop every mask/step/update op, and write a SavedModel
     with the original signatures that plain TensorFlow loads and runs (no graphprune needed).
 
     prunable: a PrunableModel, or the directory ``graphprune.save`` wrote.
-    freeze=True: pruned weights (and all other variable reads) become constants;
+    freeze=True: the pruned weights become constants (w * mask folded); every other variable
+        (biases, normalization parameters, state) stays a variable. TensorFlow folds constant
+        normalization parameters into their neighbours and fuses ops on constants (oneDNN),
+        which changes the arithmetic: freezing them moved DenseNet121's logits by up to 1e-3 of
+        their scale, and a tf-keras LayerNormalization's output more.
+    freeze="all": every variable read becomes a constant (except variables the model writes).
     freeze=False: weights stay variables, holding the pruned values.
     check=True: run the finalized and the masked model on the same seeded inputs first and refuse
         (PassError, nothing written) if any output differs beyond 1e-5 of its scale.

@@ -120,7 +120,7 @@ def test_freeze_variables_numeric_structure_no_match_idempotent(pruned_cnn):
 # finalize ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("freeze", [True, False])
+@pytest.mark.parametrize("freeze", [True, False, "all"])
 def test_finalize_saved_model_matches_masked_model(tmp_path, pruned_cnn, freeze):
     x = testmodels.batch([8, 8, 3])
     path = graphprune.finalize(pruned_cnn, str(tmp_path / "final"), freeze=freeze)
@@ -133,8 +133,11 @@ def test_finalize_saved_model_matches_masked_model(tmp_path, pruned_cnn, freeze)
     assert not MACHINERY_OPS & set(ops)
     names = [n.name for f in graph_def.library.function for n in f.node_def]
     assert not any("/graphprune/mask/" in n or "graphprune/step" in n or "graphprune/update" in n for n in names)
-    if freeze:
+    if freeze == "all":
         assert "ReadVariableOp" not in ops  # no variable at all
+    elif freeze:  # the pruned weights are constants; biases stay variables (issue #16)
+        names = {v.name.split(":")[0] for v in loaded.original_variables}
+        assert names == {"conv2d/bias", "dense/bias"}
     else:
         values = {v.name.split(":")[0]: v.numpy() for v in loaded.original_variables}
         assert np.mean(values["dense/kernel"] == 0) == pytest.approx(0.8, abs=0.01)

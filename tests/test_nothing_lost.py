@@ -294,10 +294,11 @@ class Stateful(tf.Module):
         return tf.matmul(x - self.mean, self.w) * self.count
 
 
-def test_variables_written_in_the_forward_pass_are_never_frozen(tmp_path):
+@pytest.mark.parametrize("freeze", [True, "all"])
+def test_variables_written_in_the_forward_pass_are_never_frozen(tmp_path, freeze):
     tf.saved_model.save(Stateful(), str(tmp_path / "m"))
     pm = graphprune.prune(str(tmp_path / "m"), schedule=graphprune.ConstantSparsity(0.5, 0), one_shot=True)
-    final = tf.saved_model.load(graphprune.finalize(pm, str(tmp_path / "f")))
+    final = tf.saved_model.load(graphprune.finalize(pm, str(tmp_path / "f"), freeze=freeze))
     x = np.random.RandomState(1).randn(3, 8).astype(np.float32)
     for _ in range(3):  # both models advance their state identically, call after call
         np.testing.assert_allclose(final(x).numpy(), pm(x).numpy(), rtol=1e-6)

@@ -15,7 +15,10 @@ from graphprune.tools import export
 HELP_MODULES = (export,)  # the TFLite flags are export's
 
 _OUTPUT = flags.DEFINE_string("output", None, "Directory for the final SavedModel.")
-_FREEZE = flags.DEFINE_bool("freeze", True, "Weights become constants (--nofreeze: variables holding pruned values).")
+_FREEZE = flags.DEFINE_bool("freeze", True, "Pruned weights become constants (--nofreeze: variables holding the "
+                            "pruned values); other variables stay variables.")
+_FREEZE_ALL = flags.DEFINE_bool("freeze_all", False, "Every variable read becomes a constant (may change the "
+                                "arithmetic: TensorFlow folds constant normalization parameters).")
 _VERIFY = flags.DEFINE_bool("verify", False, "Check outputs after every pass.")
 
 flags.mark_flags_as_required(["input", "output"])
@@ -31,7 +34,8 @@ def main(argv):
     graphprune.io.check_distinct_outputs([_OUTPUT.value, *plan.values()])
     for path in [_OUTPUT.value, *plan.values()]:
         graphprune.io.check_output(path, overwrite=overwrite, inputs=[export.INPUT.value])
-    path = graphprune.finalize(export.INPUT.value, _OUTPUT.value, freeze=_FREEZE.value,
+    freeze = "all" if _FREEZE_ALL.value else _FREEZE.value
+    path = graphprune.finalize(export.INPUT.value, _OUTPUT.value, freeze=freeze,
                                overwrite=overwrite, verify=_VERIFY.value)
     print(graphprune.size_report(path).table())
     export.write_tflite(path, plan, representative)
