@@ -42,8 +42,9 @@ def finalize_model(prunable, *, freeze: bool | str = True, verify: bool = False)
     if not (isinstance(freeze, bool) or freeze == "all"):
         raise GraphPruneError(f"freeze must be True, False or 'all', got {freeze!r}")
     steps = [("find_weights", {}), ("fold_masks", {"freeze": bool(freeze)})]
-    if freeze == "all":
-        steps.append(("freeze_variables", {}))
+    if freeze:  # fold_masks leaves weights read inside loop bodies to this pass
+        pruned = tuple(spec.weight for spec in traced.variables.values() if spec.role == ROLE_MASK)
+        steps.append(("freeze_variables", {} if freeze == "all" else {"only": pruned}))
     steps.append(("strip_unused", {}))
     values = VariableValues(variables)
     _warn_if_nothing_pruned(traced, values)
@@ -188,6 +189,8 @@ def converter_reason(error: BaseException) -> str:
         for line in lines:
             if marker in line:
                 reason = line.split("error: ", 1)[-1]
+                start = reason.rfind("): ", 0, reason.index(marker))  # drop a 'loc(callsite(...)): ' prefix
+                reason = reason[start + 3:] if start >= 0 else reason
                 return f"{reason[:240]} ({advice})"
     errors = [line.split("error: ", 1)[1] for line in lines if "error: " in line]
     return (errors[0] if errors else lines[0] if lines else type(error).__name__)[:300]

@@ -19,10 +19,13 @@ from graphprune.passes.find_weights import resource_of
 from graphprune.pipeline import PassContext, PassResult, register_pass
 
 
-def freeze_variables(model: g.TracedModel, context: PassContext) -> PassResult:
-    """Replace every variable read by a Const of the variable's current value."""
+def freeze_variables(model: g.TracedModel, context: PassContext, only: tuple = ()) -> PassResult:
+    """Replace every variable read (or, with ``only``, the reads of those variable keys) by a Const
+    of the variable's current value."""
     entries, frozen = [], set()
     state = functions.written_variables(model)
+    if only:  # every other variable is left as it is, as if it were state
+        state = state | (set(model.variables) - set(only))
     for entry in model.entries:
         graph_def = g.copy_graph(entry.graph_def)
         index = g.NodeIndex(graph_def)
@@ -40,9 +43,9 @@ def freeze_variables(model: g.TracedModel, context: PassContext) -> PassResult:
                                                                                        context, frozen, state))
         entries.append(dataclasses.replace(entry, graph_def=graph_def) if frozen or touched else entry)
     if not frozen:
-        return PassResult(model, changed=False, report={"frozen": [], "kept_as_state": sorted(state)})
+        return PassResult(model, changed=False, report={"frozen": [], "kept": sorted(state)})
     return PassResult(dataclasses.replace(model, entries=tuple(entries)), changed=True,
-                      report={"frozen": sorted(frozen), "kept_as_state": sorted(state)})
+                      report={"frozen": sorted(frozen), "kept": sorted(state)})
 
 
 def _freeze_in_body(function, arguments, model, context, frozen, state) -> list:

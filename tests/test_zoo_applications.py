@@ -1,0 +1,55 @@
+"""keras.applications models nobody here wrote (issue #16), random weights, small inputs: every
+kernel found, all-ones equivalence, one-shot 50%, a GradientTape step, finalize equal."""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import graphprune  # noqa: E402
+
+
+def _calibrated(name: str, size: int):
+    """The model with batch-norm statistics taken from random inputs: with the initial ones,
+    activations collapse (about 1e-10 for MobileNetV3) and every comparison passes trivially."""
+    import keras
+
+    model = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3), classifier_activation=None)
+    x = np.random.RandomState(0).rand(4, size, size, 3).astype(np.float32) * 255
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = 0.0
+    model(x, training=True)
+    return model, x
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, size", [("Xception", 71), ("EfficientNetV2B0", 32), ("DenseNet121", 32),
+                                        ("MobileNetV3Small", 32), ("InceptionV3", 75), ("NASNetMobile", 32)])
+def test_keras_application_full_chain(tmp_path, name, size):
+    model, x = _calibrated(name, size)
+    model.export(str(tmp_path / "export"), verbose=False)
+    original = tf.saved_model.load(str(tmp_path / "export"))
+    reference = original.serve(x).numpy()
+    scale = float(np.max(np.abs(reference)))
+    assert scale > 1e-2, scale  # outputs that mean something
+
+    pm = graphprune.prune(str(tmp_path / "export"), schedule=graphprune.ConstantSparsity(0.5, 0))
+    counted = [w.path for w in model.weights if w.path.endswith("kernel") and len(w.shape) >= 2]
+    assert len(pm.weights()) == len(counted)
+    np.testing.assert_array_equal(pm.serve(x).numpy(), reference)  # all-ones masks
+
+    pm.prune_now()
+    assert all(row["sparsity"] == pytest.approx(0.5, abs=0.02) for row in pm.weights())
+    masked = pm.serve(x).numpy()
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.square(pm.serve(x[:1])))
+    gradients = tape.gradient(loss, pm.trainable_variables)
+    assert all(g is not None for g in gradients)
+
+    final = tf.saved_model.load(graphprune.finalize(pm, str(tmp_path / "final")))
+    np.testing.assert_allclose(final.serve(x).numpy(), masked, atol=1e-5 * max(1.0, float(np.abs(masked).max())),
+                               rtol=0)
