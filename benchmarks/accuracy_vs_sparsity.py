@@ -29,7 +29,7 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import graphprune  # noqa: E402
-from graphprune.mnist import MnistCNN  # noqa: E402
+from graphprune.tools.mnist import MnistCNN  # noqa: E402
 
 _DATA_DIR = flags.DEFINE_string("data_dir", "/usr/share/datasets/fashion-mnist", "Fashion-MNIST idx .gz files.")
 _SPARSITIES = flags.DEFINE_list("sparsities", ["0.5", "0.75", "0.9", "0.95"], "Target sparsities.")

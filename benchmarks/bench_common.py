@@ -50,7 +50,7 @@ def tfmot():
 
 def require_full_data(data_dir: str) -> dict:
     """Fashion-MNIST from the Debian package; the shipped 2,000-image sample is refused here."""
-    from graphprune import mnist
+    from graphprune.tools import mnist
 
     data, source = mnist.load_fashion_mnist(data_dir)
     if source != data_dir:

@@ -31,7 +31,7 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import graphprune  # noqa: E402
-from graphprune.mnist import MnistCNN  # noqa: E402
+from graphprune.tools.mnist import MnistCNN  # noqa: E402
 
 _STEPS = flags.DEFINE_integer("steps", 60, "Steps per timed block.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed blocks per model (alternating).")

@@ -22,15 +22,11 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2, tensor_pb2
-from tensorflow.python.framework import dtypes, tensor_shape, tensor_util
+import tensorflow as tf
 
-# Names inserted by graphprune live under this scope so re-runs and finalization can find them.
-SCOPE = "graphprune"
-ROLE_WEIGHT = "weight"
-ROLE_MASK = "mask"
-ROLE_THRESHOLD = "threshold"
-ROLE_STEP = "step"
-ROLE_OTHER = "variable"
+from graphprune.names import (ROLE_MASK, ROLE_OTHER, ROLE_STEP, ROLE_THRESHOLD, ROLE_WEIGHT, SCOPE,  # noqa: F401
+                              capture_name, name_from_capture, node_scope)
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +119,9 @@ class TracedModel:
         merged.update(facts)
         return dataclasses.replace(self, facts=MappingProxyType(merged))
 
+    def without_facts(self, *names: str) -> "TracedModel":
+        return dataclasses.replace(self, facts=MappingProxyType({k: v for k, v in self.facts.items() if k not in names}))
+
     def with_variables(self, specs: Iterable[VariableSpec], drop: Iterable[str] = ()) -> "TracedModel":
         merged = dict(self.variables)
         for key in drop:
@@ -170,22 +169,11 @@ class NodeIndex:
         return self.nodes.get(parse_input(raw_input)[0])
 
 
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9_.\-/]")
-
-
-def node_scope(key: str) -> str:
-    """A node-name-safe scope for a variable key: '<key>/graphprune'."""
-    safe = _SAFE_NAME.sub("_", key).strip("/") or "weight"
-    if not re.match(r"[A-Za-z0-9.]", safe[0]):
-        safe = "w" + safe
-    return f"{safe}/{SCOPE}"
-
-
 def make_node(name: str, op: str, inputs: Iterable[str] = (), **attrs) -> node_def_pb2.NodeDef:
     node = node_def_pb2.NodeDef(name=name, op=op)
     node.input.extend(inputs)
     for attr_name, value in attrs.items():
-        if isinstance(value, dtypes.DType):
+        if isinstance(value, tf.dtypes.DType):
             node.attr[attr_name].type = value.as_datatype_enum
         elif isinstance(value, tensor_pb2.TensorProto):
             node.attr[attr_name].tensor.CopyFrom(value)
@@ -210,45 +198,25 @@ def shape_proto(shape):
 
 
 def resource_placeholder(name: str) -> node_def_pb2.NodeDef:
-    return make_node(name, "Placeholder", dtype=dtypes.resource, shape=[])
-
-
-_CAPTURE_PREFIX = "graphprune_weight_"
-
-
-def capture_name(node_name: str) -> str:
-    """A name for a captured frozen weight that survives SavedModel, which lower-cases a function
-    argument's name and turns everything not alphanumeric into '_': the name in hex."""
-    return _CAPTURE_PREFIX + node_name.encode().hex()
-
-
-def name_from_capture(name: str) -> str | None:
-    """The node name capture_name encoded (anywhere in ``name``), or None."""
-    match = re.search(_CAPTURE_PREFIX + r"((?:[0-9a-f]{2})+)", name)
-    if match is None:
-        return None
-    try:
-        return bytes.fromhex(match.group(1)).decode()
-    except ValueError:
-        return None
+    return make_node(name, "Placeholder", dtype=tf.resource, shape=[])
 
 
 def const_node(name: str, value: np.ndarray, dtype: str) -> node_def_pb2.NodeDef:
-    tf_dtype = dtypes.as_dtype(dtype)
+    tf_dtype = tf.dtypes.as_dtype(dtype)
     array = np.asarray(value)
-    if array.size <= 1 or tf_dtype == dtypes.string:
-        proto = tensor_util.make_tensor_proto(array, dtype=tf_dtype)
+    if array.size <= 1 or tf_dtype == tf.string:
+        proto = tf.make_tensor_proto(array, dtype=tf_dtype)
     else:
         # What make_tensor_proto writes for a numeric array, with one copy of the bytes instead
         # of several (frozen weights can be hundreds of megabytes).
         proto = tensor_pb2.TensorProto(dtype=tf_dtype.as_datatype_enum,
-                                       tensor_shape=tensor_shape.TensorShape(array.shape).as_proto(),
+                                       tensor_shape=tf.TensorShape(array.shape).as_proto(),
                                        tensor_content=np.ascontiguousarray(array, tf_dtype.as_numpy_dtype).tobytes())
     return make_node(name, "Const", value=proto, dtype=tf_dtype)
 
 
 def node_dtype(node: node_def_pb2.NodeDef, attr: str = "T") -> str:
-    return dtypes.as_dtype(node.attr[attr].type).name
+    return tf.dtypes.as_dtype(node.attr[attr].type).name
 
 
 def rename_functions(graph_def: graph_pb2.GraphDef, suffix_of) -> graph_pb2.GraphDef:
@@ -282,6 +250,14 @@ def content_suffix(function_def) -> str:
 
     body = function_def.SerializeToString(deterministic=True)
     return "_gp" + hashlib.sha1(body).hexdigest()[:12]
+
+
+_CONTENT_SUFFIX = re.compile(r"_gp[0-9a-f]{12}$")
+
+
+def strip_content_suffix(name: str) -> str:
+    """A function's name without the suffix content_suffix gave it."""
+    return _CONTENT_SUFFIX.sub("", name)
 
 
 def op_counts(graph_def: graph_pb2.GraphDef) -> Counter:

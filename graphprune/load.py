@@ -15,9 +15,11 @@ from types import MappingProxyType
 from typing import Any
 
 import tensorflow as tf
-from tensorflow.python.framework import convert_to_constants
 
+from graphprune import body as b
+from graphprune import compat
 from graphprune import graph as g
+from graphprune.names import role_of
 from graphprune.errors import BadModelError, UnsupportedError
 from graphprune.rebuild import captured_tensor, is_distributed
 
@@ -43,15 +45,7 @@ def inline_functions(concrete_function) -> tf.compat.v1.GraphDef:
     If stay functional (their bodies remain in the library). This is a private TF helper: the
     test ``test_load.py::test_inline_helper_is_available`` pins the TF versions it works with.
     """
-    try:
-        graph_def = convert_to_constants._run_inline_graph_optimization(  # pylint: disable=protected-access
-            concrete_function, lower_control_flow=False, aggressive_inlining=True
-        )
-    except AttributeError as error:  # pragma: no cover - only on a TF without the helper
-        raise UnsupportedError(
-            f"this TensorFlow ({tf.__version__}) lacks the function-inlining helper graphprune uses; "
-            "install tensorflow>=2.16,<2.22"
-        ) from error
+    graph_def = compat.inline_functions(concrete_function)
     # Grappler may rewrite a loop body and keep its name ('while_body_12'), while the original
     # under that name stays registered in the process: two definitions of one name, which
     # SavedModel refuses. Bodies are named by their content instead.
@@ -88,7 +82,7 @@ def load(target, *, name: str | None = None) -> Loaded:
     if _is_polymorphic_function(target):
         return _trace({(name or "__call__", "method", i): f for i, f in enumerate(_concretes_of(target, "the function"))},
                       owner=target, source="tf.function", defaults={name or "__call__": _defaults_of(target)})
-    if isinstance(target, tf.Module) or hasattr(target, "_trackable_children"):
+    if isinstance(target, tf.Module) or compat.is_trackable(target):
         methods = _module_functions(target)
         functions = {(n, "method", i): f for n, traces in methods.items() for i, f in enumerate(traces)}
         defaults = {n: _defaults_of(getattr(target, n)) for n in methods}
@@ -132,10 +126,7 @@ def _concretes_of(function, what: str) -> list:
 
 
 def _traced_concrete_functions(function) -> list:
-    try:
-        return list(function._list_all_concrete_functions())  # pylint: disable=protected-access
-    except AttributeError:
-        return list(getattr(function, "concrete_functions", []))
+    return compat.traced_concrete_functions(function)
 
 
 def _module_functions(module) -> dict:
@@ -183,10 +174,7 @@ def _load_saved_model(path: str) -> Loaded:
 
 
 def _children(obj) -> dict:
-    try:
-        return dict(obj._trackable_children())  # pylint: disable=protected-access
-    except (AttributeError, TypeError):
-        return {}
+    return compat.trackable_children(obj)
 
 
 def _variable_paths(owner) -> dict[int, tuple[str, Any]]:
@@ -270,6 +258,8 @@ def _trace(functions: dict, *, owner, source: str, defaults: dict | None = None)
         graph_def = inline_functions(function)
         if constants:
             graph_def = _inline_captured_constants(graph_def, constants)
+        b.inline_calls(graph_def, resources)
+        b.annotate_resource_arguments(graph_def, resources, specs)
         node_names = {node.name for node in graph_def.node}
         n_user_inputs = len(function.inputs) - len(function.graph.captures)
         inputs = tuple(
@@ -357,17 +347,6 @@ def _variable_key(variable, paths: dict, taken: dict) -> str:
         key = f"{name}_{suffix}"
         suffix += 1
     return key
-
-
-def role_of(key: str) -> tuple[str, str | None]:
-    """The role a variable plays, from the deterministic names graphprune gives what it adds."""
-    if key == f"{g.SCOPE}/step":
-        return g.ROLE_STEP, None
-    for role in (g.ROLE_MASK, g.ROLE_THRESHOLD):
-        suffix = f"/{g.SCOPE}/{role}"
-        if key.endswith(suffix):
-            return role, key[: -len(suffix)]
-    return g.ROLE_OTHER, None
 
 
 def _spec_of(key: str, variable) -> g.VariableSpec:

@@ -10,6 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from graphprune import graph as g
+from graphprune import names
 from graphprune import rebuild
 from graphprune.errors import GraphPruneError
 from graphprune.masks import pruned_values
@@ -112,7 +113,7 @@ class PrunableModel(tf.Module):
 
     def weights(self) -> list[dict]:
         """Per pruned weight: name, op types, shape, elements, nonzeros and current sparsity."""
-        from graphprune.passes.find_weights import weights_of
+        from graphprune.analysis import weights_of
 
         by_key = {w.key: w for w in weights_of(self.traced)}
         rows = []
@@ -148,7 +149,7 @@ class PrunableModel(tf.Module):
         with context:
             for row in self.weights():
                 _scalar(f"pruning/{row['name']}/sparsity", row["sparsity"], step)
-                threshold_key = f"{row['name']}/{g.SCOPE}/threshold"
+                threshold_key = names.threshold_key(row["name"])
                 if threshold_key in live:
                     _scalar(f"pruning/{row['name']}/threshold", float(live[threshold_key].numpy()), step)
             _scalar("pruning/sparsity", self.sparsity(), step)
@@ -170,7 +171,7 @@ class PrunableModel(tf.Module):
     def prune_now(self, sparsity: float | None = None) -> None:
         """One-shot: set every mask to its plan's final sparsity (or ``sparsity``) now and zero the
         pruned weights, with the same computation the in-graph update uses."""
-        from graphprune.passes.find_weights import weights_of
+        from graphprune.analysis import weights_of
         from graphprune.update import compute_masks
 
         if self.config is None:
@@ -189,7 +190,7 @@ class PrunableModel(tf.Module):
         for weight in weights:
             mask, threshold = computed[weight.key]
             live[weight.mask].assign(mask)
-            threshold_key = f"{weight.key}/{g.SCOPE}/threshold"
+            threshold_key = names.threshold_key(weight.key)
             if threshold_key in live:
                 live[threshold_key].assign(threshold)
             live[weight.key].assign(pruned_values(values[weight.key], mask))

@@ -1,8 +1,10 @@
 """Passes, their registry, and the pipeline that runs them with a check after each.
 
-A pass is a plain function ``pass_fn(model, context, **options) -> PassResult``: it reads a
-TracedModel and a frozen context and returns a new TracedModel plus a report; it never mutates
-its input. Each module in ``graphprune.passes`` registers one pass under its own module name.
+A pass is a plain function ``pass_fn(model, context, **options) -> PassResult`` (see passbase): it
+reads a TracedModel and a frozen context and returns a new TracedModel plus a report; it never
+mutates its input. Each module in ``graphprune.passes`` registers one pass under its own module
+name, with its options declared. After a pass, facts it declares stale are dropped unless it
+recorded them anew, and the graph is validated (structure, acyclicity, TensorFlow's import).
 
 A pipeline can be written as text, like TF's graph transform tool:
 
@@ -14,80 +16,34 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections import Counter
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
-import numpy as np
-
+import graphprune.passes  # noqa: F401  (registers every pass; the passes never import this module)
+from graphprune import body as b
 from graphprune import graph as g
+from graphprune.analysis import FACT_TYPES
 from graphprune.errors import PassError
-
-
-class VariableValues(Mapping):
-    """Read-only current values by variable key: live variables read lazily, new ones from specs."""
-
-    def __init__(self, variables: Mapping[str, Any] | None = None, overrides: Mapping[str, np.ndarray] | None = None):
-        self._variables = dict(variables or {})
-        self._cache: dict[str, np.ndarray] = dict(overrides or {})
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        if key not in self._cache:
-            variable = self._variables[key]
-            self._cache[key] = np.asarray(variable.numpy() if hasattr(variable, "numpy") else variable)
-        return self._cache[key]
-
-    def __iter__(self):
-        return iter(set(self._variables) | set(self._cache))
-
-    def __len__(self):
-        return len(set(self._variables) | set(self._cache))
-
-
-@dataclasses.dataclass(frozen=True)
-class PassContext:
-    """What a pass may read besides the graph: current variable values (read-only)."""
-
-    values: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
-
-    def value(self, model: g.TracedModel, key: str) -> np.ndarray:
-        """A pass-assigned value, else the live variable's, else the new variable's initial value."""
-        spec = model.variables[key]
-        if spec.value is not None:
-            return np.asarray(spec.value)
-        if key in self.values:
-            return np.asarray(self.values[key])
-        if spec.initial is not None:
-            return np.asarray(spec.initial)
-        raise PassError(f"the value of variable '{key}' is needed but the pass context has none; pass values=")
-
-
-@dataclasses.dataclass(frozen=True)
-class PassResult:
-    model: g.TracedModel
-    changed: bool
-    report: dict = dataclasses.field(default_factory=dict)
-
-
-PassFn = Callable[..., PassResult]
-REGISTRY: dict[str, PassFn] = {}
-
-
-def register_pass(name: str, fn: PassFn) -> PassFn:
-    """Register ``fn`` under ``name`` (the module's name, by convention)."""
-    REGISTRY[name] = fn
-    return fn
+from graphprune.passbase import (REGISTRY, Option, PassContext, PassFn, PassResult, PassSpec,  # noqa: F401
+                                 VariableValues, parse_value, register_pass, spec_of)
 
 
 def registry() -> dict[str, PassFn]:
-    import graphprune.passes  # noqa: F401  (registers every pass)
+    """Registered pass name -> pass function."""
+    return {name: spec.fn for name, spec in REGISTRY.items()}
 
+
+def specs() -> dict[str, PassSpec]:
+    """Registered pass name -> its registration (options, invalidated facts)."""
     return dict(REGISTRY)
 
 
 def describe_registry() -> str:
+    """What `graphprune run --list` prints: each pass, its summary and its declared options."""
     lines = []
-    for name, fn in sorted(registry().items()):
-        summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        lines.append(f"  {name:22s} {summary}")
+    for name, spec in sorted(REGISTRY.items()):
+        lines.append(f"  {name:22s} {spec.summary}")
+        for option in spec.options:
+            lines.append(f"      {option.describe()}")
     return "\n".join(lines)
 
 
@@ -95,8 +51,8 @@ _STEP = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\(([^()]*)\))?")
 
 
 def parse_pipeline(text: str) -> list[tuple[str, dict]]:
-    """'a b(x=1, y=1x2)' -> [('a', {}), ('b', {'x': 1, 'y': '1x2'})]; unknown names are refused."""
-    known = registry()
+    """'a b(x=1, y=1x2)' -> [('a', {}), ('b', {'x': 1, 'y': '1x2'})]; each value is read as the
+    type its pass declares for it; unknown passes and options are refused."""
     steps, position = [], 0
     text = text.strip()
     while position < len(text):
@@ -104,66 +60,34 @@ def parse_pipeline(text: str) -> list[tuple[str, dict]]:
         if not match or match.end() == position:
             raise PassError(f"cannot parse the pass list at {text[position:][:30]!r}; write 'name(key=value, ...) name2'")
         name, arguments = match.group(1), match.group(2)
-        if name not in known:
-            raise PassError(f"unknown pass '{name}'; registered passes: {', '.join(sorted(known))}")
-        steps.append((name, _parse_arguments(name, arguments or "")))
+        if name not in REGISTRY:
+            raise PassError(f"unknown pass '{name}'; registered passes: {', '.join(sorted(REGISTRY))}")
+        steps.append((name, _parse_arguments(REGISTRY[name], arguments or "")))
         position = match.end()
         while position < len(text) and text[position] in " \t\n,;":
             position += 1
     return steps
 
 
-_INTEGER = re.compile(r"[+-]?[0-9]+")
-_FLOAT = re.compile(r"[+-]?([0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(nan|inf)", re.IGNORECASE)
-
-
-def parse_value(raw: str):
-    """A pass option's value from text: true/false, a decimal integer, a decimal float, a quoted
-    string, else the text itself. Nothing else is evaluated: '0x2' stays the text '0x2'."""
-    raw = raw.strip()
-    if raw.lower() in ("true", "false"):
-        return raw.lower() == "true"
-    if _INTEGER.fullmatch(raw):
-        return int(raw)
-    if _FLOAT.fullmatch(raw):
-        return float(raw)
-    if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
-        return raw[1:-1]
-    return raw
-
-
-def _parse_arguments(pass_name: str, text: str) -> dict:
+def _parse_arguments(spec: PassSpec, text: str) -> dict:
     options = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, sep, raw = part.partition("=")
-        if not sep or not key.strip().isidentifier():
-            raise PassError(f"pass '{pass_name}': argument {part!r} is not key=value")
-        options[key.strip()] = parse_value(raw)
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise PassError(f"pass '{spec.name}': argument {part!r} is not key=value")
+        option = spec.option(key)
+        if option is None:
+            spec.check({key: None})  # the refusal that lists the declared options
+        options[key] = option.parse(spec.name, raw)
     return options
 
 
-_OPTION_TYPES = {"bool": (bool,), "int": (int,), "float": (int, float)}
-
-
 def check_options(name: str, fn: PassFn, options: Mapping) -> None:
-    """Refuse options the pass does not declare and values of the wrong type (by its annotations),
-    before it runs: a TypeError raised inside a pass is then the bug it is, not 'bad options'."""
-    import inspect
-
-    parameters = dict(list(inspect.signature(fn).parameters.items())[2:])  # after (model, context)
-    open_ended = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    for key, value in options.items():
-        parameter = parameters.get(key)
-        if parameter is None:
-            if open_ended:
-                continue
-            declared = ", ".join(parameters) or "none"
-            raise PassError(f"pass '{name}' has no option '{key}' (its options: {declared}); see `graphprune run --list`")
-        annotation = parameter.annotation if isinstance(parameter.annotation, str) else getattr(
-            parameter.annotation, "__name__", "")
-        types = _OPTION_TYPES.get(annotation)
-        if types and (not isinstance(value, types) or (bool not in types and isinstance(value, bool))):
-            raise PassError(f"pass '{name}': option {key}={value!r} must be {annotation}")
+    """Refuse undeclared options and values of the wrong type before a pass runs."""
+    spec = spec_of(fn)
+    if spec is not None:
+        spec.check(options)
 
 
 def validate(model: g.TracedModel) -> None:
@@ -193,11 +117,36 @@ def validate(model: g.TracedModel) -> None:
                 raise ValueError(f"entry '{entry.name}': output '{name}' is missing")
         if entry.alias is not None and entry.alias[0] in methods:
             continue
+        _check_acyclic(entry)
         with tf.Graph().as_default():
             try:
                 tf.graph_util.import_graph_def(_without_large_constants(entry.graph_def), name="")
             except (ValueError, TypeError, tf.errors.OpError) as error:
                 raise ValueError(f"entry '{entry.name}': {str(error).splitlines()[0]}") from error
+
+
+def _check_facts(pass_name: str, model: g.TracedModel) -> None:
+    """Every recorded fact has the type analysis.FACT_TYPES declares for it."""
+    for fact, kind in FACT_TYPES.items():
+        if fact in model.facts and not isinstance(model.facts[fact], kind):
+            raise PassError(f"pass '{pass_name}' recorded fact '{fact}' as {type(model.facts[fact]).__name__}, "
+                            f"not {kind.__name__}: a bug in the pass")
+
+
+def _check_acyclic(entry: g.Entry) -> None:
+    """A rewrite that wires a node into its own inputs leaves a graph TensorFlow may import and
+    then hang or fail on at run time: refuse it here, naming the cycle."""
+    import networkx as nx
+
+    graph_def = entry.graph_def
+    bodies = [b.top_body(graph_def, dict(entry.resources), writable=False)]
+    bodies += [b.Body(f, function=True, resources={}, library={}, writable=False) for f in graph_def.library.function]
+    for body in bodies:
+        dependencies = b.dependency_graph(body)
+        if not nx.is_directed_acyclic_graph(dependencies):
+            cycle = " -> ".join(edge[0] for edge in nx.find_cycle(dependencies))
+            where = f"function '{body.name}'" if body.is_function else "the graph"
+            raise ValueError(f"entry '{entry.name}': {where} has a cycle ({cycle})")
 
 
 def _without_large_constants(graph_def):
@@ -276,6 +225,13 @@ def run_pipeline(
         before_counts = _counts(model)
         check_options(name, fn, options)
         result = fn(model, context, **options)
+        spec = spec_of(fn)
+        if spec is not None and spec.invalidates and result.model is not model:
+            # A fact the pass made stale and did not record anew is dropped, never read stale.
+            stale = [f for f in spec.invalidates if f in result.model.facts and result.model.facts[f] is model.facts.get(f)]
+            if stale:
+                result = dataclasses.replace(result, model=result.model.without_facts(*stale))
+        _check_facts(name, result.model)
         if check and result.model is not model:
             try:
                 validate(result.model)

@@ -16,7 +16,9 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
 
+from graphprune import compat
 from graphprune import graph as g
+from graphprune import names
 from graphprune.errors import BadModelError
 
 
@@ -64,16 +66,12 @@ def register_library(graph_def) -> None:
     resolves them by name in the context, where nothing keeps them once the graph they were built
     in is gone. Registering an identical FunctionDef twice is harmless.
     """
-    from tensorflow.python.eager import context  # pylint: disable=import-outside-toplevel
-
-    ctx = context.context()
     for function_def in graph_def.library.function:
-        if not ctx.has_function(function_def.signature.name):
-            ctx.add_function_def(function_def)
+        compat.register_function_def(function_def)
 
 
 def import_entry(entry: g.Entry, flat_inputs, variables: Mapping[str, tf.Variable], *, replica: int | None = None,
-                 scope: str = "graphprune"):
+                 scope: str = names.IMPORT_SCOPE):
     """Import ``entry`` into the current (function) graph; returns its flat outputs."""
     graph = tf.compat.v1.get_default_graph()
     input_map = {}
@@ -87,18 +85,17 @@ def import_entry(entry: g.Entry, flat_inputs, variables: Mapping[str, tf.Variabl
             variable = components[replica]
         elif cross_replica and is_distributed(variables[key]):
             variable = components[0]  # outside strategy.run a distributed variable has no handle
-        input_map[placeholder] = graph.capture(variable.handle) if hasattr(graph, "capture") else variable.handle
-        if hasattr(graph, "watch_variable"):
-            graph.watch_variable(variable)
+        input_map[placeholder] = compat.capture(graph, variable.handle)
+        compat.watch_variable(graph, variable)
     present = None
     for placeholder, obj in entry.captured_resources.items():
         present = present if present is not None else {node.name for node in entry.graph_def.node}
         if placeholder in present:  # a pass may have stripped a capture nothing reads any more
             tensor = captured_tensor(obj)
-            input_map[placeholder] = graph.capture(tensor) if hasattr(graph, "capture") else tensor
+            input_map[placeholder] = compat.capture(graph, tensor)
     graph_def, constants = _split_large_constants(entry)
     for name, value in constants.items():
-        input_map[f"{name}:0"] = graph.capture(value, name=g.capture_name(name)) if hasattr(graph, "capture") else value
+        input_map[f"{name}:0"] = compat.capture(graph, value, name=names.capture_name(name))
     register_library(graph_def)
     fetches = list(entry.outputs) + list(entry.control_outputs)
     imported = tf.graph_util.import_graph_def(graph_def, input_map=input_map, return_elements=fetches, name=scope)
@@ -343,7 +340,7 @@ def build_update_function(entry: g.Entry, variables: Mapping[str, tf.Variable]):
             # Every replica holds the same weights, so each computes the same masks locally.
             with tf.device(component.device if distributed else None):
                 per_replica.append(import_entry(entry, [], variables, replica=replica if distributed else None,
-                                                scope=f"graphprune_update_{replica}"))
+                                                scope=names.update_import_scope(replica)))
         # An update nobody consumes would be pruned at run time: tie every replica's to the result.
         with tf.control_dependencies([t for outputs in per_replica for t in outputs]):
             results = [tf.identity(t) for t in per_replica[0]]

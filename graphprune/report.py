@@ -17,12 +17,11 @@ import hashlib
 import io
 import math
 import os
-import re
 import tarfile
 
 import numpy as np
 
-from graphprune import graph as g
+from graphprune import names
 from graphprune.errors import BadModelError
 
 
@@ -148,17 +147,6 @@ def directory_bytes(path: str) -> tuple[int, int]:
     return raw, gzip_size(buffer.getvalue())
 
 
-_CALL_PREFIX = re.compile(r"^(?:(?:Stateful)?PartitionedCall(?:_\d+)?/|graphprune/)+")
-_MASKED_SUFFIX = re.compile(r"/graphprune/masked(?:_\d+)?$")
-
-
-def display_name(node_name: str) -> str:
-    """'StatefulPartitionedCall/graphprune/dense/kernel/graphprune/masked' -> 'dense/kernel'; a
-    frozen weight captured under g.capture_name gets its name back."""
-    node_name = g.name_from_capture(node_name) or node_name
-    return _MASKED_SUFFIX.sub("", _CALL_PREFIX.sub("", node_name))
-
-
 def _weight_size(name, op, array: np.ndarray, stored: bytes | None = None, encoding="dense") -> WeightSize:
     stored = array.tobytes() if stored is None else stored
     return WeightSize(name=name, op=op, shape=list(array.shape), dtype=str(array.dtype), elements=int(array.size),
@@ -171,17 +159,18 @@ def _weight_size(name, op, array: np.ndarray, stored: bytes | None = None, encod
 
 def saved_model_weights(path: str) -> list[WeightSize]:
     """The prunable weights of a SavedModel: variables (masked ones as w * mask) or constants."""
-    from tensorflow.python.framework import tensor_util
+    import tensorflow as tf
 
+    from graphprune import body as b
+    from graphprune.analysis import PASS_THROUGH_OPS, RESHAPE_OPS, find_prunable_weights, weight_operands
     from graphprune.load import load
-    from graphprune.passes.find_weights import PASS_THROUGH_OPS, RESHAPE_OPS, find_weights, weight_operands
-    from graphprune.pipeline import PassContext, VariableValues
+    from graphprune.passbase import PassContext, VariableValues
 
     loaded = load(path)
     context = PassContext(values=VariableValues(loaded.variables))
     found: dict[str, WeightSize] = {}
     # Variable weights, also inside While/If bodies (masked ones as w * mask).
-    for weight in find_weights(loaded.model, context).model.facts["weights"]:
+    for weight in find_prunable_weights(loaded.model)[0]:
         value = context.value(loaded.model, weight.key)
         if weight.mask is not None:
             value = value * context.value(loaded.model, weight.mask)
@@ -190,20 +179,23 @@ def saved_model_weights(path: str) -> list[WeightSize]:
     # signature that calls a method captures the method's constant under a generic name, so
     # methods, whose captures carry the weight's name, are read first).
     seen_content = set()
-    for entry in sorted(loaded.model.entries, key=lambda e: e.kind != "method"):
-        index = g.NodeIndex(entry.graph_def)
-        for node in entry.graph_def.node:
+
+    def visit(body):  # every body at any depth: frozen weights of loops and kept functions too
+        for node in body.nodes:
             for _, raw in weight_operands(node):
-                producer = index.producer(raw)
+                producer = body.producer(raw)
                 while producer is not None and (producer.op in PASS_THROUGH_OPS or producer.op in RESHAPE_OPS):
-                    producer = index.producer(producer.input[0])
-                if producer is not None and producer.op == "Const" and display_name(producer.name) not in found:
-                    value = tensor_util.MakeNdarray(producer.attr["value"].tensor)
+                    producer = body.producer(producer.input[0])
+                if producer is not None and producer.op == "Const" and names.display_name(producer.name) not in found:
+                    value = tf.make_ndarray(producer.attr["value"].tensor)
                     content = (value.shape, value.dtype.str, hashlib.sha1(value.tobytes()).hexdigest())
                     if value.ndim >= 2 and content not in seen_content:
                         seen_content.add(content)
-                        name = display_name(producer.name)
+                        name = names.display_name(producer.name)
                         found[name] = _weight_size(name, node.op, value)
+
+    for entry in sorted(loaded.model.entries, key=lambda e: e.kind != "method"):
+        b.visit_entry(entry, visit)
     return list(found.values())
 
 
@@ -218,7 +210,9 @@ _TFLITE_TYPES = {0: np.float32, 1: np.float16, 2: np.int32, 3: np.uint8, 4: np.i
 
 def tflite_weights(path: str) -> list[WeightSize]:
     """Constant weight tensors feeding FC/conv/batch-matmul ops (through DENSIFY/DEQUANTIZE)."""
-    from tensorflow.lite.python import schema_py_generated as schema
+    from graphprune.compat import tflite_schema
+
+    schema = tflite_schema()
 
     with open(path, "rb") as handle:
         data = handle.read()

@@ -24,22 +24,16 @@ from types import MappingProxyType
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.python.framework import dtypes
 
 from graphprune import graph as g
+from graphprune import names
+from graphprune.analysis import weights_of
 from graphprune.config import PruningConfig, make_config
 from graphprune.errors import PassError
 from graphprune.masks import pruned_values
-from graphprune.passes.find_weights import weights_of
-from graphprune.pipeline import PassContext, PassResult, register_pass
+from graphprune.names import STEP_KEY, UPDATE_ENTRY, threshold_key  # noqa: F401  (also imported from here)
+from graphprune.passbase import CONFIG_OPTIONS, PassContext, PassResult, register_pass
 from graphprune.update import compute_masks
-
-STEP_KEY = f"{g.SCOPE}/step"
-UPDATE_ENTRY = "update_masks"
-
-
-def threshold_key(weight_key: str) -> str:
-    return f"{weight_key}/{g.SCOPE}/threshold"
 
 
 def insert_mask_updates(model: g.TracedModel, context: PassContext, config: PruningConfig | None = None,
@@ -59,7 +53,7 @@ def insert_mask_updates(model: g.TracedModel, context: PassContext, config: Prun
     specs = [g.VariableSpec(STEP_KEY, (), "int64", g.ROLE_STEP, trainable=False, initial=np.array(0, np.int64))]
     specs += [
         g.VariableSpec(threshold_key(w.key), (), w.dtype, g.ROLE_THRESHOLD, trainable=False,
-                       initial=np.zeros((), dtypes.as_dtype(w.dtype).as_numpy_dtype), weight=w.key)
+                       initial=np.zeros((), tf.dtypes.as_dtype(w.dtype).as_numpy_dtype), weight=w.key)
         for w in weights
     ]
     new_model = model.with_variables(specs)
@@ -77,12 +71,12 @@ def insert_mask_updates(model: g.TracedModel, context: PassContext, config: Prun
 def _build_update_entry(model, config, weights, plans) -> g.Entry:
     graph = tf.Graph()
     resources = {}
-    with graph.as_default(), tf.name_scope(f"{g.SCOPE}/update"):
+    with graph.as_default(), tf.name_scope(f"{names.SCOPE}/update"):
         handles = {}
 
         def handle(key):
             if key not in handles:
-                name = f"{g.node_scope(key)}/resource"
+                name = names.resource_placeholder_node(key)
                 placeholder = tf.compat.v1.placeholder(tf.resource, [], name=name)
                 resources[placeholder.op.name] = key
                 handles[key] = placeholder
@@ -90,7 +84,7 @@ def _build_update_entry(model, config, weights, plans) -> g.Entry:
 
         def read(key):
             spec = model.variables[key]
-            value = tf.raw_ops.ReadVariableOp(resource=handle(key), dtype=dtypes.as_dtype(spec.dtype))
+            value = tf.raw_ops.ReadVariableOp(resource=handle(key), dtype=tf.dtypes.as_dtype(spec.dtype))
             value.set_shape(spec.shape)  # a bare resource placeholder carries no shape
             return value
 
@@ -175,4 +169,4 @@ def _update_branch(members, plans, target, read, handle, step):
     return branch
 
 
-register_pass("insert_mask_updates", insert_mask_updates)
+register_pass("insert_mask_updates", insert_mask_updates, options=CONFIG_OPTIONS)

@@ -1,11 +1,15 @@
-"""strip_unused: remove every node, library function and variable that no output needs.
+"""strip_unused: remove every node, argument, library function and variable no output needs.
 
-Live nodes are those reachable (data or control edges) from the entry's outputs and from its
-control outputs that have side effects. Control edges to side-effect-free nodes (variable reads,
-NoOps grouping only reads) only order pure work and are dropped, so the reads they pinned can die.
-Then resource placeholders without readers, variables no entry reads, and library functions no
-live node calls are removed. Inside While/If bodies dead nodes go too, and a While drops resource
-loop variables its body no longer reads (masks and weights after folding and freezing). Postcondition: outputs are unchanged; nothing dead is left.
+Applied to every body at any depth, callees first. In each body, resource arguments that no
+callee reads any more are dropped from the call (masks and weights after folding and freezing;
+a loop's only where the body passes the resource through and nobody reads that output). Then
+the live nodes are those the body's outputs need (networkx ancestors over data and control
+edges): at the top, the entry's outputs, its inputs and its control outputs that have side
+effects; in a function body, its returns and every node with a side effect. At the top, control
+edges to side-effect-free nodes (variable reads, NoOps grouping only reads) only order pure
+work and are dropped, so the reads they pinned can die. Then resource placeholders without
+readers, variables no entry reads, and library functions no live node calls are removed.
+Postcondition: outputs are unchanged; nothing dead is left.
 """
 
 from __future__ import annotations
@@ -13,44 +17,26 @@ from __future__ import annotations
 import dataclasses
 from types import MappingProxyType
 
-from graphprune import functions
+from graphprune import body as b
 from graphprune import graph as g
-from graphprune.pipeline import PassContext, PassResult, register_pass
+from graphprune.passbase import PassContext, PassResult, register_pass
 
 SIDE_EFFECT_PREFIXES = ("Assign", "ResourceApply", "ResourceScatter", "ResourceSparseApply", "Print", "Write",
                         "Save", "Restore", "Enqueue", "Stateful", "While", "If", "Case")
 
 
-def has_side_effect(node, index: g.NodeIndex, memo: dict) -> bool:
+def has_side_effect(body: b.Body, node, memo: dict) -> bool:
+    """Whether running ``node`` matters beyond its outputs (NoOp/Identity: if what they group does)."""
     if node.name in memo:
         return memo[node.name]
     memo[node.name] = False  # breaks cycles
     if node.op in ("NoOp", "Identity"):
-        result = any(
-            has_side_effect(index.nodes[g.parse_input(raw)[0]], index, memo)
-            for raw in node.input if g.parse_input(raw)[0] in index.nodes
-        )
+        result = any(has_side_effect(body, body.producer(raw), memo) for raw in node.input
+                     if body.producer(raw) is not None)
     else:
         result = node.op.startswith(SIDE_EFFECT_PREFIXES) or "Summary" in node.op
     memo[node.name] = result
     return result
-
-
-def _called_functions(nodes, library) -> set[str]:
-    """Names of library functions referenced (transitively) by attrs of ``nodes``."""
-    by_name = {f.signature.name: f for f in library.function}
-    pending = [n for n in nodes]
-    called: set[str] = set()
-    while pending:
-        node = pending.pop()
-        for attr in node.attr.values():
-            names = [attr.func.name] if attr.HasField("func") else []
-            names += [f.name for f in attr.list.func]
-            for name in names:
-                if name in by_name and name not in called:
-                    called.add(name)
-                    pending.extend(by_name[name].node_def)
-    return called
 
 
 def _drop_colocation_with_removed(node, live: set) -> None:
@@ -66,108 +52,48 @@ def _drop_colocation_with_removed(node, live: set) -> None:
         del node.attr["_class"]
 
 
-def _strip_function(function) -> bool:
-    """Remove body nodes no output, control output or side effect needs; True if any went."""
-    nodes = {n.name: n for n in function.node_def}
+def _strip_body(body: b.Body, entry: g.Entry, kept: dict) -> None:
+    """Strip one body (its callees are stripped already); for the top graph, record the entry's
+    surviving control outputs in ``kept``."""
+    for site in body.call_sites():
+        site.open()
+        site.drop_unused_resources()
+        site.close()
     memo: dict = {}
-
-    def effectful(node) -> bool:
-        if node.name not in memo:
-            memo[node.name] = False
-            if node.op in ("NoOp", "Identity"):
-                memo[node.name] = any(effectful(nodes[functions.producer_name(raw)]) for raw in node.input
-                                      if functions.producer_name(raw) in nodes)
-            else:
-                memo[node.name] = node.op.startswith(SIDE_EFFECT_PREFIXES) or "Summary" in node.op
-        return memo[node.name]
-
-    roots = [functions.producer_name(v) for v in list(function.ret.values()) + list(function.control_ret.values())]
-    roots += [n.name for n in function.node_def if effectful(n)]
-    live, pending = set(), roots
-    while pending:
-        name = pending.pop()
-        if name in live or name not in nodes:
-            continue
-        live.add(name)
-        pending.extend(functions.producer_name(raw) for raw in nodes[name].input)
-    if len(live) == len(nodes):
-        return False
-    kept = [n for n in function.node_def if n.name in live]
-    del function.node_def[:]
-    function.node_def.extend(kept)
-    return True
-
-
-def _strip_bodies(nodes, graph_def) -> None:
-    """Strip dead nodes from the While/If bodies the live nodes call (renamed by content)."""
-    library = functions.library_of(graph_def)
-    for node in nodes:
-        for attr, _ in functions.body_attrs(node):
-            original = library.get(node.attr[attr].func.name)
-            if original is None:
-                continue
-            function = functions.copy_function(original)
-            if _strip_function(function):
-                node.attr[attr].func.name = functions.rename_with_content_hash(function)
-                graph_def.library.function.append(function)
+    if body.is_function:
+        roots = [body.source(ref) for ref in body.outputs()]
+        roots += [node.name for node in body.nodes if has_side_effect(body, node, memo)]
+    else:
+        for node in body.nodes:
+            inputs = [raw for raw in node.input if not raw.startswith("^")
+                      or (body.producer(raw) is not None and has_side_effect(body, body.producer(raw), memo))]
+            if len(inputs) != len(node.input):
+                body.set_inputs(node, inputs)
+        kept["control_outputs"] = tuple(name for name in entry.control_outputs if body.node(name) is not None
+                                        and has_side_effect(body, body.node(name), memo))
+        roots = [g.parse_input(name.split(":")[0])[0] for name in entry.outputs] + list(kept["control_outputs"])
+        roots += [info.placeholder for info in entry.inputs]  # inputs stay, even if unused
+    live = b.live_nodes(body, roots)
+    if not body.is_function:
+        for node in body.nodes:
+            if node.name in live:
+                _drop_colocation_with_removed(node, live)
+    body.delete(live)
 
 
 def _strip_entry(entry: g.Entry) -> g.Entry:
-    graph_def = g.copy_graph(entry.graph_def)
-    index = g.NodeIndex(graph_def)
-    for node in list(graph_def.node):
-        if node.op in functions.LOOP_OPS:
-            _strip_bodies([node], graph_def)  # first, so reads made dead by folding go
-            functions.drop_unused_resource_loop_variables(graph_def, node, g.NodeIndex(graph_def))
-    index = g.NodeIndex(graph_def)
-    memo: dict = {}
-    for node in graph_def.node:
-        kept = [raw for raw in node.input
-                if not raw.startswith("^") or (g.parse_input(raw)[0] in index.nodes
-                                               and has_side_effect(index.nodes[raw[1:]], index, memo))]
-        if len(kept) != len(node.input):
-            del node.input[:]
-            node.input.extend(kept)
-    control_outputs = tuple(name for name in entry.control_outputs
-                            if name in index.nodes and has_side_effect(index.nodes[name], index, memo))
-    roots = [g.parse_input(name.split(":")[0])[0] for name in entry.outputs] + list(control_outputs)
-    roots += [p.placeholder for p in entry.inputs]  # inputs stay, even if unused
-    live, pending = set(), list(roots)
-    while pending:
-        name = pending.pop()
-        if name in live or name not in index.nodes:
-            continue
-        live.add(name)
-        pending.extend(g.parse_input(raw)[0] for raw in index.nodes[name].input)
-    kept_nodes = [node for node in graph_def.node if node.name in live]
-    for node in kept_nodes:
-        _drop_colocation_with_removed(node, live)
-    _strip_bodies(kept_nodes, graph_def)
-    _delete_dead(graph_def.node, live)
-    called = _called_functions(kept_nodes, graph_def.library)
-    kept_functions = [f for f in graph_def.library.function if f.signature.name in called]
-    del graph_def.library.function[:]
-    graph_def.library.function.extend(kept_functions)
-    gradients = [gr for gr in graph_def.library.gradient if gr.function_name in called]
-    del graph_def.library.gradient[:]
-    graph_def.library.gradient.extend(gradients)
-    resources = MappingProxyType({p: k for p, k in entry.resources.items() if p in live})
-    return dataclasses.replace(entry, graph_def=graph_def, resources=resources, control_outputs=control_outputs)
-
-
-def _delete_dead(nodes, live: set) -> None:
-    """Delete the nodes not in ``live`` in place, a run of neighbours at a time, from the end:
-    rebuilding the list would copy every kept node (frozen weights included) once more."""
-    end = len(nodes)
-    while end > 0:
-        if nodes[end - 1].name in live:
-            end -= 1
-            continue
-        start = end - 1
-        while start > 0 and nodes[start - 1].name not in live:
-            start -= 1
-        del nodes[start:end]
-        end = start
+    kept: dict = {}
+    stripped, _ = b.rewrite_entry(entry, lambda body: _strip_body(body, entry, kept), order="post")
+    graph_def = stripped.graph_def
+    library = {f.signature.name: f for f in graph_def.library.function}
+    if len(b.referenced_functions(graph_def.node, library)) != len(library):
+        if stripped is entry:
+            graph_def = g.copy_graph(graph_def)
+        b.drop_uncalled_functions(graph_def)
+    present = {node.name for node in graph_def.node}
+    resources = MappingProxyType({p: k for p, k in stripped.resources.items() if p in present})
+    return dataclasses.replace(stripped, graph_def=graph_def, resources=resources,
+                               control_outputs=kept.get("control_outputs", entry.control_outputs))
 
 
 def strip_unused(model: g.TracedModel, context: PassContext) -> PassResult:
@@ -175,11 +101,12 @@ def strip_unused(model: g.TracedModel, context: PassContext) -> PassResult:
     entries = tuple(_strip_entry(entry) for entry in model.entries)
     used = {key for entry in entries for key in entry.resources.values()}
     unused = [key for key in model.variables if key not in used]
-    removed_nodes = sum(len(a.graph_def.node) - len(b.graph_def.node) for a, b in zip(model.entries, entries))
-    removed_functions = sum(len(a.graph_def.library.function) - len(b.graph_def.library.function)
-                            for a, b in zip(model.entries, entries))
+    removed_nodes = sum(len(a.graph_def.node) - len(b_.graph_def.node) for a, b_ in zip(model.entries, entries))
+    removed_functions = sum(len(a.graph_def.library.function) - len(b_.graph_def.library.function)
+                            for a, b_ in zip(model.entries, entries))
     changed = bool(removed_nodes or removed_functions or unused) or any(
-        a.control_outputs != b.control_outputs or a.graph_def != b.graph_def for a, b in zip(model.entries, entries))
+        a.control_outputs != b_.control_outputs or a.graph_def is not b_.graph_def
+        for a, b_ in zip(model.entries, entries))
     if not changed:
         return PassResult(model, changed=False, report={"removed_nodes": 0, "removed_variables": []})
     new_model = dataclasses.replace(model, entries=entries).with_variables((), drop=unused)
@@ -188,4 +115,4 @@ def strip_unused(model: g.TracedModel, context: PassContext) -> PassResult:
                               "removed_variables": sorted(unused)})
 
 
-register_pass("strip_unused", strip_unused)
+register_pass("strip_unused", strip_unused, invalidates=("weights",))

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 import graphprune
-from graphprune.mnist import MnistCNN
+from graphprune.tools.mnist import MnistCNN
 from graphprune.report import gzip_size, lower_bound_bytes
 
 REFERENCE_FLOAT_GZIP = 2.3e6

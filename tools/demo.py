@@ -89,7 +89,7 @@ def _demo(out):
     import tensorflow as tf
 
     import graphprune
-    from graphprune import mnist
+    from graphprune.tools import mnist
     from graphprune.report import directory_bytes, gzip_size
 
     started = time.time()

@@ -1,10 +1,10 @@
-"""The pruning tutorial's classic MNIST CNN as a plain tf.Module, and Fashion-MNIST without network.
+"""The demo's model and data (not the library): the classic MNIST CNN as a plain tf.Module, and Fashion-MNIST without network.
 
     conv 5x5x32 (SAME, relu) -> max-pool 2 -> conv 5x5x64 (SAME, relu) -> max-pool 2
     -> dense 3136x1024 (relu) -> dense 1024x10            (3,274,634 parameters; 3.27M weights)
 
 Data: the Debian package dataset-fashion-mnist (/usr/share/datasets/fashion-mnist, idx .gz files)
-when present, else the sample shipped in graphprune/data (the first 2,000 training and 500 test
+when present, else the sample shipped in graphprune/tools/data (the first 2,000 training and 500 test
 images of Fashion-MNIST, MIT licence; made by ``make_sample``).
 """
 

@@ -1,0 +1,240 @@
+"""Analyses of a traced model, shared by passes and runtime code (none of them rewrites).
+
+    trace(body, ref)          follow a tensor back through Identity/Cast/views and a mask Mul
+                              to the variable read it comes from
+    input_axis(node, ...)     the weight axis a prunable op reduces over (M:N groups run along it)
+    weight_reads(body, ops)   the prunable operands of a body that read a variable
+    find_prunable_weights     every weight of a model, in every body at any depth, and the ones
+                              that are not float (skipped, with the reason)
+    written_variables(model)  variables some op assigns (state: never frozen)
+
+Facts recorded on a TracedModel (``model.facts``), with their types:
+
+    weights          tuple[WeightInfo, ...]   find_weights; insert_masks updates it; passes that
+                                              fold, freeze or strip drop it
+    skipped_weights  dict[str, str]           weight key -> why it is not pruned
+    update_config    str                      insert_mask_updates: what the update entry was built for
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+from graphprune import body as b
+from graphprune import graph as g
+from graphprune import names
+
+# op type -> operand positions that may hold a weight (None: every operand)
+PRUNABLE_OPS = {
+    "MatMul": (0, 1),
+    "BatchMatMul": (0, 1),
+    "BatchMatMulV2": (0, 1),
+    "BatchMatMulV3": (0, 1),
+    "Conv2D": (1,),
+    "Conv3D": (1,),
+    "DepthwiseConv2dNative": (1,),
+    "Conv2DBackpropInput": (1,),
+    "Einsum": None,
+}
+# Opt-in (include_gather): lookups of an embedding table read from its variable. Keras 3 reads
+# the table and gathers from the tensor (GatherV2); tf.nn.embedding_lookup on a variable uses
+# ResourceGather on the resource itself (matched separately).
+GATHER_OPS = {"GatherV2": (0,), "Gather": (0,)}
+PASS_THROUGH_OPS = ("Identity", "Cast", "Snapshot")
+# A weight seen through a view is still the weight: Keras 3 EinsumDense reshapes its kernel
+# (Reshape -> BatchMatMulV2), Conv1D expands it (ExpandDims -> Conv2D), tf.matmul(x,
+# tf.transpose(w)) transposes it. The op's axes no longer map to the variable's, so its input
+# axis becomes unknown (M:N refuses such a weight rather than guess).
+RESHAPE_OPS = ("Reshape", "ExpandDims", "Squeeze", "Transpose")
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+WRITE_OP_PREFIXES = ("Assign", "ResourceScatter", "ResourceApply", "ResourceSparseApply",
+                     "ResourceStridedSliceAssign", "DestroyResourceOp")
+
+FACT_TYPES = {"weights": tuple, "skipped_weights": dict, "update_config": str}
+
+
+class Traced(NamedTuple):
+    key: str
+    read: object
+    mask: str | None
+    reshaped: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Use:
+    entry: str
+    node: str
+    op: str
+    operand: int
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightInfo:
+    """A prunable weight: its variable, where it is used, and how its input channels lie."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+    uses: tuple[Use, ...]
+    input_axis: int | None  # the axis reduced by the op (M:N groups run along it); None if unknown
+    mask: str | None = None  # key of its mask variable, once masked
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        return tuple(sorted({use.op for use in self.uses}))
+
+    @property
+    def size(self) -> int:
+        size = 1
+        for dim in self.shape:
+            size *= dim
+        return size
+
+
+def trace(body: b.Body, ref: str) -> Traced | None:
+    """Follow tensor ``ref`` back through Identity/Cast/views and a mask Mul to a variable read:
+    Traced(variable key, the read node, mask key, seen through a view), or None."""
+    mask_key, reshaped = None, False
+    node = body.producer(ref)
+    for _ in range(b.MAX_DEPTH):
+        if node is None:
+            return None
+        if node.op in PASS_THROUGH_OPS or node.op in RESHAPE_OPS:
+            reshaped |= node.op in RESHAPE_OPS
+            node = body.producer(node.input[0])
+        elif node.op == "Mul" and names.is_masked_node(node.name):
+            mask_key = body.read_key(body.producer(node.input[1]))
+            node = body.producer(node.input[0])
+        elif node.op == "ReadVariableOp":
+            key = body.read_key(node)
+            return Traced(key, node, mask_key, reshaped) if key is not None else None
+        else:
+            return None
+    return None
+
+
+def is_mask_multiply(node) -> bool:
+    return node.op == "Mul" and names.is_masked_node(node.name)
+
+
+def input_axis(node, operand: int, rank: int) -> int | None:
+    """The weight axis the op reduces over (where M:N groups are taken), non-negative."""
+    op = node.op
+    if op == "MatMul":
+        if operand == 1:
+            axis = 1 if node.attr["transpose_b"].b else 0
+        else:
+            axis = 0 if node.attr["transpose_a"].b else 1
+    elif op.startswith("BatchMatMul"):
+        if operand == 1:
+            axis = -1 if node.attr["adj_y"].b else -2
+        else:
+            axis = -2 if node.attr["adj_x"].b else -1
+    elif op in ("Conv2D", "Conv3D"):
+        axis = -2
+    elif op == "Conv2DBackpropInput":
+        axis = -1
+    elif op == "Einsum":
+        inputs, _, output = node.attr["equation"].s.decode().replace(" ", "").partition("->")
+        operands = inputs.split(",")
+        if operand >= len(operands) or "." in operands[operand]:
+            return None
+        reduced = [i for i, letter in enumerate(operands[operand]) if letter not in output]
+        return reduced[0] if len(reduced) == 1 else None
+    else:  # DepthwiseConv2dNative reduces over space only
+        return None
+    return axis % rank if rank else None
+
+
+def weight_operands(node, ops=PRUNABLE_OPS) -> list[tuple[int, str]]:
+    """(operand position, input) pairs of ``node`` that may hold a weight."""
+    if node.op not in ops:
+        return []
+    data_inputs = [i for i in node.input if not i.startswith("^")]
+    positions = range(len(data_inputs)) if ops[node.op] is None else ops[node.op]
+    return [(p, data_inputs[p]) for p in positions if p < len(data_inputs)]
+
+
+def weight_reads(body: b.Body, ops=PRUNABLE_OPS):
+    """(node, operand, Traced) for each prunable operand of ``body`` that reads a variable."""
+    for node in body.nodes:
+        for operand, raw in weight_operands(node, ops):
+            traced = trace(body, raw)
+            if traced is not None:
+                yield node, operand, traced
+
+
+def existing_mask(model: g.TracedModel, key: str) -> str | None:
+    candidate = names.mask_key(key)
+    return candidate if candidate in model.variables else None
+
+
+def find_prunable_weights(model: g.TracedModel, include_gather: bool = False):
+    """(weights, skipped): a WeightInfo per variable read by a prunable op in any body of any
+    entry (a weight used by several ops or entries appears once), and the weights left out."""
+    ops = dict(PRUNABLE_OPS, **GATHER_OPS)  # a lookup counts only opted in or already masked (below)
+    found: dict[str, dict] = {}
+    skipped: dict[str, str] = {}
+
+    def record(entry, traced, node, operand, use_name):
+        key, mask_key = traced.key, traced.mask
+        spec = model.variables[key]
+        if spec.role != names.ROLE_OTHER:
+            return
+        if node.op in GATHER_OPS and not include_gather and not (mask_key or existing_mask(model, key)):
+            return
+        if spec.dtype not in FLOAT_DTYPES:
+            skipped[key] = f"dtype {spec.dtype} is not a float type"
+            return
+        info = found.setdefault(key, {"uses": [], "axis": None, "mask": None})
+        info["uses"].append(Use(entry.name, use_name, node.op, operand))
+        if info["axis"] is None and not traced.reshaped:
+            info["axis"] = input_axis(node, operand, len(spec.shape))
+        info["mask"] = info["mask"] or mask_key or existing_mask(model, key)
+
+    for entry in model.entries:
+        if entry.kind == "update":
+            continue
+
+        def visit(body, entry=entry):
+            for node, operand, traced in weight_reads(body, ops):
+                record(entry, traced, node, operand, body.use_name(node))
+            if include_gather:
+                for node in body.nodes:
+                    if node.op == "ResourceGather":  # an embedding table looked up from its resource
+                        key = body.resource_key(node.input[0])
+                        if key is not None:
+                            record(entry, Traced(key, None, existing_mask(model, key)), node, 0, body.use_name(node))
+
+        b.visit_entry(entry, visit)
+    weights = tuple(
+        WeightInfo(key=key, shape=model.variables[key].shape, dtype=model.variables[key].dtype,
+                   uses=tuple(info["uses"]), input_axis=info["axis"], mask=info["mask"])
+        for key, info in found.items()
+    )
+    return weights, skipped
+
+
+def weights_of(model: g.TracedModel) -> tuple[WeightInfo, ...]:
+    """The weights recorded by find_weights, or found now when no fact is recorded."""
+    if "weights" not in model.facts:
+        return find_prunable_weights(model)[0]
+    return model.facts["weights"]
+
+
+def written_variables(model: g.TracedModel) -> set[str]:
+    """Keys of the variables some op assigns to (a counter, a running statistic), in any body of
+    any entry."""
+    written = set()
+
+    def visit(body):
+        for node in body.nodes:
+            if node.op.startswith(WRITE_OP_PREFIXES) and node.input:
+                key = body.resource_key(node.input[0])
+                if key is not None:
+                    written.add(key)
+
+    for entry in model.entries:
+        b.visit_entry(entry, visit)
+    return written
