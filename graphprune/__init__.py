@@ -46,12 +46,19 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    elif name in _SUBMODULES:
-        value = importlib.import_module(f"graphprune.{name}")
-    else:
-        raise AttributeError(f"module 'graphprune' has no attribute {name!r}")
+    try:
+        if name in _EXPORTS:
+            value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        elif name in _SUBMODULES:
+            value = importlib.import_module(f"graphprune.{name}")
+        else:
+            raise AttributeError(f"module 'graphprune' has no attribute {name!r}")
+    except ModuleNotFoundError as error:
+        if error.name != "tensorflow" and not (error.name or "").startswith("tensorflow."):
+            raise
+        from graphprune.errors import NO_TENSORFLOW, MissingTensorFlowError
+
+        raise MissingTensorFlowError(NO_TENSORFLOW) from error
     globals()[name] = value
     return value
 

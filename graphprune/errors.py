@@ -47,3 +47,11 @@ class DataError(GraphPruneError, ValueError):
 
 class PassError(GraphPruneError):
     """A pass failed or left an invalid graph; the message names it and the passes before it."""
+
+
+class MissingTensorFlowError(GraphPruneError, ImportError):
+    """TensorFlow is not installed: graphprune leaves the distribution to the user."""
+
+
+NO_TENSORFLOW = ("graphprune needs TensorFlow 2.16 or newer, and none is installed: pip install "
+                 "'graphprune[tensorflow]' (or 'graphprune[tensorflow-cpu]', or the TensorFlow build you use)")

@@ -125,21 +125,35 @@ def check_m_by_n(shape, m_by_n, axis, name="weight") -> None:
 def _block_scores(magnitude, block_size, pooling):
     """Pooled |w| per block of the 2-D view, blocks anchored at the top-left corner.
 
-    A partial last block is scored over its valid elements only (SAME-padding semantics), but
-    the padding goes at the end: TF's SAME padding centres it, which shifts every scored block
-    against the block it masks (the reference toolkit has that misalignment). Where the view's
-    dims are multiples of the block, this equals the reference exactly.
+    As the reference pools (its factorized_pool): along rows over bh first, then along columns
+    over bw, each average summed in order and divided by the number of valid elements, as
+    TensorFlow's SAME average pooling does; so tied blocks stay tied exactly where they do there
+    (a uniform weight keeps every block). A partial last block is scored over its valid elements
+    only, but the padding goes at the end: TF's SAME padding centres it once a dimension is 2 or
+    more short of a multiple of the block, which shifts every scored block against the block it
+    masks (the reference toolkit has that misalignment). Where the view's dims are within one of
+    a multiple of the block, this equals the reference exactly.
     """
     matrix = as_matrix(magnitude)
     bh, bw = block_size
-    rows, cols = matrix.shape
-    pad = [[0, -rows % bh], [0, -cols % bw]]
-    padded = tf.pad(matrix, pad)[tf.newaxis, :, :, tf.newaxis]
-    pooled = tf.nn.pool(padded, window_shape=[bh, bw], pooling_type=pooling, strides=[bh, bw], padding="VALID")
-    if pooling == "AVG" and (pad[0][1] or pad[1][1]):
-        valid = tf.pad(tf.ones_like(matrix), pad)[tf.newaxis, :, :, tf.newaxis]
-        pooled = pooled / tf.nn.pool(valid, window_shape=[bh, bw], pooling_type="AVG", strides=[bh, bw], padding="VALID")
-    return pooled[0, :, :, 0]
+    if pooling == "MAX":
+        rows, cols = matrix.shape
+        padded = tf.pad(matrix, [[0, -rows % bh], [0, -cols % bw]])[tf.newaxis, :, :, tf.newaxis]
+        pooled = tf.nn.pool(padded, window_shape=[bh, bw], pooling_type="MAX", strides=[bh, bw], padding="VALID")
+        return pooled[0, :, :, 0]
+    return tf.transpose(_average_rows(tf.transpose(_average_rows(matrix, bh)), bw))
+
+
+def _average_rows(matrix, block: int):
+    """Means of ``block`` consecutive rows (the last group may be short), each summed in row order
+    and divided by its row count: TensorFlow's average pooling's arithmetic, to the bit."""
+    rows = matrix.shape[0]
+    padded = tf.pad(matrix, [[0, -rows % block], [0, 0]])
+    total = padded[0::block]
+    for offset in range(1, block):
+        total = total + padded[offset::block]  # + 0.0 where a short group ends: exact
+    counts = np.minimum(block, rows - np.arange(0, rows, block)).astype(matrix.dtype.as_numpy_dtype)
+    return total / tf.constant(counts[:, None])
 
 
 def _expand_blocks(block_mask, block_size, shape):

@@ -7,10 +7,12 @@ outputs unchanged; the largest difference per output is recorded in ``Verifier.r
 from __future__ import annotations
 
 import logging
+import zlib
 
 import numpy as np
 import tensorflow as tf
 
+from graphprune import body as b
 from graphprune import graph as g
 from graphprune import rebuild
 from graphprune.errors import PassError
@@ -65,11 +67,26 @@ def run_entries(model: g.TracedModel, values, *, ones_masks: bool = True, seed: 
         for entry in model.entries:
             if entry.kind == "update":
                 continue
-            run = tf.function(_runner(entry, live), autograph=False)
+            run = tf.function(_runner(seeded_random_ops(entry), live), autograph=False)
             outputs[entry.label] = [np.asarray(t) for t in run(*seeded_inputs(entry, seed, positive=positive))]
     finally:
         logger.setLevel(level)
     return outputs
+
+
+def seeded_random_ops(entry: g.Entry) -> g.Entry:
+    """The entry with every unseeded random op (Dropout in training mode, ...) given a fixed seed
+    derived from its name, at any depth: two runs of a model and of its rewrite (which keeps node
+    names) then draw the same numbers, so their outputs can be compared."""
+
+    def seed(body):
+        for node in body.nodes:
+            if "seed" in node.attr and "seed2" in node.attr and not node.attr["seed"].i and not node.attr["seed2"].i:
+                node.attr["seed"].i = 1
+                node.attr["seed2"].i = 1 + zlib.crc32(node.name.encode()) % (2 ** 31 - 2)
+                body.mark_changed()
+
+    return b.rewrite_entry(entry, seed)[0]
 
 
 def _runner(entry, live):

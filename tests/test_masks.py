@@ -107,3 +107,29 @@ def test_other_float_dtypes(dtype):
     mask = graphprune.magnitude_mask(weight, 0.5)
     assert mask.dtype == dtype
     assert int(tf.reduce_sum(tf.cast(mask, tf.int32))) == 100
+
+
+def _reference_factorized_pool(x, block):
+    """The reference toolkit's factorized_pool (rows over bh, then columns over bw, SAME)."""
+    height, width = x.shape
+    pooled = tf.nn.pool(tf.reshape(x, [1, 1, height, width]), window_shape=[1, block[0]], pooling_type="AVG",
+                        strides=[1, block[0]], padding="SAME")
+    pooled = tf.nn.pool(tf.transpose(pooled, [0, 1, 3, 2]), window_shape=[1, block[1]], pooling_type="AVG",
+                        strides=[1, block[1]], padding="SAME")
+    return tf.transpose(pooled, [0, 1, 3, 2])[0, 0]
+
+
+@pytest.mark.parametrize("shape, block", [((15, 5), (4, 2)), ((64, 32), (4, 4)), ((31, 9), (2, 3)),
+                                          ((16, 16), (1, 4)), ((9, 12), (2, 1)), ((5, 5), (5, 5))])
+def test_avg_block_scores_equal_the_references_to_the_bit(shape, block):
+    from graphprune.masks import _block_scores
+
+    x = np.abs(np.random.RandomState(sum(shape)).randn(*shape)).astype(np.float32)
+    ours = _block_scores(tf.constant(x), block, "AVG").numpy()
+    np.testing.assert_array_equal(ours, _reference_factorized_pool(tf.constant(x), block).numpy().reshape(ours.shape))
+
+
+def test_tied_blocks_split_as_the_reference_splits_them():
+    # The reference keeps all 75 (every block scores exactly 0.1); pooling over 4x2 at once does not.
+    mask = graphprune.magnitude_mask(np.full((15, 5), 0.1, np.float32), 0.5, block_size=(4, 2))
+    assert int(np.sum(mask)) == 75

@@ -26,6 +26,30 @@ def _hub_backbones():
         "t5": lambda: models.T5Backbone(num_heads=2, **small),
         "whisper": lambda: models.WhisperBackbone(num_heads=2, num_mels=8, max_encoder_sequence_length=16,
                                                   max_decoder_sequence_length=8, **small),
+        "distilbert": lambda: models.DistilBertBackbone(num_heads=2, max_sequence_length=8, **small),
+        "roberta": lambda: models.RobertaBackbone(num_heads=2, max_sequence_length=8, **small),
+        "mistral": lambda: models.MistralBackbone(num_query_heads=2, num_key_value_heads=1, **small),
+        "qwen": lambda: models.QwenBackbone(num_query_heads=2, num_key_value_heads=1, **small),
+        "opt": lambda: models.OPTBackbone(num_heads=2, max_sequence_length=8, **small),
+        "gpt_neox": lambda: models.GPTNeoXBackbone(num_heads=2, max_sequence_length=8, **small),
+    }
+
+
+def _hub_vision_backbones():
+    import keras_hub
+
+    models = keras_hub.models
+    image = (32, 32, 3)
+    return {
+        "vit": lambda: models.ViTBackbone(image_shape=image, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16,
+                                          mlp_dim=32),
+        "resnet": lambda: models.ResNetBackbone(input_conv_filters=[64], input_conv_kernel_sizes=[3],
+                                                stackwise_num_filters=[64, 16], stackwise_num_blocks=[1, 1],
+                                                stackwise_num_strides=[1, 2], block_type="basic_block",
+                                                image_shape=image),
+        "vgg": lambda: models.VGGBackbone(stackwise_num_repeats=[1, 1], stackwise_num_filters=[8, 16],
+                                          image_shape=image),
+        "densenet": lambda: models.DenseNetBackbone(stackwise_num_repeats=[2, 2], image_shape=image, growth_rate=8),
     }
 
 
@@ -48,7 +72,8 @@ def _max_difference(a: dict, b: dict) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["bert", "gpt2", "gemma", "llama", "t5", "whisper"])
+@pytest.mark.parametrize("name", ["bert", "gpt2", "gemma", "llama", "t5", "whisper", "distilbert", "roberta",
+                                  "mistral", "qwen", "opt", "gpt_neox"])
 def test_keras_hub_text_backbone_with_dict_inputs_full_chain(tmp_path, name):
     model = _hub_backbones()[name]()
     model.export(str(tmp_path / "export"), verbose=False)
@@ -78,6 +103,45 @@ def test_keras_hub_text_backbone_with_dict_inputs_full_chain(tmp_path, name):
     assert _max_difference(masked, reloaded.signatures["serving_default"](**inputs)) <= 1e-5 * scale
     final = tf.saved_model.load(graphprune.finalize(pm, str(tmp_path / "final")))
     assert _max_difference(masked, final.signatures["serving_default"](**inputs)) <= 1e-5 * scale
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["vit", "resnet", "vgg", "densenet"])
+def test_keras_hub_vision_backbone_full_chain(tmp_path, name):
+    import keras
+
+    model = _hub_vision_backbones()[name]()
+    x = np.random.RandomState(0).uniform(size=[3, 32, 32, 3]).astype(np.float32)
+    for layer in model._flatten_layers():  # batch-norm statistics from random inputs, or outputs collapse
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = 0.0
+    model(x, training=True)
+    model.export(str(tmp_path / "export"), verbose=False)
+    original = tf.saved_model.load(str(tmp_path / "export"))
+    reference = original.serve(x).numpy()
+    scale = float(np.abs(reference).max())
+    assert scale > 0.1, scale
+
+    pm = graphprune.prune(str(tmp_path / "export"), schedule=graphprune.ConstantSparsity(0.5, 0))
+    counted = sorted(w.path for w in model.weights if w.path.endswith("kernel") and len(w.shape) >= 2)
+    found = sorted(row["name"] for row in pm.weights())
+    assert len(found) == len(counted), (found, counted)
+    np.testing.assert_allclose(pm.serve(x).numpy(), reference, atol=1e-6 * scale, rtol=0)  # all-ones masks
+
+    pm.prune_now()
+    assert all(row["sparsity"] == pytest.approx(0.5, abs=0.02) for row in pm.weights())
+    masked = pm.serve(x).numpy()
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.square(pm.serve(x[:1])))
+    gradients = tape.gradient(loss, pm.trainable_variables)
+    assert all(g is not None for g in gradients)
+    graphprune.save(pm, str(tmp_path / "prunable"))
+    reloaded = tf.saved_model.load(str(tmp_path / "prunable"))
+    np.testing.assert_allclose(reloaded.serve(x).numpy(), masked, atol=1e-5 * scale, rtol=0)
+    final = tf.saved_model.load(graphprune.finalize(pm, str(tmp_path / "final")))
+    np.testing.assert_allclose(final.serve(x).numpy(), masked, atol=1e-5 * scale, rtol=0)
+    report = graphprune.size_report(str(tmp_path / "final"))
+    assert len(report.weights) == len(counted)  # every pruned weight is reported after freezing
 
 
 def test_weights_behind_views_are_found_conv1d_expanddims_and_transpose(tmp_path):
@@ -200,3 +264,15 @@ def test_every_trace_of_a_polymorphic_function_is_kept(tmp_path, as_saved_model)
         loaded = tf.saved_model.load(path)
         for x, (_, kwargs) in zip(inputs, calls):
             np.testing.assert_allclose(loaded(x, **kwargs).numpy(), pm(x, **kwargs).numpy(), rtol=1e-6)
+
+
+def test_size_report_states_its_gzip_level(tmp_path, mlp):
+    import gzip
+
+    pm = graphprune.prune(mlp, schedule=graphprune.ConstantSparsity(0.5, 0), one_shot=True)
+    report = graphprune.size_report(graphprune.finalize(pm, str(tmp_path / "final")))
+    assert "gzip -6" in report.table() and report.to_dict()["totals"]["gzip_level"] == 6
+    weight = report.weights[0]
+    assert weight.gzip_bytes < weight.raw_bytes
+    values = np.zeros(weight.elements, np.float32)  # the level is what the number is measured at
+    assert graphprune.report.gzip_size(values.tobytes(), 6) == len(gzip.compress(values.tobytes(), 6, mtime=0))

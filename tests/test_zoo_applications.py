@@ -33,7 +33,9 @@ def _calibrated(name: str, size: int):
         reason="open in #16: finalize differs by ~1.5e-3 of the output scale (activations ~7e4 with random "
                "weights); constant conv weights take another oneDNN path, and the seeded-input check misses it",
         strict=False)),
-    ("DenseNet121", 32), ("MobileNetV3Small", 32), ("InceptionV3", 75), ("NASNetMobile", 32)])
+    ("DenseNet121", 32), ("MobileNetV3Small", 32), ("InceptionV3", 75), ("NASNetMobile", 32),
+    ("ConvNeXtTiny", 32),  # grouped Conv2D, which Keras runs in an XLA function on CPU
+    ("VGG16", 32), ("MobileNet", 32), ("ResNet50V2", 32)])
 def test_keras_application_full_chain(tmp_path, name, size):
     model, x = _calibrated(name, size)
     model.export(str(tmp_path / "export"), verbose=False)
@@ -42,14 +44,21 @@ def test_keras_application_full_chain(tmp_path, name, size):
     scale = float(np.max(np.abs(reference)))
     assert scale > 1e-2, scale  # outputs that mean something
 
-    pm = graphprune.prune(str(tmp_path / "export"), schedule=graphprune.ConstantSparsity(0.5, 0))
+    pm = graphprune.prune(str(tmp_path / "export"), schedule=graphprune.ConstantSparsity(0.5, 0, frequency=1))
     counted = [w.path for w in model.weights if w.path.endswith("kernel") and len(w.shape) >= 2]
     assert len(pm.weights()) == len(counted)
-    np.testing.assert_array_equal(pm.serve(x).numpy(), reference)  # all-ones masks
+    # All-ones masks: the same arithmetic, except where graphprune inlined an XLA-compiled
+    # function (ConvNeXt's grouped convolutions), which TensorFlow's own kernels then run.
+    tolerance = 1e-5 * scale if name == "ConvNeXtTiny" else 0.0
+    np.testing.assert_allclose(pm.serve(x).numpy(), reference, atol=tolerance, rtol=0)
 
     pm.prune_now()
     assert all(row["sparsity"] == pytest.approx(0.5, abs=0.02) for row in pm.weights())
     masked = pm.serve(x).numpy()
+    one_shot = [mask.numpy() for mask in pm.masks]
+    pm.update_masks()  # step 1 prunes at the same sparsity: one-shot already reached it, ties included
+    assert all(np.array_equal(before, after.numpy()) for before, after in zip(one_shot, pm.masks))
+    np.testing.assert_array_equal(pm.serve(x).numpy(), masked)
     with tf.GradientTape() as tape:
         loss = tf.reduce_sum(tf.square(pm.serve(x[:1])))
     gradients = tape.gradient(loss, pm.trainable_variables)

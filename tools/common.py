@@ -76,6 +76,12 @@ def run_main(main):
             fail(str(error))
         except KeyboardInterrupt:
             fail(interrupted_message(), code=130)
+        except ModuleNotFoundError as error:
+            if error.name != "tensorflow" and not (error.name or "").startswith("tensorflow."):
+                raise
+            from graphprune.errors import NO_TENSORFLOW
+
+            fail(NO_TENSORFLOW)
         except (SystemExit, GeneratorExit, BrokenPipeError):
             raise
         except Exception as error:  # a bug: still one line, the traceback with --verbose
