@@ -289,8 +289,69 @@ def _trace(functions: dict, *, owner, source: str, defaults: dict | None = None)
             )
         )
     entries = _mark_aliases(entries, functions)
+    renamed = _names_for_shared_variable_names(entries, variables)
+    if renamed:
+        entries = [dataclasses.replace(e, resources=MappingProxyType({p: renamed.get(k, k) for p, k in
+                                                                      e.resources.items()})) for e in entries]
+        variables = {renamed.get(k, k): v for k, v in variables.items()}
+        specs = {renamed.get(k, k): dataclasses.replace(spec, key=renamed.get(k, k)) for k, spec in specs.items()}
     model = g.TracedModel(entries=tuple(entries), variables=MappingProxyType(specs))
     return Loaded(model=model, variables=variables, owner=owner, source=source)
+
+
+_SCOPE_UNIQUIFIER = re.compile(r"_\d+$")
+
+
+def _names_for_shared_variable_names(entries, variables) -> dict[str, str]:
+    """Keys for variables that share one TensorFlow name, from the name scope they are read in.
+
+    Keras 3 names a nested layer's variable after the outer layer ('block1a_/kernel' for the
+    kernel of 'block1a_/block1a_expand_conv'), so several weights share a name; the scope of the
+    op that reads each one still says which layer it belongs to:
+    '.../block1a__1/block1a_expand_conv_1/convolution/ReadVariableOp'. The outer layer's scope
+    segment shows the suffix TensorFlow added to make that trace's scopes unique ('_1' above);
+    the same suffix is taken off the inner layer's segment. Returns old key -> new key."""
+    groups: dict[str, list[str]] = {}
+    for key, variable in variables.items():
+        groups.setdefault(variable.name.split(":")[0], []).append(key)
+    shared = {key: name for name, keys in groups.items() if len(keys) > 1 for key in keys}
+    if not shared:
+        return {}
+    reads: dict[str, str] = {}
+    for entry in entries:
+        top = b.top_body(entry.graph_def, dict(entry.resources), writable=False)
+        for node in entry.graph_def.node:
+            key = top.read_key(node)
+            if key in shared and key not in reads:
+                reads[key] = node.name
+    renamed = {}
+    for key, name in shared.items():
+        new = _scoped_name(name, reads.get(key, ""))
+        if new and new not in variables and new not in renamed.values():
+            renamed[key] = new
+    return renamed
+
+
+def _scoped_name(variable_name: str, read_name: str) -> str | None:
+    *outer, leaf = variable_name.split("/")
+    segments = read_name.split("/")[:-2]  # without the reading op's own scope and name
+    if not outer:
+        return None
+    for start in range(len(segments) - len(outer)):
+        window = segments[start:start + len(outer)]
+        suffix = window[-1][len(outer[-1]):] if window[-1].startswith(outer[-1]) else None
+        if suffix is None or (suffix and not _SCOPE_UNIQUIFIER.fullmatch(suffix)):
+            continue
+        if window[:-1] != outer[:-1] and [_strip(w, suffix) for w in window[:-1]] != outer[:-1]:
+            continue
+        inner = [_strip(segment, suffix) for segment in segments[start + len(outer):]]
+        if inner:
+            return "/".join(outer + inner + [leaf])
+    return None
+
+
+def _strip(segment: str, suffix: str) -> str:
+    return segment[: -len(suffix)] if suffix and segment.endswith(suffix) else segment
 
 
 def _mark_aliases(entries, functions) -> list:
