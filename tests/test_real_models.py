@@ -11,6 +11,7 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import graphprune  # noqa: E402
+import testmodels  # noqa: E402
 
 
 def _hub_backbones():
@@ -150,6 +151,7 @@ def test_keras_hub_vision_backbone_full_chain(tmp_path, name):
     np.testing.assert_allclose(final.serve(x).numpy(), masked, atol=1e-5 * scale, rtol=0)
     report = graphprune.size_report(str(tmp_path / "final"))
     assert len(report.weights) == len(counted)  # every pruned weight is reported after freezing
+    testmodels.check_tflite(str(tmp_path / "final"), str(tmp_path / "m.tflite"), x, masked, scale)
 
 
 def test_weights_behind_views_are_found_conv1d_expanddims_and_transpose(tmp_path):

@@ -10,6 +10,7 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import graphprune  # noqa: E402
+import testmodels  # noqa: E402
 
 
 def _calibrated(name: str, size: int):
@@ -67,3 +68,4 @@ def test_keras_application_full_chain(tmp_path, name, size):
     final = tf.saved_model.load(graphprune.finalize(pm, str(tmp_path / "final")))
     np.testing.assert_allclose(final.serve(x).numpy(), masked, atol=1e-5 * max(1.0, float(np.abs(masked).max())),
                                rtol=0)
+    testmodels.check_tflite(str(tmp_path / "final"), str(tmp_path / "m.tflite"), x, masked, scale)

@@ -93,3 +93,23 @@ def keras_functional_export(path, seed=0):
 def batch(entry_shape, seed=1, n=5):
     rng = np.random.RandomState(seed)
     return tf.constant(rng.standard_normal([n, *entry_shape]).astype(np.float32))
+
+
+def check_tflite(saved_model_dir: str, tflite_path: str, x, expected, scale: float) -> str:
+    """Convert a finalized single-input model to TFLite and run it under LiteRT: outputs equal
+    ``expected`` (atol relative to ``scale``), or the converter refuses with one line. Returns
+    'ok' or the refusal."""
+    import graphprune
+    from ai_edge_litert.interpreter import Interpreter
+
+    try:
+        graphprune.export_tflite(saved_model_dir, tflite_path)
+    except graphprune.GraphPruneError as error:
+        assert "\n" not in str(error).strip() and "Traceback" not in str(error)
+        return str(error)
+    runner = Interpreter(model_path=tflite_path).get_signature_runner("serving_default")
+    name = next(iter(runner.get_input_details()))
+    outputs = runner(**{name: np.asarray(x)})
+    lite = next(iter(outputs.values()))
+    np.testing.assert_allclose(lite, expected, atol=1e-4 * max(1.0, scale), rtol=1e-4)
+    return "ok"
