@@ -193,6 +193,7 @@ def find_prunable_weights(model: g.TracedModel, include_gather: bool = False):
             info["axis"] = input_axis(node, operand, len(spec.shape))
         info["mask"] = info["mask"] or mask_key or existing_mask(model, key)
 
+    derived: dict[str, str] = {}
     for entry in model.entries:
         if entry.kind == "update":
             continue
@@ -200,6 +201,10 @@ def find_prunable_weights(model: g.TracedModel, include_gather: bool = False):
         def visit(body, entry=entry):
             for node, operand, traced in weight_reads(body, ops):
                 record(entry, traced, node, operand, body.use_name(node))
+            for key, reason in derived_weight_reads(body, {info.placeholder for info in entry.inputs}).items():
+                spec = model.variables.get(key)
+                if spec is not None and spec.role == names.ROLE_OTHER and spec.dtype in FLOAT_DTYPES:
+                    derived.setdefault(key, reason)
             if include_gather:
                 for node in body.nodes:
                     if node.op == "ResourceGather":  # an embedding table looked up from its resource
@@ -208,12 +213,54 @@ def find_prunable_weights(model: g.TracedModel, include_gather: bool = False):
                             record(entry, Traced(key, None, existing_mask(model, key)), node, 0, body.use_name(node))
 
         b.visit_entry(entry, visit)
+    for key, reason in derived.items():
+        if key not in found:
+            skipped.setdefault(key, reason)
     weights = tuple(
         WeightInfo(key=key, shape=model.variables[key].shape, dtype=model.variables[key].dtype,
                    uses=tuple(info["uses"]), input_axis=info["axis"], mask=info["mask"])
         for key, info in found.items()
     )
     return weights, skipped
+
+
+def derived_weight_reads(body: b.Body, inputs: set[str]) -> dict[str, str]:
+    """Variables that reach a prunable operand only through ops graphprune does not follow (a
+    weight computed from variables: w / norm(w), w * scale, ...): key -> why it is not pruned.
+
+    An operand that depends on no data input (the entry's inputs at the top, a body's non-resource
+    arguments) is a function of variables and constants alone; the variables it reads are
+    weights graphprune cannot mask where they are used, so they are reported, never silently
+    left dense. Activations (which depend on the inputs) are not weights and are not looked at."""
+    import networkx as nx
+
+    untraced = [(node, raw) for node in body.nodes for _, raw in weight_operands(node)
+                if trace(body, raw) is None]
+    if not untraced:
+        return {}
+    graph = b.dependency_graph(body)
+    if body.is_function:
+        sources = {arg.name for arg in body.proto.signature.input_arg if arg.name not in body.resources}
+    else:
+        sources = set(inputs) | {n.name for n in body.nodes if n.op == "Placeholder" and n.name not in body.resources}
+    start = object()
+    graph.add_edges_from((start, source) for source in sources if source in graph)
+    data_dependent = nx.descendants(graph, start) if start in graph else set()
+    found: dict[str, str] = {}
+    for node, raw in untraced:
+        source = body.source(raw)
+        if source in data_dependent or source not in graph:
+            continue
+        upstream = nx.ancestors(graph, source) | {source}
+        path_ops = sorted({body.node(n).op for n in upstream if body.node(n) is not None
+                           and body.node(n).op not in ("ReadVariableOp", "Placeholder", "Const")})
+        for name in upstream:
+            key = body.read_key(body.node(name))
+            if key is not None:
+                found.setdefault(key, f"reaches {node.op} '{node.name}' only through {', '.join(path_ops) or 'ops'}, "
+                                      "which graphprune does not follow (a weight computed from variables); it is "
+                                      "not pruned: exclude it, or compute the weight outside the graph")
+    return found
 
 
 def weights_of(model: g.TracedModel) -> tuple[WeightInfo, ...]:

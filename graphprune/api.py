@@ -50,8 +50,15 @@ def prune(target, schedule=None, *, block_size=(1, 1), block_pooling="AVG", m_by
     result = run_pipeline(loaded.model, steps, context, after_pass=after_pass)
     model = result.model
     config.check_rules_match(model.facts.get("weights", ()))
-    for key, reason in (model.facts.get("skipped_weights") or {}).items():
+    skipped = model.facts.get("skipped_weights") or {}
+    if len(skipped) == 1:
+        key, reason = next(iter(skipped.items()))
         warnings.warn(f"graphprune: not pruning '{key}': {reason}", stacklevel=2)
+    elif skipped:  # once, with the count: pm.skipped() lists every one with its reason
+        listed = "; ".join(f"'{key}': {reason}" for key, reason in list(skipped.items())[:3])
+        more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        warnings.warn(f"graphprune: not pruning {len(skipped)} weights (pm.skipped() lists them): {listed}{more}",
+                      stacklevel=2)
     if not any(w.mask for w in model.facts.get("weights", ())):
         skipped = model.facts.get("skipped_weights") or {}
         detail = f" ({len(skipped)} skipped: {next(iter(skipped.values()))})" if skipped else ""

@@ -133,6 +133,15 @@ class PrunableModel(tf.Module):
             })
         return rows
 
+    def skipped(self) -> dict[str, str]:
+        """Weights that feed a prunable op but are not pruned, each with the reason (a non-float
+        dtype, a weight computed from variables by ops graphprune does not follow, ...)."""
+        from graphprune.analysis import find_prunable_weights
+
+        if "skipped_weights" in self.traced.facts:
+            return dict(self.traced.facts["skipped_weights"])
+        return dict(find_prunable_weights(self.traced)[1])
+
     def sparsity(self) -> float:
         """Overall sparsity of the pruned weights (zeros in masks / elements)."""
         rows = self.weights()

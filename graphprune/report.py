@@ -58,6 +58,7 @@ class SizeReport:
     weights: list[WeightSize]
     file_bytes: int
     file_gzip_bytes: int
+    skipped: dict = dataclasses.field(default_factory=dict)  # weight -> why it is not pruned
 
     @property
     def elements(self) -> int:
@@ -91,6 +92,7 @@ class SizeReport:
                 "file_gzip_bytes": self.file_gzip_bytes,
                 "gzip_level": REPORT_GZIP_LEVEL,
             },
+            "skipped": dict(self.skipped),
         }
 
     def __str__(self) -> str:
@@ -111,6 +113,7 @@ class SizeReport:
             f"{sum(w.gzip_bytes for w in self.weights):10d} {self.bound_bytes:10.0f}"
         )
         lines.append(f"file: {self.file_bytes} bytes, gzip -{REPORT_GZIP_LEVEL} {self.file_gzip_bytes} bytes")
+        lines += [f"not pruned: {key}: {reason}" for key, reason in sorted(self.skipped.items())]
         return "\n".join(lines)
 
 
@@ -167,6 +170,11 @@ def _weight_size(name, op, array: np.ndarray, stored: bytes | None = None, encod
 
 def saved_model_weights(path: str) -> list[WeightSize]:
     """The prunable weights of a SavedModel: variables (masked ones as w * mask) or constants."""
+    return _saved_model_weights(path)[0]
+
+
+def _saved_model_weights(path: str):
+    """(saved_model_weights, the weights that feed a prunable op but are not pruned, with why)."""
     import tensorflow as tf
 
     from graphprune import body as b
@@ -178,7 +186,8 @@ def saved_model_weights(path: str) -> list[WeightSize]:
     context = PassContext(values=VariableValues(loaded.variables))
     found: dict[str, WeightSize] = {}
     # Variable weights, also inside While/If bodies (masked ones as w * mask).
-    for weight in find_prunable_weights(loaded.model)[0]:
+    weights, skipped = find_prunable_weights(loaded.model)
+    for weight in weights:
         value = context.value(loaded.model, weight.key)
         if weight.mask is not None:
             value = value * context.value(loaded.model, weight.mask)
@@ -204,7 +213,7 @@ def saved_model_weights(path: str) -> list[WeightSize]:
 
     for entry in sorted(loaded.model.entries, key=lambda e: e.kind != "method"):
         b.visit_entry(entry, visit)
-    return list(found.values())
+    return list(found.values()), {key: reason for key, reason in skipped.items() if key not in found}
 
 
 # TFLite ----------------------------------------------------------------------------------------
@@ -282,9 +291,10 @@ def size_report(path) -> SizeReport:
     """Per-weight and total sizes, sparsity and lower bound for a SavedModel dir or a .tflite file."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        weights = saved_model_weights(path)
+        weights, skipped = _saved_model_weights(path)
         raw, zipped = directory_bytes(path, REPORT_GZIP_LEVEL)
-        return SizeReport(path=path, kind="saved_model", weights=weights, file_bytes=raw, file_gzip_bytes=zipped)
+        return SizeReport(path=path, kind="saved_model", weights=weights, file_bytes=raw, file_gzip_bytes=zipped,
+                          skipped=skipped)
     if os.path.isfile(path):
         with open(path, "rb") as handle:
             data = handle.read()

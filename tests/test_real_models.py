@@ -2,6 +2,7 @@
 views, Keras 3 custom gradients, the reference's schedule arithmetic, finalize's own check."""
 
 import dataclasses
+import warnings
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -286,3 +287,38 @@ def test_size_report_states_its_gzip_level(tmp_path, mlp):
     assert weight.gzip_bytes < weight.raw_bytes
     values = np.zeros(weight.elements, np.float32)  # the level is what the number is measured at
     assert graphprune.report.gzip_size(values.tobytes(), 6) == len(gzip.compress(values.tobytes(), 6, mtime=0))
+
+
+class _Derived(tf.Module):
+    """A weight computed from variables (weight normalization) next to a plain one."""
+
+    def __init__(self):
+        super().__init__()
+        rng = np.random.RandomState(0)
+        self.direction = tf.Variable(rng.randn(4, 3).astype(np.float32), name="direction")
+        self.gain = tf.Variable(np.ones([3], np.float32), name="gain")
+        self.plain = tf.Variable(rng.randn(3, 2).astype(np.float32), name="plain")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32)])
+    def __call__(self, x):
+        kernel = self.gain * self.direction / tf.norm(self.direction, axis=0)
+        return tf.matmul(tf.matmul(x, kernel), self.plain)
+
+
+def test_a_weight_reached_through_ops_not_followed_is_listed_with_the_reason(tmp_path):
+    with pytest.warns(UserWarning, match="not pruning 2 weights \\(pm.skipped\\(\\) lists them\\)") as caught:
+        pm = graphprune.prune(_Derived(), schedule=graphprune.ConstantSparsity(0.5, 0))
+    assert len([w for w in caught if "not pruning" in str(w.message)]) == 1  # once, with the count
+    assert [row["name"] for row in pm.weights()] == ["plain"]
+    skipped = pm.skipped()
+    assert sorted(skipped) == ["direction", "gain"]
+    assert all("reaches MatMul" in reason and "does not follow" in reason for reason in skipped.values())
+    report = graphprune.size_report(graphprune.finalize(pm.prune_now() or pm, str(tmp_path / "final")))
+    assert sorted(report.skipped) == ["direction", "gain"] and "not pruned: direction" in report.table()
+
+
+def test_activations_are_never_reported_as_skipped_weights(mlp):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pm = graphprune.prune(mlp, schedule=graphprune.ConstantSparsity(0.5, 0))
+    assert pm.skipped() == {}
