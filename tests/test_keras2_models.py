@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 import graphprune
+import testmodels
 
 keras2 = pytest.importorskip("tf_keras")  # the test extra installs it; without it, say so
 
@@ -149,3 +150,5 @@ def test_keras2_subclassed_transformer_full_chain(name, tmp_path):
     np.testing.assert_allclose(final.signatures["serving_default"](x)["output_0"].numpy(), masked,
                                atol=1e-5 * scale, rtol=0)
     np.testing.assert_allclose(final(x, training=False).numpy(), masked, atol=1e-5 * scale, rtol=0)
+    assert testmodels.check_tflite(str(tmp_path / "final"), str(tmp_path / "m.tflite"), x.numpy(), masked,
+                                   scale) == "ok"

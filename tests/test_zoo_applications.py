@@ -66,7 +66,14 @@ def test_keras_application_full_chain(tmp_path, name, size):
     gradients = tape.gradient(loss, pm.trainable_variables)
     assert all(g is not None for g in gradients)
 
+    graphprune.save(pm, str(tmp_path / "prunable"))
+    reloaded = tf.saved_model.load(str(tmp_path / "prunable"))
+    np.testing.assert_allclose(reloaded.serve(x).numpy(), masked, atol=1e-5 * max(1.0, float(np.abs(masked).max())),
+                               rtol=0)
     final = tf.saved_model.load(graphprune.finalize(pm, str(tmp_path / "final")))
     np.testing.assert_allclose(final.serve(x).numpy(), masked, atol=1e-5 * max(1.0, float(np.abs(masked).max())),
                                rtol=0)
-    testmodels.check_tflite(str(tmp_path / "final"), str(tmp_path / "m.tflite"), x, masked, scale)
+    # The converter folds batch norms into the convolutions and LiteRT's kernels sum in another
+    # order: with random weights these deep networks differ from TensorFlow by up to 3e-3 of the
+    # output scale (ResNet50V2; benchmarks/zoo.md), while a pruning mistake moves them by 1e-1.
+    testmodels.check_tflite(str(tmp_path / "final"), str(tmp_path / "m.tflite"), x, masked, scale, tolerance=1e-2)

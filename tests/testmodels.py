@@ -95,10 +95,10 @@ def batch(entry_shape, seed=1, n=5):
     return tf.constant(rng.standard_normal([n, *entry_shape]).astype(np.float32))
 
 
-def check_tflite(saved_model_dir: str, tflite_path: str, x, expected, scale: float) -> str:
-    """Convert a finalized single-input model to TFLite and run it under LiteRT: outputs equal
-    ``expected`` (atol relative to ``scale``), or the converter refuses with one line. Returns
-    'ok' or the refusal."""
+def check_tflite(saved_model_dir: str, tflite_path: str, x, expected, scale: float, tolerance: float = 1e-4) -> str:
+    """Convert a finalized model to TFLite and run it under LiteRT: outputs equal ``expected``
+    (atol ``tolerance`` x ``scale``), or the converter refuses with one line. Returns 'ok' or the
+    refusal."""
     import graphprune
     from ai_edge_litert.interpreter import Interpreter
 
@@ -108,8 +108,14 @@ def check_tflite(saved_model_dir: str, tflite_path: str, x, expected, scale: flo
         assert "\n" not in str(error).strip() and "Traceback" not in str(error)
         return str(error)
     runner = Interpreter(model_path=tflite_path).get_signature_runner("serving_default")
+    if isinstance(x, dict):  # several named inputs and outputs (keras-hub text backbones)
+        outputs = runner(**{name: np.asarray(value) for name, value in x.items()})
+        assert sorted(outputs) == sorted(expected), (sorted(outputs), sorted(expected))
+        for name, want in expected.items():
+            np.testing.assert_allclose(outputs[name], np.asarray(want), atol=tolerance * max(1.0, scale), rtol=1e-4)
+        return "ok"
     name = next(iter(runner.get_input_details()))
     outputs = runner(**{name: np.asarray(x)})
     lite = next(iter(outputs.values()))
-    np.testing.assert_allclose(lite, expected, atol=1e-4 * max(1.0, scale), rtol=1e-4)
+    np.testing.assert_allclose(lite, expected, atol=tolerance * max(1.0, scale), rtol=1e-4)
     return "ok"
