@@ -66,7 +66,7 @@ class Body:
         self.writable = writable
         self.variables = variables if variables is not None else {}  # key -> VariableSpec, where known
         self.changed = False
-        self.attr = None  # (attr, list index, label) of the call that reaches this body
+        self.attr = None  # (attr, list index) of the call that reaches this body
         self._nodes = None
         self._consumers = None
 
@@ -191,7 +191,7 @@ class Body:
             self.add(g.resource_placeholder(hint))
             self.resources[hint] = key
             return hint
-        return self.site.add_resource(self, key, hint)
+        return self.site.add_resource(key, hint)
 
     # --- rewriting ------------------------------------------------------------------------------
     def _check_writable(self):
@@ -360,11 +360,10 @@ class CallSite:
                     key = self.parent.resource_key(data_inputs[outer])
                     if key is not None:
                         resources[arg.name] = key
-            label = attr or "call"
             self.bodies.append(Body(function, function=True, resources=resources, library=library, site=self,
                                     path=f"{self.parent.path}{self.node.name}/{name}/", writable=self.parent.writable,
                                     variables=self.parent.variables))
-            self.bodies[-1].attr = (attr, position, label)
+            self.bodies[-1].attr = (attr, position)
         return self.bodies
 
     def close(self) -> bool:
@@ -375,7 +374,7 @@ class CallSite:
         library = self.parent.library
         graph_library = self.parent.root().proto.library
         for body in self.bodies:
-            attr, position, _ = body.attr
+            attr, position = body.attr
             name = rename_with_content_hash(body.proto) if body.changed else body.proto.signature.name
             if body.changed and name not in library:
                 graph_library.function.append(body.proto)
@@ -389,7 +388,7 @@ class CallSite:
         self.parent._touch()
         return True
 
-    def add_resource(self, body: Body, key: str, hint: str) -> str:
+    def add_resource(self, key: str, hint: str) -> str:
         """Thread variable ``key`` into every function of this call (one more argument; a loop
         body also returns it unchanged) and make the node pass the caller's resource for it."""
         outer = self.parent.resource(key, hint)
