@@ -118,14 +118,18 @@ def save(model, output_dir, *, overwrite: bool = False, inputs=()) -> str:
 
 
 def save_traced(model, values, output_dir, *, overwrite: bool = False, inputs=(), name: str = "graphprune_model") -> str:
-    """Save a TracedModel with fresh variables holding ``PassContext.value`` of each spec (pass-
-    assigned values first, then ``values``, then initial values); the variables the values came
-    from are not touched."""
+    """Save a TracedModel with variables holding ``PassContext.value`` of each spec (pass-assigned
+    values first, then ``values``, then initial values): a live variable of ``values`` that holds
+    the value is saved itself (not copied; saving only reads it), any other value in a new one."""
+    from graphprune.rebuild import new_variable, shared_variable
+
     context = PassContext(values=values)
-    variables = {
-        key: tf.Variable(context.value(model, key), name=key, dtype=spec.dtype, trainable=spec.trainable)
-        for key, spec in model.variables.items()
-    }
+    variables = {}
+    for key, spec in model.variables.items():
+        # A live variable holding the value is saved as it is (weights are not copied).
+        shared = shared_variable(values, key, spec)
+        variables[key] = shared if shared is not None else new_variable(
+            context.value(model, key), name=key, dtype=spec.dtype, trainable=spec.trainable)
     return save(PrunableModel(model, variables, name=name, trace_now=False), output_dir, overwrite=overwrite,
                 inputs=inputs)
 

@@ -29,6 +29,19 @@ class VariableValues(Mapping):
     def __init__(self, variables: Mapping[str, Any] | None = None, overrides: Mapping[str, np.ndarray] | None = None):
         self._variables = dict(variables or {})
         self._cache: dict[str, np.ndarray] = dict(overrides or {})
+        self._overridden = set(overrides or ())
+
+    def variable(self, key: str):
+        """The live variable holding ``key``'s value (None for a plain array or an override): a
+        model built from these values can read it instead of a copy (weights are the only large
+        data; finalizing a 1B-parameter model must not hold two copies of them)."""
+        variable = None if key in self._overridden else self._variables.get(key)
+        return variable if hasattr(variable, "assign") and hasattr(variable, "handle") else None
+
+    def forget(self, key: str) -> None:
+        """Drop the NumPy copy read for ``key`` (read again on the next use)."""
+        if key not in self._overridden:
+            self._cache.pop(key, None)
 
     def __getitem__(self, key: str) -> np.ndarray:
         if key not in self._cache:

@@ -31,8 +31,8 @@ def create_variables(model: g.TracedModel, variables: Mapping[str, tf.Variable])
             continue
         if spec.initial is None:
             raise BadModelError(f"variable '{key}' is read by the graph but was not given; pass the model it came from")
-        live[key] = tf.Variable(
-            np.asarray(spec.initial),
+        live[key] = new_variable(
+            spec.initial,
             name=key,
             dtype=spec.dtype,
             trainable=spec.trainable,
@@ -40,6 +40,28 @@ def create_variables(model: g.TracedModel, variables: Mapping[str, tf.Variable])
             aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
         )
     return live
+
+
+def new_variable(value, **kwargs) -> tf.Variable:
+    """tf.Variable(value, **kwargs), where a NumPy value broadcast from one element (the all-ones
+    masks insert_masks starts with) is filled in TensorFlow: never materialized in NumPy first."""
+    value = np.asarray(value)
+    if value.size > 1 and not any(value.strides):
+        dtype = kwargs.get("dtype") or value.dtype
+        with tf.init_scope():
+            return tf.Variable(tf.fill(value.shape, tf.constant(value.flat[0], dtype)), **kwargs)
+    return tf.Variable(value, **kwargs)
+
+
+def shared_variable(values, key: str, spec) -> tf.Variable | None:
+    """The live variable that holds ``key``'s current value (see VariableValues.variable), if a
+    rebuilt model may read it directly instead of a copy: not where a pass assigned a value, not
+    for a distributed variable, and only under its own name (the saved variable keeps its name)."""
+    lookup = getattr(values, "variable", None)
+    variable = lookup(key) if lookup is not None and spec.value is None else None
+    if variable is None or is_distributed(variable) or variable.name.split(":")[0] != key:
+        return None
+    return variable if variable.dtype.name == tf.dtypes.as_dtype(spec.dtype).name else None
 
 
 def captured_tensor(obj):

@@ -7,14 +7,14 @@ the update op gives during training cannot drift apart.
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import tensorflow as tf
 
 from graphprune.config import WeightPlan
 from graphprune.errors import DataError
-from graphprune.masks import global_threshold, mask_and_threshold, scores_for_global
+from graphprune.masks import Chain, global_threshold, mask_and_threshold, scores_for_global
 
 
 _DIVERGED = "training diverged: lower the learning rate, clip gradients or check the data for NaN/Inf"
@@ -64,36 +64,47 @@ def compute_masks(
     input_axes: Mapping[str, int | None],
     alive: Mapping[str, tf.Tensor] | None = None,
     step=None,
+    consume: Callable[[str, tf.Tensor, tf.Tensor], list] | None = None,
 ) -> dict[str, tuple[tf.Tensor, tf.Tensor]]:
     """key -> (mask, threshold) for the weights given.
 
     Weights whose plan is ``in_global_group`` share one threshold: the k-th largest over all their
-    magnitudes (or block scores) at the sparsity of the first of them (they share a schedule).
-    ``alive`` (current masks) keeps pruned elements pruned. Weights with NaN/Inf are refused
-    (check_finite; ``step`` names the step in the message).
+    magnitudes (or block scores) at the sparsity of the first of them (they share a schedule),
+    found by histograms summed over the weights, never by concatenating them. ``alive`` (current
+    masks) keeps pruned elements pruned. Weights with NaN/Inf are refused (check_finite; ``step``
+    names the step in the message).
+
+    ``consume(key, mask, threshold)`` returns the ops that use one weight's result (the update's
+    assigns). In a graph, every weight's computation runs after the previous weight's consumers
+    (a Chain), so the extra memory of an update is a few times the largest weight's, not the
+    model's: TensorFlow would otherwise compute every weight's temporaries at once.
     """
     weights = check_finite(weights, step)
     alive = alive or {}
+    chain = Chain()
     group = [key for key in weights if plans[key].in_global_group]
     shared = None
     if group:
-        scores = [
-            scores_for_global(weights[key], plans[key].structure.block_size, plans[key].structure.block_pooling,
-                              alive.get(key))
-            for key in group
-        ]
-        shared = global_threshold(scores, sparsities[group[0]])
+        def scores(key):
+            structure = plans[key].structure
+            return lambda: scores_for_global(weights[key], structure.block_size, structure.block_pooling,
+                                             alive.get(key))
+
+        shared = global_threshold([scores(key) for key in group], sparsities[group[0]], chain=chain)
     results = {}
     for key, weight in weights.items():
         structure = plans[key].structure
-        results[key] = mask_and_threshold(
-            weight,
-            sparsities[key],
-            block_size=structure.block_size,
-            block_pooling=structure.block_pooling,
-            m_by_n=structure.m_by_n,
-            input_axis=input_axes.get(key),
-            alive=alive.get(key),
-            threshold=shared if key in group else None,
-        )
+        with chain.step():
+            results[key] = mask_and_threshold(
+                weight,
+                sparsities[key],
+                block_size=structure.block_size,
+                block_pooling=structure.block_pooling,
+                m_by_n=structure.m_by_n,
+                input_axis=input_axes.get(key),
+                alive=alive.get(key),
+                threshold=shared if key in group else None,
+            )
+            used = consume(key, *results[key]) if consume is not None else []
+        chain.done(*(used or results[key]))
     return results

@@ -15,6 +15,7 @@ import tensorflow as tf
 from graphprune import body as b
 from graphprune import graph as g
 from graphprune import rebuild
+from graphprune.analysis import written_variables
 from graphprune.errors import PassError
 from graphprune.pipeline import PassContext
 
@@ -49,16 +50,22 @@ def run_entries(model: g.TracedModel, values, *, ones_masks: bool = True, seed: 
                 positive: bool = False) -> dict:
     """Outputs of every non-update entry on seeded inputs, as {"kind:name": [arrays]}.
 
-    Variables are fresh copies of the values a pass would see (``PassContext.value``), so the
-    caller's variables are never touched; with ``ones_masks`` every mask is all ones.
+    Variables hold the values a pass would see (``PassContext.value``): live variables the graphs
+    only read are used as they are (no copy of the weights), every variable a graph writes is a
+    fresh copy, so the caller's variables are never changed; with ``ones_masks`` every mask is
+    all ones.
     """
     context = PassContext(values=values)
+    written = written_variables(model)
     live = {}
     for key, spec in model.variables.items():
+        ones = ones_masks and spec.role == g.ROLE_MASK
+        shared = None if ones or key in written else rebuild.shared_variable(values, key, spec)
+        if shared is not None:  # only read: the live variable itself, not a copy of a weight
+            live[key] = shared
+            continue
         value = context.value(model, key)
-        if ones_masks and spec.role == g.ROLE_MASK:
-            value = np.ones_like(value)
-        live[key] = tf.Variable(value, dtype=spec.dtype, trainable=False)
+        live[key] = rebuild.new_variable(np.ones_like(value) if ones else value, dtype=spec.dtype, trainable=False)
     outputs = {}
     logger = logging.getLogger("tensorflow")  # one tf.function per entry: TF warns of 'retracing'
     level = logger.level

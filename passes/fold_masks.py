@@ -5,6 +5,10 @@ depth. Rewrites:
 
     freeze=True:   Mul '<w>/graphprune/masked' -> Const '<w>/graphprune/masked' = value(w) * value(mask)
     freeze=False:  Mul '<w>/graphprune/masked' -> Identity(read(w)), and w's value becomes w * mask
+    keep=(w, ...): those weights are folded as with freeze=False even when freezing (large
+                   weights stay variables: see finalization.MAX_FROZEN_BYTES)
+    stored=(w, ...): those weights' variables already hold w * mask (the caller folded them into
+                   its own copies): their graph is rewritten, no value is computed or assigned
 
 The replacement keeps the Mul's name, so consumers need no rewiring (the fold_batch_norms trick).
 The update entry (step, schedule, thresholds) is dropped: with no mask left it has nothing to do.
@@ -27,10 +31,11 @@ from graphprune.masks import pruned_values
 from graphprune.passbase import Option, PassContext, PassResult, register_pass
 
 
-def fold_masks(model: g.TracedModel, context: PassContext, freeze: bool = True) -> PassResult:
+def fold_masks(model: g.TracedModel, context: PassContext, freeze: bool = True, keep: tuple = (),
+               stored: tuple = ()) -> PassResult:
     """Fold each mask into its weight (a Const with freeze=True, else the variable's value)."""
     folded_values: dict[str, np.ndarray] = {}
-    touched = []
+    folded, kept, touched = set(), set(keep), []
 
     def fold(body: b.Body, entry_name: str) -> None:
         for node in list(body.nodes):
@@ -40,11 +45,15 @@ def fold_masks(model: g.TracedModel, context: PassContext, freeze: bool = True) 
             mask_key = body.read_key(body.producer(node.input[1]))
             if weight_key is None or mask_key is None:
                 continue
-            if weight_key not in folded_values:
+            constant = freeze and weight_key not in kept
+            if weight_key not in folded_values and weight_key in stored and constant:
+                folded_values[weight_key] = context.value(model, weight_key)  # already w * mask
+            elif weight_key not in folded_values and weight_key not in stored:
                 folded_values[weight_key] = pruned_values(context.value(model, weight_key),
                                                           context.value(model, mask_key))
+            folded.add(weight_key)
             dtype = model.variables[weight_key].dtype
-            if freeze:
+            if constant:
                 replacement = g.const_node(node.name, folded_values[weight_key], dtype)
             else:
                 replacement = g.make_node(node.name, "Identity", [node.input[0]], T=tf.dtypes.as_dtype(dtype))
@@ -57,15 +66,19 @@ def fold_masks(model: g.TracedModel, context: PassContext, freeze: bool = True) 
     if not touched and not dropped_update:
         return PassResult(model, changed=False, report={"folded": []})
     new_model = dataclasses.replace(model, entries=entries)
-    if not freeze:
+    assigned = {key: value for key, value in folded_values.items() if not freeze or key in kept}
+    if assigned:
         new_model = new_model.with_variables(
-            dataclasses.replace(model.variables[key], value=value) for key, value in folded_values.items()
+            dataclasses.replace(model.variables[key], value=value) for key, value in assigned.items()
         )
-    report = {"folded": sorted(folded_values), "nodes": touched, "freeze": freeze,
+    report = {"folded": sorted(folded), "nodes": touched, "freeze": freeze,
+              "variables": sorted(key for key in folded if not freeze or key in kept),
               "sparsity": {k: float(np.mean(v == 0)) for k, v in folded_values.items()}}
     return PassResult(new_model, changed=True, report=report)
 
 
 register_pass("fold_masks", fold_masks, options=[
     Option("freeze", "bool", True, "fold into constants (else into the variables' values)"),
+    Option("keep", "object", (), "weight keys folded into their variables even when freezing (Python callers)"),
+    Option("stored", "object", (), "weight keys whose variables already hold their pruned values (Python callers)"),
 ], invalidates=("weights",))

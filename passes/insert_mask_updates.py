@@ -155,14 +155,17 @@ def _update_branch(members, plans, target, read, handle, step):
     def branch():
         values = {w.key: read(w.key) for w in members}
         alive = {w.key: read(w.mask) for w in members}
-        computed = compute_masks(values, plans, {w.key: target for w in members},
-                                 {w.key: w.input_axis for w in members}, alive, step=step)
+        by_key = {w.key: w for w in members}
+
+        def assign(key, mask, threshold):
+            weight = by_key[key]
+            return [tf.raw_ops.AssignVariableOp(resource=handle(weight.mask), value=mask),
+                    tf.raw_ops.AssignVariableOp(resource=handle(threshold_key(key)), value=threshold),
+                    tf.raw_ops.AssignVariableOp(resource=handle(key), value=pruned_values(values[key], mask))]
+
         assigns = []
-        for weight in members:
-            mask, threshold = computed[weight.key]
-            assigns.append(tf.raw_ops.AssignVariableOp(resource=handle(weight.mask), value=mask))
-            assigns.append(tf.raw_ops.AssignVariableOp(resource=handle(threshold_key(weight.key)), value=threshold))
-            assigns.append(tf.raw_ops.AssignVariableOp(resource=handle(weight.key), value=pruned_values(values[weight.key], mask)))
+        compute_masks(values, plans, {w.key: target for w in members}, {w.key: w.input_axis for w in members},
+                      alive, step=step, consume=lambda *result: assigns.extend(assign(*result)) or assigns[-3:])
         with tf.control_dependencies(assigns):
             return tf.constant(True)
 

@@ -83,7 +83,9 @@ def insert_masks(model: g.TracedModel, context: PassContext, sparsity=None, fina
 
 def _initial_masks(model, context, weights, plans, sparsity) -> dict[str, np.ndarray]:
     if sparsity is None:
-        return {w.key: np.ones(w.shape, dtype=tf.dtypes.as_dtype(w.dtype).as_numpy_dtype) for w in weights}
+        # Broadcast views of one 1: no mask-sized array until the variable is made (in TensorFlow).
+        return {w.key: np.broadcast_to(np.ones((), tf.dtypes.as_dtype(w.dtype).as_numpy_dtype), w.shape)
+                for w in weights}
     values = {w.key: tf.constant(context.value(model, w.key)) for w in weights}
     # One-shot: each weight goes to its plan's final sparsity (own-sparsity rules included).
     targets = {w.key: tf.constant(plans[w.key].schedule.final_sparsity, tf.float32) for w in weights}
