@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from graphprune.errors import BadModelError, GraphPruneError, PassError
+from graphprune.errors import BadModelError, GraphPruneError, PassError, UnsupportedError
 from graphprune import rebuild
 from graphprune.analysis import written_variables
 from graphprune.graph import ROLE_MASK, ROLE_OTHER
@@ -61,8 +61,7 @@ def finalize_model(prunable, *, freeze: bool | str = True, verify: bool = False,
         )
     if not (isinstance(freeze, bool) or freeze == "all"):
         raise GraphPruneError(f"freeze must be True, False or 'all', got {freeze!r}")
-    if isinstance(max_frozen_bytes, bool) or not isinstance(max_frozen_bytes, int) or max_frozen_bytes < 0:
-        raise GraphPruneError(f"max_frozen_bytes must be a non-negative integer, got {max_frozen_bytes!r}")
+    _check_frozen_limit(max_frozen_bytes)
     pruned = {spec.weight: key for key, spec in traced.variables.items() if spec.role == ROLE_MASK}
     _warn_if_nothing_pruned(traced, variables)
     live = _fold_into_variables(traced, variables, pruned, owned)
@@ -77,6 +76,11 @@ def finalize_model(prunable, *, freeze: bool | str = True, verify: bool = False,
     after_pass = optional_verifier(verify, values, ones_masks=False)
     result = run_pipeline(traced, steps, PassContext(values=values), after_pass=after_pass)
     return result.model, values, result
+
+
+def _check_frozen_limit(max_frozen_bytes) -> None:
+    if isinstance(max_frozen_bytes, bool) or not isinstance(max_frozen_bytes, (int, np.integer)) or max_frozen_bytes < 0:
+        raise GraphPruneError(f"max_frozen_bytes must be a non-negative integer (bytes), got {max_frozen_bytes!r}")
 
 
 def _fold_into_variables(traced, variables, pruned: dict, owned: bool) -> dict:
@@ -191,6 +195,7 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
     from graphprune.api import save_traced
     from graphprune.progress import Stages
 
+    _check_frozen_limit(max_frozen_bytes)
     inputs = [prunable] if isinstance(prunable, (str, os.PathLike)) else []
     check_output(output_dir, overwrite=overwrite, inputs=inputs)
     stages = Stages("finalize", progress)
@@ -238,6 +243,7 @@ def export_tflite(saved_model_dir, tflite_path, *, quantize=None, sparse: bool =
         converter.representative_dataset = _representative(representative_data)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     check_output(tflite_path, overwrite=overwrite, inputs=[saved_model_dir])
+    check_fits_tflite(saved_model_dir, quantize)
     try:
         flatbuffer = converter.convert()
     except Exception as error:  # the converter raises many types
@@ -246,6 +252,43 @@ def export_tflite(saved_model_dir, tflite_path, *, quantize=None, sparse: bool =
         with open(temp, "wb") as handle:
             handle.write(flatbuffer)
     return os.path.abspath(os.fspath(tflite_path))
+
+
+# A .tflite file is a flatbuffer, whose 32-bit offsets cap it at 2 GB; the converter fails past
+# it after minutes of work, with a message about MLIR. Checked before converting, from the sizes
+# the SavedModel's checkpoint records (no weight is read).
+TFLITE_MAX_BYTES = 2 << 30
+
+
+def saved_weight_bytes(saved_model_dir) -> int:
+    """Bytes of the SavedModel's variables (from the checkpoint's index) plus its graph file
+    (frozen constants live there)."""
+    directory = os.fspath(saved_model_dir)
+    total = 0
+    graph_file = os.path.join(directory, "saved_model.pb")
+    if os.path.exists(graph_file):
+        total += os.path.getsize(graph_file)
+    prefix = os.path.join(directory, "variables", "variables")
+    if os.path.exists(prefix + ".index"):
+        reader = tf.train.load_checkpoint(prefix)
+        dtypes = reader.get_variable_to_dtype_map()
+        for name, shape in reader.get_variable_to_shape_map().items():
+            dtype = tf.dtypes.as_dtype(dtypes[name])
+            if dtype != tf.string:
+                total += int(np.prod(shape, dtype=np.int64)) * dtype.size
+    return total
+
+
+def check_fits_tflite(saved_model_dir, quantize=None) -> None:
+    """Refuse, in one line, a model whose weights cannot fit TFLite's 2 GB flatbuffer."""
+    size = saved_weight_bytes(saved_model_dir)
+    expected = size // 4 if quantize else size  # int8 weights: a quarter of float32
+    if expected > TFLITE_MAX_BYTES:
+        stored = f"about {expected / 2**30:.2f} GiB as int8" if quantize else f"{size / 2**30:.2f} GiB of float weights"
+        what = ("export the part that fits (signature_keys=, or a smaller model)" if quantize else
+                "quantize it first (quantize='dynamic', --quantize=dynamic, stores int8 weights: a quarter) or export "
+                "the part that fits")
+        raise UnsupportedError(f"{os.fspath(saved_model_dir)}: {stored}, past TFLite's 2 GB flatbuffer limit; {what}")
 
 
 _REASONS = (

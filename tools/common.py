@@ -28,6 +28,20 @@ def verbose() -> bool:
     return bool(_VERBOSE.present and _VERBOSE.value) if FLAGS.is_parsed() else "--verbose" in sys.argv
 
 
+def progress():
+    """With --verbose, a reporter that prints each stage's line (time, peak memory) on stderr."""
+    if not verbose():
+        return None
+    return lambda line: print(f"{command_name()} {line}", file=sys.stderr, flush=True)
+
+
+def stages(command: str):
+    """``with stages("prune")("save"):`` reports the stage under --verbose (graphprune.progress)."""
+    from graphprune.progress import Stages
+
+    return Stages(command, progress())
+
+
 def fail(message: str, code: int = 2):
     """One line on stderr, then exit (2: bad input or flags)."""
     print(f"{command_name()}: error: {message}", file=sys.stderr)

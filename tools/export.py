@@ -70,9 +70,10 @@ def write_tflite(saved_model_dir, plan, representative):
     for variant, path in plan.items():
         quantize = {"dynamic": "dynamic", "int8": "int8"}.get(variant)
         sparse = variant == "sparse" or (_SPARSE.value and not _VARIANTS.value)
-        tflite = graphprune.export_tflite(saved_model_dir, path, quantize=quantize, sparse=sparse,
-                                          representative_data=representative, overwrite=OVERWRITE.value,
-                                          batch_size=_TFLITE_BATCH.value)
+        with common.stages("export")(f"TFLite ({variant})"):
+            tflite = graphprune.export_tflite(saved_model_dir, path, quantize=quantize, sparse=sparse,
+                                              representative_data=representative, overwrite=OVERWRITE.value,
+                                              batch_size=_TFLITE_BATCH.value)
         print(graphprune.size_report(tflite).table())
         print(f"wrote {tflite} ({os.path.getsize(tflite)} bytes, {variant})")
 

@@ -19,6 +19,10 @@ _FREEZE = flags.DEFINE_bool("freeze", True, "Pruned weights become constants (--
                             "pruned values); other variables stay variables.")
 _FREEZE_ALL = flags.DEFINE_bool("freeze_all", False, "Every variable read becomes a constant (may change the "
                                 "arithmetic: TensorFlow folds constant normalization parameters).")
+_MAX_FROZEN = flags.DEFINE_integer("max_frozen_mb", 16, "Freeze pruned weights, smallest first, up to this many MiB "
+                                   "in all; larger ones stay variables holding their pruned values (frozen "
+                                   "constants are copied through GraphDefs, which protobuf caps at 2 GB).",
+                                   lower_bound=0)
 _VERIFY = flags.DEFINE_bool("verify", False, "Check outputs after every pass.")
 
 flags.mark_flags_as_required(["input", "output"])
@@ -35,8 +39,10 @@ def main(argv):
     for path in [_OUTPUT.value, *plan.values()]:
         graphprune.io.check_output(path, overwrite=overwrite, inputs=[export.INPUT.value])
     freeze = "all" if _FREEZE_ALL.value else _FREEZE.value
-    path = graphprune.finalize(export.INPUT.value, _OUTPUT.value, freeze=freeze,
-                               overwrite=overwrite, verify=_VERIFY.value)
-    print(graphprune.size_report(path).table())
+    path = graphprune.finalize(export.INPUT.value, _OUTPUT.value, freeze=freeze, overwrite=overwrite,
+                               verify=_VERIFY.value, max_frozen_bytes=_MAX_FROZEN.value << 20,
+                               progress=common.progress())
+    with common.stages("finalize")("size report"):
+        print(graphprune.size_report(path).table())
     export.write_tflite(path, plan, representative)
     print(f"wrote {path}")

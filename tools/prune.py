@@ -52,9 +52,12 @@ def main(argv):
         exclude=_EXCLUDE.value, sparsity_for=_SPARSITY_FOR.value,
     )
     graphprune.io.check_output(_OUTPUT.value, overwrite=_OVERWRITE.value, inputs=[_INPUT.value])
-    model = graphprune.prune(_INPUT.value, config=config, one_shot=_ONE_SHOT.value,
-                                verify=_VERIFY.value, include_gather=_GATHER.value)
-    graphprune.save(model, _OUTPUT.value, overwrite=_OVERWRITE.value, inputs=[_INPUT.value])
+    stages = common.stages("prune")
+    with stages("load and rewrite"):
+        model = graphprune.prune(_INPUT.value, config=config, one_shot=_ONE_SHOT.value,
+                                 verify=_VERIFY.value, include_gather=_GATHER.value)
+    with stages("save"):
+        graphprune.save(model, _OUTPUT.value, overwrite=_OVERWRITE.value, inputs=[_INPUT.value])
     if _VERIFY.value:
         print("verify (all-ones masks, largest |difference| per output after each pass):")
         print(model._graphprune.verify_summary())

@@ -57,8 +57,10 @@ def main(argv):
         graphprune.io.check_distinct_outputs([_OUTPUT.value, (_LOG_DIR.value or None)])
         graphprune.io.check_output((_LOG_DIR.value or None), overwrite=True, inputs=[_INPUT.value])
     x, y = _load_arrays(_DATA.value)
+    stages = common.stages("train")
     try:
-        model = tf.saved_model.load(_INPUT.value)
+        with stages("load"):
+            model = tf.saved_model.load(_INPUT.value)
     except Exception as error:  # TF raises many types for a bad directory
         common.fail(f"--input={_INPUT.value}: cannot load a SavedModel ({str(error).splitlines()[0][:200]})")
     if not hasattr(model, "update_masks") or not hasattr(model, "original_variables"):
@@ -70,7 +72,8 @@ def main(argv):
     except DataError as error:
         common.fail(f"--data={_DATA.value}: {error}")
     signatures = dict(model.signatures)
-    with graphprune.io.atomic_directory(_OUTPUT.value, overwrite=_OVERWRITE.value, inputs=[_INPUT.value]) as temp:
+    with stages("save"), graphprune.io.atomic_directory(_OUTPUT.value, overwrite=_OVERWRITE.value,
+                                                        inputs=[_INPUT.value]) as temp:
         tf.saved_model.save(model, temp, signatures=signatures or None)
     sys.stderr.flush()
     print(f"wrote {_OUTPUT.value}: {result.steps} steps, final loss {result.loss:.4f}, sparsity {result.sparsity:.4f}, "

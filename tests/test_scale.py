@@ -1,0 +1,181 @@
+"""Scale (issue #15), without timing anything: exact thresholds by radix select, global thresholds
+without concatenation, finalize past a frozen-bytes limit the test lowers (weights kept as
+variables, outputs equal to the masked model's), no weight copied or changed where it must not be,
+TFLite's 2 GB limit refused in one line, and the CLI's per-stage lines under --verbose."""
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import graphprune
+import testmodels
+from graphprune import finalization
+from graphprune.masks import global_threshold, kth_largest
+from test_cli import graphprune as run_cli
+
+
+def _kth(values, sparsity):
+    """The rule in NumPy: the k-th largest, k = max(round(n * (1 - s)), 1) in float32."""
+    flat = np.sort(np.asarray(values, np.float64).ravel())[::-1]
+    k = max(int(np.round(np.float32(flat.size) * (np.float32(1) - np.float32(sparsity)))), 1)
+    return flat[k - 1]
+
+
+HARD_VALUES = {
+    "normal": np.abs(np.random.RandomState(0).standard_normal(5000)).astype(np.float32),
+    "ties": np.repeat(np.float32([0.5, 0.25, 3.0, 0.0]), [1000, 7, 3, 400]),
+    "one bin": (1.0 + np.arange(3000, dtype=np.float32) * np.float32(2 ** -23)),  # same high 16 bits
+    "subnormal and huge": np.float32([1e-45, 3e-42, 1e-38, 0.0, 3.4e38, 1e30, 7.0] * 50),
+    "zeros": np.zeros(100, np.float32),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HARD_VALUES))
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9, 0.999])
+def test_radix_select_is_exact(case, sparsity):
+    values = HARD_VALUES[case]
+    assert float(kth_largest(values, sparsity)) == _kth(values, sparsity)
+    graph_result = tf.function(lambda v: kth_largest(v, sparsity))(tf.constant(values))
+    assert float(graph_result) == _kth(values, sparsity)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, tf.bfloat16.as_numpy_dtype, np.float64])
+def test_radix_select_in_other_float_types(dtype):
+    values = np.abs(np.random.RandomState(1).standard_normal(999)).astype(dtype)
+    result = kth_largest(tf.constant(values), 0.7)
+    assert result.dtype == tf.as_dtype(dtype)
+    assert float(result) == _kth(values.astype(np.float64), 0.7)
+
+
+def test_global_threshold_equals_the_threshold_of_the_concatenation():
+    rng = np.random.RandomState(2)
+    parts = [np.abs(rng.standard_normal(shape)).astype(np.float32) for shape in [(30, 20), (7,), (3, 3, 4, 5)]]
+    parts[1][:] = parts[0][0, 0]  # ties across weights
+    whole = np.concatenate([p.ravel() for p in parts])
+    for sparsity in (0.1, 0.5, 0.95):
+        assert float(global_threshold(parts, sparsity)) == _kth(whole, sparsity)
+        as_sources = [lambda p=p: tf.constant(p) for p in parts]  # recomputed per pass
+        assert float(global_threshold(as_sources, sparsity)) == _kth(whole, sparsity)
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_in_graph_update_reaches_the_rule_weight_by_weight(scope):
+    model = testmodels.MLP()
+    pm = graphprune.prune(model.__call__, graphprune.ConstantSparsity(0.6, 0, frequency=1), scope=scope)
+    weights = {v.name: v.numpy() for v in pm.pruned_weights}
+    pm.update_masks()
+    if scope == "layer":
+        for variable, mask in zip(pm.pruned_weights, pm.masks):
+            expected = np.abs(weights[variable.name]) >= _kth(np.abs(weights[variable.name]), 0.6)
+            np.testing.assert_array_equal(mask.numpy() != 0, expected)
+    else:
+        threshold = _kth(np.concatenate([np.abs(w).ravel() for w in weights.values()]), 0.6)
+        for variable, mask in zip(pm.pruned_weights, pm.masks):
+            np.testing.assert_array_equal(mask.numpy() != 0, np.abs(weights[variable.name]) >= threshold)
+
+
+class Wide(tf.Module):
+    """Three MatMul weights of 12, 48 and 96 KiB (float32), and biases."""
+
+    def __init__(self):
+        super().__init__()
+        rng = np.random.RandomState(3)
+        self.kernels = [tf.Variable(rng.standard_normal(shape).astype(np.float32) / 8, name=f"dense_{i}/kernel")
+                        for i, shape in enumerate([(16, 192), (192, 64), (64, 384)])]
+        self.biases = [tf.Variable(rng.standard_normal([shape]).astype(np.float32), name=f"dense_{i}/bias")
+                       for i, shape in enumerate([192, 64, 384])]
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 16], tf.float32)])
+    def __call__(self, x):
+        for kernel, bias in zip(self.kernels, self.biases):
+            x = tf.nn.relu(tf.matmul(x, kernel) + bias)
+        return x
+
+
+@pytest.fixture
+def wide_prunable(tmp_path):
+    model = Wide()
+    tf.saved_model.save(model, str(tmp_path / "model"))
+    pm = graphprune.prune(str(tmp_path / "model"), graphprune.ConstantSparsity(0.5, 0, frequency=1), one_shot=True)
+    graphprune.save(pm, str(tmp_path / "prunable"))
+    return pm, str(tmp_path / "prunable")
+
+
+def _saved_variables(path):
+    reader = tf.train.load_checkpoint(os.path.join(path, "variables", "variables"))
+    return {name.split("/.ATTRIBUTES")[0]: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+            if name.endswith(".ATTRIBUTES/VARIABLE_VALUE")}
+
+
+@pytest.mark.parametrize("limit, frozen", [(0, 0), (13 * 1024, 1), (59 * 1024, 1), (60 * 1024, 2), (200 * 1024, 3)])
+def test_finalize_past_a_lowered_frozen_limit_keeps_weights_as_variables(tmp_path, wide_prunable, limit, frozen):
+    pm, prunable = wide_prunable
+    before = testmodels.directory_digest(prunable)
+    x = np.random.RandomState(4).standard_normal([5, 16]).astype(np.float32)
+    expected = pm(x).numpy()
+    path = graphprune.finalize(prunable, str(tmp_path / "final"), max_frozen_bytes=limit)
+    assert testmodels.directory_digest(prunable) == before  # the input is only read
+    loaded = tf.saved_model.load(path)
+    np.testing.assert_allclose(loaded(x).numpy(), expected, atol=1e-5 * max(1.0, np.abs(expected).max()), rtol=0)
+    sizes = sorted(np.prod(v.shape) for v in loaded.original_variables if "kernel" in v.name)
+    assert len(sizes) == 3 - frozen  # the smallest are frozen first, within the limit
+    for variable in loaded.original_variables:
+        if "kernel" in variable.name:  # kept as a variable, holding exactly the pruned values
+            value = variable.numpy()
+            assert np.mean(value == 0) == pytest.approx(0.5, abs=1e-3)
+            assert not np.any(np.signbit(value[value == 0]))  # +0.0
+    assert not any("graphprune" in v.name for v in loaded.original_variables)
+
+
+def test_finalize_of_an_in_memory_model_leaves_its_variables_alone(tmp_path):
+    model = Wide()
+    pm = graphprune.prune(model.__call__, graphprune.ConstantSparsity(0.5, 0, frequency=1))
+    pm.update_masks()
+    pm.pruned_weights[0].assign_add(tf.ones_like(pm.pruned_weights[0]))  # an optimizer moved pruned weights
+    stored = [w.numpy().copy() for w in pm.pruned_weights]
+    x = np.random.RandomState(5).standard_normal([3, 16]).astype(np.float32)
+    path = graphprune.finalize(pm, str(tmp_path / "final"), max_frozen_bytes=0)
+    for weight, value in zip(pm.pruned_weights, stored):
+        np.testing.assert_array_equal(weight.numpy(), value)
+    np.testing.assert_allclose(tf.saved_model.load(path)(x).numpy(), pm(x).numpy(), atol=1e-5, rtol=0)
+    saved = _saved_variables(path)
+    assert sum(np.count_nonzero(v == 0) for v in saved.values()) >= 0.5 * sum(w.size for w in stored) - 3
+
+
+def test_max_frozen_bytes_is_checked():
+    with pytest.raises(graphprune.GraphPruneError, match="max_frozen_bytes"):
+        graphprune.finalize(Wide(), "/nonexistent/never", max_frozen_bytes=-1)
+
+
+def test_tflite_past_the_flatbuffer_limit_is_refused_in_one_line(tmp_path, wide_prunable, monkeypatch):
+    _, prunable = wide_prunable
+    final = graphprune.finalize(prunable, str(tmp_path / "final"))
+    weights = finalization.saved_weight_bytes(final)
+    assert weights >= (16 * 192 + 192 * 64 + 64 * 384) * 4
+    monkeypatch.setattr(finalization, "TFLITE_MAX_BYTES", weights // 2)  # the test lowers the 2 GB limit
+    with pytest.raises(graphprune.UnsupportedError) as error:
+        graphprune.export_tflite(final, str(tmp_path / "m.tflite"))
+    message = str(error.value)
+    assert "\n" not in message and "2 GB flatbuffer limit" in message and "quantize" in message
+    assert not os.path.exists(tmp_path / "m.tflite")
+    graphprune.export_tflite(final, str(tmp_path / "m.tflite"), quantize="dynamic")  # a quarter fits
+    monkeypatch.setattr(finalization, "TFLITE_MAX_BYTES", weights // 8)
+    with pytest.raises(graphprune.UnsupportedError, match="as int8.*export the part that fits"):
+        graphprune.export_tflite(final, str(tmp_path / "m2.tflite"), quantize="dynamic")
+
+
+def test_cli_verbose_prints_each_stage_with_time_and_peak_memory(tmp_path):
+    model = Wide()
+    tf.saved_model.save(model, str(tmp_path / "model"))
+    result = run_cli("prune", f"--input={tmp_path / 'model'}", f"--output={tmp_path / 'prunable'}",
+                     "--final_sparsity=0.5", "--one_shot", "--verbose")
+    assert "prune: save:" in result.stderr and "peak memory" in result.stderr
+    result = run_cli("finalize", f"--input={tmp_path / 'prunable'}", f"--output={tmp_path / 'final'}",
+                     f"--tflite={tmp_path / 'm.tflite'}", "--max_frozen_mb=0", "--verbose")
+    for stage in ("fold masks and strip the pruning ops", "check against the masked model", "save",
+                  "size report", "TFLite (float)"):
+        assert f"{stage}:" in result.stderr, stage
+    quiet = run_cli("finalize", f"--input={tmp_path / 'prunable'}", f"--output={tmp_path / 'final2'}")
+    assert "peak memory" not in quiet.stderr
