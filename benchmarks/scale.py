@@ -212,6 +212,37 @@ def measure(label: str, args: dict, stages=STAGES) -> dict:
     return results
 
 
+TF_STAGES = ("tf_save", "tf_load_save", "tf_load")
+GP_STAGES = ("prune", "update", "finalize", "load_final")
+
+
+def plot(results_path: str, output: str) -> str:
+    """Peak memory vs parameters, plain TensorFlow (its worst stage) against graphprune's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(results_path) as handle:
+        rows = [row for row in json.load(handle)["rows"] if row["model"].startswith("stack")]
+    figure, axis = plt.subplots(figsize=(6, 4))
+    parameters = [row["stages"]["tf_save"]["parameters"] / 1e6 for row in rows]
+    for label, stages, style in (("plain TensorFlow (save, load + save, load)", TF_STAGES, "o-"),
+                                 ("graphprune (prune, update, finalize, load)", GP_STAGES, "s-")):
+        peaks = [max(row["stages"][s].get("peak_rss", 0) for s in stages if s in row["stages"]) / 2**30 for row in rows]
+        axis.plot(parameters, peaks, style, label=label)
+    bound = [2 * max(row["stages"][s]["peak_rss"] for s in TF_STAGES) / 2**30 for row in rows]
+    axis.plot(parameters, bound, "k:", label="2x plain TensorFlow")
+    axis.set_xlabel("parameters (millions, float32)")
+    axis.set_ylabel("peak RSS of the worst stage (GiB)")
+    axis.set_title("Peak memory vs model size (each stage its own process)")
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(output, dpi=100)
+    return output
+
+
 def main(argv) -> int:
     import argparse
 
@@ -224,7 +255,11 @@ def main(argv) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--scratch", default=os.path.join("/tmp", "graphprune-scale"))
     parser.add_argument("--output", default=os.path.join(HERE, "results", "scale.json"))
+    parser.add_argument("--plot", action="store_true", help="only draw benchmarks/scale.png from --output")
     options = parser.parse_args(argv)
+    if options.plot:
+        print(f"wrote {plot(options.output, os.path.join(HERE, 'scale.png'))}")
+        return 0
     if options.stage:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         print(json.dumps(stage(options.stage, json.loads(options.args))))

@@ -79,9 +79,17 @@ def compute_masks(
     (a Chain), so the extra memory of an update is a few times the largest weight's, not the
     model's: TensorFlow would otherwise compute every weight's temporaries at once.
     """
-    weights = check_finite(weights, step)
     alive = alive or {}
     chain = Chain()
+    if tf.executing_eagerly():
+        weights = check_finite(weights, step)
+    else:  # one weight at a time (each check reads the whole weight)
+        checked = {}
+        for key, weight in weights.items():
+            with chain.step():
+                checked[key] = check_finite({key: weight}, step)[key]
+            chain.done(checked[key])
+        weights = checked
     group = [key for key in weights if plans[key].in_global_group]
     shared = None
     if group:
