@@ -61,7 +61,7 @@ def test_options_are_read_as_declared_and_listed():
         parse_pipeline("static_batch(batch_size=1.5)")
     with pytest.raises(graphprune.PassError, match=r"option config='x' must be object \(Python callers only\)"):
         parse_pipeline("insert_masks(config=x)")
-    with pytest.raises(graphprune.PassError, match=r"no option 'freez' \(its options: freeze\)"):
+    with pytest.raises(graphprune.PassError, match=r"no option 'freez' \(its options: freeze, keep, stored\)"):
         parse_pipeline("fold_masks(freez=true)")
     listing = describe_registry()
     for name, spec in specs().items():
