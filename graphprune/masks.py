@@ -18,6 +18,8 @@ not padded (the reference pads and counts the padding as pruned).
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import tensorflow as tf
 
@@ -64,8 +66,6 @@ def kth_largest(values, sparsity):
 
 _HIGH_BINS = 1 << 15  # the high 16 bits of a non-negative float32 (the sign bit is 0)
 _LOW_BINS = 1 << 16
-# The high bins of NaN and +-Inf magnitudes: bit patterns from 0x7F800000 up.
-NON_FINITE_HIGH_BIN = 0x7F80
 
 
 def _bits(values):
@@ -78,7 +78,7 @@ def _count(indices, size):
     return tf.cast(tf.raw_ops.Bincount(arr=indices, size=size, weights=tf.zeros([0], tf.int32)), tf.int64)
 
 
-def high_histogram(values):
+def _high_histogram(values):
     """Counts of the high 16 bits of non-negative float ``values`` (32768 bins, int64)."""
     return _count(tf.bitwise.right_shift(_bits(values), 16), _HIGH_BINS)
 
@@ -105,18 +105,18 @@ def kth_largest_of(sources, sparsity, dtype=tf.float32, *, chain=None):
     over a whole model needs memory for one weight at a time, not for the model. In a graph,
     ``chain`` (a Chain) runs each source after the previous one's histogram, so that TensorFlow
     does not compute them all at once."""
-    after = chain or Chain()
+    chain = chain or Chain()
 
     def total(histogram_of):
         result = None
         for source in sources:
-            with after.step():
+            with chain.step():
                 histogram = histogram_of(source())
-            after.done(histogram)
+            chain.done(histogram)
             result = histogram if result is None else result + histogram
         return result
 
-    highs = total(high_histogram)
+    highs = total(_high_histogram)
     k = tf.cast(kept_count(tf.reduce_sum(highs), sparsity), tf.int64)
     high, above = _select(highs, k)
     low, _ = _select(total(lambda values: _low_histogram(values, high)), k - above)
@@ -132,8 +132,6 @@ class Chain:
         self.last = []
 
     def step(self):
-        import contextlib
-
         if tf.executing_eagerly() or not self.last:
             return contextlib.nullcontext()
         return tf.control_dependencies(self.last)

@@ -38,11 +38,6 @@ class VariableValues(Mapping):
         variable = None if key in self._overridden else self._variables.get(key)
         return variable if hasattr(variable, "assign") and hasattr(variable, "handle") else None
 
-    def forget(self, key: str) -> None:
-        """Drop the NumPy copy read for ``key`` (read again on the next use)."""
-        if key not in self._overridden:
-            self._cache.pop(key, None)
-
     def __getitem__(self, key: str) -> np.ndarray:
         if key not in self._cache:
             variable = self._variables[key]

@@ -64,8 +64,11 @@ def run_entries(model: g.TracedModel, values, *, ones_masks: bool = True, seed: 
         if shared is not None:  # only read: the live variable itself, not a copy of a weight
             live[key] = shared
             continue
-        value = context.value(model, key)
-        live[key] = rebuild.new_variable(np.ones_like(value) if ones else value, dtype=spec.dtype, trainable=False)
+        if ones:  # from the spec: the mask's own value is never read (nor copied)
+            value = np.broadcast_to(np.ones((), tf.dtypes.as_dtype(spec.dtype).as_numpy_dtype), spec.shape)
+        else:
+            value = context.value(model, key)
+        live[key] = rebuild.new_variable(value, dtype=spec.dtype, trainable=False)
     outputs = {}
     logger = logging.getLogger("tensorflow")  # one tf.function per entry: TF warns of 'retracing'
     level = logger.level
