@@ -232,7 +232,13 @@ def export_tflite(saved_model_dir, tflite_path, *, quantize=None, sparse: bool =
             return export_tflite(static_dir, tflite_path, quantize=quantize, sparse=sparse,
                                  representative_data=representative_data, signature_keys=signature_keys,
                                  overwrite=overwrite)
-    converter = tf.lite.TFLiteConverter.from_saved_model(os.fspath(saved_model_dir), signature_keys=signature_keys)
+    check_output(tflite_path, overwrite=overwrite, inputs=[saved_model_dir])
+    check_fits_tflite(saved_model_dir, quantize)
+    try:
+        converter = tf.lite.TFLiteConverter.from_saved_model(os.fspath(saved_model_dir), signature_keys=signature_keys)
+    except (tf.errors.OpError, OSError, RuntimeError, ValueError) as error:  # a broken SavedModel
+        reason = (getattr(error, "message", None) or str(error)).strip().splitlines()[0][:200]
+        raise BadModelError(f"{os.fspath(saved_model_dir)}: cannot load the SavedModel ({reason})") from error
     optimizations = []
     if quantize is not None:
         optimizations.append(tf.lite.Optimize.DEFAULT)
@@ -242,8 +248,6 @@ def export_tflite(saved_model_dir, tflite_path, *, quantize=None, sparse: bool =
     if quantize == "int8":
         converter.representative_dataset = _representative(representative_data)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    check_output(tflite_path, overwrite=overwrite, inputs=[saved_model_dir])
-    check_fits_tflite(saved_model_dir, quantize)
     try:
         flatbuffer = converter.convert()
     except Exception as error:  # the converter raises many types
@@ -270,7 +274,11 @@ def saved_weight_bytes(saved_model_dir) -> int:
         total += os.path.getsize(graph_file)
     prefix = os.path.join(directory, "variables", "variables")
     if os.path.exists(prefix + ".index"):
-        reader = tf.train.load_checkpoint(prefix)
+        try:
+            reader = tf.train.load_checkpoint(prefix)
+        except (tf.errors.OpError, RuntimeError, ValueError) as error:  # a truncated or foreign index file
+            reason = (getattr(error, "message", None) or str(error)).strip().splitlines()[0][:200]
+            raise BadModelError(f"{directory}: cannot read the SavedModel's variables ({reason})") from error
         dtypes = reader.get_variable_to_dtype_map()
         for name, shape in reader.get_variable_to_shape_map().items():
             dtype = tf.dtypes.as_dtype(dtypes[name])

@@ -166,6 +166,19 @@ def test_tflite_past_the_flatbuffer_limit_is_refused_in_one_line(tmp_path, wide_
         graphprune.export_tflite(final, str(tmp_path / "m2.tflite"), quantize="dynamic")
 
 
+def test_a_corrupt_checkpoint_is_refused_in_one_line_before_converting(tmp_path, wide_prunable):
+    _, prunable = wide_prunable
+    final = graphprune.finalize(prunable, str(tmp_path / "final"))
+    with open(os.path.join(final, "variables", "variables.index"), "wb") as handle:
+        handle.write(b"garbage")
+    with pytest.raises(graphprune.BadModelError, match="cannot read the SavedModel's variables") as error:
+        graphprune.export_tflite(final, str(tmp_path / "m.tflite"))
+    assert "\n" not in str(error.value)
+    result = run_cli("export", f"--input={final}", f"--tflite={tmp_path / 'm.tflite'}", check=False)
+    assert result.returncode == 2 and "cannot read the SavedModel's variables" in result.stderr
+    assert not os.path.exists(tmp_path / "m.tflite")
+
+
 def test_cli_verbose_prints_each_stage_with_time_and_peak_memory(tmp_path):
     model = Wide()
     tf.saved_model.save(model, str(tmp_path / "model"))
