@@ -224,7 +224,7 @@ def test_polynomial_decay_rounds_like_the_reference():
 
 
 def test_finalize_refuses_a_model_that_computes_something_else(mlp):
-    from graphprune.finalization import check_final, finalize_model
+    from graphprune.finalization import check_final, finalize_model, products_as_folded_weights
 
     pm = graphprune.prune(mlp, schedule=graphprune.ConstantSparsity(0.5, 0), one_shot=True)
     final, values, result = finalize_model(pm)
@@ -243,6 +243,9 @@ def test_finalize_refuses_a_model_that_computes_something_else(mlp):
     tampered = dataclasses.replace(final, entries=tuple(entries))
     with pytest.raises(graphprune.PassError, match=r"differs from the masked model by .*output 0 of"):
         check_final(result.reports[0][1].model, tampered, values)
+    # finalize's own check reads the products as the folded weights they equal: it refuses too
+    with pytest.raises(graphprune.PassError, match=r"differs from the masked model by .*output 0 of"):
+        check_final(products_as_folded_weights(result.reports[0][1].model), tampered, values)
 
 
 class ThreeTraces(tf.Module):

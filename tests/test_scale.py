@@ -144,6 +144,46 @@ def test_finalize_of_an_in_memory_model_leaves_its_variables_alone(tmp_path):
     assert sum(np.count_nonzero(v == 0) for v in saved.values()) >= 0.5 * sum(w.size for w in stored) - 3
 
 
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_finalize_checks_with_products_read_as_folded_weights_bit_for_bit(scope):
+    """finalize's check runs the masked model with each w * mask read as the folded weight (so
+    TensorFlow does not make every product at once): the outputs are the masked model's exactly,
+    tied embeddings (a lookup and an output projection of one masked table) included."""
+    from graphprune.finalization import finalize_model, products_as_folded_weights
+    from graphprune.verify import run_entries
+
+    class Tied(tf.Module):
+        def __init__(self):
+            super().__init__()
+            rng = np.random.RandomState(6)
+            self.table = tf.Variable(rng.standard_normal([50, 16]).astype(np.float32), name="embedding/table")
+            self.kernel = tf.Variable(rng.standard_normal([16, 16]).astype(np.float32), name="dense/kernel")
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 7], tf.int32)])
+        def __call__(self, ids):
+            hidden = tf.nn.relu(tf.matmul(tf.reshape(tf.gather(self.table, ids), [-1, 16]), self.kernel))
+            return tf.matmul(hidden, self.table, transpose_b=True)
+
+    model = Tied()
+    pm = graphprune.prune(model.__call__, graphprune.ConstantSparsity(0.6, 0, frequency=1), scope=scope,
+                          include_gather=True)
+    pm.update_masks()
+    pm.pruned_weights[0].assign_add(tf.ones_like(pm.pruned_weights[0]))  # moved by an optimizer
+    _, values, result = finalize_model(pm)
+    masked = result.reports[0][1].model
+    expected = run_entries(masked, values, ones_masks=False)
+    actual = run_entries(products_as_folded_weights(masked), values, ones_masks=False)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        for want, got in zip(expected[name], actual[name]):
+            np.testing.assert_array_equal(got, want)
+    for entry in products_as_folded_weights(masked).entries:
+        products = {n.name for n in entry.graph_def.node if n.name.endswith("/graphprune/masked")}
+        readers = [n.name for n in entry.graph_def.node for raw in n.input
+                   if raw.lstrip("^").split(":")[0] in products]
+        assert entry.kind == "update" or (products and not readers)  # still there, read by nothing
+
+
 def test_max_frozen_bytes_is_checked():
     with pytest.raises(graphprune.GraphPruneError, match="max_frozen_bytes"):
         graphprune.finalize(Wide(), "/nonexistent/never", max_frozen_bytes=-1)
