@@ -16,7 +16,7 @@ from graphprune import rebuild
 from graphprune.analysis import is_mask_multiply, written_variables
 from graphprune.graph import ROLE_MASK, ROLE_OTHER
 from graphprune.io import atomic_file, check_output
-from graphprune.masks import pruned_values
+from graphprune.masks import pruned_values, store_pruned
 from graphprune.load import load
 from graphprune.pipeline import PassContext, VariableValues, run_pipeline
 from graphprune.verify import optional_verifier
@@ -89,14 +89,13 @@ def _fold_into_variables(traced, variables, pruned: dict, owned: bool) -> dict:
     place when graphprune owns the variables, else in a new variable of the weight's key."""
     live = dict(variables)
     for weight, mask in pruned.items():
-        value = pruned_values(live[weight], live[mask])  # in TensorFlow: one weight's temporaries
         if owned and not rebuild.is_distributed(live[weight]):
-            live[weight].assign(value)
-        else:
-            spec = traced.variables[weight]
-            with tf.init_scope():
-                live[weight] = tf.Variable(value, name=weight, dtype=spec.dtype, trainable=spec.trainable)
-        del value
+            store_pruned(live[weight], live[mask])  # in TensorFlow: one weight's temporaries
+            continue
+        spec = traced.variables[weight]
+        with tf.init_scope():
+            live[weight] = tf.Variable(pruned_values(live[weight], live[mask]), name=weight, dtype=spec.dtype,
+                                       trainable=spec.trainable)
     return live
 
 

@@ -41,6 +41,25 @@ def pruned_values(weight, mask):
     return tf.where(tf.not_equal(mask, 0), weight, tf.zeros([], weight.dtype))  # no weight-sized zeros
 
 
+_BITS = {2: tf.int16, 4: tf.int32, 8: tf.int64}
+
+
+def store_pruned(weight, mask) -> None:
+    """Make a weight variable hold exactly its pruned values (+0.0 where ``mask`` is 0), eagerly.
+
+    A weight that holds them already (after a mask update, or a save) is only read, not written
+    again: rewriting it would allocate and fill a new buffer of the weight's size for nothing
+    (every weight of a 1B-parameter model, at each save)."""
+    value = tf.convert_to_tensor(weight)
+    bits = _BITS.get(value.dtype.size) if value.dtype.is_floating else None
+    if bits is not None:  # any set bit where pruned (-0.0 included) needs the rewrite
+        stray = tf.logical_and(tf.equal(mask, 0), tf.not_equal(tf.bitcast(value, bits), 0))
+        if not bool(tf.reduce_any(stray)):
+            return
+    del value
+    weight.assign(pruned_values(weight, mask))
+
+
 def kept_count(size, sparsity):
     """k = max(round_half_to_even(n * (1 - s)), 1), computed in float32 like the reference."""
     size = tf.cast(size, tf.float32)

@@ -13,7 +13,7 @@ from graphprune import graph as g
 from graphprune import names
 from graphprune import rebuild
 from graphprune.errors import GraphPruneError
-from graphprune.masks import pruned_values
+from graphprune.masks import pruned_values, store_pruned
 
 UPDATE_ENTRY = "update_masks"
 
@@ -175,7 +175,7 @@ class PrunableModel(tf.Module):
         live = self._graphprune.variables
         for key, spec in self.traced.variables.items():
             if spec.role == g.ROLE_MASK:
-                live[spec.weight].assign(pruned_values(live[spec.weight], live[key]))
+                store_pruned(live[spec.weight], live[key])
 
     def prune_now(self, sparsity: float | None = None) -> None:
         """One-shot: set every mask to its plan's final sparsity (or ``sparsity``) now and zero the

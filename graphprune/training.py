@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from graphprune.errors import BadModelError, DataError
-from graphprune.masks import pruned_values
+from graphprune.masks import store_pruned
 from graphprune.update import diverged_error
 
 LOSSES = ("softmax_cross_entropy", "mse")
@@ -144,7 +144,7 @@ def apply_masks(model) -> None:
     """Store exactly the masked weights (pruned elements +0.0), whatever the optimizer did since
     the last mask update."""
     for mask, weight in zip(*masks_and_weights(model)):
-        weight.assign(pruned_values(weight, mask))
+        store_pruned(weight, mask)
 
 
 def sparsity(masks) -> float:

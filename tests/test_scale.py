@@ -184,6 +184,22 @@ def test_finalize_checks_with_products_read_as_folded_weights_bit_for_bit(scope)
         assert entry.kind == "update" or (products and not readers)  # still there, read by nothing
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
+def test_store_pruned_rewrites_only_weights_that_need_it(dtype):
+    from graphprune.masks import store_pruned
+
+    mask = tf.constant([1, 0, 1, 0], dtype)
+    weight = tf.Variable(np.array([1.5, 0.0, -2.0, 0.0], dtype))
+    store_pruned(weight, mask)  # already pruned: left alone
+    np.testing.assert_array_equal(weight.numpy(), [1.5, 0.0, -2.0, 0.0])
+    for stray in (3.0, -0.0):  # a moved pruned weight, and a negative zero (bad for compression)
+        weight.assign(np.array([1.5, stray, -2.0, 0.0], dtype))
+        store_pruned(weight, mask)
+        value = weight.numpy()
+        np.testing.assert_array_equal(value, [1.5, 0.0, -2.0, 0.0])
+        assert not np.signbit(value[1])
+
+
 def test_max_frozen_bytes_is_checked():
     with pytest.raises(graphprune.GraphPruneError, match="max_frozen_bytes"):
         graphprune.finalize(Wide(), "/nonexistent/never", max_frozen_bytes=-1)
