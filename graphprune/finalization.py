@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from graphprune.errors import BadModelError, GraphPruneError, PassError, UnsupportedError
+from graphprune.errors import BadModelError, GraphPruneError, PassError
 from graphprune import body as b
 from graphprune import rebuild
 from graphprune.analysis import is_mask_multiply, written_variables
@@ -72,7 +72,7 @@ def finalize_model(prunable, *, freeze: bool | str = True, verify: bool = False,
                              "stored": tuple(pruned)})]
     if frozen:  # fold_masks leaves weights read inside loop bodies to this pass
         steps.append(("freeze_variables", {"only": tuple(sorted(frozen))}))
-    steps.append(("strip_unused", {}))
+    steps += [("read_handles_directly", {}), ("strip_unused", {})]  # the first: so TFLite freezes and quantizes
     values = VariableValues(live)
     after_pass = optional_verifier(verify, values, ones_masks=False)
     result = run_pipeline(traced, steps, PassContext(values=values), after_pass=after_pass)
@@ -80,7 +80,8 @@ def finalize_model(prunable, *, freeze: bool | str = True, verify: bool = False,
 
 
 def _check_frozen_limit(max_frozen_bytes) -> None:
-    if isinstance(max_frozen_bytes, bool) or not isinstance(max_frozen_bytes, (int, np.integer)) or max_frozen_bytes < 0:
+    integer = isinstance(max_frozen_bytes, (int, np.integer)) and not isinstance(max_frozen_bytes, bool)
+    if not integer or max_frozen_bytes < 0:
         raise GraphPruneError(f"max_frozen_bytes must be a non-negative integer (bytes), got {max_frozen_bytes!r}")
 
 
@@ -225,6 +226,12 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
         return save_traced(final, values, output_dir, overwrite=overwrite, inputs=inputs, name="finalized_model")
 
 
+# A flatbuffer's 32-bit offsets cap a plain .tflite at 2 GB. TensorFlow 2.21's converter writes
+# larger models anyway (its buffers placed after the flatbuffer; measured: a 604M-parameter model
+# gave a 2.4 GB file that LiteRT runs), but older runtimes and flatbuffer tools cannot read those.
+TFLITE_MAX_BYTES = 2 << 30
+
+
 def export_tflite(saved_model_dir, tflite_path, *, quantize=None, sparse: bool = False, representative_data=None,
                   signature_keys=None, overwrite: bool = False, batch_size: int | None = None) -> str:
     """Convert a (finalized) SavedModel to TFLite.
@@ -249,7 +256,6 @@ def export_tflite(saved_model_dir, tflite_path, *, quantize=None, sparse: bool =
                                  representative_data=representative_data, signature_keys=signature_keys,
                                  overwrite=overwrite)
     check_output(tflite_path, overwrite=overwrite, inputs=[saved_model_dir])
-    check_fits_tflite(saved_model_dir, quantize)
     try:
         converter = tf.lite.TFLiteConverter.from_saved_model(os.fspath(saved_model_dir), signature_keys=signature_keys)
     except (tf.errors.OpError, OSError, RuntimeError, ValueError) as error:  # a broken SavedModel
@@ -268,51 +274,15 @@ def export_tflite(saved_model_dir, tflite_path, *, quantize=None, sparse: bool =
         flatbuffer = converter.convert()
     except Exception as error:  # the converter raises many types
         raise GraphPruneError(f"TFLite conversion failed: {converter_reason(error)}") from error
+    if len(flatbuffer) > TFLITE_MAX_BYTES:
+        size = len(flatbuffer) / 2**30
+        warnings.warn(f"graphprune: {os.fspath(tflite_path)} is {size:.2f} GiB, past the 2 GB of a plain flatbuffer: "
+                      "LiteRT reads it, older TFLite runtimes and flatbuffer tools cannot (quantize='dynamic' stores "
+                      "int8 weights, a quarter of the size)", stacklevel=2)
     with atomic_file(tflite_path, overwrite=overwrite, inputs=[saved_model_dir]) as temp:
         with open(temp, "wb") as handle:
             handle.write(flatbuffer)
     return os.path.abspath(os.fspath(tflite_path))
-
-
-# A .tflite file is a flatbuffer, whose 32-bit offsets cap it at 2 GB; the converter fails past
-# it after minutes of work, with a message about MLIR. Checked before converting, from the sizes
-# the SavedModel's checkpoint records (no weight is read).
-TFLITE_MAX_BYTES = 2 << 30
-
-
-def saved_weight_bytes(saved_model_dir) -> int:
-    """Bytes of the SavedModel's variables (from the checkpoint's index) plus its graph file
-    (frozen constants live there)."""
-    directory = os.fspath(saved_model_dir)
-    total = 0
-    graph_file = os.path.join(directory, "saved_model.pb")
-    if os.path.exists(graph_file):
-        total += os.path.getsize(graph_file)
-    prefix = os.path.join(directory, "variables", "variables")
-    if os.path.exists(prefix + ".index"):
-        try:
-            reader = tf.train.load_checkpoint(prefix)
-        except (tf.errors.OpError, RuntimeError, ValueError) as error:  # a truncated or foreign index file
-            reason = (getattr(error, "message", None) or str(error)).strip().splitlines()[0][:200]
-            raise BadModelError(f"{directory}: cannot read the SavedModel's variables ({reason})") from error
-        dtypes = reader.get_variable_to_dtype_map()
-        for name, shape in reader.get_variable_to_shape_map().items():
-            dtype = tf.dtypes.as_dtype(dtypes[name])
-            if dtype != tf.string:
-                total += int(np.prod(shape, dtype=np.int64)) * dtype.size
-    return total
-
-
-def check_fits_tflite(saved_model_dir, quantize=None) -> None:
-    """Refuse, in one line, a model whose weights cannot fit TFLite's 2 GB flatbuffer."""
-    size = saved_weight_bytes(saved_model_dir)
-    expected = size // 4 if quantize else size  # int8 weights: a quarter of float32
-    if expected > TFLITE_MAX_BYTES:
-        stored = f"about {expected / 2**30:.2f} GiB as int8" if quantize else f"{size / 2**30:.2f} GiB of float weights"
-        what = ("export the part that fits (signature_keys=, or a smaller model)" if quantize else
-                "quantize it first (quantize='dynamic', --quantize=dynamic, stores int8 weights: a quarter) or export "
-                "the part that fits")
-        raise UnsupportedError(f"{os.fspath(saved_model_dir)}: {stored}, past TFLite's 2 GB flatbuffer limit; {what}")
 
 
 _REASONS = (

@@ -9,5 +9,6 @@ from graphprune.passes import insert_masks  # noqa: F401  mask variables + Mul i
 from graphprune.passes import insert_mask_updates  # noqa: F401  step, schedule, conditional mask update
 from graphprune.passes import fold_masks  # noqa: F401  w * mask -> Const (or the variable's value)
 from graphprune.passes import freeze_variables  # noqa: F401  remaining variable reads -> Const
+from graphprune.passes import read_handles_directly  # noqa: F401  no Identity between a handle and its reads
 from graphprune.passes import strip_unused  # noqa: F401  dead nodes, variables, functions
 from graphprune.passes import static_batch  # noqa: F401  fixed batch for TFLite (RNN TensorLists)

@@ -19,24 +19,8 @@ from types import MappingProxyType
 
 from graphprune import body as b
 from graphprune import graph as g
+from graphprune.analysis import has_side_effect
 from graphprune.passbase import PassContext, PassResult, register_pass
-
-SIDE_EFFECT_PREFIXES = ("Assign", "ResourceApply", "ResourceScatter", "ResourceSparseApply", "Print", "Write",
-                        "Save", "Restore", "Enqueue", "Stateful", "While", "If", "Case")
-
-
-def has_side_effect(body: b.Body, node, memo: dict) -> bool:
-    """Whether running ``node`` matters beyond its outputs (NoOp/Identity: if what they group does)."""
-    if node.name in memo:
-        return memo[node.name]
-    memo[node.name] = False  # breaks cycles
-    if node.op in ("NoOp", "Identity"):
-        result = any(has_side_effect(body, body.producer(raw), memo) for raw in node.input
-                     if body.producer(raw) is not None)
-    else:
-        result = node.op.startswith(SIDE_EFFECT_PREFIXES) or "Summary" in node.op
-    memo[node.name] = result
-    return result
 
 
 def _drop_colocation_with_removed(node, live: set) -> None:

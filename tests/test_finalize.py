@@ -15,6 +15,7 @@ from graphprune import graph as g
 from graphprune.load import load
 from graphprune.passes.fold_masks import fold_masks
 from graphprune.passes.freeze_variables import freeze_variables
+from graphprune.passes.read_handles_directly import read_handles_directly
 from graphprune.passes.strip_unused import strip_unused
 from graphprune.pipeline import PassContext, VariableValues
 from graphprune.verify import run_entries
@@ -115,6 +116,76 @@ def test_freeze_variables_numeric_structure_no_match_idempotent(pruned_cnn):
     _same(folded, final, context.values)
     assert "ReadVariableOp" not in _all_ops(final) and not final.variables
     assert freeze_variables(final, context).changed is False  # nothing left: no-match and idempotent
+
+
+def _resource_identity_readers(model):
+    """Names of nodes (any body) that read an Identity of a resource handle."""
+    readers = []
+    for entry in model.entries:
+        bodies = [list(entry.graph_def.node)] + [list(f.node_def) for f in entry.graph_def.library.function]
+        for nodes in bodies:
+            identities = {n.name for n in nodes if n.op == "Identity" and n.attr["T"].type == tf.resource.as_datatype_enum}
+            readers += [n.name for n in nodes for raw in n.input if raw.lstrip("^").split(":")[0] in identities]
+    return readers
+
+
+def test_read_handles_directly_numeric_structure_no_match_idempotent(tmp_path, pruned_cnn):
+    graphprune.save(pruned_cnn, str(tmp_path / "prunable"))
+    loaded = load(str(tmp_path / "prunable"))  # TensorFlow's inliner leaves Identity(handle) -> read
+    context = PassContext(values=VariableValues(loaded.variables))
+    assert _resource_identity_readers(loaded.model)
+    result = read_handles_directly(loaded.model, context)
+    assert result.changed and result.report["bypassed"]
+    assert not _resource_identity_readers(result.model)
+    _same(loaded.model, result.model, context.values)
+    assert read_handles_directly(result.model, context).changed is False  # idempotent
+    module = testmodels.MLP()
+    mlp = load(module.__call__)  # traced directly: reads the handles already
+    assert read_handles_directly(mlp.model, PassContext(values=VariableValues(mlp.variables))).changed is False
+
+
+def test_an_identity_that_orders_a_write_is_kept():
+    counter = tf.Variable(0.0, name="counter")
+    weight = tf.Variable(np.ones([3, 2], np.float32), name="w")
+
+    @tf.function
+    def inner(x):
+        return tf.matmul(x, weight)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32)])
+    def outer(x):
+        with tf.control_dependencies([counter.assign_add(1.0)]):  # inlined: inner's inputs wait for it
+            return inner(x) * counter.read_value()
+
+    loaded = load(outer)
+    context = PassContext(values=VariableValues(loaded.variables))
+    ordered = [n.name for e in loaded.model.entries for n in e.graph_def.node
+               if n.op == "Identity" and n.attr["T"].type == tf.resource.as_datatype_enum and len(n.input) > 1]
+    result = read_handles_directly(loaded.model, context)
+    still = {n.name for e in result.model.entries for n in e.graph_def.node}
+    readers = _resource_identity_readers(result.model)
+    assert ordered and all(name in still for name in ordered) and readers  # the write still comes first
+    _same(loaded.model, result.model, context.values)
+
+
+def test_finalized_weights_kept_as_variables_still_quantize_in_tflite(tmp_path, pruned_cnn):
+    """The converter freezes and quantizes weights read straight from their handles; read through
+    an Identity it kept them as resource variables, in float, whatever was asked."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    sizes = {}
+    for freeze, limit in ((True, 0), (False, 0), (True, 16 << 20)):
+        final = graphprune.finalize(pruned_cnn, str(tmp_path / f"final-{freeze}-{limit}"), freeze=freeze,
+                                    max_frozen_bytes=limit)
+        for quantize in (None, "dynamic"):
+            path = graphprune.export_tflite(final, str(tmp_path / f"m-{freeze}-{limit}-{quantize}.tflite"),
+                                            quantize=quantize)
+            details = Interpreter(model_path=path).get_tensor_details()
+            assert not any(d["dtype"] == np.object_ or "RESOURCE" in str(d.get("dtype")) for d in details)
+            assert (quantize == "dynamic") == any(d["dtype"] == np.int8 for d in details)
+            sizes[freeze, limit, quantize] = os.path.getsize(path)
+    assert len({size for key, size in sizes.items() if key[2] is None}) == 1  # one model, however finalized
+    assert all(sizes[key[:2] + ("dynamic",)] < 0.7 * sizes[key[:2] + (None,)] for key in sizes)
 
 
 # finalize ------------------------------------------------------------------------------------
