@@ -19,6 +19,8 @@ _EXPORTS = {
     "save": "graphprune.api",
     "PruningCallback": "graphprune.callbacks",
     "PruningConfig": "graphprune.config",
+    "channel_groups": "graphprune.channels",
+    "cost": "graphprune.channels",
     "Rule": "graphprune.config",
     "Structure": "graphprune.config",
     "BadModelError": "graphprune.errors",
@@ -39,7 +41,7 @@ _EXPORTS = {
     "PolynomialDecay": "graphprune.schedules",
     "PruningSchedule": "graphprune.schedules",
 }
-_SUBMODULES = ("io", "report", "pipeline", "graph", "load", "masks", "schedules", "config", "verify")
+_SUBMODULES = ("io", "report", "pipeline", "graph", "load", "masks", "schedules", "config", "verify", "channels")
 
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

@@ -14,6 +14,7 @@ Facts recorded on a TracedModel (``model.facts``), with their types:
                                               fold, freeze or strip drop it
     skipped_weights  dict[str, str]           weight key -> why it is not pruned
     update_config    str                      insert_mask_updates: what the update entry was built for
+    channel_groups   tuple[ChannelGroup, ...] insert_mask_updates with structure='channel' (channels.py)
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 WRITE_OP_PREFIXES = ("Assign", "ResourceScatter", "ResourceApply", "ResourceSparseApply",
                      "ResourceStridedSliceAssign", "DestroyResourceOp")
 
-FACT_TYPES = {"weights": tuple, "skipped_weights": dict, "update_config": str}
+FACT_TYPES = {"weights": tuple, "skipped_weights": dict, "update_config": str, "channel_groups": tuple}
 
 
 class Traced(NamedTuple):

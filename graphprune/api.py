@@ -20,7 +20,7 @@ from graphprune.verify import optional_verifier
 
 def prune(target, schedule=None, *, block_size=(1, 1), block_pooling="AVG", m_by_n=None, scope="layer", rules=(),
           exclude=None, one_shot=False, config: PruningConfig | None = None, verify=False,
-          include_gather=False) -> PrunableModel:
+          include_gather=False, structure="element", importance="l2", round_to=1) -> PrunableModel:
     """Rewrite ``target`` so that its MatMul/Conv/Einsum weights are masked and prunable.
 
     target: a SavedModel directory, a tf.Module, a tf.function with input_signature or a
@@ -28,6 +28,11 @@ def prune(target, schedule=None, *, block_size=(1, 1), block_pooling="AVG", m_by
     schedule: graphprune.PolynomialDecay / ConstantSparsity. With None, masks are inserted (all
         ones) without a step or mask update.
     block_size, block_pooling, m_by_n: the mask structure ((1, 2) blocks, "AVG"/"MAX", (2, 4)).
+    structure="channel": remove whole channels (a conv's output channels, a dense layer's neurons)
+        with every slice coupled to them (graphprune.channels: dependency groups), each group at
+        the schedule's sparsity (the fraction of its channels removed), ranked by ``importance``
+        ("l2" or "l1" norm over the group); ``round_to=8`` keeps a multiple of 8 channels.
+        ``finalize(..., shrink=True)`` then removes them from the graph: a smaller dense model.
     scope: "layer" (a threshold per weight) or "global" (one threshold across weights).
     rules: graphprune.Rule overrides by regex (skip, own sparsity, own structure);
         ``exclude=REGEX`` is a shortcut for a skip rule.
@@ -40,7 +45,8 @@ def prune(target, schedule=None, *, block_size=(1, 1), block_pooling="AVG", m_by
         # Without a schedule, masks are inserted (all ones) with no update: a placeholder schedule
         # carries the structure and rules for insert_masks.
         config = make_config(schedule or ConstantSparsity(0.0, 0), block_size=block_size, block_pooling=block_pooling,
-                             m_by_n=m_by_n, scope=scope, exclude=exclude, rules=rules)
+                             m_by_n=m_by_n, scope=scope, exclude=exclude, rules=rules, structure=structure,
+                             importance=importance, round_to=round_to)
         with_updates = schedule is not None
     else:
         with_updates = True
@@ -70,6 +76,12 @@ def prune(target, schedule=None, *, block_size=(1, 1), block_pooling="AVG", m_by
         updates = run_pipeline(model, [("insert_mask_updates", {"config": config})], context, after_pass=after_pass)
         result.reports.extend(updates.reports)
         model = updates.model
+    groups = model.facts.get("channel_groups")
+    if groups is not None and not any(group.prunable for group in groups):
+        reasons = sorted({group.reason for group in groups})
+        warnings.warn(f"graphprune: structure='channel': no channel group can be removed safely, so nothing will be "
+                      f"pruned ({len(groups)} groups left whole: {'; '.join(reasons[:3])}); graphprune.channel_groups "
+                      "lists them", stacklevel=2)
     prunable = PrunableModel(model, loaded.variables, config=config if with_updates else None)
     prunable._graphprune.owner = loaded.owner  # keeps a loaded SavedModel's objects alive
     prunable._graphprune.pipeline = result

@@ -74,13 +74,23 @@ def parse_m_by_n(value) -> tuple[int, int] | None:
     return m, n
 
 
+STRUCTURES = ("element", "channel")
+IMPORTANCES = ("l2", "l1")
+
+
 @dataclasses.dataclass(frozen=True)
 class Structure:
-    """Unstructured (default), blocks (``block_size``, ``block_pooling``) or M:N (``m_by_n``)."""
+    """Unstructured (default), blocks (``block_size``, ``block_pooling``), M:N (``m_by_n``) or
+    whole channels (``kind="channel"``: output channels, neurons, with their dependency groups;
+    scored by the group's ``importance``, "l2" or "l1"; the kept count rounded up to a multiple
+    of ``round_to``, so that kernels get channel counts that suit them)."""
 
     block_size: tuple[int, int] = (1, 1)
     block_pooling: str = "AVG"
     m_by_n: tuple[int, int] | None = None
+    kind: str = "element"
+    importance: str = "l2"
+    round_to: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "block_size", parse_block_size(self.block_size))
@@ -91,13 +101,34 @@ class Structure:
         object.__setattr__(self, "block_pooling", pooling)
         if self.m_by_n is not None and self.block_size != (1, 1):
             raise StructureError("choose either block_size or m_by_n, not both")
+        kind = str(self.kind).lower().rstrip("s") if isinstance(self.kind, str) else self.kind
+        if kind not in STRUCTURES:
+            raise StructureError(f"structure must be 'element' (unstructured, blocks, M:N) or 'channel', got "
+                                 f"{self.kind!r}")
+        object.__setattr__(self, "kind", kind)
+        importance = str(self.importance).lower()
+        if importance not in IMPORTANCES:
+            raise StructureError(f"importance must be 'l2' or 'l1', got {self.importance!r}")
+        object.__setattr__(self, "importance", importance)
+        (round_to,) = _whole_numbers([self.round_to], "round_to must be a whole number >= 1", self.round_to)
+        if round_to < 1:
+            raise StructureError(f"round_to must be a whole number >= 1, got {self.round_to!r}")
+        object.__setattr__(self, "round_to", round_to)
+        if kind == "channel" and (self.m_by_n is not None or self.block_size != (1, 1)):
+            raise StructureError("structure='channel' removes whole channels: leave block_size and m_by_n unset")
+
+    @property
+    def channels(self) -> bool:
+        return self.kind == "channel"
 
     @property
     def unstructured(self) -> bool:
-        return self.m_by_n is None and self.block_size == (1, 1)
+        return self.m_by_n is None and self.block_size == (1, 1) and not self.channels
 
     def check(self, weight) -> None:
         """Raise StructureError if this structure cannot apply to ``weight`` (a WeightInfo)."""
+        if self.channels:
+            return
         if self.m_by_n is not None:
             check_m_by_n(weight.shape, self.m_by_n, weight.input_axis, weight.key)
         else:
@@ -107,6 +138,9 @@ class Structure:
                 raise StructureError(f"{weight.key}: {error}") from None
 
     def describe(self) -> str:
+        if self.channels:
+            rounding = f", kept counts rounded up to a multiple of {self.round_to}" if self.round_to > 1 else ""
+            return f"channels ({self.importance}{rounding})"
         if self.m_by_n is not None:
             return f"{self.m_by_n[0]}:{self.m_by_n[1]}"
         if self.block_size != (1, 1):
@@ -171,6 +205,9 @@ class PruningConfig:
             raise ScheduleError(f"scope must be 'layer' or 'global', got {self.scope!r}")
         if not isinstance(self.structure, Structure):
             raise StructureError(f"structure must be a graphprune.Structure, got {type(self.structure).__name__}")
+        if self.structure.channels and self.scope == "global":
+            raise StructureError("structure='channel' prunes each channel group at the schedule's sparsity "
+                                 "(scope='layer'); a global channel ranking is not supported")
         if isinstance(self.rules, (str, Rule)) or not hasattr(self.rules, "__iter__"):
             raise ScheduleError(f"rules must be a list of graphprune.Rule, got {self.rules!r}")
         object.__setattr__(self, "rules", tuple(self.rules))
@@ -205,6 +242,10 @@ class PruningConfig:
                             else self.schedule.with_final_sparsity(rule.sparsity))
             if rule is not None and rule.structure is not None:
                 own, structure = True, rule.structure
+            if own and (structure.channels or self.structure.channels):
+                raise StructureError(f"rule {rule.pattern!r}: with structure='channel' a rule can only skip weights "
+                                     "(channels are removed from every weight of their group together, at the "
+                                     "config's sparsity)")
             structure.check(weight)
             in_global = self.scope == "global" and not own and structure.m_by_n is None
             plans[weight.key] = WeightPlan(weight.key, schedule, structure, in_global)
@@ -213,7 +254,8 @@ class PruningConfig:
 
 def make_config(schedule=None, *, final_sparsity=None, initial_sparsity=0.0, begin_step=0, end_step=None,
                 frequency=100, power=3, kind="polynomial", block_size=(1, 1), block_pooling="AVG", m_by_n=None,
-                scope="layer", exclude=None, sparsity_for=(), rules=()) -> PruningConfig:
+                scope="layer", exclude=None, sparsity_for=(), rules=(), structure="element", importance="l2",
+                round_to=1) -> PruningConfig:
     """A PruningConfig from flat settings (the CLI and the text pipeline use this)."""
     if schedule is None:
         if final_sparsity is None:
@@ -244,5 +286,9 @@ def make_config(schedule=None, *, final_sparsity=None, initial_sparsity=0.0, beg
             all_rules.append(Rule(pattern, sparsity=sparsity))
         except ScheduleError as error:
             raise ScheduleError(f"sparsity_for (--sparsity_for) {item!r}: {error}") from None
-    structure = Structure(block_size=block_size, block_pooling=block_pooling, m_by_n=m_by_n)
+    if isinstance(structure, Structure):
+        return PruningConfig(schedule=schedule, structure=structure, scope=scope, rules=tuple(all_rules))
+    structure = Structure(block_size=block_size, block_pooling=block_pooling, m_by_n=m_by_n,
+                          kind="element" if structure in (None, "") else structure, importance=importance,
+                          round_to=round_to)
     return PruningConfig(schedule=schedule, structure=structure, scope=scope, rules=tuple(all_rules))

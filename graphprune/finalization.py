@@ -44,7 +44,7 @@ MAX_FROZEN_BYTES = 16 << 20
 
 
 def finalize_model(prunable, *, freeze: bool | str = True, verify: bool = False,
-                   max_frozen_bytes: int = MAX_FROZEN_BYTES):
+                   max_frozen_bytes: int = MAX_FROZEN_BYTES, shrink: bool = False):
     """(final TracedModel, the values its variables are read from, pipeline result); nothing written.
 
     The pruned weights are folded (w := w * mask) into variables first: into the ones loaded from
@@ -73,10 +73,17 @@ def finalize_model(prunable, *, freeze: bool | str = True, verify: bool = False,
     if frozen:  # fold_masks leaves weights read inside loop bodies to this pass
         steps.append(("freeze_variables", {"only": tuple(sorted(frozen))}))
     steps += [("read_handles_directly", {}), ("strip_unused", {})]  # the first: so TFLite freezes and quantizes
+    if shrink:
+        steps.append(("shrink_channels", {"round_to": _round_to(traced, prunable)}))
     values = VariableValues(live)
     after_pass = optional_verifier(verify, values, ones_masks=False)
     result = run_pipeline(traced, steps, PassContext(values=values), after_pass=after_pass)
     return result.model, values, result
+
+
+def _round_to(traced, prunable) -> int:
+    config = getattr(prunable, "config", None)
+    return config.structure.round_to if config is not None and config.structure.channels else 1
 
 
 def _check_frozen_limit(max_frozen_bytes) -> None:
@@ -189,7 +196,7 @@ def products_as_folded_weights(masked):
 
 
 def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool = False, verify: bool = False,
-             check: bool = True, max_frozen_bytes: int = MAX_FROZEN_BYTES, progress=None) -> str:
+             check: bool = True, max_frozen_bytes: int = MAX_FROZEN_BYTES, progress=None, shrink: bool = False) -> str:
     """Fold the masks into the weights, drop every mask/step/update op, and write a SavedModel
     with the original signatures that plain TensorFlow loads and runs (no graphprune needed).
 
@@ -208,6 +215,10 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
         (PassError, nothing written) if any output differs beyond 1e-5 of its scale.
     progress: a callable taking one line per stage (with its time and peak memory); the CLI's
         --verbose prints them.
+    shrink=True: remove dead channels (every channel whose consuming kernels are all zero there,
+        as structure='channel' leaves them) from every weight, bias and normalization parameter
+        coupled to them (the shrink_channels pass): a smaller dense model with fewer FLOPs,
+        checked to compute what the masked one does.
     """
     from graphprune.api import save_traced
     from graphprune.progress import Stages
@@ -218,7 +229,7 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
     stages = Stages("finalize", progress)
     with stages("fold masks and strip the pruning ops"):
         final, values, result = finalize_model(prunable, freeze=freeze, verify=verify,
-                                               max_frozen_bytes=max_frozen_bytes)
+                                               max_frozen_bytes=max_frozen_bytes, shrink=shrink)
     if check:  # the pipeline's first pass (find_weights) only records facts: its model is the masked one
         with stages("check against the masked model"):
             check_final(products_as_folded_weights(result.reports[0][1].model), final, values)

@@ -195,7 +195,13 @@ class PrunableModel(tf.Module):
         values = {w.key: live[w.key].read_value() for w in weights}
         targets = {w.key: tf.constant(plans[w.key].schedule.final_sparsity, tf.float32) for w in weights}
         alive = {w.key: live[w.mask].read_value() for w in weights}
-        computed = compute_masks(values, plans, targets, {w.key: w.input_axis for w in weights}, alive)
+        groups = ()
+        if any(plan.structure.channels for plan in plans.values()):
+            from graphprune.channels import channel_groups
+
+            groups = self.traced.facts.get("channel_groups") or channel_groups(self.traced)
+        computed = compute_masks(values, plans, targets, {w.key: w.input_axis for w in weights}, alive,
+                                 groups=groups)
         for weight in weights:
             mask, threshold = computed[weight.key]
             live[weight.mask].assign(mask)

@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from graphprune.config import WeightPlan
 from graphprune.errors import DataError
-from graphprune.masks import Chain, global_threshold, mask_and_threshold, scores_for_global
+from graphprune.masks import Chain, global_threshold, kept_count, mask_and_threshold, scores_for_global
 
 
 _DIVERGED = "training diverged: lower the learning rate, clip gradients or check the data for NaN/Inf"
@@ -65,6 +65,7 @@ def compute_masks(
     alive: Mapping[str, tf.Tensor] | None = None,
     step=None,
     consume: Callable[[str, tf.Tensor, tf.Tensor], list] | None = None,
+    groups=(),
 ) -> dict[str, tuple[tf.Tensor, tf.Tensor]]:
     """key -> (mask, threshold) for the weights given.
 
@@ -100,7 +101,17 @@ def compute_masks(
 
         shared = global_threshold([scores(key) for key in group], sparsities[group[0]], chain=chain)
     results = {}
+    channel_keys = [key for key in weights if plans[key].structure.channels]
+    if channel_keys:
+        results.update(_channel_masks({key: weights[key] for key in channel_keys}, plans,
+                                      sparsities[channel_keys[0]], alive, groups))
+        for key in channel_keys:
+            with chain.step():
+                used = consume(key, *results[key]) if consume is not None else []
+            chain.done(*(used or results[key]))
     for key, weight in weights.items():
+        if key in results:
+            continue
         structure = plans[key].structure
         with chain.step():
             results[key] = mask_and_threshold(
@@ -116,3 +127,66 @@ def compute_masks(
             used = consume(key, *results[key]) if consume is not None else []
         chain.done(*(used or results[key]))
     return results
+
+
+def _channel_masks(weights, plans, sparsity, alive, groups):
+    """key -> (mask, threshold) for channel-structured weights: in every prunable channel group
+    whose kernels are all among ``weights``, the channels with the largest norm over the group
+    are kept (kept_count of the group's channel count at ``sparsity``, rounded up to the
+    structure's ``round_to``); each weight's mask is the product of its groups' channel masks
+    along their axes. A weight in no such group keeps its current mask."""
+    structure = plans[next(iter(weights))].structure
+    values = {key: value * tf.cast(alive[key], value.dtype) if alive.get(key) is not None else value
+              for key, value in weights.items()}
+    factors: dict[str, list] = {key: [] for key in weights}
+    thresholds: dict[str, tf.Tensor] = {}
+    for group in groups:
+        if not group.prunable:
+            continue
+        members = group.weight_members(weights)
+        consumers = [m for m in group.members if m.role == "in"]
+        if not members or any(m.kind != "variable" or m.name not in weights for m in consumers):
+            continue
+        score = tf.add_n([channel_scores(values[m.name], m, structure.importance) for m in members])
+        if structure.importance == "l2":
+            score = tf.sqrt(score)
+        kept = tf.minimum(tf.constant(group.size, tf.int32),
+                          -(-kept_count(group.size, sparsity) // structure.round_to) * structure.round_to)
+        top, chosen = tf.math.top_k(score, k=kept)
+        keep = tf.scatter_nd(chosen[:, None], tf.ones_like(top), [group.size])
+        threshold = top[-1]
+        for member in members:
+            factors[member.name].append((member, keep))
+            if member.role == "out" or member.name not in thresholds:
+                thresholds[member.name] = threshold
+    results = {}
+    for key, value in weights.items():
+        mask = tf.ones_like(value) if alive.get(key) is None else tf.cast(alive[key], value.dtype)
+        for member, keep in factors[key]:
+            mask = mask * expand_channels(tf.cast(keep, value.dtype), member, value.shape.as_list())
+        threshold = thresholds.get(key, tf.zeros([], tf.float32))
+        results[key] = (mask, tf.cast(threshold, value.dtype))
+    return results
+
+
+def channel_scores(value, member, importance: str = "l2"):
+    """Per channel of ``member``'s group: the sum over its slice of ``value`` of |w| (l1) or w**2
+    (l2; the caller takes the root of the group's sum)."""
+    magnitude = tf.abs(value) if importance == "l1" else tf.square(value)
+    rank = value.shape.rank
+    per = tf.reduce_sum(tf.cast(magnitude, tf.float32), axis=[a for a in range(rank) if a != member.axis])
+    if member.period is not None:
+        per = tf.reduce_sum(tf.reshape(per, [-1, member.period]), axis=0)
+    return per[member.start:member.stop]
+
+
+def expand_channels(keep, member, shape):
+    """The group's channel mask ``keep`` laid along ``member``'s axis of a weight of ``shape``:
+    ones outside the member's slice, broadcastable against the weight."""
+    dim = shape[member.axis]
+    size = member.stop - member.start
+    indices = member.indices(dim, np.arange(size))
+    repeats = len(indices) // size
+    values = tf.tile(keep, [repeats]) if repeats > 1 else keep
+    vector = tf.tensor_scatter_nd_update(tf.ones([dim], keep.dtype), indices[:, None], values)
+    return tf.reshape(vector, [dim if a == member.axis else 1 for a in range(len(shape))])

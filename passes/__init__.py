@@ -11,4 +11,5 @@ from graphprune.passes import fold_masks  # noqa: F401  w * mask -> Const (or th
 from graphprune.passes import freeze_variables  # noqa: F401  remaining variable reads -> Const
 from graphprune.passes import read_handles_directly  # noqa: F401  no Identity between a handle and its reads
 from graphprune.passes import strip_unused  # noqa: F401  dead nodes, variables, functions
+from graphprune.passes import shrink_channels  # noqa: F401  dead channels out of every coupled weight
 from graphprune.passes import static_batch  # noqa: F401  fixed batch for TFLite (RNN TensorLists)

@@ -28,6 +28,7 @@ import tensorflow as tf
 from graphprune import graph as g
 from graphprune import names
 from graphprune.analysis import weights_of
+from graphprune.channels import channel_groups
 from graphprune.config import PruningConfig, make_config
 from graphprune.errors import PassError
 from graphprune.masks import pruned_values
@@ -57,7 +58,8 @@ def insert_mask_updates(model: g.TracedModel, context: PassContext, config: Prun
         for w in weights
     ]
     new_model = model.with_variables(specs)
-    entry = _build_update_entry(new_model, config, weights, plans)
+    groups = channel_groups(model) if any(plan.structure.channels for plan in plans.values()) else ()
+    entry = _build_update_entry(new_model, config, weights, plans, groups)
     entries = tuple(e for e in model.entries if e.name != UPDATE_ENTRY) + (entry,)
     new_model = dataclasses.replace(new_model, entries=entries)
     report = {
@@ -65,10 +67,14 @@ def insert_mask_updates(model: g.TracedModel, context: PassContext, config: Prun
         "schedules": sorted({repr(plans[w.key].schedule) for w in weights}),
         "scope": config.scope,
     }
+    if groups:
+        report["channel_groups"] = {"prunable": sum(group.prunable for group in groups), "whole": sum(
+            not group.prunable for group in groups)}
+        new_model = new_model.with_facts(channel_groups=groups)
     return PassResult(new_model.with_facts(update_config=description), changed=True, report=report)
 
 
-def _build_update_entry(model, config, weights, plans) -> g.Entry:
+def _build_update_entry(model, config, weights, plans, coupled=()) -> g.Entry:
     graph = tf.Graph()
     resources = {}
     with graph.as_default(), tf.name_scope(f"{names.SCOPE}/update"):
@@ -101,7 +107,7 @@ def _build_update_entry(model, config, weights, plans) -> g.Entry:
                 for weight in members:  # create every placeholder outside the branch functions
                     handle(weight.key), handle(weight.mask), handle(threshold_key(weight.key))
                 should_prune, target = schedule(step)
-                branch = _update_branch(members, plans, target, read, handle, step)
+                branch = _update_branch(members, plans, target, read, handle, step, coupled)
                 updated = tf.cond(should_prune, branch, lambda: tf.constant(False))
                 updates.append(updated)
                 if schedule == config.schedule or main_should is None:
@@ -151,7 +157,7 @@ def _declare_side_effects(graph_def) -> None:
                 function.signature.control_output.append(node.name)
 
 
-def _update_branch(members, plans, target, read, handle, step):
+def _update_branch(members, plans, target, read, handle, step, coupled=()):
     def branch():
         values = {w.key: read(w.key) for w in members}
         alive = {w.key: read(w.mask) for w in members}
@@ -165,7 +171,8 @@ def _update_branch(members, plans, target, read, handle, step):
 
         assigns = []
         compute_masks(values, plans, {w.key: target for w in members}, {w.key: w.input_axis for w in members},
-                      alive, step=step, consume=lambda *result: assigns.extend(assign(*result)) or assigns[-3:])
+                      alive, step=step, consume=lambda *result: assigns.extend(assign(*result)) or assigns[-3:],
+                      groups=coupled)
         with tf.control_dependencies(assigns):
             return tf.constant(True)
 

@@ -119,3 +119,47 @@ def check_tflite(saved_model_dir: str, tflite_path: str, x, expected, scale: flo
     lite = next(iter(outputs.values()))
     np.testing.assert_allclose(lite, expected, atol=tolerance * max(1.0, scale), rtol=1e-4)
     return "ok"
+
+
+class ChannelNet(tf.Module):
+    """Channel dependencies of every kind a CNN has: conv -> BiasAdd -> FusedBatchNorm -> relu,
+    a residual Add (two producers of one stream), a depthwise conv, Pad and max pooling, a concat
+    of two branches, a flatten into a dense layer, and a dense hidden layer."""
+
+    def __init__(self, seed=0):
+        super().__init__(name="channel_net")
+        rng = np.random.RandomState(seed)
+        self.stem = tf.Variable(_init(rng, 3, 3, 3, 16), name="stem/kernel")
+        self.stem_bias = tf.Variable(rng.standard_normal(16).astype(np.float32) * 0.1, name="stem/bias")
+        self.bn_scale = tf.Variable(1 + rng.standard_normal(16).astype(np.float32) * 0.1, name="bn/gamma")
+        self.bn_offset = tf.Variable(rng.standard_normal(16).astype(np.float32) * 0.1, name="bn/beta")
+        self.bn_mean = tf.Variable(rng.standard_normal(16).astype(np.float32) * 0.1, name="bn/moving_mean",
+                                   trainable=False)
+        self.bn_variance = tf.Variable(1 + rng.rand(16).astype(np.float32), name="bn/moving_variance",
+                                       trainable=False)
+        self.expand = tf.Variable(_init(rng, 1, 1, 16, 32), name="block/expand/kernel")
+        self.depthwise = tf.Variable(_init(rng, 3, 3, 32, 1), name="block/depthwise/kernel")
+        self.project = tf.Variable(_init(rng, 1, 1, 32, 16), name="block/project/kernel")
+        self.project_bias = tf.Variable(rng.standard_normal(16).astype(np.float32) * 0.1, name="block/project/bias")
+        self.left = tf.Variable(_init(rng, 3, 3, 16, 8), name="left/kernel")
+        self.right = tf.Variable(_init(rng, 1, 1, 16, 12), name="right/kernel")
+        self.mix = tf.Variable(_init(rng, 1, 1, 20, 24), name="mix/kernel")
+        self.hidden = tf.Variable(_init(rng, 4 * 4 * 24, 32), name="hidden/kernel")
+        self.hidden_bias = tf.Variable(rng.standard_normal(32).astype(np.float32) * 0.1, name="hidden/bias")
+        self.head = tf.Variable(_init(rng, 32, 10), name="head/kernel")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 3], tf.float32)])
+    def __call__(self, x):
+        y = tf.nn.bias_add(tf.nn.conv2d(x, self.stem, 1, "SAME"), self.stem_bias)
+        y, _, _ = tf.compat.v1.nn.fused_batch_norm(y, self.bn_scale, self.bn_offset, self.bn_mean,
+                                                   self.bn_variance, is_training=False)
+        y = tf.nn.relu(y)
+        z = tf.nn.relu6(tf.nn.conv2d(y, self.expand, 1, "SAME"))
+        z = tf.nn.relu6(tf.nn.depthwise_conv2d(z, self.depthwise, [1, 1, 1, 1], "SAME"))
+        y = y + tf.nn.conv2d(z, self.project, 1, "SAME") + self.project_bias  # residual: one stream
+        y = tf.nn.max_pool2d(tf.pad(y, [[0, 0], [0, 0], [0, 0], [0, 0]]), 2, 2, "VALID")
+        both = tf.concat([tf.nn.relu(tf.nn.conv2d(y, self.left, 1, "SAME")),
+                          tf.nn.relu(tf.nn.conv2d(y, self.right, 1, "SAME"))], axis=-1)
+        mixed = tf.nn.relu(tf.nn.conv2d(both, self.mix, 1, "SAME"))
+        hidden = tf.nn.relu(tf.matmul(tf.reshape(mixed, [-1, 4 * 4 * 24]), self.hidden) + self.hidden_bias)
+        return tf.matmul(hidden, self.head)

@@ -3,6 +3,7 @@
     graphprune finalize --input=trained --output=final --tflite=model.tflite --quantize=dynamic
     graphprune finalize --input=trained --output=final --tflite_variants=float,dynamic,sparse
         (writes final.float.tflite, final.dynamic.tflite, final.sparse.tflite)
+    graphprune finalize --input=trained --output=small --shrink     (after --structure=channel)
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ _MAX_FROZEN = flags.DEFINE_integer("max_frozen_mb", 16, "Freeze pruned weights, 
                                    "constants are copied through GraphDefs, which protobuf caps at 2 GB).",
                                    lower_bound=0)
 _VERIFY = flags.DEFINE_bool("verify", False, "Check outputs after every pass.")
+_SHRINK = flags.DEFINE_bool("shrink", False, "Remove dead channels (structure=channel) from every coupled weight: a "
+                            "smaller dense model; prints parameters and FLOPs before and after.")
 
 flags.mark_flags_as_required(["input", "output"])
 
@@ -41,7 +44,12 @@ def main(argv):
     freeze = "all" if _FREEZE_ALL.value else _FREEZE.value
     path = graphprune.finalize(export.INPUT.value, _OUTPUT.value, freeze=freeze, overwrite=overwrite,
                                verify=_VERIFY.value, max_frozen_bytes=_MAX_FROZEN.value << 20,
-                               progress=common.progress())
+                               progress=common.progress(), shrink=_SHRINK.value)
+    if _SHRINK.value:
+        before, after = graphprune.cost(export.INPUT.value), graphprune.cost(path)
+        print(f"shrink: parameters {before.parameters:,} -> {after.parameters:,} "
+              f"({after.parameters / max(before.parameters, 1):.2f}x), FLOPs at batch 1 {before.flops:,} -> "
+              f"{after.flops:,} ({after.flops / max(before.flops, 1):.2f}x)")
     with common.stages("finalize")("size report"):
         print(graphprune.size_report(path).table())
     export.write_tflite(path, plan, representative)

@@ -14,6 +14,10 @@ from graphprune.tools import common
 
 _INPUT = flags.DEFINE_string("input", None, "SavedModel directory or .tflite file.")
 _JSON = flags.DEFINE_bool("json", False, "Print JSON (per weight and totals) instead of a table.")
+_BASELINE = flags.DEFINE_string("baseline", None, "A SavedModel to compare parameters and FLOPs with (the model "
+                                "before finalize --shrink).")
+_GROUPS = flags.DEFINE_bool("channel_groups", False, "List the channel groups (structure=channel) and why a group "
+                            "is left whole.")
 
 flags.mark_flag_as_required("input")
 
@@ -23,7 +27,28 @@ def main(argv):
     import graphprune
 
     report = graphprune.size_report(_INPUT.value)
+    cost = graphprune.cost(_INPUT.value) if report.kind == "saved_model" else None
+    baseline = graphprune.cost(_BASELINE.value) if _BASELINE.value and cost is not None else None
+    groups = graphprune.channel_groups(_INPUT.value) if _GROUPS.value and cost is not None else ()
     if _JSON.value:
-        print(json.dumps(report.to_dict(), indent=2))
-    else:
-        print(report.table())
+        data = report.to_dict()
+        if cost is not None:
+            data["cost"] = cost.to_dict()
+        if baseline is not None:
+            data["baseline_cost"] = baseline.to_dict()
+        if groups:
+            data["channel_groups"] = [{"name": g.name, "channels": g.size, "prunable": g.prunable,
+                                       "reason": g.reason} for g in groups]
+        print(json.dumps(data, indent=2))
+        return
+    print(report.table())
+    if cost is not None:
+        line = f"parameters {cost.parameters:,}, FLOPs at batch 1 {cost.flops:,} ({cost.entry})"
+        if baseline is not None:
+            line += (f"; against {_BASELINE.value}: {cost.parameters / max(baseline.parameters, 1):.2f}x parameters, "
+                     f"{cost.flops / max(baseline.flops, 1):.2f}x FLOPs")
+        print(line)
+    if groups:
+        from graphprune.channels import describe
+
+        print(describe(groups))

@@ -1,6 +1,7 @@
 """graphprune prune: rewrite a SavedModel into a prunable SavedModel.
 
     graphprune prune --input=model --output=prunable --final_sparsity=0.9 --end_step=1000
+    graphprune prune --input=model --output=prunable --structure=channel --final_sparsity=0.5 --one_shot
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ _POWER = flags.DEFINE_float("power", 3.0, "Polynomial exponent.", lower_bound=0.
 _BLOCK = flags.DEFINE_string("block_size", "1x1", "Block structure HxW, e.g. 1x2 or 4x1.")
 _POOLING = flags.DEFINE_enum("block_pooling", "avg", ["avg", "max"], "How blocks are scored.")
 _M_BY_N = flags.DEFINE_string("m_by_n", None, "M:N structure, e.g. 2:4 (M pruned of every N input channels).")
+_STRUCTURE = flags.DEFINE_enum("structure", "element", ["element", "channel"],
+                               "element: unstructured, blocks or M:N; channel: whole output channels and neurons "
+                               "with their dependency groups (finalize --shrink removes them).")
+_IMPORTANCE = flags.DEFINE_enum("importance", "l2", ["l2", "l1"], "Channel score: norm over the group's weights.")
+_ROUND_TO = flags.DEFINE_integer("round_to", 1, "Channel pruning: keep a multiple of this many channels per group "
+                                 "(8 suits most CPU kernels).", lower_bound=1)
 _SCOPE = flags.DEFINE_enum("scope", "layer", ["layer", "global"], "Threshold per weight or one across weights.")
 _EXCLUDE = flags.DEFINE_string("exclude", None, "Regex of weights/ops not to prune.")
 _SPARSITY_FOR = flags.DEFINE_multi_string("sparsity_for", [], "REGEX=SPARSITY: own final sparsity (repeatable).")
@@ -49,7 +56,8 @@ def main(argv):
         final_sparsity=_FINAL.value, initial_sparsity=_INITIAL.value, begin_step=_BEGIN.value,
         end_step=end_step, frequency=_FREQUENCY.value, power=_POWER.value, kind=_SCHEDULE.value,
         block_size=_BLOCK.value, block_pooling=_POOLING.value.upper(), m_by_n=_M_BY_N.value, scope=_SCOPE.value,
-        exclude=_EXCLUDE.value, sparsity_for=_SPARSITY_FOR.value,
+        exclude=_EXCLUDE.value, sparsity_for=_SPARSITY_FOR.value, structure=_STRUCTURE.value,
+        importance=_IMPORTANCE.value, round_to=_ROUND_TO.value,
     )
     graphprune.io.check_output(_OUTPUT.value, overwrite=_OVERWRITE.value, inputs=[_INPUT.value])
     stages = common.stages("prune")

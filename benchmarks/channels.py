@@ -1,0 +1,188 @@
+"""Channel pruning: parameters, FLOPs and latency of dense against shrunk models.
+
+    python benchmarks/channels.py [--models=ResNet50,MobileNetV2 --ratios=0.25,0.5,0.75 --size=128]
+    python benchmarks/channels.py --plot        (benchmarks/channels.png from the saved results)
+
+Each keras.applications model is built with random weights (its batch-norm statistics taken from
+random inputs), exported, pruned one-shot with structure='channel' (L2 group norms, kept counts
+rounded up to a multiple of 8) at each ratio of channels removed per group, and finalized with
+shrink=True. For the dense model and each shrunk one, on this machine:
+
+    parameters, FLOPs  graphprune.cost (FLOPs: 2 x multiply-adds of convolutions and matmuls)
+    tf_b1, tf_b32      median latency of the SavedModel's serving function (TensorFlow, all cores)
+                       at batch 1 and 32
+    litert             median latency of the float .tflite under LiteRT, 1 thread, batch 1
+    max_diff           largest |masked - shrunk| output difference over the output scale
+
+Results: benchmarks/results/channels.json. Targets (issue #17) at 50% channels: ResNet50 at most
+0.30x the parameters and 0.40x the dense latency in both runtimes; MobileNetV2 at most 0.35x the
+parameters and 0.60x the latency.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results", "channels.json")
+
+
+def _median_ms(run, repeats: int) -> float:
+    import numpy as np
+
+    run()
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1000)
+
+
+def _latencies(saved_model: str, tflite: str, size: int, repeats: int) -> dict:
+    import numpy as np
+    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
+
+    model = tf.saved_model.load(saved_model)
+    serve = model.signatures["serving_default"]
+    name = list(serve.structured_input_signature[1])[0]
+    one = tf.constant(np.random.RandomState(0).rand(1, size, size, 3).astype(np.float32))
+    many = tf.constant(np.random.RandomState(0).rand(32, size, size, 3).astype(np.float32))
+    interpreter = Interpreter(model_path=tflite, num_threads=1)
+    runner = interpreter.get_signature_runner("serving_default")
+    lite_name = next(iter(runner.get_input_details()))
+    return {
+        "tf_b1_ms": _median_ms(lambda: serve(**{name: one}), repeats),
+        "tf_b32_ms": _median_ms(lambda: serve(**{name: many}), max(3, repeats // 4)),
+        "litert_ms": _median_ms(lambda: runner(**{lite_name: one.numpy()}), repeats),
+    }
+
+
+def _model(name: str, size: int):
+    import keras
+    import numpy as np
+
+    keras.utils.set_random_seed(0)
+    model = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3), classifier_activation=None)
+    x = np.random.RandomState(0).rand(8, size, size, 3).astype(np.float32) * 255
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = 0.0
+    model(x, training=True)
+    return model, x
+
+
+def measure(name: str, ratios, size: int, repeats: int, scratch: str) -> list[dict]:
+    import numpy as np
+
+    import graphprune
+
+    model, x = _model(name, size)
+    dense = os.path.join(scratch, f"{name}_dense")
+    model.export(dense, verbose=False)
+    del model
+    graphprune.export_tflite(dense, dense + ".tflite", overwrite=True)
+    base = graphprune.cost(dense)
+    rows = [{"model": name, "ratio": 0.0, "parameters": base.parameters, "flops": base.flops, "max_diff": 0.0,
+             **_latencies(dense, dense + ".tflite", size, repeats)}]
+    print(json.dumps(rows[-1]), flush=True)
+    for ratio in ratios:
+        start = time.perf_counter()
+        pm = graphprune.prune(dense, graphprune.ConstantSparsity(ratio, 0), structure="channel", one_shot=True,
+                              round_to=8)
+        masked = pm.serve(x[:4]).numpy()
+        out = os.path.join(scratch, f"{name}_{ratio}")
+        graphprune.finalize(pm, out, shrink=True, overwrite=True)
+        seconds = time.perf_counter() - start
+        del pm
+        import tensorflow as tf
+
+        shrunk = tf.saved_model.load(out).serve(x[:4]).numpy()
+        graphprune.export_tflite(out, out + ".tflite", overwrite=True)
+        cost = graphprune.cost(out)
+        rows.append({"model": name, "ratio": ratio, "parameters": cost.parameters, "flops": cost.flops,
+                     "max_diff": float(np.max(np.abs(shrunk - masked)) / np.max(np.abs(masked))),
+                     "prune_finalize_s": seconds, **_latencies(out, out + ".tflite", size, repeats)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def table(rows) -> str:
+    lines = ["| model | channels removed | parameters | FLOPs (batch 1) | TF batch 1 | TF batch 32 | LiteRT 1 thread "
+             "| max diff / scale |", "|---|---|---|---|---|---|---|---|"]
+    dense = {row["model"]: row for row in rows if row["ratio"] == 0.0}
+    for row in rows:
+        base = dense[row["model"]]
+
+        def cell(key, unit, digits=1):
+            ratio = "" if row["ratio"] == 0.0 else f" ({row[key] / base[key]:.2f}x)"
+            return f"{row[key]:.{digits}f} {unit}{ratio}"
+
+        parameters = f"{row['parameters'] / 1e6:.2f}M" + (
+            "" if row["ratio"] == 0.0 else f" ({row['parameters'] / base['parameters']:.2f}x)")
+        flops = f"{row['flops'] / 1e9:.3f} G" + ("" if row["ratio"] == 0.0 else f" ({row['flops'] / base['flops']:.2f}x)")
+        lines.append(f"| {row['model']} | {row['ratio']:.0%} | {parameters} | {flops} | {cell('tf_b1_ms', 'ms')} | "
+                     f"{cell('tf_b32_ms', 'ms', 0)} | {cell('litert_ms', 'ms')} | {row['max_diff']:.1e} |")
+    return "\n".join(lines)
+
+
+def plot(rows, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for model in sorted({row["model"] for row in rows}):
+        mine = sorted((row for row in rows if row["model"] == model), key=lambda row: row["ratio"])
+        base = mine[0]
+        ratios = [row["ratio"] for row in mine]
+        axes[0].plot(ratios, [row["parameters"] / base["parameters"] for row in mine], "o-", label=f"{model} params")
+        axes[0].plot(ratios, [row["flops"] / base["flops"] for row in mine], "s--", label=f"{model} FLOPs")
+        for key, style in (("tf_b1_ms", "o-"), ("tf_b32_ms", "s--"), ("litert_ms", "^:")):
+            axes[1].plot(ratios, [row[key] / base[key] for row in mine], style, label=f"{model} {key[:-3]}")
+    axes[0].set(xlabel="channels removed per group", ylabel="x dense", title="size")
+    axes[1].set(xlabel="channels removed per group", ylabel="x dense latency", title="latency (this machine)")
+    for axis in axes:
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main(argv) -> None:
+    options = dict(arg[2:].split("=", 1) if "=" in arg else (arg[2:], "1") for arg in argv if arg.startswith("--"))
+    if "plot" in options:
+        with open(RESULTS) as handle:
+            rows = json.load(handle)["rows"]
+        plot(rows, os.path.join(HERE, "channels.png"))
+        print(table(rows))
+        return
+    models = options.get("models", "ResNet50,MobileNetV2").split(",")
+    ratios = [float(r) for r in options.get("ratios", "0.25,0.5,0.75").split(",")]
+    size, repeats = int(options.get("size", 128)), int(options.get("repeats", 20))
+    scratch = tempfile.mkdtemp(prefix="gp-channels-")
+    rows = []
+    try:
+        for name in models:
+            rows += measure(name, ratios, size, repeats, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    with open(RESULTS, "w") as handle:
+        json.dump({"size": size, "repeats": repeats, "rows": rows}, handle, indent=1)
+    plot(rows, os.path.join(HERE, "channels.png"))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,936 @@
+"""Channel dependency groups: which slices of which weights must be removed together.
+
+A *channel space* is one axis of one tensor: the last axis of an activation (NHWC), an axis of a
+variable or of a constant. Ops say which spaces are the same channels:
+
+    Conv2D(x, w) -> y           x[..., c] ~ w[:, :, c, :] (consumer, "in");  y[..., c] ~ w[..., c] ("out")
+    MatMul(x, w) -> y           x[:, c] ~ w[c, :] ("in");                   y[:, c] ~ w[:, c] ("out")
+    DepthwiseConv2dNative       x[..., c] ~ y[..., c] ~ w[:, :, c, 0] ("through")
+    BiasAdd, FusedBatchNorm, elementwise ops (Add/Mul/... with broadcast), activations, pooling,
+    Pad, Mean over other axes, Squeeze/ExpandDims, Identity/Cast      the same channels
+    ConcatV2 on the last axis   each input is a slice of the output's channels
+    Reshape keeping the last axis      the same channels
+    Reshape flattening [N, H, W, C] -> [N, H*W*C] into a MatMul        rows p * C + c of the kernel
+    ReadVariableOp / AssignVariableOp / Const                          the variable's / constant's axis
+
+Connected spaces (networkx, after splitting spaces where a Concat puts a slice boundary) form a
+*group*: removing channel i of a group removes index i of every member. A group is left whole,
+with the reason, when an op graphprune does not model touches it (Softmax, a Mean over the
+channels as in LayerNorm, Shape, a call into a function body, ...), when it reaches an entry's
+inputs or outputs, or when a member variable is used where graphprune does not look.
+
+A group is *prunable* when it has at least one consumer member ("in": a kernel that contracts
+over the channel) and every such member is a masked weight: a channel whose consumer slices are
+all zero computes nothing the model uses, so removing it from every member (``shrink_channels``)
+leaves the outputs unchanged, whatever the producer, bias or normalization parameters hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import types_pb2
+
+from graphprune import body as b
+from graphprune import graph as g
+from graphprune import names
+
+UNARY_OPS = {"Identity", "Cast", "Snapshot", "StopGradient", "Relu", "Relu6", "Elu", "Selu", "LeakyRelu", "Sigmoid",
+             "Tanh", "Softplus", "Softsign", "Erf", "Erfc", "Exp", "Expm1", "Neg", "Abs", "Square", "Sqrt", "Rsqrt",
+             "Reciprocal", "Inv", "Log", "Log1p", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Gelu",
+             "PreventGradient", "EnsureShape", "CheckNumerics"}
+ELEMENTWISE_OPS = {"Add", "AddV2", "Sub", "Mul", "RealDiv", "Div", "DivNoNan", "Maximum", "Minimum",
+                   "SquaredDifference", "Pow", "BiasAdd", "SelectV2", "ClipByValue", "AddN", "MulNoNan", "FloorDiv"}
+POOL_OPS = {"MaxPool", "AvgPool", "MaxPool3D", "AvgPool3D"}
+REDUCE_OPS = {"Mean", "Sum", "Max", "Min", "Prod"}
+BATCH_NORM_OPS = {"FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"}
+ASSIGN_OPS = {"AssignVariableOp", "AssignSubVariableOp", "AssignAddVariableOp"}
+IGNORED_OPS = {"NoOp", "Placeholder", "Const", "ReadVariableOp", "VarHandleOp"}
+ROLES = ("in", "out", "through", "param")
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """Channels [start, stop) of a group lie at ``axis`` of a variable (kind "variable", name its
+    key) or of a constant (kind "const", name "entry/node"), at indices start + i, or, with a
+    period (a flattened [.., C] feeding a kernel's rows), at p * period + start + i for every p."""
+
+    kind: str
+    name: str
+    axis: int
+    start: int
+    stop: int
+    period: int | None
+    role: str
+
+    def indices(self, dim: int, channels) -> np.ndarray:
+        """The indices along the axis (of length ``dim``) of the group's ``channels``."""
+        channels = np.asarray(channels, np.int64) + self.start
+        if self.period is None:
+            return channels
+        repeats = dim // self.period
+        return (np.arange(repeats, dtype=np.int64)[:, None] * self.period + channels[None, :]).reshape(-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelGroup:
+    name: str
+    size: int
+    members: tuple[Member, ...]
+    reason: str | None = None  # why it is left whole; None when it is prunable
+
+    @property
+    def prunable(self) -> bool:
+        return self.reason is None
+
+    def weight_members(self, keys) -> tuple[Member, ...]:
+        """The members that are variables among ``keys`` (kernels: in, out or through)."""
+        return tuple(m for m in self.members if m.kind == "variable" and m.name in keys and m.role != "param")
+
+
+@dataclasses.dataclass(frozen=True)
+class Reshape:
+    """A Reshape whose shape operand must change with its input's channels."""
+
+    entry: str
+    node: str
+    space: tuple
+    repeats: int  # 1: the last axis is kept; > 1: flattened (the last dim is repeats * channels)
+
+
+class _Graph:
+    """The spaces and their relations, built entry by entry."""
+
+    def __init__(self, model: g.TracedModel):
+        self.model = model
+        self.sizes: dict[tuple, int] = {}
+        self.edges: list[tuple[tuple, tuple, int]] = []  # (a, b, offset): a[i] is b[i + offset]
+        self.poisoned: dict[tuple, str] = {}
+        self.poisoned_variables: dict[str, str] = {}
+        self.roles: dict[tuple, str] = {}
+        self.reshapes: list[Reshape] = []
+
+    def space(self, space: tuple, size) -> tuple | None:
+        if size is None:
+            self.poisoned.setdefault(space, "its size is not known statically")
+            return space
+        self.sizes[space] = int(size)
+        return space
+
+    def link(self, a: tuple | None, c: tuple | None, offset: int = 0) -> None:
+        if a in self.sizes and c in self.sizes:
+            self.edges.append((a, c, offset))
+        else:  # a tensor of unknown rank or size: its channels cannot be followed
+            for space in (a, c):
+                if space is not None:
+                    self.poison(space, "it meets a tensor whose channel count is not known statically")
+
+    def poison(self, space: tuple, reason: str) -> None:
+        self.poisoned.setdefault(space, reason)
+
+    def member(self, kind: str, name: str, axis: int, size, role: str, period=None) -> tuple:
+        space = ("v" if kind == "variable" else "c", name, axis, period)
+        self.space(space, size)
+        if role != "param" or space not in self.roles:
+            self.roles[space] = role
+        return space
+
+
+class _Entry:
+    """Reads one entry's top-level graph into a _Graph."""
+
+    def __init__(self, graph: _Graph, entry: g.Entry):
+        self.graph = graph
+        self.entry = entry
+        self.body = b.top_body(entry.graph_def, dict(entry.resources), writable=False)
+        self.shapes = _static_shapes(entry, graph.model)
+        for node in self.body.nodes:  # tf.tensordot's computed reshapes: known from static shapes
+            shape = self.shapes.get((node.name, 0))
+            if node.op == "Reshape" and shape is not None and None in shape:
+                value = _evaluate(self, node.input[1], 0)
+                if isinstance(value, list) and len(value) == len(shape):
+                    self.shapes[(node.name, 0)] = [d if d is not None else v for d, v in zip(shape, value)]
+        self.periodic: dict[str, tuple] = {}  # flattened tensor ref -> its channel space
+
+    def shape(self, ref: str):
+        name, index, _ = self.body.parse(ref)
+        return self.shapes.get((name, index))
+
+    def tensor(self, ref: str) -> tuple | None:
+        """The last-axis space of tensor ``ref`` (None for a scalar or a tensor of unknown rank)."""
+        name, index, _ = self.body.parse(ref)
+        shape = self.shapes.get((name, index))
+        if shape is None or len(shape) == 0:
+            return None
+        return self.graph.space(("t", self.entry.name, name, index), shape[-1])
+
+    def poison_tensor(self, ref: str, reason: str) -> None:
+        space = self.tensor(ref)
+        if space is not None:
+            self.graph.poison(space, reason)
+        source = self.source(ref)
+        if source is not None and source[0] == "variable":
+            self.graph.poisoned_variables.setdefault(source[1], reason)
+        if ref in self.periodic:
+            self.graph.poison(self.periodic[ref], reason)
+
+    def origin(self, ref: str, masks: bool = False):
+        """The node making ``ref`` behind Identity/Cast (and, with ``masks``, a mask multiply)."""
+        for _ in range(b.MAX_DEPTH):
+            node = self.body.producer(ref)
+            passes = node is not None and (node.op in ("Identity", "Cast", "Snapshot") or
+                                           (masks and node.op == "Mul" and names.is_masked_node(node.name)))
+            if not passes:
+                return node
+            ref = node.input[0]
+        return None
+
+    def source(self, ref: str):
+        """("variable", key) or ("const", entry/node) a weight operand reads (through Identity,
+        Cast and a mask multiply), else None."""
+        node = self.origin(ref, masks=True)
+        if node is not None and node.op == "ReadVariableOp":
+            key = self.body.read_key(node)
+            return ("variable", key) if key is not None else None
+        if node is not None and node.op == "Const":
+            return ("const", f"{self.entry.name}/{node.name}")
+        return None
+
+    def flattened(self, ref: str) -> bool:
+        """Whether ``ref`` is (through Identity/Cast) a Reshape flattening [N, ..., C] to 2-D."""
+        node = self.origin(ref)
+        if node is None or node.op != "Reshape":
+            return False
+        xs, ys = self.shape(node.input[0]), self.shape(node.name)
+        return bool(xs and ys and len(ys) == 2 and len(xs) >= 3 and None not in xs[1:]
+                    and int(np.prod(xs[1:])) == ys[-1] and xs[-1] != ys[-1])
+
+    def outputs_of(self, node) -> list[str]:
+        count = 0
+        while (node.name, count) in self.shapes:
+            count += 1
+        return [self.body.ref(node.name, i) for i in range(count)]
+
+    def unknown(self, node, reason: str | None = None) -> None:
+        why = reason or f"{node.op} '{node.name}' uses it (an op graphprune does not model)"
+        for ref in self.body.data_inputs(node):
+            self.poison_tensor(ref, why)
+            key = self.body.resource_key(ref)
+            if key is not None:
+                self.graph.poisoned_variables.setdefault(key, why)
+        for ref in self.outputs_of(node):
+            self.poison_tensor(ref, why)
+
+    def same(self, ref_a: str, ref_b: str, node) -> None:
+        a, c = self.tensor(ref_a), self.tensor(ref_b)
+        if a is None or c is None:
+            self.unknown(node, f"{node.op} '{node.name}' has an operand of unknown rank")
+            return
+        self.graph.link(a, c)
+
+    def weight(self, node, operand: str, axis: int, role: str):
+        """The member space of a weight operand's ``axis`` (None, and the op poisoned, if the
+        operand is not a plain variable or constant read)."""
+        source = self.source(operand)
+        shape = self.shape(operand)
+        if source is None or shape is None:
+            return None
+        axis %= len(shape)
+        return self.graph.member(source[0], source[1], axis, shape[axis], role)
+
+    def run(self) -> None:
+        for info in self.entry.inputs:
+            self.poison_tensor(self.body.ref(info.placeholder), f"it is an input of {self.entry.label}")
+        for ref in self.entry.outputs:
+            self.poison_tensor(ref, f"it is an output of {self.entry.label}")
+        for node in self.body.nodes:
+            handler = _HANDLERS.get(node.op)
+            if node.op in UNARY_OPS:
+                handler = _unary
+            elif node.op in ELEMENTWISE_OPS:
+                handler = _elementwise
+            if handler is not None:
+                handler(self, node)
+            elif node.op in IGNORED_OPS:
+                _ignored(self, node)
+            else:
+                self.unknown(node)
+        for ref in list(self.periodic):
+            self._periodic_consumers(ref)
+
+    def _periodic_consumers(self, ref: str) -> None:
+        space = self.periodic[ref]
+        name, index, _ = self.body.parse(ref)
+        for consumer, position in self.body.consumers(name):
+            if self.body.parse(consumer.input[position])[1] != index or consumer.input[position].startswith("^"):
+                continue
+            if consumer.op in ("Identity", "Cast", "Snapshot"):
+                self.periodic[self.body.ref(consumer.name)] = space
+                self._periodic_consumers(self.body.ref(consumer.name))
+                continue
+            transposed = consumer.op == "MatMul" and (_attr(consumer, "transpose_a", "b", False) or _attr(consumer, "transpose_b", "b", False))
+            if consumer.op != "MatMul" or position != 0 or transposed:
+                self.graph.poison(space, f"{consumer.op} '{consumer.name}' reads a flattened tensor")
+                continue
+            source = self.source(consumer.input[1])
+            shape = self.shape(consumer.input[1])
+            if source is None or shape is None:
+                self.graph.poison(space, f"MatMul '{consumer.name}' multiplies a flattened tensor by a computed value")
+                continue
+            period = self.graph.sizes[space]
+            member = self.graph.member(source[0], source[1], 0, period, "in", period=period)
+            self.graph.link(space, member)
+
+
+def _attr(node, name: str, field: str, default):
+    """An attr's value, without adding the attr to the node (reading a missing key of a
+    protobuf map inserts it)."""
+    if name not in node.attr:
+        return default
+    value = getattr(node.attr[name], field)
+    return list(value.i) if field == "list" else value
+
+
+def _ignored(self: _Entry, node) -> None:
+    if node.op == "Const":
+        shape = self.shape(node.name)
+        if shape:
+            self.graph.link(self.tensor(node.name), self.graph.member(
+                "const", f"{self.entry.name}/{node.name}", len(shape) - 1, shape[-1], "param"))
+    elif node.op == "ReadVariableOp":
+        key = self.body.read_key(node)
+        shape = self.shape(node.name)
+        if key is None:
+            self.unknown(node)
+        elif shape:
+            self.graph.link(self.tensor(node.name), self.graph.member("variable", key, len(shape) - 1, shape[-1],
+                                                                      "param"))
+
+
+def _unary(self: _Entry, node) -> None:
+    inputs = self.body.data_inputs(node)
+    if _attr(node, "T", "type", None) == types_pb2.DT_RESOURCE or _attr(node, "DstT", "type", None) == types_pb2.DT_RESOURCE:
+        return  # a resource handle passed on (the inliner's Identity): its reads are what count
+    if not inputs or self.shape(inputs[0]) is None or self.shape(node.name) is None or \
+            len(self.shape(inputs[0])) != len(self.shape(node.name)):
+        self.unknown(node)
+        return
+    if self.shape(node.name):
+        self.same(inputs[0], node.name, node)
+    for ref in inputs[1:]:  # ClipByValue-style scalar bounds
+        if self.shape(ref):
+            self.unknown(node)
+
+
+def _elementwise(self: _Entry, node) -> None:
+    out = self.shape(node.name)
+    if out is None:
+        self.unknown(node)
+        return
+    if not out:
+        return
+    channels = out[-1]
+    inputs = self.body.data_inputs(node)
+    if node.op == "SelectV2":
+        inputs = inputs[1:]
+        condition = self.shape(self.body.data_inputs(node)[0])
+        if condition is None or (condition and condition[-1] not in (1,)):
+            self.unknown(node)
+            return
+    if node.op == "BiasAdd" and _attr(node, "data_format", "s", b"") not in (b"", b"NHWC"):
+        self.unknown(node)
+        return
+    for ref in inputs:
+        shape = self.shape(ref)
+        if shape is None or channels is None:
+            self.unknown(node)
+            return
+        if not shape or shape[-1] == 1 and channels != 1:
+            continue
+        if shape[-1] != channels:
+            self.unknown(node)
+            return
+    for ref in inputs:
+        shape = self.shape(ref)
+        if shape and not (shape[-1] == 1 and channels != 1):
+            self.same(ref, node.name, node)
+
+
+def _conv(self: _Entry, node) -> None:
+    x, w = self.body.data_inputs(node)[:2]
+    xs, ws = self.shape(x), self.shape(w)
+    if _attr(node, "data_format", "s", b"") not in (b"", b"NHWC", b"NDHWC") or xs is None or ws is None:
+        self.unknown(node)
+        return
+    if xs[-1] != ws[-2]:  # grouped
+        self.unknown(node, f"grouped {node.op} '{node.name}' (its groups couple channels graphprune does not model)")
+        return
+    _link_kernel(self, node, x, w, (-2, "in"), (-1, "out"))
+
+
+def _link_kernel(self: _Entry, node, x: str, w: str, rows: tuple, columns: tuple) -> None:
+    """x's channels are kernel w's axis ``rows[0]``, the op's output channels its ``columns[0]``
+    (each with its role); an operand that is not a plain variable or constant read poisons both."""
+    consumed = self.weight(node, w, *rows)
+    produced = self.weight(node, w, *columns)
+    if consumed is None or produced is None:
+        self.unknown(node, f"{node.op} '{node.name}' reads a computed kernel")
+        return
+    self.graph.link(self.tensor(x), consumed)
+    self.graph.link(self.tensor(node.name), produced)
+
+
+def _depthwise(self: _Entry, node) -> None:
+    x, w = self.body.data_inputs(node)[:2]
+    ws = self.shape(w)
+    if _attr(node, "data_format", "s", b"") not in (b"", b"NHWC") or ws is None or ws[-1] != 1:
+        self.unknown(node, f"DepthwiseConv2dNative '{node.name}' with a channel multiplier")
+        return
+    _link_kernel(self, node, x, w, (2, "through"), (2, "through"))
+
+
+def _matmul(self: _Entry, node) -> None:
+    a, w = self.body.data_inputs(node)[:2]
+    if node.op == "MatMul":
+        transpose_a, transpose_w = _attr(node, "transpose_a", "b", False), _attr(node, "transpose_b", "b", False)
+    else:
+        transpose_a, transpose_w = _attr(node, "adj_x", "b", False), _attr(node, "adj_y", "b", False)
+    ws = self.shape(w)
+    if self.source(a) is not None or transpose_a or ws is None or len(ws) != 2:
+        self.unknown(node)
+        return
+    flattened = node.op == "MatMul" and self.flattened(a)  # rows linked by _periodic_consumers
+    rows = None if flattened else self.weight(node, w, 1 if transpose_w else 0, "in")
+    cols = self.weight(node, w, 0 if transpose_w else 1, "out")
+    if cols is None or (rows is None and not flattened):
+        self.unknown(node, f"{node.op} '{node.name}' multiplies two computed tensors")
+        return
+    if rows is not None:
+        self.graph.link(self.tensor(a), rows)
+    self.graph.link(self.tensor(node.name), cols)
+
+
+def _einsum(self: _Entry, node) -> None:
+    equation = _attr(node, "equation", "s", b"").decode().replace(" ", "")
+    inputs = self.body.data_inputs(node)
+    lhs, _, out = equation.partition("->")
+    operands = lhs.split(",")
+    if len(inputs) != 2 or len(operands) != 2 or "." in equation:
+        self.unknown(node)
+        return
+    sources = [self.source(ref) for ref in inputs]
+    if (sources[0] is None) == (sources[1] is None):
+        self.unknown(node)
+        return
+    data = 0 if sources[1] is not None else 1
+    x, w = inputs[data], inputs[1 - data]
+    xl, wl = operands[data], operands[1 - data]
+    contracted, produced = xl[-1], out[-1]
+    ok = (contracted in wl and contracted not in out and wl.count(contracted) == 1
+          and produced in wl and produced not in xl and wl.count(produced) == 1)
+    if not ok:
+        self.unknown(node, f"Einsum '{node.name}' ({equation}) does not contract and produce the last axis")
+        return
+    _link_kernel(self, node, x, w, (wl.index(contracted), "in"), (wl.index(produced), "out"))
+
+
+def _batch_norm(self: _Entry, node) -> None:
+    inputs = self.body.data_inputs(node)
+    if _attr(node, "data_format", "s", b"") not in (b"", b"NHWC"):
+        self.unknown(node)
+        return
+    self.same(inputs[0], node.name, node)
+    for ref in inputs[1:5]:
+        if self.shape(ref):
+            self.same(ref, node.name, node)
+    for ref in self.outputs_of(node)[1:]:
+        if self.shape(ref) and self.shape(ref)[-1] == self.shape(node.name)[-1]:
+            self.same(ref, node.name, node)
+
+
+def _pool(self: _Entry, node) -> None:
+    ksize, strides = list(_attr(node, "ksize", "list", ())), list(_attr(node, "strides", "list", ()))
+    if _attr(node, "data_format", "s", b"") not in (b"", b"NHWC", b"NDHWC") or not ksize or ksize[-1] != 1 or strides[-1] != 1:
+        self.unknown(node)
+        return
+    self.same(self.body.data_inputs(node)[0], node.name, node)
+
+
+def _constant(self: _Entry, ref: str):
+    """The value of a small constant or shape tensor where it is known without running the graph
+    (see _evaluate), as an array; None if any element is unknown."""
+    value = _evaluate(self, ref, 0)
+    if value is None or None in np.ravel(np.asarray(value, object)).tolist():
+        return None
+    return np.asarray(value)
+
+
+def _evaluate(self: _Entry, ref: str, depth: int):
+    """Constants and shape arithmetic on static shapes (Shape, GatherV2, Prod, Pack, ConcatV2, as
+    tf.tensordot computes its reshapes): a Python int or list, None where a dimension is unknown."""
+    node = self.body.producer(ref)
+    if node is None or depth > 32:
+        return None
+    inputs = self.body.data_inputs(node)
+    if node.op == "Const":
+        return tf.make_ndarray(node.attr["value"].tensor).tolist()
+    if node.op in ("Identity", "Cast"):
+        return _evaluate(self, inputs[0], depth + 1)
+    if node.op == "Shape":
+        return self.shape(inputs[0])
+    parts = [_evaluate(self, raw, depth + 1) for raw in inputs]
+    if node.op == "GatherV2" and parts[0] is not None and parts[1] is not None and parts[2] == 0:
+        return [parts[0][i] for i in parts[1]] if isinstance(parts[1], list) else parts[0][parts[1]]
+    if node.op == "Prod" and isinstance(parts[0], list) and parts[1] in (0, [0]):
+        product = None if None in parts[0] else int(np.prod(parts[0], dtype=np.int64))
+        return [product] if _attr(node, "keep_dims", "b", False) else product
+    if node.op == "Pack" and _attr(node, "axis", "i", 0) == 0 and not any(isinstance(p, list) for p in parts):
+        return parts
+    if node.op == "ConcatV2" and parts[-1] == 0 and all(isinstance(p, list) for p in parts[:-1]):
+        return [item for part in parts[:-1] for item in part]
+    return None
+
+
+def _pad(self: _Entry, node) -> None:
+    x, paddings = self.body.data_inputs(node)[:2]
+    value = _constant(self, paddings)
+    if value is None or value.ndim != 2 or np.any(value[-1] != 0):
+        self.unknown(node)
+        return
+    self.same(x, node.name, node)
+
+
+def _reduce(self: _Entry, node) -> None:
+    x, axes = self.body.data_inputs(node)[:2]
+    value, shape = _constant(self, axes), self.shape(x)
+    if value is None or not shape:
+        self.unknown(node)
+        return
+    rank = len(shape)
+    if (rank - 1) in {int(a) % rank for a in np.ravel(value)} or not self.shape(node.name):
+        self.unknown(node, f"{node.op} '{node.name}' reduces over the channels")
+        return
+    self.same(x, node.name, node)
+
+
+def _squeeze_expand(self: _Entry, node) -> None:
+    x = self.body.data_inputs(node)[0]
+    xs, ys = self.shape(x), self.shape(node.name)
+    # Squeeze with no dims squeezes every size-1 axis: the channels stay last when there are 2 or more
+    if not xs or not ys or xs[-1] != ys[-1] or xs[-1] in (None, 1) or \
+            (node.op == "Squeeze" and (len(xs) - 1) in {d % len(xs) for d in _attr(node, "squeeze_dims", "list", ())}) or \
+            (node.op == "ExpandDims" and _expands_last(self, node, len(ys))):
+        self.unknown(node)
+        return
+    self.same(x, node.name, node)
+
+
+def _expands_last(self: _Entry, node, rank: int) -> bool:
+    value = _constant(self, self.body.data_inputs(node)[1])
+    return value is None or int(np.ravel(value)[0]) % rank == rank - 1
+
+
+def _reshape(self: _Entry, node) -> None:
+    x, shape_ref = self.body.data_inputs(node)[:2]
+    xs, ys = self.shape(x), self.shape(node.name)
+    if not xs or not ys or xs[-1] is None or ys[-1] is None:
+        self.unknown(node)
+        return
+    if xs[-1] == ys[-1] and _shape_last(self, shape_ref) is None and _shape_of_own_input(self, x, shape_ref):
+        self.same(x, node.name, node)  # tf.tensordot: the shape is computed from the input's own
+        return
+    if _shape_last(self, shape_ref) is None:
+        self.unknown(node)
+        return
+    if xs[-1] == ys[-1]:
+        self.same(x, node.name, node)
+        self.graph.reshapes.append(Reshape(self.entry.name, node.name, self.tensor(x), 1))
+        return
+    inner = xs[1:]
+    if len(ys) == 2 and len(xs) >= 3 and None not in inner and int(np.prod(inner)) == ys[-1]:
+        space = self.graph.space(("p", self.entry.name, node.name), xs[-1])
+        self.graph.link(self.tensor(x), space)
+        self.periodic[self.body.ref(node.name)] = space
+        self.graph.poison(self.tensor(node.name), f"Reshape '{node.name}' flattens it")
+        self.graph.reshapes.append(Reshape(self.entry.name, node.name, self.tensor(x), ys[-1] // xs[-1]))
+        return
+    self.unknown(node)
+
+
+def _shape_last(self: _Entry, ref: str):
+    """The node holding the last element of a Reshape's shape operand (a Const vector, or a Const
+    scalar packed last), or None."""
+    node = self.body.producer(ref)
+    if node is not None and node.op == "Const":
+        return node
+    if node is not None and node.op in ("Pack", "ConcatV2"):
+        values = self.body.data_inputs(node)[:-1] if node.op == "ConcatV2" else self.body.data_inputs(node)
+        last = self.body.producer(values[-1])
+        return last if last is not None and last.op == "Const" else None
+    return None
+
+
+SHAPE_ARITHMETIC = ("Pack", "Prod", "GatherV2", "ConcatV2", "StridedSlice", "Cast", "Identity", "Mul", "Const")
+
+
+def _shape_of_own_input(self: _Entry, x: str, shape_ref: str) -> bool:
+    """Whether a Reshape's computed shape operand is arithmetic on constants and Shape(t) only,
+    every t being the reshaped tensor ``x`` itself (behind Identity and Transposes that keep the
+    last axis): after channels are removed, such a shape follows by itself (tf.tensordot's)."""
+    target = _behind_transposes(self, x)
+    pending, seen, shapes = [shape_ref], set(), 0
+    while pending:
+        node = self.body.producer(pending.pop())
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.op == "Shape":
+            if _behind_transposes(self, node.input[0]) != target:
+                return False
+            shapes += 1
+        elif node.op in SHAPE_ARITHMETIC:
+            pending.extend(self.body.data_inputs(node))
+        else:
+            return False
+        if len(seen) > 64:
+            return False
+    return shapes > 0
+
+
+def _behind_transposes(self: _Entry, ref: str):
+    for _ in range(b.MAX_DEPTH):
+        node = self.origin(ref)
+        if node is None or node.op != "Transpose" or not _keeps_last(self, node):
+            return node.name if node is not None else ref
+        ref = node.input[0]
+    return None
+
+
+def _keeps_last(self: _Entry, node) -> bool:
+    perm = _constant(self, self.body.data_inputs(node)[1])
+    return perm is not None and perm.size > 0 and int(perm[-1]) % perm.size == perm.size - 1
+
+
+def _transpose(self: _Entry, node) -> None:
+    if not _keeps_last(self, node):
+        self.unknown(node, f"Transpose '{node.name}' moves the channel axis")
+        return
+    self.same(self.body.data_inputs(node)[0], node.name, node)
+
+
+def _shape(self: _Entry, node) -> None:
+    """Shape(x) reads no channel values; what uses its result decides (a Reshape computed from it
+    follows x, see _shape_of_own_input; a tensor created from it is an unknown op's output)."""
+
+
+def _concat(self: _Entry, node) -> None:
+    inputs = self.body.data_inputs(node)
+    values, axis_ref = inputs[:-1], inputs[-1]
+    axis, out = _constant(self, axis_ref), self.shape(node.name)
+    shapes = [self.shape(ref) for ref in values]
+    if axis is None or not out or any(not s for s in shapes):
+        self.unknown(node)
+        return
+    axis = int(axis) % len(out)
+    if axis != len(out) - 1:
+        for ref in values:
+            self.same(ref, node.name, node)
+        return
+    if any(s[-1] is None for s in shapes):
+        self.unknown(node)
+        return
+    target, offset = self.tensor(node.name), 0
+    for ref, shape in zip(values, shapes):
+        if shape[-1]:
+            self.graph.link(self.tensor(ref), target, offset)
+        offset += shape[-1]
+
+
+def _assign(self: _Entry, node) -> None:
+    resource, value = self.body.data_inputs(node)[:2]
+    key = self.body.resource_key(resource)
+    shape = self.shape(value)
+    if key is None:
+        self.unknown(node)
+        return
+    if shape:
+        self.graph.link(self.tensor(value), self.graph.member("variable", key, len(shape) - 1, shape[-1], "param"))
+
+
+_HANDLERS = {
+    "Conv2D": _conv, "Conv3D": _conv, "DepthwiseConv2dNative": _depthwise, "MatMul": _matmul,
+    "BatchMatMul": _matmul, "BatchMatMulV2": _matmul, "BatchMatMulV3": _matmul, "Einsum": _einsum,
+    **{op: _batch_norm for op in BATCH_NORM_OPS}, **{op: _pool for op in POOL_OPS}, "Pad": _pad, "PadV2": _pad,
+    "MirrorPad": _pad, **{op: _reduce for op in REDUCE_OPS}, "Squeeze": _squeeze_expand,
+    "ExpandDims": _squeeze_expand, "Reshape": _reshape, "Transpose": _transpose, "Shape": _shape, "ConcatV2": _concat, **{op: _assign for op in ASSIGN_OPS},
+}
+
+
+def _static_shapes(entry: g.Entry, model: g.TracedModel) -> dict[tuple[str, int], list | None]:
+    """(node, output index) -> static shape (a list with None for unknown dims; None if the rank
+    is unknown), from importing the graph with every variable read given its variable's shape."""
+    graph_def = _copy(entry.graph_def)
+    body = b.top_body(graph_def, dict(entry.resources), writable=False)
+    for node in graph_def.node:
+        key = body.read_key(node) if node.op == "ReadVariableOp" else None
+        if key is not None and key in model.variables:
+            spec = model.variables[key]
+            dtype = type(node.attr["dtype"])()
+            dtype.CopyFrom(node.attr["dtype"])
+            node.op = "Placeholder"
+            del node.input[:]
+            node.attr.clear()
+            node.attr["dtype"].CopyFrom(dtype)
+            node.attr["shape"].shape.CopyFrom(tf.TensorShape(spec.shape).as_proto())
+    for info in entry.inputs:  # the entry's declared input shapes
+        node = next((n for n in graph_def.node if n.name == info.placeholder), None)
+        if node is not None and info.shape is not None:
+            node.attr["shape"].shape.CopyFrom(tf.TensorShape(info.shape).as_proto())
+    shapes = {}
+    with tf.Graph().as_default() as graph:
+        tf.graph_util.import_graph_def(graph_def, name="")
+        for op in graph.get_operations():
+            for index, output in enumerate(op.outputs):
+                shape = output.shape
+                shapes[(op.name, index)] = None if shape.rank is None else shape.as_list()
+    return shapes
+
+
+def _copy(graph_def):
+    copy = type(graph_def)()
+    copy.CopyFrom(graph_def)
+    return copy
+
+
+@dataclasses.dataclass(frozen=True)
+class Analysis:
+    groups: tuple[ChannelGroup, ...]
+    reshapes: tuple[Reshape, ...]
+    slices: dict  # space -> [(start, stop, group name)]: where each group's channels lie in it
+    sizes: dict  # space -> its channel count
+
+
+def channel_groups(model) -> tuple[ChannelGroup, ...]:
+    """Every channel group (prunable or not, with the reason), over every entry, of a TracedModel,
+    a PrunableModel, or anything graphprune.prune takes (a SavedModel directory, ...)."""
+    if not isinstance(model, g.TracedModel):
+        if hasattr(model, "traced"):
+            model = model.traced
+        else:
+            from graphprune.load import load
+
+            model = load(model).model
+    if "channel_groups" in model.facts:
+        return model.facts["channel_groups"]
+    return analyze(model).groups
+
+
+def analyze(model: g.TracedModel) -> Analysis:
+    """The channel groups of ``model``, and what a rewrite that removes channels must also change."""
+    import networkx as nx
+
+    graph = _Graph(model)
+    for entry in model.entries:
+        if entry.kind == "update":
+            continue
+        _Entry(graph, entry).run()
+    _poison_nested(graph, model)
+    atoms, atom_edges = _atoms(graph)
+    network = nx.Graph()
+    network.add_nodes_from(atoms)
+    network.add_edges_from(atom_edges)
+    groups, slices, taken = [], {}, set()
+    for component in nx.connected_components(network):
+        group = _group(graph, component)
+        if group is None:
+            continue
+        name, number = group.name, 1
+        while name in taken:  # a kernel whose output axis is cut in several groups
+            number += 1
+            name = f"{group.name}#{number}"
+        taken.add(name)
+        group = dataclasses.replace(group, name=name)
+        groups.append(group)
+        for space, start, stop in component:
+            slices.setdefault(space, []).append((start, stop, name))
+    groups.sort(key=lambda group: group.name)
+    return Analysis(tuple(groups), tuple(graph.reshapes), slices, dict(graph.sizes))
+
+
+def _poison_nested(graph: _Graph, model: g.TracedModel) -> None:
+    """Variables read inside function bodies (loops, branches, kept calls) are not modelled."""
+    for entry in model.entries:
+        if entry.kind == "update":
+            continue
+
+        def visit(body, entry=entry):
+            if body.site is None:
+                return
+            for node in body.nodes:
+                key = body.read_key(node) if node.op == "ReadVariableOp" else None
+                if key is not None:
+                    graph.poisoned_variables.setdefault(key, f"it is read inside function '{body.name}'")
+
+        b.visit_entry(entry, visit)
+
+
+def _atoms(graph: _Graph):
+    """Split spaces where a related space has a boundary (a Concat's slices), to a fixed point:
+    (atoms as (space, start, stop), edges between atoms)."""
+    cuts = {space: {0, size} for space, size in graph.sizes.items()}
+    changed = True
+    edges = [(a, c, offset) for a, c, offset in graph.edges if a in graph.sizes and c in graph.sizes]
+    for a, c, offset in edges:
+        cuts[c].update((offset, offset + graph.sizes[a]))
+    while changed:
+        changed = False
+        for a, c, offset in edges:
+            length = graph.sizes[a]
+            into_c = {x + offset for x in cuts[a]} - cuts[c]
+            into_a = {x - offset for x in cuts[c] if offset <= x <= offset + length} - cuts[a]
+            if into_c or into_a:
+                cuts[c] |= into_c
+                cuts[a] |= into_a
+                changed = True
+    atoms = []
+    bounds = {}
+    for space, points in cuts.items():
+        ordered = sorted(points)
+        bounds[space] = ordered
+        atoms.extend((space, start, stop) for start, stop in zip(ordered, ordered[1:]))
+    atom_edges = []
+    for a, c, offset in edges:
+        ordered = bounds[a]
+        for start, stop in zip(ordered, ordered[1:]):
+            atom_edges.append(((a, start, stop), (c, start + offset, stop + offset)))
+    return atoms, atom_edges
+
+
+def _group(graph: _Graph, component) -> ChannelGroup | None:
+    atoms = sorted(component, key=repr)
+    sizes = {stop - start for _, start, stop in atoms}
+    size = sizes.pop()
+    members, reason = [], None
+    for space, start, stop in atoms:
+        if space in graph.poisoned:
+            reason = reason or graph.poisoned[space]
+        if space[0] not in ("v", "c"):
+            continue
+        kind = "variable" if space[0] == "v" else "const"
+        name, axis, period = space[1], space[2], space[3]
+        if kind == "variable":
+            spec = graph.model.variables.get(name)
+            if spec is None or spec.role != names.ROLE_OTHER:
+                continue  # masks, thresholds: they follow their weight
+            if name in graph.poisoned_variables:
+                reason = reason or f"'{name}': {graph.poisoned_variables[name]}"
+        members.append(Member(kind, name, axis, start, stop, period, graph.roles.get(space, "param")))
+    if not any(m.role in ("in", "out", "through") for m in members):
+        return None  # no kernel: parameters of a group with nothing to prune
+    if reason is None and not any(space[0] in ("t", "p") for space, _, _ in atoms):
+        reason = "no tensor of the graph carries these channels"
+    if reason is None and not any(m.role == "in" for m in members):
+        reason = "no kernel consumes these channels"
+    if reason is None and size < 2:
+        reason = "a single channel"
+    named = next((m for m in members if m.role == "out"), None) or next(m for m in members if m.role != "param")
+    suffix = "" if (named.start, named.stop) == (0, size) and named.period is None else f"[{named.start}:{named.stop}]"
+    name = f"{named.name}:{named.axis}{suffix}"
+    return ChannelGroup(name, size, tuple(members), reason)
+
+
+def describe(groups) -> str:
+    lines = []
+    for group in groups:
+        roles = ", ".join(f"{m.name}[{m.axis}]{'' if m.role == 'param' else ' ' + m.role}" for m in group.members)
+        state = "prunable" if group.prunable else f"left whole: {group.reason}"
+        lines.append(f"{group.name}: {group.size} channels, {state}; {roles}")
+    return "\n".join(lines)
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    """Parameters (float variables and constants of rank >= 1 that the entry reads) and FLOPs
+    (2 x multiply-adds of its convolutions and matrix products, at batch 1) of one entry."""
+
+    entry: str
+    parameters: int
+    flops: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def cost(target, entry: str | None = None) -> Cost:
+    """Parameters and FLOPs at batch 1 of a model's default entry (or ``entry``): a SavedModel
+    directory, a PrunableModel, or anything graphprune.prune takes."""
+    from graphprune.load import load
+
+    if hasattr(target, "traced"):
+        model = target.traced
+    else:
+        model = load(target).model
+    entries = [e for e in model.entries if e.kind != "update" and e.alias is None]
+    chosen = next((e for e in entries if e.name == entry), None) if entry else None
+    if chosen is None:
+        chosen = next((e for e in entries if e.name in ("__call__", "serve", "serving_default")), entries[0])
+    batch_one = dataclasses.replace(chosen, inputs=tuple(
+        dataclasses.replace(info, shape=(1, *info.shape[1:]) if info.shape and info.shape[0] is None else info.shape)
+        for info in chosen.inputs))
+    shapes = _static_shapes(batch_one, model)
+    body = b.top_body(chosen.graph_def, dict(chosen.resources), writable=False)
+
+    def shape(ref):
+        name, index, _ = body.parse(ref)
+        return shapes.get((name, index))
+
+    keys, parameters, flops = set(), 0, 0
+    for node in body.nodes:
+        if node.op == "ReadVariableOp":
+            key = body.read_key(node)
+            spec = model.variables.get(key)
+            if spec is not None and key not in keys and len(spec.shape) >= 1 and "float" in spec.dtype:
+                keys.add(key)
+                parameters += int(np.prod(spec.shape))
+        elif node.op == "Const" and "float" in tf.dtypes.as_dtype(node.attr["dtype"].type).name:
+            dims = node.attr["value"].tensor.tensor_shape.dim
+            if len(dims) >= 1:
+                parameters += int(np.prod([d.size for d in dims]))
+        flops += _flops(node, shape, body)
+    return Cost(chosen.label, parameters, flops)
+
+
+def _flops(node, shape, body) -> int:
+    inputs = body.data_inputs(node)
+    out = shape(node.name)
+    if not out or None in out:
+        return 0
+    if node.op in ("Conv2D", "Conv3D", "DepthwiseConv2dNative"):
+        kernel = shape(inputs[1])
+        if not kernel or None in kernel:
+            return 0
+        # a grouped kernel's Cin is already per group; a depthwise output reads one input channel
+        per_output = int(np.prod(kernel[:-2])) * (kernel[-2] if node.op != "DepthwiseConv2dNative" else 1)
+        return 2 * int(np.prod(out)) * per_output
+    if node.op in ("MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3", "Einsum"):
+        operand = shape(inputs[0])
+        if not operand or None in operand:
+            return 0
+        if node.op == "Einsum":
+            lhs, _, result = _attr(node, "equation", "s", b"").decode().replace(" ", "").partition("->")
+            terms = lhs.split(",")
+            sizes = {}
+            for term, ref in zip(terms, inputs):
+                dims = shape(ref)
+                if not dims or None in dims or "." in term or len(term) != len(dims):
+                    return 0
+                sizes.update(zip(term, dims))
+            contracted = [letter for letter in sizes if letter not in result]
+            return 2 * int(np.prod(out)) * int(np.prod([sizes[c] for c in contracted] or [1]))
+        transposed = _attr(node, "transpose_a" if node.op == "MatMul" else "adj_x", "b", False)
+        depth = operand[-2] if transposed else operand[-1]
+        return 2 * int(np.prod(out)) * depth
+    return 0

@@ -1,0 +1,167 @@
+"""shrink_channels: remove dead channels from the graph, so the model is smaller and faster.
+
+Precondition: a finalized model (masks folded: removed channels hold zeros). For every prunable
+channel group (graphprune.channels), a channel is dead when every kernel that consumes it (a
+conv's input channel, a dense layer's row, rows of a flattened input) holds zeros there: nothing
+the model computes depends on it. Dead channels are removed from every member of the group:
+kernels (input and output axes), depthwise kernels, biases, normalization parameters and
+statistics, constants, concatenated slices; Reshape shapes that name the channel count follow.
+Variables get new values and shapes; constants are rewritten in place. A group whose every
+channel is dead keeps one (a tensor of zero channels is not a model). Groups left whole by the
+analysis are not touched and are listed in the report with the reason.
+
+Postcondition: the outputs equal the input model's (the removed channels multiplied zeros) and
+every shape is consistent; finalize's check runs both models and refuses a difference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+from graphprune import body as b
+from graphprune import graph as g
+from graphprune.channels import analyze
+from graphprune.passbase import Option, PassContext, PassResult, register_pass
+
+
+def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 1) -> PassResult:
+    """Remove every dead channel of every prunable group (see the module docstring). ``round_to``
+    keeps a multiple of that many channels per group (dead ones kept back, lowest norm... first
+    in index order), for kernels that run faster on such counts."""
+    analysis = analyze(model)
+    consts = _const_values(model)
+
+    def value(member):
+        if member.kind == "variable":
+            return context.value(model, member.name)
+        return consts[member.name]
+
+    removed: dict[str, np.ndarray] = {}  # group name -> dead channel indices
+    removal: dict[tuple[str, str, int], set] = {}
+    report_groups = {}
+    for group in analysis.groups:
+        if not group.prunable:
+            continue
+        consumers = [m for m in group.members if m.role == "in"]
+        alive = np.zeros(group.size, bool)
+        for member in consumers:
+            array = np.asarray(value(member))
+            moved = np.moveaxis(array, member.axis, 0).reshape(array.shape[member.axis], -1)
+            used = np.any(moved != 0, axis=1)
+            if member.period is not None:
+                used = used.reshape(-1, member.period).any(axis=0)
+            alive |= used[member.start:member.stop]
+        dead = np.flatnonzero(~alive)
+        keep_count = group.size - len(dead)
+        wanted = min(group.size, max(1, -(-keep_count // round_to) * round_to))
+        if wanted > keep_count:
+            dead = dead[wanted - keep_count:]
+        if not len(dead):
+            continue
+        removed[group.name] = dead
+        report_groups[group.name] = f"{group.size} -> {group.size - len(dead)}"
+        for member in group.members:
+            dim = np.shape(value(member))[member.axis]
+            removal.setdefault((member.kind, member.name, member.axis), set()).update(
+                member.indices(dim, dead).tolist())
+    if not removal:
+        return PassResult(model, changed=False, report={"shrunk": {}, "left_whole": _whole(analysis)})
+
+    sliced: dict[tuple[str, str], np.ndarray] = {}
+    for (kind, name, axis), indices in sorted(removal.items()):
+        array = sliced.get((kind, name))
+        if array is None:
+            array = np.asarray(context.value(model, name) if kind == "variable" else consts[name])
+        sliced[(kind, name)] = np.delete(array, sorted(indices), axis=axis)
+    specs = []
+    for (kind, name), array in sliced.items():
+        if kind == "variable":
+            spec = model.variables[name]
+            specs.append(dataclasses.replace(spec, shape=tuple(array.shape), value=array))
+    new_shapes = _reshape_targets(analysis, removed)
+    entries = []
+    for entry in model.entries:
+        def rewrite(body, entry=entry):
+            if body.site is not None:
+                return
+            for node in list(body.nodes):
+                key = f"{entry.name}/{node.name}"
+                if node.op == "Const" and ("const", key) in sliced:
+                    body.replace(node, g.const_node(node.name, sliced[("const", key)],
+                                                    tf.dtypes.as_dtype(node.attr["dtype"].type).name))
+                elif node.op == "Reshape" and (entry.name, node.name) in new_shapes:
+                    _set_last_dim(body, node, new_shapes[(entry.name, node.name)])
+
+        entries.append(b.rewrite_entry(entry, rewrite)[0])
+    new_model = dataclasses.replace(model.with_variables(specs), entries=tuple(entries))
+    report = {"shrunk": report_groups, "left_whole": _whole(analysis),
+              "removed_parameters": int(sum(np.size(context.value(model, n) if k == "variable" else consts[n])
+                                            - a.size for (k, n), a in sliced.items()))}
+    return PassResult(new_model, changed=True, report=report)
+
+
+def _whole(analysis) -> dict[str, str]:
+    return {group.name: group.reason for group in analysis.groups if not group.prunable}
+
+
+def _const_values(model: g.TracedModel) -> dict[str, np.ndarray]:
+    """Lazily read constants by "entry/node"."""
+
+    class Lazy(dict):
+        def __missing__(self, key):
+            entry_name, _, node_name = key.partition("/")
+            node = next(n for e in model.entries if e.name == entry_name for n in e.graph_def.node
+                        if n.name == node_name)
+            self[key] = tf.make_ndarray(node.attr["value"].tensor)
+            return self[key]
+
+    return Lazy()
+
+
+def _reshape_targets(analysis, removed: dict) -> dict[tuple[str, str], int]:
+    """(entry, Reshape node) -> the new last dimension of its output, for reshapes of shrunk tensors."""
+    targets = {}
+    for reshape in analysis.reshapes:
+        slices = analysis.slices.get(reshape.space, [])
+        size = analysis.sizes.get(reshape.space, 0)
+        gone = sum(len(removed.get(name, ())) for _, _, name in slices)
+        if gone:
+            targets[(reshape.entry, reshape.node)] = (size - gone) * reshape.repeats
+    return targets
+
+
+def _set_last_dim(body: b.Body, node, last: int) -> None:
+    """Point a Reshape's shape operand at a copy whose last element is ``last`` (unless it is -1)."""
+    shape_ref = body.data_inputs(node)[1]
+    producer = body.producer(shape_ref)
+    if producer.op == "Const":
+        shape = tf.make_ndarray(producer.attr["value"].tensor).copy()
+        if shape[-1] == -1:
+            return
+        shape[-1] = last
+        new = body.add(g.const_node(f"{node.name}/shrunk_shape", shape,
+                                    tf.dtypes.as_dtype(producer.attr["dtype"].type).name))
+        body.set_input(node, 1, body.ref(new.name))
+        return
+    # a Pack whose last element is a Const scalar, or a ConcatV2 whose last part is a Const vector
+    position = len(body.data_inputs(producer)) - (2 if producer.op == "ConcatV2" else 1)
+    part = body.producer(body.data_inputs(producer)[position])
+    value = tf.make_ndarray(part.attr["value"].tensor).copy()
+    if int(np.ravel(value)[-1]) == -1:
+        return
+    value.reshape(-1)[-1] = last
+    dtype = tf.dtypes.as_dtype(part.attr["dtype"].type)
+    new_part = body.add(g.const_node(f"{node.name}/shrunk_last", value, dtype.name))
+    shape = type(producer)()
+    shape.CopyFrom(producer)
+    shape.name = f"{node.name}/shrunk_shape"
+    shape.input[position] = body.ref(new_part.name)
+    body.set_input(node, 1, body.ref(body.add(shape).name))
+
+
+register_pass("shrink_channels", shrink_channels, options=[
+    Option("round_to", "int", 1, "keep a multiple of this many channels per group"),
+], invalidates=("weights", "channel_groups"))

@@ -1,0 +1,240 @@
+"""Channel pruning (structure='channel') and finalize(shrink=True): dependency groups, channel
+masks, and a shrunk dense model that computes what the masked one does."""
+
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import graphprune
+from graphprune import channels, names
+from graphprune.errors import StructureError
+
+from test_zoo_applications import _calibrated
+from testmodels import ChannelNet, check_tflite
+
+KERNEL_OPS = ("Conv2D", "Conv3D", "DepthwiseConv2dNative", "MatMul", "BatchMatMulV2", "Einsum")
+
+
+def _group(groups, name):
+    return next(group for group in groups if group.name == name)
+
+
+def _members(group):
+    return {(m.name, m.axis, m.role, m.start, m.stop, m.period) for m in group.members}
+
+
+@pytest.fixture(scope="module")
+def channel_net(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("channel_net") / "model")
+    tf.saved_model.save(ChannelNet(), path)
+    return path
+
+
+def test_groups_follow_every_coupling(channel_net):
+    groups = graphprune.channel_groups(channel_net)
+    # The residual stream: both producers (stem, project), the bias, batch norm, and all three
+    # consumers (expand, and the two branches after pooling) are one group.
+    stream = _group(groups, "block/project/kernel:3")
+    assert stream.prunable and stream.size == 16
+    assert {(m.name, m.axis, m.role) for m in stream.members} == {
+        ("stem/kernel", 3, "out"), ("stem/bias", 0, "param"), ("bn/gamma", 0, "param"), ("bn/beta", 0, "param"),
+        ("bn/moving_mean", 0, "param"), ("bn/moving_variance", 0, "param"), ("block/expand/kernel", 2, "in"),
+        ("block/project/kernel", 3, "out"), ("block/project/bias", 0, "param"), ("left/kernel", 2, "in"),
+        ("right/kernel", 2, "in")}
+    # Expanded channels pass through the depthwise kernel.
+    assert _members(_group(groups, "block/expand/kernel:3")) == {
+        ("block/expand/kernel", 3, "out", 0, 32, None), ("block/depthwise/kernel", 2, "through", 0, 32, None),
+        ("block/project/kernel", 2, "in", 0, 32, None)}
+    # Concat: each branch is its own slice of the consumer's input channels.
+    assert ("mix/kernel", 2, "in", 0, 8, None) in _members(_group(groups, "left/kernel:3"))
+    assert ("mix/kernel", 2, "in", 8, 20, None) in _members(_group(groups, "right/kernel:3"))
+    # Flatten: channel c of the 4x4x24 map is every 24th row of the dense kernel.
+    assert ("hidden/kernel", 0, "in", 0, 24, 24) in _members(_group(groups, "mix/kernel:3"))
+    # Input and output channels cannot change: left whole, with the reason.
+    assert "input" in _group(groups, "stem/kernel:2").reason
+    assert "output" in _group(groups, "head/kernel:1").reason
+
+
+def test_one_shot_masks_are_the_group_norm_ranking(channel_net):
+    pm = graphprune.prune(channel_net, graphprune.ConstantSparsity(0.5, 0), structure="channel", one_shot=True)
+    live = pm.variables_by_key
+    w1, w2 = live["hidden/kernel"].numpy(), live["head/kernel"].numpy()
+    # hidden's neurons: L2 norm over the group's kernels (hidden's column and head's row), 16 of 32 kept.
+    original = tf.saved_model.load(channel_net)
+    score = np.sqrt(np.sum(np.square(original.hidden.numpy()), 0) + np.sum(np.square(original.head.numpy()), 1))
+    kept = np.zeros(32, bool)
+    kept[np.argsort(-score, kind="stable")[:16]] = True
+    assert np.array_equal(np.any(w1 != 0, axis=0), kept)
+    assert np.array_equal(np.any(w2 != 0, axis=1), kept)
+    # A channel removed from the residual stream is removed from all five kernels at once.
+    stream = {k: live[k].numpy() for k in ("stem/kernel", "block/project/kernel")}
+    dead = ~np.any(stream["stem/kernel"] != 0, axis=(0, 1, 2))
+    assert dead.sum() == 8
+    assert not np.any(stream["block/project/kernel"][..., dead])
+    for key in ("block/expand/kernel", "left/kernel", "right/kernel"):
+        assert not np.any(live[key].numpy()[:, :, dead, :]), key
+
+
+def _kernel_shapes(path):
+    """Shapes of every kernel operand in a SavedModel's default entry (variables or constants)."""
+    from graphprune.load import load
+
+    model = load(path).model
+    entry = next(e for e in model.entries if e.kind == "signature")
+    shapes = channels._static_shapes(entry, model)
+    found = []
+    for node in entry.graph_def.node:
+        if node.op in KERNEL_OPS:
+            name = node.input[1].split(":")[0]
+            index = int(node.input[1].split(":")[1]) if ":" in node.input[1] else 0
+            found.append(tuple(shapes[(name, index)]))
+    return Counter(found)
+
+
+def _predicted_shapes(pm):
+    """Each masked kernel's shape once every all-zero slice of its mask is removed."""
+    shapes = []
+    for row in pm.weights():
+        mask = pm.variables_by_key[names.mask_key(row["name"])].numpy()
+        shapes.append(tuple(int(np.any(np.moveaxis(mask, axis, 0).reshape(mask.shape[axis], -1) != 0, 1).sum())
+                            for axis in range(mask.ndim)))
+    return Counter(shapes)
+
+
+def test_shrunk_model_equals_masked_and_has_the_predicted_shapes(channel_net, tmp_path):
+    pm = graphprune.prune(channel_net, graphprune.ConstantSparsity(0.5, 0), structure="channel", one_shot=True)
+    x = np.random.RandomState(0).standard_normal([4, 8, 8, 3]).astype(np.float32)
+    masked = pm(x).numpy()
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
+    small = tf.saved_model.load(out)
+    np.testing.assert_allclose(small(x).numpy(), masked, atol=1e-5 * np.abs(masked).max(), rtol=0)
+    # hidden/kernel's rows are 4x4 positions of the 12 kept 'mix' channels: 192 rows.
+    assert _kernel_shapes(out) == _predicted_shapes(pm)
+    before, after = graphprune.cost(channel_net), graphprune.cost(out)
+    assert after.parameters < 0.4 * before.parameters and after.flops < 0.4 * before.flops
+    assert check_tflite(out, str(tmp_path / "small.tflite"), x, masked, float(np.abs(masked).max())) == "ok"
+
+
+def test_shrunk_model_loads_without_graphprune(channel_net, tmp_path):
+    pm = graphprune.prune(channel_net, graphprune.ConstantSparsity(0.75, 0), structure="channel", one_shot=True,
+                          round_to=4)
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
+    code = ("import sys, numpy as np, tensorflow as tf; assert 'graphprune' not in sys.modules; "
+            f"m = tf.saved_model.load({out!r}); print(m(np.ones([2, 8, 8, 3], np.float32)).shape)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": ""}, cwd=str(tmp_path))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().endswith("(2, 10)")
+    # round_to=4: every group keeps a multiple of 4 channels (32 -> 8, 16 -> 4, 12 -> 4, 8 -> 4)
+    shapes = _kernel_shapes(out)
+    assert (1, 1, 8, 4) in shapes and (3, 3, 8, 1) in shapes  # project: 8 expanded -> 4 stream; depthwise 8
+
+
+def test_training_removes_channels_gradually_and_gradients_flow(channel_net):
+    schedule = graphprune.PolynomialDecay(0.0, 0.5, begin_step=0, end_step=4, frequency=1)
+    pm = graphprune.prune(channel_net, schedule, structure="channel", importance="l1")
+    x = np.random.RandomState(1).standard_normal([8, 8, 8, 3]).astype(np.float32)
+    alive = []
+    for _ in range(5):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(pm(x)))
+        gradients = tape.gradient(loss, pm.trainable_variables)
+        assert all(g is not None for g in gradients)
+        for variable, gradient in zip(pm.trainable_variables, gradients):
+            variable.assign_sub(0.01 * gradient)
+        pm.update_masks()
+        alive.append(int(np.any(pm.variables_by_key["hidden/kernel"].numpy() != 0, axis=0).sum()))
+    assert alive == sorted(alive, reverse=True) and alive[0] > alive[-1] == 16
+
+
+def test_what_cannot_be_shrunk_is_left_whole_and_reported(tmp_path):
+    class Normalized(tf.Module):
+        def __init__(self):
+            rng = np.random.RandomState(0)
+            self.a = tf.Variable(rng.standard_normal([6, 16]).astype(np.float32), name="a/kernel")
+            self.b = tf.Variable(rng.standard_normal([16, 16]).astype(np.float32), name="b/kernel")
+            self.c = tf.Variable(rng.standard_normal([16, 4]).astype(np.float32), name="c/kernel")
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 6], tf.float32)])
+        def __call__(self, x):
+            h = tf.nn.softmax(tf.matmul(x, self.a))  # softmax over the channels: all of them count
+            g = tf.matmul(h, self.b)
+            g = g - tf.reduce_mean(g, axis=-1, keepdims=True)  # layer-norm style mean over channels
+            return tf.matmul(g, self.c)
+
+    tf.saved_model.save(Normalized(), str(tmp_path / "m"))
+    groups = graphprune.channel_groups(str(tmp_path / "m"))
+    assert not any(group.prunable for group in groups)
+    assert "Softmax" in _group(groups, "a/kernel:1").reason
+    assert "reduces over the channels" in _group(groups, "b/kernel:1").reason
+    with pytest.warns(UserWarning, match="no channel group can be removed safely"):
+        pm = graphprune.prune(str(tmp_path / "m"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
+                              one_shot=True)
+    assert pm.sparsity() == 0.0  # nothing safe to remove, nothing masked
+    out = graphprune.finalize(pm, str(tmp_path / "f"), shrink=True)
+    assert graphprune.cost(out).parameters == graphprune.cost(str(tmp_path / "m")).parameters
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"structure": "channel", "block_size": (1, 2)}, "leave block_size"),
+    ({"structure": "channel", "scope": "global"}, "global channel ranking"),
+    ({"structure": "rows"}, "structure must be"),
+    ({"structure": "channel", "importance": "l3"}, "importance must be"),
+    ({"structure": "channel", "round_to": 0}, "round_to"),
+    ({"structure": "channel", "rules": [graphprune.Rule("hidden", sparsity=0.2)]}, "can only skip"),
+])
+def test_bad_channel_settings_are_one_line_errors(channel_net, kwargs, message):
+    with pytest.raises(StructureError, match=message):
+        graphprune.prune(channel_net, graphprune.ConstantSparsity(0.5, 0), **kwargs)
+
+
+def test_cli_prune_channels_finalize_shrink_inspect(channel_net, tmp_path):
+    def run(*args):
+        done = subprocess.run([sys.executable, "-m", "graphprune.tools.main", *args], capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    run("prune", f"--input={channel_net}", f"--output={tmp_path / 'p'}", "--structure=channel",
+        "--final_sparsity=0.5", "--one_shot", "--round_to=2")
+    printed = run("finalize", f"--input={tmp_path / 'p'}", f"--output={tmp_path / 'f'}", "--shrink")
+    assert "shrink: parameters" in printed
+    printed = run("inspect", f"--input={tmp_path / 'f'}", f"--baseline={channel_net}", "--channel_groups")
+    assert "x parameters" in printed and "left whole" in printed
+
+
+ZOO = {  # name: (builder, input size)
+    "ResNet50": ("ResNet50", 32),
+    "MobileNetV2": ("MobileNetV2", 32),
+    "MobileNetV3Small": ("MobileNetV3Small", 32),
+    "EfficientNetB0": ("EfficientNetB0", 32),
+    "DenseNet121": ("DenseNet121", 32),
+    "ConvNeXtTiny": ("ConvNeXtTiny", 32),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_keras_applications_shrink(tmp_path, name):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model, x = _calibrated(*ZOO[name])
+    model.export(str(tmp_path / "export"), verbose=False)
+    pm = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
+                          one_shot=True, round_to=8)
+    masked = pm.serve(x).numpy()
+    scale = float(np.abs(masked).max())
+    assert scale > 1e-2, scale  # outputs that mean something
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
+    small = tf.saved_model.load(out)
+    np.testing.assert_allclose(small.serve(x).numpy(), masked, atol=1e-4 * scale, rtol=0)
+    assert _kernel_shapes(out) == _predicted_shapes(pm)
+    before, after = graphprune.cost(str(tmp_path / "export")), graphprune.cost(out)
+    assert after.parameters < before.parameters and after.flops < before.flops
+    print(name, after.parameters / before.parameters, after.flops / before.flops)
