@@ -10,7 +10,9 @@ shrink=True. For the dense model and each shrunk one, on this machine:
 
     parameters, FLOPs  graphprune.cost (FLOPs: 2 x multiply-adds of convolutions and matmuls)
     tf_b1, tf_b32      median latency of the SavedModel's serving function (TensorFlow, all cores)
-                       at batch 1 and 32
+                       at batch 1 and 32: the Keras export against finalize(shrink=True)'s output
+                       ("export"), and both through finalize(freeze='all') ("frozen": every
+                       variable a constant, so TensorFlow folds the batch-norm arithmetic)
     litert             median latency of the float .tflite under LiteRT, 1 thread, batch 1
     max_diff           largest |masked - shrunk| output difference over the output scale
 
@@ -92,8 +94,11 @@ def measure(name: str, ratios, size: int, repeats: int, scratch: str) -> list[di
     del model
     graphprune.export_tflite(dense, dense + ".tflite", overwrite=True)
     base = graphprune.cost(dense)
-    rows = [{"model": name, "ratio": 0.0, "parameters": base.parameters, "flops": base.flops, "max_diff": 0.0,
-             **_latencies(dense, dense + ".tflite", size, repeats)}]
+    rows = [{"model": name, "ratio": 0.0, "variant": "export", "parameters": base.parameters, "flops": base.flops,
+             "max_diff": 0.0, **_latencies(dense, dense + ".tflite", size, repeats)}]
+    print(json.dumps(rows[-1]), flush=True)
+    frozen = graphprune.finalize(graphprune.prune(dense), dense + "_frozen", freeze="all", overwrite=True)
+    rows.append({**rows[0], "variant": "frozen", **_latencies(frozen, dense + ".tflite", size, repeats)})
     print(json.dumps(rows[-1]), flush=True)
     for ratio in ratios:
         start = time.perf_counter()
@@ -103,25 +108,35 @@ def measure(name: str, ratios, size: int, repeats: int, scratch: str) -> list[di
         out = os.path.join(scratch, f"{name}_{ratio}")
         graphprune.finalize(pm, out, shrink=True, overwrite=True)
         seconds = time.perf_counter() - start
+        graphprune.finalize(pm, out + "_frozen", shrink=True, freeze="all", overwrite=True)
         del pm
         import tensorflow as tf
 
-        shrunk = tf.saved_model.load(out).serve(x[:4]).numpy()
+        loaded = tf.saved_model.load(out)  # held: its variables live as long as it does
+        shrunk = loaded.serve(x[:4]).numpy()
+        del loaded
         graphprune.export_tflite(out, out + ".tflite", overwrite=True)
         cost = graphprune.cost(out)
-        rows.append({"model": name, "ratio": ratio, "parameters": cost.parameters, "flops": cost.flops,
-                     "max_diff": float(np.max(np.abs(shrunk - masked)) / np.max(np.abs(masked))),
+        rows.append({"model": name, "ratio": ratio, "variant": "export", "parameters": cost.parameters,
+                     "flops": cost.flops, "max_diff": float(np.max(np.abs(shrunk - masked)) / np.max(np.abs(masked))),
                      "prune_finalize_s": seconds, **_latencies(out, out + ".tflite", size, repeats)})
+        print(json.dumps(rows[-1]), flush=True)
+        rows.append({**rows[-1], "variant": "frozen", **_latencies(out + "_frozen", out + ".tflite", size, repeats)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
+VARIANTS = {"export": "as exported / finalized", "frozen": "freeze='all', both"}
+
+
 def table(rows) -> str:
-    lines = ["| model | channels removed | parameters | FLOPs (batch 1) | TF batch 1 | TF batch 32 | LiteRT 1 thread "
-             "| max diff / scale |", "|---|---|---|---|---|---|---|---|"]
-    dense = {row["model"]: row for row in rows if row["ratio"] == 0.0}
+    """Each row against the dense model of its own kind: the Keras export against finalize's
+    default output, or both finalized with freeze='all' (normalization folded into constants)."""
+    lines = ["| model | channels removed | SavedModel | parameters | FLOPs (batch 1) | TF batch 1 | TF batch 32 | "
+             "LiteRT 1 thread | max diff / scale |", "|---|---|---|---|---|---|---|---|---|"]
+    dense = {(row["model"], row.get("variant", "export")): row for row in rows if row["ratio"] == 0.0}
     for row in rows:
-        base = dense[row["model"]]
+        base = dense[(row["model"], row.get("variant", "export"))]
 
         def cell(key, unit, digits=1):
             ratio = "" if row["ratio"] == 0.0 else f" ({row[key] / base[key]:.2f}x)"
@@ -130,7 +145,7 @@ def table(rows) -> str:
         parameters = f"{row['parameters'] / 1e6:.2f}M" + (
             "" if row["ratio"] == 0.0 else f" ({row['parameters'] / base['parameters']:.2f}x)")
         flops = f"{row['flops'] / 1e9:.3f} G" + ("" if row["ratio"] == 0.0 else f" ({row['flops'] / base['flops']:.2f}x)")
-        lines.append(f"| {row['model']} | {row['ratio']:.0%} | {parameters} | {flops} | {cell('tf_b1_ms', 'ms')} | "
+        lines.append(f"| {row['model']} | {row['ratio']:.0%} | {VARIANTS[row.get('variant', 'export')]} | {parameters} | {flops} | {cell('tf_b1_ms', 'ms')} | "
                      f"{cell('tf_b32_ms', 'ms', 0)} | {cell('litert_ms', 'ms')} | {row['max_diff']:.1e} |")
     return "\n".join(lines)
 
@@ -143,7 +158,8 @@ def plot(rows, path: str) -> None:
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
     for model in sorted({row["model"] for row in rows}):
-        mine = sorted((row for row in rows if row["model"] == model), key=lambda row: row["ratio"])
+        mine = sorted((row for row in rows if row["model"] == model and row.get("variant", "export") == "export"),
+                      key=lambda row: row["ratio"])
         base = mine[0]
         ratios = [row["ratio"] for row in mine]
         axes[0].plot(ratios, [row["parameters"] / base["parameters"] for row in mine], "o-", label=f"{model} params")
