@@ -1,7 +1,9 @@
 """Channel dependency groups: which slices of which weights must be removed together.
 
-A *channel space* is one axis of one tensor: the last axis of an activation (NHWC), an axis of a
-variable or of a constant. Ops say which spaces are the same channels:
+A *channel space* is one axis of one tensor: an axis of an activation (channels are last, NHWC;
+attention heads are an axis of their own), an axis of a variable or of a constant. Ops say
+which spaces are the same channels, and every op accounts for every axis of its tensors (an axis
+it does not keep is poisoned):
 
     Conv2D(x, w) -> y           x[..., c] ~ w[:, :, c, :] (consumer, "in");  y[..., c] ~ w[..., c] ("out")
     MatMul(x, w) -> y           x[:, c] ~ w[c, :] ("in");                   y[:, c] ~ w[:, c] ("out")
@@ -9,6 +11,10 @@ variable or of a constant. Ops say which spaces are the same channels:
     BiasAdd, FusedBatchNorm, elementwise ops (Add/Mul/... with broadcast), activations, pooling,
     Pad, Mean over other axes, Squeeze/ExpandDims, Identity/Cast      the same channels
     ConcatV2 on the last axis   each input is a slice of the output's channels
+    Einsum (q = x.Wq "abc,cde->abde")  each letter one space: the head axis of Wq, Wk, Wv, their
+                                biases and the output projection's are one group (whole heads)
+    BatchMatMul, Transpose, Softmax     batch axes and permuted axes go through; contracted axes of
+                                two activations are one space; Softmax's own axis is poisoned
     Reshape keeping the last axis      the same channels
     Reshape flattening [N, H, W, C] -> [N, H*W*C] into a MatMul        rows p * C + c of the kernel
     ReadVariableOp / AssignVariableOp / Const                          the variable's / constant's axis
@@ -139,7 +145,13 @@ class _Graph:
 
 
 class _Entry:
-    """Reads one entry's top-level graph into a _Graph."""
+    """Reads one entry's top-level graph into a _Graph.
+
+    Every op accounts for every axis of its inputs and outputs: a handler links the axes that
+    carry the same channels (``link``) and says which ones merely broadcast (``claim``); every
+    other axis of the op's tensors is poisoned after it, so an axis can only reach a kernel
+    through ops that keep it (a spatial axis a Transpose makes last, then a MatMul contracts, is
+    never shrunk through the convolution that made it)."""
 
     def __init__(self, graph: _Graph, entry: g.Entry):
         self.graph = graph
@@ -153,25 +165,40 @@ class _Entry:
                 if isinstance(value, list) and len(value) == len(shape):
                     self.shapes[(node.name, 0)] = [d if d is not None else v for d, v in zip(shape, value)]
         self.periodic: dict[str, tuple] = {}  # flattened tensor ref -> its channel space
+        self.claimed: set = set()
+        self.failed: str | None = None
 
     def shape(self, ref: str):
         name, index, _ = self.body.parse(ref)
         return self.shapes.get((name, index))
 
-    def tensor(self, ref: str) -> tuple | None:
-        """The last-axis space of tensor ``ref`` (None for a scalar or a tensor of unknown rank)."""
+    def tensor(self, ref: str, axis: int = -1) -> tuple | None:
+        """The space of ``axis`` of tensor ``ref`` (None for a scalar or a tensor of unknown rank)."""
         name, index, _ = self.body.parse(ref)
         shape = self.shapes.get((name, index))
-        if shape is None or len(shape) == 0:
+        if shape is None or len(shape) == 0 or not -len(shape) <= axis < len(shape):
             return None
-        return self.graph.space(("t", self.entry.name, name, index), shape[-1])
+        axis %= len(shape)
+        return self.graph.space(("t", self.entry.name, name, index, axis), shape[axis])
 
-    def poison_tensor(self, ref: str, reason: str) -> None:
-        space = self.tensor(ref)
+    def link(self, a: tuple | None, c: tuple | None, offset: int = 0) -> None:
+        self.claimed.update(space for space in (a, c) if space is not None)
+        self.graph.link(a, c, offset)
+
+    def claim(self, ref: str, axis: int) -> None:
+        """Axis ``axis`` of ``ref`` only broadcasts here (size 1): nothing to link, nothing lost."""
+        space = self.tensor(ref, axis)
         if space is not None:
-            self.graph.poison(space, reason)
+            self.claimed.add(space)
+
+    def poison_tensor(self, ref: str, reason: str, axes=None) -> None:
+        shape = self.shape(ref)
+        for axis in range(len(shape or ())) if axes is None else axes:
+            space = self.tensor(ref, axis)
+            if space is not None:
+                self.graph.poison(space, reason)
         source = self.source(ref)
-        if source is not None and source[0] == "variable":
+        if axes is None and source is not None and source[0] == "variable":
             self.graph.poisoned_variables.setdefault(source[1], reason)
         if ref in self.periodic:
             self.graph.poison(self.periodic[ref], reason)
@@ -214,31 +241,33 @@ class _Entry:
         return [self.body.ref(node.name, i) for i in range(count)]
 
     def unknown(self, node, reason: str | None = None) -> None:
-        why = reason or f"{node.op} '{node.name}' uses it (an op graphprune does not model)"
+        """Every axis of the op's inputs and outputs is poisoned (after the handler returns)."""
+        self.failed = self.failed or reason or f"{node.op} '{node.name}' uses it (an op graphprune does not model)"
         for ref in self.body.data_inputs(node):
-            self.poison_tensor(ref, why)
             key = self.body.resource_key(ref)
             if key is not None:
-                self.graph.poisoned_variables.setdefault(key, why)
-        for ref in self.outputs_of(node):
-            self.poison_tensor(ref, why)
+                self.graph.poisoned_variables.setdefault(key, self.failed)
 
-    def same(self, ref_a: str, ref_b: str, node) -> None:
-        a, c = self.tensor(ref_a), self.tensor(ref_b)
-        if a is None or c is None:
+    def same(self, ref_a: str, ref_b: str, node, axes=None) -> None:
+        """Link the axes of two tensors of one rank (all of them, or ``axes``)."""
+        sa, sb = self.shape(ref_a), self.shape(ref_b)
+        if sa is None or sb is None or len(sa) != len(sb):
             self.unknown(node, f"{node.op} '{node.name}' has an operand of unknown rank")
             return
-        self.graph.link(a, c)
+        for axis in range(len(sa)) if axes is None else axes:
+            self.link(self.tensor(ref_a, axis), self.tensor(ref_b, axis))
 
     def weight(self, node, operand: str, axis: int, role: str):
-        """The member space of a weight operand's ``axis`` (None, and the op poisoned, if the
-        operand is not a plain variable or constant read)."""
+        """The member space of a weight operand's ``axis`` (None if the operand is not a plain
+        variable or constant read); the operand's own axis is linked to it."""
         source = self.source(operand)
         shape = self.shape(operand)
         if source is None or shape is None:
             return None
         axis %= len(shape)
-        return self.graph.member(source[0], source[1], axis, shape[axis], role)
+        member = self.graph.member(source[0], source[1], axis, shape[axis], role)
+        self.link(self.tensor(operand, axis), member)
+        return member
 
     def run(self) -> None:
         for info in self.entry.inputs:
@@ -251,14 +280,30 @@ class _Entry:
                 handler = _unary
             elif node.op in ELEMENTWISE_OPS:
                 handler = _elementwise
+            elif node.op in IGNORED_OPS:
+                handler = _ignored
+            self.claimed, self.failed = set(), None
             if handler is not None:
                 handler(self, node)
-            elif node.op in IGNORED_OPS:
-                _ignored(self, node)
             else:
                 self.unknown(node)
+            self._settle(node)
         for ref in list(self.periodic):
             self._periodic_consumers(ref)
+
+    def _settle(self, node) -> None:
+        """Poison the axes the handler did not account for (all of them if it gave up)."""
+        if node.op in ("Placeholder", "NoOp", "VarHandleOp"):
+            return
+        why = self.failed or f"{node.op} '{node.name}' does not keep this axis"
+        for ref in self.body.data_inputs(node) + self.outputs_of(node):
+            shape = self.shape(ref)
+            for axis in range(len(shape or ())):
+                space = self.tensor(ref, axis)
+                if space is not None and (self.failed or space not in self.claimed):
+                    self.graph.poison(space, why)
+            if self.failed and ref in self.periodic:
+                self.graph.poison(self.periodic[ref], why)
 
     def _periodic_consumers(self, ref: str) -> None:
         space = self.periodic[ref]
@@ -270,7 +315,8 @@ class _Entry:
                 self.periodic[self.body.ref(consumer.name)] = space
                 self._periodic_consumers(self.body.ref(consumer.name))
                 continue
-            transposed = consumer.op == "MatMul" and (_attr(consumer, "transpose_a", "b", False) or _attr(consumer, "transpose_b", "b", False))
+            transposed = consumer.op == "MatMul" and (_attr(consumer, "transpose_a", "b", False) or
+                                                      _attr(consumer, "transpose_b", "b", False))
             if consumer.op != "MatMul" or position != 0 or transposed:
                 self.graph.poison(space, f"{consumer.op} '{consumer.name}' reads a flattened tensor")
                 continue
@@ -294,68 +340,77 @@ def _attr(node, name: str, field: str, default):
 
 
 def _ignored(self: _Entry, node) -> None:
+    """Constants and variable reads: each axis is the constant's or the variable's."""
+    shape = self.shape(node.name)
     if node.op == "Const":
-        shape = self.shape(node.name)
-        if shape:
-            self.graph.link(self.tensor(node.name), self.graph.member(
-                "const", f"{self.entry.name}/{node.name}", len(shape) - 1, shape[-1], "param"))
+        for axis, size in enumerate(shape or ()):
+            self.link(self.tensor(node.name, axis),
+                      self.graph.member("const", f"{self.entry.name}/{node.name}", axis, size, "param"))
     elif node.op == "ReadVariableOp":
         key = self.body.read_key(node)
-        shape = self.shape(node.name)
         if key is None:
             self.unknown(node)
-        elif shape:
-            self.graph.link(self.tensor(node.name), self.graph.member("variable", key, len(shape) - 1, shape[-1],
-                                                                      "param"))
+            return
+        for axis, size in enumerate(shape or ()):
+            self.link(self.tensor(node.name, axis), self.graph.member("variable", key, axis, size, "param"))
 
 
 def _unary(self: _Entry, node) -> None:
     inputs = self.body.data_inputs(node)
-    if _attr(node, "T", "type", None) == types_pb2.DT_RESOURCE or _attr(node, "DstT", "type", None) == types_pb2.DT_RESOURCE:
+    if _attr(node, "T", "type", None) == types_pb2.DT_RESOURCE or \
+            _attr(node, "DstT", "type", None) == types_pb2.DT_RESOURCE:
         return  # a resource handle passed on (the inliner's Identity): its reads are what count
-    if not inputs or self.shape(inputs[0]) is None or self.shape(node.name) is None or \
-            len(self.shape(inputs[0])) != len(self.shape(node.name)):
+    if not inputs or self.shape(inputs[0]) is None or self.shape(node.name) is None:
         self.unknown(node)
         return
-    if self.shape(node.name):
-        self.same(inputs[0], node.name, node)
-    for ref in inputs[1:]:  # ClipByValue-style scalar bounds
+    self.same(inputs[0], node.name, node)
+    for ref in inputs[1:]:  # ClipByValue-style bounds: scalars
         if self.shape(ref):
             self.unknown(node)
 
 
-def _elementwise(self: _Entry, node) -> None:
+def _broadcast(self: _Entry, node, inputs) -> None:
+    """Elementwise with NumPy broadcasting: operand axes aligned from the right with the output's
+    carry the same channels where their sizes are equal; size-1 axes only broadcast."""
     out = self.shape(node.name)
     if out is None:
         self.unknown(node)
         return
-    if not out:
-        return
-    channels = out[-1]
-    inputs = self.body.data_inputs(node)
-    if node.op == "SelectV2":
-        inputs = inputs[1:]
-        condition = self.shape(self.body.data_inputs(node)[0])
-        if condition is None or (condition and condition[-1] not in (1,)):
+    for ref in inputs:
+        shape = self.shape(ref)
+        if shape is None or len(shape) > len(out):
             self.unknown(node)
             return
+        shift = len(out) - len(shape)
+        for axis, size in enumerate(shape):
+            target = out[axis + shift]
+            if size == 1 and target != 1:
+                self.claim(ref, axis)
+            elif size == target or size is None or target is None:  # an unknown size: linked, and so
+                self.link(self.tensor(ref, axis), self.tensor(node.name, axis + shift))  # poisoned
+            else:
+                self.unknown(node, f"{node.op} '{node.name}' broadcasts sizes graphprune cannot tell apart")
+                return
+
+
+def _elementwise(self: _Entry, node) -> None:
     if node.op == "BiasAdd" and _attr(node, "data_format", "s", b"") not in (b"", b"NHWC"):
         self.unknown(node)
         return
-    for ref in inputs:
-        shape = self.shape(ref)
-        if shape is None or channels is None:
-            self.unknown(node)
-            return
-        if not shape or shape[-1] == 1 and channels != 1:
-            continue
-        if shape[-1] != channels:
-            self.unknown(node)
-            return
-    for ref in inputs:
-        shape = self.shape(ref)
-        if shape and not (shape[-1] == 1 and channels != 1):
-            self.same(ref, node.name, node)
+    _broadcast(self, node, self.body.data_inputs(node))
+
+
+def _softmax(self: _Entry, node) -> None:
+    """Every axis but the last (which it normalizes over: all its channels count) is kept."""
+    x = self.body.data_inputs(node)[0]
+    shape = self.shape(x)
+    if not shape:
+        self.unknown(node)
+        return
+    self.same(x, node.name, node, axes=range(len(shape) - 1))
+    why = f"{node.op} '{node.name}' normalizes over the channels"
+    self.poison_tensor(x, why, axes=[len(shape) - 1])
+    self.poison_tensor(node.name, why, axes=[len(shape) - 1])
 
 
 def _conv(self: _Entry, node) -> None:
@@ -368,6 +423,7 @@ def _conv(self: _Entry, node) -> None:
         self.unknown(node, f"grouped {node.op} '{node.name}' (its groups couple channels graphprune does not model)")
         return
     _link_kernel(self, node, x, w, (-2, "in"), (-1, "out"))
+    self.link(self.tensor(x, 0), self.tensor(node.name, 0))  # the batch
 
 
 def _link_kernel(self: _Entry, node, x: str, w: str, rows: tuple, columns: tuple) -> None:
@@ -378,8 +434,8 @@ def _link_kernel(self: _Entry, node, x: str, w: str, rows: tuple, columns: tuple
     if consumed is None or produced is None:
         self.unknown(node, f"{node.op} '{node.name}' reads a computed kernel")
         return
-    self.graph.link(self.tensor(x), consumed)
-    self.graph.link(self.tensor(node.name), produced)
+    self.link(self.tensor(x), consumed)
+    self.link(self.tensor(node.name), produced)
 
 
 def _depthwise(self: _Entry, node) -> None:
@@ -389,6 +445,8 @@ def _depthwise(self: _Entry, node) -> None:
         self.unknown(node, f"DepthwiseConv2dNative '{node.name}' with a channel multiplier")
         return
     _link_kernel(self, node, x, w, (2, "through"), (2, "through"))
+    self.claim(w, 3)
+    self.link(self.tensor(x, 0), self.tensor(node.name, 0))
 
 
 def _matmul(self: _Entry, node) -> None:
@@ -397,8 +455,11 @@ def _matmul(self: _Entry, node) -> None:
         transpose_a, transpose_w = _attr(node, "transpose_a", "b", False), _attr(node, "transpose_b", "b", False)
     else:
         transpose_a, transpose_w = _attr(node, "adj_x", "b", False), _attr(node, "adj_y", "b", False)
-    ws = self.shape(w)
-    if self.source(a) is not None or transpose_a or ws is None or len(ws) != 2:
+    ws, xs, ys = self.shape(w), self.shape(a), self.shape(node.name)
+    if self.source(a) is None and self.source(w) is None and node.op != "MatMul":
+        _batch_matmul(self, node, a, w, transpose_a, transpose_w)
+        return
+    if self.source(a) is not None or transpose_a or ws is None or len(ws) != 2 or not xs or not ys:
         self.unknown(node)
         return
     flattened = node.op == "MatMul" and self.flattened(a)  # rows linked by _periodic_consumers
@@ -408,32 +469,76 @@ def _matmul(self: _Entry, node) -> None:
         self.unknown(node, f"{node.op} '{node.name}' multiplies two computed tensors")
         return
     if rows is not None:
-        self.graph.link(self.tensor(a), rows)
-    self.graph.link(self.tensor(node.name), cols)
+        self.link(self.tensor(a), rows)
+    else:
+        self.claim(w, 1 if transpose_w else 0)
+    self.link(self.tensor(node.name), cols)
+    if len(xs) != len(ys):
+        self.unknown(node)
+        return
+    self.same(a, node.name, node, axes=range(len(ys) - 1))  # batch (and time) axes go through
+
+
+def _batch_matmul(self: _Entry, node, a: str, b_ref: str, adj_a: bool, adj_b: bool) -> None:
+    """Two activations (attention's scores and context): batch axes (aligned from the right, as
+    broadcast) go through; the contracted axes of a and b are the same channels; a's rows and
+    b's columns are the output's."""
+    sa, sb, out = self.shape(a), self.shape(b_ref), self.shape(node.name)
+    if not sa or not sb or not out or len(sa) < 2 or len(sb) < 2:
+        self.unknown(node)
+        return
+    ra, rb, ro = len(sa), len(sb), len(out)
+    m_axis, k_a = (ra - 1, ra - 2) if adj_a else (ra - 2, ra - 1)
+    k_b, n_axis = (rb - 1, rb - 2) if adj_b else (rb - 2, rb - 1)
+    self.link(self.tensor(a, k_a), self.tensor(b_ref, k_b))
+    self.link(self.tensor(a, m_axis), self.tensor(node.name, ro - 2))
+    self.link(self.tensor(b_ref, n_axis), self.tensor(node.name, ro - 1))
+    for ref, rank in ((a, ra), (b_ref, rb)):
+        shape = self.shape(ref)
+        for axis in range(rank - 2):
+            target = axis + (ro - rank)
+            if shape[axis] == out[target]:
+                self.link(self.tensor(ref, axis), self.tensor(node.name, target))
+            elif shape[axis] == 1:
+                self.claim(ref, axis)
 
 
 def _einsum(self: _Entry, node) -> None:
+    """Each letter of the equation is one space: in the data operand and the output, it goes
+    through; in the data operand and a weight only, the weight's axis consumes it ("in"); in a
+    weight and the output only, the weight's axis produces it ("out"); in two activations only,
+    the two are the same channels (contracted)."""
     equation = _attr(node, "equation", "s", b"").decode().replace(" ", "")
     inputs = self.body.data_inputs(node)
     lhs, _, out = equation.partition("->")
     operands = lhs.split(",")
-    if len(inputs) != 2 or len(operands) != 2 or "." in equation:
+    if len(inputs) != len(operands) or len(operands) > 2 or "." in equation or not out or \
+            any(len(set(term)) != len(term) for term in operands + [out]):
         self.unknown(node)
         return
-    sources = [self.source(ref) for ref in inputs]
-    if (sources[0] is None) == (sources[1] is None):
+    weights = [self.source(ref) is not None for ref in inputs]
+    if all(weights):
         self.unknown(node)
         return
-    data = 0 if sources[1] is not None else 1
-    x, w = inputs[data], inputs[1 - data]
-    xl, wl = operands[data], operands[1 - data]
-    contracted, produced = xl[-1], out[-1]
-    ok = (contracted in wl and contracted not in out and wl.count(contracted) == 1
-          and produced in wl and produced not in xl and wl.count(produced) == 1)
-    if not ok:
-        self.unknown(node, f"Einsum '{node.name}' ({equation}) does not contract and produce the last axis")
-        return
-    _link_kernel(self, node, x, w, (wl.index(contracted), "in"), (wl.index(produced), "out"))
+    terms = list(zip(inputs, operands, weights))
+    for letter in set("".join(operands)):
+        holders = [(ref, term.index(letter), weight) for ref, term, weight in terms if letter in term]
+        data = [(ref, axis) for ref, axis, weight in holders if not weight]
+        kernel = [(ref, axis) for ref, axis, weight in holders if weight]
+        in_out = letter in out
+        if kernel and len(holders) == 1 and in_out:
+            self.link(self.weight(node, kernel[0][0], kernel[0][1], "out"), self.tensor(node.name, out.index(letter)))
+        elif kernel and data and not in_out:
+            self.link(self.tensor(*data[0]), self.weight(node, kernel[0][0], kernel[0][1], "in"))
+        elif not kernel and in_out:
+            for ref, axis in data:
+                self.link(self.tensor(ref, axis), self.tensor(node.name, out.index(letter)))
+        elif not kernel and len(data) == 2:
+            self.link(self.tensor(*data[0]), self.tensor(*data[1]))
+        else:
+            self.unknown(node, f"Einsum '{node.name}' ({equation}): '{letter}' is reduced or shared in a way "
+                               "graphprune does not model")
+            return
 
 
 def _batch_norm(self: _Entry, node) -> None:
@@ -444,18 +549,20 @@ def _batch_norm(self: _Entry, node) -> None:
     self.same(inputs[0], node.name, node)
     for ref in inputs[1:5]:
         if self.shape(ref):
-            self.same(ref, node.name, node)
+            self.link(self.tensor(ref, 0), self.tensor(node.name))
     for ref in self.outputs_of(node)[1:]:
-        if self.shape(ref) and self.shape(ref)[-1] == self.shape(node.name)[-1]:
-            self.same(ref, node.name, node)
+        if self.shape(ref) and len(self.shape(ref)) == 1 and self.shape(ref)[-1] == self.shape(node.name)[-1]:
+            self.link(self.tensor(ref, 0), self.tensor(node.name))
 
 
 def _pool(self: _Entry, node) -> None:
     ksize, strides = list(_attr(node, "ksize", "list", ())), list(_attr(node, "strides", "list", ()))
-    if _attr(node, "data_format", "s", b"") not in (b"", b"NHWC", b"NDHWC") or not ksize or ksize[-1] != 1 or strides[-1] != 1:
+    if _attr(node, "data_format", "s", b"") not in (b"", b"NHWC", b"NDHWC") or not ksize or ksize[-1] != 1 or \
+            strides[-1] != 1:
         self.unknown(node)
         return
-    self.same(self.body.data_inputs(node)[0], node.name, node)
+    x = self.body.data_inputs(node)[0]
+    self.same(x, node.name, node, axes=[0, len(ksize) - 1])
 
 
 def _constant(self: _Entry, ref: str):
@@ -499,7 +606,7 @@ def _pad(self: _Entry, node) -> None:
     if value is None or value.ndim != 2 or np.any(value[-1] != 0):
         self.unknown(node)
         return
-    self.same(x, node.name, node)
+    self.same(x, node.name, node, axes=[a for a in range(len(value)) if not np.any(value[a] != 0)])
 
 
 def _reduce(self: _Entry, node) -> None:
@@ -509,27 +616,40 @@ def _reduce(self: _Entry, node) -> None:
         self.unknown(node)
         return
     rank = len(shape)
-    if (rank - 1) in {int(a) % rank for a in np.ravel(value)} or not self.shape(node.name):
+    reduced = {int(a) % rank for a in np.ravel(value)}
+    if (rank - 1) in reduced or not self.shape(node.name):
         self.unknown(node, f"{node.op} '{node.name}' reduces over the channels")
         return
-    self.same(x, node.name, node)
+    keep = _attr(node, "keep_dims", "b", False)
+    kept = [a for a in range(rank) if keep or a not in reduced]
+    for position, axis in enumerate(kept):
+        if axis not in reduced:
+            self.link(self.tensor(x, axis), self.tensor(node.name, axis if keep else position))
 
 
 def _squeeze_expand(self: _Entry, node) -> None:
     x = self.body.data_inputs(node)[0]
     xs, ys = self.shape(x), self.shape(node.name)
-    # Squeeze with no dims squeezes every size-1 axis: the channels stay last when there are 2 or more
-    if not xs or not ys or xs[-1] != ys[-1] or xs[-1] in (None, 1) or \
-            (node.op == "Squeeze" and (len(xs) - 1) in {d % len(xs) for d in _attr(node, "squeeze_dims", "list", ())}) or \
-            (node.op == "ExpandDims" and _expands_last(self, node, len(ys))):
+    if not xs or not ys:
         self.unknown(node)
         return
-    self.same(x, node.name, node)
-
-
-def _expands_last(self: _Entry, node, rank: int) -> bool:
-    value = _constant(self, self.body.data_inputs(node)[1])
-    return value is None or int(np.ravel(value)[0]) % rank == rank - 1
+    if node.op == "ExpandDims":
+        value = _constant(self, self.body.data_inputs(node)[1])
+        if value is None:
+            self.unknown(node)
+            return
+        inserted = int(np.ravel(value)[0]) % len(ys)
+        mapping = [(a, a if a < inserted else a + 1) for a in range(len(xs))]
+    else:  # Squeeze, with no dims: every size-1 axis
+        dims = {d % len(xs) for d in _attr(node, "squeeze_dims", "list", ())} or \
+            {a for a, size in enumerate(xs) if size == 1}
+        if any(xs[a] is None for a in range(len(xs))) and not _attr(node, "squeeze_dims", "list", ()):
+            self.unknown(node)
+            return
+        kept = [a for a in range(len(xs)) if a not in dims]
+        mapping = list(zip(kept, range(len(kept))))
+    for axis, target in mapping:
+        self.link(self.tensor(x, axis), self.tensor(node.name, target))
 
 
 def _reshape(self: _Entry, node) -> None:
@@ -539,19 +659,19 @@ def _reshape(self: _Entry, node) -> None:
         self.unknown(node)
         return
     if xs[-1] == ys[-1] and _shape_last(self, shape_ref) is None and _shape_of_own_input(self, x, shape_ref):
-        self.same(x, node.name, node)  # tf.tensordot: the shape is computed from the input's own
+        self.link(self.tensor(x), self.tensor(node.name))  # tf.tensordot: computed from the input's own shape
         return
     if _shape_last(self, shape_ref) is None:
         self.unknown(node)
         return
     if xs[-1] == ys[-1]:
-        self.same(x, node.name, node)
+        self.link(self.tensor(x), self.tensor(node.name))
         self.graph.reshapes.append(Reshape(self.entry.name, node.name, self.tensor(x), 1))
         return
     inner = xs[1:]
     if len(ys) == 2 and len(xs) >= 3 and None not in inner and int(np.prod(inner)) == ys[-1]:
         space = self.graph.space(("p", self.entry.name, node.name), xs[-1])
-        self.graph.link(self.tensor(x), space)
+        self.link(self.tensor(x), space)
         self.periodic[self.body.ref(node.name)] = space
         self.graph.poison(self.tensor(node.name), f"Reshape '{node.name}' flattens it")
         self.graph.reshapes.append(Reshape(self.entry.name, node.name, self.tensor(x), ys[-1] // xs[-1]))
@@ -614,15 +734,21 @@ def _keeps_last(self: _Entry, node) -> bool:
 
 
 def _transpose(self: _Entry, node) -> None:
-    if not _keeps_last(self, node):
-        self.unknown(node, f"Transpose '{node.name}' moves the channel axis")
+    x, perm_ref = self.body.data_inputs(node)[:2]
+    perm = _constant(self, perm_ref)
+    if perm is None or self.shape(x) is None or perm.size != len(self.shape(x)):
+        self.unknown(node)
         return
-    self.same(self.body.data_inputs(node)[0], node.name, node)
+    for target, axis in enumerate(np.ravel(perm).tolist()):
+        self.link(self.tensor(x, int(axis)), self.tensor(node.name, target))
 
 
 def _shape(self: _Entry, node) -> None:
     """Shape(x) reads no channel values; what uses its result decides (a Reshape computed from it
     follows x, see _shape_of_own_input; a tensor created from it is an unknown op's output)."""
+    x = self.body.data_inputs(node)[0]
+    for axis in range(len(self.shape(x) or ())):
+        self.claim(x, axis)
 
 
 def _concat(self: _Entry, node) -> None:
@@ -634,18 +760,16 @@ def _concat(self: _Entry, node) -> None:
         self.unknown(node)
         return
     axis = int(axis) % len(out)
-    if axis != len(out) - 1:
-        for ref in values:
-            self.same(ref, node.name, node)
-        return
-    if any(s[-1] is None for s in shapes):
+    for ref in values:  # every other axis goes through; the concatenated one is cut in slices
+        self.same(ref, node.name, node, axes=[a for a in range(len(out)) if a != axis])
+    if any(s[axis] is None for s in shapes):
         self.unknown(node)
         return
-    target, offset = self.tensor(node.name), 0
+    target, offset = self.tensor(node.name, axis), 0
     for ref, shape in zip(values, shapes):
-        if shape[-1]:
-            self.graph.link(self.tensor(ref), target, offset)
-        offset += shape[-1]
+        if shape[axis]:
+            self.link(self.tensor(ref, axis), target, offset)
+        offset += shape[axis]
 
 
 def _assign(self: _Entry, node) -> None:
@@ -655,11 +779,12 @@ def _assign(self: _Entry, node) -> None:
     if key is None:
         self.unknown(node)
         return
-    if shape:
-        self.graph.link(self.tensor(value), self.graph.member("variable", key, len(shape) - 1, shape[-1], "param"))
+    for axis, size in enumerate(shape or ()):
+        self.link(self.tensor(value, axis), self.graph.member("variable", key, axis, size, "param"))
 
 
 _HANDLERS = {
+    "Softmax": _softmax, "LogSoftmax": _softmax,
     "Conv2D": _conv, "Conv3D": _conv, "DepthwiseConv2dNative": _depthwise, "MatMul": _matmul,
     "BatchMatMul": _matmul, "BatchMatMulV2": _matmul, "BatchMatMulV3": _matmul, "Einsum": _einsum,
     **{op: _batch_norm for op in BATCH_NORM_OPS}, **{op: _pool for op in POOL_OPS}, "Pad": _pad, "PadV2": _pad,

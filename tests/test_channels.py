@@ -126,7 +126,9 @@ def test_shrunk_model_loads_without_graphprune(channel_net, tmp_path):
     x = np.random.RandomState(0).standard_normal([4, 8, 8, 3]).astype(np.float32)
     out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True, freeze=False)  # kernels stay variables
     small = tf.saved_model.load(out)
-    assert {tuple(v.shape) for v in small.variables} >= {(1, 1, 8, 4), (3, 3, 8, 1), (4,)}
+    from graphprune.load import load
+
+    assert {spec.shape for spec in load(out).model.variables.values()} >= {(1, 1, 8, 4), (3, 3, 8, 1), (4,)}
     np.testing.assert_allclose(small(x).numpy(), pm(x).numpy(), atol=1e-5 * np.abs(pm(x).numpy()).max(), rtol=0)
     del small
     code = ("import sys, numpy as np, tensorflow as tf; assert 'graphprune' not in sys.modules; "
@@ -205,8 +207,8 @@ def test_keras_functional_flatten_into_dense(tmp_path):
     x = np.random.RandomState(0).standard_normal([3, 8, 8, 3]).astype(np.float32)
     masked = pm.serve(x).numpy()
     out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
-    np.testing.assert_allclose(tf.saved_model.load(out).serve(x).numpy(), masked, atol=1e-5 * np.abs(masked).max(),
-                               rtol=0)
+    small = tf.saved_model.load(out)  # held: its variables live as long as it does
+    np.testing.assert_allclose(small.serve(x).numpy(), masked, atol=1e-5 * np.abs(masked).max(), rtol=0)
     assert _kernel_shapes(out) == _predicted_shapes(pm)
 
 
@@ -276,18 +278,28 @@ def test_keras_applications_shrink(tmp_path, name):
 @pytest.mark.parametrize("name", ["bert", "vit"])
 def test_keras_hub_transformer_mlp_neurons(tmp_path, name):
     """The MLP's hidden neurons (intermediate kernel's columns, its bias, the output kernel's rows)
-    are removed; the residual stream (layer norms over it, and an output) and the attention
-    projections (their head_dim meets another activation in a matmul) are left whole."""
+    and whole attention heads (query, key and value kernels' head axis, their biases, the output
+    projection's head axis) are removed; the residual stream (layer norms over it, and an
+    output) and the query/key head_dim (contracted between two activations) are left whole."""
     from test_real_models import _hub_backbones, _hub_vision_backbones, _inputs
 
     model = (_hub_backbones() if name == "bert" else _hub_vision_backbones())[name]()
     model.export(str(tmp_path / "export"), verbose=False)
     pm = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
                           one_shot=True)
-    groups = {group.name: group for group in graphprune.channel_groups(pm)}
-    prunable = [group for group in groups.values() if group.prunable]
-    assert prunable and all("intermediate" in group.name or "mlp" in group.name or "dense_1" in group.name
-                            for group in prunable), sorted(groups)
+    groups = graphprune.channel_groups(pm)
+    heads = [group for group in groups if {(m.name.split("/")[-2], m.axis, m.role) for m in group.members} >= {
+        ("query", 1, "out"), ("key", 1, "out"), ("value", 1, "out"), ("attention_output", 0, "in")}]
+    mlp = [group for group in groups if group.prunable and group not in heads
+           and not any("attention" in m.name or "mha" in m.name for m in group.members)]
+    assert len(mlp) >= 1 and all(group.size == 32 for group in mlp)
+    assert not any(group.prunable and any(m.name.endswith("norm/gamma") for m in group.members) for group in groups)
+    if name == "bert":  # keras-hub's BERT runs its projections as Einsum ops: heads are found
+        assert len(heads) == 1 and heads[0].prunable and heads[0].size == 2
+        query = next(v for k, v in pm.variables_by_key.items() if k.endswith("query/kernel"))
+        assert sorted(np.any(query.numpy() != 0, axis=(0, 2)).tolist()) == [False, True]  # 1 of 2 heads removed
+    else:  # Keras lowers ViT's output projection to a reshaped kernel in a BatchMatMul: heads are merged there
+        assert not heads
     signature = pm.signatures["serving_default"]
     if name == "bert":
         inputs = _inputs(signature.structured_input_signature[1], np.random.RandomState(0))
