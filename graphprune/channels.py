@@ -743,6 +743,12 @@ def _transpose(self: _Entry, node) -> None:
         self.link(self.tensor(x, int(axis)), self.tensor(node.name, target))
 
 
+def _identity_n(self: _Entry, node) -> None:
+    """IdentityN (tf.custom_gradient's, as Keras 3's swish uses): output i is input i."""
+    for index, ref in enumerate(self.body.data_inputs(node)):
+        self.same(ref, self.body.ref(node.name, index), node)
+
+
 def _shape(self: _Entry, node) -> None:
     """Shape(x) reads no channel values; what uses its result decides (a Reshape computed from it
     follows x, see _shape_of_own_input; a tensor created from it is an unknown op's output)."""
@@ -784,6 +790,7 @@ def _assign(self: _Entry, node) -> None:
 
 
 _HANDLERS = {
+    "IdentityN": _identity_n,
     "Softmax": _softmax, "LogSoftmax": _softmax,
     "Conv2D": _conv, "Conv3D": _conv, "DepthwiseConv2dNative": _depthwise, "MatMul": _matmul,
     "BatchMatMul": _matmul, "BatchMatMulV2": _matmul, "BatchMatMulV3": _matmul, "Einsum": _einsum,
