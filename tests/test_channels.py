@@ -192,18 +192,18 @@ def test_keras_functional_flatten_into_dense(tmp_path):
 
     keras.utils.set_random_seed(0)
     inputs = keras.Input((8, 8, 3), name="image")
-    x = keras.layers.Conv2D(16, 3, activation="relu")(inputs)
-    x = keras.layers.BatchNormalization()(x)
-    x = keras.layers.DepthwiseConv2D(3, activation="relu")(x)
-    x = keras.layers.Flatten()(x)
-    x = keras.layers.Dense(32, activation="swish")(x)
-    model = keras.Model(inputs, keras.layers.Dense(4)(x))
+    x = keras.layers.Conv2D(16, 3, activation="relu", name="conv")(inputs)  # named: Keras numbers repeats
+    x = keras.layers.BatchNormalization(name="norm")(x)
+    x = keras.layers.DepthwiseConv2D(3, activation="relu", name="depthwise")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = keras.layers.Dense(32, activation="swish", name="hidden")(x)
+    model = keras.Model(inputs, keras.layers.Dense(4, name="head")(x))
     model.export(str(tmp_path / "export"), verbose=False)
     pm = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
                           one_shot=True)
     groups = {group.name: group for group in graphprune.channel_groups(pm)}
-    conv = groups["conv2d/kernel:3"]
-    assert conv.prunable and ("dense/kernel", 0, "in", 0, 16, 16) in _members(conv)  # 4x4 positions x 16
+    conv = groups["conv/kernel:3"]
+    assert conv.prunable and ("hidden/kernel", 0, "in", 0, 16, 16) in _members(conv)  # 4x4 positions x 16
     x = np.random.RandomState(0).standard_normal([3, 8, 8, 3]).astype(np.float32)
     masked = pm.serve(x).numpy()
     out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
