@@ -2,6 +2,8 @@
 
     python benchmarks/channels.py [--models=ResNet50,MobileNetV2 --ratios=0.25,0.5,0.75 --size=128]
     python benchmarks/channels.py --plot        (benchmarks/channels.png from the saved results)
+    python benchmarks/channels.py --models=MobileNetV2 --ratios=0.5 --round_to=1   (kept counts not rounded;
+                                                results/channels_round_to_1.json)
 
 Each keras.applications model is built with random weights (its batch-norm statistics taken from
 random inputs), exported, pruned one-shot with structure='channel' (L2 group norms, kept counts
@@ -83,7 +85,7 @@ def _model(name: str, size: int):
     return model, x
 
 
-def measure(name: str, ratios, size: int, repeats: int, scratch: str) -> list[dict]:
+def measure(name: str, ratios, size: int, repeats: int, scratch: str, round_to: int = 8) -> list[dict]:
     import numpy as np
 
     import graphprune
@@ -103,7 +105,7 @@ def measure(name: str, ratios, size: int, repeats: int, scratch: str) -> list[di
     for ratio in ratios:
         start = time.perf_counter()
         pm = graphprune.prune(dense, graphprune.ConstantSparsity(ratio, 0), structure="channel", one_shot=True,
-                              round_to=8)
+                              round_to=round_to)
         masked = pm.serve(x[:4]).numpy()
         out = os.path.join(scratch, f"{name}_{ratio}")
         graphprune.finalize(pm, out, shrink=True, overwrite=True)
@@ -186,17 +188,20 @@ def main(argv) -> None:
     models = options.get("models", "ResNet50,MobileNetV2").split(",")
     ratios = [float(r) for r in options.get("ratios", "0.25,0.5,0.75").split(",")]
     size, repeats = int(options.get("size", 128)), int(options.get("repeats", 20))
+    round_to = int(options.get("round_to", 8))
+    results = RESULTS if round_to == 8 else RESULTS.replace(".json", f"_round_to_{round_to}.json")
     scratch = tempfile.mkdtemp(prefix="gp-channels-")
     rows = []
     try:
         for name in models:
-            rows += measure(name, ratios, size, repeats, scratch)
+            rows += measure(name, ratios, size, repeats, scratch, round_to)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as handle:
-        json.dump({"size": size, "repeats": repeats, "rows": rows}, handle, indent=1)
-    plot(rows, os.path.join(HERE, "channels.png"))
+    os.makedirs(os.path.dirname(results), exist_ok=True)
+    with open(results, "w") as handle:
+        json.dump({"size": size, "repeats": repeats, "round_to": round_to, "rows": rows}, handle, indent=1)
+    if results == RESULTS:
+        plot(rows, os.path.join(HERE, "channels.png"))
     print(table(rows))
 
 
