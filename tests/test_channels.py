@@ -238,6 +238,11 @@ def test_cli_prune_channels_finalize_shrink_inspect(channel_net, tmp_path):
     assert "shrink: parameters" in printed
     printed = run("inspect", f"--input={tmp_path / 'f'}", f"--baseline={channel_net}", "--channel_groups")
     assert "x parameters" in printed and "left whole" in printed
+    graphprune.export_tflite(str(tmp_path / "f"), str(tmp_path / "f.tflite"))
+    refused = subprocess.run([sys.executable, "-m", "graphprune.tools.main", "inspect", f"--input={tmp_path / 'f.tflite'}",
+                              f"--baseline={channel_net}"], capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0, refused.stderr[-2000:]
+    assert "SavedModel" in refused.stderr
 
 
 ZOO = {  # name: (builder, input size)

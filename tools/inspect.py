@@ -27,6 +27,8 @@ def main(argv):
     import graphprune
 
     report = graphprune.size_report(_INPUT.value)
+    if report.kind != "saved_model" and (_BASELINE.value or _GROUPS.value):
+        common.fail("--baseline and --channel_groups read a SavedModel's graph; --input is a .tflite file")
     cost = graphprune.cost(_INPUT.value) if report.kind == "saved_model" else None
     baseline = graphprune.cost(_BASELINE.value) if _BASELINE.value and cost is not None else None
     groups = graphprune.channel_groups(_INPUT.value) if _GROUPS.value and cost is not None else ()
