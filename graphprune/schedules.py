@@ -9,6 +9,8 @@ Semantics are the reference toolkit's (TF Model Optimization 0.8, see shared/REF
 
 from __future__ import annotations
 
+import math
+
 import warnings
 
 import numpy as np
@@ -100,8 +102,13 @@ INT64_MAX = 2**63 - 1
 def _check_power(value) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ScheduleError(f"power must be a number >= 0, got {value!r}")
-    if not np.isfinite(value) or value < 0:
-        raise ScheduleError(f"power must be a finite number >= 0, got {value}")
+    try:
+        finite = math.isfinite(value)  # math: NumPy's isfinite refuses ints past 64 bits
+    except OverflowError:
+        finite = False
+    if not finite or value < 0:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise ScheduleError(f"power must be a finite number >= 0, got {shown}")
     return value
 
 

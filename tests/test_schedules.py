@@ -75,3 +75,11 @@ def test_power_and_float32_arithmetic():
     p = np.float32(1) / np.float32(3)
     expected = np.float32(0.1 - 0.8) * (np.float32(1) - p) ** np.float32(2) + np.float32(0.8)
     assert float(schedule(1)[1]) == pytest.approx(float(expected), abs=1e-7)
+
+
+def test_power_past_64_bits_is_a_number_or_a_one_line_refusal():
+    huge = graphprune.PolynomialDecay(0.0, 0.5, 0, 100, power=2**64, frequency=10)  # found by the property test
+    assert float(huge(tf.constant(50, tf.int64))[1]) == pytest.approx(0.5)
+    assert float(huge(tf.constant(0, tf.int64))[1]) == 0.0
+    with pytest.raises(graphprune.ScheduleError, match=r"power must be a finite number >= 0, got 1000.*\.\.\.$"):
+        graphprune.PolynomialDecay(0.0, 0.5, 0, 100, power=10**400)
