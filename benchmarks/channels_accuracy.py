@@ -2,8 +2,8 @@
 
     python benchmarks/channels_accuracy.py [--ratio=0.5 --pretrain_epochs=2 --finetune_epochs=3]
 
-Two models written as tf.Modules (no Keras): the classic MNIST CNN (conv 32, conv 64, dense 1024,
-dense 10) and a small ResNet (stem conv, three stages of one residual block each, 16/32/64
+Two models written as tf.Modules (no Keras): the classic MNIST CNN (graphprune.tools.mnist.MnistCNN:
+conv 32, conv 64, dense 1024, dense 10) and a small ResNet (stem conv, three stages of one residual block each, 16/32/64
 channels, global average pooling, dense 10). For each, in one run:
 
     dense          trained --pretrain_epochs, then fine-tuned --finetune_epochs (the reference)
@@ -34,6 +34,7 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import graphprune  # noqa: E402
+from graphprune.tools.mnist import MnistCNN, glorot  # noqa: E402
 
 _DATA_DIR = flags.DEFINE_string("data_dir", "/usr/share/datasets/fashion-mnist", "Fashion-MNIST idx .gz files.")
 _RATIO = flags.DEFINE_float("ratio", 0.5, "Fraction of each group's channels removed.")
@@ -46,41 +47,6 @@ _NAME = flags.DEFINE_string("name", "channels_accuracy", "Results file: results/
 SPEC = tf.TensorSpec([None, 28, 28, 1], tf.float32, name="image")
 
 
-def _glorot(rng, *shape):
-    fan_in = int(np.prod(shape[:-1]))
-    fan_out = shape[-1] * (int(np.prod(shape[:-2])) if len(shape) > 2 else 1)
-    limit = np.sqrt(6.0 / (fan_in + fan_out))
-    return rng.uniform(-limit, limit, shape).astype(np.float32)
-
-
-class CNN(tf.Module):
-    """The classic MNIST CNN (graphprune.tools.mnist.MnistCNN) with its widths as parameters."""
-
-    def __init__(self, widths=(32, 64, 1024), seed=0):
-        super().__init__(name="cnn")
-        rng = np.random.RandomState(seed)
-        c1, c2, hidden = widths
-        self.widths = tuple(widths)
-        self.conv1 = tf.Variable(_glorot(rng, 5, 5, 1, c1), name="conv1/kernel")
-        self.conv1_bias = tf.Variable(np.zeros(c1, np.float32), name="conv1/bias")
-        self.conv2 = tf.Variable(_glorot(rng, 5, 5, c1, c2), name="conv2/kernel")
-        self.conv2_bias = tf.Variable(np.zeros(c2, np.float32), name="conv2/bias")
-        self.dense1 = tf.Variable(_glorot(rng, 7 * 7 * c2, hidden), name="dense1/kernel")
-        self.dense1_bias = tf.Variable(np.zeros(hidden, np.float32), name="dense1/bias")
-        self.dense2 = tf.Variable(_glorot(rng, hidden, 10), name="dense2/kernel")
-        self.dense2_bias = tf.Variable(np.zeros(10, np.float32), name="dense2/bias")
-
-    @tf.function(input_signature=[SPEC])
-    def __call__(self, image):
-        x = tf.nn.relu(tf.nn.conv2d(image, self.conv1, 1, "SAME") + self.conv1_bias)
-        x = tf.nn.max_pool2d(x, 2, 2, "VALID")
-        x = tf.nn.relu(tf.nn.conv2d(x, self.conv2, 1, "SAME") + self.conv2_bias)
-        x = tf.nn.max_pool2d(x, 2, 2, "VALID")
-        x = tf.reshape(x, [-1, 7 * 7 * self.widths[1]])
-        x = tf.nn.relu(tf.matmul(x, self.dense1) + self.dense1_bias)
-        return tf.matmul(x, self.dense2) + self.dense2_bias
-
-
 class ResNet(tf.Module):
     """stem conv 3x3 -> 3 stages (stride-2 conv between them) of a residual block (conv 3x3, relu,
     conv 3x3, + input, relu) -> global average pool -> dense 10. Widths: per stage, and the
@@ -91,21 +57,21 @@ class ResNet(tf.Module):
         rng = np.random.RandomState(seed)
         self.widths = tuple(widths)
         stages, inner = widths[:3], widths[3:]
-        self.stem = tf.Variable(_glorot(rng, 3, 3, 1, stages[0]), name="stem/kernel")
+        self.stem = tf.Variable(glorot(rng, 3, 3, 1, stages[0]), name="stem/kernel")
         self.stem_bias = tf.Variable(np.zeros(stages[0], np.float32), name="stem/bias")
         self.blocks = []
         for index, (width, middle) in enumerate(zip(stages, inner)):
             block = {
-                "a": tf.Variable(_glorot(rng, 3, 3, width, middle), name=f"block{index}/a/kernel"),
+                "a": tf.Variable(glorot(rng, 3, 3, width, middle), name=f"block{index}/a/kernel"),
                 "a_bias": tf.Variable(np.zeros(middle, np.float32), name=f"block{index}/a/bias"),
-                "b": tf.Variable(_glorot(rng, 3, 3, middle, width) * 0.5, name=f"block{index}/b/kernel"),
+                "b": tf.Variable(glorot(rng, 3, 3, middle, width) * 0.5, name=f"block{index}/b/kernel"),
                 "b_bias": tf.Variable(np.zeros(width, np.float32), name=f"block{index}/b/bias"),
             }
             if index + 1 < len(stages):
-                block["down"] = tf.Variable(_glorot(rng, 3, 3, width, stages[index + 1]), name=f"down{index}/kernel")
+                block["down"] = tf.Variable(glorot(rng, 3, 3, width, stages[index + 1]), name=f"down{index}/kernel")
                 block["down_bias"] = tf.Variable(np.zeros(stages[index + 1], np.float32), name=f"down{index}/bias")
             self.blocks.append(block)
-        self.head = tf.Variable(_glorot(rng, stages[-1], 10), name="head/kernel")
+        self.head = tf.Variable(glorot(rng, stages[-1], 10), name="head/kernel")
         self.head_bias = tf.Variable(np.zeros(10, np.float32), name="head/bias")
 
     @tf.function(input_signature=[SPEC])
@@ -119,7 +85,7 @@ class ResNet(tf.Module):
         return tf.matmul(tf.reduce_mean(x, axis=[1, 2]), self.head) + self.head_bias
 
 
-BUILDERS = {"cnn": CNN, "resnet": ResNet}
+BUILDERS = {"cnn": MnistCNN, "resnet": ResNet}
 
 
 def _fit(forward, variables, data, epochs, seed, before=None):

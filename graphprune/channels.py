@@ -54,7 +54,6 @@ REDUCE_OPS = {"Mean", "Sum", "Max", "Min", "Prod"}
 BATCH_NORM_OPS = {"FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"}
 ASSIGN_OPS = {"AssignVariableOp", "AssignSubVariableOp", "AssignAddVariableOp"}
 IGNORED_OPS = {"NoOp", "Placeholder", "Const", "ReadVariableOp", "VarHandleOp"}
-ROLES = ("in", "out", "through", "param")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,11 +227,8 @@ class _Entry:
     def flattened(self, ref: str) -> bool:
         """Whether ``ref`` is (through Identity/Cast) a Reshape flattening [N, ..., C] to 2-D."""
         node = self.origin(ref)
-        if node is None or node.op != "Reshape":
-            return False
-        xs, ys = self.shape(node.input[0]), self.shape(node.name)
-        return bool(xs and ys and len(ys) == 2 and len(xs) >= 3 and None not in xs[1:]
-                    and int(np.prod(xs[1:])) == ys[-1] and xs[-1] != ys[-1])
+        return (node is not None and node.op == "Reshape"
+                and _flattens(self.shape(node.input[0]), self.shape(node.name)))
 
     def outputs_of(self, node) -> list[str]:
         count = 0
@@ -668,8 +664,7 @@ def _reshape(self: _Entry, node) -> None:
         self.link(self.tensor(x), self.tensor(node.name))
         self.graph.reshapes.append(Reshape(self.entry.name, node.name, self.tensor(x), 1))
         return
-    inner = xs[1:]
-    if len(ys) == 2 and len(xs) >= 3 and None not in inner and int(np.prod(inner)) == ys[-1]:
+    if _flattens(xs, ys):
         space = self.graph.space(("p", self.entry.name, node.name), xs[-1])
         self.link(self.tensor(x), space)
         self.periodic[self.body.ref(node.name)] = space
@@ -677,6 +672,12 @@ def _reshape(self: _Entry, node) -> None:
         self.graph.reshapes.append(Reshape(self.entry.name, node.name, self.tensor(x), ys[-1] // xs[-1]))
         return
     self.unknown(node)
+
+
+def _flattens(xs, ys) -> bool:
+    """Whether a Reshape from static shape ``xs`` to ``ys`` flattens [N, ..., C] to [N, ... * C]."""
+    return bool(xs and ys and len(ys) == 2 and len(xs) >= 3 and None not in xs[1:]
+                and int(np.prod(xs[1:])) == ys[-1] and xs[-1] != ys[-1])
 
 
 def _shape_last(self: _Entry, ref: str):
@@ -796,14 +797,15 @@ _HANDLERS = {
     "BatchMatMul": _matmul, "BatchMatMulV2": _matmul, "BatchMatMulV3": _matmul, "Einsum": _einsum,
     **{op: _batch_norm for op in BATCH_NORM_OPS}, **{op: _pool for op in POOL_OPS}, "Pad": _pad, "PadV2": _pad,
     "MirrorPad": _pad, **{op: _reduce for op in REDUCE_OPS}, "Squeeze": _squeeze_expand,
-    "ExpandDims": _squeeze_expand, "Reshape": _reshape, "Transpose": _transpose, "Shape": _shape, "ConcatV2": _concat, **{op: _assign for op in ASSIGN_OPS},
+    "ExpandDims": _squeeze_expand, "Reshape": _reshape, "Transpose": _transpose, "Shape": _shape,
+    "ConcatV2": _concat, **{op: _assign for op in ASSIGN_OPS},
 }
 
 
 def _static_shapes(entry: g.Entry, model: g.TracedModel) -> dict[tuple[str, int], list | None]:
     """(node, output index) -> static shape (a list with None for unknown dims; None if the rank
     is unknown), from importing the graph with every variable read given its variable's shape."""
-    graph_def = _copy(entry.graph_def)
+    graph_def = g.copy_graph(entry.graph_def)
     body = b.top_body(graph_def, dict(entry.resources), writable=False)
     for node in graph_def.node:
         key = body.read_key(node) if node.op == "ReadVariableOp" else None
@@ -828,12 +830,6 @@ def _static_shapes(entry: g.Entry, model: g.TracedModel) -> dict[tuple[str, int]
                 shape = output.shape
                 shapes[(op.name, index)] = None if shape.rank is None else shape.as_list()
     return shapes
-
-
-def _copy(graph_def):
-    copy = type(graph_def)()
-    copy.CopyFrom(graph_def)
-    return copy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -913,7 +909,7 @@ def _atoms(graph: _Graph):
     (atoms as (space, start, stop), edges between atoms)."""
     cuts = {space: {0, size} for space, size in graph.sizes.items()}
     changed = True
-    edges = [(a, c, offset) for a, c, offset in graph.edges if a in graph.sizes and c in graph.sizes]
+    edges = graph.edges  # _Graph.link keeps only edges between spaces of known size
     for a, c, offset in edges:
         cuts[c].update((offset, offset + graph.sizes[a]))
     while changed:
@@ -982,7 +978,6 @@ def describe(groups) -> str:
     return "\n".join(lines)
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Cost:
     """Parameters (float variables and constants of rank >= 1 that the entry reads) and FLOPs
@@ -994,6 +989,11 @@ class Cost:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def ratios(self, baseline: "Cost") -> str:
+        """'0.27x parameters, 0.26x FLOPs' against ``baseline``."""
+        return (f"{self.parameters / max(baseline.parameters, 1):.2f}x parameters, "
+                f"{self.flops / max(baseline.flops, 1):.2f}x FLOPs")
 
 
 def cost(target, entry: str | None = None) -> Cost:

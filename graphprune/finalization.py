@@ -74,14 +74,14 @@ def finalize_model(prunable, *, freeze: bool | str = True, verify: bool = False,
         steps.append(("freeze_variables", {"only": tuple(sorted(frozen))}))
     steps += [("read_handles_directly", {}), ("strip_unused", {})]  # the first: so TFLite freezes and quantizes
     if shrink:
-        steps.append(("shrink_channels", {"round_to": _round_to(traced, prunable)}))
+        steps.append(("shrink_channels", {"round_to": _round_to(prunable)}))
     values = VariableValues(live)
     after_pass = optional_verifier(verify, values, ones_masks=False)
     result = run_pipeline(traced, steps, PassContext(values=values), after_pass=after_pass)
     return result.model, values, result
 
 
-def _round_to(traced, prunable) -> int:
+def _round_to(prunable) -> int:
     config = getattr(prunable, "config", None)
     return config.structure.round_to if config is not None and config.structure.channels else 1
 

@@ -199,7 +199,7 @@ class PrunableModel(tf.Module):
         if any(plan.structure.channels for plan in plans.values()):
             from graphprune.channels import channel_groups
 
-            groups = self.traced.facts.get("channel_groups") or channel_groups(self.traced)
+            groups = channel_groups(self.traced)  # the recorded fact, or found now (a reloaded model)
         computed = compute_masks(values, plans, targets, {w.key: w.input_axis for w in weights}, alive,
                                  groups=groups)
         for weight in weights:

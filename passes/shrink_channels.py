@@ -29,15 +29,13 @@ from graphprune.passbase import Option, PassContext, PassResult, register_pass
 
 def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 1) -> PassResult:
     """Remove every dead channel of every prunable group (see the module docstring). ``round_to``
-    keeps a multiple of that many channels per group (dead ones kept back, lowest norm... first
-    in index order), for kernels that run faster on such counts."""
+    keeps a multiple of that many channels per group (dead channels kept back in index order),
+    for kernels that run faster on such counts."""
     analysis = analyze(model)
     consts = _const_values(model)
 
-    def value(member):
-        if member.kind == "variable":
-            return context.value(model, member.name)
-        return consts[member.name]
+    def value(kind: str, name: str) -> np.ndarray:
+        return np.asarray(context.value(model, name) if kind == "variable" else consts[name])
 
     removed: dict[str, np.ndarray] = {}  # group name -> dead channel indices
     removal: dict[tuple[str, str, int], set] = {}
@@ -48,7 +46,7 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
         consumers = [m for m in group.members if m.role == "in"]
         alive = np.zeros(group.size, bool)
         for member in consumers:
-            array = np.asarray(value(member))
+            array = value(member.kind, member.name)
             moved = np.moveaxis(array, member.axis, 0).reshape(array.shape[member.axis], -1)
             used = np.any(moved != 0, axis=1)
             if member.period is not None:
@@ -64,7 +62,7 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
         removed[group.name] = dead
         report_groups[group.name] = f"{group.size} -> {group.size - len(dead)}"
         for member in group.members:
-            dim = np.shape(value(member))[member.axis]
+            dim = value(member.kind, member.name).shape[member.axis]
             removal.setdefault((member.kind, member.name, member.axis), set()).update(
                 member.indices(dim, dead).tolist())
     if not removal:
@@ -72,9 +70,7 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
 
     sliced: dict[tuple[str, str], np.ndarray] = {}
     for (kind, name, axis), indices in sorted(removal.items()):
-        array = sliced.get((kind, name))
-        if array is None:
-            array = np.asarray(context.value(model, name) if kind == "variable" else consts[name])
+        array = sliced[(kind, name)] if (kind, name) in sliced else value(kind, name)
         sliced[(kind, name)] = np.delete(array, sorted(indices), axis=axis)
     specs = []
     for (kind, name), array in sliced.items():
@@ -98,8 +94,7 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
         entries.append(b.rewrite_entry(entry, rewrite)[0])
     new_model = dataclasses.replace(model.with_variables(specs), entries=tuple(entries))
     report = {"shrunk": report_groups, "left_whole": _whole(analysis),
-              "removed_parameters": int(sum(np.size(context.value(model, n) if k == "variable" else consts[n])
-                                            - a.size for (k, n), a in sliced.items()))}
+              "removed_parameters": int(sum(value(k, n).size - a.size for (k, n), a in sliced.items()))}
     return PassResult(new_model, changed=True, report=report)
 
 
@@ -108,14 +103,12 @@ def _whole(analysis) -> dict[str, str]:
 
 
 def _const_values(model: g.TracedModel) -> dict[str, np.ndarray]:
-    """Lazily read constants by "entry/node"."""
+    """Constants by "entry/node", each read when first asked for."""
+    nodes = {f"{e.name}/{n.name}": n for e in model.entries for n in e.graph_def.node if n.op == "Const"}
 
     class Lazy(dict):
         def __missing__(self, key):
-            entry_name, _, node_name = key.partition("/")
-            node = next(n for e in model.entries if e.name == entry_name for n in e.graph_def.node
-                        if n.name == node_name)
-            self[key] = tf.make_ndarray(node.attr["value"].tensor)
+            self[key] = tf.make_ndarray(nodes[key].attr["value"].tensor)
             return self[key]
 
     return Lazy()

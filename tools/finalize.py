@@ -47,9 +47,8 @@ def main(argv):
                                progress=common.progress(), shrink=_SHRINK.value)
     if _SHRINK.value:
         before, after = graphprune.cost(export.INPUT.value), graphprune.cost(path)
-        print(f"shrink: parameters {before.parameters:,} -> {after.parameters:,} "
-              f"({after.parameters / max(before.parameters, 1):.2f}x), FLOPs at batch 1 {before.flops:,} -> "
-              f"{after.flops:,} ({after.flops / max(before.flops, 1):.2f}x)")
+        print(f"shrink: parameters {before.parameters:,} -> {after.parameters:,}, FLOPs at batch 1 {before.flops:,} "
+              f"-> {after.flops:,} ({after.ratios(before)})")
     with common.stages("finalize")("size report"):
         print(graphprune.size_report(path).table())
     export.write_tflite(path, plan, representative)

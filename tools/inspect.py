@@ -47,8 +47,7 @@ def main(argv):
     if cost is not None:
         line = f"parameters {cost.parameters:,}, FLOPs at batch 1 {cost.flops:,} ({cost.entry})"
         if baseline is not None:
-            line += (f"; against {_BASELINE.value}: {cost.parameters / max(baseline.parameters, 1):.2f}x parameters, "
-                     f"{cost.flops / max(baseline.flops, 1):.2f}x FLOPs")
+            line += f"; against {_BASELINE.value}: {cost.ratios(baseline)}"
         print(line)
     if groups:
         from graphprune.channels import describe

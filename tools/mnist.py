@@ -26,26 +26,29 @@ FILES = {
 }
 
 
-class MnistCNN(tf.Module):
-    """The classic MNIST CNN (TF Model Optimization's pruning tutorial), no Keras."""
+def glorot(rng, *shape) -> np.ndarray:
+    """Glorot-uniform initial values of ``shape`` (float32) from ``rng``."""
+    fan_in = int(np.prod(shape[:-1]))
+    fan_out = shape[-1] * (int(np.prod(shape[:-2])) if len(shape) > 2 else 1)
+    limit = np.sqrt(6.0 / (fan_in + fan_out))
+    return rng.uniform(-limit, limit, shape).astype(np.float32)
 
-    def __init__(self, seed: int = 0):
+
+class MnistCNN(tf.Module):
+    """The classic MNIST CNN (TF Model Optimization's pruning tutorial), no Keras: conv 5x5
+    (``widths[0]``), conv 5x5 (``widths[1]``), dense (``widths[2]``), dense 10."""
+
+    def __init__(self, seed: int = 0, widths=(32, 64, 1024)):
         super().__init__(name="mnist_cnn")
         rng = np.random.RandomState(seed)
-
-        def glorot(*shape):
-            fan_in = int(np.prod(shape[:-1]))
-            fan_out = shape[-1] * (int(np.prod(shape[:-2])) if len(shape) > 2 else 1)
-            limit = np.sqrt(6.0 / (fan_in + fan_out))
-            return rng.uniform(-limit, limit, shape).astype(np.float32)
-
-        self.conv1 = tf.Variable(glorot(5, 5, 1, 32), name="conv1/kernel")
-        self.conv1_bias = tf.Variable(np.zeros(32, np.float32), name="conv1/bias")
-        self.conv2 = tf.Variable(glorot(5, 5, 32, 64), name="conv2/kernel")
-        self.conv2_bias = tf.Variable(np.zeros(64, np.float32), name="conv2/bias")
-        self.dense1 = tf.Variable(glorot(7 * 7 * 64, 1024), name="dense1/kernel")
-        self.dense1_bias = tf.Variable(np.zeros(1024, np.float32), name="dense1/bias")
-        self.dense2 = tf.Variable(glorot(1024, 10), name="dense2/kernel")
+        c1, c2, hidden = self.widths = tuple(int(w) for w in widths)
+        self.conv1 = tf.Variable(glorot(rng, 5, 5, 1, c1), name="conv1/kernel")
+        self.conv1_bias = tf.Variable(np.zeros(c1, np.float32), name="conv1/bias")
+        self.conv2 = tf.Variable(glorot(rng, 5, 5, c1, c2), name="conv2/kernel")
+        self.conv2_bias = tf.Variable(np.zeros(c2, np.float32), name="conv2/bias")
+        self.dense1 = tf.Variable(glorot(rng, 7 * 7 * c2, hidden), name="dense1/kernel")
+        self.dense1_bias = tf.Variable(np.zeros(hidden, np.float32), name="dense1/bias")
+        self.dense2 = tf.Variable(glorot(rng, hidden, 10), name="dense2/kernel")
         self.dense2_bias = tf.Variable(np.zeros(10, np.float32), name="dense2/bias")
 
     @tf.function(input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32, name="image")])
@@ -54,7 +57,7 @@ class MnistCNN(tf.Module):
         x = tf.nn.max_pool2d(x, 2, 2, "VALID")
         x = tf.nn.relu(tf.nn.conv2d(x, self.conv2, 1, "SAME") + self.conv2_bias)
         x = tf.nn.max_pool2d(x, 2, 2, "VALID")
-        x = tf.reshape(x, [-1, 7 * 7 * 64])
+        x = tf.reshape(x, [-1, 7 * 7 * self.widths[1]])
         x = tf.nn.relu(tf.matmul(x, self.dense1) + self.dense1_bias)
         return tf.matmul(x, self.dense2) + self.dense2_bias
 
