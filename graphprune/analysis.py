@@ -104,8 +104,8 @@ def trace(body: b.Body, ref: str) -> Traced | None:
         if node.op in PASS_THROUGH_OPS or node.op in RESHAPE_OPS:
             reshaped |= node.op in RESHAPE_OPS
             node = body.producer(node.input[0])
-        elif node.op == "Mul" and names.is_masked_node(node.name):
-            mask_key = body.read_key(body.producer(node.input[1]))
+        elif is_mask_multiply(node):
+            mask_key = mask_operand_key(body, node)
             node = body.producer(node.input[0])
         elif node.op == "ReadVariableOp":
             key = body.read_key(node)
@@ -117,6 +117,14 @@ def trace(body: b.Body, ref: str) -> Traced | None:
 
 def is_mask_multiply(node) -> bool:
     return node.op == "Mul" and names.is_masked_node(node.name)
+
+
+def mask_operand_key(body: b.Body, node) -> str | None:
+    """The mask variable a mask multiply reads (through the Cast of a one-byte mask), or None."""
+    mask = body.producer(node.input[1])
+    if mask is not None and mask.op == "Cast":
+        mask = body.producer(mask.input[0])
+    return body.read_key(mask)
 
 
 def input_axis(node, operand: int, rank: int) -> int | None:

@@ -9,7 +9,7 @@ import warnings
 import tensorflow as tf
 
 from graphprune.config import PruningConfig, make_config
-from graphprune.errors import NoPrunableWeightsError
+from graphprune.errors import BadModelError, NoPrunableWeightsError
 from graphprune.io import atomic_directory, check_output
 from graphprune.load import load
 from graphprune.model import PrunableModel
@@ -96,8 +96,11 @@ def save(model, output_dir, *, overwrite: bool = False, inputs=()) -> str:
 
     The pruned weights are stored exactly masked (pruned elements +0.0): ``apply_masks()`` runs
     first, since optimizers with momentum move pruned weights between mask updates (the outputs
-    never see it: the forward pass reads w * mask)."""
-    state = model._graphprune
+    never see it: the forward pass reads w * mask). A prunable SavedModel reloaded with
+    ``tf.saved_model.load`` (trained in your own loop) is saved the same way, with its signatures."""
+    state = getattr(model, "_graphprune", None)
+    if state is None:
+        return _save_reloaded(model, output_dir, overwrite=overwrite, inputs=inputs)
     check_output(output_dir, overwrite=overwrite, inputs=inputs)
     # A polymorphic method is saved with every trace it had: trace them all now (SavedModel
     # stores the traces a tf.function holds).
@@ -126,6 +129,19 @@ def save(model, output_dir, *, overwrite: bool = False, inputs=()) -> str:
             os.makedirs(temp)
             tf.saved_model.save(model, temp, signatures=signatures,
                                 options=tf.saved_model.SaveOptions(experimental_custom_gradients=False))
+    return os.path.abspath(os.fspath(output_dir))
+
+
+def _save_reloaded(model, output_dir, *, overwrite: bool, inputs) -> str:
+    from graphprune.training import apply_masks
+
+    if not (hasattr(model, "update_masks") and hasattr(model, "masks") and hasattr(model, "pruned_weights")):
+        raise BadModelError(f"graphprune.save takes a PrunableModel (graphprune.prune) or a reloaded prunable "
+                            f"SavedModel, got {type(model).__name__}; save other models with tf.saved_model.save")
+    check_output(output_dir, overwrite=overwrite, inputs=inputs)
+    apply_masks(model)
+    with atomic_directory(output_dir, overwrite=overwrite, inputs=inputs) as temp:
+        tf.saved_model.save(model, temp, signatures=dict(model.signatures) or None)
     return os.path.abspath(os.fspath(output_dir))
 
 

@@ -16,7 +16,7 @@ from graphprune import rebuild
 from graphprune.analysis import is_mask_multiply, written_variables
 from graphprune.graph import ROLE_MASK, ROLE_OTHER
 from graphprune.io import atomic_file, check_output
-from graphprune.masks import pruned_values, store_pruned
+from graphprune.masks import kept, pruned_values, store_pruned
 from graphprune.load import load
 from graphprune.pipeline import PassContext, VariableValues, run_pipeline
 from graphprune.verify import optional_verifier
@@ -139,7 +139,7 @@ def _warn_if_nothing_pruned(traced, variables) -> None:
     if not masks:
         warnings.warn("graphprune: finalize: the model has no masks, so nothing is pruned; the output computes what "
                       "the input does (prune it first: graphprune.prune / `graphprune prune`)", stacklevel=3)
-    elif all(bool(tf.reduce_all(tf.not_equal(variables[key], 0))) for key in masks):  # no NumPy copy of a mask
+    elif all(bool(tf.reduce_all(kept(variables[key]))) for key in masks):  # no NumPy copy of a mask
         warnings.warn("graphprune: finalize: nothing is pruned yet (every mask is all ones); train with "
                       "update_masks() past begin_step, or prune one-shot, before finalizing", stacklevel=3)
 

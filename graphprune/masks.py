@@ -28,6 +28,31 @@ from graphprune.schedules import check_sparsity
 
 POOLINGS = ("AVG", "MAX")
 
+# Masks are stored as uint8 variables holding 0 or 1, one byte per element: a float32 mask the size
+# of its weight doubled a prunable model's memory and its checkpoint (at 1B parameters, 4 GB more to
+# hold and to write). The forward pass reads w * cast(mask, w.dtype). Not bool: the gradient of a
+# While nested in a While adds up gradients of every tensor its bodies read (AddN), and AddN has no
+# bool kernel. Masks saved by earlier versions (the weight's dtype) are still read: every helper
+# here takes any dtype.
+MASK_DTYPE = "uint8"
+
+
+def kept(mask):
+    """Where ``mask`` keeps its weight, as bool (a numeric mask where != 0, a bool one as it is).
+    TF tensors/variables or NumPy arrays."""
+    if isinstance(mask, np.ndarray) or np.isscalar(mask):
+        mask = np.asarray(mask)
+        return mask if mask.dtype == np.bool_ else mask != 0
+    return mask if mask.dtype == tf.bool else tf.not_equal(mask, tf.zeros([], mask.dtype))
+
+
+def stored_mask(mask, dtype=MASK_DTYPE):
+    """A computed 0/1 mask (the weight's dtype) as a mask variable of ``dtype`` stores it."""
+    dtype = tf.dtypes.as_dtype(dtype)
+    if isinstance(mask, np.ndarray):
+        return kept(mask) if dtype == tf.bool else mask.astype(dtype.as_numpy_dtype)
+    return kept(mask) if dtype == tf.bool else tf.cast(mask, dtype)
+
 
 def pruned_values(weight, mask):
     """The weight with its pruned elements set to +0.0 (TF tensors or NumPy arrays).
@@ -37,8 +62,8 @@ def pruned_values(weight, mask):
     (one-shot) the gzipped float .tflite went from 2,183,542 to 1,557,937 bytes with +0.0."""
     if isinstance(weight, np.ndarray) or np.isscalar(weight):
         weight = np.asarray(weight)
-        return np.where(np.asarray(mask) != 0, weight, np.zeros((), weight.dtype)).astype(weight.dtype)
-    return tf.where(tf.not_equal(mask, 0), weight, tf.zeros([], weight.dtype))  # no weight-sized zeros
+        return np.where(kept(np.asarray(mask)), weight, np.zeros((), weight.dtype)).astype(weight.dtype)
+    return tf.where(kept(mask), weight, tf.zeros([], weight.dtype))  # no weight-sized zeros
 
 
 _BITS = {2: tf.int16, 4: tf.int32, 8: tf.int64}
@@ -53,7 +78,7 @@ def store_pruned(weight, mask) -> None:
     value = tf.convert_to_tensor(weight)
     bits = _BITS.get(value.dtype.size) if value.dtype.is_floating else None
     if bits is not None:  # any set bit where pruned (-0.0 included) needs the rewrite
-        stray = tf.logical_and(tf.equal(mask, 0), tf.not_equal(tf.bitcast(value, bits), 0))
+        stray = tf.logical_and(tf.logical_not(kept(mask)), tf.not_equal(tf.bitcast(value, bits), 0))
         if not bool(tf.reduce_any(stray)):
             return
     del value

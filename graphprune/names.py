@@ -74,6 +74,10 @@ def mask_read_node(key: str) -> str:
     return f"{node_scope(key)}/mask/read"
 
 
+def mask_cast_node(key: str) -> str:
+    return f"{node_scope(key)}/mask/cast"
+
+
 def mask_placeholder(key: str) -> str:
     return f"{node_scope(key)}/mask/resource"
 

@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from graphprune import body as b
 from graphprune import graph as g
-from graphprune.analysis import is_mask_multiply
+from graphprune.analysis import is_mask_multiply, mask_operand_key
 from graphprune.masks import pruned_values
 from graphprune.passbase import Option, PassContext, PassResult, register_pass
 
@@ -42,7 +42,7 @@ def fold_masks(model: g.TracedModel, context: PassContext, freeze: bool = True, 
             if not is_mask_multiply(node):
                 continue
             weight_key = body.read_key(body.producer(node.input[0]))
-            mask_key = body.read_key(body.producer(node.input[1]))
+            mask_key = mask_operand_key(body, node)
             if weight_key is None or mask_key is None:
                 continue
             constant = freeze and weight_key not in kept

@@ -31,7 +31,7 @@ from graphprune.analysis import weights_of
 from graphprune.channels import channel_groups
 from graphprune.config import PruningConfig, make_config
 from graphprune.errors import PassError
-from graphprune.masks import pruned_values
+from graphprune.masks import pruned_values, stored_mask
 from graphprune.names import STEP_KEY, UPDATE_ENTRY, threshold_key  # noqa: F401  (also imported from here)
 from graphprune.passbase import CONFIG_OPTIONS, PassContext, PassResult, register_pass
 from graphprune.update import compute_masks
@@ -107,7 +107,7 @@ def _build_update_entry(model, config, weights, plans, coupled=()) -> g.Entry:
                 for weight in members:  # create every placeholder outside the branch functions
                     handle(weight.key), handle(weight.mask), handle(threshold_key(weight.key))
                 should_prune, target = schedule(step)
-                branch = _update_branch(members, plans, target, read, handle, step, coupled)
+                branch = _update_branch(model, members, plans, target, read, handle, step, coupled)
                 updated = tf.cond(should_prune, branch, lambda: tf.constant(False))
                 updates.append(updated)
                 if schedule == config.schedule or main_should is None:
@@ -157,7 +157,7 @@ def _declare_side_effects(graph_def) -> None:
                 function.signature.control_output.append(node.name)
 
 
-def _update_branch(members, plans, target, read, handle, step, coupled=()):
+def _update_branch(model, members, plans, target, read, handle, step, coupled=()):
     def branch():
         values = {w.key: read(w.key) for w in members}
         alive = {w.key: read(w.mask) for w in members}
@@ -165,7 +165,8 @@ def _update_branch(members, plans, target, read, handle, step, coupled=()):
 
         def assign(key, mask, threshold):
             weight = by_key[key]
-            return [tf.raw_ops.AssignVariableOp(resource=handle(weight.mask), value=mask),
+            stored = stored_mask(mask, model.variables[weight.mask].dtype)
+            return [tf.raw_ops.AssignVariableOp(resource=handle(weight.mask), value=stored),
                     tf.raw_ops.AssignVariableOp(resource=handle(threshold_key(key)), value=threshold),
                     tf.raw_ops.AssignVariableOp(resource=handle(key), value=pruned_values(values[key], mask))]
 

@@ -4,12 +4,14 @@ Matches every ReadVariableOp of a weight recorded by find_weights (runs it if ne
 body of every entry. Rewrites:
 
     before:  Placeholder(w) -> ReadVariableOp -> MatMul           (and ResourceGather(w, ids))
-    after:   Placeholder(w) -> ReadVariableOp ----------------> Mul '<w>/graphprune/masked' -> MatMul
-             Placeholder('<w>/graphprune/mask/resource') -> ReadVariableOp '<w>/graphprune/mask/read' /
+    after:   Placeholder(w) -> ReadVariableOp -----------------------------------> Mul '<w>/graphprune/masked' -> MatMul
+             Placeholder('<w>/graphprune/mask/resource') -> ReadVariableOp '<w>/graphprune/mask/read'
+                 -> Cast '<w>/graphprune/mask/cast' (uint8 -> the weight's dtype) ----/
 
 An embedding lookup of a masked weight (ResourceGather) becomes GatherV2(w * mask, ids), so a
-tied embedding is masked once for both of its uses. One non-trainable mask variable ``<w>/graphprune/mask`` per weight (shared by all its uses and
-entries), initialised to ones, or with ``sparsity=`` to the magnitude mask of the weight's current
+tied embedding is masked once for both of its uses. One non-trainable uint8 (0/1) mask variable
+``<w>/graphprune/mask`` per weight (shared by all its uses and entries; one byte per element, see
+masks.MASK_DTYPE), initialised to ones, or with ``sparsity=`` to the magnitude mask of the weight's current
 value (one-shot pruning). Weights that are already masked are left alone, so a re-run is a no-op.
 Every body is rewritten the same way, at any depth: inside a While/If/Case body or a called
 function, the mask's resource is threaded in through every caller (a loop variable the body
@@ -33,6 +35,7 @@ from graphprune.analysis import weights_of
 from graphprune.config import PruningConfig, make_config
 from graphprune.errors import PassError
 from graphprune.names import mask_key
+from graphprune.masks import MASK_DTYPE, stored_mask
 from graphprune.passbase import CONFIG_OPTIONS, Option, PassContext, PassResult, register_pass
 from graphprune.schedules import ConstantSparsity
 from graphprune.update import compute_masks
@@ -66,7 +69,7 @@ def insert_masks(model: g.TracedModel, context: PassContext, sparsity=None, fina
 
     initial = _initial_masks(model, context, to_mask, plans, sparsity)
     specs = [
-        g.VariableSpec(key=mask_key(w.key), shape=w.shape, dtype=w.dtype, role=g.ROLE_MASK, trainable=False,
+        g.VariableSpec(key=mask_key(w.key), shape=w.shape, dtype=MASK_DTYPE, role=g.ROLE_MASK, trainable=False,
                        initial=initial[w.key], weight=w.key)
         for w in to_mask
     ]
@@ -84,13 +87,12 @@ def insert_masks(model: g.TracedModel, context: PassContext, sparsity=None, fina
 def _initial_masks(model, context, weights, plans, sparsity) -> dict[str, np.ndarray]:
     if sparsity is None:
         # Broadcast views of one 1: no mask-sized array until the variable is made (in TensorFlow).
-        return {w.key: np.broadcast_to(np.ones((), tf.dtypes.as_dtype(w.dtype).as_numpy_dtype), w.shape)
-                for w in weights}
+        return {w.key: np.broadcast_to(np.ones((), tf.dtypes.as_dtype(MASK_DTYPE).as_numpy_dtype), w.shape) for w in weights}
     values = {w.key: tf.constant(context.value(model, w.key)) for w in weights}
     # One-shot: each weight goes to its plan's final sparsity (own-sparsity rules included).
     targets = {w.key: tf.constant(plans[w.key].schedule.final_sparsity, tf.float32) for w in weights}
     computed = compute_masks(values, plans, targets, {w.key: w.input_axis for w in weights})
-    return {key: mask.numpy() for key, (mask, _) in computed.items()}
+    return {key: stored_mask(mask).numpy() for key, (mask, _) in computed.items()}
 
 
 def _mask_body(body: b.Body, keys: set[str], variables) -> None:
@@ -115,11 +117,15 @@ def _mask_body(body: b.Body, keys: set[str], variables) -> None:
     for key, read_nodes in sorted(reads.items()):
         dtype = tf.dtypes.as_dtype(variables[key].dtype)
         resource = body.resource(names.mask_key(key), names.mask_placeholder(key))
-        mask_read = body.add(g.make_node(names.mask_read_node(key), "ReadVariableOp", [resource], dtype=dtype))
+        stored = tf.dtypes.as_dtype(variables[names.mask_key(key)].dtype)
+        mask = body.add(g.make_node(names.mask_read_node(key), "ReadVariableOp", [resource], dtype=stored))
+        if stored != dtype:  # a one-byte mask, read as the weight's 0/1
+            mask = body.add(g.make_node(names.mask_cast_node(key), "Cast", [body.ref(mask.name)], SrcT=stored,
+                                        DstT=dtype, Truncate=False))
         for number, read in enumerate(sorted(read_nodes, key=lambda n: n.name)):
             masked = names.masked_node(key, number)
             value = body.ref(read.name)
-            body.add(g.make_node(masked, "Mul", [value, body.ref(mask_read.name)], T=dtype))
+            body.add(g.make_node(masked, "Mul", [value, body.ref(mask.name)], T=dtype))
             body.repoint(value, body.ref(masked), exclude=(masked,))
         for gather in gathers.get(key, ()):
             _gather_masked(body, gather, key, dtype)

@@ -205,7 +205,7 @@ def test_weights_inside_if_branches(tmp_path):
     pm = graphprune.prune(branchy, schedule=graphprune.ConstantSparsity(0.5, 0, frequency=1), verify=True)
     assert sorted(r["name"] for r in pm.weights()) == ["else_w", "then_w"]
     pm.update_masks()
-    masks = {m.name.split("/graphprune")[0]: m.numpy() for m in pm.masks}
+    masks = {m.name.split("/graphprune")[0]: m.numpy().astype(np.float32) for m in pm.masks}
     np.testing.assert_array_equal(pm(x, True).numpy(), tf.matmul(x, then_weight * masks["then_w"]).numpy())
     np.testing.assert_array_equal(pm(x, False).numpy(), tf.matmul(x, else_weight * masks["else_w"]).numpy())
     loaded = tf.saved_model.load(graphprune.finalize(pm, str(tmp_path / "final"), verify=True))

@@ -61,11 +61,11 @@ def test_zero_mask_removes_exactly_that_weights_contribution(mlp):
     x = testmodels.batch([8])
     pm = graphprune.prune(mlp)
     mask = next(m for m in pm.masks if m.name.startswith("dense_1/kernel"))
-    values = np.ones(mask.shape, np.float32)
-    values[3, 2] = 0.0
+    values = np.ones(mask.shape, np.uint8)  # masks are 0/1 in one byte
+    values[3, 2] = 0
     mask.assign(values)
     hidden = tf.nn.relu(tf.matmul(x, mlp.w1) + mlp.b1)
-    expected = tf.matmul(hidden, mlp.w2 * values) + mlp.b2
+    expected = tf.matmul(hidden, mlp.w2 * values.astype(np.float32)) + mlp.b2
     _assert_close(pm(x), expected, atol=1e-5)
     # the difference to the dense model is exactly hidden[:, 3] * w2[3, 2] in output column 2
     delta = (mlp(x) - pm(x)).numpy()
@@ -78,7 +78,7 @@ def test_gradients_of_masked_elements_are_exactly_zero(cnn):
     pm = graphprune.prune(cnn)
     rng = np.random.RandomState(3)
     for mask in pm.masks:
-        mask.assign((rng.uniform(size=mask.shape) > 0.5).astype(np.float32))
+        mask.assign((rng.uniform(size=mask.shape) > 0.5).astype(np.uint8))
     with tf.GradientTape() as tape:
         loss = tf.reduce_sum(pm(x) ** 2)
     grads = tape.gradient(loss, pm.pruned_weights)
@@ -128,6 +128,51 @@ def test_save_load_call_keeps_masks_and_outputs(tmp_path, cnn):
     assert int(loaded.step.numpy()) == 1
     out = loaded.update_masks()  # still prunes after reload
     assert int(out["step"]) == 2
+    resaved = tf.saved_model.load(graphprune.save(loaded, str(tmp_path / "resaved")))  # saved as reloaded
+    _assert_close(resaved.signatures["serving_default"](x=x)["output_0"], loaded(x))
+    assert int(resaved.step.numpy()) == 2
+    with pytest.raises(graphprune.BadModelError, match="reloaded prunable SavedModel"):
+        graphprune.save(cnn, str(tmp_path / "not_prunable"))
+
+
+def test_masks_are_one_byte_and_the_forward_reads_them_as_the_weights_dtype(tmp_path, cnn):
+    x = testmodels.batch([8, 8, 3])
+    pm = graphprune.prune(cnn, schedule=graphprune.ConstantSparsity(0.6, 0, frequency=1))
+    pm.update_masks()
+    assert {m.dtype for m in pm.masks} == {tf.uint8}
+    for mask, weight in zip(pm.masks, pm.pruned_weights):
+        np.testing.assert_array_equal(mask.numpy(), np.abs(weight.numpy()) > 0)
+        assert 0.55 < 1 - np.mean(mask.numpy()) < 0.65
+    loaded = tf.saved_model.load(graphprune.save(pm, str(tmp_path / "pruned")))
+    assert {m.dtype for m in loaded.masks} == {tf.uint8}
+    _assert_close(loaded(x), pm(x))
+
+
+def test_prunable_models_saved_with_float_masks_still_update_prune_and_finalize(tmp_path, cnn, monkeypatch):
+    """What graphprune wrote before masks were bool: masks of the weight's dtype, multiplied in
+    without a Cast. Such a model still updates, prunes one-shot and finalizes (from its directory)."""
+    from graphprune.passes import insert_masks
+
+    x = testmodels.batch([8, 8, 3])
+    with monkeypatch.context() as patch:
+        patch.setattr(insert_masks, "MASK_DTYPE", "float32")
+        pm = graphprune.prune(cnn, schedule=graphprune.ConstantSparsity(0.6, 0, frequency=1))
+    assert {m.dtype for m in pm.masks} == {tf.float32}
+    ops = {n.op for n in pm.traced.entry("__call__").graph_def.node if "graphprune/mask" in n.name}
+    assert "Cast" not in ops
+    path = graphprune.save(pm, str(tmp_path / "old"))
+    old = tf.saved_model.load(path)
+    old.update_masks()
+    for mask, weight in zip(old.masks, old.pruned_weights):
+        assert mask.dtype == tf.float32 and 0.55 < 1 - np.mean(mask.numpy()) < 0.65
+        np.testing.assert_array_equal(mask.numpy() != 0, weight.numpy() != 0)
+    expected = old(x).numpy()
+    graphprune.save(old, str(tmp_path / "updated"))
+    final = tf.saved_model.load(graphprune.finalize(str(tmp_path / "updated"), str(tmp_path / "final")))
+    _assert_close(final(x), expected, atol=1e-5)
+    reloaded = graphprune.prune(str(tmp_path / "updated"), schedule=graphprune.ConstantSparsity(0.8, 0, frequency=1))
+    reloaded.prune_now()
+    assert all(m.dtype == tf.float32 and abs(np.mean(m.numpy() == 0) - 0.8) < 0.02 for m in reloaded.masks)
 
 
 def test_saving_refuses_to_clobber(tmp_path, mlp):

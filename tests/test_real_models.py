@@ -187,7 +187,7 @@ def test_weights_behind_views_are_found_conv1d_expanddims_and_transpose(tmp_path
     assert sorted(row["name"] for row in pm.weights()) == ["projection", "stem"]
     x = tf.constant(rng.randn(2, 12, 4).astype(np.float32))
     pm.update_masks()
-    masks = {m.name.split("/graphprune")[0]: m for m in pm.masks}
+    masks = {m.name.split("/graphprune")[0]: tf.cast(m, tf.float32) for m in pm.masks}
     expected = tf.matmul(tf.reduce_mean(tf.nn.conv1d(x, stem * masks["stem"], 1, "VALID"), axis=1),
                          tf.transpose(projection * masks["projection"]))
     np.testing.assert_allclose(pm(x).numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
@@ -272,7 +272,7 @@ def test_every_trace_of_a_polymorphic_function_is_kept(tmp_path, as_saved_model)
         tf.saved_model.save(module, str(tmp_path / "m"))
         target = str(tmp_path / "m")
     pm = graphprune.prune(target, schedule=graphprune.ConstantSparsity(0.5, 0), one_shot=True)
-    masked = module.w * pm.masks[0]
+    masked = module.w * tf.cast(pm.masks[0], tf.float32)
     rng = np.random.RandomState(1)
     inputs = [tf.constant(rng.randn(*a[0].shape).astype(np.float32)) for a, _ in calls]
     for x, (_, kwargs) in zip(inputs, calls):
