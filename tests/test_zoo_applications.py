@@ -13,28 +13,32 @@ import graphprune  # noqa: E402
 import testmodels  # noqa: E402
 
 
-def _calibrated(name: str, size: int):
-    """The model with batch-norm statistics taken from random inputs: with the initial ones,
-    activations collapse (about 1e-10 for MobileNetV3) and every comparison passes trivially."""
+CALIBRATION_SAMPLES = {"EfficientNetV2B0": 32}  # see _calibrated
+
+
+def _calibrated(name: str, size: int, samples: int | None = None):
+    """The model with batch-norm statistics taken from ``samples`` random inputs (the first 4 are
+    returned to run it on): with the initial ones, activations collapse (about 1e-10 for
+    MobileNetV3) and every comparison passes trivially. Few samples leave channels whose
+    statistics are taken over a handful of values at the deepest, 1x1 layers: a near-zero
+    variance there multiplies rounding by up to 1/sqrt(epsilon) per layer (EfficientNetV2B0 at
+    32x32 from 4 samples reaches outputs of 4e5, and Keras itself, eager against its own
+    SavedModel, differs by 5e-4 of that; from 32 samples: 1.9 and 1.3e-5)."""
     import keras
 
     model = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3), classifier_activation=None)
-    x = np.random.RandomState(0).rand(4, size, size, 3).astype(np.float32) * 255
+    samples = samples or CALIBRATION_SAMPLES.get(name, 4)
+    x = np.random.RandomState(0).rand(samples, size, size, 3).astype(np.float32) * 255
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.momentum = 0.0
     model(x, training=True)
-    return model, x
+    return model, x[:4]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, size", [
-    ("Xception", 71),
-    pytest.param("EfficientNetV2B0", 32, marks=pytest.mark.xfail(
-        reason="ill-conditioned with random weights, not a graphprune fault: outputs reach ~5e4 and Keras "
-               "itself, eager against its own SavedModel, differs by 7.8e-4 of that scale, so the all-ones "
-               "masked graph (4e-3) cannot match bit for bit; benchmarks/zoo.md lists its differences",
-        strict=False)),
+    ("Xception", 71), ("EfficientNetV2B0", 32),
     ("DenseNet121", 32), ("MobileNetV3Small", 32), ("InceptionV3", 75), ("NASNetMobile", 32),
     ("ConvNeXtTiny", 32),  # grouped Conv2D, which Keras runs in an XLA function on CPU
     ("VGG16", 32), ("MobileNet", 32), ("ResNet50V2", 32)])
@@ -50,8 +54,11 @@ def test_keras_application_full_chain(tmp_path, name, size):
     counted = [w.path for w in model.weights if w.path.endswith("kernel") and len(w.shape) >= 2]
     assert len(pm.weights()) == len(counted)
     # All-ones masks: the same arithmetic, except where graphprune inlined an XLA-compiled
-    # function (ConvNeXt's grouped convolutions), which TensorFlow's own kernels then run.
-    tolerance = 1e-5 * scale if name == "ConvNeXtTiny" else 0.0
+    # function (ConvNeXt's grouped convolutions), which TensorFlow's own kernels then run, and
+    # EfficientNetV2B0, whose rebuilt graph differs from its SavedModel by 1.2e-5 of the scale with
+    # no mask at all (`graphprune run --passes=find_weights`; oneDNN on or off): TensorFlow's
+    # optimizer sums its swish blocks in another order once their function calls are inlined.
+    tolerance = {"ConvNeXtTiny": 1e-5, "EfficientNetV2B0": 1e-4}.get(name, 0.0) * scale
     np.testing.assert_allclose(pm.serve(x).numpy(), reference, atol=tolerance, rtol=0)
 
     pm.prune_now()
