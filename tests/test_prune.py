@@ -195,3 +195,26 @@ def test_input_saved_model_is_not_modified(mlp_saved_model):
 def test_verify_mode_reports_every_pass(mlp):
     pm = graphprune.prune(mlp, schedule=graphprune.ConstantSparsity(0.5, 0), verify=True)
     assert pm(testmodels.batch([8])).shape == (5, 4)
+
+
+def test_one_shot_reaches_what_the_next_update_reaches_when_magnitudes_tie():
+    """Issue #16: one-shot left weights 1-2 entries short when float32 magnitudes tied at the
+    threshold, and the first update then pruned them. Here thousands of entries tie."""
+    rng = np.random.RandomState(0)
+    levels = tf.Variable((rng.randint(-3, 4, size=(64, 32)) * 0.25).astype(np.float32), name="levels")
+    flat = tf.Variable(np.full((32, 8), 0.1, np.float32), name="flat")  # every magnitude equal
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 64], tf.float32)])
+    def f(x):
+        return tf.matmul(tf.nn.relu(tf.matmul(x, levels)), flat)
+
+    pm = graphprune.prune(f, schedule=graphprune.ConstantSparsity(0.5, 0, frequency=1), one_shot=True)
+    one_shot = [mask.numpy() for mask in pm.masks]
+    sparsity = {mask.name.split("/")[0]: float(np.mean(mask.numpy() == 0)) for mask in pm.masks}
+    assert 0.3 < sparsity["levels"] <= 0.5 and sparsity["flat"] == 0.0  # ties at the threshold are kept
+    x = testmodels.batch([64])
+    before = pm(x).numpy()
+    pm.update_masks()  # step 1 prunes at the same sparsity
+    for mask, after in zip(one_shot, pm.masks):
+        np.testing.assert_array_equal(mask, after.numpy())
+    np.testing.assert_array_equal(pm(x).numpy(), before)
