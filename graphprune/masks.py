@@ -37,6 +37,15 @@ POOLINGS = ("AVG", "MAX")
 MASK_DTYPE = "uint8"
 
 
+def mask_dtype() -> str:
+    """The dtype of new mask variables: MASK_DTYPE, or int32 under a strategy that creates
+    variables by broadcasting their initial values with collective ops (MultiWorkerMirrored),
+    which have no uint8 kernel."""
+    if tf.distribute.has_strategy() and "Collective" in type(tf.distribute.get_strategy().extended).__name__:
+        return "int32"
+    return MASK_DTYPE
+
+
 def kept(mask):
     """Where ``mask`` keeps its weight, as bool (a numeric mask where != 0, a bool one as it is).
     TF tensors/variables or NumPy arrays."""

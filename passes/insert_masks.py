@@ -11,7 +11,7 @@ body of every entry. Rewrites:
 An embedding lookup of a masked weight (ResourceGather) becomes GatherV2(w * mask, ids), so a
 tied embedding is masked once for both of its uses. One non-trainable uint8 (0/1) mask variable
 ``<w>/graphprune/mask`` per weight (shared by all its uses and entries; one byte per element, see
-masks.MASK_DTYPE), initialised to ones, or with ``sparsity=`` to the magnitude mask of the weight's current
+masks.mask_dtype), initialised to ones, or with ``sparsity=`` to the magnitude mask of the weight's current
 value (one-shot pruning). Weights that are already masked are left alone, so a re-run is a no-op.
 Every body is rewritten the same way, at any depth: inside a While/If/Case body or a called
 function, the mask's resource is threaded in through every caller (a loop variable the body
@@ -35,7 +35,7 @@ from graphprune.analysis import weights_of
 from graphprune.config import PruningConfig, make_config
 from graphprune.errors import PassError
 from graphprune.names import mask_key
-from graphprune.masks import MASK_DTYPE, stored_mask
+from graphprune.masks import mask_dtype, stored_mask
 from graphprune.passbase import CONFIG_OPTIONS, Option, PassContext, PassResult, register_pass
 from graphprune.schedules import ConstantSparsity
 from graphprune.update import compute_masks
@@ -67,9 +67,10 @@ def insert_masks(model: g.TracedModel, context: PassContext, sparsity=None, fina
         return PassResult(model.with_facts(weights=weights), changed=False,
                           report={"masked": [], "skipped": skipped})
 
-    initial = _initial_masks(model, context, to_mask, plans, sparsity)
+    dtype = mask_dtype()
+    initial = _initial_masks(model, context, to_mask, plans, sparsity, dtype)
     specs = [
-        g.VariableSpec(key=mask_key(w.key), shape=w.shape, dtype=MASK_DTYPE, role=g.ROLE_MASK, trainable=False,
+        g.VariableSpec(key=mask_key(w.key), shape=w.shape, dtype=dtype, role=g.ROLE_MASK, trainable=False,
                        initial=initial[w.key], weight=w.key)
         for w in to_mask
     ]
@@ -84,15 +85,15 @@ def insert_masks(model: g.TracedModel, context: PassContext, sparsity=None, fina
     return PassResult(new_model.with_facts(weights=masked), changed=True, report=report)
 
 
-def _initial_masks(model, context, weights, plans, sparsity) -> dict[str, np.ndarray]:
+def _initial_masks(model, context, weights, plans, sparsity, dtype) -> dict[str, np.ndarray]:
     if sparsity is None:
         # Broadcast views of one 1: no mask-sized array until the variable is made (in TensorFlow).
-        return {w.key: np.broadcast_to(np.ones((), tf.dtypes.as_dtype(MASK_DTYPE).as_numpy_dtype), w.shape) for w in weights}
+        return {w.key: np.broadcast_to(np.ones((), tf.dtypes.as_dtype(dtype).as_numpy_dtype), w.shape) for w in weights}
     values = {w.key: tf.constant(context.value(model, w.key)) for w in weights}
     # One-shot: each weight goes to its plan's final sparsity (own-sparsity rules included).
     targets = {w.key: tf.constant(plans[w.key].schedule.final_sparsity, tf.float32) for w in weights}
     computed = compute_masks(values, plans, targets, {w.key: w.input_axis for w in weights})
-    return {key: stored_mask(mask).numpy() for key, (mask, _) in computed.items()}
+    return {key: stored_mask(mask, dtype).numpy() for key, (mask, _) in computed.items()}
 
 
 def _mask_body(body: b.Body, keys: set[str], variables) -> None:

@@ -151,11 +151,11 @@ def test_masks_are_one_byte_and_the_forward_reads_them_as_the_weights_dtype(tmp_
 def test_prunable_models_saved_with_float_masks_still_update_prune_and_finalize(tmp_path, cnn, monkeypatch):
     """What graphprune wrote before masks were bool: masks of the weight's dtype, multiplied in
     without a Cast. Such a model still updates, prunes one-shot and finalizes (from its directory)."""
-    from graphprune.passes import insert_masks
+    from graphprune import masks
 
     x = testmodels.batch([8, 8, 3])
     with monkeypatch.context() as patch:
-        patch.setattr(insert_masks, "MASK_DTYPE", "float32")
+        patch.setattr(masks, "MASK_DTYPE", "float32")
         pm = graphprune.prune(cnn, schedule=graphprune.ConstantSparsity(0.6, 0, frequency=1))
     assert {m.dtype for m in pm.masks} == {tf.float32}
     ops = {n.op for n in pm.traced.entry("__call__").graph_def.node if "graphprune/mask" in n.name}
