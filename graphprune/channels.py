@@ -17,6 +17,10 @@ it does not keep is poisoned):
                                 two activations are one space; Softmax's own axis is poisoned
     Reshape keeping the last axis      the same channels
     Reshape flattening [N, H, W, C] -> [N, H*W*C] into a MatMul        rows p * C + c of the kernel
+    Reshape merging two axes [.., h, d] -> [.., h*d] (or a kernel [D, h, d] -> [D, h*d]), and the
+                                Reshape splitting it back: h and d stay two spaces, followed
+                                through the (Batch)MatMul on the reshaped kernel (Keras's
+                                EinsumDense as keras-hub ViT runs it); any other reader poisons them
     ReadVariableOp / AssignVariableOp / Const                          the variable's / constant's axis
 
 Connected spaces (networkx, after splitting spaces where a Concat puts a slice boundary) form a
@@ -105,6 +109,17 @@ class Reshape:
     repeats: int  # 1: the last axis is kept; > 1: flattened (the last dim is repeats * channels)
 
 
+@dataclasses.dataclass(frozen=True)
+class ShapeDim:
+    """One element of a Reshape's constant shape operand that must become the product of the
+    (shrunk) sizes of ``spaces``: where two axes are merged or split (attention heads)."""
+
+    entry: str
+    node: str
+    position: int
+    spaces: tuple
+
+
 class _Graph:
     """The spaces and their relations, built entry by entry."""
 
@@ -116,6 +131,7 @@ class _Graph:
         self.poisoned_variables: dict[str, str] = {}
         self.roles: dict[tuple, str] = {}
         self.reshapes: list[Reshape] = []
+        self.dims: list[ShapeDim] = []
 
     def space(self, space: tuple, size) -> tuple | None:
         if size is None:
@@ -164,6 +180,13 @@ class _Entry:
                 if isinstance(value, list) and len(value) == len(shape):
                     self.shapes[(node.name, 0)] = [d if d is not None else v for d, v in zip(shape, value)]
         self.periodic: dict[str, tuple] = {}  # flattened tensor ref -> its channel space
+        # Two adjacent axes merged into one (attention heads and head_dim, as Keras's EinsumDense
+        # runs on a reshaped kernel): tensor ref -> (axis, (outer space, inner space)), and a
+        # reshaped weight's ref -> (the weight operand, first merged axis). Only the consumers
+        # below may read them (handled); any other poisons the spaces (_merged_consumers).
+        self.merged: dict[str, tuple[int, tuple]] = {}
+        self.merged_kernels: dict[str, tuple[str, int]] = {}
+        self.handled: set = set()  # (merged ref, consumer node)
         self.claimed: set = set()
         self.failed: str | None = None
 
@@ -286,6 +309,7 @@ class _Entry:
             self._settle(node)
         for ref in list(self.periodic):
             self._periodic_consumers(ref)
+        self._merged_consumers()
 
     def _settle(self, node) -> None:
         """Poison the axes the handler did not account for (all of them if it gave up)."""
@@ -300,6 +324,31 @@ class _Entry:
                     self.graph.poison(space, why)
             if self.failed and ref in self.periodic:
                 self.graph.poison(self.periodic[ref], why)
+
+    def _merged_consumers(self) -> None:
+        outputs = {self.body.parse(ref)[:2] for ref in self.entry.outputs}
+        for ref, (_, spaces) in self.merged.items():
+            why = self._unhandled(ref, outputs)
+            if why is not None:
+                for space in spaces:
+                    self.graph.poison(space, why)
+        for ref, (operand, _) in self.merged_kernels.items():
+            why = self._unhandled(ref, outputs)
+            if why is not None:
+                self.poison_tensor(operand, why)
+
+    def _unhandled(self, ref: str, outputs) -> str | None:
+        """Why a merged tensor is read by something that does not model its merged axis, or None."""
+        name, index, _ = self.body.parse(ref)
+        if (name, index) in outputs:
+            return f"it is an output of {self.entry.label}, merged with another axis"
+        for consumer, position in self.body.consumers(name):
+            raw = consumer.input[position]
+            if raw.startswith("^") or self.body.parse(raw)[1] != index:
+                continue
+            if (ref, consumer.name) not in self.handled:
+                return f"{consumer.op} '{consumer.name}' reads it merged with another axis"
+        return None
 
     def _periodic_consumers(self, ref: str) -> None:
         space = self.periodic[ref]
@@ -452,6 +501,9 @@ def _matmul(self: _Entry, node) -> None:
     else:
         transpose_a, transpose_w = _attr(node, "adj_x", "b", False), _attr(node, "adj_y", "b", False)
     ws, xs, ys = self.shape(w), self.shape(a), self.shape(node.name)
+    if w in self.merged_kernels:
+        _merged_kernel_matmul(self, node, a, w, transpose_a or transpose_w)
+        return
     if self.source(a) is None and self.source(w) is None and node.op != "MatMul":
         _batch_matmul(self, node, a, w, transpose_a, transpose_w)
         return
@@ -654,6 +706,8 @@ def _reshape(self: _Entry, node) -> None:
     if not xs or not ys or xs[-1] is None or ys[-1] is None:
         self.unknown(node)
         return
+    if _merge_or_split(self, node, x, shape_ref, xs, ys):
+        return
     if xs[-1] == ys[-1] and _shape_last(self, shape_ref) is None and _shape_of_own_input(self, x, shape_ref):
         self.link(self.tensor(x), self.tensor(node.name))  # tf.tensordot: computed from the input's own shape
         return
@@ -672,6 +726,98 @@ def _reshape(self: _Entry, node) -> None:
         self.graph.reshapes.append(Reshape(self.entry.name, node.name, self.tensor(x), ys[-1] // xs[-1]))
         return
     self.unknown(node)
+
+
+def _merged_axis(xs, ys) -> int | None:
+    """i where a Reshape from ``xs`` to ``ys`` merges axes i and i + 1 (both static) and keeps
+    every other axis; None otherwise (the first such i where size-1 axes make it ambiguous)."""
+    if len(ys) != len(xs) - 1:
+        return None
+    xs, ys = ([None if d is None or d < 0 else d for d in shape] for shape in (xs, ys))  # -1: unknown
+    for i in range(len(ys)):
+        if xs[:i] == ys[:i] and xs[i + 2:] == ys[i + 1:] and xs[i] is not None and xs[i + 1] is not None \
+                and ys[i] == xs[i] * xs[i + 1] and xs[i] > 1 and xs[i + 1] > 1:
+            return i
+    return None
+
+
+def _merge_or_split(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:
+    """Two adjacent axes merged into one, or a merged axis split back (see _Entry.merged); False
+    when the Reshape is neither (the other rules apply)."""
+    producer = self.body.producer(shape_ref)  # a constant shape: shrink_channels rewrites its elements
+    shape = _constant(self, shape_ref) if producer is not None and producer.op == "Const" else None
+    y = self.body.ref(node.name)
+    i = _merged_axis(xs, ys)
+    def dims(ref, merged_at: int) -> None:  # every element of the shape follows its spaces
+        for position in range(len(xs) - 1):
+            axes = (position, position + 1) if position == merged_at else \
+                (position if position < merged_at else position + 1,)
+            self.graph.dims.append(ShapeDim(self.entry.name, node.name, position,
+                                            tuple(self.tensor(ref, axis) for axis in axes)))
+
+    if i is not None and self.source(x) is not None and shape is not None:  # a kernel reshaped for a MatMul
+        self.merged_kernels[y] = (x, i)
+        for ref, rank in ((x, len(xs)), (y, len(ys))):
+            for axis in range(rank):
+                self.claim(ref, axis)
+        dims(x, i)
+        return True
+    if i is not None and shape is not None and shape.ndim == 1 and not _flattens(xs, ys):
+        spaces = (self.tensor(x, i), self.tensor(x, i + 1))
+        self.merged[y] = (i, spaces)
+        kept = [a for a in range(len(xs)) if a not in (i, i + 1)]
+        for axis in kept:
+            self.link(self.tensor(x, axis), self.tensor(y, axis if axis < i else axis - 1))
+        self.claimed.update(spaces)
+        self.claim(y, i)
+        dims(x, i)
+        return True
+    j = _merged_axis(ys, xs)  # a split: the inverse merge
+    if j is not None and x in self.merged and self.merged[x][0] == j and shape is not None and shape.ndim == 1:
+        spaces = self.merged[x][1]
+        if [self.graph.sizes.get(space) for space in spaces] != [ys[j], ys[j + 1]]:
+            return False
+        self.handled.add((x, node.name))
+        kept = [a for a in range(len(ys)) if a not in (j, j + 1)]
+        for axis in kept:
+            self.link(self.tensor(x, axis if axis < j else axis - 1), self.tensor(y, axis))
+        self.link(spaces[0], self.tensor(y, j))
+        self.link(spaces[1], self.tensor(y, j + 1))
+        self.claim(x, j)
+        for position in range(len(ys)):
+            self.graph.dims.append(ShapeDim(self.entry.name, node.name, position, (self.tensor(y, position),)))
+        return True
+    return False
+
+
+def _merged_kernel_matmul(self: _Entry, node, a: str, w: str, transposed: bool) -> None:
+    """x @ reshape(kernel): the kernel's merged axes are consumed from x's merged axis (its
+    factors, one each) or produce the output's last axis merged (see _Entry.merged)."""
+    operand, i = self.merged_kernels[w]
+    ws, xs, ys = self.shape(operand), self.shape(a), self.shape(node.name)
+    if transposed or ws is None or len(ws) != 3 or not xs or not ys or len(xs) != len(ys):
+        self.unknown(node)
+        return
+    if i == 0:  # rows: the kernel's axes 0 and 1, read from x's merged last axis
+        merged = self.merged.get(a)
+        if merged is None or merged[0] != len(xs) - 1 or \
+                [self.graph.sizes.get(space) for space in merged[1]] != [ws[0], ws[1]]:
+            self.unknown(node, f"{node.op} '{node.name}' reads a reshaped kernel from a tensor it does not follow")
+            return
+        self.handled.add((a, node.name))
+        self.claim(a, len(xs) - 1)
+        self.link(merged[1][0], self.weight(node, operand, 0, "in"))
+        self.link(merged[1][1], self.weight(node, operand, 1, "in"))
+        self.link(self.tensor(node.name), self.weight(node, operand, 2, "out"))
+    else:  # columns: the kernel's axes 1 and 2, the output's last axis merged
+        self.link(self.tensor(a), self.weight(node, operand, 0, "in"))
+        spaces = (self.weight(node, operand, 1, "out"), self.weight(node, operand, 2, "out"))
+        self.merged[self.body.ref(node.name)] = (len(ys) - 1, spaces)
+        self.claim(node.name, len(ys) - 1)
+    self.handled.add((w, node.name))
+    for axis in range(2):
+        self.claim(w, axis)
+    self.same(a, node.name, node, axes=range(len(ys) - 1))
 
 
 def _flattens(xs, ys) -> bool:
@@ -838,6 +984,7 @@ class Analysis:
     reshapes: tuple[Reshape, ...]
     slices: dict  # space -> [(start, stop, group name)]: where each group's channels lie in it
     sizes: dict  # space -> its channel count
+    dims: tuple[ShapeDim, ...] = ()
 
 
 def channel_groups(model) -> tuple[ChannelGroup, ...]:
@@ -884,7 +1031,7 @@ def analyze(model: g.TracedModel) -> Analysis:
         for space, start, stop in component:
             slices.setdefault(space, []).append((start, stop, name))
     groups.sort(key=lambda group: group.name)
-    return Analysis(tuple(groups), tuple(graph.reshapes), slices, dict(graph.sizes))
+    return Analysis(tuple(groups), tuple(graph.reshapes), slices, dict(graph.sizes), tuple(graph.dims))
 
 
 def _poison_nested(graph: _Graph, model: g.TracedModel) -> None:

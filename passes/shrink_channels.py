@@ -78,6 +78,7 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
             spec = model.variables[name]
             specs.append(dataclasses.replace(spec, shape=tuple(array.shape), value=array))
     new_shapes = _reshape_targets(analysis, removed)
+    new_dims = _dim_targets(analysis, removed)
     entries = []
     for entry in model.entries:
         def rewrite(body, entry=entry):
@@ -90,6 +91,8 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
                                                     tf.dtypes.as_dtype(node.attr["dtype"].type).name))
                 elif node.op == "Reshape" and (entry.name, node.name) in new_shapes:
                     _set_last_dim(body, node, new_shapes[(entry.name, node.name)])
+                elif node.op == "Reshape" and (entry.name, node.name) in new_dims:
+                    _set_dims(body, node, new_dims[(entry.name, node.name)])
 
         entries.append(b.rewrite_entry(entry, rewrite)[0])
     new_model = dataclasses.replace(model.with_variables(specs), entries=tuple(entries))
@@ -124,6 +127,34 @@ def _reshape_targets(analysis, removed: dict) -> dict[tuple[str, str], int]:
         if gone:
             targets[(reshape.entry, reshape.node)] = (size - gone) * reshape.repeats
     return targets
+
+
+def _dim_targets(analysis, removed: dict) -> dict[tuple[str, str], dict[int, int]]:
+    """(entry, Reshape node) -> {position: new value} of its constant shape operand, where two
+    axes are merged or split (channels.ShapeDim)."""
+    def kept(space) -> int:
+        gone = sum(len(removed.get(name, ())) for _, _, name in analysis.slices.get(space, []))
+        return analysis.sizes[space] - gone
+
+    targets: dict[tuple[str, str], dict[int, int]] = {}
+    for dim in analysis.dims:
+        if any(space not in analysis.sizes for space in dim.spaces):
+            continue  # a dimension not known statically (the batch): never a channel axis
+        if any(kept(space) != analysis.sizes[space] for space in dim.spaces):
+            targets.setdefault((dim.entry, dim.node), {})[dim.position] = int(np.prod([kept(s) for s in dim.spaces]))
+    return targets
+
+
+def _set_dims(body: b.Body, node, values: dict[int, int]) -> None:
+    """Point a Reshape's constant shape operand at a copy with ``values`` at their positions
+    (an element that is -1 stays -1: TensorFlow infers it)."""
+    producer = body.producer(body.data_inputs(node)[1])
+    shape = tf.make_ndarray(producer.attr["value"].tensor).copy()
+    for position, value in values.items():
+        if shape[position] != -1:
+            shape[position] = value
+    new = body.add(g.const_node(f"{node.name}/shrunk_shape", shape, tf.dtypes.as_dtype(producer.attr["dtype"].type).name))
+    body.set_input(node, 1, body.ref(new.name))
 
 
 def _set_last_dim(body: b.Body, node, last: int) -> None:

@@ -159,6 +159,55 @@ def test_training_removes_channels_gradually_and_gradients_flow(channel_net):
     assert alive == sorted(alive, reverse=True) and alive[0] > alive[-1] == 16
 
 
+class ReshapedHeads(tf.Module):
+    """Attention-style projections as Keras's EinsumDense runs them on TensorFlow: kernels
+    [D, heads, head_dim] reshaped for a BatchMatMul, the result split into heads and merged
+    back before the output projection. ``leak`` also reads the merged tensor with an op that
+    mixes its heads (a Sum over the merged axis), so the heads must be left whole."""
+
+    def __init__(self, leak: bool = False):
+        super().__init__()
+        rng = np.random.RandomState(0)
+        self.leak = leak
+        self.wq = tf.Variable(rng.randn(8, 4, 3).astype(np.float32), name="q/kernel")
+        self.bq = tf.Variable(rng.randn(4, 3).astype(np.float32), name="q/bias")
+        self.wo = tf.Variable(rng.randn(4, 3, 8).astype(np.float32), name="o/kernel")
+        self.w2 = tf.Variable(rng.randn(8, 5).astype(np.float32), name="out/kernel")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 6, 8], tf.float32)])
+    def __call__(self, x):
+        q = tf.matmul(x, tf.reshape(self.wq, [8, -1]))  # [b, 6, heads * head_dim]
+        q = tf.nn.relu(tf.reshape(q, [-1, 6, 4, 3]) + self.bq)
+        merged = tf.reshape(q, [-1, 6, 12])
+        y = tf.nn.relu(tf.matmul(merged, tf.reshape(self.wo, [-1, 8])))
+        if self.leak:
+            y = y + tf.reduce_sum(merged, axis=-1, keepdims=True)
+        return tf.matmul(y, self.w2)
+
+
+@pytest.mark.parametrize("leak", [False, True])
+def test_heads_through_reshaped_kernels_are_removed_or_left_whole(tmp_path, leak):
+    from graphprune.load import load
+
+    module = ReshapedHeads(leak)
+    pm = graphprune.prune(module, graphprune.ConstantSparsity(0.5, 0), structure="channel", one_shot=True)
+    groups = {g.name: g for g in graphprune.channel_groups(pm)}
+    assert groups["q/kernel:1"].prunable is not leak and groups["q/kernel:1"].size == 4
+    assert {(m.name, m.axis, m.role) for m in groups["q/kernel:1"].members} == {
+        ("q/kernel", 1, "out"), ("q/bias", 0, "param"), ("o/kernel", 0, "in")}
+    assert groups["q/kernel:2"].prunable is not leak and groups["q/kernel:2"].size == 3
+    if leak:
+        assert "merged with another axis" in groups["q/kernel:1"].reason
+    x = tf.constant(np.random.RandomState(1).randn(2, 6, 8).astype(np.float32))
+    masked = pm(x).numpy()
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True, freeze=False)
+    np.testing.assert_allclose(tf.saved_model.load(out)(x).numpy(), masked, atol=1e-5 * np.abs(masked).max())
+    shapes = {key: tuple(spec.shape) for key, spec in load(out).model.variables.items()}
+    heads, head_dim = (4, 3) if leak else (2, 2)
+    assert shapes["q/kernel"] == (8, heads, head_dim) and shapes["q/bias"] == (heads, head_dim)
+    assert shapes["o/kernel"] == (heads, head_dim, 4) and shapes["out/kernel"] == (4, 5)
+
+
 def test_what_cannot_be_shrunk_is_left_whole_and_reported(tmp_path):
     class Normalized(tf.Module):
         def __init__(self):
@@ -284,7 +333,7 @@ def test_keras_applications_shrink(tmp_path, name):
 def test_keras_hub_transformer_mlp_neurons(tmp_path, name):
     """The MLP's hidden neurons (intermediate kernel's columns, its bias, the output kernel's rows)
     and whole attention heads (query, key and value kernels' head axis, their biases, the output
-    projection's head axis) are removed; the residual stream (layer norms over it, and an
+    projection's head axis; also through ViT's reshaped kernels) are removed; the residual stream (layer norms over it, and an
     output) and the query/key head_dim (contracted between two activations) are left whole."""
     from test_real_models import _hub_backbones, _hub_vision_backbones, _inputs
 
@@ -299,12 +348,14 @@ def test_keras_hub_transformer_mlp_neurons(tmp_path, name):
            and not any("attention" in m.name or "mha" in m.name for m in group.members)]
     assert len(mlp) >= 1 and all(group.size == 32 for group in mlp)
     assert not any(group.prunable and any(m.name.endswith("norm/gamma") for m in group.members) for group in groups)
-    if name == "bert":  # keras-hub's BERT runs its projections as Einsum ops: heads are found
-        assert len(heads) == 1 and heads[0].prunable and heads[0].size == 2
-        query = next(v for k, v in pm.variables_by_key.items() if k.endswith("query/kernel"))
+    # BERT runs its projections as Einsum ops; ViT's run as BatchMatMuls on reshaped kernels
+    # ([hidden, heads, head_dim] -> [hidden, heads * head_dim]), the heads merged and split again
+    layers = 1 if name == "bert" else 2
+    assert len(heads) == layers and all(group.prunable and group.size == 2 for group in heads)
+    queries = [v for k, v in pm.variables_by_key.items() if k.endswith("query/kernel")]
+    assert len(queries) == layers
+    for query in queries:
         assert sorted(np.any(query.numpy() != 0, axis=(0, 2)).tolist()) == [False, True]  # 1 of 2 heads removed
-    else:  # Keras lowers ViT's output projection to a reshaped kernel in a BatchMatMul: heads are merged there
-        assert not heads
     signature = pm.signatures["serving_default"]
     if name == "bert":
         inputs = _inputs(signature.structured_input_signature[1], np.random.RandomState(0))
