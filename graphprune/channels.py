@@ -337,25 +337,26 @@ class _Entry:
             if why is not None:
                 self.poison_tensor(operand, why)
 
-    def _unhandled(self, ref: str, outputs) -> str | None:
-        """Why a merged tensor is read by something that does not model its merged axis, or None."""
+    def _readers(self, ref: str):
+        """(consumer, input position) of every op that reads tensor ``ref`` (not control edges)."""
         name, index, _ = self.body.parse(ref)
-        if (name, index) in outputs:
-            return f"it is an output of {self.entry.label}, merged with another axis"
         for consumer, position in self.body.consumers(name):
             raw = consumer.input[position]
-            if raw.startswith("^") or self.body.parse(raw)[1] != index:
-                continue
+            if not raw.startswith("^") and self.body.parse(raw)[1] == index:
+                yield consumer, position
+
+    def _unhandled(self, ref: str, outputs) -> str | None:
+        """Why a merged tensor is read by something that does not model its merged axis, or None."""
+        if self.body.parse(ref)[:2] in outputs:
+            return f"it is an output of {self.entry.label}, merged with another axis"
+        for consumer, _ in self._readers(ref):
             if (ref, consumer.name) not in self.handled:
                 return f"{consumer.op} '{consumer.name}' reads it merged with another axis"
         return None
 
     def _periodic_consumers(self, ref: str) -> None:
         space = self.periodic[ref]
-        name, index, _ = self.body.parse(ref)
-        for consumer, position in self.body.consumers(name):
-            if self.body.parse(consumer.input[position])[1] != index or consumer.input[position].startswith("^"):
-                continue
+        for consumer, position in self._readers(ref):
             if consumer.op in ("Identity", "Cast", "Snapshot"):
                 self.periodic[self.body.ref(consumer.name)] = space
                 self._periodic_consumers(self.body.ref(consumer.name))
@@ -741,13 +742,21 @@ def _merged_axis(xs, ys) -> int | None:
     return None
 
 
+def _other_axes(i: int, rank: int) -> list[tuple[int, int]]:
+    """(axis, the same axis once axes i and i + 1 of a rank-``rank`` shape are merged into one),
+    for every axis but those two."""
+    return [(axis, axis if axis < i else axis - 1) for axis in range(rank) if axis not in (i, i + 1)]
+
+
 def _merge_or_split(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:
     """Two adjacent axes merged into one, or a merged axis split back (see _Entry.merged); False
     when the Reshape is neither (the other rules apply)."""
-    producer = self.body.producer(shape_ref)  # a constant shape: shrink_channels rewrites its elements
-    shape = _constant(self, shape_ref) if producer is not None and producer.op == "Const" else None
+    producer = self.body.producer(shape_ref)
+    if producer is None or producer.op != "Const":  # shrink_channels rewrites a constant shape's elements
+        return False
     y = self.body.ref(node.name)
     i = _merged_axis(xs, ys)
+
     def dims(ref, merged_at: int) -> None:  # every element of the shape follows its spaces
         for position in range(len(xs) - 1):
             axes = (position, position + 1) if position == merged_at else \
@@ -755,32 +764,30 @@ def _merge_or_split(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:
             self.graph.dims.append(ShapeDim(self.entry.name, node.name, position,
                                             tuple(self.tensor(ref, axis) for axis in axes)))
 
-    if i is not None and self.source(x) is not None and shape is not None:  # a kernel reshaped for a MatMul
+    if i is not None and self.source(x) is not None:  # a kernel reshaped for a MatMul
         self.merged_kernels[y] = (x, i)
         for ref, rank in ((x, len(xs)), (y, len(ys))):
             for axis in range(rank):
                 self.claim(ref, axis)
         dims(x, i)
         return True
-    if i is not None and shape is not None and shape.ndim == 1 and not _flattens(xs, ys):
+    if i is not None and not _flattens(xs, ys):
         spaces = (self.tensor(x, i), self.tensor(x, i + 1))
         self.merged[y] = (i, spaces)
-        kept = [a for a in range(len(xs)) if a not in (i, i + 1)]
-        for axis in kept:
-            self.link(self.tensor(x, axis), self.tensor(y, axis if axis < i else axis - 1))
+        for axis, merged_axis in _other_axes(i, len(xs)):
+            self.link(self.tensor(x, axis), self.tensor(y, merged_axis))
         self.claimed.update(spaces)
         self.claim(y, i)
         dims(x, i)
         return True
     j = _merged_axis(ys, xs)  # a split: the inverse merge
-    if j is not None and x in self.merged and self.merged[x][0] == j and shape is not None and shape.ndim == 1:
+    if j is not None and x in self.merged and self.merged[x][0] == j:
         spaces = self.merged[x][1]
         if [self.graph.sizes.get(space) for space in spaces] != [ys[j], ys[j + 1]]:
             return False
         self.handled.add((x, node.name))
-        kept = [a for a in range(len(ys)) if a not in (j, j + 1)]
-        for axis in kept:
-            self.link(self.tensor(x, axis if axis < j else axis - 1), self.tensor(y, axis))
+        for axis, merged_axis in _other_axes(j, len(ys)):
+            self.link(self.tensor(x, merged_axis), self.tensor(y, axis))
         self.link(spaces[0], self.tensor(y, j))
         self.link(spaces[1], self.tensor(y, j + 1))
         self.claim(x, j)

@@ -30,9 +30,9 @@ POOLINGS = ("AVG", "MAX")
 
 # Masks are stored as uint8 variables holding 0 or 1, one byte per element: a float32 mask the size
 # of its weight doubled a prunable model's memory and its checkpoint (at 1B parameters, 4 GB more to
-# hold and to write). The forward pass reads w * cast(mask, w.dtype). Not bool: the gradient of a
-# While nested in a While adds up gradients of every tensor its bodies read (AddN), and AddN has no
-# bool kernel. Masks saved by earlier versions (the weight's dtype) are still read: every helper
+# hold and to write). The forward pass reads w * cast(mask, w.dtype); computed masks (the weight's
+# dtype) are cast to the variable's when stored. Not bool: the gradient of a While nested in a
+# While adds up gradients of every tensor its bodies read (AddN), and AddN has no bool kernel. Masks saved by earlier versions (the weight's dtype) are still read: every helper
 # here takes any dtype.
 MASK_DTYPE = "uint8"
 
@@ -41,7 +41,7 @@ def mask_dtype() -> str:
     """The dtype of new mask variables: MASK_DTYPE, or int32 under a strategy that creates
     variables by broadcasting their initial values with collective ops (MultiWorkerMirrored),
     which have no uint8 kernel."""
-    if tf.distribute.has_strategy() and "Collective" in type(tf.distribute.get_strategy().extended).__name__:
+    if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
         return "int32"
     return MASK_DTYPE
 
@@ -53,14 +53,6 @@ def kept(mask):
         mask = np.asarray(mask)
         return mask if mask.dtype == np.bool_ else mask != 0
     return mask if mask.dtype == tf.bool else tf.not_equal(mask, tf.zeros([], mask.dtype))
-
-
-def stored_mask(mask, dtype=MASK_DTYPE):
-    """A computed 0/1 mask (the weight's dtype) as a mask variable of ``dtype`` stores it."""
-    dtype = tf.dtypes.as_dtype(dtype)
-    if isinstance(mask, np.ndarray):
-        return kept(mask) if dtype == tf.bool else mask.astype(dtype.as_numpy_dtype)
-    return kept(mask) if dtype == tf.bool else tf.cast(mask, dtype)
 
 
 def pruned_values(weight, mask):

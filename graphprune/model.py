@@ -13,7 +13,7 @@ from graphprune import graph as g
 from graphprune import names
 from graphprune import rebuild
 from graphprune.errors import GraphPruneError
-from graphprune.masks import pruned_values, store_pruned, stored_mask
+from graphprune.masks import pruned_values, store_pruned
 
 UPDATE_ENTRY = "update_masks"
 
@@ -204,7 +204,7 @@ class PrunableModel(tf.Module):
                                  groups=groups)
         for weight in weights:
             mask, threshold = computed[weight.key]
-            live[weight.mask].assign(stored_mask(mask, live[weight.mask].dtype))
+            live[weight.mask].assign(tf.cast(mask, live[weight.mask].dtype))
             threshold_key = names.threshold_key(weight.key)
             if threshold_key in live:
                 live[threshold_key].assign(threshold)

@@ -31,7 +31,7 @@ from graphprune.analysis import weights_of
 from graphprune.channels import channel_groups
 from graphprune.config import PruningConfig, make_config
 from graphprune.errors import PassError
-from graphprune.masks import pruned_values, stored_mask
+from graphprune.masks import pruned_values
 from graphprune.names import STEP_KEY, UPDATE_ENTRY, threshold_key  # noqa: F401  (also imported from here)
 from graphprune.passbase import CONFIG_OPTIONS, PassContext, PassResult, register_pass
 from graphprune.update import compute_masks
@@ -165,7 +165,7 @@ def _update_branch(model, members, plans, target, read, handle, step, coupled=()
 
         def assign(key, mask, threshold):
             weight = by_key[key]
-            stored = stored_mask(mask, model.variables[weight.mask].dtype)
+            stored = tf.cast(mask, model.variables[weight.mask].dtype)
             return [tf.raw_ops.AssignVariableOp(resource=handle(weight.mask), value=stored),
                     tf.raw_ops.AssignVariableOp(resource=handle(threshold_key(key)), value=threshold),
                     tf.raw_ops.AssignVariableOp(resource=handle(key), value=pruned_values(values[key], mask))]

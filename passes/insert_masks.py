@@ -34,8 +34,8 @@ from graphprune import names
 from graphprune.analysis import weights_of
 from graphprune.config import PruningConfig, make_config
 from graphprune.errors import PassError
+from graphprune.masks import mask_dtype
 from graphprune.names import mask_key
-from graphprune.masks import mask_dtype, stored_mask
 from graphprune.passbase import CONFIG_OPTIONS, Option, PassContext, PassResult, register_pass
 from graphprune.schedules import ConstantSparsity
 from graphprune.update import compute_masks
@@ -88,12 +88,13 @@ def insert_masks(model: g.TracedModel, context: PassContext, sparsity=None, fina
 def _initial_masks(model, context, weights, plans, sparsity, dtype) -> dict[str, np.ndarray]:
     if sparsity is None:
         # Broadcast views of one 1: no mask-sized array until the variable is made (in TensorFlow).
-        return {w.key: np.broadcast_to(np.ones((), tf.dtypes.as_dtype(dtype).as_numpy_dtype), w.shape) for w in weights}
+        ones = np.ones((), tf.dtypes.as_dtype(dtype).as_numpy_dtype)
+        return {w.key: np.broadcast_to(ones, w.shape) for w in weights}
     values = {w.key: tf.constant(context.value(model, w.key)) for w in weights}
     # One-shot: each weight goes to its plan's final sparsity (own-sparsity rules included).
     targets = {w.key: tf.constant(plans[w.key].schedule.final_sparsity, tf.float32) for w in weights}
     computed = compute_masks(values, plans, targets, {w.key: w.input_axis for w in weights})
-    return {key: stored_mask(mask, dtype).numpy() for key, (mask, _) in computed.items()}
+    return {key: tf.cast(mask, dtype).numpy() for key, (mask, _) in computed.items()}
 
 
 def _mask_body(body: b.Body, keys: set[str], variables) -> None:
@@ -120,7 +121,7 @@ def _mask_body(body: b.Body, keys: set[str], variables) -> None:
         resource = body.resource(names.mask_key(key), names.mask_placeholder(key))
         stored = tf.dtypes.as_dtype(variables[names.mask_key(key)].dtype)
         mask = body.add(g.make_node(names.mask_read_node(key), "ReadVariableOp", [resource], dtype=stored))
-        if stored != dtype:  # a one-byte mask, read as the weight's 0/1
+        if stored != dtype:  # an integer mask, read as the weight's 0/1
             mask = body.add(g.make_node(names.mask_cast_node(key), "Cast", [body.ref(mask.name)], SrcT=stored,
                                         DstT=dtype, Truncate=False))
         for number, read in enumerate(sorted(read_nodes, key=lambda n: n.name)):

@@ -121,27 +121,28 @@ def _reshape_targets(analysis, removed: dict) -> dict[tuple[str, str], int]:
     """(entry, Reshape node) -> the new last dimension of its output, for reshapes of shrunk tensors."""
     targets = {}
     for reshape in analysis.reshapes:
-        slices = analysis.slices.get(reshape.space, [])
-        size = analysis.sizes.get(reshape.space, 0)
-        gone = sum(len(removed.get(name, ())) for _, _, name in slices)
-        if gone:
-            targets[(reshape.entry, reshape.node)] = (size - gone) * reshape.repeats
+        kept = _kept_size(analysis, removed, reshape.space)
+        if kept != analysis.sizes.get(reshape.space, 0):
+            targets[(reshape.entry, reshape.node)] = kept * reshape.repeats
     return targets
+
+
+def _kept_size(analysis, removed: dict, space) -> int:
+    """How many channels of ``space`` are left once the groups' ``removed`` channels are gone."""
+    gone = sum(len(removed.get(name, ())) for _, _, name in analysis.slices.get(space, []))
+    return analysis.sizes.get(space, 0) - gone
 
 
 def _dim_targets(analysis, removed: dict) -> dict[tuple[str, str], dict[int, int]]:
     """(entry, Reshape node) -> {position: new value} of its constant shape operand, where two
     axes are merged or split (channels.ShapeDim)."""
-    def kept(space) -> int:
-        gone = sum(len(removed.get(name, ())) for _, _, name in analysis.slices.get(space, []))
-        return analysis.sizes[space] - gone
-
     targets: dict[tuple[str, str], dict[int, int]] = {}
     for dim in analysis.dims:
         if any(space not in analysis.sizes for space in dim.spaces):
             continue  # a dimension not known statically (the batch): never a channel axis
-        if any(kept(space) != analysis.sizes[space] for space in dim.spaces):
-            targets.setdefault((dim.entry, dim.node), {})[dim.position] = int(np.prod([kept(s) for s in dim.spaces]))
+        kept = [_kept_size(analysis, removed, space) for space in dim.spaces]
+        if kept != [analysis.sizes[space] for space in dim.spaces]:
+            targets.setdefault((dim.entry, dim.node), {})[dim.position] = int(np.prod(kept))
     return targets
 
 
@@ -150,10 +151,13 @@ def _set_dims(body: b.Body, node, values: dict[int, int]) -> None:
     (an element that is -1 stays -1: TensorFlow infers it)."""
     producer = body.producer(body.data_inputs(node)[1])
     shape = tf.make_ndarray(producer.attr["value"].tensor).copy()
-    for position, value in values.items():
-        if shape[position] != -1:
-            shape[position] = value
-    new = body.add(g.const_node(f"{node.name}/shrunk_shape", shape, tf.dtypes.as_dtype(producer.attr["dtype"].type).name))
+    positions = [position for position in values if shape[position] != -1]
+    if not positions:
+        return
+    for position in positions:
+        shape[position] = values[position]
+    dtype = tf.dtypes.as_dtype(producer.attr["dtype"].type).name
+    new = body.add(g.const_node(f"{node.name}/shrunk_shape", shape, dtype))
     body.set_input(node, 1, body.ref(new.name))
 
 
@@ -162,13 +166,7 @@ def _set_last_dim(body: b.Body, node, last: int) -> None:
     shape_ref = body.data_inputs(node)[1]
     producer = body.producer(shape_ref)
     if producer.op == "Const":
-        shape = tf.make_ndarray(producer.attr["value"].tensor).copy()
-        if shape[-1] == -1:
-            return
-        shape[-1] = last
-        new = body.add(g.const_node(f"{node.name}/shrunk_shape", shape,
-                                    tf.dtypes.as_dtype(producer.attr["dtype"].type).name))
-        body.set_input(node, 1, body.ref(new.name))
+        _set_dims(body, node, {-1: last})
         return
     # a Pack whose last element is a Const scalar, or a ConcatV2 whose last part is a Const vector
     position = len(body.data_inputs(producer)) - (2 if producer.op == "ConcatV2" else 1)
