@@ -37,7 +37,8 @@ import graphprune  # noqa: E402
 from graphprune.tools.mnist import MnistCNN, glorot  # noqa: E402
 
 _DATA_DIR = flags.DEFINE_string("data_dir", "/usr/share/datasets/fashion-mnist", "Fashion-MNIST idx .gz files.")
-_RATIO = flags.DEFINE_float("ratio", 0.5, "Fraction of each group's channels removed.")
+_RATIO = flags.DEFINE_float("ratio", 0.5, "Fraction of each group's channels removed (of all channels, global).")
+_SCOPE = flags.DEFINE_enum("scope", "layer", ["layer", "global"], "Channel ranking: per group, or one across groups.")
 _PRETRAIN = flags.DEFINE_integer("pretrain_epochs", 2, "Dense epochs before pruning.")
 _FINETUNE = flags.DEFINE_integer("finetune_epochs", 3, "Fine-tuning epochs of every arm.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Batch size.")
@@ -155,7 +156,7 @@ def run_model(name, data, work, seed=0):
     rows.append(_row("dense", path, bc.accuracy(dense, data)))
 
     schedule = graphprune.PolynomialDecay(0.0, _RATIO.value, 0, end_step, power=3, frequency=100)
-    pm = graphprune.prune(pretrained, schedule, structure="channel")
+    pm = graphprune.prune(pretrained, schedule, structure="channel", scope=_SCOPE.value)
     _fit(pm, pm.trainable_variables, data, _FINETUNE.value, seed + 1, before=pm.update_masks)
     shrunk = graphprune.finalize(pm, os.path.join(work, f"{name}_channel"), shrink=True)
     rows.append(_row("channel", shrunk, bc.accuracy(tf.saved_model.load(shrunk), data)))
@@ -208,7 +209,7 @@ def main(argv):
     for name in _MODELS.value:
         rows += run_model(name, data, work)
     print(table(rows))
-    bc.write_json(_NAME.value, {"ratio": _RATIO.value, "pretrain_epochs": _PRETRAIN.value,
+    bc.write_json(_NAME.value, {"ratio": _RATIO.value, "scope": _SCOPE.value, "pretrain_epochs": _PRETRAIN.value,
                                         "finetune_epochs": _FINETUNE.value, "machine": bc.machine(), "rows": rows})
 
 

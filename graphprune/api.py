@@ -33,8 +33,11 @@ def prune(target, schedule=None, *, block_size=(1, 1), block_pooling="AVG", m_by
         the schedule's sparsity (the fraction of its channels removed), ranked by ``importance``
         ("l2" or "l1" norm over the group); ``round_to=8`` keeps a multiple of 8 channels.
         ``finalize(..., shrink=True)`` then removes them from the graph: a smaller dense model.
-    scope: "layer" (a threshold per weight) or "global" (one threshold across weights).
-    rules: graphprune.Rule overrides by regex (skip, own sparsity, own structure);
+    scope: "layer" (a threshold per weight) or "global" (one threshold across weights; with
+        structure="channel", one ranking of every group's channels, each group's scores divided
+        by their mean).
+    rules: graphprune.Rule overrides by regex (skip, own sparsity, own structure; with
+        structure="channel" a number sparsity sets the groups the kernel produces);
         ``exclude=REGEX`` is a shortcut for a skip rule.
     one_shot: prune to the schedule's final sparsity now (masks set, pruned weights zeroed).
     verify: after every pass, rebuild and compare outputs with the previous stage (all-ones masks).

@@ -205,9 +205,6 @@ class PruningConfig:
             raise ScheduleError(f"scope must be 'layer' or 'global', got {self.scope!r}")
         if not isinstance(self.structure, Structure):
             raise StructureError(f"structure must be a graphprune.Structure, got {type(self.structure).__name__}")
-        if self.structure.channels and self.scope == "global":
-            raise StructureError("structure='channel' prunes each channel group at the schedule's sparsity "
-                                 "(scope='layer'); a global channel ranking is not supported")
         if isinstance(self.rules, (str, Rule)) or not hasattr(self.rules, "__iter__"):
             raise ScheduleError(f"rules must be a list of graphprune.Rule, got {self.rules!r}")
         object.__setattr__(self, "rules", tuple(self.rules))
@@ -243,9 +240,14 @@ class PruningConfig:
             if rule is not None and rule.structure is not None:
                 own, structure = True, rule.structure
             if own and (structure.channels or self.structure.channels):
-                raise StructureError(f"rule {rule.pattern!r}: with structure='channel' a rule can only skip weights "
-                                     "(channels are removed from every weight of their group together, at the "
-                                     "config's sparsity)")
+                if structure != self.structure:
+                    raise StructureError(f"rule {rule.pattern!r}: with structure='channel' a rule cannot change the "
+                                         "structure (channels are removed from every weight of their group "
+                                         "together); give it a sparsity or skip=True")
+                if isinstance(rule.sparsity, PruningSchedule):
+                    raise StructureError(f"rule {rule.pattern!r}: with structure='channel' a rule's sparsity must be a "
+                                         "number (every group is updated at the config schedule's steps), not a "
+                                         "schedule")
             structure.check(weight)
             in_global = self.scope == "global" and not own and structure.m_by_n is None
             plans[weight.key] = WeightPlan(weight.key, schedule, structure, in_global)

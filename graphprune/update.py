@@ -103,8 +103,7 @@ def compute_masks(
     results = {}
     channel_keys = [key for key in weights if plans[key].structure.channels]
     if channel_keys:
-        results.update(_channel_masks({key: weights[key] for key in channel_keys}, plans,
-                                      sparsities[channel_keys[0]], alive, groups))
+        results.update(_channel_masks({key: weights[key] for key in channel_keys}, plans, sparsities, alive, groups))
         for key in channel_keys:
             with chain.step():
                 used = consume(key, *results[key]) if consume is not None else []
@@ -129,17 +128,23 @@ def compute_masks(
     return results
 
 
-def _channel_masks(weights, plans, sparsity, alive, groups):
-    """key -> (mask, threshold) for channel-structured weights: in every prunable channel group
-    whose kernels are all among ``weights``, the channels with the largest norm over the group
-    are kept (kept_count of the group's channel count at ``sparsity``, rounded up to the
-    structure's ``round_to``); each weight's mask is the product of its groups' channel masks
-    along their axes. A weight in no such group keeps its current mask."""
+def _channel_masks(weights, plans, sparsities, alive, groups):
+    """key -> (mask, threshold) for channel-structured weights.
+
+    In every prunable channel group whose consumers are all among ``weights``, each channel is
+    scored by the L2 (or L1) norm of its slices over every kernel of the group. A group's
+    sparsity is its producing kernels' (the lowest where their rules differ). Layer-wise, a group
+    keeps the kept_count of its channels with the largest scores; groups whose kernels are all
+    ``in_global_group`` are ranked together instead: each group's scores divided by the mean over
+    its live channels (groups of different widths and fan-ins compare), one k-th largest over all
+    their channels at the sparsity, and each group keeps the channels at or above it (at least
+    one). Either way the kept count is rounded up to the structure's ``round_to``. Each weight's
+    mask is the product of its groups' channel masks along their axes; a weight in no such group
+    keeps its current mask."""
     structure = plans[next(iter(weights))].structure
     values = {key: value * tf.cast(alive[key], value.dtype) if alive.get(key) is not None else value
               for key, value in weights.items()}
-    factors: dict[str, list] = {key: [] for key in weights}
-    thresholds: dict[str, tf.Tensor] = {}
+    ranked = []  # (group, members, scores, sparsity, global)
     for group in groups:
         if not group.prunable:
             continue
@@ -150,11 +155,34 @@ def _channel_masks(weights, plans, sparsity, alive, groups):
         score = tf.add_n([channel_scores(values[m.name], m, structure.importance) for m in members])
         if structure.importance == "l2":
             score = tf.sqrt(score)
-        kept = tf.minimum(tf.constant(group.size, tf.int32),
-                          -(-kept_count(group.size, sparsity) // structure.round_to) * structure.round_to)
-        top, chosen = tf.math.top_k(score, k=kept)
+        producers = [m.name for m in members if m.role == "out"] or [m.name for m in members]
+        sparsity = tf.reduce_min(tf.stack([tf.cast(sparsities[key], tf.float32) for key in producers]))
+        ranked.append((group, members, score, sparsity, all(plans[m.name].in_global_group for m in members)))
+
+    def rounded(group, count):
+        return tf.minimum(tf.constant(group.size, tf.int32),
+                          -(-tf.maximum(count, 1) // structure.round_to) * structure.round_to)
+
+    shared = [item for item in ranked if item[4]]
+    normalized, global_threshold_value = {}, None
+    if shared:
+        for group, _, score, _, _ in shared:
+            live = tf.reduce_sum(tf.cast(score > 0, tf.float32))
+            normalized[group.name] = tf.math.divide_no_nan(score, tf.reduce_sum(score) / tf.maximum(live, 1.0))
+        everything = tf.concat([normalized[group.name] for group, *_ in shared], 0)
+        k = kept_count(tf.size(everything), shared[0][3])
+        global_threshold_value = tf.math.top_k(everything, k=k).values[-1]
+    factors: dict[str, list] = {key: [] for key in weights}
+    thresholds: dict[str, tf.Tensor] = {}
+    for group, members, score, sparsity, in_global in ranked:
+        if in_global:
+            count = tf.reduce_sum(tf.cast(normalized[group.name] >= global_threshold_value, tf.int32))
+            top, chosen = tf.math.top_k(normalized[group.name], k=rounded(group, count))
+            threshold = global_threshold_value
+        else:
+            top, chosen = tf.math.top_k(score, k=rounded(group, kept_count(group.size, sparsity)))
+            threshold = top[-1]
         keep = tf.scatter_nd(chosen[:, None], tf.ones_like(top), [group.size])
-        threshold = top[-1]
         for member in members:
             factors[member.name].append((member, keep))
             if member.role == "out" or member.name not in thresholds:

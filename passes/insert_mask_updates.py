@@ -96,10 +96,13 @@ def _build_update_entry(model, config, weights, plans, coupled=()) -> g.Entry:
 
         step = read(STEP_KEY) + 1
         advance = tf.raw_ops.AssignVariableOp(resource=handle(STEP_KEY), value=step)
-        # Weights sharing a schedule (and the global threshold) are updated together.
+        # Weights sharing a schedule (and the global threshold) are updated together; so are all
+        # channel-structured weights (a channel group spans kernels with different rules, whose
+        # schedules differ only in their final sparsity: each gets its own target in the branch).
         groups: dict = {}
         for weight in weights:
-            groups.setdefault(plans[weight.key].schedule, []).append(weight)
+            plan = plans[weight.key]
+            groups.setdefault(config.schedule if plan.structure.channels else plan.schedule, []).append(weight)
         main_should, main_target = None, None
         updates = []
         with tf.control_dependencies([advance]):
@@ -107,7 +110,7 @@ def _build_update_entry(model, config, weights, plans, coupled=()) -> g.Entry:
                 for weight in members:  # create every placeholder outside the branch functions
                     handle(weight.key), handle(weight.mask), handle(threshold_key(weight.key))
                 should_prune, target = schedule(step)
-                branch = _update_branch(model, members, plans, target, read, handle, step, coupled)
+                branch = _update_branch(model, members, plans, schedule, target, read, handle, step, coupled)
                 updated = tf.cond(should_prune, branch, lambda: tf.constant(False))
                 updates.append(updated)
                 if schedule == config.schedule or main_should is None:
@@ -157,7 +160,7 @@ def _declare_side_effects(graph_def) -> None:
                 function.signature.control_output.append(node.name)
 
 
-def _update_branch(model, members, plans, target, read, handle, step, coupled=()):
+def _update_branch(model, members, plans, schedule, target, read, handle, step, coupled=()):
     def branch():
         values = {w.key: read(w.key) for w in members}
         alive = {w.key: read(w.mask) for w in members}
@@ -171,7 +174,9 @@ def _update_branch(model, members, plans, target, read, handle, step, coupled=()
                     tf.raw_ops.AssignVariableOp(resource=handle(key), value=pruned_values(values[key], mask))]
 
         assigns = []
-        compute_masks(values, plans, {w.key: target for w in members}, {w.key: w.input_axis for w in members},
+        targets = {w.key: target if plans[w.key].schedule == schedule else plans[w.key].schedule(step)[1]
+                   for w in members}
+        compute_masks(values, plans, targets, {w.key: w.input_axis for w in members},
                       alive, step=step, consume=lambda *result: assigns.extend(assign(*result)) or assigns[-3:],
                       groups=coupled)
         with tf.control_dependencies(assigns):

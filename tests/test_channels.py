@@ -159,6 +159,78 @@ def test_training_removes_channels_gradually_and_gradients_flow(channel_net):
     assert alive == sorted(alive, reverse=True) and alive[0] > alive[-1] == 16
 
 
+def _numpy_scores(group, live):
+    """The group's per-channel L2 norm over its kernels, from the weights' values (NumPy)."""
+    total = np.zeros(group.size)
+    for m in group.members:
+        if m.kind != "variable" or m.role == "param":
+            continue
+        array = np.asarray(live[m.name], np.float64)
+        per = np.square(np.moveaxis(array, m.axis, 0)).reshape(array.shape[m.axis], -1).sum(1)
+        if m.period is not None:
+            per = per.reshape(-1, m.period).sum(0)
+        total += per[m.start:m.stop]
+    return np.sqrt(total)
+
+
+def _kept_channels(group, pruned):
+    """Which of the group's channels the pruned weights still use (any consumer row non-zero)."""
+    used = np.zeros(group.size, bool)
+    for m in group.members:
+        if m.role == "in":
+            array = pruned[m.name]
+            per = np.any(np.moveaxis(array, m.axis, 0).reshape(array.shape[m.axis], -1) != 0, 1)
+            if m.period is not None:
+                per = per.reshape(-1, m.period).any(0)
+            used |= per[m.start:m.stop]
+    return used
+
+
+def test_global_ranking_is_one_threshold_over_normalized_group_scores(channel_net, tmp_path):
+    pm = graphprune.prune(channel_net, graphprune.ConstantSparsity(0.5, 0), structure="channel", scope="global",
+                          one_shot=True)
+    original = {v.name.split(":")[0]: v.numpy() for v in ChannelNet().variables}  # the fixture's weights
+    pruned = {key: variable.numpy() for key, variable in pm.variables_by_key.items()}
+    groups = [group for group in graphprune.channel_groups(channel_net) if group.prunable]
+    normalized, kept = [], []
+    for group in groups:
+        score = _numpy_scores(group, original)
+        normalized.append(score / score.mean())
+        kept.append(_kept_channels(group, pruned))
+    normalized, kept = np.concatenate(normalized), np.concatenate(kept)
+    # One ranking over every prunable channel: half of them kept, and they are the best-scored.
+    assert kept.sum() == round(0.5 * kept.size)
+    assert normalized[kept].min() > normalized[~kept].max()
+    # The widths differ from layer-wise pruning's even halves, and the shrunk model is exact.
+    per_group = [int(_kept_channels(group, pruned).sum()) for group in groups]
+    assert per_group != [max(1, round(group.size / 2)) for group in groups]
+    x = np.random.RandomState(0).standard_normal([4, 8, 8, 3]).astype(np.float32)
+    masked = pm(x).numpy()
+    small = tf.saved_model.load(graphprune.finalize(pm, str(tmp_path / "small"), shrink=True))
+    np.testing.assert_allclose(small(x).numpy(), masked, atol=1e-5 * np.abs(masked).max(), rtol=0)
+
+
+def test_per_weight_channel_sparsity_while_training(channel_net):
+    """A rule's sparsity is its group's (the group of hidden's neurons: 25% instead of 50%), the
+    update removes it at the config schedule's steps, and the other groups follow the schedule."""
+    schedule = graphprune.PolynomialDecay(0.0, 0.5, begin_step=0, end_step=3, frequency=1)
+    for scope in ("layer", "global"):
+        pm = graphprune.prune(channel_net, schedule, structure="channel", scope=scope,
+                              rules=[graphprune.Rule("hidden/kernel", sparsity=0.25)])
+        hidden = []
+        for _ in range(4):
+            pm.update_masks()
+            hidden.append(int(np.any(pm.variables_by_key["hidden/kernel"].numpy() != 0, axis=0).sum()))
+        assert hidden == sorted(hidden, reverse=True) and hidden[0] > hidden[-1] == 24, (scope, hidden)
+        pruned = {key: variable.numpy() for key, variable in pm.variables_by_key.items()}
+        groups = [group for group in graphprune.channel_groups(channel_net) if group.prunable]
+        others = [_kept_channels(group, pruned) for group in groups if group.name != "hidden/kernel:1"]
+        if scope == "layer":
+            assert [int(k.sum()) for k in others] == [max(1, round(k.size / 2)) for k in others]
+        else:
+            assert sum(int(k.sum()) for k in others) == round(0.5 * sum(k.size for k in others))
+
+
 class ReshapedHeads(tf.Module):
     """Attention-style projections as Keras's EinsumDense runs them on TensorFlow: kernels
     [D, heads, head_dim] reshaped for a BatchMatMul, the result split into heads and merged
@@ -263,11 +335,13 @@ def test_keras_functional_flatten_into_dense(tmp_path):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"structure": "channel", "block_size": (1, 2)}, "leave block_size"),
-    ({"structure": "channel", "scope": "global"}, "global channel ranking"),
     ({"structure": "rows"}, "structure must be"),
     ({"structure": "channel", "importance": "l3"}, "importance must be"),
     ({"structure": "channel", "round_to": 0}, "round_to"),
-    ({"structure": "channel", "rules": [graphprune.Rule("hidden", sparsity=0.2)]}, "can only skip"),
+    ({"structure": "channel", "rules": [graphprune.Rule("hidden", structure=graphprune.Structure(block_size=(1, 2)))]},
+     "cannot change the structure"),
+    ({"structure": "channel", "rules": [graphprune.Rule("hidden", sparsity=graphprune.ConstantSparsity(0.2, 0))]},
+     "must be a number"),
 ])
 def test_bad_channel_settings_are_one_line_errors(channel_net, kwargs, message):
     with pytest.raises(StructureError, match=message):
@@ -282,7 +356,7 @@ def test_cli_prune_channels_finalize_shrink_inspect(channel_net, tmp_path):
         return done.stdout
 
     run("prune", f"--input={channel_net}", f"--output={tmp_path / 'p'}", "--structure=channel",
-        "--final_sparsity=0.5", "--one_shot", "--round_to=2")
+        "--final_sparsity=0.5", "--one_shot", "--round_to=2", "--scope=global", "--sparsity_for=hidden=0.25")
     printed = run("finalize", f"--input={tmp_path / 'p'}", f"--output={tmp_path / 'f'}", "--shrink")
     assert "shrink: parameters" in printed
     printed = run("inspect", f"--input={tmp_path / 'f'}", f"--baseline={channel_net}", "--channel_groups")
@@ -312,8 +386,9 @@ def test_keras_applications_shrink(tmp_path, name):
     keras.utils.set_random_seed(0)
     model, x = _calibrated(*ZOO[name])
     model.export(str(tmp_path / "export"), verbose=False)
+    scope = "global" if name in ("ResNet50", "DenseNet121") else "layer"  # both rankings on real models
     pm = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
-                          one_shot=True, round_to=8)
+                          one_shot=True, round_to=8, scope=scope)
     masked = pm.serve(x).numpy()
     scale = float(np.abs(masked).max())
     assert scale > 1e-2, scale  # outputs that mean something
