@@ -22,11 +22,15 @@ it does not keep is poisoned):
                                 through the (Batch)MatMul on the reshaped kernel (Keras's
                                 EinsumDense as keras-hub ViT runs it); any other reader poisons them
     ReadVariableOp / AssignVariableOp / Const                          the variable's / constant's axis
+    If / Case / While           each input is the same channels as the bodies' argument, each
+                                output as the bodies' return (a loop body's return i also as its
+                                argument i: the loop carries it); the bodies are read like the
+                                top graph, at any depth, with shapes inferred from the call's inputs
 
 Connected spaces (networkx, after splitting spaces where a Concat puts a slice boundary) form a
 *group*: removing channel i of a group removes index i of every member. A group is left whole,
 with the reason, when an op graphprune does not model touches it (Softmax, a Mean over the
-channels as in LayerNorm, Shape, a call into a function body, ...), when it reaches an entry's
+channels as in LayerNorm, Shape, a loop that changes a channel count, ...), when it reaches an entry's
 inputs or outputs, or when a member variable is used where graphprune does not look.
 
 A group is *prunable* when it has at least one consumer member ("in": a kernel that contracts
@@ -56,6 +60,7 @@ ELEMENTWISE_OPS = {"Add", "AddV2", "Sub", "Mul", "RealDiv", "Div", "DivNoNan", "
 POOL_OPS = {"MaxPool", "AvgPool", "MaxPool3D", "AvgPool3D"}
 REDUCE_OPS = {"Mean", "Sum", "Max", "Min", "Prod"}
 BATCH_NORM_OPS = {"FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"}
+CONTROL_FLOW_OPS = {"If", "StatelessIf", "Case", "StatelessCase", "While", "StatelessWhile"}
 ASSIGN_OPS = {"AssignVariableOp", "AssignSubVariableOp", "AssignAddVariableOp"}
 IGNORED_OPS = {"NoOp", "Placeholder", "Const", "ReadVariableOp", "VarHandleOp"}
 
@@ -168,11 +173,12 @@ class _Entry:
     through ops that keep it (a spatial axis a Transpose makes last, then a MatMul contracts, is
     never shrunk through the convolution that made it)."""
 
-    def __init__(self, graph: _Graph, entry: g.Entry):
+    def __init__(self, graph: _Graph, entry: g.Entry, body: b.Body | None = None, shapes: dict | None = None):
         self.graph = graph
         self.entry = entry
-        self.body = b.top_body(entry.graph_def, dict(entry.resources), writable=False)
-        self.shapes = _static_shapes(entry, graph.model)
+        # The top graph, or a function body (a loop's, a branch's) reached from it (_call).
+        self.body = body if body is not None else b.top_body(entry.graph_def, dict(entry.resources), writable=False)
+        self.shapes = shapes if shapes is not None else _static_shapes(entry, graph.model)
         for node in self.body.nodes:  # tf.tensordot's computed reshapes: known from static shapes
             shape = self.shapes.get((node.name, 0))
             if node.op == "Reshape" and shape is not None and None in shape:
@@ -201,7 +207,11 @@ class _Entry:
         if shape is None or len(shape) == 0 or not -len(shape) <= axis < len(shape):
             return None
         axis %= len(shape)
-        return self.graph.space(("t", self.entry.name, name, index, axis), shape[axis])
+        return self.graph.space(("t", self.entry.name, self.node_id(name), index, axis), shape[axis])
+
+    def node_id(self, name: str) -> str:
+        """A node's name, prefixed by the path of the body it is in (nothing at the top)."""
+        return f"{self.body.path}{name}"
 
     def link(self, a: tuple | None, c: tuple | None, offset: int = 0) -> None:
         self.claimed.update(space for space in (a, c) if space is not None)
@@ -244,7 +254,7 @@ class _Entry:
             key = self.body.read_key(node)
             return ("variable", key) if key is not None else None
         if node is not None and node.op == "Const":
-            return ("const", f"{self.entry.name}/{node.name}")
+            return ("const", f"{self.entry.name}/{self.node_id(node.name)}")
         return None
 
     def flattened(self, ref: str) -> bool:
@@ -288,11 +298,18 @@ class _Entry:
         self.link(self.tensor(operand, axis), member)
         return member
 
+    def returns(self) -> list[str]:
+        """What this body hands back: the entry's outputs, or a function's returned tensors."""
+        if self.body.is_function:
+            return [self.body.proto.ret[arg.name] for arg in self.body.proto.signature.output_arg]
+        return list(self.entry.outputs)
+
     def run(self) -> None:
-        for info in self.entry.inputs:
-            self.poison_tensor(self.body.ref(info.placeholder), f"it is an input of {self.entry.label}")
-        for ref in self.entry.outputs:
-            self.poison_tensor(ref, f"it is an output of {self.entry.label}")
+        if not self.body.is_function:  # a body's arguments and returns are linked by its call (_call)
+            for info in self.entry.inputs:
+                self.poison_tensor(self.body.ref(info.placeholder), f"it is an input of {self.entry.label}")
+            for ref in self.entry.outputs:
+                self.poison_tensor(ref, f"it is an output of {self.entry.label}")
         for node in self.body.nodes:
             handler = _HANDLERS.get(node.op)
             if node.op in UNARY_OPS:
@@ -326,7 +343,7 @@ class _Entry:
                 self.graph.poison(self.periodic[ref], why)
 
     def _merged_consumers(self) -> None:
-        outputs = {self.body.parse(ref)[:2] for ref in self.entry.outputs}
+        outputs = {self.body.parse(ref)[:2] for ref in self.returns()}
         for ref, (_, spaces) in self.merged.items():
             why = self._unhandled(ref, outputs)
             if why is not None:
@@ -391,7 +408,8 @@ def _ignored(self: _Entry, node) -> None:
     if node.op == "Const":
         for axis, size in enumerate(shape or ()):
             self.link(self.tensor(node.name, axis),
-                      self.graph.member("const", f"{self.entry.name}/{node.name}", axis, size, "param"))
+                      self.graph.member("const", f"{self.entry.name}/{self.node_id(node.name)}", axis, size,
+                                        "param"))
     elif node.op == "ReadVariableOp":
         key = self.body.read_key(node)
         if key is None:
@@ -717,14 +735,14 @@ def _reshape(self: _Entry, node) -> None:
         return
     if xs[-1] == ys[-1]:
         self.link(self.tensor(x), self.tensor(node.name))
-        self.graph.reshapes.append(Reshape(self.entry.name, node.name, self.tensor(x), 1))
+        self.graph.reshapes.append(Reshape(self.entry.name, self.node_id(node.name), self.tensor(x), 1))
         return
     if _flattens(xs, ys):
-        space = self.graph.space(("p", self.entry.name, node.name), xs[-1])
+        space = self.graph.space(("p", self.entry.name, self.node_id(node.name)), xs[-1])
         self.link(self.tensor(x), space)
         self.periodic[self.body.ref(node.name)] = space
         self.graph.poison(self.tensor(node.name), f"Reshape '{node.name}' flattens it")
-        self.graph.reshapes.append(Reshape(self.entry.name, node.name, self.tensor(x), ys[-1] // xs[-1]))
+        self.graph.reshapes.append(Reshape(self.entry.name, self.node_id(node.name), self.tensor(x), ys[-1] // xs[-1]))
         return
     self.unknown(node)
 
@@ -761,7 +779,7 @@ def _merge_or_split(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:
         for position in range(len(xs) - 1):
             axes = (position, position + 1) if position == merged_at else \
                 (position if position < merged_at else position + 1,)
-            self.graph.dims.append(ShapeDim(self.entry.name, node.name, position,
+            self.graph.dims.append(ShapeDim(self.entry.name, self.node_id(node.name), position,
                                             tuple(self.tensor(ref, axis) for axis in axes)))
 
     if i is not None and self.source(x) is not None:  # a kernel reshaped for a MatMul
@@ -792,7 +810,7 @@ def _merge_or_split(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:
         self.link(spaces[1], self.tensor(y, j + 1))
         self.claim(x, j)
         for position in range(len(ys)):
-            self.graph.dims.append(ShapeDim(self.entry.name, node.name, position, (self.tensor(y, position),)))
+            self.graph.dims.append(ShapeDim(self.entry.name, self.node_id(node.name), position, (self.tensor(y, position),)))
         return True
     return False
 
@@ -943,8 +961,113 @@ def _assign(self: _Entry, node) -> None:
         self.link(self.tensor(value, axis), self.graph.member("variable", key, axis, size, "param"))
 
 
+def _call(self: _Entry, node) -> None:
+    """An If/Case (each branch) or a While (body and condition): the call's inputs are the
+    bodies' arguments and its outputs their returns (a loop body's return i is also its argument
+    i: the loop carries it), axis by axis; each body is then read like the top graph, with
+    shapes inferred from the call's inputs. Resources pass through (a variable read inside is
+    the variable's member)."""
+    sites = b.CallSite(self.body, node, b.called_functions(node, self.body.library))
+    callees = sites.open()
+    inputs = self.body.data_inputs(node)
+    outputs = self.outputs_of(node)
+    loop = node.op in b.LOOP_OPS
+    offset = sites.offset
+    if not callees or self.body.depth >= b.MAX_DEPTH:
+        self.unknown(node)
+        return
+    children = []
+    for callee in callees:
+        signature = callee.proto.signature
+        refs = [inputs[i + offset] if i + offset < len(inputs) else None for i in range(len(signature.input_arg))]
+        shapes = _body_shapes(self.graph.model, self.entry, callee, [self.shape(ref) if ref else None for ref in refs])
+        if shapes is None:
+            self.unknown(node, f"{node.op} '{node.name}': the shapes inside '{signature.name}' are not known")
+            return
+        children.append(_Entry(self.graph, self.entry, body=callee, shapes=shapes))
+    for child in children:
+        signature = child.body.proto.signature
+        for i, arg in enumerate(signature.input_arg):
+            if arg.type != types_pb2.DT_RESOURCE and i + offset < len(inputs):
+                _link_tensors(self, inputs[i + offset], child, arg.name, node)
+        if loop and child.body.attr[0] == "cond":
+            continue
+        for j, (out, ret) in enumerate(zip(signature.output_arg, child.returns())):
+            if out.type == types_pb2.DT_RESOURCE:
+                continue
+            if j < len(outputs):
+                _link_tensors(self, outputs[j], child, ret, node)
+            if loop:
+                child.same(ret, signature.input_arg[j].name, node)
+    if self.failed:
+        return
+    for child in children:
+        child.run()
+
+
+def _link_tensors(self: _Entry, outer: str, child: _Entry, inner: str, node) -> None:
+    """Axis by axis, a tensor of this body is the same channels as one of a callee's."""
+    outer_shape, inner_shape = self.shape(outer), child.shape(inner)
+    if outer_shape is None or inner_shape is None or len(outer_shape) != len(inner_shape):
+        self.unknown(node, f"{node.op} '{node.name}' passes a tensor of unknown rank to '{child.body.name}'")
+        return
+    for axis in range(len(outer_shape)):
+        a, c = self.tensor(outer, axis), child.tensor(inner, axis)
+        if a is not None and c is not None and self.graph.sizes.get(a) != self.graph.sizes.get(c):
+            for space in (a, c):  # a loop that changes the size of an axis: not followed
+                self.graph.poison(space, f"{node.op} '{node.name}' changes the size of this axis")
+        self.link(a, c)
+
+
+def _body_shapes(model: g.TracedModel, entry: g.Entry, callee: b.Body, arg_shapes: list) -> dict | None:
+    """(node or argument, output index) -> static shape inside a function body, inferred from
+    the call's input shapes (every variable read given its variable's shape); None if the body
+    cannot be imported."""
+    from tensorflow.python.framework import function_def_to_graph as fdg
+
+    function = b.copy_function(callee.proto)
+    renamed = {}  # a ReadVariableOp's output is "value", a Placeholder's "output"
+    for node in function.node_def:
+        key = callee.read_key(node) if node.op == "ReadVariableOp" else None
+        if key is not None and key in model.variables:
+            _as_placeholder(node, model.variables[key].shape)
+            renamed[f"{node.name}:value:0"] = f"{node.name}:output:0"
+    for node in function.node_def:
+        for position, raw in enumerate(node.input):
+            if raw in renamed:
+                node.input[position] = renamed[raw]
+    for name, raw in list(function.ret.items()):
+        if raw in renamed:
+            function.ret[name] = renamed[raw]
+    shapes_in = [None if shape is None or arg.type == types_pb2.DT_RESOURCE else tf.TensorShape(shape)
+                 for shape, arg in zip(arg_shapes, function.signature.input_arg)]
+    for position, shape in enumerate(shapes_in):  # an argument's recorded shape would win over the call's
+        if shape is not None and position in function.arg_attr and "_output_shapes" in function.arg_attr[position].attr:
+            del function.arg_attr[position].attr["_output_shapes"]
+    try:
+        graph_def, _ = fdg.function_def_to_graph_def(function, shapes_in)
+        graph_def.library.CopyFrom(entry.graph_def.library)
+        with tf.Graph().as_default() as graph:
+            tf.graph_util.import_graph_def(graph_def, name="")
+    except (ValueError, TypeError, tf.errors.OpError):
+        return None
+    return {(op.name, index): None if output.shape.rank is None else output.shape.as_list()
+            for op in graph.get_operations() for index, output in enumerate(op.outputs)}
+
+
+def _as_placeholder(node, shape) -> None:
+    """Turn a ReadVariableOp node into a Placeholder of the variable's dtype and ``shape``."""
+    dtype = type(node.attr["dtype"])()
+    dtype.CopyFrom(node.attr["dtype"])
+    node.op = "Placeholder"
+    del node.input[:]
+    node.attr.clear()
+    node.attr["dtype"].CopyFrom(dtype)
+    node.attr["shape"].shape.CopyFrom(tf.TensorShape(shape).as_proto())
+
+
 _HANDLERS = {
-    "IdentityN": _identity_n,
+    "IdentityN": _identity_n, **{op: _call for op in CONTROL_FLOW_OPS},
     "Softmax": _softmax, "LogSoftmax": _softmax,
     "Conv2D": _conv, "Conv3D": _conv, "DepthwiseConv2dNative": _depthwise, "MatMul": _matmul,
     "BatchMatMul": _matmul, "BatchMatMulV2": _matmul, "BatchMatMulV3": _matmul, "Einsum": _einsum,
@@ -963,14 +1086,7 @@ def _static_shapes(entry: g.Entry, model: g.TracedModel) -> dict[tuple[str, int]
     for node in graph_def.node:
         key = body.read_key(node) if node.op == "ReadVariableOp" else None
         if key is not None and key in model.variables:
-            spec = model.variables[key]
-            dtype = type(node.attr["dtype"])()
-            dtype.CopyFrom(node.attr["dtype"])
-            node.op = "Placeholder"
-            del node.input[:]
-            node.attr.clear()
-            node.attr["dtype"].CopyFrom(dtype)
-            node.attr["shape"].shape.CopyFrom(tf.TensorShape(spec.shape).as_proto())
+            _as_placeholder(node, model.variables[key].shape)
     for info in entry.inputs:  # the entry's declared input shapes
         node = next((n for n in graph_def.node if n.name == info.placeholder), None)
         if node is not None and info.shape is not None:
@@ -1042,13 +1158,17 @@ def analyze(model: g.TracedModel) -> Analysis:
 
 
 def _poison_nested(graph: _Graph, model: g.TracedModel) -> None:
-    """Variables read inside function bodies (loops, branches, kept calls) are not modelled."""
+    """Variables read inside function bodies that _call does not read (a function called as an
+    op, a call kept by the loader) are not modelled."""
     for entry in model.entries:
         if entry.kind == "update":
             continue
 
         def visit(body, entry=entry):
-            if body.site is None:
+            site = body.site
+            while site is not None and site.node.op in CONTROL_FLOW_OPS:
+                site = site.parent.site
+            if site is None:
                 return
             for node in body.nodes:
                 key = body.read_key(node) if node.op == "ReadVariableOp" else None
@@ -1135,7 +1255,8 @@ def describe(groups) -> str:
 @dataclasses.dataclass(frozen=True)
 class Cost:
     """Parameters (float variables and constants of rank >= 1 that the entry reads) and FLOPs
-    (2 x multiply-adds of its convolutions and matrix products, at batch 1) of one entry."""
+    (2 x multiply-adds of its convolutions and matrix products, at batch 1) of one entry, in
+    its loops and branches too (a loop body counted once, every branch counted)."""
 
     entry: str
     parameters: int
@@ -1166,27 +1287,39 @@ def cost(target, entry: str | None = None) -> Cost:
     batch_one = dataclasses.replace(chosen, inputs=tuple(
         dataclasses.replace(info, shape=(1, *info.shape[1:]) if info.shape and info.shape[0] is None else info.shape)
         for info in chosen.inputs))
-    shapes = _static_shapes(batch_one, model)
-    body = b.top_body(chosen.graph_def, dict(chosen.resources), writable=False)
+    keys, totals = set(), [0, 0]
 
-    def shape(ref):
-        name, index, _ = body.parse(ref)
-        return shapes.get((name, index))
+    def count(body, shapes, depth=0):
+        def shape(ref):  # at batch 1: a loop's or a branch's outputs keep the batch unknown
+            name, index, _ = body.parse(ref)
+            found = shapes.get((name, index))
+            return [1, *found[1:]] if found and found[0] is None else found
 
-    keys, parameters, flops = set(), 0, 0
-    for node in body.nodes:
-        if node.op == "ReadVariableOp":
-            key = body.read_key(node)
-            spec = model.variables.get(key)
-            if spec is not None and key not in keys and len(spec.shape) >= 1 and "float" in spec.dtype:
-                keys.add(key)
-                parameters += int(np.prod(spec.shape))
-        elif node.op == "Const" and "float" in tf.dtypes.as_dtype(node.attr["dtype"].type).name:
-            dims = node.attr["value"].tensor.tensor_shape.dim
-            if len(dims) >= 1:
-                parameters += int(np.prod([d.size for d in dims]))
-        flops += _flops(node, shape, body)
-    return Cost(chosen.label, parameters, flops)
+        for node in body.nodes:
+            if node.op == "ReadVariableOp":
+                key = body.read_key(node)
+                spec = model.variables.get(key)
+                if spec is not None and key not in keys and len(spec.shape) >= 1 and "float" in spec.dtype:
+                    keys.add(key)
+                    totals[0] += int(np.prod(spec.shape))
+            elif node.op == "Const" and "float" in tf.dtypes.as_dtype(node.attr["dtype"].type).name:
+                dims = node.attr["value"].tensor.tensor_shape.dim
+                if len(dims) >= 1:
+                    totals[0] += int(np.prod([d.size for d in dims]))
+            elif node.op in CONTROL_FLOW_OPS and depth < b.MAX_DEPTH:
+                site = b.CallSite(body, node, b.called_functions(node, body.library))
+                inputs = body.data_inputs(node)
+                for callee in site.open():
+                    args = callee.proto.signature.input_arg
+                    arg_shapes = [shape(inputs[i + site.offset]) if i + site.offset < len(inputs) else None
+                                  for i in range(len(args))]
+                    inner = _body_shapes(model, chosen, callee, arg_shapes)
+                    if inner is not None:
+                        count(callee, inner, depth + 1)
+            totals[1] += _flops(node, shape, body)
+
+    count(b.top_body(chosen.graph_def, dict(chosen.resources), writable=False), _static_shapes(batch_one, model))
+    return Cost(chosen.label, *totals)
 
 
 def _flops(node, shape, body) -> int:

@@ -20,10 +20,11 @@ import dataclasses
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.core.framework import types_pb2
 
 from graphprune import body as b
 from graphprune import graph as g
-from graphprune.channels import analyze
+from graphprune.channels import CONTROL_FLOW_OPS, analyze
 from graphprune.passbase import Option, PassContext, PassResult, register_pass
 
 
@@ -80,19 +81,20 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
     new_shapes = _reshape_targets(analysis, removed)
     new_dims = _dim_targets(analysis, removed)
     entries = []
+    shrunk_specs = {spec.key: spec for spec in specs}
     for entry in model.entries:
         def rewrite(body, entry=entry):
-            if body.site is not None:
-                return
             for node in list(body.nodes):
-                key = f"{entry.name}/{node.name}"
+                name = body.use_name(node)
+                key = f"{entry.name}/{name}"
                 if node.op == "Const" and ("const", key) in sliced:
                     body.replace(node, g.const_node(node.name, sliced[("const", key)],
                                                     tf.dtypes.as_dtype(node.attr["dtype"].type).name))
-                elif node.op == "Reshape" and (entry.name, node.name) in new_shapes:
-                    _set_last_dim(body, node, new_shapes[(entry.name, node.name)])
-                elif node.op == "Reshape" and (entry.name, node.name) in new_dims:
-                    _set_dims(body, node, new_dims[(entry.name, node.name)])
+                elif node.op == "Reshape" and (entry.name, name) in new_shapes:
+                    _set_last_dim(body, node, new_shapes[(entry.name, name)])
+                elif node.op == "Reshape" and (entry.name, name) in new_dims:
+                    _set_dims(body, node, new_dims[(entry.name, name)])
+            _update_shapes(body, entry.name, analysis, removed, shrunk_specs)
 
         entries.append(b.rewrite_entry(entry, rewrite)[0])
     new_model = dataclasses.replace(model.with_variables(specs), entries=tuple(entries))
@@ -101,13 +103,55 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
     return PassResult(new_model, changed=True, report=report)
 
 
+def _update_shapes(body: b.Body, entry: str, analysis, removed: dict, specs: dict) -> None:
+    """Shapes recorded for TensorFlow's shape inference where channels go: the outputs of loops
+    and branches, a function's input shapes (which TensorFlow uses when it loads the function),
+    and the shape of a resource argument of a shrunk variable."""
+    def resize(shape, name: str, index: int) -> None:
+        for axis, dim in enumerate(shape.dim):
+            space = ("t", entry, name, index, axis)
+            if dim.size >= 0 and space in analysis.sizes:
+                kept = _kept_size(analysis, removed, space)
+                if kept != dim.size:
+                    dim.size = kept
+                    body.mark_changed()
+
+    for node in body.nodes:
+        if node.op in CONTROL_FLOW_OPS:
+            for attr in ("output_shapes", "_output_shapes"):
+                if attr in node.attr:
+                    for index, shape in enumerate(node.attr[attr].list.shape):
+                        resize(shape, body.use_name(node), index)
+    if not body.is_function:
+        return
+    arguments = body.proto.signature.input_arg
+    if "_input_shapes" in body.proto.attr:
+        for arg, shape in zip(arguments, body.proto.attr["_input_shapes"].list.shape):
+            resize(shape, body.path + arg.name, 0)
+    for position, attrs in body.proto.arg_attr.items():
+        if "_output_shapes" in attrs.attr and position < len(arguments):
+            for shape in attrs.attr["_output_shapes"].list.shape:
+                resize(shape, body.path + arguments[position].name, 0)
+    for arg in arguments:
+        spec = specs.get(body.resources.get(arg.name))
+        if arg.type == types_pb2.DT_RESOURCE and spec is not None:
+            del arg.handle_data[:]
+            b.set_handle_data(arg, spec)
+            body.mark_changed()
+
+
 def _whole(analysis) -> dict[str, str]:
     return {group.name: group.reason for group in analysis.groups if not group.prunable}
 
 
 def _const_values(model: g.TracedModel) -> dict[str, np.ndarray]:
-    """Constants by "entry/node", each read when first asked for."""
-    nodes = {f"{e.name}/{n.name}": n for e in model.entries for n in e.graph_def.node if n.op == "Const"}
+    """Constants by "entry/node" (the node's body path before its name), each read when first asked for."""
+    nodes = {}
+    for entry in model.entries:
+        def collect(body, entry=entry):
+            nodes.update((f"{entry.name}/{body.use_name(n)}", n) for n in body.nodes if n.op == "Const")
+
+        b.visit_entry(entry, collect)
 
     class Lazy(dict):
         def __missing__(self, key):

@@ -5,9 +5,10 @@ callee reads any more are dropped from the call (masks and weights after folding
 a loop's only where the body passes the resource through and nobody reads that output). Then
 the live nodes are those the body's outputs need (networkx ancestors over data and control
 edges): at the top, the entry's outputs, its inputs and its control outputs that have side
-effects; in a function body, its returns and every node with a side effect. At the top, control
-edges to side-effect-free nodes (variable reads, NoOps grouping only reads) only order pure
-work and are dropped, so the reads they pinned can die. Then resource placeholders without
+effects; in a function body, its returns and every node with a side effect. In every body,
+control edges from side-effect-free nodes (variable reads, frozen weights, NoOps grouping only
+reads) only order pure work and are dropped, so what they pinned can die (a loop body's NoOp
+that waits for its reads would otherwise keep every frozen weight's unmasked copy). Then resource placeholders without
 readers, variables no entry reads, and library functions no live node calls are removed.
 Postcondition: outputs are unchanged; nothing dead is left.
 """
@@ -44,15 +45,16 @@ def _strip_body(body: b.Body, entry: g.Entry, kept: dict) -> None:
         site.drop_unused_resources()
         site.close()
     memo: dict = {}
+    for node in body.nodes:
+        inputs = [raw for raw in node.input if not raw.startswith("^")
+                  or (body.producer(raw) is not None and has_side_effect(body, body.producer(raw), memo))]
+        if len(inputs) != len(node.input):
+            body.set_inputs(node, inputs)
     if body.is_function:
+        _drop_pure_control_returns(body, memo)
         roots = [body.source(ref) for ref in body.outputs()]
         roots += [node.name for node in body.nodes if has_side_effect(body, node, memo)]
     else:
-        for node in body.nodes:
-            inputs = [raw for raw in node.input if not raw.startswith("^")
-                      or (body.producer(raw) is not None and has_side_effect(body, body.producer(raw), memo))]
-            if len(inputs) != len(node.input):
-                body.set_inputs(node, inputs)
         kept["control_outputs"] = tuple(name for name in entry.control_outputs if body.node(name) is not None
                                         and has_side_effect(body, body.node(name), memo))
         roots = [g.parse_input(name.split(":")[0])[0] for name in entry.outputs] + list(kept["control_outputs"])
@@ -63,6 +65,21 @@ def _strip_body(body: b.Body, entry: g.Entry, kept: dict) -> None:
             if node.name in live:
                 _drop_colocation_with_removed(node, live)
     body.delete(live)
+
+
+def _drop_pure_control_returns(body: b.Body, memo: dict) -> None:
+    """A function's control outputs that have no side effect: a tf.function lists its variable
+    reads there, and a read frozen into a constant would keep the weight's unmasked copy."""
+    pure = [name for name, target in body.proto.control_ret.items()
+            if body.node(body.source(target)) is None or not has_side_effect(body, body.node(body.source(target)), memo)]
+    if not pure:
+        return
+    for name in pure:
+        del body.proto.control_ret[name]
+    kept = [name for name in body.proto.signature.control_output if name not in pure]
+    del body.proto.signature.control_output[:]
+    body.proto.signature.control_output.extend(kept)
+    body.mark_changed()
 
 
 def _strip_entry(entry: g.Entry) -> g.Entry:

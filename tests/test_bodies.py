@@ -142,6 +142,14 @@ def test_weights_at_any_depth_are_pruned_trained_folded_frozen_and_stripped(name
         assert not [k for k in traced.variables if "graphprune" in k]  # no mask, threshold or step
         if freeze:
             assert not set(_kernels(model)) & set(traced.variables)  # every pruned weight is a constant
+            # ... and only its pruned copy is left: a loop body's frozen read, pinned by the
+            # function's control outputs, used to keep the unmasked weight too.
+            for entry in traced.entries:
+                kernels = []
+                b.visit_entry(entry, lambda body: kernels.extend(
+                    n.name for n in body.nodes
+                    if n.op == "Const" and [d.size for d in n.attr["value"].tensor.tensor_shape.dim] == [4, 4]))
+                assert len(kernels) == len(_kernels(model)), (entry.name, kernels)
 
 
 def test_a_rerun_of_insert_masks_on_nested_bodies_is_a_no_op():

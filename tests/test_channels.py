@@ -231,6 +231,74 @@ def test_per_weight_channel_sparsity_while_training(channel_net):
             assert sum(int(k.sum()) for k in others) == round(0.5 * sum(k.size for k in others))
 
 
+class FlowNet(tf.Module):
+    """Channels through control flow: a tf.cond whose branches read different kernels (their
+    output channels meet at the If's output), then a tf.while_loop whose body runs a residual
+    MLP on the carried state (carried channels: the loop's input, argument, return and output).
+    ``leak`` adds a Sum over the carried channels inside the loop, so they must stay whole."""
+
+    def __init__(self, leak: bool = False):
+        super().__init__()
+        rng = np.random.RandomState(0)
+
+        def kernel(rows, columns, name):
+            return tf.Variable((rng.standard_normal([rows, columns]) / np.sqrt(rows)).astype(np.float32), name=name)
+
+        self.leak = leak
+        self.w_in, self.w_a, self.w_b = kernel(6, 16, "in/kernel"), kernel(16, 12, "a/kernel"), kernel(16, 12, "b/kernel")
+        self.w1, self.w2, self.w_out = kernel(12, 20, "loop1/kernel"), kernel(20, 12, "loop2/kernel"), kernel(12, 4, "out/kernel")
+        self.b1 = tf.Variable(rng.standard_normal(20).astype(np.float32) * 0.1, name="loop1/bias")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 6], tf.float32), tf.TensorSpec([], tf.bool)])
+    def __call__(self, x, flag):
+        h = tf.nn.relu(x @ self.w_in)
+        y = tf.cond(flag, lambda: tf.nn.relu(h @ self.w_a), lambda: tf.tanh(h @ self.w_b))
+
+        def body(i, y):
+            y = y + tf.nn.relu(y @ self.w1 + self.b1) @ self.w2
+            if self.leak:
+                y = y + tf.reduce_sum(y, axis=-1, keepdims=True)
+            return i + 1, y
+
+        _, y = tf.while_loop(lambda i, y: i < 3, body, [tf.constant(0), y])
+        return y @ self.w_out
+
+
+@pytest.mark.parametrize("leak", [False, True])
+def test_groups_through_loops_and_branches(tmp_path, leak):
+    path = str(tmp_path / "flow")
+    tf.saved_model.save(FlowNet(leak), path)
+    groups = {group.name: group for group in graphprune.channel_groups(path)}
+    members = {name: {(m.name, m.axis, m.role) for m in group.members} for name, group in groups.items()}
+    assert members["in/kernel:1"] == {("in/kernel", 1, "out"), ("a/kernel", 0, "in"), ("b/kernel", 0, "in")}
+    assert members["loop1/kernel:1"] == {("loop1/kernel", 1, "out"), ("loop1/bias", 0, "param"),
+                                         ("loop2/kernel", 0, "in")}
+    assert members["a/kernel:1"] == {("a/kernel", 1, "out"), ("b/kernel", 1, "out"), ("loop1/kernel", 0, "in"),
+                                     ("loop2/kernel", 1, "out"), ("out/kernel", 0, "in")}
+    assert groups["in/kernel:1"].prunable and groups["loop1/kernel:1"].prunable
+    assert groups["a/kernel:1"].prunable != leak
+    if leak:
+        assert "Sum" in groups["a/kernel:1"].reason
+
+    pm = graphprune.prune(path, graphprune.ConstantSparsity(0.5, 0), structure="channel", one_shot=True)
+    x = np.random.RandomState(1).standard_normal([5, 6]).astype(np.float32)
+    masked = {flag: pm(x, tf.constant(flag)).numpy() for flag in (True, False)}
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
+    small = tf.saved_model.load(out)
+    for flag, expected in masked.items():
+        np.testing.assert_allclose(small(x, tf.constant(flag)).numpy(), expected,
+                                   atol=1e-5 * np.abs(expected).max(), rtol=0)
+    # Parameters and FLOPs count the kernels inside the branches and the loop body.
+    shapes = _predicted_shapes(pm)
+    kept_bias = int(np.any(pm.variables_by_key["loop1/kernel"].numpy() != 0, axis=0).sum())  # loop1's neurons
+    before, after = graphprune.cost(path), graphprune.cost(out)
+    assert before.parameters == 6 * 16 + 2 * 16 * 12 + 2 * 12 * 20 + 20 + 12 * 4
+    assert after.parameters == sum(int(np.prod(shape)) * count for shape, count in shapes.items()) + kept_bias
+    assert before.flops == 2 * (6 * 16 + 2 * 16 * 12 + 2 * 12 * 20 + 12 * 4)
+    assert after.flops < (0.5 if not leak else 0.7) * before.flops
+    graphprune.export_tflite(out, str(tmp_path / "small.tflite"))
+
+
 class ReshapedHeads(tf.Module):
     """Attention-style projections as Keras's EinsumDense runs them on TensorFlow: kernels
     [D, heads, head_dim] reshaped for a BatchMatMul, the result split into heads and merged
