@@ -83,8 +83,12 @@ def reference_keras_model(dense_module):
     return model
 
 
-def make_train_step(forward, variables, before=None, learning_rate=1e-3):
-    """One tf.function step: optional `before()` (a mask update) traced in, then Adam on the loss."""
+def make_train_step(forward, variables, before=None, learning_rate=1e-3, teacher=None, temperature=4.0):
+    """One tf.function step: optional `before()` (a mask update) traced in, then Adam on the loss.
+
+    With a `teacher` (a model's forward), the loss is half the cross-entropy and half the
+    distillation loss: temperature**2 x KL(teacher || student) of the logits softened by
+    `temperature` (Hinton et al.)."""
     optimizer = tf.keras.optimizers.Adam(learning_rate)
 
     @tf.function
@@ -92,7 +96,13 @@ def make_train_step(forward, variables, before=None, learning_rate=1e-3):
         if before is not None:
             before()
         with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, forward(images)))
+            logits = forward(images)
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+            if teacher is not None:
+                target = tf.nn.softmax(tf.stop_gradient(teacher(images)) / temperature)
+                student = tf.nn.log_softmax(logits / temperature)
+                kl = tf.reduce_sum(target * (tf.math.log(target + 1e-12) - student), axis=-1)
+                loss = 0.5 * loss + 0.5 * temperature ** 2 * tf.reduce_mean(kl)
         optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
         return loss
 

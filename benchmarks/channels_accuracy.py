@@ -38,10 +38,14 @@ from graphprune.tools.mnist import MnistCNN, glorot  # noqa: E402
 
 _DATA_DIR = flags.DEFINE_string("data_dir", "/usr/share/datasets/fashion-mnist", "Fashion-MNIST idx .gz files.")
 _RATIO = flags.DEFINE_float("ratio", 0.5, "Fraction of each group's channels removed (of all channels, global).")
+_DISTILL = flags.DEFINE_bool("distill", False, "Fine-tune the pruned arms (channel, unstructured) with "
+                             "distillation from the dense arm's final model (half cross-entropy, half KL at T=4).")
 _SCOPE = flags.DEFINE_enum("scope", "layer", ["layer", "global"], "Channel ranking: per group, or one across groups.")
 _PRETRAIN = flags.DEFINE_integer("pretrain_epochs", 2, "Dense epochs before pruning.")
 _FINETUNE = flags.DEFINE_integer("finetune_epochs", 3, "Fine-tuning epochs of every arm.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Batch size.")
+_LR = flags.DEFINE_enum("lr", "constant", ["constant", "cosine"],
+                        "Adam's learning rate in every fit: 1e-3, or 1e-3 decayed to 0 along a cosine over the fit.")
 _MODELS = flags.DEFINE_list("models", ["cnn", "resnet"], "Which models.")
 _EXAMPLES = flags.DEFINE_integer("train_examples", None, "Use only the first N training images (quick checks).")
 _NAME = flags.DEFINE_string("name", "channels_accuracy", "Results file: results/<name>.json.")
@@ -89,8 +93,11 @@ class ResNet(tf.Module):
 BUILDERS = {"cnn": MnistCNN, "resnet": ResNet}
 
 
-def _fit(forward, variables, data, epochs, seed, before=None):
-    step = bc.make_train_step(forward, variables, before=before)
+def _fit(forward, variables, data, epochs, seed, before=None, teacher=None):
+    rate = 1e-3
+    if _LR.value == "cosine":
+        rate = tf.keras.optimizers.schedules.CosineDecay(1e-3, bc.steps_per_epoch(data, _BATCH.value) * epochs)
+    step = bc.make_train_step(forward, variables, before=before, learning_rate=rate, teacher=teacher)
     _, seconds, _ = bc.train(step, data, _BATCH.value, epochs, seed)
     return seconds
 
@@ -157,7 +164,8 @@ def run_model(name, data, work, seed=0):
 
     schedule = graphprune.PolynomialDecay(0.0, _RATIO.value, 0, end_step, power=3, frequency=100)
     pm = graphprune.prune(pretrained, schedule, structure="channel", scope=_SCOPE.value)
-    _fit(pm, pm.trainable_variables, data, _FINETUNE.value, seed + 1, before=pm.update_masks)
+    teacher = dense if _DISTILL.value else None
+    _fit(pm, pm.trainable_variables, data, _FINETUNE.value, seed + 1, before=pm.update_masks, teacher=teacher)
     shrunk = graphprune.finalize(pm, os.path.join(work, f"{name}_channel"), shrink=True)
     rows.append(_row("channel", shrunk, bc.accuracy(tf.saved_model.load(shrunk), data)))
 
@@ -172,7 +180,7 @@ def run_model(name, data, work, seed=0):
     sparsity = min(0.99, removed / kernels)
     schedule = graphprune.PolynomialDecay(0.0, sparsity, 0, end_step, power=3, frequency=100)
     pm = graphprune.prune(pretrained, schedule)
-    _fit(pm, pm.trainable_variables, data, _FINETUNE.value, seed + 1, before=pm.update_masks)
+    _fit(pm, pm.trainable_variables, data, _FINETUNE.value, seed + 1, before=pm.update_masks, teacher=teacher)
     final = graphprune.finalize(pm, os.path.join(work, f"{name}_unstructured"))
     rows.append(_row("unstructured", final, bc.accuracy(tf.saved_model.load(final), data)))
     rows[-1]["sparsity"] = pm.sparsity()
@@ -209,7 +217,7 @@ def main(argv):
     for name in _MODELS.value:
         rows += run_model(name, data, work)
     print(table(rows))
-    bc.write_json(_NAME.value, {"ratio": _RATIO.value, "scope": _SCOPE.value, "pretrain_epochs": _PRETRAIN.value,
+    bc.write_json(_NAME.value, {"ratio": _RATIO.value, "scope": _SCOPE.value, "lr": _LR.value, "distill": _DISTILL.value, "pretrain_epochs": _PRETRAIN.value,
                                         "finetune_epochs": _FINETUNE.value, "machine": bc.machine(), "rows": rows})
 
 

@@ -810,7 +810,8 @@ def _merge_or_split(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:
         self.link(spaces[1], self.tensor(y, j + 1))
         self.claim(x, j)
         for position in range(len(ys)):
-            self.graph.dims.append(ShapeDim(self.entry.name, self.node_id(node.name), position, (self.tensor(y, position),)))
+            self.graph.dims.append(ShapeDim(self.entry.name, self.node_id(node.name), position,
+                                            (self.tensor(y, position),)))
         return True
     return False
 
