@@ -1,6 +1,6 @@
 """Channel pruning on Fashion-MNIST: accuracy at a lower latency, against two baselines.
 
-    python benchmarks/channels_accuracy.py [--ratio=0.5 --pretrain_epochs=2 --finetune_epochs=3]
+    python benchmarks/channels_accuracy.py --lr=cosine --finetune_epochs=6     (the table in benchmarks/README.md)
 
 Two models written as tf.Modules (no Keras): the classic MNIST CNN (graphprune.tools.mnist.MnistCNN:
 conv 32, conv 64, dense 1024, dense 10) and a small ResNet (stem conv, three stages of one residual block each, 16/32/64
@@ -8,9 +8,10 @@ channels, global average pooling, dense 10). For each, in one run:
 
     dense          trained --pretrain_epochs, then fine-tuned --finetune_epochs (the reference)
     channel        the pretrained weights, graphprune.prune(structure='channel') with a
-                   PolynomialDecay from 0 to --ratio of each group's channels over the first 60%
-                   of the fine-tuning steps, fine-tuned, then finalize(shrink=True): a dense model
-                   with fewer channels
+                   PolynomialDecay from 0 to --ratio of each group's channels over the first
+                   --prune_fraction of the fine-tuning steps (--scope, --sparsity_for: the ranking and
+                   per-kernel sparsities), fine-tuned (--distill: from the dense arm), then
+                   finalize(shrink=True): a dense model with fewer channels
     narrow         the same architecture at the shrunk model's widths, trained from scratch for
                    pretrain + finetune epochs (what the channels cost if you knew the widths)
     unstructured   the pretrained weights pruned element-wise (layer-wise magnitude) to the
@@ -40,10 +41,15 @@ _DATA_DIR = flags.DEFINE_string("data_dir", "/usr/share/datasets/fashion-mnist",
 _RATIO = flags.DEFINE_float("ratio", 0.5, "Fraction of each group's channels removed (of all channels, global).")
 _DISTILL = flags.DEFINE_bool("distill", False, "Fine-tune the pruned arms (channel, unstructured) with "
                              "distillation from the dense arm's final model (half cross-entropy, half KL at T=4).")
+_SPARSITY_FOR = flags.DEFINE_list("sparsity_for", [], "Per-kernel channel sparsities of the channel arm, "
+                                   "REGEX=SPARSITY (graphprune.Rule): e.g. block.*/a/kernel=0.7 for the blocks' "
+                                   "inner widths.")
 _SCOPE = flags.DEFINE_enum("scope", "layer", ["layer", "global"], "Channel ranking: per group, or one across groups.")
 _PRETRAIN = flags.DEFINE_integer("pretrain_epochs", 2, "Dense epochs before pruning.")
 _FINETUNE = flags.DEFINE_integer("finetune_epochs", 3, "Fine-tuning epochs of every arm.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Batch size.")
+_PRUNE_FRACTION = flags.DEFINE_float("prune_fraction", 0.6, "The pruned arms reach their sparsity after this "
+                                     "fraction of the fine-tuning steps (PolynomialDecay's end_step).")
 _LR = flags.DEFINE_enum("lr", "constant", ["constant", "cosine"],
                         "Adam's learning rate in every fit: 1e-3, or 1e-3 decayed to 0 along a cosine over the fit.")
 _MODELS = flags.DEFINE_list("models", ["cnn", "resnet"], "Which models.")
@@ -155,7 +161,7 @@ def run_model(name, data, work, seed=0):
     pretrained = _save(dense, os.path.join(work, f"{name}_pretrained"))
     print(f"{name}: pretrained {_PRETRAIN.value} epochs ({time.time() - started:.0f} s)", flush=True)
     steps = bc.steps_per_epoch(data, _BATCH.value) * _FINETUNE.value
-    end_step = int(steps * 0.6) // 100 * 100
+    end_step = int(steps * _PRUNE_FRACTION.value) // 100 * 100
     rows = []
 
     _fit(dense, dense.trainable_variables, data, _FINETUNE.value, seed + 1)
@@ -163,7 +169,9 @@ def run_model(name, data, work, seed=0):
     rows.append(_row("dense", path, bc.accuracy(dense, data)))
 
     schedule = graphprune.PolynomialDecay(0.0, _RATIO.value, 0, end_step, power=3, frequency=100)
-    pm = graphprune.prune(pretrained, schedule, structure="channel", scope=_SCOPE.value)
+    rules = [graphprune.Rule(item.rpartition("=")[0], sparsity=float(item.rpartition("=")[2]))
+             for item in _SPARSITY_FOR.value]
+    pm = graphprune.prune(pretrained, schedule, structure="channel", scope=_SCOPE.value, rules=rules)
     teacher = dense if _DISTILL.value else None
     _fit(pm, pm.trainable_variables, data, _FINETUNE.value, seed + 1, before=pm.update_masks, teacher=teacher)
     shrunk = graphprune.finalize(pm, os.path.join(work, f"{name}_channel"), shrink=True)
@@ -217,8 +225,10 @@ def main(argv):
     for name in _MODELS.value:
         rows += run_model(name, data, work)
     print(table(rows))
-    bc.write_json(_NAME.value, {"ratio": _RATIO.value, "scope": _SCOPE.value, "lr": _LR.value, "distill": _DISTILL.value, "pretrain_epochs": _PRETRAIN.value,
-                                        "finetune_epochs": _FINETUNE.value, "machine": bc.machine(), "rows": rows})
+    settings = {"ratio": _RATIO.value, "scope": _SCOPE.value, "lr": _LR.value, "distill": _DISTILL.value,
+                "prune_fraction": _PRUNE_FRACTION.value, "sparsity_for": _SPARSITY_FOR.value,
+                "pretrain_epochs": _PRETRAIN.value, "finetune_epochs": _FINETUNE.value}
+    bc.write_json(_NAME.value, {**settings, "machine": bc.machine(), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -12,5 +12,5 @@ python benchmarks/train_step_overhead.py --repeats=15
 python benchmarks/mask_update_time.py
 python benchmarks/rewrite_time.py
 python benchmarks/channels.py
-python benchmarks/channels_accuracy.py
+python benchmarks/channels_accuracy.py --lr=cosine --finetune_epochs=6
 python benchmarks/plots.py

@@ -1050,7 +1050,7 @@ def _body_shapes(model: g.TracedModel, entry: g.Entry, callee: b.Body, arg_shape
         graph_def.library.CopyFrom(entry.graph_def.library)
         with tf.Graph().as_default() as graph:
             tf.graph_util.import_graph_def(graph_def, name="")
-    except (ValueError, TypeError, tf.errors.OpError):
+    except (ValueError, TypeError, KeyError, tf.errors.OpError):  # left whole, with the reason
         return None
     return {(op.name, index): None if output.shape.rank is None else output.shape.as_list()
             for op in graph.get_operations() for index, output in enumerate(op.outputs)}

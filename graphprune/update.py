@@ -131,7 +131,7 @@ def compute_masks(
 def _channel_masks(weights, plans, sparsities, alive, groups):
     """key -> (mask, threshold) for channel-structured weights.
 
-    In every prunable channel group whose consumers are all among ``weights``, each channel is
+    In every prunable channel group whose kernels are all among ``weights``, each channel is
     scored by the L2 (or L1) norm of its slices over every kernel of the group. A group's
     sparsity is its producing kernels' (the lowest where their rules differ). Layer-wise, a group
     keeps the kept_count of its channels with the largest scores; groups whose kernels are all
@@ -149,8 +149,8 @@ def _channel_masks(weights, plans, sparsities, alive, groups):
         if not group.prunable:
             continue
         members = group.weight_members(weights)
-        consumers = [m for m in group.members if m.role == "in"]
-        if not members or any(m.kind != "variable" or m.name not in weights for m in consumers):
+        kernels = [m for m in group.members if m.role != "param"]  # a skipped kernel keeps its group whole
+        if not members or any(m.kind != "variable" or m.name not in weights for m in kernels):
             continue
         score = tf.add_n([channel_scores(values[m.name], m, structure.importance) for m in members])
         if structure.importance == "l2":

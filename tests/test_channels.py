@@ -231,6 +231,22 @@ def test_per_weight_channel_sparsity_while_training(channel_net):
             assert sum(int(k.sum()) for k in others) == round(0.5 * sum(k.size for k in others))
 
 
+def test_a_skipped_kernel_keeps_its_groups_whole(channel_net, tmp_path):
+    """exclude= a producer (left) or a consumer (hidden): no channel of their groups goes, in
+    the masks or in the shrunk model; the other groups are pruned."""
+    pm = graphprune.prune(channel_net, graphprune.ConstantSparsity(0.5, 0), structure="channel", one_shot=True,
+                          exclude="left/kernel|hidden/kernel")
+    live = {key: variable.numpy() for key, variable in pm.variables_by_key.items()}
+    original = {v.name.split(":")[0]: v.numpy() for v in ChannelNet().variables}
+    np.testing.assert_array_equal(live["left/kernel"], original["left/kernel"])
+    assert np.all(np.any(live["mix/kernel"][:, :, :8, :] != 0, axis=(0, 1, 3)))  # left's slice of mix's rows
+    assert np.all(np.any(live["mix/kernel"] != 0, axis=(0, 1, 2)))  # mix's outputs feed the skipped hidden
+    assert not np.all(np.any(live["right/kernel"] != 0, axis=(0, 1, 2)))  # right is still pruned
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
+    shapes = _kernel_shapes(out)
+    assert (3, 3, 16, 8) in shapes and (1, 1, 14, 24) in shapes, shapes  # left whole; right 12 -> 6
+
+
 class FlowNet(tf.Module):
     """Channels through control flow: a tf.cond whose branches read different kernels (their
     output channels meet at the If's output), then a tf.while_loop whose body runs a residual
