@@ -161,7 +161,8 @@ def test_interrupted_save_leaves_nothing(tmp_path, sig):
     out = tmp_path / "out"
     script = (
         "import sys, graphprune, graphprune.io as io\n"
-        "import time\n"
+        "import signal, time\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even run from a background job\n"
         "pm = graphprune.prune(sys.argv[1], schedule=graphprune.ConstantSparsity(0.5, 0))\n"
         "original = io._publish\n"
         "def slow(temp, path, **options):\n"
