@@ -85,7 +85,11 @@ class Body:
 
     def use_name(self, node) -> str:
         """A name for a node that is unique across the entry's bodies: the call path + its name."""
-        return self.path + node.name
+        return self.path_name(node.name)
+
+    def path_name(self, name: str) -> str:
+        """use_name for a node or argument given by name."""
+        return self.path + name
 
     def root(self) -> "Body":
         body = self

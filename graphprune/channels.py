@@ -210,8 +210,9 @@ class _Entry:
         return self.graph.space(("t", self.entry.name, self.node_id(name), index, axis), shape[axis])
 
     def node_id(self, name: str) -> str:
-        """A node's name, prefixed by the path of the body it is in (nothing at the top)."""
-        return f"{self.body.path}{name}"
+        """A node's (or argument's) name, prefixed by the path of the body it is in (nothing at
+        the top): how shrink_channels finds it again (Body.use_name)."""
+        return self.body.path_name(name)
 
     def link(self, a: tuple | None, c: tuple | None, offset: int = 0) -> None:
         self.claimed.update(space for space in (a, c) if space is not None)
@@ -981,7 +982,7 @@ def _call(self: _Entry, node) -> None:
     for callee in callees:
         signature = callee.proto.signature
         refs = [inputs[i + offset] if i + offset < len(inputs) else None for i in range(len(signature.input_arg))]
-        shapes = _body_shapes(self.graph.model, self.entry, callee, [self.shape(ref) if ref else None for ref in refs])
+        shapes = _body_shapes(self.graph.model, callee, [self.shape(ref) if ref else None for ref in refs])
         if shapes is None:
             self.unknown(node, f"{node.op} '{node.name}': the shapes inside '{signature.name}' are not known")
             return
@@ -1020,7 +1021,7 @@ def _link_tensors(self: _Entry, outer: str, child: _Entry, inner: str, node) -> 
         self.link(a, c)
 
 
-def _body_shapes(model: g.TracedModel, entry: g.Entry, callee: b.Body, arg_shapes: list) -> dict | None:
+def _body_shapes(model: g.TracedModel, callee: b.Body, arg_shapes: list) -> dict | None:
     """(node or argument, output index) -> static shape inside a function body, inferred from
     the call's input shapes (every variable read given its variable's shape); None if the body
     cannot be imported."""
@@ -1047,11 +1048,18 @@ def _body_shapes(model: g.TracedModel, entry: g.Entry, callee: b.Body, arg_shape
             del function.arg_attr[position].attr["_output_shapes"]
     try:
         graph_def, _ = fdg.function_def_to_graph_def(function, shapes_in)
-        graph_def.library.CopyFrom(entry.graph_def.library)
-        with tf.Graph().as_default() as graph:
-            tf.graph_util.import_graph_def(graph_def, name="")
+        for name in sorted(b.referenced_functions(function.node_def, callee.library)):  # nested loops, branches
+            graph_def.library.function.add().CopyFrom(callee.library[name])
+        return _imported_shapes(graph_def)
     except (ValueError, TypeError, KeyError, tf.errors.OpError):  # left whole, with the reason
         return None
+
+
+def _imported_shapes(graph_def) -> dict[tuple[str, int], list | None]:
+    """(node, output index) -> static shape (a list with None for unknown dims; None if the rank
+    is unknown) of every output once ``graph_def`` is imported, TensorFlow inferring them."""
+    with tf.Graph().as_default() as graph:
+        tf.graph_util.import_graph_def(graph_def, name="")
     return {(op.name, index): None if output.shape.rank is None else output.shape.as_list()
             for op in graph.get_operations() for index, output in enumerate(op.outputs)}
 
@@ -1080,8 +1088,8 @@ _HANDLERS = {
 
 
 def _static_shapes(entry: g.Entry, model: g.TracedModel) -> dict[tuple[str, int], list | None]:
-    """(node, output index) -> static shape (a list with None for unknown dims; None if the rank
-    is unknown), from importing the graph with every variable read given its variable's shape."""
+    """(node, output index) -> static shape of the entry's top graph (_imported_shapes), every
+    variable read given its variable's shape and every input its declared shape."""
     graph_def = g.copy_graph(entry.graph_def)
     body = b.top_body(graph_def, dict(entry.resources), writable=False)
     for node in graph_def.node:
@@ -1092,14 +1100,7 @@ def _static_shapes(entry: g.Entry, model: g.TracedModel) -> dict[tuple[str, int]
         node = next((n for n in graph_def.node if n.name == info.placeholder), None)
         if node is not None and info.shape is not None:
             node.attr["shape"].shape.CopyFrom(tf.TensorShape(info.shape).as_proto())
-    shapes = {}
-    with tf.Graph().as_default() as graph:
-        tf.graph_util.import_graph_def(graph_def, name="")
-        for op in graph.get_operations():
-            for index, output in enumerate(op.outputs):
-                shape = output.shape
-                shapes[(op.name, index)] = None if shape.rank is None else shape.as_list()
-    return shapes
+    return _imported_shapes(graph_def)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1314,7 +1315,7 @@ def cost(target, entry: str | None = None) -> Cost:
                     args = callee.proto.signature.input_arg
                     arg_shapes = [shape(inputs[i + site.offset]) if i + site.offset < len(inputs) else None
                                   for i in range(len(args))]
-                    inner = _body_shapes(model, chosen, callee, arg_shapes)
+                    inner = _body_shapes(model, callee, arg_shapes)
                     if inner is not None:
                         count(callee, inner, depth + 1)
             totals[1] += _flops(node, shape, body)

@@ -32,8 +32,9 @@ POOLINGS = ("AVG", "MAX")
 # of its weight doubled a prunable model's memory and its checkpoint (at 1B parameters, 4 GB more to
 # hold and to write). The forward pass reads w * cast(mask, w.dtype); computed masks (the weight's
 # dtype) are cast to the variable's when stored. Not bool: the gradient of a While nested in a
-# While adds up gradients of every tensor its bodies read (AddN), and AddN has no bool kernel. Masks saved by earlier versions (the weight's dtype) are still read: every helper
-# here takes any dtype.
+# While adds up gradients of every tensor its bodies read (AddN), and AddN has no bool kernel.
+# Masks saved by earlier versions (the weight's dtype) are still read: every helper here takes
+# any dtype.
 MASK_DTYPE = "uint8"
 
 

@@ -174,8 +174,11 @@ def _update_branch(model, members, plans, schedule, target, read, handle, step, 
                     tf.raw_ops.AssignVariableOp(resource=handle(key), value=pruned_values(values[key], mask))]
 
         assigns = []
-        targets = {w.key: target if plans[w.key].schedule == schedule else plans[w.key].schedule(step)[1]
-                   for w in members}
+        by_schedule = {schedule: target}  # a channel rule's schedule: its own target, computed once
+        for w in members:
+            if plans[w.key].schedule not in by_schedule:
+                by_schedule[plans[w.key].schedule] = plans[w.key].schedule(step)[1]
+        targets = {w.key: by_schedule[plans[w.key].schedule] for w in members}
         compute_masks(values, plans, targets, {w.key: w.input_axis for w in members},
                       alive, step=step, consume=lambda *result: assigns.extend(assign(*result)) or assigns[-3:],
                       groups=coupled)

@@ -127,11 +127,11 @@ def _update_shapes(body: b.Body, entry: str, analysis, removed: dict, specs: dic
     arguments = body.proto.signature.input_arg
     if "_input_shapes" in body.proto.attr:
         for arg, shape in zip(arguments, body.proto.attr["_input_shapes"].list.shape):
-            resize(shape, body.path + arg.name, 0)
+            resize(shape, body.path_name(arg.name), 0)
     for position, attrs in body.proto.arg_attr.items():
         if "_output_shapes" in attrs.attr and position < len(arguments):
             for shape in attrs.attr["_output_shapes"].list.shape:
-                resize(shape, body.path + arguments[position].name, 0)
+                resize(shape, body.path_name(arguments[position].name), 0)
     for arg in arguments:
         spec = specs.get(body.resources.get(arg.name))
         if arg.type == types_pb2.DT_RESOURCE and spec is not None:

@@ -8,8 +8,9 @@ edges): at the top, the entry's outputs, its inputs and its control outputs that
 effects; in a function body, its returns and every node with a side effect. In every body,
 control edges from side-effect-free nodes (variable reads, frozen weights, NoOps grouping only
 reads) only order pure work and are dropped, so what they pinned can die (a loop body's NoOp
-that waits for its reads would otherwise keep every frozen weight's unmasked copy). Then resource placeholders without
-readers, variables no entry reads, and library functions no live node calls are removed.
+that waits for its reads would otherwise keep every frozen weight's unmasked copy). Then
+resource placeholders without readers, variables no entry reads, and library functions no live
+node calls are removed.
 Postcondition: outputs are unchanged; nothing dead is left.
 """
 
@@ -70,8 +71,11 @@ def _strip_body(body: b.Body, entry: g.Entry, kept: dict) -> None:
 def _drop_pure_control_returns(body: b.Body, memo: dict) -> None:
     """A function's control outputs that have no side effect: a tf.function lists its variable
     reads there, and a read frozen into a constant would keep the weight's unmasked copy."""
-    pure = [name for name, target in body.proto.control_ret.items()
-            if body.node(body.source(target)) is None or not has_side_effect(body, body.node(body.source(target)), memo)]
+    pure = []
+    for name, target in body.proto.control_ret.items():
+        node = body.node(body.source(target))
+        if node is None or not has_side_effect(body, node, memo):
+            pure.append(name)
     if not pure:
         return
     for name in pure:

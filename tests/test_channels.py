@@ -261,8 +261,10 @@ class FlowNet(tf.Module):
             return tf.Variable((rng.standard_normal([rows, columns]) / np.sqrt(rows)).astype(np.float32), name=name)
 
         self.leak = leak
-        self.w_in, self.w_a, self.w_b = kernel(6, 16, "in/kernel"), kernel(16, 12, "a/kernel"), kernel(16, 12, "b/kernel")
-        self.w1, self.w2, self.w_out = kernel(12, 20, "loop1/kernel"), kernel(20, 12, "loop2/kernel"), kernel(12, 4, "out/kernel")
+        self.w_in, self.w_a, self.w_b = (kernel(6, 16, "in/kernel"), kernel(16, 12, "a/kernel"),
+                                         kernel(16, 12, "b/kernel"))
+        self.w1, self.w2, self.w_out = (kernel(12, 20, "loop1/kernel"), kernel(20, 12, "loop2/kernel"),
+                                        kernel(12, 4, "out/kernel"))
         self.b1 = tf.Variable(rng.standard_normal(20).astype(np.float32) * 0.1, name="loop1/bias")
 
     @tf.function(input_signature=[tf.TensorSpec([None, 6], tf.float32), tf.TensorSpec([], tf.bool)])
