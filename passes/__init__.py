@@ -12,4 +12,5 @@ from graphprune.passes import freeze_variables  # noqa: F401  remaining variable
 from graphprune.passes import read_handles_directly  # noqa: F401  no Identity between a handle and its reads
 from graphprune.passes import strip_unused  # noqa: F401  dead nodes, variables, functions
 from graphprune.passes import shrink_channels  # noqa: F401  dead channels out of every coupled weight
+from graphprune.passes import fold_batch_norms  # noqa: F401  per-channel scale and shift into the kernel
 from graphprune.passes import static_batch  # noqa: F401  fixed batch for TFLite (RNN TensorLists)

@@ -27,6 +27,9 @@ _MAX_FROZEN = flags.DEFINE_integer("max_frozen_mb", 16, "Freeze pruned weights, 
 _VERIFY = flags.DEFINE_bool("verify", False, "Check outputs after every pass.")
 _SHRINK = flags.DEFINE_bool("shrink", False, "Remove dead channels (structure=channel) from every coupled weight: a "
                             "smaller dense model; prints parameters and FLOPs before and after.")
+_FOLD = flags.DEFINE_bool("fold_batch_norms", None, "Fold per-channel scales and shifts after a constant kernel "
+                          "(inference batch norm) into the kernel and one BiasAdd, which TensorFlow fuses with "
+                          "the activation; default: on with --freeze_all (where they are constants).")
 
 flags.mark_flags_as_required(["input", "output"])
 
@@ -44,7 +47,8 @@ def main(argv):
     freeze = "all" if _FREEZE_ALL.value else _FREEZE.value
     path = graphprune.finalize(export.INPUT.value, _OUTPUT.value, freeze=freeze, overwrite=overwrite,
                                verify=_VERIFY.value, max_frozen_bytes=_MAX_FROZEN.value << 20,
-                               progress=common.progress(), shrink=_SHRINK.value)
+                               progress=common.progress(), shrink=_SHRINK.value,
+                               fold_batch_norms=_FOLD.value)
     if _SHRINK.value:
         before, after = graphprune.cost(export.INPUT.value), graphprune.cost(path)
         print(f"shrink: parameters {before.parameters:,} -> {after.parameters:,}, FLOPs at batch 1 {before.flops:,} "

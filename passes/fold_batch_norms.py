@@ -1,0 +1,278 @@
+"""fold_batch_norms: fold per-channel scales and shifts into the kernel before them.
+
+Inference batch normalization, as Keras 3 computes it, is elementwise arithmetic after the
+convolution: ``y * inv + (beta - mean * inv)`` with ``inv = rsqrt(var + eps) * gamma``. Once
+those parameters are constants (freeze='all'), the chain is an affine map per output channel,
+``y * s + t``, and
+
+    Conv2D(x, W) * s + t  ==  BiasAdd(Conv2D(x, W * s), t)
+
+(W scaled along its output-channel axis). The folded form is two ops instead of five or more,
+and the one TensorFlow's CPU remapper fuses with the activation into a single kernel: at batch 1,
+where a small model's time is per-op overhead, that is most of its latency.
+
+Matches, in every body at any depth: a Conv2D / Conv3D / DepthwiseConv2dNative (channels last)
+or MatMul whose kernel is a Const, or a variable read only there (its value is scaled; every read
+of it anywhere must fold with the same scale, and nothing may write it), followed by a chain of
+Mul / RealDiv / Add / AddV2 / Sub / BiasAdd, each with an operand computed from constants alone
+that is one value or one value per output channel, each link read by the next one only. The
+chain's last op becomes the BiasAdd (same name: its readers need no rewiring); the rest is dead
+(strip_unused removes it). Anything else (a scale that varies along another axis, a link read
+twice, a non-constant operand, channels-first layouts, non-float32/64 types) is left as it is.
+
+Postcondition: the outputs equal the input model's up to float rounding (w * s is rounded once,
+where the model rounded x . w and then the product with s); finalize's check runs both models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import types_pb2
+
+from graphprune import body as b
+from graphprune import graph as g
+from graphprune.analysis import written_variables
+from graphprune.passbase import PassContext, PassResult, register_pass
+
+FLOAT_TYPES = (types_pb2.DT_FLOAT, types_pb2.DT_DOUBLE)
+CHAIN_OPS = {"Mul", "RealDiv", "Add", "AddV2", "Sub", "BiasAdd"}
+PASS_THROUGH = {"Identity", "PartitionedCall", "StatefulPartitionedCall", "If", "StatelessIf", "While",
+                "StatelessWhile", "Case", "StatelessCase", "IdentityN"}
+MAX_OPERAND_ELEMENTS = 1 << 16  # a per-channel scale or shift, not a weight
+
+
+@dataclasses.dataclass
+class _Plan:
+    kernel_op: str      # the Conv2D / MatMul node
+    last: str           # the chain's last node, to become the BiasAdd
+    scale: np.ndarray   # per output channel, float64
+    shift: np.ndarray
+    source: str         # "const" or "variable"
+    kernel: str         # the Const or ReadVariableOp node the kernel comes from
+    key: str | None     # the variable's key, for "variable"
+    axes: tuple         # the kernel's output-channel axes (two for a depthwise kernel: in, multiplier)
+
+
+def fold_batch_norms(model: g.TracedModel, context: PassContext) -> PassResult:
+    """Fold every per-channel affine chain after a constant kernel into it (module docstring)."""
+    written = written_variables(model)
+    proposed: dict[str, list[np.ndarray]] = {}
+    uses: dict[str, int] = {}
+
+    def survey(body):
+        for plan in _plans(body, model, context):
+            if plan.source == "variable":
+                proposed.setdefault(plan.key, []).append(plan.scale)
+        for node in body.nodes:
+            if node.op in PASS_THROUGH:
+                continue
+            for raw in body.data_inputs(node):
+                key = body.resource_key(raw)
+                if key is not None:
+                    uses[key] = uses.get(key, 0) + 1
+
+    for entry in model.entries:
+        b.visit_entry(entry, survey)
+    approved = {key for key, scales in proposed.items()
+                if key not in written and uses.get(key) == len(scales)
+                and all(np.array_equal(scales[0], scale) for scale in scales[1:])}
+
+    folded = []
+    specs = {}
+
+    def rewrite(body):
+        for plan in _plans(body, model, context):
+            if plan.source == "variable" and plan.key not in approved:
+                continue
+            kernel_node = body.node(plan.kernel_op)
+            dtype = g.node_dtype(kernel_node)
+            if plan.source == "const":
+                value = _scaled(tf.make_ndarray(body.node(plan.kernel).attr["value"].tensor), plan)
+                const = body.add(g.const_node(_fresh(body, f"{plan.kernel_op}/folded_kernel"), value, dtype))
+                body.set_input(kernel_node, 1, body.ref(const.name))
+            elif plan.key not in specs:
+                spec = model.variables[plan.key]
+                specs[plan.key] = dataclasses.replace(spec, value=_scaled(context.value(model, plan.key), plan))
+            shift = body.add(g.const_node(_fresh(body, f"{plan.last}/folded_shift"), plan.shift, dtype))
+            bias_add = g.make_node(plan.last, "BiasAdd", [body.ref(plan.kernel_op), body.ref(shift.name)],
+                                   T=tf.dtypes.as_dtype(dtype))
+            body.replace(body.node(plan.last), bias_add)
+            folded.append(body.use_name(kernel_node))
+
+    entries = tuple(b.rewrite_entry(entry, rewrite)[0] for entry in model.entries)
+    if not folded:
+        return PassResult(model, changed=False, report={"folded": []})
+    return PassResult(dataclasses.replace(model.with_variables(specs.values()), entries=entries), changed=True,
+                      report={"folded": sorted(folded), "variables_scaled": sorted(specs)})
+
+
+def _scaled(kernel: np.ndarray, plan: _Plan) -> np.ndarray:
+    shape = [1] * kernel.ndim
+    for axis in plan.axes:
+        shape[axis] = kernel.shape[axis]
+    return (kernel.astype(np.float64) * plan.scale.reshape(shape)).astype(kernel.dtype)
+
+
+def _fresh(body: b.Body, name: str) -> str:
+    candidate, n = name, 1
+    while body.node(candidate) is not None:
+        candidate, n = f"{name}_{n}", n + 1
+    return candidate
+
+
+def _kernel_axes(node, kernel_shape) -> tuple | None:
+    """The kernel's output-channel axes, or None where the op is not one this pass folds into."""
+    layout = node.attr["data_format"].s.decode() if "data_format" in node.attr else ""
+    if node.op == "Conv2D" and layout in ("", "NHWC") and len(kernel_shape) == 4:
+        return (3,)
+    if node.op == "Conv3D" and layout in ("", "NDHWC") and len(kernel_shape) == 5:
+        return (4,)
+    if node.op == "DepthwiseConv2dNative" and layout in ("", "NHWC") and len(kernel_shape) == 4:
+        return (2, 3)  # output channel c * multiplier + m
+    if node.op == "MatMul" and len(kernel_shape) == 2:
+        return (0,) if node.attr["transpose_b"].b else (1,)
+    return None
+
+
+def _plans(body: b.Body, model: g.TracedModel, context: PassContext) -> list[_Plan]:
+    """Every foldable kernel + chain of one body (read only)."""
+    plans = []
+    for node in body.nodes:
+        if node.op not in ("Conv2D", "Conv3D", "DepthwiseConv2dNative", "MatMul"):
+            continue
+        if node.attr["T"].type not in FLOAT_TYPES or len(body.data_inputs(node)) < 2:
+            continue
+        kernel = _kernel_source(body, node)
+        if kernel is None:
+            continue
+        key = body.read_key(kernel)
+        if kernel.op == "Const":
+            source, shape = "const", [d.size for d in kernel.attr["value"].tensor.tensor_shape.dim]
+        else:
+            source, shape = "variable", list(model.variables[key].shape)
+        axes = _kernel_axes(node, shape)
+        if axes is None:
+            continue
+        channels = int(np.prod([shape[a] for a in axes]))
+        plan = _chain(body, node, channels)
+        if plan is not None:
+            last, scale, shift, ops = plan
+            if ops == ["BiasAdd"]:
+                continue  # already the folded form
+            plans.append(_Plan(node.name, last, scale, shift, source, kernel.name,
+                               key if source == "variable" else None, axes))
+    return plans
+
+
+def _kernel_source(body: b.Body, node):
+    """The Const or ReadVariableOp behind ``node``'s kernel (through Identity nodes), when nothing
+    else reads it or the Identities between; else None."""
+    reader, returned = node, _returned(body)
+    producer = body.producer(body.data_inputs(node)[1])
+    for _ in range(8):
+        if producer is not None and producer.op == "Const":
+            return producer  # the folded kernel is a new constant: others may read this one
+        if producer is None or producer.name in returned or _data_readers(body, producer.name) != [reader.name]:
+            return None
+        if body.read_key(producer) is not None:
+            return producer
+        if producer.op != "Identity":
+            return None
+        reader, producer = producer, body.producer(body.data_inputs(producer)[0])
+    return None
+
+
+def _data_readers(body: b.Body, name: str) -> list[str]:
+    return [node.name for node, position in body.consumers(name) if not node.input[position].startswith("^")]
+
+
+def _returned(body: b.Body) -> set:
+    return {body.source(ref) for ref in body.outputs()}
+
+
+def _chain(body: b.Body, kernel_op, channels: int):
+    """(last node, scale, shift, ops) of the affine chain after ``kernel_op``; None if there is none."""
+    scale, shift = np.ones(channels), np.zeros(channels)
+    current, last, ops = kernel_op, None, []
+    returned = _returned(body)
+    while True:
+        consumers = body.consumers(current.name)
+        if len(consumers) != 1 or current.name in returned or consumers[0][0].input[consumers[0][1]].startswith("^"):
+            break
+        link, position = consumers[0]
+        inputs = body.data_inputs(link)
+        if link.op not in CHAIN_OPS or len(inputs) != 2 or link.attr["T"].type != kernel_op.attr["T"].type:
+            break
+        if link.op == "BiasAdd" and ("data_format" in link.attr and link.attr["data_format"].s not in (b"", b"NHWC")
+                                     or position != 0):
+            break
+        operand = _per_channel(body, inputs[1 - position], channels)
+        if operand is None:
+            break
+        if link.op == "Mul":
+            scale, shift = scale * operand, shift * operand
+        elif link.op == "RealDiv" and position == 0 and np.all(operand != 0):
+            scale, shift = scale / operand, shift / operand
+        elif link.op in ("Add", "AddV2", "BiasAdd"):
+            shift = shift + operand
+        elif link.op == "Sub":
+            scale, shift = (scale, shift - operand) if position == 0 else (-scale, operand - shift)
+        else:
+            break
+        current, last = link, link.name
+        ops.append(link.op)
+    if last is None or not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
+        return None
+    return last, scale, shift, ops
+
+
+def _per_channel(body: b.Body, ref: str, channels: int) -> np.ndarray | None:
+    """The operand as one float64 value per output channel, when it is computed from constants
+    alone and is a scalar or varies along the last axis only; else None."""
+    value = _evaluate(body, ref, 0)
+    if value is None or value.dtype.kind != "f":
+        return None
+    if value.ndim > 4 or value.ndim and (any(d != 1 for d in value.shape[:-1]) or value.shape[-1] not in (1, channels)):
+        return None
+    return np.broadcast_to(value.reshape(-1).astype(np.float64), (channels,)).copy()
+
+
+def _evaluate(body: b.Body, ref: str, depth: int) -> np.ndarray | None:
+    """The value of a small tensor computed from constants alone (NumPy), or None."""
+    node = body.producer(ref)
+    if node is None or depth > 16 or body.parse(ref)[1] != 0:
+        return None
+    if node.op == "Const":
+        shape = [d.size for d in node.attr["value"].tensor.tensor_shape.dim]
+        return tf.make_ndarray(node.attr["value"].tensor) if np.prod(shape) <= MAX_OPERAND_ELEMENTS else None
+    parts = [_evaluate(body, raw, depth + 1) for raw in body.data_inputs(node)]
+    if any(part is None for part in parts) or not parts:
+        return None
+    unary = {"Identity": lambda x: x, "Snapshot": lambda x: x, "Neg": np.negative, "Sqrt": np.sqrt,
+             "Rsqrt": lambda x: 1 / np.sqrt(x), "Reciprocal": lambda x: 1 / x, "Square": np.square}
+    binary = {"Mul": np.multiply, "Add": np.add, "AddV2": np.add, "Sub": np.subtract, "RealDiv": np.divide,
+              "Maximum": np.maximum, "Minimum": np.minimum}
+    with np.errstate(all="ignore"):
+        if node.op in unary and len(parts) == 1:
+            return np.asarray(unary[node.op](parts[0]), parts[0].dtype)
+        if node.op in binary and len(parts) == 2:
+            return np.asarray(binary[node.op](parts[0], parts[1]), np.result_type(parts[0], parts[1]))
+        if node.op == "Cast":
+            return parts[0].astype(tf.dtypes.as_dtype(node.attr["DstT"].type).as_numpy_dtype)
+        try:
+            if node.op == "Reshape" and len(parts) == 2:
+                return parts[0].reshape(parts[1].astype(np.int64))
+            if node.op == "ExpandDims" and len(parts) == 2:
+                return np.expand_dims(parts[0], int(parts[1]))
+            if node.op == "Squeeze" and len(parts) == 1:
+                axes = tuple(node.attr["squeeze_dims"].list.i)
+                return np.squeeze(parts[0], axis=axes or None)
+        except (ValueError, TypeError):
+            return None
+    return None
+
+
+register_pass("fold_batch_norms", fold_batch_norms, invalidates=("weights", "channel_groups"))

@@ -1,0 +1,220 @@
+"""fold_batch_norms: per-channel scales and shifts after a constant kernel folded into it.
+
+Every model here is run before and after finalize(freeze="all") and compared numerically; the
+op counts say what was folded and what was left alone."""
+
+import collections
+import subprocess
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import graphprune
+
+RNG = np.random.RandomState(0)
+
+
+def _v(*shape, low=None):
+    value = RNG.rand(*shape) + low if low is not None else RNG.randn(*shape) * 0.5
+    return tf.Variable(value.astype(np.float32))
+
+
+def _ops(saved_model_dir):
+    """Op counts of the serving function and every function it calls."""
+    fn = tf.saved_model.load(saved_model_dir).signatures["serving_default"]
+    graph_def = fn.graph.as_graph_def()
+    counts = collections.Counter(node.op for node in graph_def.node)
+    for function in graph_def.library.function:
+        counts.update(node.op for node in function.node_def)
+    return counts
+
+
+def _serve(saved_model_dir, x):
+    fn = tf.saved_model.load(saved_model_dir).signatures["serving_default"]
+    return next(iter(fn(tf.constant(x)).values())).numpy()
+
+
+def _close(got, want):
+    np.testing.assert_allclose(got, want, atol=1e-5 * float(np.max(np.abs(want))), rtol=0)
+
+
+def _saved(module, tmp_path, shape):
+    """The module saved, an input of ``shape`` and the module's own output for it."""
+    path = str(tmp_path / type(module).__name__)
+    tf.saved_model.save(module, path)
+    x = RNG.rand(*shape).astype(np.float32)
+    return module, path, x, module(x).numpy()
+
+
+def _keras_cnn(path):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    x = keras.Input((12, 12, 3))
+    y = keras.layers.Conv2D(8, 3, use_bias=False)(x)
+    y = keras.layers.BatchNormalization()(y)
+    y = keras.layers.ReLU(6.0)(y)
+    y = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, padding="same", use_bias=False)(y)
+    y = keras.layers.BatchNormalization()(y)
+    y = keras.layers.ReLU()(y)
+    y = keras.layers.Conv2D(12, 1)(y)  # with a bias, then a batch norm
+    y = keras.layers.BatchNormalization()(y)
+    y = keras.layers.GlobalAveragePooling2D()(y)
+    y = keras.layers.Dense(16)(y)
+    y = keras.layers.BatchNormalization()(y)
+    y = keras.layers.Dense(5)(y)
+    model = keras.Model(x, y)
+    for layer in model.layers:  # statistics and affine parameters far from the identity
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.gamma.shape[0]
+            layer.set_weights([RNG.rand(n) + 0.5, RNG.randn(n), RNG.randn(n), RNG.rand(n) + 0.2])
+    model.export(path, verbose=False)
+    return model
+
+
+def test_keras_batch_norms_fold_into_their_kernels(tmp_path):
+    model = _keras_cnn(str(tmp_path / "export"))
+    x = RNG.rand(4, 12, 12, 3).astype(np.float32)
+    want = model(x).numpy()
+    before = _ops(str(tmp_path / "export"))
+    assert before["Rsqrt"] == 4 and before["BiasAdd"] == 3
+
+    out = graphprune.finalize(graphprune.prune(str(tmp_path / "export")), str(tmp_path / "folded"), freeze="all")
+    ops = _ops(out)
+    assert ops["Rsqrt"] == 0 and ops["Mul"] == 0 and ops["Sub"] == 0  # every normalization folded
+    assert ops["BiasAdd"] == 5  # one per kernel: 4 folded (two had a bias before their norm) + the classifier
+    assert ops["Conv2D"] == 2 and ops["DepthwiseConv2dNative"] == 1 and ops["MatMul"] == 2
+    _close(_serve(out, x), want)
+
+    # off on request; and off by default when the normalization parameters stay variables
+    kept = graphprune.finalize(graphprune.prune(str(tmp_path / "export")), str(tmp_path / "kept"), freeze="all",
+                               fold_batch_norms=False)
+    assert _ops(kept)["Rsqrt"] == 4
+    _close(_serve(kept, x), want)
+    default = graphprune.finalize(graphprune.prune(str(tmp_path / "export")), str(tmp_path / "default"))
+    assert _ops(default)["Rsqrt"] == 4
+    with pytest.raises(graphprune.GraphPruneError, match="fold_batch_norms"):
+        graphprune.finalize(graphprune.prune(str(tmp_path / "export")), str(tmp_path / "bad"), fold_batch_norms="yes")
+
+
+def test_channel_pruned_and_shrunk_model_folds(tmp_path):
+    model = _keras_cnn(str(tmp_path / "export"))
+    x = RNG.rand(4, 12, 12, 3).astype(np.float32)
+    pm = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
+                          one_shot=True)
+    masked = pm.serve(x).numpy()
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True, freeze="all")
+    assert _ops(out)["Rsqrt"] == 0
+    _close(_serve(out, x), masked)
+    assert graphprune.cost(out).parameters < graphprune.cost(str(tmp_path / "export")).parameters
+    del model
+
+
+class Hostile(tf.Module):
+    """Chains that must fold and chains that must not, side by side."""
+
+    def __init__(self):
+        self.w = [_v(3, 3, 3, 4), _v(3, 3, 3, 4), _v(3, 3, 3, 4), _v(3, 3, 3, 4), _v(3, 3, 3, 4)]
+        self.s = _v(4, low=0.5)
+        self.t = _v(4)
+        self.rows = _v(1, 6, 1, 1, low=0.5)  # varies along H: not per channel
+        self.dense = _v(5, 4)  # read transposed: [out, in]
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 3], tf.float32)])
+    def __call__(self, x):
+        conv = [tf.nn.conv2d(x, w, 1, "VALID") for w in self.w]
+        folds = [
+            tf.nn.relu(conv[0] * self.s + self.t),                       # the batch-norm form
+            tf.nn.relu(self.t - conv[1] / self.s),                       # reversed Sub, RealDiv
+        ]
+        left = [
+            conv[2] * self.rows,                                         # not one value per channel
+            conv[3] * tf.reduce_mean(x, axis=[1, 2], keepdims=True)[..., :1],  # not constant
+            conv[4] * self.s + conv[4],                                  # the conv is read twice
+        ]
+        pooled = tf.reduce_mean(tf.concat(folds + left, axis=-1), axis=[1, 2])
+        dense = tf.matmul(pooled[:, :4], self.dense, transpose_b=True) * 2.0 - 1.0
+        return tf.concat([pooled, dense], axis=-1)
+
+
+def test_what_folds_and_what_is_left(tmp_path):
+    module, path, x, want = _saved(Hostile(), tmp_path, (3, 8, 8, 3))
+    out = graphprune.finalize(graphprune.prune(path), str(tmp_path / "out"), freeze="all",
+                              max_frozen_bytes=1 << 20)
+    _close(_serve(out, x), want)
+    ops = _ops(out)
+    assert ops["BiasAdd"] == 3  # two convolutions and the transposed MatMul
+    assert ops["RealDiv"] == 0
+    # left: the H-varying Mul, the data-dependent Mul, the Mul + Add on a conv read twice
+    assert ops["Mul"] == 3 and ops["Conv2D"] == 5
+
+
+class SharedKernel(tf.Module):
+    """One kernel variable behind two convolutions, each with its own scale."""
+
+    def __init__(self):
+        self.w = _v(3, 3, 3, 8)  # 864 bytes
+        self.a, self.b = _v(8, low=0.5), _v(8, low=0.5)
+        self.big = _v(3, 3, 8, 64)  # 18 KiB: stays a variable under a small freeze budget
+        self.s, self.t = _v(64, low=0.5), _v(64)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 6, 6, 3], tf.float32)])
+    def __call__(self, x):
+        y = tf.nn.conv2d(x, self.w, 1, "SAME") * self.a + tf.nn.conv2d(x, self.w, 1, "SAME") * self.b
+        return tf.nn.relu(tf.nn.conv2d(y, self.big, 1, "SAME") * self.s + self.t)
+
+
+def test_variable_kernels_fold_only_when_every_read_does(tmp_path):
+    module, path, x, want = _saved(SharedKernel(), tmp_path, (2, 6, 6, 3))
+    # frozen smallest first: the scales and shifts (576 bytes), then the shared kernel (864)
+    out = graphprune.finalize(graphprune.prune(path), str(tmp_path / "out"), freeze="all", max_frozen_bytes=2000)
+    _close(_serve(out, x), want)
+    ops = _ops(out)
+    assert ops["ReadVariableOp"] == 1  # the big kernel, its value scaled
+    assert ops["BiasAdd"] == 3  # the big kernel's chain and both shared-kernel chains (their kernel was frozen)
+
+    # the shared kernel a variable too: both its readers scale it differently, so it cannot
+    # hold both products and stays as it is
+    out2 = graphprune.finalize(graphprune.prune(path), str(tmp_path / "out2"), freeze="all", max_frozen_bytes=600)
+    _close(_serve(out2, x), want)
+    loaded = tf.saved_model.load(out2)  # held: its variables live as long as it does
+    variables = loaded.signatures["serving_default"].variables
+    assert sorted(tuple(v.shape) for v in variables) == [(3, 3, 3, 8), (3, 3, 8, 64)]
+    shared = next(v for v in variables if tuple(v.shape) == (3, 3, 3, 8))
+    np.testing.assert_array_equal(shared.numpy(), module.w.numpy())  # untouched
+    big = next(v for v in variables if tuple(v.shape) == (3, 3, 8, 64))
+    np.testing.assert_allclose(big.numpy(), module.big.numpy() * module.s.numpy(), rtol=1e-6)
+    assert _ops(out2)["BiasAdd"] == 1
+
+
+class Looped(tf.Module):
+    def __init__(self):
+        self.w, self.s, self.t = _v(1, 1, 4, 4), _v(4, low=0.5), _v(4)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 5, 5, 4], tf.float32)])
+    def __call__(self, x):
+        def body(i, y):
+            return i + 1, tf.nn.relu(tf.nn.conv2d(y, self.w, 1, "SAME") * self.s + self.t)
+
+        return tf.while_loop(lambda i, y: i < 3, body, (tf.constant(0), x))[1]
+
+
+def test_folds_inside_a_loop_body(tmp_path):
+    module, path, x, want = _saved(Looped(), tmp_path, (2, 5, 5, 4))
+    out = graphprune.finalize(graphprune.prune(path), str(tmp_path / "out"), freeze="all")
+    _close(_serve(out, x), want)
+    ops = _ops(out)
+    assert ops["BiasAdd"] == 1 and ops["Mul"] == 0 and ops["Conv2D"] == 1
+
+
+def test_cli_fold_flag(tmp_path):
+    model = _keras_cnn(str(tmp_path / "export"))
+    x = RNG.rand(2, 12, 12, 3).astype(np.float32)
+    for flag, rsqrt in (("--freeze_all", 0), ("--freeze_all --nofold_batch_norms", 4)):
+        out = str(tmp_path / ("out" + str(rsqrt)))
+        result = subprocess.run(f"graphprune finalize --input={tmp_path / 'export'} --output={out} {flag}",
+                                shell=True, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert _ops(out)["Rsqrt"] == rsqrt
+        _close(_serve(out, x), model(x).numpy())
