@@ -1258,11 +1258,14 @@ def describe(groups) -> str:
 class Cost:
     """Parameters (float variables and constants of rank >= 1 that the entry reads) and FLOPs
     (2 x multiply-adds of its convolutions and matrix products, at batch 1) of one entry, in
-    its loops and branches too (a loop body counted once, every branch counted)."""
+    its loops and branches too (a loop body counted once, every branch counted).
+    ``non_trainable``: how many of the parameters are in variables the model does not train
+    (batch-norm moving statistics, state), which PyTorch counts as buffers, not parameters."""
 
     entry: str
     parameters: int
     flops: int
+    non_trainable: int = 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -1289,7 +1292,7 @@ def cost(target, entry: str | None = None) -> Cost:
     batch_one = dataclasses.replace(chosen, inputs=tuple(
         dataclasses.replace(info, shape=(1, *info.shape[1:]) if info.shape and info.shape[0] is None else info.shape)
         for info in chosen.inputs))
-    keys, totals = set(), [0, 0]
+    keys, totals = set(), [0, 0, 0]
 
     def count(body, shapes, depth=0):
         def shape(ref):  # at batch 1: a loop's or a branch's outputs keep the batch unknown
@@ -1304,6 +1307,7 @@ def cost(target, entry: str | None = None) -> Cost:
                 if spec is not None and key not in keys and len(spec.shape) >= 1 and "float" in spec.dtype:
                     keys.add(key)
                     totals[0] += int(np.prod(spec.shape))
+                    totals[2] += 0 if spec.trainable else int(np.prod(spec.shape))
             elif node.op == "Const" and "float" in tf.dtypes.as_dtype(node.attr["dtype"].type).name:
                 dims = node.attr["value"].tensor.tensor_shape.dim
                 if len(dims) >= 1:

@@ -86,6 +86,14 @@ def test_keras_batch_norms_fold_into_their_kernels(tmp_path):
     assert ops["BiasAdd"] == 5  # one per kernel: 4 folded (two had a bias before their norm) + the classifier
     assert ops["Conv2D"] == 2 and ops["DepthwiseConv2dNative"] == 1 and ops["MatMul"] == 2
     _close(_serve(out, x), want)
+    export, folded = graphprune.cost(str(tmp_path / "export")), graphprune.cost(out)
+    assert export.parameters == model.count_params()
+    assert export.non_trainable == sum(int(np.prod(w.shape)) for w in model.non_trainable_weights) == 2 * 52
+    # four per normalized channel (gamma, beta, mean, variance) become one shift, or none where
+    # the kernel had a bias already; no statistics are left
+    assert folded.non_trainable == 0
+    assert export.parameters - folded.parameters == 4 * 52 - (8 + 16)
+    assert folded.flops == export.flops
 
     # off on request; and off by default when the normalization parameters stay variables
     kept = graphprune.finalize(graphprune.prune(str(tmp_path / "export")), str(tmp_path / "kept"), freeze="all",
