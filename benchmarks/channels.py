@@ -10,13 +10,19 @@ random inputs), exported, pruned one-shot with structure='channel' (L2 group nor
 rounded up to a multiple of 8) at each ratio of channels removed per group, and finalized with
 shrink=True. For the dense model and each shrunk one, on this machine:
 
-    parameters, FLOPs  graphprune.cost (FLOPs: 2 x multiply-adds of convolutions and matmuls)
+    parameters, FLOPs  graphprune.cost (FLOPs: 2 x multiply-adds of convolutions and matmuls);
+                       "trainable": without the batch-norm moving statistics (Cost.non_trainable),
+                       as PyTorch counts parameters (benchmarks/torch_pruning_reference.py)
     tf_b1, tf_b32      median latency of the SavedModel's serving function (TensorFlow, all cores)
                        at batch 1 and 32: the Keras export against finalize(shrink=True)'s output
                        ("export"), and both through finalize(freeze='all') ("frozen": every
-                       variable a constant, so TensorFlow folds the batch-norm arithmetic)
+                       variable a constant, batch norms folded into the kernels: fold_batch_norms)
     litert             median latency of the float .tflite under LiteRT, 1 thread, batch 1
     max_diff           largest |masked - shrunk| output difference over the output scale
+
+The latencies of one model and variant (dense and every ratio) are taken in turn, one call of
+each per round (--repeats rounds, a quarter of them at batch 32), so that a slow stretch of the
+machine falls on all of them alike.
 
 Results: benchmarks/results/channels.json. Targets (issue #17) at 50% channels: ResNet50 at most
 0.30x the parameters and 0.40x the dense latency in both runtimes; MobileNetV2 at most 0.35x the
@@ -38,37 +44,46 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "channels.json")
 
 
-def _median_ms(run, repeats: int) -> float:
+def _interleaved_ms(runs: list, repeats: int) -> list[float]:
+    """Median milliseconds of each callable, called in turn (one call of each per round, after
+    two warm-up rounds), so that a slow stretch of the machine falls on all of them alike."""
     import numpy as np
 
-    run()
-    run()
-    times = []
+    for _ in range(2):
+        for run in runs:
+            run()
+    times = [[] for _ in runs]
     for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1000)
+        for run, kept in zip(runs, times):
+            start = time.perf_counter()
+            run()
+            kept.append(time.perf_counter() - start)
+    return [float(np.median(kept) * 1000) for kept in times]
 
 
-def _latencies(saved_model: str, tflite: str, size: int, repeats: int) -> dict:
+def _latencies(models: list[tuple[str, str]], size: int, repeats: int) -> list[dict]:
+    """tf_b1_ms, tf_b32_ms and litert_ms of each (SavedModel, .tflite), interleaved."""
     import numpy as np
     import tensorflow as tf
     from ai_edge_litert.interpreter import Interpreter
 
-    model = tf.saved_model.load(saved_model)
-    serve = model.signatures["serving_default"]
-    name = list(serve.structured_input_signature[1])[0]
     one = tf.constant(np.random.RandomState(0).rand(1, size, size, 3).astype(np.float32))
     many = tf.constant(np.random.RandomState(0).rand(32, size, size, 3).astype(np.float32))
-    interpreter = Interpreter(model_path=tflite, num_threads=1)
-    runner = interpreter.get_signature_runner("serving_default")
-    lite_name = next(iter(runner.get_input_details()))
-    return {
-        "tf_b1_ms": _median_ms(lambda: serve(**{name: one}), repeats),
-        "tf_b32_ms": _median_ms(lambda: serve(**{name: many}), max(3, repeats // 4)),
-        "litert_ms": _median_ms(lambda: runner(**{lite_name: one.numpy()}), repeats),
-    }
+    loaded, serves, runners = [], [], []
+    for saved_model, tflite in models:
+        loaded.append(tf.saved_model.load(saved_model))  # held: its variables live as long as it does
+        serve = loaded[-1].signatures["serving_default"]
+        serves.append((serve, list(serve.structured_input_signature[1])[0]))
+        runner = Interpreter(model_path=tflite, num_threads=1).get_signature_runner("serving_default")
+        runners.append((runner, next(iter(runner.get_input_details()))))
+
+    def tf_call(serve, name, x):
+        return lambda: serve(**{name: x})
+
+    b1 = _interleaved_ms([tf_call(serve, name, one) for serve, name in serves], repeats)
+    b32 = _interleaved_ms([tf_call(serve, name, many) for serve, name in serves], max(5, repeats // 4))
+    lite = _interleaved_ms([(lambda r=runner, n=name: r(**{n: one.numpy()})) for runner, name in runners], repeats)
+    return [{"tf_b1_ms": a, "tf_b32_ms": b, "litert_ms": c} for a, b, c in zip(b1, b32, lite)]
 
 
 def _model(name: str, size: int):
@@ -87,6 +102,7 @@ def _model(name: str, size: int):
 
 def measure(name: str, ratios, size: int, repeats: int, scratch: str, round_to: int = 8) -> list[dict]:
     import numpy as np
+    import tensorflow as tf
 
     import graphprune
 
@@ -97,11 +113,10 @@ def measure(name: str, ratios, size: int, repeats: int, scratch: str, round_to: 
     graphprune.export_tflite(dense, dense + ".tflite", overwrite=True)
     base = graphprune.cost(dense)
     rows = [{"model": name, "ratio": 0.0, "variant": "export", "parameters": base.parameters, "flops": base.flops,
-             "max_diff": 0.0, **_latencies(dense, dense + ".tflite", size, repeats)}]
-    print(json.dumps(rows[-1]), flush=True)
-    frozen = graphprune.finalize(graphprune.prune(dense), dense + "_frozen", freeze="all", overwrite=True)
-    rows.append({**rows[0], "variant": "frozen", **_latencies(frozen, dense + ".tflite", size, repeats)})
-    print(json.dumps(rows[-1]), flush=True)
+             "non_trainable": base.non_trainable, "max_diff": 0.0}]
+    graphprune.finalize(graphprune.prune(dense), dense + "_frozen", freeze="all", overwrite=True)
+    rows.append({**rows[0], "variant": "frozen"})
+    paths = {"export": [(dense, dense + ".tflite")], "frozen": [(dense + "_frozen", dense + ".tflite")]}
     for ratio in ratios:
         start = time.perf_counter()
         pm = graphprune.prune(dense, graphprune.ConstantSparsity(ratio, 0), structure="channel", one_shot=True,
@@ -112,19 +127,23 @@ def measure(name: str, ratios, size: int, repeats: int, scratch: str, round_to: 
         seconds = time.perf_counter() - start
         graphprune.finalize(pm, out + "_frozen", shrink=True, freeze="all", overwrite=True)
         del pm
-        import tensorflow as tf
-
         loaded = tf.saved_model.load(out)  # held: its variables live as long as it does
         shrunk = loaded.serve(x[:4]).numpy()
         del loaded
         graphprune.export_tflite(out, out + ".tflite", overwrite=True)
         cost = graphprune.cost(out)
         rows.append({"model": name, "ratio": ratio, "variant": "export", "parameters": cost.parameters,
-                     "flops": cost.flops, "max_diff": float(np.max(np.abs(shrunk - masked)) / np.max(np.abs(masked))),
-                     "prune_finalize_s": seconds, **_latencies(out, out + ".tflite", size, repeats)})
-        print(json.dumps(rows[-1]), flush=True)
-        rows.append({**rows[-1], "variant": "frozen", **_latencies(out + "_frozen", out + ".tflite", size, repeats)})
-        print(json.dumps(rows[-1]), flush=True)
+                     "flops": cost.flops, "non_trainable": cost.non_trainable,
+                     "max_diff": float(np.max(np.abs(shrunk - masked)) / np.max(np.abs(masked))),
+                     "prune_finalize_s": seconds})
+        rows.append({**rows[-1], "variant": "frozen"})
+        paths["export"].append((out, out + ".tflite"))
+        paths["frozen"].append((out + "_frozen", out + ".tflite"))
+    for variant, models in paths.items():
+        mine = [row for row in rows if row["variant"] == variant]
+        for row, latencies in zip(mine, _latencies(models, size, repeats)):
+            row.update(latencies)
+            print(json.dumps(row), flush=True)
     return rows
 
 
@@ -144,8 +163,13 @@ def table(rows) -> str:
             ratio = "" if row["ratio"] == 0.0 else f" ({row[key] / base[key]:.2f}x)"
             return f"{row[key]:.{digits}f} {unit}{ratio}"
 
-        parameters = f"{row['parameters'] / 1e6:.2f}M" + (
-            "" if row["ratio"] == 0.0 else f" ({row['parameters'] / base['parameters']:.2f}x)")
+        parameters = f"{row['parameters'] / 1e6:.2f}M"
+        if row["ratio"] != 0.0:
+            parameters += f" ({row['parameters'] / base['parameters']:.3f}x"
+            if "non_trainable" in row:
+                trainable = (row["parameters"] - row["non_trainable"]) / (base["parameters"] - base["non_trainable"])
+                parameters += f"; trainable {trainable:.3f}x"
+            parameters += ")"
         flops = f"{row['flops'] / 1e9:.3f} G" + ("" if row["ratio"] == 0.0 else f" ({row['flops'] / base['flops']:.2f}x)")
         lines.append(f"| {row['model']} | {row['ratio']:.0%} | {VARIANTS[row.get('variant', 'export')]} | {parameters} | {flops} | {cell('tf_b1_ms', 'ms')} | "
                      f"{cell('tf_b32_ms', 'ms', 0)} | {cell('litert_ms', 'ms')} | {row['max_diff']:.1e} |")
@@ -187,7 +211,7 @@ def main(argv) -> None:
         return
     models = options.get("models", "ResNet50,MobileNetV2").split(",")
     ratios = [float(r) for r in options.get("ratios", "0.25,0.5,0.75").split(",")]
-    size, repeats = int(options.get("size", 128)), int(options.get("repeats", 20))
+    size, repeats = int(options.get("size", 128)), int(options.get("repeats", 50))
     round_to = int(options.get("round_to", 8))
     results = RESULTS if round_to == 8 else RESULTS.replace(".json", f"_round_to_{round_to}.json")
     scratch = tempfile.mkdtemp(prefix="gp-channels-")
