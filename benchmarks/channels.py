@@ -20,9 +20,9 @@ shrink=True. For the dense model and each shrunk one, on this machine:
     litert             median latency of the float .tflite under LiteRT, 1 thread, batch 1
     max_diff           largest |masked - shrunk| output difference over the output scale
 
-The latencies of one model and variant (dense and every ratio) are taken in turn, one call of
-each per round (--repeats rounds, a quarter of them at batch 32), so that a slow stretch of the
-machine falls on all of them alike.
+The latencies of one model and variant (dense and every ratio) are taken in turn: five rounds,
+in each a block of calls to every model (--repeats calls per model in all, a quarter of that at
+batch 32), so that a slow stretch of the machine falls on all of them alike.
 
 Results: benchmarks/results/channels.json. Targets (issue #17) at 50% channels: ResNet50 at most
 0.30x the parameters and 0.40x the dense latency in both runtimes; MobileNetV2 at most 0.35x the
@@ -44,20 +44,23 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "channels.json")
 
 
-def _interleaved_ms(runs: list, repeats: int) -> list[float]:
-    """Median milliseconds of each callable, called in turn (one call of each per round, after
-    two warm-up rounds), so that a slow stretch of the machine falls on all of them alike."""
+def _interleaved_ms(runs: list, repeats: int, rounds: int = 5) -> list[float]:
+    """Median milliseconds of each callable over ``repeats`` calls, taken in ``rounds`` rounds: in
+    each round every callable in turn gets one untimed call and a block of timed ones. A slow
+    stretch of the machine falls on all of them alike, and each block runs with its own model's
+    weights in the caches, as a server calling one model does (one call of each in turn would
+    time every model with its caches cold)."""
     import numpy as np
 
-    for _ in range(2):
-        for run in runs:
-            run()
+    block = max(1, -(-repeats // rounds))
     times = [[] for _ in runs]
-    for _ in range(repeats):
+    for _ in range(rounds):
         for run, kept in zip(runs, times):
-            start = time.perf_counter()
             run()
-            kept.append(time.perf_counter() - start)
+            for _ in range(block):
+                start = time.perf_counter()
+                run()
+                kept.append(time.perf_counter() - start)
     return [float(np.median(kept) * 1000) for kept in times]
 
 
