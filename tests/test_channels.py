@@ -423,6 +423,37 @@ def test_keras_functional_flatten_into_dense(tmp_path):
     assert _kernel_shapes(out) == _predicted_shapes(pm)
 
 
+class DeadBranch(tf.Module):
+    """A product computed for nothing beside the one returned."""
+
+    def __init__(self):
+        self.w = tf.Variable(np.ones([6, 5], np.float32))
+        self.unused = tf.Variable(np.ones([6, 7], np.float32))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 6], tf.float32)])
+    def __call__(self, x):
+        tf.matmul(x, self.unused)  # traced into the graph, never run
+        return tf.matmul(x, self.w)
+
+
+def test_cost_counts_what_runs(tmp_path):
+    module = DeadBranch()
+    tf.saved_model.save(module, str(tmp_path / "dead"))
+    cost = graphprune.cost(str(tmp_path / "dead"))
+    assert (cost.parameters, cost.flops, cost.non_trainable) == (30, 2 * 30, 0)
+
+    import keras  # Keras 3 on TensorFlow runs one cell step outside the loop to probe the RNN's shapes
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5, 3))
+    x = keras.layers.LSTM(4)(inputs)
+    keras.Model(inputs, keras.layers.Dense(2)(x)).export(str(tmp_path / "lstm"), verbose=False)
+    export = graphprune.cost(str(tmp_path / "lstm"))
+    finalized = graphprune.cost(graphprune.finalize(graphprune.prune(str(tmp_path / "lstm")), str(tmp_path / "f")))
+    assert export.flops == finalized.flops == 2 * (3 * 16 + 4 * 16 + 4 * 2)  # one step in the loop, and the head
+    assert export.parameters == finalized.parameters == (3 + 4 + 1) * 16 + (4 + 1) * 2
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"structure": "channel", "block_size": (1, 2)}, "leave block_size"),
     ({"structure": "rows"}, "structure must be"),
