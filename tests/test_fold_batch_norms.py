@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 import graphprune
+import testmodels
 
 RNG = np.random.RandomState(0)
 
@@ -116,6 +117,8 @@ def test_channel_pruned_and_shrunk_model_folds(tmp_path):
     assert _ops(out)["Rsqrt"] == 0
     _close(_serve(out, x), masked)
     assert graphprune.cost(out).parameters < graphprune.cost(str(tmp_path / "export")).parameters
+    scale = float(np.max(np.abs(masked)))
+    assert testmodels.check_tflite(out, str(tmp_path / "small.tflite"), x[:1], masked[:1], scale) == "ok"
     del model
 
 
