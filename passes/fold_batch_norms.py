@@ -62,8 +62,8 @@ def fold_batch_norms(model: g.TracedModel, context: PassContext) -> PassResult:
     proposed: dict[str, list[np.ndarray]] = {}
     uses: dict[str, int] = {}
 
-    def survey(body):
-        for plan in _plans(body, model, context):
+    def survey(body, entry):
+        for plan in _plans(body, model, _returned(body, entry)):
             if plan.source == "variable":
                 proposed.setdefault(plan.key, []).append(plan.scale)
         for node in body.nodes:
@@ -75,7 +75,7 @@ def fold_batch_norms(model: g.TracedModel, context: PassContext) -> PassResult:
                     uses[key] = uses.get(key, 0) + 1
 
     for entry in model.entries:
-        b.visit_entry(entry, survey)
+        b.visit_entry(entry, lambda body, entry=entry: survey(body, entry))
     approved = {key for key, scales in proposed.items()
                 if key not in written and uses.get(key) == len(scales)
                 and all(np.array_equal(scales[0], scale) for scale in scales[1:])}
@@ -83,8 +83,8 @@ def fold_batch_norms(model: g.TracedModel, context: PassContext) -> PassResult:
     folded = []
     specs = {}
 
-    def rewrite(body):
-        for plan in _plans(body, model, context):
+    def rewrite(body, entry):
+        for plan in _plans(body, model, _returned(body, entry)):
             if plan.source == "variable" and plan.key not in approved:
                 continue
             kernel_node = body.node(plan.kernel_op)
@@ -102,7 +102,8 @@ def fold_batch_norms(model: g.TracedModel, context: PassContext) -> PassResult:
             body.replace(body.node(plan.last), bias_add)
             folded.append(body.use_name(kernel_node))
 
-    entries = tuple(b.rewrite_entry(entry, rewrite)[0] for entry in model.entries)
+    entries = tuple(b.rewrite_entry(entry, lambda body, entry=entry: rewrite(body, entry))[0]
+                    for entry in model.entries)
     if not folded:
         return PassResult(model, changed=False, report={"folded": []})
     return PassResult(dataclasses.replace(model.with_variables(specs.values()), entries=entries), changed=True,
@@ -137,15 +138,16 @@ def _kernel_axes(node, kernel_shape) -> tuple | None:
     return None
 
 
-def _plans(body: b.Body, model: g.TracedModel, context: PassContext) -> list[_Plan]:
-    """Every foldable kernel + chain of one body (read only)."""
+def _plans(body: b.Body, model: g.TracedModel, returned: set) -> list[_Plan]:
+    """Every foldable kernel + chain of one body (read only); ``returned``: the nodes whose
+    values leave the body (they must keep them)."""
     plans = []
     for node in body.nodes:
         if node.op not in ("Conv2D", "Conv3D", "DepthwiseConv2dNative", "MatMul"):
             continue
         if node.attr["T"].type not in FLOAT_TYPES or len(body.data_inputs(node)) < 2:
             continue
-        kernel = _kernel_source(body, node)
+        kernel = _kernel_source(body, node, returned)
         if kernel is None:
             continue
         key = body.read_key(kernel)
@@ -157,7 +159,7 @@ def _plans(body: b.Body, model: g.TracedModel, context: PassContext) -> list[_Pl
         if axes is None:
             continue
         channels = int(np.prod([shape[a] for a in axes]))
-        plan = _chain(body, node, channels)
+        plan = _chain(body, node, channels, returned)
         if plan is not None:
             last, scale, shift, ops = plan
             if ops == ["BiasAdd"]:
@@ -167,10 +169,10 @@ def _plans(body: b.Body, model: g.TracedModel, context: PassContext) -> list[_Pl
     return plans
 
 
-def _kernel_source(body: b.Body, node):
+def _kernel_source(body: b.Body, node, returned: set):
     """The Const or ReadVariableOp behind ``node``'s kernel (through Identity nodes), when nothing
     else reads it or the Identities between; else None."""
-    reader, returned = node, _returned(body)
+    reader = node
     producer = body.producer(body.data_inputs(node)[1])
     for _ in range(8):
         if producer is not None and producer.op == "Const":
@@ -189,15 +191,17 @@ def _data_readers(body: b.Body, name: str) -> list[str]:
     return [node.name for node, position in body.consumers(name) if not node.input[position].startswith("^")]
 
 
-def _returned(body: b.Body) -> set:
-    return {body.source(ref) for ref in body.outputs()}
+def _returned(body: b.Body, entry: g.Entry) -> set:
+    """The nodes a body returns: a function's outputs, or the entry's at the top."""
+    if body.is_function:
+        return {body.source(ref) for ref in body.outputs()}
+    return {g.parse_input(ref)[0] for ref in (*entry.outputs, *entry.control_outputs)}
 
 
-def _chain(body: b.Body, kernel_op, channels: int):
+def _chain(body: b.Body, kernel_op, channels: int, returned: set):
     """(last node, scale, shift, ops) of the affine chain after ``kernel_op``; None if there is none."""
     scale, shift = np.ones(channels), np.zeros(channels)
     current, last, ops = kernel_op, None, []
-    returned = _returned(body)
     while True:
         consumers = body.consumers(current.name)
         if len(consumers) != 1 or current.name in returned or consumers[0][0].input[consumers[0][1]].startswith("^"):
