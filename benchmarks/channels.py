@@ -4,6 +4,8 @@
     python benchmarks/channels.py --plot        (benchmarks/channels.png from the saved results)
     python benchmarks/channels.py --models=MobileNetV2 --ratios=0.5 --round_to=1   (kept counts not rounded;
                                                 results/channels_round_to_1.json)
+    python benchmarks/channels.py --ratios=0.5 --onednn=0    (TF_ENABLE_ONEDNN_OPTS=0: TensorFlow's own
+                                                kernels; results/channels_onednn_off.json)
 
 Each keras.applications model is built with random weights (its batch-norm statistics taken from
 random inputs), exported, pruned one-shot with structure='channel' (L2 group norms, kept counts
@@ -217,6 +219,9 @@ def main(argv) -> None:
     size, repeats = int(options.get("size", 128)), int(options.get("repeats", 50))
     round_to = int(options.get("round_to", 8))
     results = RESULTS if round_to == 8 else RESULTS.replace(".json", f"_round_to_{round_to}.json")
+    if options.get("onednn") == "0":  # TensorFlow's Eigen kernels instead of oneDNN's (set before it loads)
+        os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
+        results = results.replace(".json", "_onednn_off.json")
     scratch = tempfile.mkdtemp(prefix="gp-channels-")
     rows = []
     try:
