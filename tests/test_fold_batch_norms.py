@@ -229,3 +229,6 @@ def test_cli_fold_flag(tmp_path):
         assert result.returncode == 0, result.stderr[-2000:]
         assert _ops(out)["Rsqrt"] == rsqrt
         _close(_serve(out, x), model(x).numpy())
+    printed = subprocess.run(f"graphprune inspect --input={tmp_path / 'export'}", shell=True, capture_output=True,
+                             text=True).stdout
+    assert "; 104 of the parameters not trained" in printed  # 52 normalized channels: mean and variance

@@ -46,6 +46,8 @@ def main(argv):
     print(report.table())
     if cost is not None:
         line = f"parameters {cost.parameters:,}, FLOPs at batch 1 {cost.flops:,} ({cost.entry})"
+        if cost.non_trainable:
+            line += f"; {cost.non_trainable:,} of the parameters not trained (batch-norm statistics, state)"
         if baseline is not None:
             line += f"; against {_BASELINE.value}: {cost.ratios(baseline)}"
         print(line)
