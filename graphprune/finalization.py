@@ -247,6 +247,11 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
         final, values, result = finalize_model(prunable, freeze=freeze, verify=verify,
                                                max_frozen_bytes=max_frozen_bytes, shrink=shrink,
                                                fold_batch_norms=fold_batch_norms)
+    folds = [report.report.get("folded") for name, report, _ in result.reports if name == "fold_batch_norms"]
+    if fold_batch_norms is True and not any(folds):
+        warnings.warn("graphprune: finalize: fold_batch_norms folded nothing: no per-channel scale or shift after "
+                      "a kernel is constant" + ("" if freeze == "all" else "; normalization parameters are "
+                                                "variables unless freeze='all' (--freeze_all)"), stacklevel=2)
     if check:  # the pipeline's first pass (find_weights) only records facts: its model is the masked one
         with stages("check against the masked model"):
             check_final(products_as_folded_weights(result.reports[0][1].model), final, values)

@@ -103,6 +103,10 @@ def test_keras_batch_norms_fold_into_their_kernels(tmp_path):
     _close(_serve(kept, x), want)
     default = graphprune.finalize(graphprune.prune(str(tmp_path / "export")), str(tmp_path / "default"))
     assert _ops(default)["Rsqrt"] == 4
+    with pytest.warns(UserWarning, match="folded nothing.*freeze='all'"):  # asked for, without constants
+        asked = graphprune.finalize(graphprune.prune(str(tmp_path / "export")), str(tmp_path / "asked"),
+                                    fold_batch_norms=True)
+    assert _ops(asked)["Rsqrt"] == 4
     with pytest.raises(graphprune.GraphPruneError, match="fold_batch_norms"):
         graphprune.finalize(graphprune.prune(str(tmp_path / "export")), str(tmp_path / "bad"), fold_batch_norms="yes")
 
