@@ -7,6 +7,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -199,6 +200,38 @@ def _command(models, tmp_path, name):
         "finalize": ["finalize", f"--input={models / 'oneshot'}", f"--output={out}",
                      f"--tflite={tmp_path / 'out.tflite'}"],
     }[name]
+
+
+def test_a_ctrl_c_that_tensorflow_turns_into_another_error_reads_as_the_interrupt(capsys):
+    """Seen in a full run: Ctrl-C inside TensorFlow's gradient tracing came out as 'RuntimeError:
+    ... MISMATCH of original and normalized active exception types: ORIGINAL InvalidArgumentError
+    REPLACED BY KeyboardInterrupt' and was reported as an internal error (exit 1)."""
+    from graphprune.tools import common
+
+    def main(argv):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            raise RuntimeError("pybind11::error_already_set: MISMATCH ... REPLACED BY KeyboardInterrupt") from None
+
+    def bug(argv):
+        raise RuntimeError("a bug")
+
+    before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(SystemExit) as plain:  # no Ctrl-C seen yet: an internal error
+            common.run_main(bug)([])
+        assert plain.value.code == 1 and "internal error" in capsys.readouterr().err
+        common.record_interrupts()
+        with pytest.raises(SystemExit) as interrupted:
+            common.run_main(main)([])
+        assert interrupted.value.code == 130
+        assert capsys.readouterr().err.strip().endswith("error: interrupted; nothing was written")
+    finally:
+        signal.signal(signal.SIGINT, before)
+        common._INTERRUPTED.clear()
 
 
 @pytest.mark.slow

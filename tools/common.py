@@ -67,6 +67,26 @@ def command_help(module) -> str:
     return "\n".join(lines)
 
 
+_INTERRUPTED = []  # set once a Ctrl-C has arrived (see record_interrupts)
+
+
+def record_interrupts() -> None:
+    """Ctrl-C raises KeyboardInterrupt as usual, and is remembered: TensorFlow sometimes turns the
+    KeyboardInterrupt into another error on its way out of C++ ("pybind11::error_already_set:
+    MISMATCH ... REPLACED BY KeyboardInterrupt", raised as a RuntimeError), which must still read
+    as the interruption, not as an internal error. Left alone where SIGINT is ignored."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return
+
+    def interrupt(signum, frame):
+        _INTERRUPTED.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+
+
 def interrupted_message() -> str:
     """What a Ctrl-C left: nothing, or the outputs published before it."""
     from graphprune import io
@@ -101,6 +121,8 @@ def run_main(main):
         except Exception as error:  # a bug: still one line, the traceback with --verbose
             if verbose():
                 traceback.print_exc()
+            if _INTERRUPTED:  # the Ctrl-C, in another error's clothes
+                fail(interrupted_message(), code=130)
             first = (str(error).strip().splitlines() or [""])[0][:300]
             fail(f"internal error: {type(error).__name__}: {first} (rerun with --verbose for the traceback, and "
                  "please report it)", code=1)

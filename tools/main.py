@@ -57,6 +57,7 @@ def run(argv=None):
 def _run_command(command, arguments):
     from graphprune.tools import common
 
+    common.record_interrupts()
     common.quiet_tensorflow(verbose=any(a in ("--verbose", "-verbose") for a in arguments))
     module = importlib.import_module(f"graphprune.tools.{command}")
     if any(a in common.HELP_ARGUMENTS for a in arguments):
