@@ -571,15 +571,16 @@ def rename_with_content_hash(function) -> str:
     return function.signature.name
 
 
-def dependency_graph(body: Body):
-    """The body as a networkx DiGraph: producer -> consumer for every data and control input.
-    The back edge of a TF1 loop (NextIteration -> Merge) is left out: it is the loop, not a bug."""
+def dependency_graph(body: Body, control: bool = True):
+    """The body as a networkx DiGraph: producer -> consumer for every data input and (``control``)
+    every control input. The back edge of a TF1 loop (NextIteration -> Merge) is left out: it is
+    the loop, not a bug."""
     import networkx as nx
 
     graph = nx.DiGraph()
     for node in body.nodes:
         graph.add_node(node.name)
-        for raw in node.input:
+        for raw in (node.input if control else body.data_inputs(node)):
             source = body.source(raw)
             producer = body.node(source)
             if node.op in ("Merge", "RefMerge") and producer is not None and producer.op in (
@@ -589,11 +590,12 @@ def dependency_graph(body: Body):
     return graph
 
 
-def live_nodes(body: Body, roots: Iterable[str]) -> set[str]:
-    """The nodes the roots need (themselves included), through data and control inputs."""
+def live_nodes(body: Body, roots: Iterable[str], control: bool = True) -> set[str]:
+    """The nodes the roots need (themselves included), through data and (``control``) control
+    inputs."""
     import networkx as nx
 
-    graph = dependency_graph(body)
+    graph = dependency_graph(body, control)
     sink = object()  # one search from a node every root feeds, instead of one per root
     graph.add_edges_from((root, sink) for root in roots if root in graph)
     if sink not in graph:

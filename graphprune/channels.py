@@ -1259,8 +1259,9 @@ class Cost:
     """Parameters (float variables and constants of rank >= 1 that the entry reads) and FLOPs
     (2 x multiply-adds of its convolutions and matrix products, at batch 1) of one entry, in
     its loops and branches too (a loop body counted once, every branch counted); only what the
-    outputs need counts. ``non_trainable``: how many of the parameters are in variables the model does not train
-    (batch-norm moving statistics, state), which PyTorch counts as buffers, not parameters."""
+    outputs need counts. ``non_trainable``: how many of the parameters are in variables the
+    model does not train (batch-norm moving statistics, state), which PyTorch counts as buffers,
+    not parameters."""
 
     entry: str
     parameters: int
@@ -1301,7 +1302,8 @@ def cost(target, entry: str | None = None) -> Cost:
             return [1, *found[1:]] if found and found[0] is None else found
 
         returned = body.proto.ret.values() if body.is_function else chosen.outputs
-        live = _needed(body, returned)
+        # what the outputs are computed from; a control edge orders, it computes nothing they use
+        live = b.live_nodes(body, [body.source(ref) for ref in returned], control=False)
         for node in body.nodes:
             if node.name not in live:  # what no output needs (Keras's probing RNN step) never runs
                 continue
@@ -1330,20 +1332,6 @@ def cost(target, entry: str | None = None) -> Cost:
 
     count(b.top_body(chosen.graph_def, dict(chosen.resources), writable=False), _static_shapes(batch_one, model))
     return Cost(chosen.label, *totals)
-
-
-def _needed(body: b.Body, refs) -> set[str]:
-    """The nodes whose values ``refs`` are computed from (data inputs only: a control edge orders,
-    it computes nothing the outputs use)."""
-    needed, stack = set(), [body.source(ref) for ref in refs]
-    while stack:
-        name = stack.pop()
-        node = body.node(name)
-        if name in needed or node is None:
-            continue
-        needed.add(name)
-        stack.extend(body.source(raw) for raw in body.data_inputs(node))
-    return needed
 
 
 def _flops(node, shape, body) -> int:
