@@ -50,9 +50,8 @@ class _Plan:
     last: str           # the chain's last node, to become the BiasAdd
     scale: np.ndarray   # per output channel, float64
     shift: np.ndarray
-    source: str         # "const" or "variable"
     kernel: str         # the Const or ReadVariableOp node the kernel comes from
-    key: str | None     # the variable's key, for "variable"
+    key: str | None     # the variable's key where it is a ReadVariableOp
     axes: tuple         # the kernel's output-channel axes (two for a depthwise kernel: in, multiplier)
 
 
@@ -64,7 +63,7 @@ def fold_batch_norms(model: g.TracedModel, context: PassContext) -> PassResult:
 
     def survey(body, entry):
         for plan in _plans(body, model, _returned(body, entry)):
-            if plan.source == "variable":
+            if plan.key is not None:
                 proposed.setdefault(plan.key, []).append(plan.scale)
         for node in body.nodes:
             if node.op in PASS_THROUGH:
@@ -85,11 +84,11 @@ def fold_batch_norms(model: g.TracedModel, context: PassContext) -> PassResult:
 
     def rewrite(body, entry):
         for plan in _plans(body, model, _returned(body, entry)):
-            if plan.source == "variable" and plan.key not in approved:
+            if plan.key is not None and plan.key not in approved:
                 continue
             kernel_node = body.node(plan.kernel_op)
             dtype = g.node_dtype(kernel_node)
-            if plan.source == "const":
+            if plan.key is None:
                 value = _scaled(tf.make_ndarray(body.node(plan.kernel).attr["value"].tensor), plan)
                 const = body.add(g.const_node(_fresh(body, f"{plan.kernel_op}/folded_kernel"), value, dtype))
                 body.set_input(kernel_node, 1, body.ref(const.name))
@@ -151,10 +150,10 @@ def _plans(body: b.Body, model: g.TracedModel, returned: set) -> list[_Plan]:
         if kernel is None:
             continue
         key = body.read_key(kernel)
-        if kernel.op == "Const":
-            source, shape = "const", [d.size for d in kernel.attr["value"].tensor.tensor_shape.dim]
+        if key is None:
+            shape = [d.size for d in kernel.attr["value"].tensor.tensor_shape.dim]
         else:
-            source, shape = "variable", list(model.variables[key].shape)
+            shape = list(model.variables[key].shape)
         axes = _kernel_axes(node, shape)
         if axes is None:
             continue
@@ -164,8 +163,7 @@ def _plans(body: b.Body, model: g.TracedModel, returned: set) -> list[_Plan]:
             last, scale, shift, ops = plan
             if ops == ["BiasAdd"]:
                 continue  # already the folded form
-            plans.append(_Plan(node.name, last, scale, shift, source, kernel.name,
-                               key if source == "variable" else None, axes))
+            plans.append(_Plan(node.name, last, scale, shift, kernel.name, key, axes))
     return plans
 
 
