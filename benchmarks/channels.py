@@ -46,7 +46,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "channels.json")
 
 
-def _interleaved_ms(runs: list, repeats: int, rounds: int = 5) -> list[float]:
+def _median_ms_in_rounds(runs: list, repeats: int, rounds: int = 5) -> list[float]:
     """Median milliseconds of each callable over ``repeats`` calls, taken in ``rounds`` rounds: in
     each round every callable in turn gets one untimed call and a block of timed ones. A slow
     stretch of the machine falls on all of them alike, and each block runs with its own model's
@@ -67,7 +67,7 @@ def _interleaved_ms(runs: list, repeats: int, rounds: int = 5) -> list[float]:
 
 
 def _latencies(models: list[tuple[str, str]], size: int, repeats: int) -> list[dict]:
-    """tf_b1_ms, tf_b32_ms and litert_ms of each (SavedModel, .tflite), interleaved."""
+    """tf_b1_ms, tf_b32_ms and litert_ms of each (SavedModel, .tflite), timed in rounds."""
     import numpy as np
     import tensorflow as tf
     from ai_edge_litert.interpreter import Interpreter
@@ -85,9 +85,9 @@ def _latencies(models: list[tuple[str, str]], size: int, repeats: int) -> list[d
     def tf_call(serve, name, x):
         return lambda: serve(**{name: x})
 
-    b1 = _interleaved_ms([tf_call(serve, name, one) for serve, name in serves], repeats)
-    b32 = _interleaved_ms([tf_call(serve, name, many) for serve, name in serves], max(5, repeats // 4))
-    lite = _interleaved_ms([(lambda r=runner, n=name: r(**{n: one.numpy()})) for runner, name in runners], repeats)
+    b1 = _median_ms_in_rounds([tf_call(serve, name, one) for serve, name in serves], repeats)
+    b32 = _median_ms_in_rounds([tf_call(serve, name, many) for serve, name in serves], max(5, repeats // 4))
+    lite = _median_ms_in_rounds([(lambda r=runner, n=name: r(**{n: one.numpy()})) for runner, name in runners], repeats)
     return [{"tf_b1_ms": a, "tf_b32_ms": b, "litert_ms": c} for a, b, c in zip(b1, b32, lite)]
 
 

@@ -182,25 +182,22 @@ def run_model(name, data, work, seed=0):
     shrunk = graphprune.finalize(pm, os.path.join(work, f"{name}_channel"), shrink=True)
     rows.append(_row("channel", shrunk, bc.accuracy(tf.saved_model.load(shrunk), data)))
 
-    if not _BASELINES.value:
-        for row in rows:
-            row["model"] = name
-        return rows
-    widths = _widths(name, shrunk)
-    narrow = build(widths=widths, seed=seed)
-    _fit(narrow, narrow.trainable_variables, data, _PRETRAIN.value + _FINETUNE.value, seed)
-    rows.append(_row("narrow", _save(narrow, os.path.join(work, f"{name}_narrow")), bc.accuracy(narrow, data)))
-    rows[-1]["widths"] = [int(w) for w in widths]
+    if _BASELINES.value:
+        widths = _widths(name, shrunk)
+        narrow = build(widths=widths, seed=seed)
+        _fit(narrow, narrow.trainable_variables, data, _PRETRAIN.value + _FINETUNE.value, seed)
+        rows.append(_row("narrow", _save(narrow, os.path.join(work, f"{name}_narrow")), bc.accuracy(narrow, data)))
+        rows[-1]["widths"] = [int(w) for w in widths]
 
-    kernels = sum(int(np.prod(v.shape)) for v in dense.trainable_variables if len(v.shape) >= 2)
-    removed = rows[0]["parameters"] - rows[1]["parameters"]
-    sparsity = min(0.99, removed / kernels)
-    schedule = graphprune.PolynomialDecay(0.0, sparsity, 0, end_step, power=3, frequency=100)
-    pm = graphprune.prune(pretrained, schedule)
-    _fit(pm, pm.trainable_variables, data, _FINETUNE.value, seed + 1, before=pm.update_masks, teacher=teacher)
-    final = graphprune.finalize(pm, os.path.join(work, f"{name}_unstructured"))
-    rows.append(_row("unstructured", final, bc.accuracy(tf.saved_model.load(final), data)))
-    rows[-1]["sparsity"] = pm.sparsity()
+        kernels = sum(int(np.prod(v.shape)) for v in dense.trainable_variables if len(v.shape) >= 2)
+        removed = rows[0]["parameters"] - rows[1]["parameters"]
+        sparsity = min(0.99, removed / kernels)
+        schedule = graphprune.PolynomialDecay(0.0, sparsity, 0, end_step, power=3, frequency=100)
+        pm = graphprune.prune(pretrained, schedule)
+        _fit(pm, pm.trainable_variables, data, _FINETUNE.value, seed + 1, before=pm.update_masks, teacher=teacher)
+        final = graphprune.finalize(pm, os.path.join(work, f"{name}_unstructured"))
+        rows.append(_row("unstructured", final, bc.accuracy(tf.saved_model.load(final), data)))
+        rows[-1]["sparsity"] = pm.sparsity()
     for row in rows:
         row["model"] = name
     return rows
