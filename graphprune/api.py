@@ -20,7 +20,8 @@ from graphprune.verify import optional_verifier
 
 def prune(target, schedule=None, *, block_size=(1, 1), block_pooling="AVG", m_by_n=None, scope="layer", rules=(),
           exclude=None, one_shot=False, config: PruningConfig | None = None, verify=False,
-          include_gather=False, structure="element", importance="l2", round_to=1) -> PrunableModel:
+          include_gather=False, structure="element", importance="l2", round_to=1,
+          residual_stream=False) -> PrunableModel:
     """Rewrite ``target`` so that its MatMul/Conv/Einsum weights are masked and prunable.
 
     target: a SavedModel directory, a tf.Module, a tf.function with input_signature or a
@@ -33,6 +34,9 @@ def prune(target, schedule=None, *, block_size=(1, 1), block_pooling="AVG", m_by
         the schedule's sparsity (the fraction of its channels removed), ranked by ``importance``
         ("l2" or "l1" norm over the group); ``round_to=8`` keeps a multiple of 8 channels.
         ``finalize(..., shrink=True)`` then removes them from the graph: a smaller dense model.
+        ``residual_stream=True`` also removes channels that layer norms average over (a
+        transformer's hidden size, with its embeddings, biases and norm parameters): each such
+        Mean becomes a mean over the kept channels. Off by default: the stream couples every layer.
     scope: "layer" (a threshold per weight) or "global" (one threshold across weights; with
         structure="channel", one ranking of every group's channels, each group's scores divided
         by their mean).
@@ -49,7 +53,7 @@ def prune(target, schedule=None, *, block_size=(1, 1), block_pooling="AVG", m_by
         # carries the structure and rules for insert_masks.
         config = make_config(schedule or ConstantSparsity(0.0, 0), block_size=block_size, block_pooling=block_pooling,
                              m_by_n=m_by_n, scope=scope, exclude=exclude, rules=rules, structure=structure,
-                             importance=importance, round_to=round_to)
+                             importance=importance, round_to=round_to, residual_stream=residual_stream)
         with_updates = schedule is not None
     else:
         with_updates = True

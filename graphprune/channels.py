@@ -22,6 +22,12 @@ it does not keep is poisoned):
                                 through the (Batch)MatMul on the reshaped kernel (Keras's
                                 EinsumDense as keras-hub ViT runs it); any other reader poisons them
     ReadVariableOp / AssignVariableOp / Const                          the variable's / constant's axis
+    GatherV2 / ResourceGather (axis 0)  an embedding table's axes after the first are the lookup's
+    StridedSlice, Slice, Tile, BroadcastTo  an axis taken whole, repeated once or of the same size
+                                goes through (a size written in a shape operand is rewritten)
+    Mean over the channels alone (a layer norm)   with analyze(through_means=True) (prune's
+                                residual_stream) it does not poison: insert_masks makes it a mean
+                                over the kept channels (names.kept_mean), which later analyses accept
     If / Case / While           each input is the same channels as the bodies' argument, each
                                 output as the bodies' return (a loop body's return i also as its
                                 argument i: the loop carries it); the bodies are read like the
@@ -106,12 +112,14 @@ class ChannelGroup:
 
 @dataclasses.dataclass(frozen=True)
 class Reshape:
-    """A Reshape whose shape operand must change with its input's channels."""
+    """A Reshape whose shape operand must change with its input's channels (or a BroadcastTo's
+    shape, a Slice's size: the operand at ``operand``; its last element is rewritten)."""
 
     entry: str
     node: str
     space: tuple
     repeats: int  # 1: the last axis is kept; > 1: flattened (the last dim is repeats * channels)
+    operand: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,11 +133,24 @@ class ShapeDim:
     spaces: tuple
 
 
+@dataclasses.dataclass(frozen=True)
+class MeanSite:
+    """A Mean over the channels of ``space`` alone (a layer norm's mean or variance) at the top
+    graph of ``entry``: with ``analyze(..., through_means=True)`` it does not keep its channels'
+    group whole; insert_masks then makes it a mean over the kept channels (names.kept_mean)."""
+
+    entry: str
+    node: str
+    space: tuple
+
+
 class _Graph:
     """The spaces and their relations, built entry by entry."""
 
-    def __init__(self, model: g.TracedModel):
+    def __init__(self, model: g.TracedModel, through_means: bool = False):
         self.model = model
+        self.through_means = through_means
+        self.means: list[MeanSite] = []
         self.sizes: dict[tuple, int] = {}
         self.edges: list[tuple[tuple, tuple, int]] = []  # (a, b, offset): a[i] is b[i + offset]
         self.poisoned: dict[tuple, str] = {}
@@ -319,6 +340,8 @@ class _Entry:
                 handler = _elementwise
             elif node.op in IGNORED_OPS:
                 handler = _ignored
+            if node.op == "Max" and names.kept_mean_part(node.name) == "keep_max":
+                handler = _claim_all
             self.claimed, self.failed = set(), None
             if handler is not None:
                 handler(self, node)
@@ -685,14 +708,169 @@ def _reduce(self: _Entry, node) -> None:
         return
     rank = len(shape)
     reduced = {int(a) % rank for a in np.ravel(value)}
-    if (rank - 1) in reduced or not self.shape(node.name):
-        self.unknown(node, f"{node.op} '{node.name}' reduces over the channels")
+    if (rank - 1) in reduced:
+        if self.shape(node.name) is None or not _kept_mean_reduction(self, node, reduced, rank):
+            hint = " (a layer norm's: residual_stream=True removes them)" if node.op == "Mean" and \
+                reduced == {rank - 1} and not self.body.is_function and not self.graph.through_means else ""
+            self.unknown(node, f"{node.op} '{node.name}' reduces over the channels{hint}")
+            return
+        self.claim(x, rank - 1)  # a mean over the kept channels only (names.kept_mean)
+    elif not self.shape(node.name):
+        self.unknown(node)
         return
     keep = _attr(node, "keep_dims", "b", False)
     kept = [a for a in range(rank) if keep or a not in reduced]
     for position, axis in enumerate(kept):
         if axis not in reduced:
             self.link(self.tensor(x, axis), self.tensor(node.name, axis if keep else position))
+        elif keep:
+            self.claim(node.name, axis)  # size 1: broadcasts back
+
+
+def _kept_mean_reduction(self: _Entry, node, reduced: set, rank: int) -> bool:
+    """Whether a reduction over the channels (last axis) is one whose group may still be removed:
+    the Sum of a mean insert_masks made over the kept channels (names.kept_mean), its count of
+    kept channels, or (analyze(..., through_means=True)) a Mean over the channels alone in the
+    top graph, which insert_masks will make one."""
+    part = names.kept_mean_part(node.name)
+    if part in ("sum", "count") and node.op == "Sum":
+        return True
+    if not self.graph.through_means or node.op != "Mean" or reduced != {rank - 1} or self.body.is_function:
+        return False
+    self.graph.means.append(MeanSite(self.entry.name, node.name, self.tensor(self.body.data_inputs(node)[0], -1)))
+    return True
+
+
+def _claim_all(self: _Entry, node) -> None:
+    """The 0/1 vector of a kept-channel mean's channels, read off a kernel's mask (insert_masks):
+    it only says which channels count; the Mul that applies it links them."""
+    for ref in self.body.data_inputs(node) + self.outputs_of(node):
+        for axis in range(len(self.shape(ref) or ())):
+            self.claim(ref, axis)
+
+
+def _gather(self: _Entry, node) -> None:
+    """An embedding lookup, GatherV2(params, ids, axis 0) or ResourceGather(variable, ids): each
+    axis of the table after the first is an axis of the output, after the ids' axes."""
+    inputs = self.body.data_inputs(node)
+    params, ids = inputs[0], inputs[1]
+    key = None
+    if node.op == "GatherV2":
+        axis = _constant(self, inputs[2])
+        table = self.shape(params)
+    else:
+        axis, key = 0, self.body.resource_key(params)
+        spec = self.graph.model.variables.get(key) if key is not None else None
+        table = list(spec.shape) if spec is not None else None
+    id_shape, out = self.shape(ids), self.shape(node.name)
+    if axis is None or int(np.ravel(axis)[0]) != 0 or _attr(node, "batch_dims", "i", 0) != 0 or table is None \
+            or id_shape is None or out is None or len(out) != len(id_shape) + len(table) - 1:
+        self.unknown(node)
+        return
+    for a in range(len(id_shape)):  # which rows: not channels
+        self.claim(ids, a)
+        self.claim(node.name, a)
+    for a in range(1, len(table)):
+        source = self.tensor(params, a) if key is None else self.graph.member("variable", key, a, table[a], "param")
+        self.link(source, self.tensor(node.name, len(id_shape) + a - 1))
+
+
+def _per_axis(self: _Entry, ref: str, rank: int) -> list | None:
+    """A small shape-like operand's elements where known (None for an unknown one), or None."""
+    value = _evaluate(self, ref, 0)
+    if isinstance(value, int):
+        value = [value]
+    return value if isinstance(value, list) and len(value) == rank else None
+
+
+def _broadcast_to(self: _Entry, node) -> None:
+    """BroadcastTo(x, shape): x's axes of the output's size go through (the last one only if the
+    shape operand's last element is a constant shrink_channels can rewrite); size-1 axes broadcast."""
+    x, shape_ref = self.body.data_inputs(node)[:2]
+    xs, ys = self.shape(x), self.shape(node.name)
+    if not xs or not ys or len(ys) < len(xs):
+        self.unknown(node)
+        return
+    lead = len(ys) - len(xs)
+    for a, size in enumerate(xs):
+        if size == 1 and ys[a + lead] != 1:
+            self.claim(x, a)
+        elif size is not None and size == ys[a + lead]:
+            if a == len(xs) - 1 and _shape_last(self, shape_ref) is None:
+                continue  # poisoned: its size is written where shrink_channels cannot change it
+            self.link(self.tensor(x, a), self.tensor(node.name, a + lead))
+            if a == len(xs) - 1:
+                self.graph.reshapes.append(Reshape(self.entry.name, self.node_id(node.name), self.tensor(x), 1))
+            else:  # any other axis: its size is in the shape operand too
+                self.graph.poison(self.tensor(x, a), f"BroadcastTo '{node.name}' names its size")
+
+
+def _strided_slice(self: _Entry, node) -> None:
+    """x[b:e:s, ...] with constant bounds: an axis taken whole (stride 1) goes through, an index
+    (shrink_axis_mask) is dropped; an axis sliced otherwise is poisoned."""
+    x, begin_ref, end_ref, strides_ref = self.body.data_inputs(node)[:4]
+    xs, ys = self.shape(x), self.shape(node.name)
+    begin, end, strides = (_constant(self, ref) for ref in (begin_ref, end_ref, strides_ref))
+    if not xs or ys is None or begin is None or end is None or strides is None \
+            or _attr(node, "ellipsis_mask", "i", 0) or _attr(node, "new_axis_mask", "i", 0):
+        self.unknown(node)
+        return
+    begin, end, strides = (np.ravel(v).tolist() for v in (begin, end, strides))
+    masks = {name: _attr(node, name, "i", 0) for name in ("begin_mask", "end_mask", "shrink_axis_mask")}
+    position = 0
+    for a, size in enumerate(xs):
+        if a < len(begin):
+            bit = 1 << a
+            if masks["shrink_axis_mask"] & bit:
+                self.claim(x, a)
+                continue
+            whole = strides[a] == 1 and (masks["begin_mask"] & bit or begin[a] == 0) and \
+                (masks["end_mask"] & bit or (size is not None and end[a] >= size))
+        else:
+            whole = True
+        if whole and position < len(ys):
+            self.link(self.tensor(x, a), self.tensor(node.name, position))
+        position += 1
+
+
+def _slice(self: _Entry, node) -> None:
+    """Slice(x, begin, size): an axis from 0 with size -1 goes through, and so does the last axis
+    taken whole where the size operand's last element is a constant (shrink_channels rewrites it)."""
+    x, begin_ref, size_ref = self.body.data_inputs(node)[:3]
+    xs, ys = self.shape(x), self.shape(node.name)
+    if not xs or not ys or len(xs) != len(ys):
+        self.unknown(node)
+        return
+    begin, size = _per_axis(self, begin_ref, len(xs)), _per_axis(self, size_ref, len(xs))
+    if begin is None or size is None:
+        self.unknown(node)
+        return
+    for a, dim in enumerate(xs):
+        if begin[a] != 0 or (size[a] != -1 and (dim is None or size[a] != dim)):
+            continue  # a part of the axis: poisoned
+        if size[a] != -1:  # its size is written in the size operand: the last element can be rewritten
+            if a != len(xs) - 1 or _shape_last(self, size_ref) is None:
+                continue
+            self.graph.reshapes.append(Reshape(self.entry.name, self.node_id(node.name), self.tensor(x, a), 1, 2))
+        self.link(self.tensor(x, a), self.tensor(node.name, a))
+
+
+def _tile(self: _Entry, node) -> None:
+    """Tile(x, multiples): an axis repeated once goes through."""
+    x, multiples_ref = self.body.data_inputs(node)[:2]
+    xs, ys = self.shape(x), self.shape(node.name)
+    if not xs or not ys or len(xs) != len(ys):
+        self.unknown(node)
+        return
+    multiples = _per_axis(self, multiples_ref, len(xs))
+    if multiples is None:
+        self.unknown(node)
+        return
+    for a in range(len(xs)):
+        if multiples[a] == 1:
+            self.link(self.tensor(x, a), self.tensor(node.name, a))
+        elif xs[a] == 1:
+            self.claim(x, a)
 
 
 def _squeeze_expand(self: _Entry, node) -> None:
@@ -1075,6 +1253,29 @@ def _as_placeholder(node, shape) -> None:
     node.attr["shape"].shape.CopyFrom(tf.TensorShape(shape).as_proto())
 
 
+def _as_gather(graph_def, node, shape) -> None:
+    """Turn a ResourceGather node into a GatherV2 of a Placeholder of the table's ``shape``."""
+    dtype = node.attr["dtype"].type
+    table = graph_def.node.add(name=f"{node.name}/graphprune_table", op="Placeholder")
+    table.attr["dtype"].type = dtype
+    table.attr["shape"].shape.CopyFrom(tf.TensorShape(shape).as_proto())
+    axis = graph_def.node.add(name=f"{node.name}/graphprune_axis", op="Const")
+    axis.attr["dtype"].type = types_pb2.DT_INT32
+    axis.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(0, tf.int32))
+    indices = type(node.attr["Tindices"])()
+    indices.CopyFrom(node.attr["Tindices"])
+    controls = [i for i in node.input if i.startswith("^")]
+    ids = node.input[1]
+    node.op = "GatherV2"
+    del node.input[:]
+    node.input.extend([table.name, ids, axis.name, *controls])
+    node.attr.clear()
+    node.attr["Tparams"].type = dtype
+    node.attr["Tindices"].CopyFrom(indices)
+    node.attr["Taxis"].type = types_pb2.DT_INT32
+    node.attr["batch_dims"].i = 0
+
+
 _HANDLERS = {
     "IdentityN": _identity_n, **{op: _call for op in CONTROL_FLOW_OPS},
     "Softmax": _softmax, "LogSoftmax": _softmax,
@@ -1083,7 +1284,8 @@ _HANDLERS = {
     **{op: _batch_norm for op in BATCH_NORM_OPS}, **{op: _pool for op in POOL_OPS}, "Pad": _pad, "PadV2": _pad,
     "MirrorPad": _pad, **{op: _reduce for op in REDUCE_OPS}, "Squeeze": _squeeze_expand,
     "ExpandDims": _squeeze_expand, "Reshape": _reshape, "Transpose": _transpose, "Shape": _shape,
-    "ConcatV2": _concat, **{op: _assign for op in ASSIGN_OPS},
+    "ConcatV2": _concat, **{op: _assign for op in ASSIGN_OPS}, "GatherV2": _gather, "ResourceGather": _gather,
+    "BroadcastTo": _broadcast_to, "StridedSlice": _strided_slice, "Slice": _slice, "Tile": _tile,
 }
 
 
@@ -1096,6 +1298,10 @@ def _static_shapes(entry: g.Entry, model: g.TracedModel) -> dict[tuple[str, int]
         key = body.read_key(node) if node.op == "ReadVariableOp" else None
         if key is not None and key in model.variables:
             _as_placeholder(node, model.variables[key].shape)
+        elif node.op == "ResourceGather":  # a lookup of the variable itself: its table's shape
+            key = body.resource_key(node.input[0])
+            if key in model.variables and _attr(node, "batch_dims", "i", 0) == 0:
+                _as_gather(graph_def, node, model.variables[key].shape)
     for info in entry.inputs:  # the entry's declared input shapes
         node = next((n for n in graph_def.node if n.name == info.placeholder), None)
         if node is not None and info.shape is not None:
@@ -1110,6 +1316,7 @@ class Analysis:
     slices: dict  # space -> [(start, stop, group name)]: where each group's channels lie in it
     sizes: dict  # space -> its channel count
     dims: tuple[ShapeDim, ...] = ()
+    means: tuple[MeanSite, ...] = ()
 
 
 def channel_groups(model) -> tuple[ChannelGroup, ...]:
@@ -1127,11 +1334,13 @@ def channel_groups(model) -> tuple[ChannelGroup, ...]:
     return analyze(model).groups
 
 
-def analyze(model: g.TracedModel) -> Analysis:
-    """The channel groups of ``model``, and what a rewrite that removes channels must also change."""
+def analyze(model: g.TracedModel, through_means: bool = False) -> Analysis:
+    """The channel groups of ``model``, and what a rewrite that removes channels must also change.
+    ``through_means``: a Mean over the channels alone (a layer norm's) does not keep its group
+    whole; the Analysis lists them (``means``) for insert_masks to make means over kept channels."""
     import networkx as nx
 
-    graph = _Graph(model)
+    graph = _Graph(model, through_means)
     for entry in model.entries:
         if entry.kind == "update":
             continue
@@ -1156,7 +1365,8 @@ def analyze(model: g.TracedModel) -> Analysis:
         for space, start, stop in component:
             slices.setdefault(space, []).append((start, stop, name))
     groups.sort(key=lambda group: group.name)
-    return Analysis(tuple(groups), tuple(graph.reshapes), slices, dict(graph.sizes), tuple(graph.dims))
+    return Analysis(tuple(groups), tuple(graph.reshapes), slices, dict(graph.sizes), tuple(graph.dims),
+                    tuple(graph.means))
 
 
 def _poison_nested(graph: _Graph, model: g.TracedModel) -> None:

@@ -83,7 +83,10 @@ class Structure:
     """Unstructured (default), blocks (``block_size``, ``block_pooling``), M:N (``m_by_n``) or
     whole channels (``kind="channel"``: output channels, neurons, with their dependency groups;
     scored by the group's ``importance``, "l2" or "l1"; the kept count rounded up to a multiple
-    of ``round_to``, so that kernels get channel counts that suit them)."""
+    of ``round_to``, so that kernels get channel counts that suit them). ``residual_stream``
+    (channels only): also remove channels that normalization layers average over, a
+    transformer's hidden size; their means are then taken over the kept channels, so the masked
+    model computes what the shrunk one will."""
 
     block_size: tuple[int, int] = (1, 1)
     block_pooling: str = "AVG"
@@ -91,6 +94,7 @@ class Structure:
     kind: str = "element"
     importance: str = "l2"
     round_to: int = 1
+    residual_stream: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "block_size", parse_block_size(self.block_size))
@@ -114,6 +118,10 @@ class Structure:
         if round_to < 1:
             raise StructureError(f"round_to must be a whole number >= 1, got {self.round_to!r}")
         object.__setattr__(self, "round_to", round_to)
+        if not isinstance(self.residual_stream, bool):
+            raise StructureError(f"residual_stream must be True or False, got {self.residual_stream!r}")
+        if self.residual_stream and kind != "channel":
+            raise StructureError("residual_stream=True removes channels: it needs structure='channel'")
         if kind == "channel" and (self.m_by_n is not None or self.block_size != (1, 1)):
             raise StructureError("structure='channel' removes whole channels: leave block_size and m_by_n unset")
 
@@ -140,7 +148,8 @@ class Structure:
     def describe(self) -> str:
         if self.channels:
             rounding = f", kept counts rounded up to a multiple of {self.round_to}" if self.round_to > 1 else ""
-            return f"channels ({self.importance}{rounding})"
+            stream = ", through layer norms (residual stream)" if self.residual_stream else ""
+            return f"channels ({self.importance}{rounding}{stream})"
         if self.m_by_n is not None:
             return f"{self.m_by_n[0]}:{self.m_by_n[1]}"
         if self.block_size != (1, 1):
@@ -257,7 +266,7 @@ class PruningConfig:
 def make_config(schedule=None, *, final_sparsity=None, initial_sparsity=0.0, begin_step=0, end_step=None,
                 frequency=100, power=3, kind="polynomial", block_size=(1, 1), block_pooling="AVG", m_by_n=None,
                 scope="layer", exclude=None, sparsity_for=(), rules=(), structure="element", importance="l2",
-                round_to=1) -> PruningConfig:
+                round_to=1, residual_stream=False) -> PruningConfig:
     """A PruningConfig from flat settings (the CLI and the text pipeline use this)."""
     if schedule is None:
         if final_sparsity is None:
@@ -292,5 +301,5 @@ def make_config(schedule=None, *, final_sparsity=None, initial_sparsity=0.0, beg
         return PruningConfig(schedule=schedule, structure=structure, scope=scope, rules=tuple(all_rules))
     structure = Structure(block_size=block_size, block_pooling=block_pooling, m_by_n=m_by_n,
                           kind="element" if structure in (None, "") else structure, importance=importance,
-                          round_to=round_to)
+                          round_to=round_to, residual_stream=residual_stream)
     return PruningConfig(schedule=schedule, structure=structure, scope=scope, rules=tuple(all_rules))

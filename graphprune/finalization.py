@@ -74,7 +74,7 @@ def finalize_model(prunable, *, freeze: bool | str = True, verify: bool = False,
         steps.append(("freeze_variables", {"only": tuple(sorted(frozen))}))
     steps += [("read_handles_directly", {}), ("strip_unused", {})]  # the first: so TFLite freezes and quantizes
     if shrink:
-        steps.append(("shrink_channels", {"round_to": _round_to(prunable)}))
+        steps += [("shrink_channels", {"round_to": _round_to(prunable)}), ("strip_unused", {})]
     if _folds(fold_batch_norms, freeze):
         steps += [("fold_batch_norms", {}), ("strip_unused", {})]
     values = VariableValues(live)

@@ -92,6 +92,20 @@ def is_masked_node(name: str) -> bool:
     return f"/{SCOPE}/masked" in name
 
 
+def kept_mean(node_name: str, part: str) -> str:
+    """A node of the mean over kept channels that replaces Mean ``node_name`` (insert_masks with
+    residual_stream): 'keep_max' (the channels' 0/1 vector, from a kernel's mask), 'kept' (x * keep),
+    'sum', 'count' (of kept channels); the mean itself keeps the Mean's name. (Not under
+    '/graphprune/masked': that names a weight's mask multiply.)"""
+    return f"{node_name}/{SCOPE}/kept_mean/{part}"
+
+
+def kept_mean_part(name: str) -> str | None:
+    """'keep_max', 'kept', 'sum', ... for a node kept_mean named, else None."""
+    match = re.search(rf"/{SCOPE}/kept_mean/([a-z_]+)$", name)
+    return match.group(1) if match else None
+
+
 def strip_masked_suffix(name: str) -> str:
     """'dense/kernel/graphprune/masked_1' -> 'dense/kernel'."""
     return _MASKED_SUFFIX.sub("", name)

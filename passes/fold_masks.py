@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from graphprune import body as b
 from graphprune import graph as g
+from graphprune import names
 from graphprune.analysis import is_mask_multiply, mask_operand_key
 from graphprune.masks import pruned_values
 from graphprune.passbase import Option, PassContext, PassResult, register_pass
@@ -39,6 +40,10 @@ def fold_masks(model: g.TracedModel, context: PassContext, freeze: bool = True, 
 
     def fold(body: b.Body, entry_name: str) -> None:
         for node in list(body.nodes):
+            if names.kept_mean_part(node.name) == "keep_max":  # a mean over kept channels: its 0/1 vector
+                body.replace(node, _frozen_keep(body, node, model, context))
+                touched.append(f"{entry_name}:{body.use_name(node)}")
+                continue
             if not is_mask_multiply(node):
                 continue
             weight_key = body.read_key(body.producer(node.input[0]))
@@ -75,6 +80,20 @@ def fold_masks(model: g.TracedModel, context: PassContext, freeze: bool = True, 
               "variables": sorted(key for key in folded if not freeze or key in kept),
               "sparsity": {k: float(np.mean(v == 0)) for k, v in folded_values.items()}}
     return PassResult(new_model, changed=True, report=report)
+
+
+def _frozen_keep(body: b.Body, node, model: g.TracedModel, context: PassContext):
+    """The Const of a kept-channel mean's kept-channel vector (insert_masks._kept_mean): the maximum
+    of the mask it reads over the other axes, at the mask's current value."""
+    mask, axes = body.data_inputs(node)[:2]
+    read = body.producer(mask)
+    if read.op == "Cast":
+        read = body.producer(read.input[0])
+    value = np.asarray(context.value(model, body.read_key(read)))
+    axes = tf.make_ndarray(body.producer(axes).attr["value"].tensor)
+    dtype = tf.dtypes.as_dtype(node.attr["T"].type)
+    return g.const_node(node.name, np.max(value, axis=tuple(np.ravel(axes).tolist())).astype(dtype.as_numpy_dtype),
+                        dtype.name)
 
 
 register_pass("fold_masks", fold_masks, options=[

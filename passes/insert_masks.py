@@ -16,6 +16,11 @@ value (one-shot pruning). Weights that are already masked are left alone, so a r
 Every body is rewritten the same way, at any depth: inside a While/If/Case body or a called
 function, the mask's resource is threaded in through every caller (a loop variable the body
 passes through, a branch input, a call argument) and the Mul happens where the weight is read.
+With ``residual_stream`` (channel structure), each Mean over the channels of a group it may
+remove (a layer norm's mean and variance) becomes Sum(x * keep) / Sum(keep) under the Mean's
+name, keep being the group's 0/1 channels (the maximum of one of its kernels' masks over the
+other axes): the masked model then normalizes over the kept channels, as the shrunk model will.
+fold_masks freezes keep; shrink_channels slices it and turns an all-ones one back into the Mean.
 Postcondition: every use of a masked weight reads ``w * mask``; with all-ones masks the model
 computes exactly what it computed before.
 """
@@ -76,11 +81,20 @@ def insert_masks(model: g.TracedModel, context: PassContext, sparsity=None, fina
     ]
     keys = {w.key for w in to_mask}
     new_variables = model.with_variables(specs).variables
+    means = _stream_means(model, plans, keys)
+
+    def rewrite(body, entry_name):
+        _mask_body(body, keys, new_variables)
+        if not body.is_function:
+            for site in means.get(entry_name, ()):
+                _kept_mean(body, *site)
+
     entries = tuple(entry if entry.kind == "update" else
-                    b.rewrite_entry(entry, lambda body: _mask_body(body, keys, new_variables), variables=new_variables)[0] for entry in model.entries)
+                    b.rewrite_entry(entry, lambda body, name=entry.name: rewrite(body, name),
+                                    variables=new_variables)[0] for entry in model.entries)
     new_model = dataclasses.replace(model, entries=entries).with_variables(specs)
     masked = tuple(dataclasses.replace(w, mask=mask_key(w.key)) if w.key in keys else w for w in weights)
-    report = {"masked": sorted(keys), "skipped": skipped,
+    report = {"masked": sorted(keys), "skipped": skipped, "kept_means": sum(len(v) for v in means.values()),
               "initial_sparsity": {k: float(1 - np.mean(v)) for k, v in initial.items()}}
     return PassResult(new_model.with_facts(weights=masked), changed=True, report=report)
 
@@ -131,6 +145,72 @@ def _mask_body(body: b.Body, keys: set[str], variables) -> None:
             body.repoint(value, body.ref(masked), exclude=(masked,))
         for gather in gathers.get(key, ()):
             _gather_masked(body, gather, key, dtype)
+
+
+def _stream_means(model: g.TracedModel, plans, keys: set[str]) -> dict[str, list]:
+    """entry -> [(Mean node, kernel Member, the kernel's other axes, the Mean input's rank)] for
+    residual_stream: each Mean over the channels of a group that may be removed (every kernel of
+    it masked here) with the kernel member whose mask tells the kept channels. Means whose group
+    cannot be (a slice of it, no such kernel) are left, and keep their group whole."""
+    if not any(plan.structure.channels and plan.structure.residual_stream for plan in plans.values()):
+        return {}
+    from graphprune.channels import analyze
+
+    analysis = analyze(model, through_means=True)
+    groups = {group.name: group for group in analysis.groups}
+    chosen: dict[str, list] = {}
+    for site in analysis.means:
+        slices = analysis.slices.get(site.space, [])
+        if len(slices) != 1 or (slices[0][0], slices[0][1]) != (0, analysis.sizes[site.space]):
+            continue
+        group = groups[slices[0][2]]
+        kernels = [m for m in group.members if m.role != "param"]
+        if not group.prunable or any(m.kind != "variable" or m.name not in keys for m in kernels):
+            continue
+        if not all(plans[m.name].structure.residual_stream for m in kernels):
+            continue
+        whole = [m for m in kernels if m.period is None and m.start == 0
+                 and m.stop == model.variables[m.name].shape[m.axis]]
+        if whole:
+            member = min(whole, key=lambda m: int(np.prod(model.variables[m.name].shape)))
+            other = tuple(a for a in range(len(model.variables[member.name].shape)) if a != member.axis)
+            chosen.setdefault(site.entry, []).append((site.node, member, other, site.space[4] + 1))
+    return chosen
+
+
+def _kept_mean(body: b.Body, name: str, member, other_axes: tuple, rank: int) -> None:
+    """Mean(x, last axis of ``rank``) -> Sum(x * keep) / Sum(keep), under the Mean's name: keep is
+    the group's 0/1 channel vector, the maximum of ``member``'s mask over ``other_axes`` (every other
+    group keeps a channel, so a kept channel has a one in its slice). Read where the kernel's mask
+    is read in this body; a body without one keeps its Mean (and its group stays whole)."""
+    node = body.node(name)
+    mask = body.node(names.mask_cast_node(member.name)) or body.node(names.mask_read_node(member.name))
+    if node is None or mask is None:
+        return
+    x, axes = body.data_inputs(node)[:2]
+    dtype = tf.dtypes.as_dtype(node.attr["T"].type)
+    stored = tf.dtypes.as_dtype(mask.attr["DstT" if mask.op == "Cast" else "dtype"].type)
+    part = lambda label: names.kept_mean(name, label)  # noqa: E731
+    other = body.add(g.const_node(part("other_axes"), np.array(other_axes, np.int32), "int32"))
+    keep = body.add(g.make_node(part("keep_max"), "Max", [body.ref(mask.name), body.ref(other.name)],
+                                T=stored, Tidx=tf.int32, keep_dims=False))
+    if stored != dtype:
+        keep = body.add(g.make_node(part("keep_cast"), "Cast", [body.ref(keep.name)], SrcT=stored, DstT=dtype,
+                                    Truncate=False))
+    shape = body.add(g.const_node(part("keep_shape"), np.array([1] * (rank - 1) + [-1], np.int32),
+                                  "int32"))
+    keep = body.add(g.make_node(part("keep"), "Reshape", [body.ref(keep.name), body.ref(shape.name)], T=dtype,
+                                Tshape=tf.int32))
+    masked = body.add(g.make_node(part("kept"), "Mul", [x, body.ref(keep.name)], T=dtype))
+    total = body.add(g.make_node(part("sum"), "Sum", [body.ref(masked.name), axes], T=dtype,
+                                 Tidx=tf.dtypes.as_dtype(node.attr["Tidx"].type),
+                                 keep_dims=bool(node.attr["keep_dims"].b)))
+    every = body.add(g.const_node(part("all_axes"), np.arange(rank, dtype=np.int32), "int32"))
+    count = body.add(g.make_node(part("count"), "Sum", [body.ref(keep.name), body.ref(every.name)], T=dtype,
+                                 Tidx=tf.int32, keep_dims=False))
+    replacement = g.make_node(name, "RealDiv", [body.ref(total.name), body.ref(count.name)], T=dtype)
+    replacement.input.extend(i for i in node.input if i.startswith("^"))
+    body.replace(node, replacement)
 
 
 def _gather_masked(body: b.Body, gather, key: str, dtype) -> None:

@@ -24,6 +24,7 @@ from tensorflow.core.framework import types_pb2
 
 from graphprune import body as b
 from graphprune import graph as g
+from graphprune import names
 from graphprune.channels import CONTROL_FLOW_OPS, analyze
 from graphprune.passbase import Option, PassContext, PassResult, register_pass
 
@@ -44,7 +45,8 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
     for group in analysis.groups:
         if not group.prunable:
             continue
-        consumers = [m for m in group.members if m.role == "in"]
+        # kernels that read the channels, and the kept-channel vectors of means over them
+        consumers = [m for m in group.members if m.role == "in" or names.kept_mean_part(m.name) == "keep_max"]
         alive = np.zeros(group.size, bool)
         for member in consumers:
             array = value(member.kind, member.name)
@@ -90,17 +92,35 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
                 if node.op == "Const" and ("const", key) in sliced:
                     body.replace(node, g.const_node(node.name, sliced[("const", key)],
                                                     tf.dtypes.as_dtype(node.attr["dtype"].type).name))
-                elif node.op == "Reshape" and (entry.name, name) in new_shapes:
-                    _set_last_dim(body, node, new_shapes[(entry.name, name)])
+                elif node.op in ("Reshape", "BroadcastTo", "Slice") and (entry.name, name) in new_shapes:
+                    _set_last_dim(body, node, *new_shapes[(entry.name, name)])
                 elif node.op == "Reshape" and (entry.name, name) in new_dims:
                     _set_dims(body, node, new_dims[(entry.name, name)])
             _update_shapes(body, entry.name, analysis, removed, shrunk_specs)
+            _plain_means(body)
 
         entries.append(b.rewrite_entry(entry, rewrite)[0])
     new_model = dataclasses.replace(model.with_variables(specs), entries=tuple(entries))
     report = {"shrunk": report_groups, "left_whole": _whole(analysis),
               "removed_parameters": int(sum(value(k, n).size - a.size for (k, n), a in sliced.items()))}
     return PassResult(new_model, changed=True, report=report)
+
+
+def _plain_means(body: b.Body) -> None:
+    """A mean over kept channels (insert_masks with residual_stream) whose channels are all kept
+    now, Sum(x * 1) / Sum(1), becomes the Mean it was (the rest is left to strip_unused)."""
+    for node in list(body.nodes):
+        keep = body.node(names.kept_mean(node.name, "keep_max"))
+        if node.op != "RealDiv" or keep is None or keep.op != "Const":
+            continue
+        if not np.all(tf.make_ndarray(keep.attr["value"].tensor) == 1):
+            continue  # round_to kept some removed channels back: they must not count
+        total = body.node(names.kept_mean(node.name, "sum"))
+        kept = body.node(names.kept_mean(node.name, "kept"))
+        mean = g.make_node(node.name, "Mean", [kept.input[0], total.input[1]], T=tf.dtypes.as_dtype(node.attr["T"].type),
+                           Tidx=tf.dtypes.as_dtype(total.attr["Tidx"].type), keep_dims=bool(total.attr["keep_dims"].b))
+        mean.input.extend(i for i in node.input if i.startswith("^"))
+        body.replace(node, mean)
 
 
 def _update_shapes(body: b.Body, entry: str, analysis, removed: dict, specs: dict) -> None:
@@ -161,13 +181,14 @@ def _const_values(model: g.TracedModel) -> dict[str, np.ndarray]:
     return Lazy()
 
 
-def _reshape_targets(analysis, removed: dict) -> dict[tuple[str, str], int]:
-    """(entry, Reshape node) -> the new last dimension of its output, for reshapes of shrunk tensors."""
+def _reshape_targets(analysis, removed: dict) -> dict[tuple[str, str], tuple[int, int]]:
+    """(entry, Reshape node) -> (the new last dimension of its output, the shape operand's
+    position), for reshapes of shrunk tensors (and BroadcastTo, Slice: channels.Reshape)."""
     targets = {}
     for reshape in analysis.reshapes:
         kept = _kept_size(analysis, removed, reshape.space)
         if kept != analysis.sizes.get(reshape.space, 0):
-            targets[(reshape.entry, reshape.node)] = kept * reshape.repeats
+            targets[(reshape.entry, reshape.node)] = (kept * reshape.repeats, reshape.operand)
     return targets
 
 
@@ -190,10 +211,10 @@ def _dim_targets(analysis, removed: dict) -> dict[tuple[str, str], dict[int, int
     return targets
 
 
-def _set_dims(body: b.Body, node, values: dict[int, int]) -> None:
-    """Point a Reshape's constant shape operand at a copy with ``values`` at their positions
-    (an element that is -1 stays -1: TensorFlow infers it)."""
-    producer = body.producer(body.data_inputs(node)[1])
+def _set_dims(body: b.Body, node, values: dict[int, int], operand: int = 1) -> None:
+    """Point a Reshape's constant shape operand (the input at ``operand``) at a copy with
+    ``values`` at their positions (an element that is -1 stays -1: TensorFlow infers it)."""
+    producer = body.producer(body.data_inputs(node)[operand])
     shape = tf.make_ndarray(producer.attr["value"].tensor).copy()
     positions = [position for position in values if shape[position] != -1]
     if not positions:
@@ -202,15 +223,16 @@ def _set_dims(body: b.Body, node, values: dict[int, int]) -> None:
         shape[position] = values[position]
     dtype = tf.dtypes.as_dtype(producer.attr["dtype"].type).name
     new = body.add(g.const_node(f"{node.name}/shrunk_shape", shape, dtype))
-    body.set_input(node, 1, body.ref(new.name))
+    body.set_input(node, operand, body.ref(new.name))
 
 
-def _set_last_dim(body: b.Body, node, last: int) -> None:
-    """Point a Reshape's shape operand at a copy whose last element is ``last`` (unless it is -1)."""
-    shape_ref = body.data_inputs(node)[1]
+def _set_last_dim(body: b.Body, node, last: int, operand: int = 1) -> None:
+    """Point a Reshape's shape operand (the input at ``operand``) at a copy whose last element is
+    ``last`` (unless it is -1)."""
+    shape_ref = body.data_inputs(node)[operand]
     producer = body.producer(shape_ref)
     if producer.op == "Const":
-        _set_dims(body, node, {-1: last})
+        _set_dims(body, node, {-1: last}, operand)
         return
     # a Pack whose last element is a Const scalar, or a ConcatV2 whose last part is a Const vector
     position = len(body.data_inputs(producer)) - (2 if producer.op == "ConcatV2" else 1)
@@ -225,7 +247,7 @@ def _set_last_dim(body: b.Body, node, last: int) -> None:
     shape.CopyFrom(producer)
     shape.name = f"{node.name}/shrunk_shape"
     shape.input[position] = body.ref(new_part.name)
-    body.set_input(node, 1, body.ref(body.add(shape).name))
+    body.set_input(node, operand, body.ref(body.add(shape).name))
 
 
 register_pass("shrink_channels", shrink_channels, options=[

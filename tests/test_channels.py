@@ -1,6 +1,7 @@
 """Channel pruning (structure='channel') and finalize(shrink=True): dependency groups, channel
 masks, and a shrunk dense model that computes what the masked one does."""
 
+import math
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from graphprune import channels, names
 from graphprune.errors import StructureError
 
 from test_zoo_applications import _calibrated
-from testmodels import ChannelNet, check_tflite
+from testmodels import ChannelNet, StreamNet, check_tflite
 
 KERNEL_OPS = ("Conv2D", "Conv3D", "DepthwiseConv2dNative", "MatMul", "BatchMatMulV2", "Einsum")
 
@@ -28,11 +29,22 @@ def _members(group):
     return {(m.name, m.axis, m.role, m.start, m.stop, m.period) for m in group.members}
 
 
+def _saved(tmp_path_factory, module) -> str:
+    path = str(tmp_path_factory.mktemp(module.name) / "model")
+    tf.saved_model.save(module, path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def channel_net(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("channel_net") / "model")
-    tf.saved_model.save(ChannelNet(), path)
-    return path
+    return _saved(tmp_path_factory, ChannelNet())
+
+
+def _cli(*args) -> str:
+    done = subprocess.run([sys.executable, "-m", "graphprune.tools.main", *args], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
 
 
 def test_groups_follow_every_coupling(channel_net):
@@ -459,6 +471,8 @@ def test_cost_counts_what_runs(tmp_path):
     ({"structure": "rows"}, "structure must be"),
     ({"structure": "channel", "importance": "l3"}, "importance must be"),
     ({"structure": "channel", "round_to": 0}, "round_to"),
+    ({"residual_stream": True}, "needs structure='channel'"),
+    ({"structure": "channel", "residual_stream": "yes"}, "residual_stream must be True or False"),
     ({"structure": "channel", "rules": [graphprune.Rule("hidden", structure=graphprune.Structure(block_size=(1, 2)))]},
      "cannot change the structure"),
     ({"structure": "channel", "rules": [graphprune.Rule("hidden", sparsity=graphprune.ConstantSparsity(0.2, 0))]},
@@ -470,17 +484,11 @@ def test_bad_channel_settings_are_one_line_errors(channel_net, kwargs, message):
 
 
 def test_cli_prune_channels_finalize_shrink_inspect(channel_net, tmp_path):
-    def run(*args):
-        done = subprocess.run([sys.executable, "-m", "graphprune.tools.main", *args], capture_output=True, text=True,
-                              timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return done.stdout
-
-    run("prune", f"--input={channel_net}", f"--output={tmp_path / 'p'}", "--structure=channel",
-        "--final_sparsity=0.5", "--one_shot", "--round_to=2", "--scope=global", "--sparsity_for=hidden=0.25")
-    printed = run("finalize", f"--input={tmp_path / 'p'}", f"--output={tmp_path / 'f'}", "--shrink")
+    _cli("prune", f"--input={channel_net}", f"--output={tmp_path / 'p'}", "--structure=channel",
+         "--final_sparsity=0.5", "--one_shot", "--round_to=2", "--scope=global", "--sparsity_for=hidden=0.25")
+    printed = _cli("finalize", f"--input={tmp_path / 'p'}", f"--output={tmp_path / 'f'}", "--shrink")
     assert "shrink: parameters" in printed
-    printed = run("inspect", f"--input={tmp_path / 'f'}", f"--baseline={channel_net}", "--channel_groups")
+    printed = _cli("inspect", f"--input={tmp_path / 'f'}", f"--baseline={channel_net}", "--channel_groups")
     assert "x parameters" in printed and "left whole" in printed
     graphprune.export_tflite(str(tmp_path / "f"), str(tmp_path / "f.tflite"))
     refused = subprocess.run([sys.executable, "-m", "graphprune.tools.main", "inspect", f"--input={tmp_path / 'f.tflite'}",
@@ -569,3 +577,170 @@ def test_keras_hub_transformer_mlp_neurons(tmp_path, name):
     for key, value in masked.items():
         np.testing.assert_allclose(shrunk[key].numpy(), value.numpy(), atol=1e-5 * scale, rtol=0)
     assert graphprune.cost(str(tmp_path / "small")).parameters < graphprune.cost(str(tmp_path / "export")).parameters
+
+
+@pytest.fixture(scope="module")
+def stream_net(tmp_path_factory):
+    return _saved(tmp_path_factory, StreamNet())
+
+
+def _stream_group(groups):
+    return next(group for group in groups if any(m.name == "tokens" and m.axis == 1 for m in group.members))
+
+
+def test_residual_stream_through_layer_norms(stream_net, tmp_path):
+    """residual_stream=True removes channels of the stream that layer norms, an RMS norm and
+    every block's residual add share: each Mean over them becomes a mean over the kept channels,
+    so the masked model trains as the shrunk one computes; embeddings (looked up, sliced and
+    broadcast), norm parameters and biases shrink with the kernels."""
+    ids = tf.constant(np.random.RandomState(2).randint(0, 20, [4, 6]).astype(np.int32))
+    whole = _stream_group(graphprune.channel_groups(
+        graphprune.prune(stream_net, graphprune.ConstantSparsity(0.5, 0), structure="channel")))
+    assert not whole.prunable and "residual_stream=True" in whole.reason  # off by default, and said how
+
+    schedule = graphprune.PolynomialDecay(0.0, 0.5, begin_step=0, end_step=3, frequency=1)
+    pm = graphprune.prune(stream_net, schedule, structure="channel", residual_stream=True)
+    stream = _stream_group(graphprune.channel_groups(pm))
+    assert stream.prunable and stream.size == 16
+    assert {m.name for m in stream.members} >= {"tokens", "positions", "norm0/gamma", "norm1/beta", "rms/scale",
+                                                 "mlp/down/bias", "mlp/up/kernel", "attention/q/kernel", "head/kernel"}
+    rewritten = [n for n in pm.traced.entries[0].graph_def.node if names.kept_mean_part(n.name) == "sum"]
+    assert len(rewritten) == 5  # two per layer norm, one for the RMS norm
+    for _ in range(4):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(pm(ids)))
+        gradients = tape.gradient(loss, pm.trainable_variables)
+        assert all(g is not None and np.all(np.isfinite(tf.convert_to_tensor(g))) for g in gradients)
+        for variable, gradient in zip(pm.trainable_variables, gradients):
+            variable.assign_sub(0.05 * tf.convert_to_tensor(gradient))
+        pm.update_masks()
+    kept = np.any(pm.variables_by_key["head/kernel"].numpy() != 0, axis=1)
+    assert kept.sum() == 8
+    masked = pm(ids).numpy()
+
+    # the masked model is the network on the kept channels alone (NumPy, float64)
+    v = {key: np.asarray(var.numpy(), np.float64) for key, var in pm.variables_by_key.items()}
+
+    def norm(x, gamma, beta):
+        mean = x.mean(-1, keepdims=True)
+        return (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + 1e-3) * gamma[kept] + beta[kept]
+
+    x = v["tokens"][ids.numpy()][..., kept] + v["positions"][:6, kept]
+    hidden = norm(x, v["norm0/gamma"], v["norm0/beta"]) @ v["mlp/up/kernel"][kept] + v["mlp/up/bias"]
+    gelu = 0.5 * hidden * (1 + np.vectorize(math.erf)(hidden / np.sqrt(2)))
+    x = x + gelu @ v["mlp/down/kernel"][:, kept] + v["mlp/down/bias"][kept]
+    h = x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-3) * v["rms/scale"][kept]
+    q, k, w = (h @ v[f"attention/{n}/kernel"][kept] for n in "qkv")
+    scores = np.einsum("bte,bse->bts", q, k) / np.sqrt(8.0)
+    attention = np.exp(scores - scores.max(-1, keepdims=True))
+    attention /= attention.sum(-1, keepdims=True)
+    x = x + np.einsum("bts,bse->bte", attention, w) @ v["attention/out/kernel"][:, kept]
+    reference = norm(x, v["norm1/gamma"], v["norm1/beta"]).mean(1) @ v["head/kernel"][kept]
+    scale = np.max(np.abs(masked))
+    np.testing.assert_allclose(masked, reference, atol=1e-5 * scale, rtol=0)
+
+    folded = tf.saved_model.load(graphprune.finalize(pm, str(tmp_path / "folded")))
+    np.testing.assert_allclose(folded(ids).numpy(), masked, atol=1e-5 * scale, rtol=0)
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
+    small = tf.saved_model.load(out)
+    np.testing.assert_allclose(small(ids).numpy(), masked, atol=1e-5 * scale, rtol=0)
+    from graphprune.load import load
+
+    loaded = load(out).model
+    shapes = {key: list(spec.shape) for key, spec in loaded.variables.items()}
+    assert shapes["tokens"] == [20, 8] and shapes["positions"] == [6, 8] and shapes["norm0/gamma"] == [8]
+    before, after = graphprune.cost(stream_net), graphprune.cost(out)
+    assert after.parameters < before.parameters / 2
+    nodes = loaded.entries[0].graph_def.node
+    assert not any(names.kept_mean_part(n.name) for n in nodes)  # the kept-channel means are plain means again
+    assert sum(n.op == "Mean" for n in nodes) == 6  # and the mean over tokens
+    outcome = check_tflite(out, str(tmp_path / "small.tflite"), ids, masked, scale, tolerance=1e-4)
+    assert outcome == "ok", outcome
+
+    # saved while training, finalized later from the directory
+    reloaded = tf.saved_model.load(graphprune.finalize(graphprune.save(pm, str(tmp_path / "saved")),
+                                                       str(tmp_path / "later"), shrink=True))
+    np.testing.assert_allclose(reloaded(ids).numpy(), masked, atol=1e-5 * scale, rtol=0)
+
+
+def test_cli_residual_stream(stream_net, tmp_path):
+    _cli("prune", f"--input={stream_net}", f"--output={tmp_path / 'p'}", "--structure=channel", "--residual_stream",
+         "--final_sparsity=0.5", "--one_shot")
+    _cli("finalize", f"--input={tmp_path / 'p'}", f"--output={tmp_path / 'f'}", "--shrink")
+    printed = _cli("inspect", f"--input={tmp_path / 'f'}", f"--baseline={stream_net}")
+    assert "x parameters" in printed
+    from graphprune.load import load
+
+    assert load(str(tmp_path / "f")).model.variables["tokens"].shape == (20, 8)
+
+
+def test_residual_stream_with_round_to_and_global_ranking(stream_net, tmp_path):
+    """The stream's kept count is rounded like any group's (8 -> 9 with round_to=3), and ranked
+    with the others under scope='global'; the shrunk model still computes the masked one."""
+    ids = tf.constant(np.random.RandomState(3).randint(0, 20, [3, 6]).astype(np.int32))
+    for scope, width in (("layer", 9), ("global", None)):
+        pm = graphprune.prune(stream_net, graphprune.ConstantSparsity(0.5, 0), structure="channel", one_shot=True,
+                              residual_stream=True, round_to=3, scope=scope)
+        masked = pm(ids).numpy()
+        out = graphprune.finalize(pm, str(tmp_path / scope), shrink=True)
+        np.testing.assert_allclose(tf.saved_model.load(out)(ids).numpy(), masked,
+                                   atol=1e-5 * np.max(np.abs(masked)), rtol=0)
+        from graphprune.load import load
+
+        kept = int(np.any(pm.variables_by_key["head/kernel"].numpy() != 0, axis=1).sum())
+        assert load(out).model.variables["tokens"].shape == (20, kept) and kept % 3 == 0 and kept < 16
+        if width is not None:
+            assert kept == width
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["bert", "vit"])
+def test_keras_hub_classifier_hidden_size(tmp_path, name):
+    """residual_stream=True on keras-hub classifiers built from their configs: the hidden size
+    (token, segment and position embeddings, or ViT's patch embedding, class token and positions;
+    every layer norm, residual, attention and MLP kernel on the stream, the pooler) shrinks, and
+    the shrunk model computes what the masked one does, in TensorFlow and in LiteRT."""
+    import keras_hub
+
+    from test_real_models import _inputs
+
+    models = keras_hub.models
+    if name == "bert":
+        backbone = models.BertBackbone(vocabulary_size=50, num_layers=2, num_heads=2, hidden_dim=16,
+                                       intermediate_dim=32, max_sequence_length=8)
+        model = models.BertTextClassifier(backbone, num_classes=3, preprocessor=None)
+    else:
+        backbone = models.ViTBackbone(image_shape=(32, 32, 3), patch_size=8, num_layers=2, num_heads=2, hidden_dim=16,
+                                      mlp_dim=32)
+        model = models.ViTImageClassifier(backbone, num_classes=3, preprocessor=None)
+    model.export(str(tmp_path / "export"), verbose=False)
+    pm = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
+                          one_shot=True, residual_stream=True)
+    groups = graphprune.channel_groups(pm)
+    stream = next(group for group in groups if any(m.name.endswith("norm/gamma") or m.name.endswith("ln/gamma")
+                                                   for m in group.members))
+    assert stream.prunable and stream.size == 16, graphprune.channels.describe([stream])
+    signature = pm.signatures["serving_default"]
+    rng = np.random.RandomState(0)
+    if name == "bert":
+        inputs = _inputs(signature.structured_input_signature[1], rng)
+    else:
+        key = next(iter(signature.structured_input_signature[1]))
+        inputs = {key: tf.constant(rng.uniform(size=[2, 32, 32, 3]).astype(np.float32))}
+    masked = signature(**inputs)
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
+    shrunk = tf.saved_model.load(out).signatures["serving_default"](**inputs)
+    (key, value), = masked.items()
+    scale = float(np.max(np.abs(value.numpy())))
+    np.testing.assert_allclose(shrunk[key].numpy(), value.numpy(), atol=1e-5 * scale, rtol=0)
+    from graphprune.load import load
+
+    spec = load(out).model.variables
+    gammas = [key for key in spec if key.endswith("gamma")]
+    assert gammas and all(spec[key].shape == (8,) for key in gammas)  # every norm on the stream: 16 -> 8
+    before, after = graphprune.cost(str(tmp_path / "export")), graphprune.cost(out)
+    assert after.parameters < 0.5 * before.parameters
+    x = inputs if name == "bert" else next(iter(inputs.values()))
+    expected = {key: value.numpy()} if name == "bert" else value.numpy()
+    outcome = check_tflite(out, str(tmp_path / "small.tflite"), x, expected, scale, tolerance=1e-4)
+    assert outcome == "ok", outcome

@@ -121,6 +121,51 @@ def check_tflite(saved_model_dir: str, tflite_path: str, x, expected, scale: flo
     return "ok"
 
 
+class StreamNet(tf.Module):
+    """A small pre-norm transformer's residual stream, written by hand: token embedding looked up
+    on the variable (ResourceGather), a position table sliced and broadcast, two blocks (a layer
+    norm as Keras computes it, then an MLP; an RMS norm, then a single-head attention), a final
+    layer norm, mean over tokens, a head. Every normalization averages over the stream's channels."""
+
+    def __init__(self, seed=0, vocabulary=20, length=6, width=16, hidden=32):
+        super().__init__(name="stream_net")
+        rng = np.random.RandomState(seed)
+        self.length, self.width = length, width
+        self.tokens = tf.Variable(rng.standard_normal([vocabulary, width]).astype(np.float32), name="tokens")
+        self.positions = tf.Variable(rng.standard_normal([length, width]).astype(np.float32) * 0.1, name="positions")
+        self.norms = [(tf.Variable(1 + rng.standard_normal(width).astype(np.float32) * 0.1, name=f"norm{i}/gamma"),
+                       tf.Variable(rng.standard_normal(width).astype(np.float32) * 0.1, name=f"norm{i}/beta"))
+                      for i in range(2)]
+        self.up = tf.Variable(_init(rng, width, hidden), name="mlp/up/kernel")
+        self.up_bias = tf.Variable(rng.standard_normal(hidden).astype(np.float32) * 0.1, name="mlp/up/bias")
+        self.down = tf.Variable(_init(rng, hidden, width), name="mlp/down/kernel")
+        self.down_bias = tf.Variable(rng.standard_normal(width).astype(np.float32) * 0.1, name="mlp/down/bias")
+        self.rms = tf.Variable(1 + rng.standard_normal(width).astype(np.float32) * 0.1, name="rms/scale")
+        self.qkv = [tf.Variable(_init(rng, width, 8), name=f"attention/{n}/kernel") for n in "qkv"]
+        self.out = tf.Variable(_init(rng, 8, width), name="attention/out/kernel")
+        self.head = tf.Variable(_init(rng, width, 5), name="head/kernel")
+
+    def _layer_norm(self, x, i):
+        mean = tf.reduce_mean(x, -1, keepdims=True)
+        variance = tf.reduce_mean(tf.math.squared_difference(x, tf.stop_gradient(mean)), -1, keepdims=True)
+        gamma, beta = self.norms[i]
+        return (x - mean) * tf.math.rsqrt(variance + 1e-3) * gamma + beta
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32)])
+    def __call__(self, ids):
+        x = tf.gather(self.tokens, ids)
+        steps = tf.shape(ids)[1]
+        x += tf.broadcast_to(tf.slice(self.positions, [0, 0], [steps, self.width]),
+                             tf.stack([tf.shape(ids)[0], steps, self.width]))
+        x += tf.matmul(tf.nn.gelu(tf.matmul(self._layer_norm(x, 0), self.up) + self.up_bias), self.down) \
+            + self.down_bias
+        h = x * tf.math.rsqrt(tf.reduce_mean(tf.square(x), -1, keepdims=True) + 1e-3) * self.rms
+        q, k, v = (tf.einsum("btd,de->bte", h, w) for w in self.qkv)
+        attention = tf.nn.softmax(tf.einsum("bte,bse->bts", q, k) / np.sqrt(8.0), axis=-1)
+        x += tf.einsum("bte,ed->btd", tf.einsum("bts,bse->bte", attention, v), self.out)
+        return tf.matmul(tf.reduce_mean(self._layer_norm(x, 1), 1), self.head)
+
+
 class ChannelNet(tf.Module):
     """Channel dependencies of every kind a CNN has: conv -> BiasAdd -> FusedBatchNorm -> relu,
     a residual Add (two producers of one stream), a depthwise conv, Pad and max pooling, a concat

@@ -31,6 +31,8 @@ _STRUCTURE = flags.DEFINE_enum("structure", "element", ["element", "channel"],
 _IMPORTANCE = flags.DEFINE_enum("importance", "l2", ["l2", "l1"], "Channel score: norm over the group's weights.")
 _ROUND_TO = flags.DEFINE_integer("round_to", 1, "Channel pruning: keep a multiple of this many channels per group "
                                  "(8 suits most CPU kernels).", lower_bound=1)
+_RESIDUAL = flags.DEFINE_bool("residual_stream", False, "Channel pruning: also remove channels that layer norms "
+                              "average over (a transformer's hidden size); off by default, it couples every layer.")
 _SCOPE = flags.DEFINE_enum("scope", "layer", ["layer", "global"], "Threshold per weight or one across weights.")
 _EXCLUDE = flags.DEFINE_string("exclude", None, "Regex of weights/ops not to prune.")
 _SPARSITY_FOR = flags.DEFINE_multi_string("sparsity_for", [], "REGEX=SPARSITY: own final sparsity (repeatable).")
@@ -57,7 +59,7 @@ def main(argv):
         end_step=end_step, frequency=_FREQUENCY.value, power=_POWER.value, kind=_SCHEDULE.value,
         block_size=_BLOCK.value, block_pooling=_POOLING.value.upper(), m_by_n=_M_BY_N.value, scope=_SCOPE.value,
         exclude=_EXCLUDE.value, sparsity_for=_SPARSITY_FOR.value, structure=_STRUCTURE.value,
-        importance=_IMPORTANCE.value, round_to=_ROUND_TO.value,
+        importance=_IMPORTANCE.value, round_to=_ROUND_TO.value, residual_stream=_RESIDUAL.value,
     )
     graphprune.io.check_output(_OUTPUT.value, overwrite=_OVERWRITE.value, inputs=[_INPUT.value])
     stages = common.stages("prune")
