@@ -310,13 +310,22 @@ class _Entry:
 
     def weight(self, node, operand: str, axis: int, role: str):
         """The member space of a weight operand's ``axis`` (None if the operand is not a plain
-        variable or constant read); the operand's own axis is linked to it."""
-        source = self.source(operand)
-        shape = self.shape(operand)
-        if source is None or shape is None:
+        variable or constant read, or a Transpose of one: a tied embedding's output projection);
+        the operand's own axis is linked to it."""
+        source, shape = self.source(operand), self.shape(operand)
+        if shape is None:
             return None
         axis %= len(shape)
-        member = self.graph.member(source[0], source[1], axis, shape[axis], role)
+        source_axis = axis
+        if source is None:
+            transposed = self.origin(operand, masks=True)
+            if transposed is None or transposed.op != "Transpose":
+                return None
+            source, perm = self.source(transposed.input[0]), _constant(self, transposed.input[1])
+            if source is None or perm is None or perm.size != len(shape):
+                return None
+            source_axis = int(np.ravel(perm)[axis])
+        member = self.graph.member(source[0], source[1], source_axis, shape[axis], role)
         self.link(self.tensor(operand, axis), member)
         return member
 
