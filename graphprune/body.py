@@ -315,6 +315,17 @@ class Body:
         return sites
 
 
+def const_once(body: Body, seen: dict, name: str, key: str, value, dtype: str):
+    """The replacement of a read of weight ``key`` named ``name``: a Const holding ``value`` for
+    the first read in ``body``, an Identity of that Const for every later one (``seen``: key ->
+    the Const's name, one dict per body). A weight read twice (a tied embedding's lookup and its
+    output projection) is then stored once, not once per read."""
+    if key in seen:
+        return g.make_node(name, "Identity", [body.ref(seen[key])], T=tf.dtypes.as_dtype(dtype))
+    seen[key] = name
+    return g.const_node(name, value, dtype)
+
+
 def called_functions(node, library: dict) -> list[tuple[str, int | None, str]]:
     """(attr, list index or None, function name) of every library function ``node`` calls; the
     attr is '' for a function called as an op."""

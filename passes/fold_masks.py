@@ -4,6 +4,7 @@ Matches the Mul nodes insert_masks added ('<w>/graphprune/masked[_N]'), in every
 depth. Rewrites:
 
     freeze=True:   Mul '<w>/graphprune/masked' -> Const '<w>/graphprune/masked' = value(w) * value(mask)
+                   (a second read of w in the same body: an Identity of that Const)
     freeze=False:  Mul '<w>/graphprune/masked' -> Identity(read(w)), and w's value becomes w * mask
     keep=(w, ...): those weights are folded as with freeze=False even when freezing (large
                    weights stay variables: see finalization.MAX_FROZEN_BYTES)
@@ -39,6 +40,7 @@ def fold_masks(model: g.TracedModel, context: PassContext, freeze: bool = True, 
     folded, kept, touched = set(), set(keep), []
 
     def fold(body: b.Body, entry_name: str) -> None:
+        constants: dict[str, str] = {}
         for node in list(body.nodes):
             if names.kept_mean_part(node.name) == "keep_max":  # a mean over kept channels: its 0/1 vector
                 body.replace(node, _frozen_keep(body, node, model, context))
@@ -59,7 +61,7 @@ def fold_masks(model: g.TracedModel, context: PassContext, freeze: bool = True, 
             folded.add(weight_key)
             dtype = model.variables[weight_key].dtype
             if constant:
-                replacement = g.const_node(node.name, folded_values[weight_key], dtype)
+                replacement = b.const_once(body, constants, node.name, weight_key, folded_values[weight_key], dtype)
             else:
                 replacement = g.make_node(node.name, "Identity", [node.input[0]], T=tf.dtypes.as_dtype(dtype))
             body.replace(node, replacement)

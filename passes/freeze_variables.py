@@ -2,7 +2,8 @@
 
 Matches ReadVariableOp nodes of a variable, in every body at any depth (through placeholders at
 the top, resource arguments in bodies), and replaces each with a Const of the same name
-(consumers need no rewiring). A variable that any op writes (a counter, a running statistic:
+(consumers need no rewiring; a variable read twice in one body is one Const, its other reads
+Identity nodes of it). A variable that any op writes (a counter, a running statistic:
 AssignVariableOp, AssignAdd..., in any body) is state, not a weight: none of its reads is
 frozen, or the model would read a constant while it keeps assigning. Variables used other than
 by ReadVariableOp (ResourceGather) stay variables. Postcondition: outputs are unchanged;
@@ -28,11 +29,13 @@ def freeze_variables(model: g.TracedModel, context: PassContext, only: tuple = (
         state = state | (set(model.variables) - set(only))
 
     def freeze(body: b.Body) -> None:
+        constants: dict[str, str] = {}
         for node in list(body.nodes):
             key = body.read_key(node)
             if key is None or key in state:
                 continue
-            body.replace(node, g.const_node(node.name, context.value(model, key), model.variables[key].dtype))
+            value = context.value(model, key) if key not in constants else None
+            body.replace(node, b.const_once(body, constants, node.name, key, value, model.variables[key].dtype))
             frozen.add(key)
 
     entries = tuple(b.rewrite_entry(entry, freeze)[0] for entry in model.entries)

@@ -578,11 +578,30 @@ def test_keras_hub_transformer_mlp_neurons(tmp_path, name):
     for key, value in masked.items():
         np.testing.assert_allclose(shrunk[key].numpy(), value.numpy(), atol=1e-5 * scale, rtol=0)
     assert graphprune.cost(str(tmp_path / "small")).parameters < graphprune.cost(str(tmp_path / "export")).parameters
+    # a backbone returns its stream: even when asked, its width stays (the output keeps its shape)
+    asked = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
+                             residual_stream=True)
+    stream = [group for group in graphprune.channel_groups(asked) if any(_norm_parameter(m.name) for m in group.members)]
+    assert stream and not any(group.prunable for group in stream)
+    assert any("output" in group.reason for group in stream), [group.reason for group in stream]
 
 
 @pytest.fixture(scope="module")
 def stream_net(tmp_path_factory):
     return _saved(tmp_path_factory, StreamNet())
+
+
+def _weight_shape(saved_model: str, key: str) -> tuple:
+    """The shape of weight ``key`` in a finalized model: its variable's, or its frozen Const's."""
+    from graphprune.load import load
+
+    model = load(saved_model).model
+    if key in model.variables:
+        return tuple(model.variables[key].shape)
+    for node in model.entries[0].graph_def.node:
+        if node.op == "Const" and names.display_name(node.name) == key:
+            return tuple(d.size for d in node.attr["value"].tensor.tensor_shape.dim)
+    raise KeyError(key)
 
 
 def _stream_group(groups):
@@ -604,7 +623,8 @@ def test_residual_stream_through_layer_norms(stream_net, tmp_path):
     stream = _stream_group(graphprune.channel_groups(pm))
     assert stream.prunable and stream.size == 16
     assert {m.name for m in stream.members} >= {"tokens", "positions", "norm0/gamma", "norm1/beta", "rms/scale",
-                                                 "mlp/down/bias", "mlp/up/kernel", "attention/q/kernel", "head/kernel"}
+                                                 "mlp/down/bias", "mlp/up/kernel", "attention/q/kernel"}
+    assert ("tokens", 1, "in") in {(m.name, m.axis, m.role) for m in stream.members}  # the tied logits
     rewritten = [n for n in pm.traced.entries[0].graph_def.node if names.kept_mean_part(n.name) == "sum"]
     assert len(rewritten) == 5  # two per layer norm, one for the RMS norm
     for _ in range(4):
@@ -615,7 +635,7 @@ def test_residual_stream_through_layer_norms(stream_net, tmp_path):
         for variable, gradient in zip(pm.trainable_variables, gradients):
             variable.assign_sub(0.05 * tf.convert_to_tensor(gradient))
         pm.update_masks()
-    kept = np.any(pm.variables_by_key["head/kernel"].numpy() != 0, axis=1)
+    kept = np.any(pm.variables_by_key["tokens"].numpy() != 0, axis=0)
     assert kept.sum() == 8
     masked = pm(ids).numpy()
 
@@ -636,20 +656,21 @@ def test_residual_stream_through_layer_norms(stream_net, tmp_path):
     attention = np.exp(scores - scores.max(-1, keepdims=True))
     attention /= attention.sum(-1, keepdims=True)
     x = x + np.einsum("bts,bse->bte", attention, w) @ v["attention/out/kernel"][:, kept]
-    reference = norm(x, v["norm1/gamma"], v["norm1/beta"]).mean(1) @ v["head/kernel"][kept]
+    reference = norm(x, v["norm1/gamma"], v["norm1/beta"]).mean(1) @ v["tokens"][:, kept].T
     scale = np.max(np.abs(masked))
     np.testing.assert_allclose(masked, reference, atol=1e-5 * scale, rtol=0)
 
-    folded = tf.saved_model.load(graphprune.finalize(pm, str(tmp_path / "folded")))
-    np.testing.assert_allclose(folded(ids).numpy(), masked, atol=1e-5 * scale, rtol=0)
+    folded = graphprune.finalize(pm, str(tmp_path / "folded"))
+    np.testing.assert_allclose(tf.saved_model.load(folded)(ids).numpy(), masked, atol=1e-5 * scale, rtol=0)
+    # the tied table is read twice (lookup, logits) and frozen once; the 5 means keep their 0/1 vectors
+    assert graphprune.cost(folded).parameters == graphprune.cost(stream_net).parameters + 5 * 16
     out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
     small = tf.saved_model.load(out)
     np.testing.assert_allclose(small(ids).numpy(), masked, atol=1e-5 * scale, rtol=0)
     from graphprune.load import load
 
     loaded = load(out).model
-    shapes = {key: list(spec.shape) for key, spec in loaded.variables.items()}
-    assert shapes["tokens"] == [20, 8] and shapes["positions"] == [6, 8] and shapes["norm0/gamma"] == [8]
+    assert [_weight_shape(out, key) for key in ("tokens", "positions", "norm0/gamma")] == [(20, 8), (6, 8), (8,)]
     before, after = graphprune.cost(stream_net), graphprune.cost(out)
     assert after.parameters < before.parameters / 2
     nodes = loaded.entries[0].graph_def.node
@@ -672,7 +693,7 @@ def test_cli_residual_stream(stream_net, tmp_path):
     assert "x parameters" in printed
     from graphprune.load import load
 
-    assert load(str(tmp_path / "f")).model.variables["tokens"].shape == (20, 8)
+    assert _weight_shape(str(tmp_path / "f"), "tokens") == (20, 8)
 
 
 def test_residual_stream_with_round_to_and_global_ranking(stream_net, tmp_path):
@@ -688,8 +709,8 @@ def test_residual_stream_with_round_to_and_global_ranking(stream_net, tmp_path):
                                    atol=1e-5 * np.max(np.abs(masked)), rtol=0)
         from graphprune.load import load
 
-        kept = int(np.any(pm.variables_by_key["head/kernel"].numpy() != 0, axis=1).sum())
-        assert load(out).model.variables["tokens"].shape == (20, kept) and kept % 3 == 0 and kept < 16
+        kept = int(np.any(pm.variables_by_key["tokens"].numpy() != 0, axis=0).sum())
+        assert _weight_shape(out, "tokens") == (20, kept) and kept % 3 == 0 and kept < 16
         if width is not None:
             assert kept == width
 
@@ -752,7 +773,11 @@ def test_keras_hub_hidden_size(tmp_path, name):
     np.testing.assert_allclose(shrunk[key].numpy(), value.numpy(), atol=1e-5 * scale, rtol=0)
     from graphprune.load import load
 
-    spec = load(out).model.variables
+    loaded = load(out).model
+    spec = loaded.variables
+    tables = [n for n in loaded.entries[0].graph_def.node
+              if n.op == "Const" and names.display_name(n.name) == "token_embedding/embeddings"]
+    assert len(tables) <= 1  # a tied embedding, read by the lookup and the logits, is stored once
     norms = [key for key in spec if _norm_parameter(key)]
     assert norms and all(spec[key].shape == (8,) for key in norms)  # every norm on the stream: 16 -> 8
     before, after = graphprune.cost(str(tmp_path / "export")), graphprune.cost(out)

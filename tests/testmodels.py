@@ -125,7 +125,8 @@ class StreamNet(tf.Module):
     """A small pre-norm transformer's residual stream, written by hand: token embedding looked up
     on the variable (ResourceGather), a position table sliced and broadcast, two blocks (a layer
     norm as Keras computes it, then an MLP; an RMS norm, then a single-head attention), a final
-    layer norm, mean over tokens, a head. Every normalization averages over the stream's channels."""
+    layer norm, mean over tokens, and logits from the token table, transposed (tied, as GPT-2's).
+    Every normalization averages over the stream's channels."""
 
     def __init__(self, seed=0, vocabulary=20, length=6, width=16, hidden=32):
         super().__init__(name="stream_net")
@@ -143,7 +144,6 @@ class StreamNet(tf.Module):
         self.rms = tf.Variable(1 + rng.standard_normal(width).astype(np.float32) * 0.1, name="rms/scale")
         self.qkv = [tf.Variable(_init(rng, width, 8), name=f"attention/{n}/kernel") for n in "qkv"]
         self.out = tf.Variable(_init(rng, 8, width), name="attention/out/kernel")
-        self.head = tf.Variable(_init(rng, width, 5), name="head/kernel")
 
     def _layer_norm(self, x, i):
         mean = tf.reduce_mean(x, -1, keepdims=True)
@@ -163,7 +163,7 @@ class StreamNet(tf.Module):
         q, k, v = (tf.einsum("btd,de->bte", h, w) for w in self.qkv)
         attention = tf.nn.softmax(tf.einsum("bte,bse->bts", q, k) / np.sqrt(8.0), axis=-1)
         x += tf.einsum("bte,ed->btd", tf.einsum("bts,bse->bte", attention, v), self.out)
-        return tf.matmul(tf.reduce_mean(self._layer_norm(x, 1), 1), self.head)
+        return tf.matmul(tf.reduce_mean(self._layer_norm(x, 1), 1), tf.transpose(self.tokens))
 
 
 class ChannelNet(tf.Module):
