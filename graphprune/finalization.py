@@ -186,7 +186,16 @@ def check_final(masked, final, values, *, atol: float = 1e-5, rtol: float = 1e-5
         raise PassError(
             f"finalize: the finalized model differs from the masked model by {difference:.3g} (output {number} of "
             f"'{name}', output scale {scale:.3g}); nothing was written. Try freeze=False (--nofreeze): "
-            "TensorFlow folds and fuses constants (oneDNN), which changes the arithmetic")
+            "TensorFlow folds and fuses constants (oneDNN), which changes the arithmetic; or accept it with "
+            f"check_tolerance={_rounded_up(difference / max(1.0, scale)):g} (--check_tolerance)")
+
+
+def _rounded_up(value: float) -> float:
+    """``value`` rounded up to one significant digit (1.46e-4 -> 2e-4)."""
+    if value <= 0:
+        return 0.0
+    exponent = 10.0 ** np.floor(np.log10(value))
+    return float(np.ceil(value / exponent * (1 - 1e-12)) * exponent)
 
 
 def products_as_folded_weights(masked):
@@ -207,7 +216,7 @@ def products_as_folded_weights(masked):
 
 def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool = False, verify: bool = False,
              check: bool = True, max_frozen_bytes: int = MAX_FROZEN_BYTES, progress=None, shrink: bool = False,
-             fold_batch_norms: bool | None = None) -> str:
+             fold_batch_norms: bool | None = None, check_tolerance: float = 1e-5) -> str:
     """Fold the masks into the weights, drop every mask/step/update op, and write a SavedModel
     with the original signatures that plain TensorFlow loads and runs (no graphprune needed).
 
@@ -223,7 +232,10 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
     freeze="all": every variable read becomes a constant (except variables the model writes).
     freeze=False: weights stay variables, holding the pruned values.
     check=True: run the finalized and the masked model on the same seeded inputs first and refuse
-        (PassError, nothing written) if any output differs beyond 1e-5 of its scale.
+        (PassError, nothing written) if any output differs beyond ``check_tolerance`` (1e-5) of
+        its scale. Freezing normalization parameters (freeze="all") lets TensorFlow fold and fuse
+        them, which can move a deep CNN's outputs by 1e-4 of their scale: raise the tolerance
+        to accept that knowingly.
     progress: a callable taking one line per stage (with its time and peak memory); the CLI's
         --verbose prints them.
     shrink=True: remove dead channels (every channel whose consuming kernels are all zero there,
@@ -240,6 +252,9 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
     from graphprune.progress import Stages
 
     _check_frozen_limit(max_frozen_bytes)
+    number = isinstance(check_tolerance, (int, float, np.integer, np.floating)) and not isinstance(check_tolerance, bool)
+    if not number or not 0 <= check_tolerance < 1:
+        raise GraphPruneError(f"check_tolerance must be a number in [0, 1) (of the output scale), got {check_tolerance!r}")
     inputs = [prunable] if isinstance(prunable, (str, os.PathLike)) else []
     check_output(output_dir, overwrite=overwrite, inputs=inputs)
     stages = Stages("finalize", progress)
@@ -254,7 +269,8 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
                                                 "variables unless freeze='all' (--freeze_all)"), stacklevel=2)
     if check:  # the pipeline's first pass (find_weights) only records facts: its model is the masked one
         with stages("check against the masked model"):
-            check_final(products_as_folded_weights(result.reports[0][1].model), final, values)
+            check_final(products_as_folded_weights(result.reports[0][1].model), final, values,
+                        atol=check_tolerance, rtol=check_tolerance)
     with stages("save"):
         return save_traced(final, values, output_dir, overwrite=overwrite, inputs=inputs, name="finalized_model")
 

@@ -4,6 +4,7 @@ views, Keras 3 custom gradients, the reference's schedule arithmetic, finalize's
 import dataclasses
 import warnings
 import os
+import re
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
@@ -244,8 +245,15 @@ def test_finalize_refuses_a_model_that_computes_something_else(mlp):
     with pytest.raises(graphprune.PassError, match=r"differs from the masked model by .*output 0 of"):
         check_final(result.reports[0][1].model, tampered, values)
     # finalize's own check reads the products as the folded weights they equal: it refuses too
-    with pytest.raises(graphprune.PassError, match=r"differs from the masked model by .*output 0 of"):
+    with pytest.raises(graphprune.PassError, match=r"differs from the masked model by .*output 0 of") as refused:
         check_final(products_as_folded_weights(result.reports[0][1].model), tampered, values)
+    # the message names the tolerance that would accept it, and that tolerance does
+    tolerance = float(re.search(r"check_tolerance=([0-9.e+-]+)", str(refused.value)).group(1))
+    check_final(products_as_folded_weights(result.reports[0][1].model), tampered, values, atol=tolerance,
+                rtol=tolerance)
+    for bad in (-1e-3, 1.0, "1e-4", True):
+        with pytest.raises(graphprune.GraphPruneError, match="check_tolerance must be"):
+            graphprune.finalize(pm, "unused", check_tolerance=bad)
 
 
 class ThreeTraces(tf.Module):

@@ -31,6 +31,9 @@ _FOLD = flags.DEFINE_bool("fold_batch_norms", None, "Fold per-channel scales and
                           "(inference batch norm) into the kernel and one BiasAdd, which TensorFlow fuses with "
                           "the activation; default: on with --freeze_all (where they are constants).")
 
+_TOLERANCE = flags.DEFINE_float("check_tolerance", 1e-5, "Refuse (nothing written) a finalized model whose outputs "
+                                "differ from the masked model's by more than this fraction of their scale.")
+
 flags.mark_flags_as_required(["input", "output"])
 
 
@@ -48,7 +51,7 @@ def main(argv):
     path = graphprune.finalize(export.INPUT.value, _OUTPUT.value, freeze=freeze, overwrite=overwrite,
                                verify=_VERIFY.value, max_frozen_bytes=_MAX_FROZEN.value << 20,
                                progress=common.progress(), shrink=_SHRINK.value,
-                               fold_batch_norms=_FOLD.value)
+                               fold_batch_norms=_FOLD.value, check_tolerance=_TOLERANCE.value)
     if _SHRINK.value:
         before, after = graphprune.cost(export.INPUT.value), graphprune.cost(path)
         print(f"shrink: parameters {before.parameters:,} -> {after.parameters:,}, FLOPs at batch 1 {before.flops:,} "
