@@ -776,9 +776,8 @@ def _gather(self: _Entry, node) -> None:
             or id_shape is None or out is None or len(out) != len(id_shape) + len(table) - 1:
         self.unknown(node)
         return
-    for a in range(len(id_shape)):  # which rows: not channels
-        self.claim(ids, a)
-        self.claim(node.name, a)
+    for a in range(len(id_shape)):  # the ids' positions are the output's first axes
+        self.link(self.tensor(ids, a), self.tensor(node.name, a))
     for a in range(1, len(table)):
         source = self.tensor(params, a) if key is None else self.graph.member("variable", key, a, table[a], "param")
         self.link(source, self.tensor(node.name, len(id_shape) + a - 1))
@@ -815,8 +814,8 @@ def _broadcast_to(self: _Entry, node) -> None:
 
 
 def _strided_slice(self: _Entry, node) -> None:
-    """x[b:e:s, ...] with constant bounds: an axis taken whole (stride 1) goes through, an index
-    (shrink_axis_mask) is dropped; an axis sliced otherwise is poisoned."""
+    """x[b:e:s, ...] with constant bounds: an axis taken whole (stride 1) goes through; an axis
+    indexed (shrink_axis_mask) or sliced otherwise is poisoned (its channels would move)."""
     x, begin_ref, end_ref, strides_ref = self.body.data_inputs(node)[:4]
     xs, ys = self.shape(x), self.shape(node.name)
     begin, end, strides = (_constant(self, ref) for ref in (begin_ref, end_ref, strides_ref))
@@ -831,8 +830,7 @@ def _strided_slice(self: _Entry, node) -> None:
         if a < len(begin):
             bit = 1 << a
             if masks["shrink_axis_mask"] & bit:
-                self.claim(x, a)
-                continue
+                continue  # one index of the axis (the CLS token's position): poisoned, it names a place
             whole = strides[a] == 1 and (masks["begin_mask"] & bit or begin[a] == 0) and \
                 (masks["end_mask"] & bit or (size is not None and end[a] >= size))
         else:

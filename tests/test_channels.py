@@ -812,3 +812,44 @@ def test_keras_hub_hidden_size(tmp_path, name):
         with pytest.raises(graphprune.GraphPruneError) as dense:
             graphprune.export_tflite(str(tmp_path / "export"), str(tmp_path / "dense.tflite"))
         assert str(dense.value) == outcome
+
+
+class _Views(tf.Module):
+    """Hidden layers read through views that pick channels by place (an index, part of the axis,
+    a repeat, a gather along it) or keep them (a broadcast, a whole slice)."""
+
+    def __init__(self):
+        super().__init__()
+        rng = np.random.RandomState(0)
+        self.kernels = {name: tf.Variable(rng.standard_normal([8, 16]).astype(np.float32), name=f"{name}/kernel")
+                        for name in ("index", "part", "tile", "gather", "broadcast", "whole")}
+        self.heads = {name: tf.Variable(rng.standard_normal([16, 4]).astype(np.float32), name=f"{name}/head")
+                      for name in self.kernels}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32)])
+    def __call__(self, x):
+        h = {name: tf.nn.relu(tf.matmul(x, kernel)) for name, kernel in self.kernels.items()}
+        out = sum(tf.matmul(h[name], self.heads[name]) for name in h)
+        batch = tf.shape(x)[0]
+        out += tf.expand_dims(h["index"][:, 3], -1)
+        out += tf.reduce_sum(tf.slice(h["part"], [0, 0], [-1, 8]), -1, keepdims=True)
+        out += tf.reduce_sum(tf.tile(h["tile"], [1, 2])[:, 15:17], -1, keepdims=True)
+        out += tf.reduce_sum(tf.gather(h["gather"], [1, 2], axis=1), -1, keepdims=True)
+        wide = tf.broadcast_to(tf.expand_dims(h["broadcast"], 1), tf.stack([batch, 3, 16]))
+        out += tf.reduce_mean(tf.matmul(wide, self.heads["broadcast"]), 1)
+        return out + tf.matmul(h["whole"][:, :], self.heads["whole"])
+
+
+def test_views_that_pick_channels_by_place_keep_their_group_whole(tmp_path):
+    path = str(tmp_path / "model")
+    tf.saved_model.save(_Views(), path)
+    pm = graphprune.prune(path, graphprune.ConstantSparsity(0.5, 0), structure="channel", one_shot=True)
+    groups = {group.name.split("/")[0]: group for group in graphprune.channel_groups(pm)
+              if group.name.endswith("kernel:1")}
+    assert {name for name, group in groups.items() if group.prunable} == {"broadcast", "whole"}, \
+        graphprune.channels.describe(groups.values())
+    x = np.random.RandomState(1).standard_normal([5, 8]).astype(np.float32)
+    masked = pm(x).numpy()
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
+    np.testing.assert_allclose(tf.saved_model.load(out)(x).numpy(), masked, atol=1e-5 * np.abs(masked).max(), rtol=0)
+    assert _weight_shape(out, "broadcast/kernel") == (8, 8) and _weight_shape(out, "index/kernel") == (8, 16)
