@@ -762,11 +762,14 @@ def _hub_task_models():
                                               preprocessor=None),
         "gemma": lambda: models.GemmaCausalLM(models.GemmaBackbone(num_query_heads=2, num_key_value_heads=1, head_dim=8,
                                                                    **small), preprocessor=None),
+        # encoder and decoder streams, cross-attention, one tied embedding for both
+        "bart": lambda: models.BartSeq2SeqLM(models.BartBackbone(num_heads=2, max_sequence_length=8, **small),
+                                             preprocessor=None),
     }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["bert", "vit", "gpt2", "llama", "gemma"])
+@pytest.mark.parametrize("name", ["bert", "vit", "gpt2", "llama", "gemma", "bart"])
 def test_keras_hub_hidden_size(tmp_path, name):
     """residual_stream=True on keras-hub task models built from their configs: the hidden size
     (token, segment and position embeddings, or ViT's patch embedding, class token and positions;
