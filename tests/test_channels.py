@@ -856,3 +856,43 @@ def test_views_that_pick_channels_by_place_keep_their_group_whole(tmp_path):
     out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
     np.testing.assert_allclose(tf.saved_model.load(out)(x).numpy(), masked, atol=1e-5 * np.abs(masked).max(), rtol=0)
     assert _weight_shape(out, "broadcast/kernel") == (8, 8) and _weight_shape(out, "index/kernel") == (8, 16)
+
+
+def test_residual_stream_under_mirrored_strategy(tmp_path):
+    """Two replicas train a transformer whose hidden size is pruned: its kept-channel means and
+    the in-graph mask update agree on both, and the shrunk model computes the masked one."""
+    devices = tf.config.list_logical_devices("CPU")
+    assert len(devices) >= 2, "conftest configures two logical CPUs"
+    strategy = tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
+    with strategy.scope():
+        pm = graphprune.prune(StreamNet(), graphprune.PolynomialDecay(0.0, 0.5, 0, 6, frequency=2),
+                              structure="channel", residual_stream=True)
+        optimizer = tf.keras.optimizers.SGD(0.05)
+    rng = np.random.RandomState(0)
+    data = tf.data.Dataset.from_tensor_slices((rng.randint(0, 20, [32, 6]).astype(np.int32),
+                                               rng.standard_normal([32, 20]).astype(np.float32)))
+    batches = iter(strategy.experimental_distribute_dataset(data.batch(8).repeat()))
+
+    @tf.function
+    def train_step(batch):
+        def step(ids, y):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean((pm(ids) - y) ** 2)
+            grads = tape.gradient(loss, pm.trainable_variables)
+            optimizer.apply_gradients(zip(grads, pm.trainable_variables))
+
+        strategy.run(step, args=batch)
+
+    for _ in range(8):
+        pm.update_masks()
+        train_step(next(batches))
+    for variable in pm.masks:
+        replicas = [component.numpy() for component in variable.values]
+        np.testing.assert_array_equal(replicas[0], replicas[1])
+    tokens = pm.variables_by_key["tokens"].values[0].numpy()
+    assert np.any(tokens != 0, axis=0).sum() == 8
+    ids = tf.constant(rng.randint(0, 20, [3, 6]).astype(np.int32))
+    masked = pm(ids).numpy()
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
+    np.testing.assert_allclose(tf.saved_model.load(out)(ids).numpy(), masked, atol=1e-5 * np.abs(masked).max(), rtol=0)
+    assert _weight_shape(out, "tokens") == (20, 8)
