@@ -17,6 +17,8 @@ of 8), and finalized with shrink=True, two ways:
 For the dense export and both shrunk models, on this machine:
 
     parameters     graphprune.cost
+    flops          graphprune.cost at batch 1 with the sequence length given (unknown_size=--length):
+                   2 x multiply-adds of every matmul and einsum, attention's included
     tf_b1, tf_b32  median latency of the SavedModel's serving function (TensorFlow, all cores) at
                    batch 1 and 32, --length tokens
     litert         median latency of the float .tflite under LiteRT, 1 thread, batch 1
@@ -114,8 +116,8 @@ def measure(name: str, scratch: str) -> list[dict]:
     dense = os.path.join(scratch, f"{name}_dense")
     _model(name).export(dense, verbose=False)
     graphprune.export_tflite(dense, dense + ".tflite", overwrite=True)
-    base = graphprune.cost(dense)
-    rows = [{"model": name, "variant": "dense", "parameters": base.parameters, "max_diff": 0.0}]
+    base = graphprune.cost(dense, unknown_size=_LENGTH.value)
+    rows = [{"model": name, "variant": "dense", "parameters": base.parameters, "flops": base.flops, "max_diff": 0.0}]
     paths = [(dense, dense + ".tflite")]
     for variant, stream in (("heads+mlp", False), ("+hidden", True)):
         start = time.perf_counter()
@@ -131,8 +133,8 @@ def measure(name: str, scratch: str) -> list[dict]:
         shrunk = next(iter(loaded.signatures["serving_default"](**x).values())).numpy()
         del loaded
         graphprune.export_tflite(out, out + ".tflite", overwrite=True)
-        cost = graphprune.cost(out)
-        rows.append({"model": name, "variant": variant, "parameters": cost.parameters,
+        cost = graphprune.cost(out, unknown_size=_LENGTH.value)
+        rows.append({"model": name, "variant": variant, "parameters": cost.parameters, "flops": cost.flops,
                      "max_diff": float(np.max(np.abs(shrunk - masked)) / np.max(np.abs(masked))),
                      "prune_finalize_s": seconds})
         paths.append((out, out + ".tflite"))
@@ -143,8 +145,8 @@ def measure(name: str, scratch: str) -> list[dict]:
 
 
 def table(rows) -> str:
-    lines = ["| model | variant | parameters | TF batch 1 | TF batch 32 | LiteRT 1 thread | max diff |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | variant | parameters | FLOPs | TF batch 1 | TF batch 32 | LiteRT 1 thread | max diff |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         base = next(r for r in rows if r["model"] == row["model"] and r["variant"] == "dense")
 
@@ -152,7 +154,8 @@ def table(rows) -> str:
             return f"{row[key]:.{digits}f} ms ({row[key] / base[key]:.2f}x)"
 
         lines.append(f"| {row['model']} | {row['variant']} | {row['parameters']:,} "
-                     f"({row['parameters'] / base['parameters']:.2f}x) | {cell('tf_b1_ms')} | {cell('tf_b32_ms', 0)} | "
+                     f"({row['parameters'] / base['parameters']:.2f}x) | {row['flops'] / 1e9:.2f} G "
+                     f"({row['flops'] / base['flops']:.2f}x) | {cell('tf_b1_ms')} | {cell('tf_b32_ms', 0)} | "
                      f"{cell('litert_ms')} | {row['max_diff']:.1e} |")
     return "\n".join(lines)
 

@@ -56,6 +56,7 @@ from tensorflow.core.framework import types_pb2
 from graphprune import body as b
 from graphprune import graph as g
 from graphprune import names
+from graphprune.errors import GraphPruneError
 
 UNARY_OPS = {"Identity", "Cast", "Snapshot", "StopGradient", "Relu", "Relu6", "Elu", "Selu", "LeakyRelu", "Sigmoid",
              "Tanh", "Softplus", "Softsign", "Erf", "Erfc", "Exp", "Expm1", "Neg", "Abs", "Square", "Sqrt", "Rsqrt",
@@ -1494,9 +1495,14 @@ class Cost:
                 f"{self.flops / max(baseline.flops, 1):.2f}x FLOPs")
 
 
-def cost(target, entry: str | None = None) -> Cost:
+def cost(target, entry: str | None = None, *, unknown_size: int | None = None) -> Cost:
     """Parameters and FLOPs at batch 1 of a model's default entry (or ``entry``): a SavedModel
-    directory, a PrunableModel, or anything graphprune.prune takes."""
+    directory, a PrunableModel, or anything graphprune.prune takes. An input dimension past the
+    batch that the entry leaves unknown (a text model's sequence length) counts no FLOPs, unless
+    ``unknown_size`` gives it (every such dimension of every input takes that size)."""
+    if unknown_size is not None and (isinstance(unknown_size, bool) or not isinstance(unknown_size, (int, np.integer))
+                                     or unknown_size < 1):
+        raise GraphPruneError(f"unknown_size must be a whole number >= 1, got {unknown_size!r}")
     from graphprune.load import load
 
     if hasattr(target, "traced"):
@@ -1507,9 +1513,14 @@ def cost(target, entry: str | None = None) -> Cost:
     chosen = next((e for e in entries if e.name == entry), None) if entry else None
     if chosen is None:
         chosen = next((e for e in entries if e.name in ("__call__", "serve", "serving_default")), entries[0])
+    def sized(shape):
+        if not shape:
+            return shape
+        rest = tuple(unknown_size if d is None and unknown_size is not None else d for d in shape[1:])
+        return (1 if shape[0] is None else shape[0], *rest)
+
     batch_one = dataclasses.replace(chosen, inputs=tuple(
-        dataclasses.replace(info, shape=(1, *info.shape[1:]) if info.shape and info.shape[0] is None else info.shape)
-        for info in chosen.inputs))
+        dataclasses.replace(info, shape=sized(info.shape)) for info in chosen.inputs))
     keys, totals = set(), [0, 0, 0]
 
     def count(body, shapes, depth=0):

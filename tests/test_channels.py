@@ -696,6 +696,14 @@ def test_residual_stream_through_layer_norms(stream_net, tmp_path):
     assert [_weight_shape(out, key) for key in ("tokens", "positions", "norm0/gamma")] == [(20, 8), (6, 8), (8,)]
     before, after = graphprune.cost(stream_net), graphprune.cost(out)
     assert after.parameters == _predicted_parameters(pm) < before.parameters / 2
+    # FLOPs with the sequence length given (6 tokens): MLP 6*2*16*32, q/k/v 6*3*16*8, scores and
+    # context 2*6*6*8, output projection 6*8*16, logits 16*20 multiply-adds; the length unknown,
+    # only the logits count
+    assert before.flops == 2 * 16 * 20
+    assert graphprune.cost(stream_net, unknown_size=6).flops == 2 * (6144 + 2304 + 576 + 768 + 320)
+    assert graphprune.cost(out, unknown_size=6).flops < graphprune.cost(stream_net, unknown_size=6).flops / 2
+    with pytest.raises(graphprune.GraphPruneError, match="unknown_size must be"):
+        graphprune.cost(stream_net, unknown_size=0)
     nodes = loaded.entries[0].graph_def.node
     assert not any(names.kept_mean_part(n.name) for n in nodes)  # the kept-channel means are plain means again
     assert sum(n.op == "Mean" for n in nodes) == 6  # and the mean over tokens
@@ -712,8 +720,8 @@ def test_cli_residual_stream(stream_net, tmp_path):
     _cli("prune", f"--input={stream_net}", f"--output={tmp_path / 'p'}", "--structure=channel", "--residual_stream",
          "--final_sparsity=0.5", "--one_shot")
     _cli("finalize", f"--input={tmp_path / 'p'}", f"--output={tmp_path / 'f'}", "--shrink", "--check_tolerance=1e-4")
-    printed = _cli("inspect", f"--input={tmp_path / 'f'}", f"--baseline={stream_net}")
-    assert "x parameters" in printed
+    printed = _cli("inspect", f"--input={tmp_path / 'f'}", f"--baseline={stream_net}", "--unknown_size=6")
+    assert "x parameters" in printed and "unknown dimensions 6" in printed
     from graphprune.load import load
 
     assert _weight_shape(str(tmp_path / "f"), "tokens") == (20, 8)

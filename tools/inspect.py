@@ -19,6 +19,9 @@ _BASELINE = flags.DEFINE_string("baseline", None, "A SavedModel to compare param
 _GROUPS = flags.DEFINE_bool("channel_groups", False, "List the channel groups (structure=channel) and why a group "
                             "is left whole.")
 
+_UNKNOWN = flags.DEFINE_integer("unknown_size", None, "Count FLOPs with every unknown input dimension past the batch "
+                                "(a text model's sequence length) at this size.", lower_bound=1)
+
 flags.mark_flag_as_required("input")
 
 
@@ -29,8 +32,9 @@ def main(argv):
     report = graphprune.size_report(_INPUT.value)
     if report.kind != "saved_model" and (_BASELINE.value or _GROUPS.value):
         common.fail("--baseline and --channel_groups read a SavedModel's graph; --input is a .tflite file")
-    cost = graphprune.cost(_INPUT.value) if report.kind == "saved_model" else None
-    baseline = graphprune.cost(_BASELINE.value) if _BASELINE.value and cost is not None else None
+    size = _UNKNOWN.value
+    cost = graphprune.cost(_INPUT.value, unknown_size=size) if report.kind == "saved_model" else None
+    baseline = graphprune.cost(_BASELINE.value, unknown_size=size) if _BASELINE.value and cost is not None else None
     groups = graphprune.channel_groups(_INPUT.value) if _GROUPS.value and cost is not None else ()
     if _JSON.value:
         data = report.to_dict()
@@ -45,7 +49,8 @@ def main(argv):
         return
     print(report.table())
     if cost is not None:
-        line = f"parameters {cost.parameters:,}, FLOPs at batch 1 {cost.flops:,} ({cost.entry})"
+        at = f", unknown dimensions {size}" if size else ""
+        line = f"parameters {cost.parameters:,}, FLOPs at batch 1{at} {cost.flops:,} ({cost.entry})"
         if cost.non_trainable:
             line += f"; {cost.non_trainable:,} of the parameters not trained (batch-norm statistics, state)"
         if baseline is not None:
