@@ -17,6 +17,16 @@ except RuntimeError:
     pass
 
 
+@pytest.fixture(scope="session")
+def mirrored():
+    """One MirroredStrategy over the two logical CPUs for every test that needs one: a second
+    strategy in the same process starts its collective keys where the first did, and the two
+    tests' all-reduces then collide ('Shape mismatch in the collective instance')."""
+    devices = tf.config.list_logical_devices("CPU")
+    assert len(devices) >= 2, "two logical CPUs are configured above"
+    return tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
+
+
 @pytest.fixture
 def mlp():
     return testmodels.MLP()

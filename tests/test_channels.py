@@ -866,12 +866,10 @@ def test_views_that_pick_channels_by_place_keep_their_group_whole(tmp_path):
     assert _weight_shape(out, "broadcast/kernel") == (8, 8) and _weight_shape(out, "index/kernel") == (8, 16)
 
 
-def test_residual_stream_under_mirrored_strategy(tmp_path):
+def test_residual_stream_under_mirrored_strategy(tmp_path, mirrored):
     """Two replicas train a transformer whose hidden size is pruned: its kept-channel means and
     the in-graph mask update agree on both, and the shrunk model computes the masked one."""
-    devices = tf.config.list_logical_devices("CPU")
-    assert len(devices) >= 2, "conftest configures two logical CPUs"
-    strategy = tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
+    strategy = mirrored
     with strategy.scope():
         pm = graphprune.prune(StreamNet(), graphprune.PolynomialDecay(0.0, 0.5, 0, 6, frequency=2),
                               structure="channel", residual_stream=True)

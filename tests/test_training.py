@@ -193,10 +193,8 @@ def test_schedule_gates_updates_and_step_is_one_variable(mlp):
     assert len([v for v in pm.variables if v.dtype == tf.int64]) == 1
 
 
-def test_mirrored_strategy_two_replicas_identical_masks():
-    devices = tf.config.list_logical_devices("CPU")
-    assert len(devices) >= 2, "conftest configures two logical CPUs"
-    strategy = tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
+def test_mirrored_strategy_two_replicas_identical_masks(mirrored):
+    strategy = mirrored
     with strategy.scope():
         model = testmodels.MLP()
         pm = graphprune.prune(model, schedule=graphprune.PolynomialDecay(0.0, 0.8, 0, 20, frequency=5))
