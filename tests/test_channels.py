@@ -17,7 +17,7 @@ from graphprune import channels, names
 from graphprune.errors import StructureError
 
 from test_zoo_applications import _calibrated
-from testmodels import ChannelNet, StreamNet, check_tflite
+from testmodels import ChannelNet, StreamNet, check_tflite, train_mirrored
 
 KERNEL_OPS = ("Conv2D", "Conv3D", "DepthwiseConv2dNative", "MatMul", "BatchMatMulV2", "Einsum")
 
@@ -875,23 +875,8 @@ def test_residual_stream_under_mirrored_strategy(tmp_path, mirrored):
                               structure="channel", residual_stream=True)
         optimizer = tf.keras.optimizers.SGD(0.05)
     rng = np.random.RandomState(0)
-    data = tf.data.Dataset.from_tensor_slices((rng.randint(0, 20, [32, 6]).astype(np.int32),
-                                               rng.standard_normal([32, 20]).astype(np.float32)))
-    batches = iter(strategy.experimental_distribute_dataset(data.batch(8).repeat()))
-
-    @tf.function
-    def train_step(batch):
-        def step(ids, y):
-            with tf.GradientTape() as tape:
-                loss = tf.reduce_mean((pm(ids) - y) ** 2)
-            grads = tape.gradient(loss, pm.trainable_variables)
-            optimizer.apply_gradients(zip(grads, pm.trainable_variables))
-
-        strategy.run(step, args=batch)
-
-    for _ in range(8):
-        pm.update_masks()
-        train_step(next(batches))
+    data = (rng.randint(0, 20, [32, 6]).astype(np.int32), rng.standard_normal([32, 20]).astype(np.float32))
+    train_mirrored(strategy, pm, optimizer, data, batch_size=8, steps=8)
     for variable in pm.masks:
         replicas = [component.numpy() for component in variable.values]
         np.testing.assert_array_equal(replicas[0], replicas[1])

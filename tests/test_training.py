@@ -200,23 +200,8 @@ def test_mirrored_strategy_two_replicas_identical_masks(mirrored):
         pm = graphprune.prune(model, schedule=graphprune.PolynomialDecay(0.0, 0.8, 0, 20, frequency=5))
         optimizer = tf.keras.optimizers.SGD(0.05)
     rng = np.random.RandomState(0)
-    data = tf.data.Dataset.from_tensor_slices((rng.standard_normal([64, 8]).astype(np.float32),
-                                               rng.standard_normal([64, 4]).astype(np.float32)))
-    batches = iter(strategy.experimental_distribute_dataset(data.batch(16).repeat()))
-
-    @tf.function
-    def train_step(batch):
-        def step(x, y):
-            with tf.GradientTape() as tape:
-                loss = tf.reduce_mean((pm(x) - y) ** 2)
-            grads = tape.gradient(loss, pm.trainable_variables)
-            optimizer.apply_gradients(zip(grads, pm.trainable_variables))
-
-        strategy.run(step, args=batch)
-
-    for _ in range(25):
-        pm.update_masks()
-        train_step(next(batches))
+    data = (rng.standard_normal([64, 8]).astype(np.float32), rng.standard_normal([64, 4]).astype(np.float32))
+    testmodels.train_mirrored(strategy, pm, optimizer, data, batch_size=16, steps=25)
     for variable in pm.masks + pm.pruned_weights:
         replicas = [component.numpy() for component in variable.values]
         assert len(replicas) == 2

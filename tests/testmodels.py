@@ -208,3 +208,24 @@ class ChannelNet(tf.Module):
         mixed = tf.nn.relu(tf.nn.conv2d(both, self.mix, 1, "SAME"))
         hidden = tf.nn.relu(tf.matmul(tf.reshape(mixed, [-1, 4 * 4 * 24]), self.hidden) + self.hidden_bias)
         return tf.matmul(hidden, self.head)
+
+
+def train_mirrored(strategy, pm, optimizer, data, batch_size: int, steps: int) -> None:
+    """``steps`` of the user's own loop under ``strategy``: update_masks(), then a replicated
+    step of SGD on the mean squared error, on batches of ``data`` ((x, y) tensors)."""
+    batches = iter(strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices(data).batch(batch_size).repeat()))
+
+    @tf.function
+    def train_step(batch):
+        def step(x, y):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean((pm(x) - y) ** 2)
+            grads = tape.gradient(loss, pm.trainable_variables)
+            optimizer.apply_gradients(zip(grads, pm.trainable_variables))
+
+        strategy.run(step, args=batch)
+
+    for _ in range(steps):
+        pm.update_masks()
+        train_step(next(batches))
