@@ -58,6 +58,8 @@ def prune(target, schedule=None, *, block_size=(1, 1), block_pooling="AVG", m_by
     else:
         with_updates = True
     steps = [("find_weights", {"include_gather": include_gather}), ("insert_masks", {"config": config})]
+    if config.structure.residual_stream:  # tf-keras's fused layer norms, as ops the channel analysis follows
+        steps.insert(0, ("unfuse_layer_norms", {}))
     context = PassContext(values=VariableValues(loaded.variables))
     after_pass = optional_verifier(verify, context.values)
     result = run_pipeline(loaded.model, steps, context, after_pass=after_pass)

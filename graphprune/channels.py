@@ -9,7 +9,9 @@ it does not keep is poisoned):
     MatMul(x, w) -> y           x[:, c] ~ w[c, :] ("in");                   y[:, c] ~ w[:, c] ("out")
     DepthwiseConv2dNative       x[..., c] ~ y[..., c] ~ w[:, :, c, 0] ("through")
     BiasAdd, FusedBatchNorm, elementwise ops (Add/Mul/... with broadcast), activations, pooling,
-    Pad, Mean over other axes, Squeeze/ExpandDims, Identity/Cast      the same channels
+    Pad, Mean over other axes, Squeeze/ExpandDims, Identity/Cast, comparisons and logical ops
+                                the same channels
+    RandomUniform & co. of shape Shape(x)   x's axes (a dropout mask; its shape follows x's)
     ConcatV2 on the last axis   each input is a slice of the output's channels
     Einsum (q = x.Wq "abc,cde->abde")  each letter one space: the head axis of Wq, Wk, Wv, their
                                 biases and the output projection's are one group (whole heads)
@@ -28,6 +30,7 @@ it does not keep is poisoned):
     Mean over the channels alone (a layer norm)   with analyze(through_means=True) (prune's
                                 residual_stream) it does not poison: insert_masks makes it a mean
                                 over the kept channels (names.kept_mean), which later analyses accept
+                                (tf-keras's fused layer norm: the unfuse_layer_norms pass makes it Means)
     If / Case / While           each input is the same channels as the bodies' argument, each
                                 output as the bodies' return (a loop body's return i also as its
                                 argument i: the loop carries it); the bodies are read like the
@@ -61,9 +64,13 @@ from graphprune.errors import GraphPruneError
 UNARY_OPS = {"Identity", "Cast", "Snapshot", "StopGradient", "Relu", "Relu6", "Elu", "Selu", "LeakyRelu", "Sigmoid",
              "Tanh", "Softplus", "Softsign", "Erf", "Erfc", "Exp", "Expm1", "Neg", "Abs", "Square", "Sqrt", "Rsqrt",
              "Reciprocal", "Inv", "Log", "Log1p", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Gelu",
-             "PreventGradient", "EnsureShape", "CheckNumerics"}
+             "PreventGradient", "EnsureShape", "CheckNumerics", "LogicalNot"}
 ELEMENTWISE_OPS = {"Add", "AddV2", "Sub", "Mul", "RealDiv", "Div", "DivNoNan", "Maximum", "Minimum",
-                   "SquaredDifference", "Pow", "BiasAdd", "SelectV2", "ClipByValue", "AddN", "MulNoNan", "FloorDiv"}
+                   "SquaredDifference", "Pow", "BiasAdd", "SelectV2", "ClipByValue", "AddN", "MulNoNan", "FloorDiv",
+                   "Greater", "GreaterEqual", "Less", "LessEqual", "Equal", "NotEqual", "LogicalAnd", "LogicalOr"}
+RANDOM_OPS = {"RandomUniform", "RandomStandardNormal", "TruncatedNormal", "RandomUniformInt", "StatelessRandomUniform",
+              "StatelessRandomNormal", "StatelessTruncatedNormal", "StatelessRandomUniformV2",
+              "StatelessRandomNormalV2", "StatelessTruncatedNormalV2", "StatelessRandomUniformIntV2"}
 POOL_OPS = {"MaxPool", "AvgPool", "MaxPool3D", "AvgPool3D"}
 REDUCE_OPS = {"Mean", "Sum", "Max", "Min", "Prod"}
 BATCH_NORM_OPS = {"FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"}
@@ -75,7 +82,7 @@ IGNORED_OPS = {"NoOp", "Placeholder", "Const", "ReadVariableOp", "VarHandleOp"}
 @dataclasses.dataclass(frozen=True)
 class Member:
     """Channels [start, stop) of a group lie at ``axis`` of a variable (kind "variable", name its
-    key) or of a constant (kind "const", name "entry/node"), at indices start + i, or, with a
+    key) or of a constant (kind "const", name "entry label/node"), at indices start + i, or, with a
     period (a flattened [.., C] feeding a kernel's rows), at p * period + start + i for every p."""
 
     kind: str
@@ -229,7 +236,7 @@ class _Entry:
         if shape is None or len(shape) == 0 or not -len(shape) <= axis < len(shape):
             return None
         axis %= len(shape)
-        return self.graph.space(("t", self.entry.name, self.node_id(name), index, axis), shape[axis])
+        return self.graph.space(("t", self.entry.label, self.node_id(name), index, axis), shape[axis])
 
     def node_id(self, name: str) -> str:
         """A node's (or argument's) name, prefixed by the path of the body it is in (nothing at
@@ -270,14 +277,14 @@ class _Entry:
         return None
 
     def source(self, ref: str):
-        """("variable", key) or ("const", entry/node) a weight operand reads (through Identity,
+        """("variable", key) or ("const", entry label/node) a weight operand reads (through Identity,
         Cast and a mask multiply), else None."""
         node = self.origin(ref, masks=True)
         if node is not None and node.op == "ReadVariableOp":
             key = self.body.read_key(node)
             return ("variable", key) if key is not None else None
         if node is not None and node.op == "Const":
-            return ("const", f"{self.entry.name}/{self.node_id(node.name)}")
+            return ("const", f"{self.entry.label}/{self.node_id(node.name)}")
         return None
 
     def flattened(self, ref: str) -> bool:
@@ -442,7 +449,7 @@ def _ignored(self: _Entry, node) -> None:
     if node.op == "Const":
         for axis, size in enumerate(shape or ()):
             self.link(self.tensor(node.name, axis),
-                      self.graph.member("const", f"{self.entry.name}/{self.node_id(node.name)}", axis, size,
+                      self.graph.member("const", f"{self.entry.label}/{self.node_id(node.name)}", axis, size,
                                         "param"))
     elif node.op == "ReadVariableOp":
         key = self.body.read_key(node)
@@ -696,9 +703,26 @@ def _evaluate(self: _Entry, ref: str, depth: int):
         return [product] if _attr(node, "keep_dims", "b", False) else product
     if node.op == "Pack" and _attr(node, "axis", "i", 0) == 0 and not any(isinstance(p, list) for p in parts):
         return parts
+    if node.op == "StridedSlice":  # of a shape vector, as tf-keras's LayerNormalization computes its sizes
+        return _strided_slice_value(node, parts)
+    if node.op == "Mul" and all(isinstance(p, int) for p in parts):
+        return parts[0] * parts[1]
     if node.op == "ConcatV2" and parts[-1] == 0 and all(isinstance(p, list) for p in parts[:-1]):
         return [item for part in parts[:-1] for item in part]
     return None
+
+
+def _strided_slice_value(node, parts):
+    """StridedSlice of a known list (one axis; begin/end masks, shrink_axis_mask), else None."""
+    value, begin, end, strides = (parts + [None] * 4)[:4]
+    if not isinstance(value, list) or not all(isinstance(p, list) and len(p) == 1 for p in (begin, end, strides)) \
+            or strides[0] == 0 or _attr(node, "ellipsis_mask", "i", 0) or _attr(node, "new_axis_mask", "i", 0):
+        return None
+    start = None if _attr(node, "begin_mask", "i", 0) & 1 else begin[0]
+    stop = None if _attr(node, "end_mask", "i", 0) & 1 else end[0]
+    if _attr(node, "shrink_axis_mask", "i", 0) & 1:
+        return value[start] if start is not None and -len(value) <= start < len(value) else None
+    return value[start:stop:strides[0]]
 
 
 def _pad(self: _Entry, node) -> None:
@@ -747,7 +771,7 @@ def _kept_mean_reduction(self: _Entry, node, reduced: set, rank: int) -> bool:
         return True
     if not self.graph.through_means or node.op != "Mean" or reduced != {rank - 1} or self.body.is_function:
         return False
-    self.graph.means.append(MeanSite(self.entry.name, node.name, self.tensor(self.body.data_inputs(node)[0], -1)))
+    self.graph.means.append(MeanSite(self.entry.label, node.name, self.tensor(self.body.data_inputs(node)[0], -1)))
     return True
 
 
@@ -809,7 +833,7 @@ def _broadcast_to(self: _Entry, node) -> None:
                 continue  # poisoned: its size is written where shrink_channels cannot change it
             self.link(self.tensor(x, a), self.tensor(node.name, a + lead))
             if a == len(xs) - 1:
-                self.graph.reshapes.append(Reshape(self.entry.name, self.node_id(node.name), self.tensor(x), 1))
+                self.graph.reshapes.append(Reshape(self.entry.label, self.node_id(node.name), self.tensor(x), 1))
             else:  # any other axis: its size is in the shape operand too
                 self.graph.poison(self.tensor(x, a), f"BroadcastTo '{node.name}' names its size")
 
@@ -859,7 +883,7 @@ def _slice(self: _Entry, node) -> None:
         if size[a] != -1:  # its size is written in the size operand: the last element can be rewritten
             if a != len(xs) - 1 or _shape_last(self, size_ref) is None:
                 continue
-            self.graph.reshapes.append(Reshape(self.entry.name, self.node_id(node.name), self.tensor(x, a), 1, 2))
+            self.graph.reshapes.append(Reshape(self.entry.label, self.node_id(node.name), self.tensor(x, a), 1, 2))
         self.link(self.tensor(x, a), self.tensor(node.name, a))
 
 
@@ -922,14 +946,14 @@ def _reshape(self: _Entry, node) -> None:
         return
     if xs[-1] == ys[-1]:
         self.link(self.tensor(x), self.tensor(node.name))
-        self.graph.reshapes.append(Reshape(self.entry.name, self.node_id(node.name), self.tensor(x), 1))
+        self.graph.reshapes.append(Reshape(self.entry.label, self.node_id(node.name), self.tensor(x), 1))
         return
     if _flattens(xs, ys):
-        space = self.graph.space(("p", self.entry.name, self.node_id(node.name)), xs[-1])
+        space = self.graph.space(("p", self.entry.label, self.node_id(node.name)), xs[-1])
         self.link(self.tensor(x), space)
         self.periodic[self.body.ref(node.name)] = space
         self.graph.poison(self.tensor(node.name), f"Reshape '{node.name}' flattens it")
-        self.graph.reshapes.append(Reshape(self.entry.name, self.node_id(node.name), self.tensor(x), ys[-1] // xs[-1]))
+        self.graph.reshapes.append(Reshape(self.entry.label, self.node_id(node.name), self.tensor(x), ys[-1] // xs[-1]))
         return
     self.unknown(node)
 
@@ -966,7 +990,7 @@ def _merge_or_split(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:
         for position in range(len(xs) - 1):
             axes = (position, position + 1) if position == merged_at else \
                 (position if position < merged_at else position + 1,)
-            self.graph.dims.append(ShapeDim(self.entry.name, self.node_id(node.name), position,
+            self.graph.dims.append(ShapeDim(self.entry.label, self.node_id(node.name), position,
                                             tuple(self.tensor(ref, axis) for axis in axes)))
 
     if i is not None and self.source(x) is not None:  # a kernel reshaped for a MatMul
@@ -997,7 +1021,7 @@ def _merge_or_split(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:
         self.link(spaces[1], self.tensor(y, j + 1))
         self.claim(x, j)
         for position in range(len(ys)):
-            self.graph.dims.append(ShapeDim(self.entry.name, self.node_id(node.name), position,
+            self.graph.dims.append(ShapeDim(self.entry.label, self.node_id(node.name), position,
                                             (self.tensor(y, position),)))
         return True
     return False
@@ -1115,6 +1139,22 @@ def _shape(self: _Entry, node) -> None:
     x = self.body.data_inputs(node)[0]
     for axis in range(len(self.shape(x) or ())):
         self.claim(x, axis)
+
+
+def _random_like(self: _Entry, node) -> None:
+    """A random tensor of shape Shape(x) (a dropout mask): its axes are x's. Its shape follows x
+    when channels go; its other operands (seeds, bounds) are not channels."""
+    shape_ref, *others = self.body.data_inputs(node)
+    producer = self.body.producer(shape_ref)
+    while producer is not None and producer.op == "Identity":
+        producer = self.body.producer(producer.input[0])
+    if producer is None or producer.op != "Shape":
+        self.unknown(node)
+        return
+    self.same(producer.input[0], node.name, node)
+    for ref in others:
+        for axis in range(len(self.shape(ref) or ())):
+            self.claim(ref, axis)
 
 
 def _concat(self: _Entry, node) -> None:
@@ -1294,6 +1334,7 @@ _HANDLERS = {
     "ExpandDims": _squeeze_expand, "Reshape": _reshape, "Transpose": _transpose, "Shape": _shape,
     "ConcatV2": _concat, **{op: _assign for op in ASSIGN_OPS}, "GatherV2": _gather, "ResourceGather": _gather,
     "BroadcastTo": _broadcast_to, "StridedSlice": _strided_slice, "Slice": _slice, "Tile": _tile,
+    **{op: _random_like for op in RANDOM_OPS},
 }
 
 

@@ -154,18 +154,19 @@ def _warn_if_nothing_pruned(traced, variables) -> None:
                       "update_masks() past begin_step, or prune one-shot, before finalizing", stacklevel=3)
 
 
-def check_final(masked, final, values, *, atol: float = 1e-5, rtol: float = 1e-5) -> None:
+def check_final(masked, final, values, *, atol: float = 1e-5, rtol: float = 1e-5, random: str = "seeded") -> None:
     """Refuse a finalized model that computes something else than the masked one: both run on the
     same seeded inputs (each output compared with atol relative to its scale), and the largest
-    difference is named with the entry and output it was found in."""
+    difference is named with the entry and output it was found in. ``random="constant"``: random
+    draws are constants in both (a shrunk model's dropout draws over fewer channels)."""
     from graphprune.verify import max_difference, run_entries
 
     try:
-        expected = run_entries(masked, values, ones_masks=False)
+        expected = run_entries(masked, values, ones_masks=False, random=random)
     except PassError as error:  # inputs graphprune cannot make (a variant, a resource): say so
         warnings.warn(f"graphprune: finalize: not checked against the masked model ({error})", stacklevel=3)
         return
-    actual = run_entries(final, values, ones_masks=False)
+    actual = run_entries(final, values, ones_masks=False, random=random)
     worst = None
     for name, reference in expected.items():
         if name not in actual or len(actual[name]) != len(reference):
@@ -270,7 +271,7 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
     if check:  # the pipeline's first pass (find_weights) only records facts: its model is the masked one
         with stages("check against the masked model"):
             check_final(products_as_folded_weights(result.reports[0][1].model), final, values,
-                        atol=check_tolerance, rtol=check_tolerance)
+                        atol=check_tolerance, rtol=check_tolerance, random="constant" if shrink else "seeded")
     with stages("save"):
         return save_traced(final, values, output_dir, overwrite=overwrite, inputs=inputs, name="finalized_model")
 

@@ -47,8 +47,11 @@ def seeded_inputs(entry: g.Entry, seed: int = 0, batch: int = 2, positive: bool 
 
 
 def run_entries(model: g.TracedModel, values, *, ones_masks: bool = True, seed: int = 0,
-                positive: bool = False) -> dict:
+                positive: bool = False, random: str = "seeded") -> dict:
     """Outputs of every non-update entry on seeded inputs, as {"kind:name": [arrays]}.
+
+    Random ops draw with fixed seeds (``random="seeded"``), or are constants of their shape
+    (``"constant"``: for models whose random draws change shape, see constant_random_ops).
 
     Variables hold the values a pass would see (``PassContext.value``): live variables the graphs
     only read are used as they are (no copy of the weights), every variable a graph writes is a
@@ -77,7 +80,8 @@ def run_entries(model: g.TracedModel, values, *, ones_masks: bool = True, seed: 
         for entry in model.entries:
             if entry.kind == "update":
                 continue
-            run = tf.function(_runner(seeded_random_ops(entry), live), autograph=False)
+            fixed = constant_random_ops(entry) if random == "constant" else seeded_random_ops(entry)
+            run = tf.function(_runner(fixed, live), autograph=False)
             outputs[entry.label] = [np.asarray(t) for t in run(*seeded_inputs(entry, seed, positive=positive))]
     finally:
         logger.setLevel(level)
@@ -97,6 +101,43 @@ def seeded_random_ops(entry: g.Entry) -> g.Entry:
                 body.mark_changed()
 
     return b.rewrite_entry(entry, seed)[0]
+
+
+# Random ops and the constant each is replaced by in constant_random_ops: the middle of a uniform
+# draw on [0, 1), the mean of a normal one, an integer draw's lower bound (input 1).
+RANDOM_CONSTANTS = {"RandomUniform": 0.5, "StatelessRandomUniform": 0.5, "StatelessRandomUniformV2": 0.5,
+                    "RandomStandardNormal": 0.0, "TruncatedNormal": 0.0, "StatelessRandomNormal": 0.0,
+                    "StatelessRandomNormalV2": 0.0, "StatelessTruncatedNormal": 0.0,
+                    "StatelessTruncatedNormalV2": 0.0, "RandomUniformInt": None, "StatelessRandomUniformIntV2": None}
+
+
+def constant_random_ops(entry: g.Entry) -> g.Entry:
+    """The entry with every random op of RANDOM_CONSTANTS replaced, at any depth, by a Fill of its
+    shape with a constant (under its name). A model whose channels were removed draws its dropout
+    masks over fewer channels, so seeded draws cannot match its masked model's; with constants,
+    the two compute the same thing wherever the masked model's outputs do not depend on the draw."""
+
+    def fill(body):
+        for node in list(body.nodes):
+            if node.op not in RANDOM_CONSTANTS:
+                continue
+            inputs = body.data_inputs(node)
+            index_type = next(node.attr[a].type for a in ("T", "Tshape") if a in node.attr)
+            dtype = node.attr["Tout" if node.op == "RandomUniformInt" else "dtype"].type
+            value = RANDOM_CONSTANTS[node.op]
+            if value is None:  # an integer draw: its lower bound
+                bound = inputs[1] if node.op == "RandomUniformInt" else inputs[3]
+            else:
+                constant = body.add(g.const_node(f"{node.name}/constant_draw",
+                                                 np.array(value, tf.dtypes.as_dtype(dtype).as_numpy_dtype),
+                                                 tf.dtypes.as_dtype(dtype).name))
+                bound = body.ref(constant.name)
+            replacement = g.make_node(node.name, "Fill", [inputs[0], bound], T=tf.dtypes.as_dtype(dtype),
+                                      index_type=tf.dtypes.as_dtype(index_type))
+            replacement.input.extend(i for i in node.input if i.startswith("^"))
+            body.replace(node, replacement)
+
+    return b.rewrite_entry(entry, fill)[0]
 
 
 def _runner(entry, live):

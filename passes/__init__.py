@@ -4,6 +4,7 @@ The import order below is the order a full pipeline runs them in:
 analysis first (find_weights), then the rewrites that build on its facts, then finalization.
 """
 
+from graphprune.passes import unfuse_layer_norms  # noqa: F401  residual_stream: fused layer norms as plain ops
 from graphprune.passes import find_weights  # noqa: F401  analysis: what is prunable
 from graphprune.passes import insert_masks  # noqa: F401  mask variables + Mul in front of every use
 from graphprune.passes import insert_mask_updates  # noqa: F401  step, schedule, conditional mask update

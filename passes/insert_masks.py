@@ -90,7 +90,7 @@ def insert_masks(model: g.TracedModel, context: PassContext, sparsity=None, fina
                 _kept_mean(body, *site)
 
     entries = tuple(entry if entry.kind == "update" else
-                    b.rewrite_entry(entry, lambda body, name=entry.name: rewrite(body, name),
+                    b.rewrite_entry(entry, lambda body, name=entry.label: rewrite(body, name),
                                     variables=new_variables)[0] for entry in model.entries)
     new_model = dataclasses.replace(model, entries=entries).with_variables(specs)
     masked = tuple(dataclasses.replace(w, mask=mask_key(w.key)) if w.key in keys else w for w in weights)

@@ -88,15 +88,15 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
         def rewrite(body, entry=entry):
             for node in list(body.nodes):
                 name = body.use_name(node)
-                key = f"{entry.name}/{name}"
+                key = f"{entry.label}/{name}"
                 if node.op == "Const" and ("const", key) in sliced:
                     body.replace(node, g.const_node(node.name, sliced[("const", key)],
                                                     tf.dtypes.as_dtype(node.attr["dtype"].type).name))
-                elif node.op in ("Reshape", "BroadcastTo", "Slice") and (entry.name, name) in new_shapes:
-                    _set_last_dim(body, node, *new_shapes[(entry.name, name)])
-                elif node.op == "Reshape" and (entry.name, name) in new_dims:
-                    _set_dims(body, node, new_dims[(entry.name, name)])
-            _update_shapes(body, entry.name, analysis, removed, shrunk_specs)
+                elif node.op in ("Reshape", "BroadcastTo", "Slice") and (entry.label, name) in new_shapes:
+                    _set_last_dim(body, node, *new_shapes[(entry.label, name)])
+                elif node.op == "Reshape" and (entry.label, name) in new_dims:
+                    _set_dims(body, node, new_dims[(entry.label, name)])
+            _update_shapes(body, entry.label, analysis, removed, shrunk_specs)
             _plain_means(body)
 
         entries.append(b.rewrite_entry(entry, rewrite)[0])
@@ -165,11 +165,11 @@ def _whole(analysis) -> dict[str, str]:
 
 
 def _const_values(model: g.TracedModel) -> dict[str, np.ndarray]:
-    """Constants by "entry/node" (the node's body path before its name), each read when first asked for."""
+    """Constants by "entry label/node" (the node's body path before its name), each read when first asked for."""
     nodes = {}
     for entry in model.entries:
         def collect(body, entry=entry):
-            nodes.update((f"{entry.name}/{body.use_name(n)}", n) for n in body.nodes if n.op == "Const")
+            nodes.update((f"{entry.label}/{body.use_name(n)}", n) for n in body.nodes if n.op == "Const")
 
         b.visit_entry(entry, collect)
 

@@ -4,6 +4,8 @@ normalization changed outputs by up to 1.3). Each goes through the whole chain: 
 found, all-ones equivalence, one-shot 50%, a GradientTape step in training mode, save/reload and
 finalize equal to the masked model."""
 
+import re
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -108,9 +110,7 @@ def _kernels(model):
     return kernels
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_keras2_subclassed_transformer_full_chain(name, tmp_path):
+def _saved(name, tmp_path):
     build, spec = CASES[name]
     model = build()
     x = _input(spec, np.random.RandomState(0))
@@ -120,8 +120,15 @@ def test_keras2_subclassed_transformer_full_chain(name, tmp_path):
     def serve(inputs):
         return model(inputs, training=False)
 
-    model(x, training=True)  # traces __call__ for both modes: both are kept
+    model(x, training=True)  # traces __call__ for both modes (dropout in training): both are kept
     tf.saved_model.save(model, str(tmp_path / "export"), signatures={"serving_default": serve})
+    return str(tmp_path / "export"), x, model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_keras2_subclassed_transformer_full_chain(name, tmp_path):
+    _, x, model = _saved(name, tmp_path)
     original = tf.saved_model.load(str(tmp_path / "export"))
     reference = original.signatures["serving_default"](x)["output_0"].numpy()
     scale = float(np.abs(reference).max())
@@ -152,3 +159,86 @@ def test_keras2_subclassed_transformer_full_chain(name, tmp_path):
     np.testing.assert_allclose(final(x, training=False).numpy(), masked, atol=1e-5 * scale, rtol=0)
     assert testmodels.check_tflite(str(tmp_path / "final"), str(tmp_path / "m.tflite"), x.numpy(), masked,
                                    scale) == "ok"
+
+
+def _stream(groups):
+    return next(group for group in groups if group.size == DIM and any(m.name.endswith("norm1/gamma")
+                                                                       for m in group.members))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_keras2_hidden_size_through_fused_layer_norms(name, tmp_path):
+    """residual_stream=True on tf-keras transformers: their LayerNormalization runs fused (a
+    FusedBatchNormV3 on the stream reshaped to [1, N, D, 1]), which the unfuse_layer_norms pass
+    writes as means the kept-channel rewrite follows; the training trace's dropout on the stream
+    goes too. The hidden size shrinks 16 -> 8 and the shrunk model computes the masked one."""
+    from graphprune.load import load
+
+    export, x, _ = _saved(name, tmp_path)
+    assert not _stream(graphprune.channel_groups(export)).prunable  # without the flag: whole
+    reference = tf.saved_model.load(export).signatures["serving_default"](x)["output_0"].numpy()
+    scale = float(np.abs(reference).max())
+    pm = graphprune.prune(export, graphprune.ConstantSparsity(0.5, 0), structure="channel", residual_stream=True)
+    stream = _stream(graphprune.channel_groups(pm))
+    assert stream.prunable, graphprune.channels.describe([stream])
+    np.testing.assert_allclose(pm.signatures["serving_default"](x)["output_0"].numpy(), reference,
+                               atol=1e-5 * scale, rtol=0)  # all-ones masks: the unfused norms compute the fused ones
+    pm.prune_now()
+    masked = pm.signatures["serving_default"](x)["output_0"].numpy()
+    assert np.abs(masked - reference).max() > 1e-2 * scale
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.square(pm(x, training=True)))
+    gradients = tape.gradient(loss, pm.trainable_variables)
+    assert all(g is not None for g in gradients)
+
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
+    shrunk = tf.saved_model.load(out)
+    np.testing.assert_allclose(shrunk.signatures["serving_default"](x)["output_0"].numpy(), masked,
+                               atol=1e-5 * scale, rtol=0)
+    np.testing.assert_allclose(shrunk(x, training=False).numpy(), masked, atol=1e-5 * scale, rtol=0)
+    assert shrunk(x, training=True).shape == masked.shape  # dropout draws over the kept channels
+    loaded = load(out).model
+    norms = [key for key in loaded.variables if re.search(r"norm\d?/(gamma|beta)$", key)]
+    assert norms and all(loaded.variables[key].shape == (DIM // 2,) for key in norms)
+    ops = {node.op for entry in loaded.entries for node in entry.graph_def.node}
+    assert "FusedBatchNormV3" not in ops and "Mean" in ops  # the norms are means now
+    assert graphprune.cost(out).parameters < 0.4 * graphprune.cost(export).parameters
+    assert testmodels.check_tflite(out, str(tmp_path / "small.tflite"), x.numpy(), masked, scale) == "ok"
+
+
+def test_unfuse_layer_norms_only_rewrites_a_norm_over_the_last_axis(tmp_path):
+    """The pass alone: a fused norm over the last axis (of a feature map, non-zero beta, odd
+    epsilon) becomes Mean / Square / Rsqrt ops with the same outputs, in every trace; a fused batch
+    norm beside it and a norm over the last two axes are left as they are."""
+    from graphprune.load import load
+    from graphprune.passbase import PassContext
+    from graphprune.pipeline import run_pipeline
+    from graphprune.verify import run_entries
+
+    def unfused(model, path):
+        model.save(str(path), save_format="tf")
+        loaded = load(str(path))
+        result = run_pipeline(loaded.model, [("unfuse_layer_norms", {})], PassContext(values=loaded.variables))
+        ops = [{node.name: node.op for node in entry.graph_def.node} for entry in result.model.entries]
+        return loaded, result, ops
+
+    inputs = keras2.Input([5, 5, 3])
+    x = keras2.layers.BatchNormalization(name="batch")(keras2.layers.Conv2D(6, 3, name="conv")(inputs))
+    x = keras2.layers.LayerNormalization(epsilon=0.3, beta_initializer="random_normal", name="last")(x)
+    loaded, result, ops = unfused(keras2.Model(inputs, keras2.layers.Dense(2)(x)), tmp_path / "last")
+    assert result.reports[0][1].report["unfused"] == len(ops)  # the norm in every trace
+    before = run_entries(loaded.model, loaded.variables)
+    after = run_entries(result.model, loaded.variables)
+    for label, outputs in before.items():
+        for want, got in zip(outputs, after[label]):
+            np.testing.assert_allclose(got, want, atol=1e-5 * max(1.0, np.abs(want).max()), rtol=0)
+    for nodes in ops:
+        layer = lambda name: [op for node, op in nodes.items() if name in node.split("/")]  # noqa: E731
+        assert "Mean" in layer("last") and not any(op.startswith("FusedBatchNorm") for op in layer("last"))
+        assert "FusedBatchNormV3" in layer("batch")
+
+    inputs = keras2.Input([4, 6])
+    x = keras2.layers.LayerNormalization(axis=[1, 2], name="both")(inputs)  # rows of 4 x 6, not of 6
+    _, result, ops = unfused(keras2.Model(inputs, x), tmp_path / "both")
+    assert result.reports[0][1].report["unfused"] == 0 and all(op != "Mean" for nodes in ops for op in nodes.values())
+    assert all("FusedBatchNormV3" in nodes.values() for nodes in ops)  # fused, and left so
