@@ -59,6 +59,10 @@ _EXAMPLES = flags.DEFINE_integer("train_examples", None, "Use only the first N t
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the initial weights and of the batches' order (every arm).")
 _BASELINES = flags.DEFINE_bool("baselines", True, "Also run the narrow and unstructured arms (--nobaselines: "
                                "dense and channel only, e.g. for more seeds).")
+_PRUNE_FROM = flags.DEFINE_enum("prune_from", "pretrained", ["pretrained", "dense"],
+                                "Start of the pruned arms: the pretrained weights (every arm then trains as long), or "
+                                "the dense arm's final model (prune a converged model, then fine-tune --finetune_epochs "
+                                "more; a 'dense longer' arm trains the dense model as many epochs more).")
 _NAME = flags.DEFINE_string("name", "channels_accuracy", "Results file: results/<name>.json.")
 SPEC = tf.TensorSpec([None, 28, 28, 1], tf.float32, name="image")
 
@@ -172,29 +176,39 @@ def run_model(name, data, work, seed=0):
     _fit(dense, dense.trainable_variables, data, _FINETUNE.value, seed + 1)
     path = _save(dense, os.path.join(work, f"{name}_dense"))
     rows.append(_row("dense", path, bc.accuracy(dense, data)))
+    start, order, epochs = pretrained, seed + 1, _PRETRAIN.value + _FINETUNE.value
+    if _PRUNE_FROM.value == "dense":  # prune the converged model; fine-tuning is extra training
+        start, order, epochs = path, seed + 2, _PRETRAIN.value + 2 * _FINETUNE.value
+        longer = build(seed=seed)
+        for target, source in zip(longer.trainable_variables, dense.trainable_variables):
+            target.assign(source)
+        _fit(longer, longer.trainable_variables, data, _FINETUNE.value, order)
+        rows.append(_row("dense longer", _save(longer, os.path.join(work, f"{name}_dense_longer")),
+                         bc.accuracy(longer, data)))
 
     schedule = graphprune.PolynomialDecay(0.0, _RATIO.value, 0, end_step, power=3, frequency=100)
     rules = [graphprune.Rule(item.rpartition("=")[0], sparsity=float(item.rpartition("=")[2]))
              for item in _SPARSITY_FOR.value]
-    pm = graphprune.prune(pretrained, schedule, structure="channel", scope=_SCOPE.value, rules=rules)
+    pm = graphprune.prune(start, schedule, structure="channel", scope=_SCOPE.value, rules=rules)
     teacher = dense if _DISTILL.value else None
-    _fit(pm, pm.trainable_variables, data, _FINETUNE.value, seed + 1, before=pm.update_masks, teacher=teacher)
+    _fit(pm, pm.trainable_variables, data, _FINETUNE.value, order, before=pm.update_masks, teacher=teacher)
     shrunk = graphprune.finalize(pm, os.path.join(work, f"{name}_channel"), shrink=True)
     rows.append(_row("channel", shrunk, bc.accuracy(tf.saved_model.load(shrunk), data)))
 
     if _BASELINES.value:
         widths = _widths(name, shrunk)
         narrow = build(widths=widths, seed=seed)
-        _fit(narrow, narrow.trainable_variables, data, _PRETRAIN.value + _FINETUNE.value, seed)
+        _fit(narrow, narrow.trainable_variables, data, epochs, seed)  # as long as the channel arm in all
         rows.append(_row("narrow", _save(narrow, os.path.join(work, f"{name}_narrow")), bc.accuracy(narrow, data)))
         rows[-1]["widths"] = [int(w) for w in widths]
 
         kernels = sum(int(np.prod(v.shape)) for v in dense.trainable_variables if len(v.shape) >= 2)
-        removed = rows[0]["parameters"] - rows[1]["parameters"]
+        channel = next(r for r in rows if r["arm"] == "channel")
+        removed = rows[0]["parameters"] - channel["parameters"]
         sparsity = min(0.99, removed / kernels)
         schedule = graphprune.PolynomialDecay(0.0, sparsity, 0, end_step, power=3, frequency=100)
-        pm = graphprune.prune(pretrained, schedule)
-        _fit(pm, pm.trainable_variables, data, _FINETUNE.value, seed + 1, before=pm.update_masks, teacher=teacher)
+        pm = graphprune.prune(start, schedule)
+        _fit(pm, pm.trainable_variables, data, _FINETUNE.value, order, before=pm.update_masks, teacher=teacher)
         final = graphprune.finalize(pm, os.path.join(work, f"{name}_unstructured"))
         rows.append(_row("unstructured", final, bc.accuracy(tf.saved_model.load(final), data)))
         rows[-1]["sparsity"] = pm.sparsity()
@@ -233,7 +247,8 @@ def main(argv):
     print(table(rows))
     settings = {"ratio": _RATIO.value, "scope": _SCOPE.value, "lr": _LR.value, "distill": _DISTILL.value,
                 "prune_fraction": _PRUNE_FRACTION.value, "sparsity_for": _SPARSITY_FOR.value,
-                "pretrain_epochs": _PRETRAIN.value, "finetune_epochs": _FINETUNE.value, "seed": _SEED.value}
+                "pretrain_epochs": _PRETRAIN.value, "finetune_epochs": _FINETUNE.value, "seed": _SEED.value,
+                "prune_from": _PRUNE_FROM.value}
     bc.write_json(_NAME.value, {**settings, "machine": bc.machine(), "rows": rows})
 
 
