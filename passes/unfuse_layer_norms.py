@@ -15,7 +15,7 @@ first: each match becomes, under the second Reshape's name,
 
 whose two Means insert_masks then makes means over the kept channels (as for Keras 3's layer
 norms). Matched in the top graph of every entry (where kept-channel means are made): a
-FusedBatchNorm / V2 / V3 in NCHW with is_training, a constant epsilon, scale all ones and offset
+FusedBatchNorm / V2 / V3 in NCHW with is_training, float32 or float64, scale all ones and offset
 all zeros; its input a Reshape of x (static last dimension D) to a shape computed as [1, N, D, 1];
 its first output alone read, by a Reshape back to x's shape (Shape(x), or x's static shape). The
 fused chain (the Reshapes' shape arithmetic, the ones and zeros) is deleted where nothing else
@@ -32,6 +32,7 @@ import types
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.core.framework import types_pb2
 
 from graphprune import body as b
 from graphprune import graph as g
@@ -68,8 +69,9 @@ def _matches(body: b.Body, shapes: dict, fused) -> tuple | None:
     adapter = types.SimpleNamespace(body=body, shape=lambda ref: _known(shapes, body, ref))
     evaluate = lambda ref: _constant(adapter, ref)  # noqa: E731
     attr = fused.attr
-    if attr["data_format"].s != b"NCHW" or not attr["is_training"].b:
-        return None
+    if attr["data_format"].s != b"NCHW" or not attr["is_training"].b or \
+            attr["T"].type not in (types_pb2.DT_FLOAT, types_pb2.DT_DOUBLE):
+        return None  # half precision: the fused op computes its statistics in float32
     inputs = body.data_inputs(fused)
     flat = body.producer(inputs[0])
     if flat is None or flat.op != "Reshape" or len(body.consumers(flat.name)) != 1:
