@@ -1383,6 +1383,28 @@ def channel_groups(model) -> tuple[ChannelGroup, ...]:
     return analyze(model).groups
 
 
+def stream_reasons(model: g.TracedModel, groups) -> tuple[ChannelGroup, ...]:
+    """``groups`` (analyzed with Means poisoning) where residual_stream was asked: a group a layer
+    norm's Mean keeps whole gets the reason that stops its stream (found with Means let through)
+    instead of a hint to ask for what was asked, or says why its Means stayed plain."""
+    stale = [group for group in groups if not group.prunable and "residual_stream=True" in group.reason]
+    if not stale:
+        return tuple(groups)
+    through = {(m.kind, m.name, m.axis): group for group in analyze(model, through_means=True).groups
+               for m in group.members}
+    fixed = []
+    for group in groups:
+        if group in stale:
+            other = next((through[key] for key in ((m.kind, m.name, m.axis) for m in group.members)
+                          if key in through), None)
+            reason = other.reason if other is not None and not other.prunable else (
+                "its layer norms' Means stay plain: a kernel of the group is not pruned, or none holds all of its "
+                "channels")
+            group = dataclasses.replace(group, reason=reason)
+        fixed.append(group)
+    return tuple(fixed)
+
+
 def analyze(model: g.TracedModel, through_means: bool = False) -> Analysis:
     """The channel groups of ``model``, and what a rewrite that removes channels must also change.
     ``through_means``: a Mean over the channels alone (a layer norm's) does not keep its group

@@ -28,7 +28,7 @@ import tensorflow as tf
 from graphprune import graph as g
 from graphprune import names
 from graphprune.analysis import weights_of
-from graphprune.channels import channel_groups
+from graphprune.channels import channel_groups, stream_reasons
 from graphprune.config import PruningConfig, make_config
 from graphprune.errors import PassError
 from graphprune.masks import pruned_values
@@ -59,6 +59,8 @@ def insert_mask_updates(model: g.TracedModel, context: PassContext, config: Prun
     ]
     new_model = model.with_variables(specs)
     groups = channel_groups(model) if any(plan.structure.channels for plan in plans.values()) else ()
+    if any(plan.structure.residual_stream for plan in plans.values()):
+        groups = stream_reasons(model, groups)
     entry = _build_update_entry(new_model, config, weights, plans, groups)
     entries = tuple(e for e in model.entries if e.name != UPDATE_ENTRY) + (entry,)
     new_model = dataclasses.replace(new_model, entries=entries)

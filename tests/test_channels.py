@@ -631,6 +631,43 @@ def _stream_group(groups):
     return next(group for group in groups if any(m.name == "tokens" and m.axis == 1 for m in group.members))
 
 
+class _NormThenSort(tf.Module):
+    """A layer norm over a stream that is also sorted along its channels (an op graphprune does
+    not model): the stream must stay whole whatever residual_stream says."""
+
+    def __init__(self):
+        super().__init__()
+        rng = np.random.RandomState(0)
+        self.up = tf.Variable(rng.standard_normal([4, 8]).astype(np.float32), name="up/kernel")
+        self.down = tf.Variable(rng.standard_normal([8, 3]).astype(np.float32), name="down/kernel")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32)])
+    def __call__(self, x):
+        h = tf.matmul(x, self.up)
+        mean = tf.reduce_mean(h, axis=-1, keepdims=True)
+        variance = tf.reduce_mean(tf.square(h - mean), axis=-1, keepdims=True)
+        h = (h - mean) * tf.math.rsqrt(variance + 1e-5)
+        return tf.matmul(tf.sort(h, axis=-1), self.down)
+
+
+def test_residual_stream_names_what_else_keeps_the_stream_whole(tmp_path):
+    """With residual_stream=True asked, a stream left whole is reported with what stops it (the
+    sort), not with a hint to ask for residual_stream=True."""
+    path = str(tmp_path / "sorted")
+    tf.saved_model.save(_NormThenSort(), path)
+    reasons = {}
+    for asked in (False, True):
+        with pytest.warns(UserWarning, match="no channel group can be removed"):
+            pm = graphprune.prune(path, graphprune.ConstantSparsity(0.5, 0), structure="channel",
+                                  residual_stream=asked)
+        stream = next(group for group in graphprune.channel_groups(pm)
+                      if any(m.name == "up/kernel" and m.axis == 1 for m in group.members))
+        assert not stream.prunable
+        reasons[asked] = stream.reason
+    assert "residual_stream=True" in reasons[False] and "Mean" in reasons[False]
+    assert "residual_stream=True" not in reasons[True] and "TopKV2" in reasons[True], reasons[True]
+
+
 def test_residual_stream_through_layer_norms(stream_net, tmp_path):
     """residual_stream=True removes channels of the stream that layer norms, an RMS norm and
     every block's residual add share: each Mean over them becomes a mean over the kept channels,
