@@ -1542,12 +1542,14 @@ class Cost:
     its loops and branches too (a loop body counted once, every branch counted); only what the
     outputs need counts. ``non_trainable``: how many of the parameters are in variables the
     model does not train (batch-norm moving statistics, state), which PyTorch counts as buffers,
-    not parameters."""
+    not parameters. ``uncounted``: convolutions and matrix products whose shapes are not known
+    (a text model's sequence length; cost(..., unknown_size=N) gives it): they count no FLOPs."""
 
     entry: str
     parameters: int
     flops: int
     non_trainable: int = 0
+    uncounted: int = 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -1584,7 +1586,7 @@ def cost(target, entry: str | None = None, *, unknown_size: int | None = None) -
 
     batch_one = dataclasses.replace(chosen, inputs=tuple(
         dataclasses.replace(info, shape=sized(info.shape)) for info in chosen.inputs))
-    keys, totals = set(), [0, 0, 0]
+    keys, totals = set(), [0, 0, 0, 0]
 
     def count(body, shapes, depth=0):
         def shape(ref):  # at batch 1: a loop's or a branch's outputs keep the batch unknown
@@ -1619,28 +1621,38 @@ def cost(target, entry: str | None = None, *, unknown_size: int | None = None) -
                     inner = _body_shapes(model, callee, arg_shapes)
                     if inner is not None:
                         count(callee, inner, depth + 1)
-            totals[1] += _flops(node, shape, body)
+            flops = _flops(node, shape, body)
+            totals[1] += flops or 0
+            totals[3] += flops is None
 
     count(b.top_body(chosen.graph_def, dict(chosen.resources), writable=False), _static_shapes(batch_one, model))
     return Cost(chosen.label, *totals)
 
 
-def _flops(node, shape, body) -> int:
+PRODUCT_OPS = ("Conv2D", "Conv3D", "DepthwiseConv2dNative", "MatMul", "BatchMatMul", "BatchMatMulV2",
+               "BatchMatMulV3", "Einsum")
+
+
+def _flops(node, shape, body) -> int | None:
+    """2 x multiply-adds of a convolution or matrix product (0 for any other op); None for one
+    whose shapes are not known."""
+    if node.op not in PRODUCT_OPS:
+        return 0
     inputs = body.data_inputs(node)
     out = shape(node.name)
     if not out or None in out:
-        return 0
+        return None
     if node.op in ("Conv2D", "Conv3D", "DepthwiseConv2dNative"):
         kernel = shape(inputs[1])
         if not kernel or None in kernel:
-            return 0
+            return None
         # a grouped kernel's Cin is already per group; a depthwise output reads one input channel
         per_output = int(np.prod(kernel[:-2])) * (kernel[-2] if node.op != "DepthwiseConv2dNative" else 1)
         return 2 * int(np.prod(out)) * per_output
     if node.op in ("MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3", "Einsum"):
         operand = shape(inputs[0])
         if not operand or None in operand:
-            return 0
+            return None
         if node.op == "Einsum":
             lhs, _, result = _attr(node, "equation", "s", b"").decode().replace(" ", "").partition("->")
             terms = lhs.split(",")
@@ -1648,7 +1660,7 @@ def _flops(node, shape, body) -> int:
             for term, ref in zip(terms, inputs):
                 dims = shape(ref)
                 if not dims or None in dims or "." in term or len(term) != len(dims):
-                    return 0
+                    return None
                 sizes.update(zip(term, dims))
             contracted = [letter for letter in sizes if letter not in result]
             return 2 * int(np.prod(out)) * int(np.prod([sizes[c] for c in contracted] or [1]))

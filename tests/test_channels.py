@@ -736,8 +736,9 @@ def test_residual_stream_through_layer_norms(stream_net, tmp_path):
     # FLOPs with the sequence length given (6 tokens): MLP 6*2*16*32, q/k/v 6*3*16*8, scores and
     # context 2*6*6*8, output projection 6*8*16, logits 16*20 multiply-adds; the length unknown,
     # only the logits count
-    assert before.flops == 2 * 16 * 20
-    assert graphprune.cost(stream_net, unknown_size=6).flops == 2 * (6144 + 2304 + 576 + 768 + 320)
+    assert before.flops == 2 * 16 * 20 and before.uncounted == 8  # MLP 2, q, k, v, scores, context, output
+    given = graphprune.cost(stream_net, unknown_size=6)
+    assert given.flops == 2 * (6144 + 2304 + 576 + 768 + 320) and given.uncounted == 0
     assert graphprune.cost(out, unknown_size=6).flops < graphprune.cost(stream_net, unknown_size=6).flops / 2
     with pytest.raises(graphprune.GraphPruneError, match="unknown_size must be"):
         graphprune.cost(stream_net, unknown_size=0)
@@ -756,9 +757,14 @@ def test_residual_stream_through_layer_norms(stream_net, tmp_path):
 def test_cli_residual_stream(stream_net, tmp_path):
     _cli("prune", f"--input={stream_net}", f"--output={tmp_path / 'p'}", "--structure=channel", "--residual_stream",
          "--final_sparsity=0.5", "--one_shot")
-    _cli("finalize", f"--input={tmp_path / 'p'}", f"--output={tmp_path / 'f'}", "--shrink", "--check_tolerance=1e-4")
+    printed = _cli("finalize", f"--input={tmp_path / 'p'}", f"--output={tmp_path / 'f'}", "--shrink",
+                   "--check_tolerance=1e-4")
+    assert "count no FLOPs (--unknown_size=N counts them)" in printed  # the sequence length is unknown
     printed = _cli("inspect", f"--input={tmp_path / 'f'}", f"--baseline={stream_net}", "--unknown_size=6")
-    assert "x parameters" in printed and "unknown dimensions 6" in printed
+    assert "x parameters" in printed and "unknown dimensions 6" in printed and "count no FLOPs" not in printed
+    printed = _cli("finalize", f"--input={tmp_path / 'p'}", f"--output={tmp_path / 'g'}", "--shrink",
+                   "--check_tolerance=1e-4", "--unknown_size=6")
+    assert "unknown dimensions 6" in printed and "count no FLOPs" not in printed
     from graphprune.load import load
 
     assert _weight_shape(str(tmp_path / "f"), "tokens") == (20, 8)

@@ -48,6 +48,14 @@ def fail(message: str, code: int = 2):
     sys.exit(code)
 
 
+def uncounted(cost) -> str:
+    """What a Cost could not count, said with how to count it ('' when it counted everything)."""
+    if not cost.uncounted:
+        return ""
+    return (f"; {cost.uncounted} convolutions or matrix products of unknown size count no FLOPs "
+            "(--unknown_size=N counts them)")
+
+
 def parse_flags(argv):
     """absl flags parser that turns a bad flag into one line and exit code 2 (absl exits 1)."""
     try:

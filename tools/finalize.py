@@ -34,6 +34,9 @@ _FOLD = flags.DEFINE_bool("fold_batch_norms", None, "Fold per-channel scales and
 _TOLERANCE = flags.DEFINE_float("check_tolerance", 1e-5, "Refuse (nothing written) a finalized model whose outputs "
                                 "differ from the masked model's by more than this fraction of their scale.")
 
+_UNKNOWN = flags.DEFINE_integer("unknown_size", None, "With --shrink, count FLOPs with every unknown input dimension "
+                                "past the batch (a text model's sequence length) at this size.", lower_bound=1)
+
 flags.mark_flags_as_required(["input", "output"])
 
 
@@ -53,9 +56,11 @@ def main(argv):
                                progress=common.progress(), shrink=_SHRINK.value,
                                fold_batch_norms=_FOLD.value, check_tolerance=_TOLERANCE.value)
     if _SHRINK.value:
-        before, after = graphprune.cost(export.INPUT.value), graphprune.cost(path)
-        print(f"shrink: parameters {before.parameters:,} -> {after.parameters:,}, FLOPs at batch 1 {before.flops:,} "
-              f"-> {after.flops:,} ({after.ratios(before)})")
+        size = _UNKNOWN.value
+        before, after = (graphprune.cost(p, unknown_size=size) for p in (export.INPUT.value, path))
+        at = f", unknown dimensions {size}" if size else ""
+        print(f"shrink: parameters {before.parameters:,} -> {after.parameters:,}, FLOPs at batch 1{at} "
+              f"{before.flops:,} -> {after.flops:,} ({after.ratios(before)}){common.uncounted(before)}")
     with common.stages("finalize")("size report"):
         print(graphprune.size_report(path).table())
     export.write_tflite(path, plan, representative)
