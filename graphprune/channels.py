@@ -22,7 +22,12 @@ it does not keep is poisoned):
     Reshape merging two axes [.., h, d] -> [.., h*d] (or a kernel [D, h, d] -> [D, h*d]), and the
                                 Reshape splitting it back: h and d stay two spaces, followed
                                 through the (Batch)MatMul on the reshaped kernel (Keras's
-                                EinsumDense as keras-hub ViT runs it); any other reader poisons them
+                                EinsumDense as keras-hub ViT runs it)
+    Reshape splitting a last axis [.., h*d] -> [.., h, d] (attention over a 2-D dense kernel), or a
+                                merged axis read as one: channel i of the flat axis is (i // d, i % d),
+                                so every space carrying it becomes two, heads and head dims, and each
+                                member two: blocks of d and period d (_refine_factors); one that also
+                                meets a slice (Concat) or a flatten is left whole
     ReadVariableOp / AssignVariableOp / Const                          the variable's / constant's axis
     GatherV2 / ResourceGather (axis 0)  an embedding table's axes after the first are the lookup's
     StridedSlice, Slice, Tile, BroadcastTo  an axis taken whole, repeated once or of the same size
@@ -83,7 +88,9 @@ IGNORED_OPS = {"NoOp", "Placeholder", "Const", "ReadVariableOp", "VarHandleOp"}
 class Member:
     """Channels [start, stop) of a group lie at ``axis`` of a variable (kind "variable", name its
     key) or of a constant (kind "const", name "entry label/node"), at indices start + i, or, with a
-    period (a flattened [.., C] feeding a kernel's rows), at p * period + start + i for every p."""
+    period (a flattened [.., C] feeding a kernel's rows; a head's dimension in an axis split
+    into heads), at p * period + start + i for every p, or, with a block (a head of an axis split
+    into heads of ``block`` values), at (start + i) * block + r for every r < block."""
 
     kind: str
     name: str
@@ -92,10 +99,13 @@ class Member:
     stop: int
     period: int | None
     role: str
+    block: int | None = None
 
     def indices(self, dim: int, channels) -> np.ndarray:
         """The indices along the axis (of length ``dim``) of the group's ``channels``."""
         channels = np.asarray(channels, np.int64) + self.start
+        if self.block is not None:
+            return (channels[:, None] * self.block + np.arange(self.block, dtype=np.int64)[None, :]).reshape(-1)
         if self.period is None:
             return channels
         repeats = dim // self.period
@@ -166,6 +176,9 @@ class _Graph:
         self.roles: dict[tuple, str] = {}
         self.reshapes: list[Reshape] = []
         self.dims: list[ShapeDim] = []
+        self.factors: list[tuple] = []  # (space, heads, head dims): an axis split into heads (_refine_factors)
+        self.refined: dict[tuple, tuple] = {}  # a space -> its (heads, head dims) parts
+        self.sizes_before_refining: dict[tuple, int] = {}
 
     def space(self, space: tuple, size) -> tuple | None:
         if size is None:
@@ -385,11 +398,15 @@ class _Entry:
 
     def _merged_consumers(self) -> None:
         outputs = {self.body.parse(ref)[:2] for ref in self.returns()}
-        for ref, (_, spaces) in self.merged.items():
+        for ref, (axis, spaces) in self.merged.items():
             why = self._unhandled(ref, outputs)
-            if why is not None:
+            if why is None:
+                continue
+            if self.body.parse(ref)[:2] in outputs:
                 for space in spaces:
                     self.graph.poison(space, why)
+            else:  # read as one axis of heads x head dims: what reads it follows that axis's channels
+                self.graph.factors.append((self.tensor(ref, axis), *spaces))
         for ref, (operand, _) in self.merged_kernels.items():
             why = self._unhandled(ref, outputs)
             if why is not None:
@@ -981,10 +998,13 @@ def _merge_or_split(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:
     """Two adjacent axes merged into one, or a merged axis split back (see _Entry.merged); False
     when the Reshape is neither (the other rules apply)."""
     producer = self.body.producer(shape_ref)
-    if producer is None or producer.op != "Const":  # shrink_channels rewrites a constant shape's elements
+    if producer is None or producer.op not in ("Const", "Pack"):  # shrink_channels rewrites constant elements
         return False
     y = self.body.ref(node.name)
     i = _merged_axis(xs, ys)
+    j = _merged_axis(ys, xs)  # a split: the inverse merge
+    if not _constant_elements(self, producer, [i] if i is not None else [j, j + 1] if j is not None else []):
+        return False
 
     def dims(ref, merged_at: int) -> None:  # every element of the shape follows its spaces
         for position in range(len(xs) - 1):
@@ -993,7 +1013,7 @@ def _merge_or_split(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:
             self.graph.dims.append(ShapeDim(self.entry.label, self.node_id(node.name), position,
                                             tuple(self.tensor(ref, axis) for axis in axes)))
 
-    if i is not None and self.source(x) is not None:  # a kernel reshaped for a MatMul
+    if i is not None and self.source(x) is not None and producer.op == "Const":  # a kernel reshaped for a MatMul
         self.merged_kernels[y] = (x, i)
         for ref, rank in ((x, len(xs)), (y, len(ys))):
             for axis in range(rank):
@@ -1009,7 +1029,18 @@ def _merge_or_split(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:
         self.claim(y, i)
         dims(x, i)
         return True
-    j = _merged_axis(ys, xs)  # a split: the inverse merge
+    if j is not None and x not in self.merged and j == len(ys) - 2:
+        # the last axis split into heads x head dims (a dense layer's output, as attention splits it)
+        spaces = (self.tensor(y, j), self.tensor(y, j + 1))
+        self.graph.factors.append((self.tensor(x, j), *spaces))
+        for axis, merged_axis in _other_axes(j, len(ys)):
+            self.link(self.tensor(x, merged_axis), self.tensor(y, axis))
+        self.claim(x, j)
+        self.claimed.update(spaces)
+        for position in range(len(ys)):
+            self.graph.dims.append(ShapeDim(self.entry.label, self.node_id(node.name), position,
+                                            (self.tensor(y, position),)))
+        return True
     if j is not None and x in self.merged and self.merged[x][0] == j:
         spaces = self.merged[x][1]
         if [self.graph.sizes.get(space) for space in spaces] != [ys[j], ys[j + 1]]:
@@ -1025,6 +1056,17 @@ def _merge_or_split(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:
                                             (self.tensor(y, position),)))
         return True
     return False
+
+
+def _constant_elements(self: _Entry, producer, positions) -> bool:
+    """Whether a Reshape's shape operand has constant elements at ``positions`` that
+    shrink_channels can rewrite: a Const, or a Pack of scalars that are Consts there."""
+    if producer.op == "Const":
+        return True
+    inputs = self.body.data_inputs(producer)
+    if _attr(producer, "axis", "i", 0) != 0 or any(p >= len(inputs) for p in positions):
+        return False
+    return all(getattr(self.body.producer(inputs[p]), "op", None) == "Const" for p in positions)
 
 
 def _merged_kernel_matmul(self: _Entry, node, a: str, w: str, transposed: bool) -> None:
@@ -1366,6 +1408,7 @@ class Analysis:
     sizes: dict  # space -> its channel count
     dims: tuple[ShapeDim, ...] = ()
     means: tuple[MeanSite, ...] = ()
+    refined: dict = dataclasses.field(default_factory=dict)  # a space split into heads -> (heads, dims)
 
 
 def channel_groups(model) -> tuple[ChannelGroup, ...]:
@@ -1417,6 +1460,7 @@ def analyze(model: g.TracedModel, through_means: bool = False) -> Analysis:
             continue
         _Entry(graph, entry).run()
     _poison_nested(graph, model)
+    _refine_factors(graph)
     atoms, atom_edges = _atoms(graph)
     network = nx.Graph()
     network.add_nodes_from(atoms)
@@ -1436,8 +1480,74 @@ def analyze(model: g.TracedModel, through_means: bool = False) -> Analysis:
         for space, start, stop in component:
             slices.setdefault(space, []).append((start, stop, name))
     groups.sort(key=lambda group: group.name)
-    return Analysis(tuple(groups), tuple(graph.reshapes), slices, dict(graph.sizes), tuple(graph.dims),
-                    tuple(graph.means))
+    sizes = {**graph.sizes, **{space: graph.sizes_before_refining[space] for space in graph.refined}}
+    return Analysis(tuple(groups), tuple(graph.reshapes), slices, sizes, tuple(graph.dims),
+                    tuple(graph.means), dict(graph.refined))
+
+
+def _refine_factors(graph: _Graph) -> None:
+    """An axis split into heads x head dims (or merged from them and read as one axis): its
+    channel i is head i // d, head dim i % d. Every space that carries the same channels (the
+    split tensor's, the dense kernel's columns, the bias, ...) is replaced by two spaces, heads
+    and head dims, linked as the originals were; a variable's or constant's axis becomes two
+    members, one in blocks of d and one with period d. A split whose channels also meet a slice
+    (a Concat), a flattened axis or another split is left whole."""
+    import networkx as nx
+
+    if not graph.factors:
+        return
+    plain = nx.Graph()
+    for a, c, offset in graph.edges:
+        plain.add_edge(a, c, offset=offset)
+    parts_of: dict[tuple, tuple] = {}
+    extra_edges = []
+    for whole, heads, dims in graph.factors:
+        sizes = [graph.sizes.get(space) for space in (whole, heads, dims)]
+        if None in sizes or sizes[0] != sizes[1] * sizes[2]:
+            for space in (whole, heads, dims):
+                graph.poison(space, "it is split into heads whose sizes are not known statically")
+            continue
+        component = nx.node_connected_component(plain, whole) if whole in plain else {whole}
+        period = sizes[2]
+        why = None
+        if any(graph.sizes.get(space) != sizes[0] for space in component) or \
+                any(data["offset"] for _, _, data in plain.subgraph(component).edges(data=True)):
+            why = "it is split into heads and sliced (a concatenation)"
+        elif any(space[0] == "p" or (space[0] in ("v", "c") and space[3] is not None) for space in component):
+            why = "it is split into heads and flattened"
+        elif any(space in parts_of and graph.sizes[parts_of[space][1]] != period for space in component):
+            why = "it is split into heads of two different sizes"
+        if why is not None:
+            for space in component | {heads, dims}:
+                graph.poison(space, why)
+            continue
+        for space in component:
+            if space in parts_of:
+                continue
+            if space[0] in ("v", "c"):
+                parts = ((*space[:3], None, period), (*space[:3], period))
+            else:
+                parts = ((*space, "heads"), (*space, "dims"))
+            parts_of[space] = parts
+            for part, size in zip(parts, (sizes[1], period)):
+                graph.sizes[part] = size
+                if space in graph.poisoned:
+                    graph.poison(part, graph.poisoned[space])
+                if space in graph.roles:
+                    graph.roles[part] = graph.roles[space]
+        extra_edges += [(parts_of[whole][0], heads, 0), (parts_of[whole][1], dims, 0)]
+    if not parts_of:
+        return
+    edges = []
+    for a, c, offset in graph.edges:
+        if a in parts_of or c in parts_of:  # both are: a component is refined whole
+            edges += [(parts_of[a][0], parts_of[c][0], 0), (parts_of[a][1], parts_of[c][1], 0)]
+        else:
+            edges.append((a, c, offset))
+    graph.edges = edges + extra_edges
+    for space, parts in parts_of.items():
+        graph.sizes_before_refining[space] = graph.sizes.pop(space)
+        graph.refined[space] = parts
 
 
 def _poison_nested(graph: _Graph, model: g.TracedModel) -> None:
@@ -1505,13 +1615,14 @@ def _group(graph: _Graph, component) -> ChannelGroup | None:
             continue
         kind = "variable" if space[0] == "v" else "const"
         name, axis, period = space[1], space[2], space[3]
+        block = space[4] if len(space) > 4 else None
         if kind == "variable":
             spec = graph.model.variables.get(name)
             if spec is None or spec.role != names.ROLE_OTHER:
                 continue  # masks, thresholds: they follow their weight
             if name in graph.poisoned_variables:
                 reason = reason or f"'{name}': {graph.poisoned_variables[name]}"
-        members.append(Member(kind, name, axis, start, stop, period, graph.roles.get(space, "param")))
+        members.append(Member(kind, name, axis, start, stop, period, graph.roles.get(space, "param"), block))
     if not any(m.role in ("in", "out", "through") for m in members):
         return None  # no kernel: parameters of a group with nothing to prune
     if reason is None and not any(space[0] in ("t", "p") for space, _, _ in atoms):
@@ -1521,7 +1632,9 @@ def _group(graph: _Graph, component) -> ChannelGroup | None:
     if reason is None and size < 2:
         reason = "a single channel"
     named = next((m for m in members if m.role == "out"), None) or next(m for m in members if m.role != "param")
-    suffix = "" if (named.start, named.stop) == (0, size) and named.period is None else f"[{named.start}:{named.stop}]"
+    suffix = "" if (named.start, named.stop) == (0, size) and named.period is None and named.block is None else \
+        f"[{named.start}:{named.stop}]" + (f" heads of {named.block}" if named.block else "") + \
+        (f" every {named.period}" if named.period else "")
     name = f"{named.name}:{named.axis}{suffix}"
     return ChannelGroup(name, size, tuple(members), reason)
 

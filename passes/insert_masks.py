@@ -169,7 +169,7 @@ def _stream_means(model: g.TracedModel, plans, keys: set[str]) -> dict[str, list
             continue
         if not all(plans[m.name].structure.residual_stream for m in kernels):
             continue
-        whole = [m for m in kernels if m.period is None and m.start == 0
+        whole = [m for m in kernels if m.period is None and m.block is None and m.start == 0
                  and m.stop == model.variables[m.name].shape[m.axis]]
         if whole:
             member = min(whole, key=lambda m: int(np.prod(model.variables[m.name].shape)))

@@ -52,7 +52,9 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
             array = value(member.kind, member.name)
             moved = np.moveaxis(array, member.axis, 0).reshape(array.shape[member.axis], -1)
             used = np.any(moved != 0, axis=1)
-            if member.period is not None:
+            if member.block is not None:
+                used = used.reshape(-1, member.block).any(axis=1)
+            elif member.period is not None:
                 used = used.reshape(-1, member.period).any(axis=0)
             alive |= used[member.start:member.stop]
         dead = np.flatnonzero(~alive)
@@ -194,6 +196,9 @@ def _reshape_targets(analysis, removed: dict) -> dict[tuple[str, str], tuple[int
 
 def _kept_size(analysis, removed: dict, space) -> int:
     """How many channels of ``space`` are left once the groups' ``removed`` channels are gone."""
+    if space in analysis.refined:  # split into heads: kept heads x kept head dims
+        heads, dims = analysis.refined[space]
+        return _kept_size(analysis, removed, heads) * _kept_size(analysis, removed, dims)
     gone = sum(len(removed.get(name, ())) for _, _, name in analysis.slices.get(space, []))
     return analysis.sizes.get(space, 0) - gone
 
@@ -215,6 +220,22 @@ def _set_dims(body: b.Body, node, values: dict[int, int], operand: int = 1) -> N
     """Point a Reshape's constant shape operand (the input at ``operand``) at a copy with
     ``values`` at their positions (an element that is -1 stays -1: TensorFlow infers it)."""
     producer = body.producer(body.data_inputs(node)[operand])
+    if producer.op == "Pack":  # of scalars: the constant ones at the positions are replaced
+        inputs = body.data_inputs(producer)
+        elements = [body.producer(inputs[p]) for p in values]
+        olds = {p: int(tf.make_ndarray(e.attr["value"].tensor)) for p, e in zip(values, elements)}
+        positions = [p for p in values if olds[p] != -1 and olds[p] != values[p]]
+        if not positions:
+            return
+        shape = type(producer)()
+        shape.CopyFrom(producer)
+        shape.name = f"{node.name}/shrunk_shape"
+        for p in positions:
+            dtype = tf.dtypes.as_dtype(elements[list(values).index(p)].attr["dtype"].type).name
+            element = body.add(g.const_node(f"{node.name}/shrunk_shape_{p}", np.array(values[p]), dtype))
+            shape.input[p] = body.ref(element.name)
+        body.set_input(node, operand, body.ref(body.add(shape).name))
+        return
     shape = tf.make_ndarray(producer.attr["value"].tensor).copy()
     positions = [position for position in values if shape[position] != -1]
     if not positions:

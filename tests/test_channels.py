@@ -155,19 +155,25 @@ def test_shrunk_model_loads_without_graphprune(channel_net, tmp_path):
     assert (1, 1, 8, 4) in shapes and (3, 3, 8, 1) in shapes  # project: 8 expanded -> 4 stream; depthwise 8
 
 
+def _sgd_step(pm, x, rate: float = 0.01) -> None:
+    """One plain gradient step on the mean squared output (every trainable variable gets a
+    gradient), then the mask update."""
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(tf.square(pm(x)))
+    gradients = tape.gradient(loss, pm.trainable_variables)
+    assert all(g is not None for g in gradients)
+    for variable, gradient in zip(pm.trainable_variables, gradients):
+        variable.assign_sub(rate * tf.convert_to_tensor(gradient))
+    pm.update_masks()
+
+
 def test_training_removes_channels_gradually_and_gradients_flow(channel_net):
     schedule = graphprune.PolynomialDecay(0.0, 0.5, begin_step=0, end_step=4, frequency=1)
     pm = graphprune.prune(channel_net, schedule, structure="channel", importance="l1")
     x = np.random.RandomState(1).standard_normal([8, 8, 8, 3]).astype(np.float32)
     alive = []
     for _ in range(5):
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(tf.square(pm(x)))
-        gradients = tape.gradient(loss, pm.trainable_variables)
-        assert all(g is not None for g in gradients)
-        for variable, gradient in zip(pm.trainable_variables, gradients):
-            variable.assign_sub(0.01 * gradient)
-        pm.update_masks()
+        _sgd_step(pm, x)
         alive.append(int(np.any(pm.variables_by_key["hidden/kernel"].numpy() != 0, axis=0).sum()))
     assert alive == sorted(alive, reverse=True) and alive[0] > alive[-1] == 16
 
@@ -371,8 +377,8 @@ def test_heads_through_reshaped_kernels_are_removed_or_left_whole(tmp_path, leak
     assert {(m.name, m.axis, m.role) for m in groups["q/kernel:1"].members} == {
         ("q/kernel", 1, "out"), ("q/bias", 0, "param"), ("o/kernel", 0, "in")}
     assert groups["q/kernel:2"].prunable is not leak and groups["q/kernel:2"].size == 3
-    if leak:
-        assert "merged with another axis" in groups["q/kernel:1"].reason
+    if leak:  # the merged axis is followed as one axis of heads x head dims, up to the Sum over it
+        assert "Sum 'Sum' reduces over the channels" in groups["q/kernel:1"].reason
     x = tf.constant(np.random.RandomState(1).randn(2, 6, 8).astype(np.float32))
     masked = pm(x).numpy()
     out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True, freeze=False)
@@ -381,6 +387,85 @@ def test_heads_through_reshaped_kernels_are_removed_or_left_whole(tmp_path, leak
     heads, head_dim = (4, 3) if leak else (2, 2)
     assert shapes["q/kernel"] == (8, heads, head_dim) and shapes["q/bias"] == (heads, head_dim)
     assert shapes["o/kernel"] == (heads, head_dim, 4) and shapes["out/kernel"] == (4, 5)
+
+
+class SplitHeads(tf.Module):
+    """Attention over plain 2-D dense kernels, as TF tutorials and Hugging Face's TF models write
+    it: q, k, v = x @ W, split into [batch, tokens, heads, head_dim] by tf.reshape (a shape packed
+    from tf.shape), transposed, attended, merged back and projected by a 2-D kernel. ``concat``
+    also concatenates the query projection with x (a slice of its channels), so its split cannot
+    be followed: the heads stay whole."""
+
+    heads, head_dim, width = 4, 6, 16
+
+    def __init__(self, concat: bool = False):
+        super().__init__()
+        rng = np.random.RandomState(0)
+        inner = self.heads * self.head_dim
+
+        def kernel(rows, columns, name):
+            return tf.Variable((rng.standard_normal([rows, columns]) / np.sqrt(rows)).astype(np.float32), name=name)
+
+        self.concat = concat
+        self.wq, self.wk, self.wv = (kernel(self.width, inner, f"{n}/kernel") for n in "qkv")
+        self.bq = tf.Variable(rng.standard_normal(inner).astype(np.float32), name="q/bias")
+        self.wo = kernel(inner, self.width, "o/kernel")
+        self.head = kernel(self.width + (inner + self.width if concat else 0), 3, "head/kernel")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, 16], tf.float32)])
+    def __call__(self, x):
+        batch = tf.shape(x)[0]
+
+        def split(t):
+            return tf.transpose(tf.reshape(t, [batch, -1, self.heads, self.head_dim]), [0, 2, 1, 3])
+
+        query = tf.matmul(x, self.wq) + self.bq
+        q, k, v = split(query), split(tf.matmul(x, self.wk)), split(tf.matmul(x, self.wv))
+        attention = tf.nn.softmax(tf.matmul(q, k, transpose_b=True) / np.sqrt(self.head_dim), axis=-1)
+        context = tf.transpose(tf.matmul(attention, v), [0, 2, 1, 3])
+        y = x + tf.matmul(tf.reshape(context, [batch, -1, self.heads * self.head_dim]), self.wo)
+        if self.concat:
+            y = tf.concat([y, query, x], axis=-1)
+        return tf.matmul(tf.reduce_mean(y, 1), self.head)
+
+
+@pytest.mark.parametrize("concat", [False, True])
+def test_heads_split_from_dense_kernels(tmp_path, concat):
+    """Heads split out of a 2-D kernel's columns: whole heads go from q, k, v (blocks of
+    head_dim columns), the q bias and the output projection's rows; v's head dims (every
+    head_dim-th column) with the output rows they feed. Masked == shrunk, the predicted shapes,
+    gradients while training, TFLite; with the split query also concatenated, all stay whole."""
+    from graphprune.load import load
+
+    path = str(tmp_path / "split")
+    tf.saved_model.save(SplitHeads(concat), path)
+    x = tf.constant(np.random.RandomState(1).standard_normal([2, 5, 16]).astype(np.float32))
+    pm = graphprune.prune(path, graphprune.PolynomialDecay(0.0, 0.5, 0, 2, frequency=1), structure="channel")
+    groups = graphprune.channel_groups(pm)
+    heads = next(g for g in groups if g.size == 4)
+    expected = {("k/kernel", 1, "out", 6), ("v/kernel", 1, "out", 6), ("o/kernel", 0, "in", 6)}
+    if not concat:  # the query's split is followed too
+        expected |= {("q/kernel", 1, "out", 6), ("q/bias", 0, "param", 6)}
+    assert {(m.name, m.axis, m.role, m.block) for m in heads.members} == expected
+    dims = next(g for g in groups if g.size == 6 and any(m.name == "v/kernel" for m in g.members))
+    assert {(m.name, m.role, m.period) for m in dims.members} == {("v/kernel", "out", 6), ("o/kernel", "in", 6)}
+    assert heads.prunable is not concat and dims.prunable
+    if concat:
+        assert "split into heads and sliced" in heads.reason
+    for _ in range(3):
+        _sgd_step(pm, x)
+    q_mask = pm.variables_by_key[names.mask_key("q/kernel")].numpy()
+    kept_columns = q_mask.reshape(16, 4, 6).any(axis=(0, 2))
+    if not concat:  # whole heads: a head's six columns go together
+        assert kept_columns.sum() == 2 and np.array_equal(q_mask.reshape(16, 4, 6).all(axis=(0, 2)), kept_columns)
+    masked = pm(x).numpy()
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
+    np.testing.assert_allclose(tf.saved_model.load(out)(x).numpy(), masked, atol=1e-5 * np.abs(masked).max(), rtol=0)
+    heads_kept, v_dims = (4, 3) if concat else (2, 3)
+    assert _weight_shape(out, "q/kernel") == _weight_shape(out, "k/kernel") == (16, heads_kept * 6)
+    assert _weight_shape(out, "v/kernel") == (16, heads_kept * v_dims)
+    assert _weight_shape(out, "o/kernel") == (heads_kept * v_dims, 16)
+    assert check_tflite(out, str(tmp_path / "small.tflite"), x.numpy(), masked, float(np.abs(masked).max())) == "ok"
 
 
 def test_what_cannot_be_shrunk_is_left_whole_and_reported(tmp_path):
@@ -813,6 +898,10 @@ def _hub_task_models():
                                               preprocessor=None),
         "gemma": lambda: models.GemmaCausalLM(models.GemmaBackbone(num_query_heads=2, num_key_value_heads=1, head_dim=8,
                                                                    **small), preprocessor=None),
+        # attention from one fused query-key-value kernel, its context merged from heads and read as one axis
+        "falcon": lambda: models.FalconCausalLM(models.FalconBackbone(
+            vocabulary_size=50, num_layers=2, num_attention_heads=2, hidden_dim=16, intermediate_dim=32),
+            preprocessor=None),
         # encoder and decoder streams, cross-attention, one tied embedding for both
         "bart": lambda: models.BartSeq2SeqLM(models.BartBackbone(num_heads=2, max_sequence_length=8, **small),
                                              preprocessor=None),
@@ -820,7 +909,7 @@ def _hub_task_models():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["bert", "vit", "gpt2", "llama", "gemma", "bart"])
+@pytest.mark.parametrize("name", ["bert", "vit", "gpt2", "llama", "gemma", "falcon", "bart"])
 def test_keras_hub_hidden_size(tmp_path, name):
     """residual_stream=True on keras-hub task models built from their configs: the hidden size
     (token, segment and position embeddings, or ViT's patch embedding, class token and positions;
