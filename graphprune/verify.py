@@ -16,6 +16,7 @@ from graphprune import body as b
 from graphprune import graph as g
 from graphprune import rebuild
 from graphprune.analysis import written_variables
+from graphprune.channels import RANDOM_OPS
 from graphprune.errors import PassError
 from graphprune.pipeline import PassContext
 
@@ -103,28 +104,28 @@ def seeded_random_ops(entry: g.Entry) -> g.Entry:
     return b.rewrite_entry(entry, seed)[0]
 
 
-# Random ops and the constant each is replaced by in constant_random_ops: the middle of a uniform
-# draw on [0, 1), the mean of a normal one, an integer draw's lower bound (input 1).
-RANDOM_CONSTANTS = {"RandomUniform": 0.5, "StatelessRandomUniform": 0.5, "StatelessRandomUniformV2": 0.5,
-                    "RandomStandardNormal": 0.0, "TruncatedNormal": 0.0, "StatelessRandomNormal": 0.0,
-                    "StatelessRandomNormalV2": 0.0, "StatelessTruncatedNormal": 0.0,
-                    "StatelessTruncatedNormalV2": 0.0, "RandomUniformInt": None, "StatelessRandomUniformIntV2": None}
+def _constant_draw(op: str) -> float | None:
+    """What constant_random_ops puts in place of a random op's draw: the middle of a uniform draw
+    on [0, 1), the mean of a normal one, None for an integer draw (its lower bound, an input)."""
+    if "Int" in op:
+        return None
+    return 0.5 if "Uniform" in op else 0.0
 
 
 def constant_random_ops(entry: g.Entry) -> g.Entry:
-    """The entry with every random op of RANDOM_CONSTANTS replaced, at any depth, by a Fill of its
+    """The entry with every random op (channels.RANDOM_OPS) replaced, at any depth, by a Fill of its
     shape with a constant (under its name). A model whose channels were removed draws its dropout
     masks over fewer channels, so seeded draws cannot match its masked model's; with constants,
     the two compute the same thing wherever the masked model's outputs do not depend on the draw."""
 
     def fill(body):
         for node in list(body.nodes):
-            if node.op not in RANDOM_CONSTANTS:
+            if node.op not in RANDOM_OPS:
                 continue
             inputs = body.data_inputs(node)
             index_type = next(node.attr[a].type for a in ("T", "Tshape") if a in node.attr)
             dtype = node.attr["Tout" if node.op == "RandomUniformInt" else "dtype"].type
-            value = RANDOM_CONSTANTS[node.op]
+            value = _constant_draw(node.op)
             if value is None:  # an integer draw: its lower bound
                 bound = inputs[1] if node.op == "RandomUniformInt" else inputs[3]
             else:
