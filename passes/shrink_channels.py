@@ -222,8 +222,9 @@ def _set_dims(body: b.Body, node, values: dict[int, int], operand: int = 1) -> N
     producer = body.producer(body.data_inputs(node)[operand])
     if producer.op == "Pack":  # of scalars: the constant ones at the positions are replaced
         inputs = body.data_inputs(producer)
-        elements = [body.producer(inputs[p]) for p in values]
-        olds = {p: int(tf.make_ndarray(e.attr["value"].tensor)) for p, e in zip(values, elements)}
+        values = {p % len(inputs): value for p, value in values.items()}
+        elements = {p: body.producer(inputs[p]) for p in values}
+        olds = {p: int(tf.make_ndarray(e.attr["value"].tensor)) for p, e in elements.items()}
         positions = [p for p in values if olds[p] != -1 and olds[p] != values[p]]
         if not positions:
             return
@@ -231,7 +232,7 @@ def _set_dims(body: b.Body, node, values: dict[int, int], operand: int = 1) -> N
         shape.CopyFrom(producer)
         shape.name = f"{node.name}/shrunk_shape"
         for p in positions:
-            dtype = tf.dtypes.as_dtype(elements[list(values).index(p)].attr["dtype"].type).name
+            dtype = tf.dtypes.as_dtype(elements[p].attr["dtype"].type).name
             element = body.add(g.const_node(f"{node.name}/shrunk_shape_{p}", np.array(values[p]), dtype))
             shape.input[p] = body.ref(element.name)
         body.set_input(node, operand, body.ref(body.add(shape).name))
@@ -252,11 +253,11 @@ def _set_last_dim(body: b.Body, node, last: int, operand: int = 1) -> None:
     ``last`` (unless it is -1)."""
     shape_ref = body.data_inputs(node)[operand]
     producer = body.producer(shape_ref)
-    if producer.op == "Const":
+    if producer.op in ("Const", "Pack"):  # a Pack's last element is a Const scalar
         _set_dims(body, node, {-1: last}, operand)
         return
-    # a Pack whose last element is a Const scalar, or a ConcatV2 whose last part is a Const vector
-    position = len(body.data_inputs(producer)) - (2 if producer.op == "ConcatV2" else 1)
+    # a ConcatV2 whose last part is a Const vector
+    position = len(body.data_inputs(producer)) - 2
     part = body.producer(body.data_inputs(producer)[position])
     value = tf.make_ndarray(part.attr["value"].tensor).copy()
     if int(np.ravel(value)[-1]) == -1:

@@ -118,10 +118,11 @@ def _unfuse(body: b.Body, x: str, back, epsilon: float, dtype) -> None:
     body.replace(back, replacement)
 
 
-def _dead_after(body: b.Body, start: list[str]) -> set[str]:
-    """``start`` and every node that only they (transitively) read, if it has no side effect."""
+def _dead_after(body: b.Body, start: list[str], dead: set[str] = frozenset()) -> set[str]:
+    """``start``, ``dead`` and every node that only they (transitively) read, if it has no side
+    effect."""
     memo: dict = {}
-    dead, pending = set(), list(start)
+    dead, pending = set(dead), list(start)
     while pending:
         name = pending.pop()
         node = body.node(name)
@@ -135,7 +136,7 @@ def _dead_after(body: b.Body, start: list[str]) -> set[str]:
 
 
 def _rewrite(body: b.Body, shapes: dict) -> int:
-    count = 0
+    count, dead = 0, set()
     for name in [node.name for node in body.nodes if node.op in FUSED_OPS]:
         fused = body.node(name)
         found = _matches(body, shapes, fused)
@@ -144,9 +145,10 @@ def _rewrite(body: b.Body, shapes: dict) -> int:
         x, back = found
         flat = body.producer(body.data_inputs(fused)[0])
         _unfuse(body, x, back, float(fused.attr["epsilon"].f), tf.dtypes.as_dtype(fused.attr["T"].type))
-        dead = _dead_after(body, [fused.name, flat.name])
-        body.delete({node.name for node in body.nodes} - dead)
+        dead = _dead_after(body, [fused.name, flat.name], dead)  # earlier norms' dead nodes read nothing
         count += 1
+    if dead:  # one deletion: each rebuilds the node list
+        body.delete({node.name for node in body.nodes} - dead)
     return count
 
 

@@ -48,6 +48,11 @@ def fail(message: str, code: int = 2):
     sys.exit(code)
 
 
+def flops_at(size) -> str:
+    """How FLOPs were counted: 'FLOPs at batch 1', with the size given to unknown dimensions."""
+    return f"FLOPs at batch 1, unknown dimensions {size}" if size else "FLOPs at batch 1"
+
+
 def uncounted(cost) -> str:
     """What a Cost could not count, said with how to count it ('' when it counted everything)."""
     if not cost.uncounted:

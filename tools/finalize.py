@@ -58,8 +58,7 @@ def main(argv):
     if _SHRINK.value:
         size = _UNKNOWN.value
         before, after = (graphprune.cost(p, unknown_size=size) for p in (export.INPUT.value, path))
-        at = f", unknown dimensions {size}" if size else ""
-        print(f"shrink: parameters {before.parameters:,} -> {after.parameters:,}, FLOPs at batch 1{at} "
+        print(f"shrink: parameters {before.parameters:,} -> {after.parameters:,}, {common.flops_at(size)} "
               f"{before.flops:,} -> {after.flops:,} ({after.ratios(before)}){common.uncounted(before)}")
     with common.stages("finalize")("size report"):
         print(graphprune.size_report(path).table())

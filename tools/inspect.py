@@ -49,8 +49,7 @@ def main(argv):
         return
     print(report.table())
     if cost is not None:
-        at = f", unknown dimensions {size}" if size else ""
-        line = f"parameters {cost.parameters:,}, FLOPs at batch 1{at} {cost.flops:,} ({cost.entry})"
+        line = f"parameters {cost.parameters:,}, {common.flops_at(size)} {cost.flops:,} ({cost.entry})"
         line += common.uncounted(cost)
         if cost.non_trainable:
             line += f"; {cost.non_trainable:,} of the parameters not trained (batch-norm statistics, state)"
