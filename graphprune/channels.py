@@ -69,7 +69,7 @@ from graphprune.errors import GraphPruneError
 UNARY_OPS = {"Identity", "Cast", "Snapshot", "StopGradient", "Relu", "Relu6", "Elu", "Selu", "LeakyRelu", "Sigmoid",
              "Tanh", "Softplus", "Softsign", "Erf", "Erfc", "Exp", "Expm1", "Neg", "Abs", "Square", "Sqrt", "Rsqrt",
              "Reciprocal", "Inv", "Log", "Log1p", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Gelu",
-             "PreventGradient", "EnsureShape", "CheckNumerics", "LogicalNot"}
+             "PreventGradient", "EnsureShape", "CheckNumerics", "LogicalNot", "ZerosLike", "OnesLike"}
 ELEMENTWISE_OPS = {"Add", "AddV2", "Sub", "Mul", "RealDiv", "Div", "DivNoNan", "Maximum", "Minimum",
                    "SquaredDifference", "Pow", "BiasAdd", "SelectV2", "ClipByValue", "AddN", "MulNoNan", "FloorDiv",
                    "Greater", "GreaterEqual", "Less", "LessEqual", "Equal", "NotEqual", "LogicalAnd", "LogicalOr"}
@@ -303,7 +303,7 @@ class _Entry:
     def flattened(self, ref: str) -> bool:
         """Whether ``ref`` is (through Identity/Cast) a Reshape flattening [N, ..., C] to 2-D."""
         node = self.origin(ref)
-        return (node is not None and node.op == "Reshape"
+        return (node is not None and node.op == "Reshape" and self.body.ref(node.name) not in self.merged
                 and _flattens(self.shape(node.input[0]), self.shape(node.name)))
 
     def outputs_of(self, node) -> list[str]:
@@ -856,28 +856,46 @@ def _broadcast_to(self: _Entry, node) -> None:
 
 
 def _strided_slice(self: _Entry, node) -> None:
-    """x[b:e:s, ...] with constant bounds: an axis taken whole (stride 1) goes through; an axis
-    indexed (shrink_axis_mask) or sliced otherwise is poisoned (its channels would move)."""
+    """x[b:e:s, ...] with constant bounds: an axis taken whole (stride 1), or covered by an
+    ellipsis, goes through; an axis indexed (shrink_axis_mask) or sliced otherwise is poisoned
+    (its channels would move); a new axis (size 1) reads nothing."""
     x, begin_ref, end_ref, strides_ref = self.body.data_inputs(node)[:4]
     xs, ys = self.shape(x), self.shape(node.name)
     begin, end, strides = (_constant(self, ref) for ref in (begin_ref, end_ref, strides_ref))
-    if not xs or ys is None or begin is None or end is None or strides is None \
-            or _attr(node, "ellipsis_mask", "i", 0) or _attr(node, "new_axis_mask", "i", 0):
+    if not xs or ys is None or begin is None or end is None or strides is None:
         self.unknown(node)
         return
     begin, end, strides = (np.ravel(v).tolist() for v in (begin, end, strides))
-    masks = {name: _attr(node, name, "i", 0) for name in ("begin_mask", "end_mask", "shrink_axis_mask")}
-    position = 0
-    for a, size in enumerate(xs):
-        if a < len(begin):
-            bit = 1 << a
-            if masks["shrink_axis_mask"] & bit:
-                continue  # one index of the axis (the CLS token's position): poisoned, it names a place
-            whole = strides[a] == 1 and (masks["begin_mask"] & bit or begin[a] == 0) and \
-                (masks["end_mask"] & bit or (size is not None and end[a] >= size))
-        else:
-            whole = True
-        if whole and position < len(ys):
+    masks = {name: _attr(node, name, "i", 0) for name in
+             ("begin_mask", "end_mask", "shrink_axis_mask", "ellipsis_mask", "new_axis_mask")}
+    spec = len(begin)
+    if bin(masks["ellipsis_mask"]).count("1") > 1:
+        self.unknown(node)
+        return
+    ellipsis = len(xs) - sum(1 for i in range(spec) if not (masks["ellipsis_mask"] | masks["new_axis_mask"]) & 1 << i)
+    a = position = 0
+    for i in range(spec):
+        bit = 1 << i
+        if masks["ellipsis_mask"] & bit:
+            for _ in range(ellipsis):
+                if position < len(ys):
+                    self.link(self.tensor(x, a), self.tensor(node.name, position))
+                a, position = a + 1, position + 1
+            continue
+        if masks["new_axis_mask"] & bit:
+            position += 1  # a size-1 axis of the output only
+            continue
+        if a >= len(xs):
+            break
+        if not masks["shrink_axis_mask"] & bit:  # one index of the axis (the CLS token's position) names a place
+            size = xs[a]
+            if strides[i] == 1 and (masks["begin_mask"] & bit or begin[i] == 0) and \
+                    (masks["end_mask"] & bit or (size is not None and end[i] >= size)) and position < len(ys):
+                self.link(self.tensor(x, a), self.tensor(node.name, position))
+            position += 1
+        a += 1
+    for a in range(a, len(xs)):  # the axes after the spec are whole
+        if position < len(ys):
             self.link(self.tensor(x, a), self.tensor(node.name, position))
         position += 1
 
@@ -953,13 +971,14 @@ def _reshape(self: _Entry, node) -> None:
     if not xs or not ys or xs[-1] is None or ys[-1] is None:
         self.unknown(node)
         return
-    if _merge_or_split(self, node, x, shape_ref, xs, ys):
+    if _merge_or_split(self, node, x, shape_ref, xs, ys) or _repeat(self, node, x, shape_ref, xs, ys):
         return
     if xs[-1] == ys[-1] and _shape_last(self, shape_ref) is None and _shape_of_own_input(self, x, shape_ref):
         self.link(self.tensor(x), self.tensor(node.name))  # tf.tensordot: computed from the input's own shape
         return
     if _shape_last(self, shape_ref) is None:
-        self.unknown(node)
+        if not _prefix_reshape(self, node, x, shape_ref, xs, ys):
+            self.unknown(node)
         return
     if xs[-1] == ys[-1]:
         self.link(self.tensor(x), self.tensor(node.name))
@@ -972,7 +991,29 @@ def _reshape(self: _Entry, node) -> None:
         self.graph.poison(self.tensor(node.name), f"Reshape '{node.name}' flattens it")
         self.graph.reshapes.append(Reshape(self.entry.label, self.node_id(node.name), self.tensor(x), ys[-1] // xs[-1]))
         return
-    self.unknown(node)
+    if not _prefix_reshape(self, node, x, shape_ref, xs, ys):
+        self.unknown(node)
+
+
+def _prefix_reshape(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:
+    """A Reshape that keeps its leading axes and regroups static trailing ones only (rotary
+    embeddings' [.., 2, d/2] -> [.., d]): a kept axis of static size, with only static axes up to
+    the regrouped ones, goes through where the shape operand's element for it is a constant
+    shrink_channels can rewrite; the regrouped axes are poisoned. False when nothing goes through."""
+    xs, ys = ([None if d is None or d < 0 else d for d in shape] for shape in (xs, ys))  # -1: unknown
+    k = 0
+    while k < min(len(xs), len(ys)) and xs[k] == ys[k]:
+        k += 1
+    while k > 0 and (None in xs[k:] or None in ys[k:] or int(np.prod(xs[k:])) != int(np.prod(ys[k:]))):
+        k -= 1
+    producer = self.body.producer(shape_ref)
+    if k == 0 or producer is None or producer.op not in ("Const", "Pack"):
+        return False
+    axes = [a for a in range(k) if None not in xs[a:k] and _constant_elements(self, producer, [a])]
+    for a in axes:
+        self.link(self.tensor(x, a), self.tensor(node.name, a))
+        self.graph.dims.append(ShapeDim(self.entry.label, self.node_id(node.name), a, (self.tensor(x, a),)))
+    return bool(axes)
 
 
 def _merged_axis(xs, ys) -> int | None:
@@ -1013,6 +1054,11 @@ def _merge_or_split(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:
             self.graph.dims.append(ShapeDim(self.entry.label, self.node_id(node.name), position,
                                             tuple(self.tensor(ref, axis) for axis in axes)))
 
+    def split_dims(rank: int) -> None:  # every element of a split shape follows its own axis
+        for position in range(rank):
+            self.graph.dims.append(ShapeDim(self.entry.label, self.node_id(node.name), position,
+                                            (self.tensor(y, position),)))
+
     if i is not None and self.source(x) is not None and producer.op == "Const":  # a kernel reshaped for a MatMul
         self.merged_kernels[y] = (x, i)
         for ref, rank in ((x, len(xs)), (y, len(ys))):
@@ -1021,25 +1067,19 @@ def _merge_or_split(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:
         dims(x, i)
         return True
     if i is not None and not _flattens(xs, ys):
-        spaces = (self.tensor(x, i), self.tensor(x, i + 1))
-        self.merged[y] = (i, spaces)
-        for axis, merged_axis in _other_axes(i, len(xs)):
-            self.link(self.tensor(x, axis), self.tensor(y, merged_axis))
-        self.claimed.update(spaces)
-        self.claim(y, i)
+        _merge(self, x, y, i, len(xs))
         dims(x, i)
         return True
-    if j is not None and x not in self.merged and j == len(ys) - 2:
-        # the last axis split into heads x head dims (a dense layer's output, as attention splits it)
+    if j is not None and x not in self.merged:
+        # an axis split in two: the last into heads x head dims (a dense layer's output, as attention
+        # splits it), or heads into key/value groups x the query heads sharing each (Gemma's)
         spaces = (self.tensor(y, j), self.tensor(y, j + 1))
         self.graph.factors.append((self.tensor(x, j), *spaces))
         for axis, merged_axis in _other_axes(j, len(ys)):
             self.link(self.tensor(x, merged_axis), self.tensor(y, axis))
         self.claim(x, j)
         self.claimed.update(spaces)
-        for position in range(len(ys)):
-            self.graph.dims.append(ShapeDim(self.entry.label, self.node_id(node.name), position,
-                                            (self.tensor(y, position),)))
+        split_dims(len(ys))
         return True
     if j is not None and x in self.merged and self.merged[x][0] == j:
         spaces = self.merged[x][1]
@@ -1051,11 +1091,40 @@ def _merge_or_split(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:
         self.link(spaces[0], self.tensor(y, j))
         self.link(spaces[1], self.tensor(y, j + 1))
         self.claim(x, j)
-        for position in range(len(ys)):
-            self.graph.dims.append(ShapeDim(self.entry.label, self.node_id(node.name), position,
-                                            (self.tensor(y, position),)))
+        split_dims(len(ys))
         return True
     return False
+
+
+def _repeat(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:
+    """tf.repeat(data, r, axis=i), as grouped-query attention repeats its key/value heads:
+    Reshape(Tile(ExpandDims(data, i + 1), r at i + 1), a shape computed from Shape(data)) merges
+    data's axis i with its r copies. The shape follows data's when channels go; the copies' axis
+    is the second factor, which only the r copies' own group could remove (it stays whole)."""
+    i = _merged_axis(xs, ys)
+    tile = self.body.producer(x)
+    if i is None or tile is None or tile.op != "Tile":
+        return False
+    expand = self.body.producer(self.body.data_inputs(tile)[0])
+    if expand is None or expand.op != "ExpandDims":
+        return False
+    data, dim_ref = self.body.data_inputs(expand)[:2]
+    dim, ds = _constant(self, dim_ref), self.shape(data)
+    if dim is None or not ds or len(ds) != len(xs) - 1 or int(np.ravel(dim)[0]) % len(xs) != i + 1 \
+            or not _shape_of_own_input(self, data, shape_ref):
+        return False
+    _merge(self, x, self.body.ref(node.name), i, len(xs))
+    return True
+
+
+def _merge(self: _Entry, x: str, y: str, i: int, rank: int) -> None:
+    """y is x with axes i and i + 1 merged into one (see _Entry.merged); the other axes go through."""
+    spaces = (self.tensor(x, i), self.tensor(x, i + 1))
+    self.merged[y] = (i, spaces)
+    for axis, merged_axis in _other_axes(i, rank):
+        self.link(self.tensor(x, axis), self.tensor(y, merged_axis))
+    self.claimed.update(spaces)
+    self.claim(y, i)
 
 
 def _constant_elements(self: _Entry, producer, positions) -> bool:
@@ -1136,7 +1205,7 @@ def _shape_of_own_input(self: _Entry, x: str, shape_ref: str) -> bool:
             if _behind_transposes(self, node.input[0]) != target:
                 return False
             shapes += 1
-        elif node.op in SHAPE_ARITHMETIC:
+        elif node.op in SHAPE_ARITHMETIC or node.op == "Reshape":  # tf.repeat reshapes its count to a scalar
             pending.extend(self.body.data_inputs(node))
         else:
             return False
@@ -1184,8 +1253,9 @@ def _shape(self: _Entry, node) -> None:
 
 
 def _random_like(self: _Entry, node) -> None:
-    """A random tensor of shape Shape(x) (a dropout mask): its axes are x's. Its shape follows x
-    when channels go; its other operands (seeds, bounds) are not channels."""
+    """A random tensor of shape Shape(x) (a dropout mask), or a Fill of it (tf.ones_like of a
+    tensor of unknown batch size): its axes are x's. Its shape follows x when channels go; its
+    other operands (seeds, bounds, the fill value) are not channels."""
     shape_ref, *others = self.body.data_inputs(node)
     producer = self.body.producer(shape_ref)
     while producer is not None and producer.op == "Identity":
@@ -1218,6 +1288,58 @@ def _concat(self: _Entry, node) -> None:
         if shape[axis]:
             self.link(self.tensor(ref, axis), target, offset)
         offset += shape[axis]
+
+
+def _split(self: _Entry, node) -> None:
+    """Split / SplitV / Unpack: every axis but the one cut goes through to each part (the cut axis
+    is poisoned: equal or constant part sizes would no longer add up once channels go)."""
+    inputs = self.body.data_inputs(node)
+    if node.op == "Unpack":
+        x, axis = inputs[0], _attr(node, "axis", "i", 0)
+    else:
+        x, axis_ref = (inputs[1], inputs[0]) if node.op == "Split" else (inputs[0], inputs[2])
+        axis = _constant(self, axis_ref)
+    xs = self.shape(x)
+    if axis is None or not xs:
+        self.unknown(node)
+        return
+    axis = int(axis) % len(xs)
+    for out in self.outputs_of(node):
+        ys = self.shape(out)
+        if ys is None:
+            self.unknown(node)
+            return
+        removed = node.op == "Unpack"
+        for a in range(len(xs)):
+            if a != axis:
+                self.link(self.tensor(x, a), self.tensor(out, a - 1 if removed and a > axis else a))
+
+
+def _reverse(self: _Entry, node) -> None:
+    """ReverseV2: the axes not reversed go through (a reversed one is poisoned: its channels move)."""
+    x, axis_ref = self.body.data_inputs(node)[:2]
+    xs, axes = self.shape(x), _constant(self, axis_ref)
+    if not xs or axes is None:
+        self.unknown(node)
+        return
+    reversed_ = {int(a) % len(xs) for a in np.ravel(axes)}
+    self.same(x, node.name, node, axes=[a for a in range(len(xs)) if a not in reversed_])
+
+
+def _pack(self: _Entry, node) -> None:
+    """Pack (tf.stack): each input's axes go through to the output's, around the new axis."""
+    ys = self.shape(node.name)
+    if not ys:
+        self.unknown(node)
+        return
+    axis = _attr(node, "axis", "i", 0) % len(ys)
+    for ref in self.body.data_inputs(node):
+        xs = self.shape(ref)
+        if xs is None or len(xs) != len(ys) - 1:
+            self.unknown(node)
+            return
+        for a in range(len(xs)):
+            self.link(self.tensor(ref, a), self.tensor(node.name, a if a < axis else a + 1))
 
 
 def _assign(self: _Entry, node) -> None:
@@ -1376,7 +1498,8 @@ _HANDLERS = {
     "ExpandDims": _squeeze_expand, "Reshape": _reshape, "Transpose": _transpose, "Shape": _shape,
     "ConcatV2": _concat, **{op: _assign for op in ASSIGN_OPS}, "GatherV2": _gather, "ResourceGather": _gather,
     "BroadcastTo": _broadcast_to, "StridedSlice": _strided_slice, "Slice": _slice, "Tile": _tile,
-    **{op: _random_like for op in RANDOM_OPS},
+    "Split": _split, "SplitV": _split, "Unpack": _split, "Pack": _pack, "ReverseV2": _reverse,
+    **{op: _random_like for op in RANDOM_OPS}, "Fill": _random_like,
 }
 
 

@@ -671,6 +671,63 @@ def test_keras_hub_transformer_mlp_neurons(tmp_path, name):
     assert any("output" in group.reason for group in stream), [group.reason for group in stream]
 
 
+def _hub_attention_models():
+    """keras-hub decoders whose heads reach the attention through what real LLMs use: grouped-query
+    attention (Llama: the key/value heads repeated by tf.repeat; Gemma: the query heads split into
+    key/value groups), rotary embeddings (split, stacked, reshaped back), GPT-NeoX's fused
+    query-key-value kernel sliced three ways with a partial rotary dimension."""
+    import keras_hub
+
+    models = keras_hub.models
+    small = dict(vocabulary_size=50, num_layers=1, hidden_dim=16, intermediate_dim=32)
+    return {
+        "llama": lambda: models.LlamaBackbone(num_query_heads=4, num_key_value_heads=2, **small),
+        "gemma": lambda: models.GemmaBackbone(num_query_heads=4, num_key_value_heads=2, head_dim=4, **small),
+        "gptneox": lambda: models.GPTNeoXBackbone(num_heads=2, max_sequence_length=8, **small),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["llama", "gemma", "gptneox"])
+def test_keras_hub_grouped_query_and_rotary_heads(tmp_path, name):
+    """Whole heads of keras-hub LLM decoders: a key/value head goes with the query heads that share
+    it (blocks of the query kernel's head axis and the output projection's); Gemma's query heads
+    within each group go too; GPT-NeoX's heads pass its three-way slices and rotary embedding. The
+    shrunk model computes what the masked one does, with the kernel shapes the masks predict."""
+    from test_real_models import _inputs
+
+    _hub_attention_models()[name]().export(str(tmp_path / "export"), verbose=False)
+    pm = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
+                          one_shot=True)
+    groups = graphprune.channel_groups(pm)
+    key = "self_attention/query_key_value/kernel" if name == "gptneox" else \
+        ("attention" if name == "gemma" else "self_attention") + "/key/kernel"
+    prefix = "decoder_block_0/" if name == "gemma" else "transformer_layer_0/"
+    head_axis = {"llama": 1, "gemma": 0, "gptneox": 1}[name]
+    heads = next(group for group in groups if any(m.name == prefix + key and m.axis == head_axis and m.period is None
+                                                  for m in group.members))
+    assert heads.prunable and heads.size == 2, graphprune.channels.describe([heads])
+    if name != "gptneox":
+        query = next(m for m in heads.members if m.name.endswith("/query/kernel"))
+        assert query.block == 2  # each key/value head's two query heads
+    if name == "gemma":  # the query heads within a group, removed from every group alike
+        within = [group for group in groups if group.prunable and group.size == 2 and group is not heads and
+                  any(m.name.endswith("/query/kernel") and m.period == 2 for m in group.members)]
+        assert within, graphprune.channels.describe(groups)
+    signature = pm.signatures["serving_default"]
+    inputs = _inputs(signature.structured_input_signature[1], np.random.RandomState(0))
+    masked = signature(**inputs)
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
+    shrunk = tf.saved_model.load(out).signatures["serving_default"](**inputs)
+    for k, value in masked.items():
+        scale = float(np.max(np.abs(value.numpy())))
+        np.testing.assert_allclose(shrunk[k].numpy(), value.numpy(), atol=1e-5 * scale, rtol=0)
+    before = _weight_shape(str(tmp_path / "export"), prefix + key)
+    after = _weight_shape(out, prefix + key)
+    assert after[head_axis] == before[head_axis] // 2  # one of two key/value heads
+    assert graphprune.cost(out).parameters == _predicted_parameters(pm)
+
+
 @pytest.fixture(scope="module")
 def stream_net(tmp_path_factory):
     return _saved(tmp_path_factory, StreamNet())
@@ -691,8 +748,9 @@ def _weight_shape(saved_model: str, key: str) -> tuple:
 
 def _predicted_parameters(pm) -> int:
     """The parameters left once every prunable group loses the channels its consumers' masks
-    zero: each member axis of a variable shrinks by its group's removed count."""
-    removed = {}
+    zero: each member axis of a variable loses the indices of its group's removed channels (a
+    head's block of values, every period-th value of a head dimension)."""
+    kept = {}
     for group in graphprune.channel_groups(pm):
         if not group.prunable:
             continue
@@ -701,14 +759,19 @@ def _predicted_parameters(pm) -> int:
             if m.role == "in":
                 mask = pm.variables_by_key[names.mask_key(m.name)].numpy()
                 per = np.any(np.moveaxis(mask, m.axis, 0).reshape(mask.shape[m.axis], -1) != 0, 1)
+                if m.block is not None:  # a head of ``block`` values
+                    per = per.reshape(-1, m.block).any(1)
                 used |= per[m.start:m.stop] if m.period is None else per.reshape(-1, m.period).any(0)[m.start:m.stop]
         for m in group.members:
             if m.kind == "variable":
-                removed[(m.name, m.axis)] = removed.get((m.name, m.axis), 0) + int((~used).sum())
+                dim = pm.traced.variables[m.name].shape[m.axis]
+                axis = kept.setdefault((m.name, m.axis), np.ones(dim, bool))
+                axis[m.indices(dim, np.flatnonzero(~used))] = False
     total = 0
     for key, spec in pm.traced.variables.items():
         if spec.role == names.ROLE_OTHER and len(spec.shape) >= 1:
-            total += int(np.prod([size - removed.get((key, axis), 0) for axis, size in enumerate(spec.shape)]))
+            total += int(np.prod([int(kept[(key, axis)].sum()) if (key, axis) in kept else size
+                                  for axis, size in enumerate(spec.shape)]))
     return total
 
 
@@ -983,19 +1046,79 @@ class _Views(tf.Module):
         return out + tf.matmul(h["whole"][:, :], self.heads["whole"])
 
 
-def test_views_that_pick_channels_by_place_keep_their_group_whole(tmp_path):
+def _views_pruned(tmp_path, module):
+    """The saved module pruned one-shot by channels, and its hidden layers' groups by layer name."""
     path = str(tmp_path / "model")
-    tf.saved_model.save(_Views(), path)
+    tf.saved_model.save(module, path)
     pm = graphprune.prune(path, graphprune.ConstantSparsity(0.5, 0), structure="channel", one_shot=True)
-    groups = {group.name.split("/")[0]: group for group in graphprune.channel_groups(pm)
-              if group.name.endswith("kernel:1")}
-    assert {name for name, group in groups.items() if group.prunable} == {"broadcast", "whole"}, \
-        graphprune.channels.describe(groups.values())
+    return pm, {group.name.split("/")[0]: group for group in graphprune.channel_groups(pm)
+                if group.name.endswith("kernel:1")}
+
+
+def _shrunk_as_masked(pm, tmp_path) -> str:
+    """Finalize with shrink=True and check the shrunk model computes the masked one; its path."""
     x = np.random.RandomState(1).standard_normal([5, 8]).astype(np.float32)
     masked = pm(x).numpy()
     out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
     np.testing.assert_allclose(tf.saved_model.load(out)(x).numpy(), masked, atol=1e-5 * np.abs(masked).max(), rtol=0)
+    return out
+
+
+def test_views_that_pick_channels_by_place_keep_their_group_whole(tmp_path):
+    pm, groups = _views_pruned(tmp_path, _Views())
+    assert {name for name, group in groups.items() if group.prunable} == {"broadcast", "whole"}, \
+        graphprune.channels.describe(groups.values())
+    out = _shrunk_as_masked(pm, tmp_path)
     assert _weight_shape(out, "broadcast/kernel") == (8, 8) and _weight_shape(out, "index/kernel") == (8, 16)
+
+
+class _Regroups(tf.Module):
+    """Hidden layers through the views LLM attention uses: tf.repeat along the channels (each
+    channel read twice), a stack and its unstack or split along a new axis, x[..., :], a reshape
+    regrouping static trailing axes next to a channel axis; and two that cut the channel axis
+    (tf.split along it, x[..., :8])."""
+
+    def __init__(self):
+        super().__init__()
+        rng = np.random.RandomState(0)
+        names_ = ("repeat", "stack", "ellipsis", "cut", "part")
+        self.kernels = {name: tf.Variable(rng.standard_normal([8, 16]).astype(np.float32), name=f"{name}/kernel")
+                        for name in names_}
+        self.heads = {name: tf.Variable(rng.standard_normal([32 if name == "repeat" else 16, 4]).astype(np.float32),
+                                        name=f"{name}/head") for name in names_}
+        self.regroup = tf.Variable(rng.standard_normal([8, 4, 6]).astype(np.float32), name="regroup/kernel")
+        self.regroup_head = tf.Variable(rng.standard_normal([4, 6, 4]).astype(np.float32), name="regroup/head")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32)])
+    def __call__(self, x):
+        h = {name: tf.nn.relu(tf.matmul(x, kernel)) for name, kernel in self.kernels.items()}
+        out = tf.matmul(tf.repeat(h["repeat"], 2, axis=1), self.heads["repeat"])
+        stacked = tf.stack([h["stack"], 2.0 * h["stack"]], axis=1)
+        first, _ = tf.unstack(stacked, axis=1)
+        _, second = tf.split(stacked, 2, axis=1)
+        out += tf.matmul(first + tf.squeeze(second, 1), self.heads["stack"])
+        out += tf.matmul(h["ellipsis"][..., :], self.heads["ellipsis"])
+        left, right = tf.split(h["cut"], 2, axis=1)
+        out += tf.matmul(tf.concat([right, left], 1), self.heads["cut"])
+        out += tf.matmul(tf.concat([h["part"][..., :8], h["part"][..., 8:] * 0.5], 1), self.heads["part"])
+        grouped = tf.nn.relu(tf.einsum("nc,chd->nhd", x, self.regroup))
+        regrouped = tf.reshape(tf.reverse(tf.reshape(grouped, [-1, 4, 2, 3]), [2]), [-1, 4, 6])  # rotary's halves
+        regrouped += tf.reshape(0.5 * tf.reshape(grouped, [-1, 4, 6, 1]), [-1, 4, 6])  # a trailing size-1 axis
+        return out + tf.einsum("nhd,hdk->nk", regrouped, self.regroup_head)
+
+
+def test_repeat_stack_split_and_regrouping_views(tmp_path):
+    pm, groups = _views_pruned(tmp_path, _Regroups())
+    assert {name for name, group in groups.items() if group.prunable} == {"repeat", "stack", "ellipsis", "regroup"}, \
+        graphprune.channels.describe(groups.values())
+    assert "Split" in groups["cut"].reason and "StridedSlice" in groups["part"].reason
+    repeated = next(m for m in groups["repeat"].members if m.name == "repeat/head")
+    assert repeated.block == 2  # channel c is rows 2c and 2c + 1
+    out = _shrunk_as_masked(pm, tmp_path)
+    assert _weight_shape(out, "repeat/head") == (16, 4) and _weight_shape(out, "repeat/kernel") == (8, 8)
+    # the regrouped heads go 4 -> 2; the halves' dims too (dim j of both halves: the reverse only swaps halves)
+    assert _weight_shape(out, "regroup/kernel")[:2] == (8, 2) and _weight_shape(out, "cut/kernel") == (8, 16)
+    assert graphprune.cost(out).parameters == _predicted_parameters(pm)
 
 
 def test_residual_stream_under_mirrored_strategy(tmp_path, mirrored):
