@@ -235,6 +235,9 @@ class _Entry:
         self.merged: dict[str, tuple[int, tuple]] = {}
         self.merged_kernels: dict[str, tuple[str, int]] = {}
         self.handled: set = set()  # (merged ref, consumer node)
+        # Shape(t) nodes -> t, and those whose every use follows t's channels (_sizes_read)
+        self.shape_reads: dict[str, str] = {}
+        self.followed_shapes: set = set()
         self.claimed: set = set()
         self.failed: str | None = None
 
@@ -381,6 +384,21 @@ class _Entry:
         for ref in list(self.periodic):
             self._periodic_consumers(ref)
         self._merged_consumers()
+        self._sizes_read()
+
+    def _sizes_read(self) -> None:
+        """A static size of t read by Shape(t) into something that does not follow t's channels
+        (a reshape of another tensor to t's shape) would hand the shrunk model t's new size where
+        the old one is needed: such axes of t are poisoned."""
+        for name, t in self.shape_reads.items():
+            ts = self.shape(t)
+            if name in self.followed_shapes or not ts:
+                continue
+            for reader, _ in self.body.consumers(name):
+                for a in sorted(_elements_picked(self, reader, len(ts))):
+                    if ts[a] is not None:
+                        self.graph.poison(self.tensor(t, a), f"Shape '{name}' reads its size into "
+                                                             f"{reader.op} '{reader.name}'")
 
     def _settle(self, node) -> None:
         """Poison the axes the handler did not account for (all of them if it gave up)."""
@@ -1211,6 +1229,7 @@ def _shape_of_own_input(self: _Entry, x: str, shape_ref: str) -> bool:
             return False
         if len(seen) > 64:
             return False
+    self.followed_shapes.update(name for name in seen if self.body.node(name).op == "Shape")
     return shapes > 0
 
 
@@ -1248,8 +1267,24 @@ def _shape(self: _Entry, node) -> None:
     """Shape(x) reads no channel values; what uses its result decides (a Reshape computed from it
     follows x, see _shape_of_own_input; a tensor created from it is an unknown op's output)."""
     x = self.body.data_inputs(node)[0]
+    self.shape_reads[node.name] = x
     for axis in range(len(self.shape(x) or ())):
         self.claim(x, axis)
+
+
+def _elements_picked(self: _Entry, reader, rank: int) -> set:
+    """The elements of a shape vector that ``reader`` takes: a StridedSlice's with constant
+    bounds (an index, or a range), any other op's all of them."""
+    inputs = self.body.data_inputs(reader)
+    if reader.op != "StridedSlice" or any(_constant(self, ref) is None for ref in inputs[1:4]) \
+            or _attr(reader, "ellipsis_mask", "i", 0) or _attr(reader, "new_axis_mask", "i", 0):
+        return set(range(rank))
+    begin, end, stride = (int(np.ravel(_constant(self, ref))[0]) for ref in inputs[1:4])
+    if _attr(reader, "shrink_axis_mask", "i", 0) & 1:
+        return {begin % rank} if -rank <= begin < rank else set()
+    begin = None if _attr(reader, "begin_mask", "i", 0) & 1 else begin
+    end = None if _attr(reader, "end_mask", "i", 0) & 1 else end
+    return set(range(rank)[begin:end:stride or 1])
 
 
 def _random_like(self: _Entry, node) -> None:
@@ -1263,6 +1298,7 @@ def _random_like(self: _Entry, node) -> None:
     if producer is None or producer.op != "Shape":
         self.unknown(node)
         return
+    self.followed_shapes.add(producer.name)
     self.same(producer.input[0], node.name, node)
     for ref in others:
         for axis in range(len(self.shape(ref) or ())):
@@ -1760,6 +1796,17 @@ def _group(graph: _Graph, component) -> ChannelGroup | None:
         (f" every {named.period}" if named.period else "")
     name = f"{named.name}:{named.axis}{suffix}"
     return ChannelGroup(name, size, tuple(members), reason)
+
+
+def rounding(group: ChannelGroup, round_to: int, shape_of) -> int:
+    """The multiple a group's kept count is rounded up to: ``round_to`` over what one channel of
+    the group already spans in the kernels that produce it (shape_of(member) gives a member's
+    weight shape). A conv's or dense layer's channel spans one value, so it is ``round_to``; an
+    attention head spans its head_dim values (and a key/value head its query heads' too), so 8
+    heads of 64 need no rounding to give kernels multiples of 8."""
+    spans = [(m.block or 1) * int(np.prod(shape_of(m)[m.axis + 1:], dtype=np.int64))
+             for m in group.members if m.role == "out"]
+    return round_to // np.gcd(round_to, min(spans)) if spans else round_to
 
 
 def describe(groups) -> str:

@@ -697,8 +697,9 @@ def test_keras_hub_grouped_query_and_rotary_heads(tmp_path, name):
     from test_real_models import _inputs
 
     _hub_attention_models()[name]().export(str(tmp_path / "export"), verbose=False)
+    # round_to counts values: a head of 4 values needs no rounding for 4 (a neuron is rounded)
     pm = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
-                          one_shot=True)
+                          one_shot=True, round_to=4)
     groups = graphprune.channel_groups(pm)
     key = "self_attention/query_key_value/kernel" if name == "gptneox" else \
         ("attention" if name == "gemma" else "self_attention") + "/key/kernel"
@@ -1119,6 +1120,53 @@ def test_repeat_stack_split_and_regrouping_views(tmp_path):
     # the regrouped heads go 4 -> 2; the halves' dims too (dim j of both halves: the reverse only swaps halves)
     assert _weight_shape(out, "regroup/kernel")[:2] == (8, 2) and _weight_shape(out, "cut/kernel") == (8, 16)
     assert graphprune.cost(out).parameters == _predicted_parameters(pm)
+
+
+class _SizeRead(tf.Module):
+    """A fixed-width tensor reshaped to tf.shape(hidden layer): once the layer lost channels, the
+    reshape would ask for the new size; the layer must stay whole. A zeros tensor of another
+    layer's shape follows that layer instead."""
+
+    def __init__(self):
+        super().__init__()
+        rng = np.random.RandomState(0)
+        self.kernels = {name: tf.Variable(rng.standard_normal([8, 16]).astype(np.float32), name=f"{name}/kernel")
+                        for name in ("read", "zeros")}
+        self.heads = {name: tf.Variable(rng.standard_normal([16, 4]).astype(np.float32), name=f"{name}/head")
+                      for name in self.kernels}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32)])
+    def __call__(self, x):
+        h = {name: tf.nn.relu(tf.matmul(x, kernel)) for name, kernel in self.kernels.items()}
+        fixed = tf.reduce_sum(tf.reshape(tf.concat([x, x], 1), tf.shape(h["read"])), -1, keepdims=True)
+        zeros = tf.zeros(tf.shape(h["zeros"]))
+        return tf.matmul(h["read"], self.heads["read"]) + fixed + tf.matmul(h["zeros"] + zeros, self.heads["zeros"])
+
+
+def test_a_size_read_into_another_tensor_keeps_its_channels_whole(tmp_path):
+    pm, groups = _views_pruned(tmp_path, _SizeRead())
+    assert not groups["read"].prunable and "reads its size into Reshape" in groups["read"].reason
+    assert groups["zeros"].prunable, graphprune.channels.describe(groups.values())
+    out = _shrunk_as_masked(pm, tmp_path)
+    assert _weight_shape(out, "read/kernel") == (8, 16) and _weight_shape(out, "zeros/kernel") == (8, 8)
+
+
+def test_rounding_counts_the_values_a_channel_spans():
+    """round_to applies to values: a conv channel spans one, an attention head its head_dim (and a
+    key/value head its query heads' too)."""
+    def group(*members):
+        return channels.ChannelGroup("g", 8, tuple(channels.Member("variable", f"k{i}", axis, 0, 8, None, role, block)
+                                                   for i, (axis, role, block) in enumerate(members)))
+
+    shapes = {"k0": (3, 3, 4, 8), "k1": (512, 8, 64)}
+    assert channels.rounding(group((3, "out", None)), 8, lambda m: shapes[m.name]) == 8  # conv channels
+    assert channels.rounding(group((3, "out", None), (1, "out", None)), 8, lambda m: shapes[m.name]) == 8
+    shapes = {"k0": (512, 8, 64), "k1": (512, 32, 64), "k2": (8, 64, 512)}
+    heads = group((1, "out", None), (1, "out", 4), (0, "in", 4))  # key/value heads, their query heads, o
+    assert channels.rounding(heads, 8, lambda m: shapes[m.name]) == 1
+    shapes = {"k0": (16, 8, 2), "k1": (16, 32, 2), "k2": (8, 2, 16)}
+    assert channels.rounding(heads, 8, lambda m: shapes[m.name]) == 4  # heads of 2 values: 4 heads give 8
+    assert channels.rounding(group((0, "in", None)), 8, lambda m: (8, 4)) == 8  # no producer: as asked
 
 
 def test_residual_stream_under_mirrored_strategy(tmp_path, mirrored):
