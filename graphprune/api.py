@@ -32,7 +32,8 @@ def prune(target, schedule=None, *, block_size=(1, 1), block_pooling="AVG", m_by
     structure="channel": remove whole channels (a conv's output channels, a dense layer's neurons)
         with every slice coupled to them (graphprune.channels: dependency groups), each group at
         the schedule's sparsity (the fraction of its channels removed), ranked by ``importance``
-        ("l2" or "l1" norm over the group); ``round_to=8`` keeps a multiple of 8 channels.
+        ("l2" or "l1" norm over the group); ``round_to=8`` keeps a multiple of 8 channels (of
+        8 values: an attention head of 64 values needs no rounding; channels.rounding).
         ``finalize(..., shrink=True)`` then removes them from the graph: a smaller dense model.
         ``residual_stream=True`` also removes channels that layer norms average over (a
         transformer's hidden size, with its embeddings, biases and norm parameters): each such

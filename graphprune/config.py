@@ -83,7 +83,8 @@ class Structure:
     """Unstructured (default), blocks (``block_size``, ``block_pooling``), M:N (``m_by_n``) or
     whole channels (``kind="channel"``: output channels, neurons, with their dependency groups;
     scored by the group's ``importance``, "l2" or "l1"; the kept count rounded up to a multiple
-    of ``round_to``, so that kernels get channel counts that suit them). ``residual_stream``
+    of ``round_to`` values, so that kernels get channel counts that suit them: a head of 64
+    values is already 64 of them; channels.rounding). ``residual_stream``
     (channels only): also remove channels that normalization layers average over, a
     transformer's hidden size; their means are then taken over the kept channels, so the masked
     model computes what the shrunk one will."""

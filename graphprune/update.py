@@ -12,6 +12,7 @@ from typing import Callable, Mapping
 import numpy as np
 import tensorflow as tf
 
+from graphprune.channels import rounding
 from graphprune.config import WeightPlan
 from graphprune.errors import DataError
 from graphprune.masks import Chain, global_threshold, kept_count, mask_and_threshold, scores_for_global
@@ -160,8 +161,8 @@ def _channel_masks(weights, plans, sparsities, alive, groups):
         ranked.append((group, members, score, sparsity, all(plans[m.name].in_global_group for m in members)))
 
     def rounded(group, count):
-        return tf.minimum(tf.constant(group.size, tf.int32),
-                          -(-tf.maximum(count, 1) // structure.round_to) * structure.round_to)
+        multiple = int(rounding(group, structure.round_to, lambda m: weights[m.name].shape.as_list()))
+        return tf.minimum(tf.constant(group.size, tf.int32), -(-tf.maximum(count, 1) // multiple) * multiple)
 
     shared = [item for item in ranked if item[4]]
     normalized, global_threshold_value = {}, None

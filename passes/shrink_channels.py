@@ -25,7 +25,7 @@ from tensorflow.core.framework import types_pb2
 from graphprune import body as b
 from graphprune import graph as g
 from graphprune import names
-from graphprune.channels import CONTROL_FLOW_OPS, analyze
+from graphprune.channels import CONTROL_FLOW_OPS, analyze, rounding
 from graphprune.passbase import Option, PassContext, PassResult, register_pass
 
 
@@ -59,7 +59,8 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
             alive |= used[member.start:member.stop]
         dead = np.flatnonzero(~alive)
         keep_count = group.size - len(dead)
-        wanted = min(group.size, max(1, -(-keep_count // round_to) * round_to))
+        multiple = int(rounding(group, round_to, lambda m: value(m.kind, m.name).shape))
+        wanted = min(group.size, max(1, -(-keep_count // multiple) * multiple))
         if wanted > keep_count:
             dead = dead[wanted - keep_count:]
         if not len(dead):
@@ -273,5 +274,5 @@ def _set_last_dim(body: b.Body, node, last: int, operand: int = 1) -> None:
 
 
 register_pass("shrink_channels", shrink_channels, options=[
-    Option("round_to", "int", 1, "keep a multiple of this many channels per group"),
+    Option("round_to", "int", 1, "keep a multiple of this many channels (values: a head spans head_dim) per group"),
 ], invalidates=("weights", "channel_groups"))
