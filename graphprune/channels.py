@@ -1798,15 +1798,25 @@ def _group(graph: _Graph, component) -> ChannelGroup | None:
     return ChannelGroup(name, size, tuple(members), reason)
 
 
-def rounding(group: ChannelGroup, round_to: int, shape_of) -> int:
+def rounding(group: ChannelGroup, round_to: int, shape_of, contracted=frozenset()) -> int:
     """The multiple a group's kept count is rounded up to: ``round_to`` over what one channel of
     the group already spans in the kernels that produce it (shape_of(member) gives a member's
-    weight shape). A conv's or dense layer's channel spans one value, so it is ``round_to``; an
-    attention head spans its head_dim values (and a key/value head its query heads' too), so 8
-    heads of 64 need no rounding to give kernels multiples of 8."""
-    spans = [(m.block or 1) * int(np.prod(shape_of(m)[m.axis + 1:], dtype=np.int64))
-             for m in group.members if m.role == "out"]
+    weight shape; ``contracted`` holds the (weight, axis) pairs that are some group's "in" axes,
+    which a channel does not span). A conv's or dense layer's channel spans one value, so it is
+    ``round_to``; an attention head spans its head_dim values (and a key/value head its query
+    heads' too), so 8 heads of 64 need no rounding to give kernels multiples of 8."""
+    spans = []
+    for m in group.members:
+        if m.role == "out":
+            shape = shape_of(m)
+            after = [size for axis, size in enumerate(shape) if axis > m.axis and (m.name, axis) not in contracted]
+            spans.append((m.block or 1) * int(np.prod(after, dtype=np.int64)))
     return round_to // np.gcd(round_to, min(spans)) if spans else round_to
+
+
+def contracted_axes(groups) -> set:
+    """(weight, axis) of every kernel axis that consumes channels (an "in" member of any group)."""
+    return {(m.name, m.axis) for group in groups for m in group.members if m.role == "in"}
 
 
 def describe(groups) -> str:

@@ -12,7 +12,7 @@ from typing import Callable, Mapping
 import numpy as np
 import tensorflow as tf
 
-from graphprune.channels import rounding
+from graphprune.channels import contracted_axes, rounding
 from graphprune.config import WeightPlan
 from graphprune.errors import DataError
 from graphprune.masks import Chain, global_threshold, kept_count, mask_and_threshold, scores_for_global
@@ -160,8 +160,10 @@ def _channel_masks(weights, plans, sparsities, alive, groups):
         sparsity = tf.reduce_min(tf.stack([tf.cast(sparsities[key], tf.float32) for key in producers]))
         ranked.append((group, members, score, sparsity, all(plans[m.name].in_global_group for m in members)))
 
+    contracted = contracted_axes(groups)
+
     def rounded(group, count):
-        multiple = int(rounding(group, structure.round_to, lambda m: weights[m.name].shape.as_list()))
+        multiple = int(rounding(group, structure.round_to, lambda m: weights[m.name].shape.as_list(), contracted))
         return tf.minimum(tf.constant(group.size, tf.int32), -(-tf.maximum(count, 1) // multiple) * multiple)
 
     shared = [item for item in ranked if item[4]]

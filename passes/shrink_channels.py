@@ -25,7 +25,7 @@ from tensorflow.core.framework import types_pb2
 from graphprune import body as b
 from graphprune import graph as g
 from graphprune import names
-from graphprune.channels import CONTROL_FLOW_OPS, analyze, rounding
+from graphprune.channels import CONTROL_FLOW_OPS, analyze, contracted_axes, rounding
 from graphprune.passbase import Option, PassContext, PassResult, register_pass
 
 
@@ -39,6 +39,7 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
     def value(kind: str, name: str) -> np.ndarray:
         return np.asarray(context.value(model, name) if kind == "variable" else consts[name])
 
+    contracted = contracted_axes(analysis.groups)
     removed: dict[str, np.ndarray] = {}  # group name -> dead channel indices
     removal: dict[tuple[str, str, int], set] = {}
     report_groups = {}
@@ -59,7 +60,7 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
             alive |= used[member.start:member.stop]
         dead = np.flatnonzero(~alive)
         keep_count = group.size - len(dead)
-        multiple = int(rounding(group, round_to, lambda m: value(m.kind, m.name).shape))
+        multiple = int(rounding(group, round_to, lambda m: value(m.kind, m.name).shape, contracted))
         wanted = min(group.size, max(1, -(-keep_count // multiple) * multiple))
         if wanted > keep_count:
             dead = dead[wanted - keep_count:]

@@ -1167,6 +1167,33 @@ def test_rounding_counts_the_values_a_channel_spans():
     shapes = {"k0": (16, 8, 2), "k1": (16, 32, 2), "k2": (8, 2, 16)}
     assert channels.rounding(heads, 8, lambda m: shapes[m.name]) == 4  # heads of 2 values: 4 heads give 8
     assert channels.rounding(group((0, "in", None)), 8, lambda m: (8, 4)) == 8  # no producer: as asked
+    # a transposed dense kernel [out, in] (tf.matmul(x, w, transpose_b=True)): its rows span one value
+    assert channels.rounding(group((0, "out", None)), 8, lambda m: (16, 512), {("k0", 1)}) == 8
+    # Gemma's query kernel [heads, hidden, head_dim]: a head spans head_dim, not hidden x head_dim
+    assert channels.rounding(group((0, "out", None)), 8, lambda m: (8, 512, 4), {("k0", 1)}) == 2
+
+
+def test_round_to_on_a_transposed_kernel_keeps_a_multiple(tmp_path):
+    """tf.matmul(x, w, transpose_b=True) with w [out, in]: round_to=8 keeps 8 or 16 of 24 neurons."""
+
+    class Transposed(tf.Module):
+        def __init__(self):
+            super().__init__()
+            rng = np.random.RandomState(0)
+            self.w = tf.Variable(rng.standard_normal([24, 8]).astype(np.float32), name="hidden/kernel")
+            self.head = tf.Variable(rng.standard_normal([24, 4]).astype(np.float32), name="head/kernel")
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32)])
+        def __call__(self, x):
+            return tf.matmul(tf.nn.relu(tf.matmul(x, self.w, transpose_b=True)), self.head)
+
+    path = str(tmp_path / "model")
+    tf.saved_model.save(Transposed(), path)
+    pm = graphprune.prune(path, graphprune.ConstantSparsity(0.6, 0), structure="channel", one_shot=True, round_to=8)
+    kept = int(np.any(pm.variables_by_key["hidden/kernel"].numpy() != 0, axis=1).sum())
+    assert kept == 16  # 40% of 24 is 9.6, rounded up to 16
+    out = _shrunk_as_masked(pm, tmp_path)
+    assert _weight_shape(out, "hidden/kernel") == (16, 8)
 
 
 def test_residual_stream_under_mirrored_strategy(tmp_path, mirrored):
