@@ -39,6 +39,9 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
     def value(kind: str, name: str) -> np.ndarray:
         return np.asarray(context.value(model, name) if kind == "variable" else consts[name])
 
+    def shape_of(member) -> tuple:  # without reading the weight
+        return tuple(model.variables[member.name].shape) if member.kind == "variable" else consts[member.name].shape
+
     contracted = contracted_axes(analysis.groups)
     removed: dict[str, np.ndarray] = {}  # group name -> dead channel indices
     removal: dict[tuple[str, str, int], set] = {}
@@ -60,7 +63,7 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
             alive |= used[member.start:member.stop]
         dead = np.flatnonzero(~alive)
         keep_count = group.size - len(dead)
-        multiple = int(rounding(group, round_to, lambda m: value(m.kind, m.name).shape, contracted))
+        multiple = int(rounding(group, round_to, shape_of, contracted))
         wanted = min(group.size, max(1, -(-keep_count // multiple) * multiple))
         if wanted > keep_count:
             dead = dead[wanted - keep_count:]
