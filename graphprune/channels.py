@@ -1274,17 +1274,18 @@ def _shape(self: _Entry, node) -> None:
 
 def _elements_picked(self: _Entry, reader, rank: int) -> set:
     """The elements of a shape vector that ``reader`` takes: a StridedSlice's with constant
-    bounds (an index, or a range), any other op's all of them."""
-    inputs = self.body.data_inputs(reader)
-    if reader.op != "StridedSlice" or any(_constant(self, ref) is None for ref in inputs[1:4]) \
-            or _attr(reader, "ellipsis_mask", "i", 0) or _attr(reader, "new_axis_mask", "i", 0):
-        return set(range(rank))
-    begin, end, stride = (int(np.ravel(_constant(self, ref))[0]) for ref in inputs[1:4])
-    if _attr(reader, "shrink_axis_mask", "i", 0) & 1:
-        return {begin % rank} if -rank <= begin < rank else set()
-    begin = None if _attr(reader, "begin_mask", "i", 0) & 1 else begin
-    end = None if _attr(reader, "end_mask", "i", 0) & 1 else end
-    return set(range(rank)[begin:end:stride or 1])
+    bounds (an index, or a range: _strided_slice_value on the element positions), any other
+    op's all of them."""
+    everything = set(range(rank))
+    if reader.op != "StridedSlice":
+        return everything
+    bounds = [_constant(self, ref) for ref in self.body.data_inputs(reader)[1:4]]
+    if any(bound is None for bound in bounds):
+        return everything
+    picked = _strided_slice_value(reader, [list(range(rank)), *(np.ravel(bound).tolist() for bound in bounds)])
+    if picked is None:
+        return everything
+    return {picked} if isinstance(picked, int) else set(picked)
 
 
 def _random_like(self: _Entry, node) -> None:
