@@ -142,13 +142,15 @@ class Reshape:
 
 @dataclasses.dataclass(frozen=True)
 class ShapeDim:
-    """One element of a Reshape's constant shape operand that must become the product of the
-    (shrunk) sizes of ``spaces``: where two axes are merged or split (attention heads)."""
+    """One element of a Reshape's (or Fill's) constant shape operand that must become the product
+    of the (shrunk) sizes of ``spaces``: where two axes are merged or split (attention heads), or
+    a kept axis of a constant shape."""
 
     entry: str
     node: str
     position: int
     spaces: tuple
+    operand: int = 1  # the shape operand: a Fill's is 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1306,6 +1308,24 @@ def _random_like(self: _Entry, node) -> None:
             self.claim(ref, axis)
 
 
+def _fill(self: _Entry, node) -> None:
+    """tf.fill, tf.zeros, tf.ones. Of Shape(x): x's axes (_random_like). Of a constant shape (a
+    Const, or a Pack whose element for the axis is a Const: T5's zero position bias [1, heads, q,
+    k]): every value is the same, so an axis of static size follows whatever it meets, and
+    shrink_channels rewrites its element of the shape (a ShapeDim on operand 0)."""
+    shape_ref = self.body.data_inputs(node)[0]
+    producer = self.body.producer(shape_ref)
+    if producer is None or producer.op not in ("Const", "Pack"):
+        _random_like(self, node)
+        return
+    for axis, size in enumerate(self.shape(node.name) or ()):
+        if size is not None and _constant_elements(self, producer, [axis]):
+            self.graph.dims.append(ShapeDim(self.entry.label, self.node_id(node.name), axis,
+                                            (self.tensor(node.name, axis),), operand=0))
+            self.claim(node.name, axis)
+    self.claim(shape_ref, 0)  # the shape vector's own axis is not a channel
+
+
 def _concat(self: _Entry, node) -> None:
     inputs = self.body.data_inputs(node)
     values, axis_ref = inputs[:-1], inputs[-1]
@@ -1536,7 +1556,7 @@ _HANDLERS = {
     "ConcatV2": _concat, **{op: _assign for op in ASSIGN_OPS}, "GatherV2": _gather, "ResourceGather": _gather,
     "BroadcastTo": _broadcast_to, "StridedSlice": _strided_slice, "Slice": _slice, "Tile": _tile,
     "Split": _split, "SplitV": _split, "Unpack": _split, "Pack": _pack, "ReverseV2": _reverse,
-    **{op: _random_like for op in RANDOM_OPS}, "Fill": _random_like,
+    **{op: _random_like for op in RANDOM_OPS}, "Fill": _fill,
 }
 
 

@@ -101,8 +101,8 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
                                                     tf.dtypes.as_dtype(node.attr["dtype"].type).name))
                 elif node.op in ("Reshape", "BroadcastTo", "Slice") and (entry.label, name) in new_shapes:
                     _set_last_dim(body, node, *new_shapes[(entry.label, name)])
-                elif node.op == "Reshape" and (entry.label, name) in new_dims:
-                    _set_dims(body, node, new_dims[(entry.label, name)])
+                elif node.op in ("Reshape", "Fill") and (entry.label, name) in new_dims:
+                    _set_dims(body, node, *new_dims[(entry.label, name)])
             _update_shapes(body, entry.label, analysis, removed, shrunk_specs)
             _plain_means(body)
 
@@ -208,21 +208,21 @@ def _kept_size(analysis, removed: dict, space) -> int:
     return analysis.sizes.get(space, 0) - gone
 
 
-def _dim_targets(analysis, removed: dict) -> dict[tuple[str, str], dict[int, int]]:
-    """(entry, Reshape node) -> {position: new value} of its constant shape operand, where two
-    axes are merged or split (channels.ShapeDim)."""
-    targets: dict[tuple[str, str], dict[int, int]] = {}
+def _dim_targets(analysis, removed: dict) -> dict[tuple[str, str], tuple[dict[int, int], int]]:
+    """(entry, Reshape or Fill node) -> ({position: new value} of its constant shape operand, the
+    operand), where two axes are merged or split or a constant shape keeps an axis (channels.ShapeDim)."""
+    targets: dict[tuple[str, str], tuple[dict[int, int], int]] = {}
     for dim in analysis.dims:
         if any(space not in analysis.sizes for space in dim.spaces):
             continue  # a dimension not known statically (the batch): never a channel axis
         kept = [_kept_size(analysis, removed, space) for space in dim.spaces]
         if kept != [analysis.sizes[space] for space in dim.spaces]:
-            targets.setdefault((dim.entry, dim.node), {})[dim.position] = int(np.prod(kept))
+            targets.setdefault((dim.entry, dim.node), ({}, dim.operand))[0][dim.position] = int(np.prod(kept))
     return targets
 
 
 def _set_dims(body: b.Body, node, values: dict[int, int], operand: int = 1) -> None:
-    """Point a Reshape's constant shape operand (the input at ``operand``) at a copy with
+    """Point a Reshape's (or Fill's) constant shape operand (the input at ``operand``) at a copy with
     ``values`` at their positions (an element that is -1 stays -1: TensorFlow infers it)."""
     producer = body.producer(body.data_inputs(node)[operand])
     if producer.op == "Pack":  # of scalars: the constant ones at the positions are replaced

@@ -687,6 +687,22 @@ def _hub_attention_models():
     }
 
 
+def _hub_shrunk_as_masked(pm, tmp_path) -> str:
+    """Finalize a pruned keras-hub export with shrink=True and check its serving signature computes
+    the masked one's outputs (on random token inputs); the shrunk model's path."""
+    from test_real_models import _inputs
+
+    signature = pm.signatures["serving_default"]
+    inputs = _inputs(signature.structured_input_signature[1], np.random.RandomState(0))
+    masked = signature(**inputs)
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
+    shrunk = tf.saved_model.load(out).signatures["serving_default"](**inputs)
+    for key, value in masked.items():
+        scale = float(np.max(np.abs(value.numpy())))
+        np.testing.assert_allclose(shrunk[key].numpy(), value.numpy(), atol=1e-5 * scale, rtol=0)
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama", "gemma", "gptneox"])
 def test_keras_hub_grouped_query_and_rotary_heads(tmp_path, name):
@@ -694,8 +710,6 @@ def test_keras_hub_grouped_query_and_rotary_heads(tmp_path, name):
     it (blocks of the query kernel's head axis and the output projection's); Gemma's query heads
     within each group go too; GPT-NeoX's heads pass its three-way slices and rotary embedding. The
     shrunk model computes what the masked one does, with the kernel shapes the masks predict."""
-    from test_real_models import _inputs
-
     _hub_attention_models()[name]().export(str(tmp_path / "export"), verbose=False)
     # round_to counts values: a head of 4 values needs no rounding for 4 (a neuron is rounded)
     pm = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
@@ -715,14 +729,7 @@ def test_keras_hub_grouped_query_and_rotary_heads(tmp_path, name):
         within = [group for group in groups if group.prunable and group.size == 2 and group is not heads and
                   any(m.name.endswith("/query/kernel") and m.period == 2 for m in group.members)]
         assert within, graphprune.channels.describe(groups)
-    signature = pm.signatures["serving_default"]
-    inputs = _inputs(signature.structured_input_signature[1], np.random.RandomState(0))
-    masked = signature(**inputs)
-    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
-    shrunk = tf.saved_model.load(out).signatures["serving_default"](**inputs)
-    for k, value in masked.items():
-        scale = float(np.max(np.abs(value.numpy())))
-        np.testing.assert_allclose(shrunk[k].numpy(), value.numpy(), atol=1e-5 * scale, rtol=0)
+    out = _hub_shrunk_as_masked(pm, tmp_path)
     before = _weight_shape(str(tmp_path / "export"), prefix + key)
     after = _weight_shape(out, prefix + key)
     assert after[head_axis] == before[head_axis] // 2  # one of two key/value heads
@@ -1122,18 +1129,25 @@ def test_repeat_stack_split_and_regrouping_views(tmp_path):
     assert graphprune.cost(out).parameters == _predicted_parameters(pm)
 
 
-class _SizeRead(tf.Module):
+class _HiddenLayers(tf.Module):
+    """Named hidden layers x @ <name>/kernel [8, 16], each read by its own <name>/head [16, 4]."""
+
+    def __init__(self, names):
+        super().__init__()
+        rng = np.random.RandomState(0)
+        self.kernels = {name: tf.Variable(rng.standard_normal([8, 16]).astype(np.float32), name=f"{name}/kernel")
+                        for name in names}
+        self.heads = {name: tf.Variable(rng.standard_normal([16, 4]).astype(np.float32), name=f"{name}/head")
+                      for name in self.kernels}
+
+
+class _SizeRead(_HiddenLayers):
     """A fixed-width tensor reshaped to tf.shape(hidden layer): once the layer lost channels, the
     reshape would ask for the new size; the layer must stay whole. A zeros tensor of another
     layer's shape follows that layer instead."""
 
     def __init__(self):
-        super().__init__()
-        rng = np.random.RandomState(0)
-        self.kernels = {name: tf.Variable(rng.standard_normal([8, 16]).astype(np.float32), name=f"{name}/kernel")
-                        for name in ("read", "zeros")}
-        self.heads = {name: tf.Variable(rng.standard_normal([16, 4]).astype(np.float32), name=f"{name}/head")
-                      for name in self.kernels}
+        super().__init__(("read", "zeros"))
 
     @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32)])
     def __call__(self, x):
@@ -1149,6 +1163,52 @@ def test_a_size_read_into_another_tensor_keeps_its_channels_whole(tmp_path):
     assert groups["zeros"].prunable, graphprune.channels.describe(groups.values())
     out = _shrunk_as_masked(pm, tmp_path)
     assert _weight_shape(out, "read/kernel") == (8, 16) and _weight_shape(out, "zeros/kernel") == (8, 8)
+
+
+class _ConstantFills(_HiddenLayers):
+    """Hidden layers meeting tensors filled with one value: of a constant shape (tf.fill) and of a
+    shape packed from the batch size and a constant width (tf.ones(tf.stack(...)), as T5 builds
+    its zero position bias); each follows the channels it meets."""
+
+    def __init__(self):
+        super().__init__(("fill", "packed"))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32)])
+    def __call__(self, x):
+        h = {name: tf.nn.relu(tf.matmul(x, kernel)) for name, kernel in self.kernels.items()}
+        filled = h["fill"] + tf.fill([1, 16], 0.5)
+        packed = h["packed"] * tf.ones(tf.stack([tf.shape(x)[0], 16]))
+        return tf.matmul(filled, self.heads["fill"]) + tf.matmul(packed, self.heads["packed"])
+
+
+def test_a_constant_fill_follows_the_channels_it_meets(tmp_path):
+    pm, groups = _views_pruned(tmp_path, _ConstantFills())
+    assert all(group.prunable for group in groups.values()), graphprune.channels.describe(groups.values())
+    out = _shrunk_as_masked(pm, tmp_path)
+    assert _weight_shape(out, "fill/kernel") == (8, 8) and _weight_shape(out, "packed/kernel") == (8, 8)
+
+
+@pytest.mark.slow
+def test_keras_hub_t5_cross_attention_heads(tmp_path):
+    """T5's attention (encoder, decoder and the decoder's cross-attention) adds a position bias; in
+    cross-attention it is a zeros tensor [1, heads, query, key] whose head count is a constant of
+    its packed shape. Every layer's heads are prunable, and the shrunk model computes the masked one."""
+    import keras_hub
+
+    keras_hub.models.T5Backbone(vocabulary_size=50, num_layers=1, num_heads=2, hidden_dim=16, intermediate_dim=32,
+                                key_value_dim=8).export(str(tmp_path / "export"), verbose=False)
+    pm = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
+                          one_shot=True)
+    groups = graphprune.channel_groups(pm)
+    heads = {m.name.rpartition("/query_projector")[0]: group for group in groups for m in group.members
+             if m.name.endswith("query_projector/kernel") and m.axis == 1 and m.block == 8}
+    assert set(heads) == {"transformer_encoder_layer_0/self_attention", "transformer_decoder_layer_0/self_attention",
+                          "transformer_decoder_layer_0/cross_attention"}, graphprune.channels.describe(groups)
+    assert all(group.prunable and group.size == 2 for group in heads.values()), graphprune.channels.describe(groups)
+    out = _hub_shrunk_as_masked(pm, tmp_path)
+    key = "transformer_decoder_layer_0/cross_attention/query_projector/kernel"
+    assert _weight_shape(out, key)[1] == _weight_shape(str(tmp_path / "export"), key)[1] // 2
+    assert graphprune.cost(out).parameters == _predicted_parameters(pm)
 
 
 def test_rounding_counts_the_values_a_channel_spans():
