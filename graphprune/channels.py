@@ -154,6 +154,17 @@ class ShapeDim:
 
 
 @dataclasses.dataclass(frozen=True)
+class SplitSite:
+    """A Split or SplitV along a channel axis (DINOv2's fused SwiGLU kernel, CSPNet's halves):
+    shrink_channels makes it a SplitV whose part sizes are the parts' kept channel counts
+    (``spaces``: each part's cut axis)."""
+
+    entry: str
+    node: str
+    spaces: tuple
+
+
+@dataclasses.dataclass(frozen=True)
 class MeanSite:
     """A Mean over the channels of ``space`` alone (a layer norm's mean or variance) at the top
     graph of ``entry``: with ``analyze(..., through_means=True)`` it does not keep its channels'
@@ -178,6 +189,8 @@ class _Graph:
         self.roles: dict[tuple, str] = {}
         self.reshapes: list[Reshape] = []
         self.dims: list[ShapeDim] = []
+        self.splits: list[SplitSite] = []
+        self.squeezes: list[tuple[str, str, tuple]] = []  # (entry, Squeeze with no dims, the axes it drops)
         self.factors: list[tuple] = []  # (space, heads, head dims): an axis split into heads (_refine_factors)
         self.refined: dict[tuple, tuple] = {}  # a space -> its (heads, head dims) parts
         self.sizes_before_refining: dict[tuple, int] = {}
@@ -981,6 +994,8 @@ def _squeeze_expand(self: _Entry, node) -> None:
             return
         kept = [a for a in range(len(xs)) if a not in dims]
         mapping = list(zip(kept, range(len(kept))))
+        if not _attr(node, "squeeze_dims", "list", ()):  # a channel axis shrunk to 1 must not go too
+            self.graph.squeezes.append((self.entry.label, self.node_id(node.name), tuple(sorted(dims))))
     for axis, target in mapping:
         self.link(self.tensor(x, axis), self.tensor(node.name, target))
 
@@ -1348,8 +1363,9 @@ def _concat(self: _Entry, node) -> None:
 
 
 def _split(self: _Entry, node) -> None:
-    """Split / SplitV / Unpack: every axis but the one cut goes through to each part (the cut axis
-    is poisoned: equal or constant part sizes would no longer add up once channels go)."""
+    """Split / SplitV / Unpack: every axis but the one cut goes through to each part. Split and
+    SplitV into parts of static sizes: each part is a slice of the cut axis (a concatenation read
+    backwards; shrink_channels rewrites the part sizes). Unpack's cut axis is poisoned."""
     inputs = self.body.data_inputs(node)
     if node.op == "Unpack":
         x, axis = inputs[0], _attr(node, "axis", "i", 0)
@@ -1370,6 +1386,24 @@ def _split(self: _Entry, node) -> None:
         for a in range(len(xs)):
             if a != axis:
                 self.link(self.tensor(x, a), self.tensor(out, a - 1 if removed and a > axis else a))
+    if node.op != "Unpack":
+        _split_parts(self, node, x, axis)
+
+
+def _split_parts(self: _Entry, node, x: str, axis: int) -> None:
+    """Link each part's cut axis to its slice of x's (left unclaimed, so poisoned, where a size is
+    not known statically)."""
+    outs = self.outputs_of(node)
+    sizes = [self.shape(out)[axis] for out in outs]
+    if self.shape(x)[axis] is None or None in sizes or sum(sizes) != self.shape(x)[axis]:
+        return
+    offset = 0
+    for out, size in zip(outs, sizes):
+        if size:
+            self.link(self.tensor(out, axis), self.tensor(x, axis), offset)
+        offset += size
+    self.graph.splits.append(SplitSite(self.entry.label, self.node_id(node.name),
+                                       tuple(self.tensor(out, axis) for out in outs)))
 
 
 def _reverse(self: _Entry, node) -> None:
@@ -1588,6 +1622,8 @@ class Analysis:
     sizes: dict  # space -> its channel count
     dims: tuple[ShapeDim, ...] = ()
     means: tuple[MeanSite, ...] = ()
+    splits: tuple[SplitSite, ...] = ()
+    squeezes: tuple = ()  # (entry, node, axes): a Squeeze of every size-1 axis, and the axes it drops
     refined: dict = dataclasses.field(default_factory=dict)  # a space split into heads -> (heads, dims)
 
 
@@ -1662,7 +1698,7 @@ def analyze(model: g.TracedModel, through_means: bool = False) -> Analysis:
     groups.sort(key=lambda group: group.name)
     sizes = {**graph.sizes, **{space: graph.sizes_before_refining[space] for space in graph.refined}}
     return Analysis(tuple(groups), tuple(graph.reshapes), slices, sizes, tuple(graph.dims),
-                    tuple(graph.means), dict(graph.refined))
+                    tuple(graph.means), tuple(graph.splits), tuple(graph.squeezes), dict(graph.refined))
 
 
 def _refine_factors(graph: _Graph) -> None:

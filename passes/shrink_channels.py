@@ -20,7 +20,7 @@ import dataclasses
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.framework import types_pb2
+from tensorflow.core.framework import node_def_pb2, types_pb2
 
 from graphprune import body as b
 from graphprune import graph as g
@@ -89,6 +89,8 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
             specs.append(dataclasses.replace(spec, shape=tuple(array.shape), value=array))
     new_shapes = _reshape_targets(analysis, removed)
     new_dims = _dim_targets(analysis, removed)
+    new_splits = _split_targets(analysis, removed)
+    squeezes = {(entry, node): axes for entry, node, axes in analysis.squeezes}
     entries = []
     shrunk_specs = {spec.key: spec for spec in specs}
     for entry in model.entries:
@@ -103,6 +105,12 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
                     _set_last_dim(body, node, *new_shapes[(entry.label, name)])
                 elif node.op in ("Reshape", "Fill") and (entry.label, name) in new_dims:
                     _set_dims(body, node, *new_dims[(entry.label, name)])
+                elif node.op in ("Split", "SplitV") and (entry.label, name) in new_splits:
+                    _set_split_sizes(body, node, new_splits[(entry.label, name)])
+                elif node.op == "Squeeze" and (entry.label, name) in squeezes and \
+                        not node.attr["squeeze_dims"].list.i:  # the same axes, once a channel axis is 1 too
+                    node.attr["squeeze_dims"].list.i.extend(squeezes[(entry.label, name)])
+                    body.mark_changed()
             _update_shapes(body, entry.label, analysis, removed, shrunk_specs)
             _plain_means(body)
 
@@ -219,6 +227,32 @@ def _dim_targets(analysis, removed: dict) -> dict[tuple[str, str], tuple[dict[in
         if kept != [analysis.sizes[space] for space in dim.spaces]:
             targets.setdefault((dim.entry, dim.node), ({}, dim.operand))[0][dim.position] = int(np.prod(kept))
     return targets
+
+
+def _split_targets(analysis, removed: dict) -> dict[tuple[str, str], list[int]]:
+    """(entry, Split or SplitV node along channels) -> its parts' kept sizes (channels.SplitSite)."""
+    targets = {}
+    for site in analysis.splits:
+        kept = [_kept_size(analysis, removed, space) for space in site.spaces]
+        if kept != [analysis.sizes.get(space, 0) for space in site.spaces]:
+            targets[(site.entry, site.node)] = kept
+    return targets
+
+
+def _set_split_sizes(body: b.Body, node, sizes: list[int]) -> None:
+    """Make a Split or SplitV node (same name, same outputs) a SplitV into parts of ``sizes``."""
+    if node.op == "Split":
+        axis_ref, value_ref = body.data_inputs(node)
+    else:
+        value_ref, _, axis_ref = body.data_inputs(node)
+    parts = body.add(g.const_node(f"{node.name}/shrunk_sizes", np.array(sizes, np.int32), "int32"))
+    split = node_def_pb2.NodeDef(name=node.name, op="SplitV", device=node.device)
+    controls = [raw for raw in node.input if raw.startswith("^")]
+    split.input.extend([value_ref, body.ref(parts.name), axis_ref] + controls)
+    for attr in ("T", "num_split"):
+        split.attr[attr].CopyFrom(node.attr[attr])
+    split.attr["Tlen"].type = types_pb2.DT_INT32
+    body.replace(node, split)
 
 
 def _set_dims(body: b.Body, node, values: dict[int, int], operand: int = 1) -> None:

@@ -687,13 +687,14 @@ def _hub_attention_models():
     }
 
 
-def _hub_shrunk_as_masked(pm, tmp_path) -> str:
+def _hub_shrunk_as_masked(pm, tmp_path, inputs=None) -> str:
     """Finalize a pruned keras-hub export with shrink=True and check its serving signature computes
-    the masked one's outputs (on random token inputs); the shrunk model's path."""
+    the masked one's outputs (on ``inputs``, by default random token inputs); the shrunk model's path."""
     from test_real_models import _inputs
 
     signature = pm.signatures["serving_default"]
-    inputs = _inputs(signature.structured_input_signature[1], np.random.RandomState(0))
+    if inputs is None:
+        inputs = _inputs(signature.structured_input_signature[1], np.random.RandomState(0))
     masked = signature(**inputs)
     out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
     shrunk = tf.saved_model.load(out).signatures["serving_default"](**inputs)
@@ -1083,8 +1084,8 @@ def test_views_that_pick_channels_by_place_keep_their_group_whole(tmp_path):
 class _Regroups(tf.Module):
     """Hidden layers through the views LLM attention uses: tf.repeat along the channels (each
     channel read twice), a stack and its unstack or split along a new axis, x[..., :], a reshape
-    regrouping static trailing axes next to a channel axis; and two that cut the channel axis
-    (tf.split along it, x[..., :8])."""
+    regrouping static trailing axes next to a channel axis, tf.split along the channels (its
+    halves concatenated swapped: each half a group); and x[..., :8], which drops channels by place."""
 
     def __init__(self):
         super().__init__()
@@ -1117,15 +1118,16 @@ class _Regroups(tf.Module):
 
 def test_repeat_stack_split_and_regrouping_views(tmp_path):
     pm, groups = _views_pruned(tmp_path, _Regroups())
-    assert {name for name, group in groups.items() if group.prunable} == {"repeat", "stack", "ellipsis", "regroup"}, \
+    assert {name for name, group in groups.items() if group.prunable} == {"repeat", "stack", "ellipsis", "cut",
+                                                                          "regroup"}, \
         graphprune.channels.describe(groups.values())
-    assert "Split" in groups["cut"].reason and "StridedSlice" in groups["part"].reason
+    assert "StridedSlice" in groups["part"].reason
     repeated = next(m for m in groups["repeat"].members if m.name == "repeat/head")
     assert repeated.block == 2  # channel c is rows 2c and 2c + 1
     out = _shrunk_as_masked(pm, tmp_path)
     assert _weight_shape(out, "repeat/head") == (16, 4) and _weight_shape(out, "repeat/kernel") == (8, 8)
     # the regrouped heads go 4 -> 2; the halves' dims too (dim j of both halves: the reverse only swaps halves)
-    assert _weight_shape(out, "regroup/kernel")[:2] == (8, 2) and _weight_shape(out, "cut/kernel") == (8, 16)
+    assert _weight_shape(out, "regroup/kernel")[:2] == (8, 2) and _weight_shape(out, "cut/kernel") == (8, 8)
     assert graphprune.cost(out).parameters == _predicted_parameters(pm)
 
 
@@ -1139,6 +1141,70 @@ class _HiddenLayers(tf.Module):
                         for name in names}
         self.heads = {name: tf.Variable(rng.standard_normal([16, 4]).astype(np.float32), name=f"{name}/head")
                       for name in self.kernels}
+
+
+class _ChannelSplits(_HiddenLayers):
+    """tf.split along the channels: into unequal parts read by two kernels (a SplitV), and into
+    halves multiplied together (a gated linear unit on one fused kernel, as DINOv2's SwiGLU)."""
+
+    def __init__(self):
+        super().__init__(("uneven", "glu"))
+        rng = np.random.RandomState(1)
+        self.parts = [tf.Variable(rng.standard_normal([size, 4]).astype(np.float32), name=f"uneven/part{size}")
+                      for size in (4, 12)]
+        self.glu_out = tf.Variable(rng.standard_normal([8, 4]).astype(np.float32), name="glu/out")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32)])
+    def __call__(self, x):
+        h = {name: tf.nn.relu(tf.matmul(x, kernel)) for name, kernel in self.kernels.items()}
+        small, large = tf.split(h["uneven"], [4, -1], axis=1)
+        gate, value = tf.split(h["glu"], 2, axis=1)
+        return tf.matmul(small, self.parts[0]) + tf.matmul(large, self.parts[1]) + \
+            tf.matmul(tf.nn.silu(gate) * value, self.glu_out)
+
+
+def test_a_split_along_the_channels_cuts_their_group(tmp_path):
+    """Each part of a split is a slice of the channels: its own group where it goes its own way
+    (4 + 12 channels, halved: 2 + 6), one group where the parts meet (channel c of the gate and
+    of the value: 16 fused channels, 8 pairs, halved: 4 pairs); the split's part sizes follow."""
+    path = str(tmp_path / "model")
+    tf.saved_model.save(_ChannelSplits(), path)
+    pm = graphprune.prune(path, graphprune.ConstantSparsity(0.5, 0), structure="channel", one_shot=True)
+    groups = graphprune.channel_groups(pm)
+    fused = [group for group in groups if any(m.name == "uneven/kernel" and m.axis == 1 for m in group.members)]
+    assert sorted(group.size for group in fused) == [4, 12] and all(group.prunable for group in fused), \
+        graphprune.channels.describe(groups)
+    glu = [group for group in groups if any(m.name == "glu/kernel" and m.axis == 1 for m in group.members)]
+    assert len(glu) == 1 and glu[0].prunable and glu[0].size == 8, graphprune.channels.describe(groups)
+    assert sorted(m.start for m in glu[0].members if m.name == "glu/kernel") == [0, 8]
+    out = _shrunk_as_masked(pm, tmp_path)
+    assert _weight_shape(out, "uneven/kernel") == (8, 8) and _weight_shape(out, "uneven/part12") == (6, 4)
+    assert _weight_shape(out, "glu/kernel") == (8, 8) and _weight_shape(out, "glu/out") == (4, 4)
+    assert graphprune.cost(out).parameters == _predicted_parameters(pm)
+
+
+class _SqueezedBias(tf.Module):
+    """A layer of 2 neurons whose bias is stored [1, 2] and read through tf.squeeze with no axis
+    (keras-hub EfficientNet's squeeze-and-excite convs): once 1 neuron is left, a plain Squeeze
+    would drop the channel axis too."""
+
+    def __init__(self):
+        super().__init__()
+        rng = np.random.RandomState(0)
+        self.kernel = tf.Variable(rng.standard_normal([8, 2]).astype(np.float32), name="squeezed/kernel")
+        self.bias = tf.Variable(rng.standard_normal([1, 2]).astype(np.float32), name="squeezed/bias")
+        self.head = tf.Variable(rng.standard_normal([2, 4]).astype(np.float32), name="squeezed/head")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32)])
+    def __call__(self, x):
+        return tf.matmul(tf.nn.relu(tf.nn.bias_add(tf.matmul(x, self.kernel), tf.squeeze(self.bias))), self.head)
+
+
+def test_a_squeeze_of_every_size_1_axis_keeps_a_channel_axis_of_1(tmp_path):
+    pm, groups = _views_pruned(tmp_path, _SqueezedBias())
+    assert groups["squeezed"].prunable, graphprune.channels.describe(groups.values())
+    out = _shrunk_as_masked(pm, tmp_path)
+    assert _weight_shape(out, "squeezed/kernel") == (8, 1) and _weight_shape(out, "squeezed/bias") == (1, 1)
 
 
 class _SizeRead(_HiddenLayers):
@@ -1208,6 +1274,45 @@ def test_keras_hub_t5_cross_attention_heads(tmp_path):
     out = _hub_shrunk_as_masked(pm, tmp_path)
     key = "transformer_decoder_layer_0/cross_attention/query_projector/kernel"
     assert _weight_shape(out, key)[1] == _weight_shape(str(tmp_path / "export"), key)[1] // 2
+    assert graphprune.cost(out).parameters == _predicted_parameters(pm)
+
+
+def _hub_split_models():
+    import keras_hub
+
+    models = keras_hub.models
+    return {  # (builder, image shape)
+        "cspnet": (lambda: models.CSPNetBackbone(
+            stem_filters=8, stem_kernel_size=3, stem_strides=2, stackwise_depth=[1, 1], stackwise_strides=[1, 2],
+            stackwise_num_filters=[16, 32], block_type="bottleneck_block", stage_type="csp", expand_ratio=2.0,
+            bottle_ratio=0.5, block_ratio=1.0, cross_linear=True, image_shape=(32, 32, 3)), (32, 32, 3)),
+        "dinov2": (lambda: models.DINOV2Backbone(
+            patch_size=4, num_layers=1, hidden_dim=16, num_heads=2, intermediate_dim=48, use_swiglu_ffn=True,
+            image_shape=(16, 16, 3), position_embedding_shape=(16, 16, 3)), (16, 16, 3)),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["cspnet", "dinov2"])
+def test_keras_hub_channel_splits(tmp_path, name):
+    """Channels cut by a split: CSPNet splits each stage's expanded channels in two (one half
+    through the blocks, both concatenated again), DINOv2's SwiGLU splits one fused kernel into gate
+    and value. Both halves are prunable (CSPNet's as two groups, DINOv2's as one: gate c with
+    value c), and the shrunk model computes the masked one with the shapes the masks predict."""
+    build, image_shape = _hub_split_models()[name]
+    build().export(str(tmp_path / "export"), verbose=False)
+    pm = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
+                          one_shot=True)
+    groups = graphprune.channel_groups(pm)
+    kernel, axis = ("stage_0_csp_conv_exp/kernel", 3) if name == "cspnet" else \
+        ("encoder/layers_0/mlp/weights_in/kernel", 1)
+    split = [group for group in groups if any(m.name == kernel and m.axis == axis for m in group.members)]
+    assert len(split) == (2 if name == "cspnet" else 1), graphprune.channels.describe(groups)
+    assert all(group.prunable for group in split), graphprune.channels.describe(split)
+    key = next(iter(pm.signatures["serving_default"].structured_input_signature[1]))
+    images = tf.constant(np.random.RandomState(0).uniform(size=[2, *image_shape]).astype(np.float32))
+    out = _hub_shrunk_as_masked(pm, tmp_path, {key: images})
+    assert _weight_shape(out, kernel)[axis] == _weight_shape(str(tmp_path / "export"), kernel)[axis] // 2
     assert graphprune.cost(out).parameters == _predicted_parameters(pm)
 
 
