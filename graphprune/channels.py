@@ -8,6 +8,8 @@ it does not keep is poisoned):
     Conv2D(x, w) -> y           x[..., c] ~ w[:, :, c, :] (consumer, "in");  y[..., c] ~ w[..., c] ("out")
     MatMul(x, w) -> y           x[:, c] ~ w[c, :] ("in");                   y[:, c] ~ w[:, c] ("out")
     DepthwiseConv2dNative       x[..., c] ~ y[..., c] ~ w[:, :, c, 0] ("through")
+    Conv2D with one channel per group (groups = channels, Keras's Conv2D(groups=C))
+                                x[..., c] ~ y[..., c] ~ w[:, :, 0, c] ("through")
     BiasAdd, FusedBatchNorm, elementwise ops (Add/Mul/... with broadcast), activations, pooling,
     Pad, Mean over other axes, Squeeze/ExpandDims, Identity/Cast, comparisons and logical ops
                                 the same channels
@@ -573,6 +575,11 @@ def _conv(self: _Entry, node) -> None:
     xs, ws = self.shape(x), self.shape(w)
     if _attr(node, "data_format", "s", b"") not in (b"", b"NHWC", b"NDHWC") or xs is None or ws is None:
         self.unknown(node)
+        return
+    if xs[-1] != ws[-2] and ws[-2] == 1 and ws[-1] == xs[-1]:  # one channel per group: a depthwise conv
+        _link_kernel(self, node, x, w, (-1, "through"), (-1, "through"))
+        self.claim(w, len(ws) - 2)
+        self.link(self.tensor(x, 0), self.tensor(node.name, 0))
         return
     if xs[-1] != ws[-2]:  # grouped
         self.unknown(node, f"grouped {node.op} '{node.name}' (its groups couple channels graphprune does not model)")

@@ -1207,6 +1207,52 @@ def test_a_squeeze_of_every_size_1_axis_keeps_a_channel_axis_of_1(tmp_path):
     assert _weight_shape(out, "squeezed/kernel") == (8, 1) and _weight_shape(out, "squeezed/bias") == (1, 1)
 
 
+class _GroupedConvs(tf.Module):
+    """Conv2D with groups: one channel per group (Keras's Conv2D(groups=C), a depthwise conv as
+    HGNetV2 writes it) follows its channels; two groups of 4 couple channels it does not model."""
+
+    def __init__(self):
+        super().__init__()
+        rng = np.random.RandomState(0)
+
+        def variable(name, *shape):
+            return tf.Variable(rng.standard_normal(shape).astype(np.float32), name=name)
+
+        self.expand = variable("expand/kernel", 1, 1, 3, 8)
+        self.depthwise = variable("depthwise/kernel", 3, 3, 1, 8)
+        self.project = variable("project/kernel", 1, 1, 8, 4)
+        self.wide = variable("wide/kernel", 1, 1, 3, 8)
+        self.grouped = variable("grouped/kernel", 3, 3, 4, 8)
+        self.head = variable("head/kernel", 12, 4)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 6, 6, 3], tf.float32)])
+    def __call__(self, x):
+        y = tf.nn.relu(tf.nn.conv2d(x, self.expand, 1, "SAME"))
+        y = tf.nn.relu(tf.nn.conv2d(y, self.depthwise, 1, "SAME"))
+        y = tf.nn.conv2d(y, self.project, 1, "SAME")
+        z = tf.nn.conv2d(tf.nn.relu(tf.nn.conv2d(x, self.wide, 1, "SAME")), self.grouped, 1, "SAME")
+        return tf.matmul(tf.reduce_mean(tf.concat([y, z], -1), [1, 2]), self.head)
+
+
+def test_a_conv_with_one_channel_per_group_is_a_depthwise_conv(tmp_path):
+    path = str(tmp_path / "model")
+    tf.saved_model.save(_GroupedConvs(), path)
+    pm = graphprune.prune(path, graphprune.ConstantSparsity(0.5, 0), structure="channel", one_shot=True)
+    groups = {group.name.split("/")[0]: group for group in graphprune.channel_groups(pm)
+              if group.name.endswith("kernel:3")}
+    assert groups["expand"].prunable, graphprune.channels.describe(groups.values())
+    assert {(m.name, m.axis, m.role) for m in groups["expand"].members} >= {
+        ("expand/kernel", 3, "out"), ("depthwise/kernel", 3, "through"), ("project/kernel", 2, "in")}
+    assert not groups["wide"].prunable and "grouped Conv2D" in groups["wide"].reason
+    x = np.random.RandomState(1).standard_normal([2, 6, 6, 3]).astype(np.float32)
+    masked = pm(x).numpy()
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
+    np.testing.assert_allclose(tf.saved_model.load(out)(x).numpy(), masked, atol=1e-5 * np.abs(masked).max(), rtol=0)
+    assert _weight_shape(out, "depthwise/kernel") == (3, 3, 1, 4)
+    assert _weight_shape(out, "grouped/kernel") == (3, 3, 4, 8)
+    assert graphprune.cost(out).parameters == _predicted_parameters(pm)
+
+
 class _SizeRead(_HiddenLayers):
     """A fixed-width tensor reshaped to tf.shape(hidden layer): once the layer lost channels, the
     reshape would ask for the new size; the layer must stay whole. A zeros tensor of another
@@ -1277,6 +1323,10 @@ def test_keras_hub_t5_cross_attention_heads(tmp_path):
     assert graphprune.cost(out).parameters == _predicted_parameters(pm)
 
 
+_HGNET_LIGHT = "encoder/encoder_stage_1/encoder_stage_1_block_0/encoder_stage_1_block_0_light_block_0/" \
+    "encoder_stage_1_block_0_light_block_0_"
+
+
 def _hub_split_models():
     import keras_hub
 
@@ -1286,6 +1336,11 @@ def _hub_split_models():
             stem_filters=8, stem_kernel_size=3, stem_strides=2, stackwise_depth=[1, 1], stackwise_strides=[1, 2],
             stackwise_num_filters=[16, 32], block_type="bottleneck_block", stage_type="csp", expand_ratio=2.0,
             bottle_ratio=0.5, block_ratio=1.0, cross_linear=True, image_shape=(32, 32, 3)), (32, 32, 3)),
+        "hgnetv2": (lambda: models.HGNetV2Backbone(  # light blocks: a depthwise conv as Conv2D(groups=C)
+            depths=[1, 1], embedding_size=16, hidden_sizes=[32, 64], stem_channels=[3, 8, 16], hidden_act="relu",
+            use_learnable_affine_block=False, stackwise_stage_filters=[(16, 8, 32, 1, 1, 3), (32, 16, 64, 1, 1, 3)],
+            apply_downsample=[False, True], use_lightweight_conv_block=[False, True], image_shape=(32, 32, 3)),
+            (32, 32, 3)),
         "dinov2": (lambda: models.DINOV2Backbone(
             patch_size=4, num_layers=1, hidden_dim=16, num_heads=2, intermediate_dim=48, use_swiglu_ffn=True,
             image_shape=(16, 16, 3), position_embedding_shape=(16, 16, 3)), (16, 16, 3)),
@@ -1293,19 +1348,21 @@ def _hub_split_models():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["cspnet", "dinov2"])
+@pytest.mark.parametrize("name", ["cspnet", "dinov2", "hgnetv2"])
 def test_keras_hub_channel_splits(tmp_path, name):
     """Channels cut by a split: CSPNet splits each stage's expanded channels in two (one half
     through the blocks, both concatenated again), DINOv2's SwiGLU splits one fused kernel into gate
     and value. Both halves are prunable (CSPNet's as two groups, DINOv2's as one: gate c with
-    value c), and the shrunk model computes the masked one with the shapes the masks predict."""
+    value c), and the shrunk model computes the masked one with the shapes the masks predict.
+    HGNetV2's light blocks run a depthwise conv as a Conv2D with one channel per group."""
     build, image_shape = _hub_split_models()[name]
     build().export(str(tmp_path / "export"), verbose=False)
     pm = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
                           one_shot=True)
     groups = graphprune.channel_groups(pm)
-    kernel, axis = ("stage_0_csp_conv_exp/kernel", 3) if name == "cspnet" else \
-        ("encoder/layers_0/mlp/weights_in/kernel", 1)
+    kernel, axis = {"cspnet": ("stage_0_csp_conv_exp/kernel", 3),
+                    "dinov2": ("encoder/layers_0/mlp/weights_in/kernel", 1),
+                    "hgnetv2": (_HGNET_LIGHT + "conv2/encoder_stage_1_block_0_light_block_0_conv2_conv/kernel", 3)}[name]
     split = [group for group in groups if any(m.name == kernel and m.axis == axis for m in group.members)]
     assert len(split) == (2 if name == "cspnet" else 1), graphprune.channels.describe(groups)
     assert all(group.prunable for group in split), graphprune.channels.describe(split)
