@@ -764,6 +764,8 @@ def _evaluate(self: _Entry, ref: str, depth: int):
         return _strided_slice_value(node, parts)
     if node.op == "Mul" and all(isinstance(p, int) for p in parts):
         return parts[0] * parts[1]
+    if node.op == "FloorDiv" and all(isinstance(p, int) for p in parts) and parts[1]:  # C // heads
+        return parts[0] // parts[1]
     if node.op == "ConcatV2" and parts[-1] == 0 and all(isinstance(p, list) for p in parts[:-1]):
         return [item for part in parts[:-1] for item in part]
     return None
@@ -1060,12 +1062,18 @@ def _prefix_reshape(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:
 
 def _merged_axis(xs, ys) -> int | None:
     """i where a Reshape from ``xs`` to ``ys`` merges axes i and i + 1 (both static) and keeps
-    every other axis; None otherwise (the first such i where size-1 axes make it ambiguous)."""
+    every other axis; None otherwise (the first such i where size-1 axes make it ambiguous). An
+    axis of unknown size on one side matches any size on the other (a sequence length that shape
+    inference lost through tf.tensordot): the merged axes' values stay in their rows either way."""
     if len(ys) != len(xs) - 1:
         return None
     xs, ys = ([None if d is None or d < 0 else d for d in shape] for shape in (xs, ys))  # -1: unknown
+
+    def same(a, b) -> bool:
+        return len(a) == len(b) and all(p is None or q is None or p == q for p, q in zip(a, b))
+
     for i in range(len(ys)):
-        if xs[:i] == ys[:i] and xs[i + 2:] == ys[i + 1:] and xs[i] is not None and xs[i + 1] is not None \
+        if same(xs[:i], ys[:i]) and same(xs[i + 2:], ys[i + 1:]) and xs[i] is not None and xs[i + 1] is not None \
                 and ys[i] == xs[i] * xs[i + 1] and xs[i] > 1 and xs[i + 1] > 1:
             return i
     return None
@@ -1171,13 +1179,14 @@ def _merge(self: _Entry, x: str, y: str, i: int, rank: int) -> None:
 
 def _constant_elements(self: _Entry, producer, positions) -> bool:
     """Whether a Reshape's shape operand has constant elements at ``positions`` that
-    shrink_channels can rewrite: a Const, or a Pack of scalars that are Consts there."""
+    shrink_channels can rewrite: a Const, or a Pack of scalars that are Consts there or are
+    computed from static sizes (Keras's ``ops.shape(x)[2] // num_heads``: shrink makes them Consts)."""
     if producer.op == "Const":
         return True
     inputs = self.body.data_inputs(producer)
     if _attr(producer, "axis", "i", 0) != 0 or any(p >= len(inputs) for p in positions):
         return False
-    return all(getattr(self.body.producer(inputs[p]), "op", None) == "Const" for p in positions)
+    return all(isinstance(_evaluate(self, inputs[p], 0), int) for p in positions)
 
 
 def _merged_kernel_matmul(self: _Entry, node, a: str, w: str, transposed: bool) -> None:

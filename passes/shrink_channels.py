@@ -259,19 +259,20 @@ def _set_dims(body: b.Body, node, values: dict[int, int], operand: int = 1) -> N
     """Point a Reshape's (or Fill's) constant shape operand (the input at ``operand``) at a copy with
     ``values`` at their positions (an element that is -1 stays -1: TensorFlow infers it)."""
     producer = body.producer(body.data_inputs(node)[operand])
-    if producer.op == "Pack":  # of scalars: the constant ones at the positions are replaced
+    if producer.op == "Pack":  # of scalars: those at the positions (Consts, or computed sizes) are replaced
         inputs = body.data_inputs(producer)
         values = {p % len(inputs): value for p, value in values.items()}
         elements = {p: body.producer(inputs[p]) for p in values}
-        olds = {p: int(tf.make_ndarray(e.attr["value"].tensor)) for p, e in elements.items()}
+        olds = {p: int(tf.make_ndarray(e.attr["value"].tensor)) if e.op == "Const" else None
+                for p, e in elements.items()}
         positions = [p for p in values if olds[p] != -1 and olds[p] != values[p]]
         if not positions:
             return
         shape = type(producer)()
         shape.CopyFrom(producer)
         shape.name = f"{node.name}/shrunk_shape"
+        dtype = tf.dtypes.as_dtype(producer.attr["T"].type).name
         for p in positions:
-            dtype = tf.dtypes.as_dtype(elements[p].attr["dtype"].type).name
             element = body.add(g.const_node(f"{node.name}/shrunk_shape_{p}", np.array(values[p]), dtype))
             shape.input[p] = body.ref(element.name)
         body.set_input(node, operand, body.ref(body.add(shape).name))

@@ -1373,6 +1373,50 @@ def test_keras_hub_channel_splits(tmp_path, name):
     assert graphprune.cost(out).parameters == _predicted_parameters(pm)
 
 
+def _hub_vision_models():
+    import keras_hub
+
+    models = keras_hub.models
+    return {
+        # SegFormer's encoder: heads split by reshapes of a tensor whose sequence length shape
+        # inference lost (through tf.tensordot); 1 head in stage 0, 2 in stage 1
+        "mit": lambda: models.MiTBackbone(
+            layerwise_depths=[1, 1], num_layers=2, layerwise_num_heads=[1, 2], layerwise_sr_ratios=[2, 1],
+            max_drop_path_rate=0.0, layerwise_patch_sizes=[7, 3], layerwise_strides=[4, 2], hidden_dims=[16, 32],
+            image_shape=(32, 32, 3)),
+        # squeeze-and-excite convs of 2 channels whose biases are read through a Squeeze of every size-1 axis
+        "efficientnet": lambda: models.EfficientNetBackbone(
+            width_coefficient=0.25, depth_coefficient=0.25, stackwise_kernel_sizes=[3, 3], stackwise_num_repeats=[1, 1],
+            stackwise_input_filters=[32, 16], stackwise_output_filters=[16, 24], stackwise_expansion_ratios=[1, 6],
+            stackwise_squeeze_and_excite_ratios=[0.25, 0.25], stackwise_strides=[1, 2],
+            stackwise_block_types=["v1", "v1"], image_shape=(32, 32, 3)),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mit", "efficientnet"])
+def test_keras_hub_vision_backbones_shrink(tmp_path, name):
+    """keras-hub vision backbones built from their configs: MiT's attention heads are prunable,
+    EfficientNet's squeeze-and-excite channels go down to 1; the shrunk model computes the masked
+    one with the parameters the masks predict."""
+    _hub_vision_models()[name]().export(str(tmp_path / "export"), verbose=False)
+    pm = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
+                          one_shot=True)
+    groups = graphprune.channel_groups(pm)
+    if name == "mit":
+        heads = [group for group in groups if group.prunable and any(
+            "multihead_attention" in m.name and m.block == 16 for m in group.members)]
+        assert len(heads) == 1 and heads[0].size == 2, graphprune.channels.describe(groups)
+    else:
+        excite = [group for group in groups if group.prunable and group.size == 2]
+        assert excite, graphprune.channels.describe(groups)
+    key = next(iter(pm.signatures["serving_default"].structured_input_signature[1]))
+    images = tf.constant(np.random.RandomState(0).uniform(size=[2, 32, 32, 3]).astype(np.float32))
+    out = _hub_shrunk_as_masked(pm, tmp_path, {key: images})
+    dense = graphprune.cost(str(tmp_path / "export")).parameters
+    assert graphprune.cost(out).parameters == _predicted_parameters(pm) < dense
+
+
 def test_rounding_counts_the_values_a_channel_spans():
     """round_to applies to values: a conv channel spans one, an attention head its head_dim (and a
     key/value head its query heads' too)."""
