@@ -198,15 +198,18 @@ class _Graph:
         self.sizes_before_refining: dict[tuple, int] = {}
 
     def space(self, space: tuple, size) -> tuple | None:
-        if size is None:
+        if size is None or int(size) < 0:  # -1: a shape computed as unknown
             self.poisoned.setdefault(space, "its size is not known statically")
             return space
         self.sizes[space] = int(size)
         return space
 
     def link(self, a: tuple | None, c: tuple | None, offset: int = 0) -> None:
-        if a in self.sizes and c in self.sizes:
+        if a in self.sizes and c in self.sizes and 0 <= offset and self.sizes[a] + offset <= self.sizes[c]:
             self.edges.append((a, c, offset))
+        elif a in self.sizes and c in self.sizes:  # a's channels do not fit in c's: never the same channels
+            for space in (a, c):
+                self.poison(space, "it meets a tensor of another channel count")
         else:  # a tensor of unknown rank or size: its channels cannot be followed
             for space in (a, c):
                 if space is not None:
@@ -1776,7 +1779,13 @@ def _refine_factors(graph: _Graph) -> None:
             edges += [(parts_of[a][0], parts_of[c][0], 0), (parts_of[a][1], parts_of[c][1], 0)]
         else:
             edges.append((a, c, offset))
-    graph.edges = edges + extra_edges
+    for part, axis, offset in extra_edges:
+        if axis in parts_of:  # heads or head dims split again (RoFormer's rotary pairs): not modelled
+            for space in (part, *parts_of[axis]):
+                graph.poison(space, "its heads or head dims are split into parts again")
+        else:
+            edges.append((part, axis, offset))
+    graph.edges = edges
     for space, parts in parts_of.items():
         graph.sizes_before_refining[space] = graph.sizes.pop(space)
         graph.refined[space] = parts

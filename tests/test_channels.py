@@ -1327,6 +1327,28 @@ _HGNET_LIGHT = "encoder/encoder_stage_1/encoder_stage_1_block_0/encoder_stage_1_
     "encoder_stage_1_block_0_light_block_0_"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["roformer", "esm"])
+def test_keras_hub_rotary_pairs_and_unknown_widths(tmp_path, name):
+    """RoFormer V2 and ESM: the rotary embedding splits the head dims into pairs again (the analysis
+    died with a KeyError), and the output projection reads a reshape whose width shape inference
+    leaves at -1 (a group of that kernel's rows alone was found prunable, and finalize crashed).
+    Those are left whole; the MLP neurons go, and the shrunk model computes the masked one."""
+    import keras_hub
+
+    models = keras_hub.models
+    small = dict(vocabulary_size=50, num_layers=1, num_heads=2, hidden_dim=16, intermediate_dim=32)
+    build = {"roformer": lambda: models.RoformerV2Backbone(head_size=8, **small),
+             "esm": lambda: models.ESMBackbone(**small)}[name]
+    build().export(str(tmp_path / "export"), verbose=False)
+    pm = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
+                          one_shot=True)
+    groups = graphprune.channel_groups(pm)
+    assert [group.size for group in groups if group.prunable] == [32], graphprune.channels.describe(groups)
+    out = _hub_shrunk_as_masked(pm, tmp_path)
+    assert graphprune.cost(out).parameters == _predicted_parameters(pm)
+
+
 def _hub_split_models():
     import keras_hub
 
