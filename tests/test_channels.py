@@ -1328,23 +1328,30 @@ _HGNET_LIGHT = "encoder/encoder_stage_1/encoder_stage_1_block_0/encoder_stage_1_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["roformer", "esm"])
+@pytest.mark.parametrize("name", ["roformer", "esm", "smollm3"])
 def test_keras_hub_rotary_pairs_and_unknown_widths(tmp_path, name):
     """RoFormer V2 and ESM: the rotary embedding splits the head dims into pairs again (the analysis
     died with a KeyError), and the output projection reads a reshape whose width shape inference
     leaves at -1 (a group of that kernel's rows alone was found prunable, and finalize crashed).
+    SmolLM3 splits the heads of a 2-D query kernel into key/value groups again (the same KeyError).
     Those are left whole; the MLP neurons go, and the shrunk model computes the masked one."""
     import keras_hub
 
     models = keras_hub.models
     small = dict(vocabulary_size=50, num_layers=1, num_heads=2, hidden_dim=16, intermediate_dim=32)
     build = {"roformer": lambda: models.RoformerV2Backbone(head_size=8, **small),
-             "esm": lambda: models.ESMBackbone(**small)}[name]
+             "esm": lambda: models.ESMBackbone(**small),
+             "smollm3": lambda: models.SmolLM3Backbone(
+                 vocabulary_size=50, hidden_dim=16, intermediate_dim=32, num_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2, attention_bias=False, attention_dropout=0.0, rope_layer_enabled_list=[True],
+                 layer_types=["attention"], mlp_bias=False, layer_norm_epsilon=1e-6, max_position_embeddings=64,
+                 rope_theta=10000.0, partial_rotary_factor=1.0)}[name]
     build().export(str(tmp_path / "export"), verbose=False)
     pm = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
                           one_shot=True)
     groups = graphprune.channel_groups(pm)
-    assert [group.size for group in groups if group.prunable] == [32], graphprune.channels.describe(groups)
+    expected = [4, 32] if name == "smollm3" else [32]  # SmolLM3's value head dims go too
+    assert sorted(group.size for group in groups if group.prunable) == expected, graphprune.channels.describe(groups)
     out = _hub_shrunk_as_masked(pm, tmp_path)
     assert graphprune.cost(out).parameters == _predicted_parameters(pm)
 
