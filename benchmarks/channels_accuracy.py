@@ -3,6 +3,8 @@
     python benchmarks/channels_accuracy.py --lr=cosine --finetune_epochs=6     (the table in benchmarks/README.md)
     python benchmarks/channels_accuracy.py --lr=cosine --finetune_epochs=6 --models=resnet --nobaselines --seed=1
                                                  (dense and channel arms only, another seed)
+    ... --prune_from=dense --nobaselines --dense_from=DIR   (another channel recipe on a previous run's
+                                                 dense arms: DIR is the "saved models" directory it printed)
 
 Two models written as tf.Modules (no Keras): the classic MNIST CNN (graphprune.tools.mnist.MnistCNN:
 conv 32, conv 64, dense 1024, dense 10) and a small ResNet (stem conv, three stages of one residual block each, 16/32/64
@@ -64,6 +66,9 @@ _PRUNE_FROM = flags.DEFINE_enum("prune_from", "pretrained", ["pretrained", "dens
                                 "the dense arm's final model (prune a converged model, then fine-tune --finetune_epochs "
                                 "more; a 'dense longer' arm trains the dense model as many epochs more).")
 _NAME = flags.DEFINE_string("name", "channels_accuracy", "Results file: results/<name>.json.")
+_DENSE_FROM = flags.DEFINE_string("dense_from", None, "With --prune_from=dense --nobaselines: a previous run's work "
+                                  "directory (it prints it) of the same seed and epochs; its <model>_dense and "
+                                  "<model>_dense_longer are loaded and evaluated instead of trained again.")
 SPEC = tf.TensorSpec([None, 28, 28, 1], tf.float32, name="image")
 
 
@@ -162,8 +167,36 @@ def _widths(name, shrunk_dir):
     return stages + inner
 
 
+def _dense_arms(name, data):
+    """--dense_from: the dense arms' rows from a previous run's saved models, and the dense one's path."""
+    paths = [os.path.join(_DENSE_FROM.value, f"{name}_{arm}") for arm in ("dense", "dense_longer")]
+    rows = [_row(arm, path, bc.accuracy(tf.saved_model.load(path), data))
+            for arm, path in zip(("dense", "dense longer"), paths)]
+    return rows, paths[0]
+
+
+def _channel_arm(name, data, work, rows, start, order, teacher):
+    """Prune ``start`` by channels while fine-tuning (batches in order ``order``), finalize with
+    shrink; its row appended to ``rows`` (with the shrunk model's path); ``rows`` returned."""
+    steps = bc.steps_per_epoch(data, _BATCH.value) * _FINETUNE.value
+    end_step = int(steps * _PRUNE_FRACTION.value) // 100 * 100
+    schedule = graphprune.PolynomialDecay(0.0, _RATIO.value, 0, end_step, power=3, frequency=100)
+    rules = [graphprune.Rule(item.rpartition("=")[0], sparsity=float(item.rpartition("=")[2]))
+             for item in _SPARSITY_FOR.value]
+    pm = graphprune.prune(start, schedule, structure="channel", scope=_SCOPE.value, rules=rules)
+    _fit(pm, pm.trainable_variables, data, _FINETUNE.value, order, before=pm.update_masks, teacher=teacher)
+    shrunk = graphprune.finalize(pm, os.path.join(work, f"{name}_channel"), shrink=True)
+    rows.append({**_row("channel", shrunk, bc.accuracy(tf.saved_model.load(shrunk), data)), "path": shrunk})
+    return rows
+
+
 def run_model(name, data, work, seed=0):
     build = BUILDERS[name]
+    if _DENSE_FROM.value:
+        if _PRUNE_FROM.value != "dense" or _BASELINES.value or _DISTILL.value:
+            raise app.UsageError("--dense_from needs --prune_from=dense --nobaselines (and no --distill)")
+        rows, start = _dense_arms(name, data)
+        return _channel_arm(name, data, work, rows, start, seed + 2, None)
     dense = build(seed=seed)
     started = time.time()
     _fit(dense, dense.trainable_variables, data, _PRETRAIN.value, seed)
@@ -186,14 +219,8 @@ def run_model(name, data, work, seed=0):
         rows.append(_row("dense longer", _save(longer, os.path.join(work, f"{name}_dense_longer")),
                          bc.accuracy(longer, data)))
 
-    schedule = graphprune.PolynomialDecay(0.0, _RATIO.value, 0, end_step, power=3, frequency=100)
-    rules = [graphprune.Rule(item.rpartition("=")[0], sparsity=float(item.rpartition("=")[2]))
-             for item in _SPARSITY_FOR.value]
-    pm = graphprune.prune(start, schedule, structure="channel", scope=_SCOPE.value, rules=rules)
     teacher = dense if _DISTILL.value else None
-    _fit(pm, pm.trainable_variables, data, _FINETUNE.value, order, before=pm.update_masks, teacher=teacher)
-    shrunk = graphprune.finalize(pm, os.path.join(work, f"{name}_channel"), shrink=True)
-    rows.append(_row("channel", shrunk, bc.accuracy(tf.saved_model.load(shrunk), data)))
+    shrunk = _channel_arm(name, data, work, rows, start, order, teacher)[-1]["path"]
 
     if _BASELINES.value:
         widths = _widths(name, shrunk)
@@ -214,6 +241,7 @@ def run_model(name, data, work, seed=0):
         rows[-1]["sparsity"] = pm.sparsity()
     for row in rows:
         row["model"] = name
+        row.pop("path", None)
     return rows
 
 
@@ -241,6 +269,7 @@ def main(argv):
     if _EXAMPLES.value:
         data["x_train"], data["y_train"] = data["x_train"][:_EXAMPLES.value], data["y_train"][:_EXAMPLES.value]
     work = tempfile.mkdtemp(prefix="gp-channels-acc-")
+    print(f"saved models: {work}", flush=True)
     rows = []
     for name in _MODELS.value:
         rows += run_model(name, data, work, seed=_SEED.value)
@@ -248,7 +277,7 @@ def main(argv):
     settings = {"ratio": _RATIO.value, "scope": _SCOPE.value, "lr": _LR.value, "distill": _DISTILL.value,
                 "prune_fraction": _PRUNE_FRACTION.value, "sparsity_for": _SPARSITY_FOR.value,
                 "pretrain_epochs": _PRETRAIN.value, "finetune_epochs": _FINETUNE.value, "seed": _SEED.value,
-                "prune_from": _PRUNE_FROM.value}
+                "prune_from": _PRUNE_FROM.value, "dense_from": _DENSE_FROM.value}
     bc.write_json(_NAME.value, {**settings, "machine": bc.machine(), "rows": rows})
 
 
