@@ -191,12 +191,21 @@ def _channel_arm(name, data, work, rows, start, order, teacher):
 
 
 def run_model(name, data, work, seed=0):
-    build = BUILDERS[name]
     if _DENSE_FROM.value:
         if _PRUNE_FROM.value != "dense" or _BASELINES.value or _DISTILL.value:
             raise app.UsageError("--dense_from needs --prune_from=dense --nobaselines (and no --distill)")
         rows, start = _dense_arms(name, data)
-        return _channel_arm(name, data, work, rows, start, seed + 2, None)
+        rows = _channel_arm(name, data, work, rows, start, seed + 2, None)
+    else:
+        rows = _train_model(name, data, work, seed)
+    for row in rows:
+        row["model"] = name
+        row.pop("path", None)
+    return rows
+
+
+def _train_model(name, data, work, seed):
+    build = BUILDERS[name]
     dense = build(seed=seed)
     started = time.time()
     _fit(dense, dense.trainable_variables, data, _PRETRAIN.value, seed)
@@ -239,9 +248,6 @@ def run_model(name, data, work, seed=0):
         final = graphprune.finalize(pm, os.path.join(work, f"{name}_unstructured"))
         rows.append(_row("unstructured", final, bc.accuracy(tf.saved_model.load(final), data)))
         rows[-1]["sparsity"] = pm.sparsity()
-    for row in rows:
-        row["model"] = name
-        row.pop("path", None)
     return rows
 
 
