@@ -263,8 +263,8 @@ def _set_dims(body: b.Body, node, values: dict[int, int], operand: int = 1) -> N
         inputs = body.data_inputs(producer)
         values = {p % len(inputs): value for p, value in values.items()}
         elements = {p: body.producer(inputs[p]) for p in values}
-        olds = {p: int(tf.make_ndarray(e.attr["value"].tensor)) if e.op == "Const" else None
-                for p, e in elements.items()}
+        olds = {p: int(tf.make_ndarray(e.attr["value"].tensor)) if e is not None and e.op == "Const" else None
+                for p, e in elements.items()}  # None: computed (or a function argument), rewritten
         positions = [p for p in values if olds[p] != -1 and olds[p] != values[p]]
         if not positions:
             return
