@@ -580,9 +580,7 @@ def _conv(self: _Entry, node) -> None:
         self.unknown(node)
         return
     if xs[-1] != ws[-2] and ws[-2] == 1 and ws[-1] == xs[-1]:  # one channel per group: a depthwise conv
-        _link_kernel(self, node, x, w, (-1, "through"), (-1, "through"))
-        self.claim(w, len(ws) - 2)
-        self.link(self.tensor(x, 0), self.tensor(node.name, 0))
+        _channel_through_kernel(self, node, x, w, len(ws) - 1, len(ws) - 2)
         return
     if xs[-1] != ws[-2]:  # grouped
         self.unknown(node, f"grouped {node.op} '{node.name}' (its groups couple channels graphprune does not model)")
@@ -609,8 +607,14 @@ def _depthwise(self: _Entry, node) -> None:
     if _attr(node, "data_format", "s", b"") not in (b"", b"NHWC") or ws is None or ws[-1] != 1:
         self.unknown(node, f"DepthwiseConv2dNative '{node.name}' with a channel multiplier")
         return
-    _link_kernel(self, node, x, w, (2, "through"), (2, "through"))
-    self.claim(w, 3)
+    _channel_through_kernel(self, node, x, w, 2, 3)
+
+
+def _channel_through_kernel(self: _Entry, node, x: str, w: str, axis: int, single: int) -> None:
+    """A depthwise conv: output channel c reads input channel c alone, through kernel axis ``axis``
+    ("through"); the kernel's axis ``single`` has size 1; the batch goes through."""
+    _link_kernel(self, node, x, w, (axis, "through"), (axis, "through"))
+    self.claim(w, single)
     self.link(self.tensor(x, 0), self.tensor(node.name, 0))
 
 
