@@ -175,19 +175,23 @@ def _dense_arms(name, data):
     return rows, paths[0]
 
 
-def _channel_arm(name, data, work, rows, start, order, teacher):
-    """Prune ``start`` by channels while fine-tuning (batches in order ``order``), finalize with
-    shrink; its row appended to ``rows`` (with the shrunk model's path); ``rows`` returned."""
+def _end_step(data) -> int:
+    """The pruned arms' schedules end after --prune_fraction of the fine-tuning steps (in hundreds)."""
     steps = bc.steps_per_epoch(data, _BATCH.value) * _FINETUNE.value
-    end_step = int(steps * _PRUNE_FRACTION.value) // 100 * 100
-    schedule = graphprune.PolynomialDecay(0.0, _RATIO.value, 0, end_step, power=3, frequency=100)
+    return int(steps * _PRUNE_FRACTION.value) // 100 * 100
+
+
+def _channel_arm(name, data, work, rows, start, order, teacher) -> str:
+    """Prune ``start`` by channels while fine-tuning (batches in order ``order``), finalize with
+    shrink; its row appended to ``rows``; the shrunk model's path returned."""
+    schedule = graphprune.PolynomialDecay(0.0, _RATIO.value, 0, _end_step(data), power=3, frequency=100)
     rules = [graphprune.Rule(item.rpartition("=")[0], sparsity=float(item.rpartition("=")[2]))
              for item in _SPARSITY_FOR.value]
     pm = graphprune.prune(start, schedule, structure="channel", scope=_SCOPE.value, rules=rules)
     _fit(pm, pm.trainable_variables, data, _FINETUNE.value, order, before=pm.update_masks, teacher=teacher)
     shrunk = graphprune.finalize(pm, os.path.join(work, f"{name}_channel"), shrink=True)
-    rows.append({**_row("channel", shrunk, bc.accuracy(tf.saved_model.load(shrunk), data)), "path": shrunk})
-    return rows
+    rows.append(_row("channel", shrunk, bc.accuracy(tf.saved_model.load(shrunk), data)))
+    return shrunk
 
 
 def run_model(name, data, work, seed=0):
@@ -195,12 +199,11 @@ def run_model(name, data, work, seed=0):
         if _PRUNE_FROM.value != "dense" or _BASELINES.value or _DISTILL.value:
             raise app.UsageError("--dense_from needs --prune_from=dense --nobaselines (and no --distill)")
         rows, start = _dense_arms(name, data)
-        rows = _channel_arm(name, data, work, rows, start, seed + 2, None)
+        _channel_arm(name, data, work, rows, start, seed + 2, None)
     else:
         rows = _train_model(name, data, work, seed)
     for row in rows:
         row["model"] = name
-        row.pop("path", None)
     return rows
 
 
@@ -211,8 +214,6 @@ def _train_model(name, data, work, seed):
     _fit(dense, dense.trainable_variables, data, _PRETRAIN.value, seed)
     pretrained = _save(dense, os.path.join(work, f"{name}_pretrained"))
     print(f"{name}: pretrained {_PRETRAIN.value} epochs ({time.time() - started:.0f} s)", flush=True)
-    steps = bc.steps_per_epoch(data, _BATCH.value) * _FINETUNE.value
-    end_step = int(steps * _PRUNE_FRACTION.value) // 100 * 100
     rows = []
 
     _fit(dense, dense.trainable_variables, data, _FINETUNE.value, seed + 1)
@@ -229,7 +230,7 @@ def _train_model(name, data, work, seed):
                          bc.accuracy(longer, data)))
 
     teacher = dense if _DISTILL.value else None
-    shrunk = _channel_arm(name, data, work, rows, start, order, teacher)[-1]["path"]
+    shrunk = _channel_arm(name, data, work, rows, start, order, teacher)
 
     if _BASELINES.value:
         widths = _widths(name, shrunk)
@@ -242,7 +243,7 @@ def _train_model(name, data, work, seed):
         channel = next(r for r in rows if r["arm"] == "channel")
         removed = rows[0]["parameters"] - channel["parameters"]
         sparsity = min(0.99, removed / kernels)
-        schedule = graphprune.PolynomialDecay(0.0, sparsity, 0, end_step, power=3, frequency=100)
+        schedule = graphprune.PolynomialDecay(0.0, sparsity, 0, _end_step(data), power=3, frequency=100)
         pm = graphprune.prune(start, schedule)
         _fit(pm, pm.trainable_variables, data, _FINETUNE.value, order, before=pm.update_masks, teacher=teacher)
         final = graphprune.finalize(pm, os.path.join(work, f"{name}_unstructured"))
