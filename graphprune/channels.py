@@ -808,16 +808,16 @@ def _reduce(self: _Entry, node) -> None:
         return
     rank = len(shape)
     reduced = {int(a) % rank for a in np.ravel(value)}
+    if self.shape(node.name) is None or ((rank - 1) not in reduced and not self.shape(node.name)):
+        self.unknown(node, f"{node.op} '{node.name}' reduces over the channels" if (rank - 1) in reduced else None)
+        return
     if (rank - 1) in reduced:
-        if self.shape(node.name) is None or not _kept_mean_reduction(self, node, reduced, rank):
+        if not _kept_mean_reduction(self, node, reduced, rank):
             hint = " (a layer norm's: residual_stream=True removes them)" if node.op == "Mean" and \
                 reduced == {rank - 1} and not self.body.is_function and not self.graph.through_means else ""
-            self.unknown(node, f"{node.op} '{node.name}' reduces over the channels{hint}")
-            return
-        self.claim(x, rank - 1)  # a mean over the kept channels only (names.kept_mean)
-    elif not self.shape(node.name):
-        self.unknown(node)
-        return
+            # only the reduced axis: a q/k norm over the head dims leaves the heads prunable
+            self.poison_tensor(x, f"{node.op} '{node.name}' reduces over the channels{hint}", axes=[rank - 1])
+        self.claim(x, rank - 1)  # poisoned above, or a mean over the kept channels only (names.kept_mean)
     keep = _attr(node, "keep_dims", "b", False)
     kept = [a for a in range(rank) if keep or a not in reduced]
     for position, axis in enumerate(kept):

@@ -675,7 +675,8 @@ def _hub_attention_models():
     """keras-hub decoders whose heads reach the attention through what real LLMs use: grouped-query
     attention (Llama: the key/value heads repeated by tf.repeat; Gemma: the query heads split into
     key/value groups), rotary embeddings (split, stacked, reshaped back), GPT-NeoX's fused
-    query-key-value kernel sliced three ways with a partial rotary dimension."""
+    query-key-value kernel sliced three ways with a partial rotary dimension; Qwen3's RMS norm of
+    each query and key head over its head dims (a Mean over the last axis, which the heads pass)."""
     import keras_hub
 
     models = keras_hub.models
@@ -684,6 +685,7 @@ def _hub_attention_models():
         "llama": lambda: models.LlamaBackbone(num_query_heads=4, num_key_value_heads=2, **small),
         "gemma": lambda: models.GemmaBackbone(num_query_heads=4, num_key_value_heads=2, head_dim=4, **small),
         "gptneox": lambda: models.GPTNeoXBackbone(num_heads=2, max_sequence_length=8, **small),
+        "qwen3": lambda: models.Qwen3Backbone(num_query_heads=4, num_key_value_heads=2, head_dim=4, **small),
     }
 
 
@@ -705,7 +707,7 @@ def _hub_shrunk_as_masked(pm, tmp_path, inputs=None) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["llama", "gemma", "gptneox"])
+@pytest.mark.parametrize("name", ["llama", "gemma", "gptneox", "qwen3"])
 def test_keras_hub_grouped_query_and_rotary_heads(tmp_path, name):
     """Whole heads of keras-hub LLM decoders: a key/value head goes with the query heads that share
     it (blocks of the query kernel's head axis and the output projection's); Gemma's query heads
@@ -719,7 +721,7 @@ def test_keras_hub_grouped_query_and_rotary_heads(tmp_path, name):
     key = "self_attention/query_key_value/kernel" if name == "gptneox" else \
         ("attention" if name == "gemma" else "self_attention") + "/key/kernel"
     prefix = "decoder_block_0/" if name == "gemma" else "transformer_layer_0/"
-    head_axis = {"llama": 1, "gemma": 0, "gptneox": 1}[name]
+    head_axis = {"llama": 1, "gemma": 0, "gptneox": 1, "qwen3": 1}[name]
     heads = next(group for group in groups if any(m.name == prefix + key and m.axis == head_axis and m.period is None
                                                   for m in group.members))
     assert heads.prunable and heads.size == 2, graphprune.channels.describe([heads])
