@@ -679,7 +679,8 @@ def _einsum(self: _Entry, node) -> None:
     """Each letter of the equation is one space: in the data operand and the output, it goes
     through; in the data operand and a weight only, the weight's axis consumes it ("in"); in a
     weight and the output only, the weight's axis produces it ("out"); in two activations only,
-    the two are the same channels (contracted)."""
+    the two are the same channels (contracted); in all three, a batch of weights (experts) whose
+    axis goes through ("through")."""
     equation = _attr(node, "equation", "s", b"").decode().replace(" ", "")
     inputs = self.body.data_inputs(node)
     lhs, _, out = equation.partition("->")
@@ -702,6 +703,10 @@ def _einsum(self: _Entry, node) -> None:
             self.link(self.weight(node, kernel[0][0], kernel[0][1], "out"), self.tensor(node.name, out.index(letter)))
         elif kernel and data and not in_out:
             self.link(self.tensor(*data[0]), self.weight(node, kernel[0][0], kernel[0][1], "in"))
+        elif kernel and data and in_out:  # a batch of weights (a mixture's experts): x[e] @ w[e]
+            member = self.weight(node, kernel[0][0], kernel[0][1], "through")
+            self.link(self.tensor(*data[0]), member)
+            self.link(member, self.tensor(node.name, out.index(letter)))
         elif not kernel and in_out:
             for ref, axis in data:
                 self.link(self.tensor(ref, axis), self.tensor(node.name, out.index(letter)))

@@ -739,6 +739,36 @@ def test_keras_hub_grouped_query_and_rotary_heads(tmp_path, name):
     assert graphprune.cost(out).parameters == _predicted_parameters(pm)
 
 
+@pytest.mark.slow
+def test_keras_hub_mixture_of_experts_neurons(tmp_path):
+    """Mixtral's experts are one batched kernel per projection (Einsum abc,acd->abd, the experts on
+    'a'): an MLP neuron is removed from every expert alike (its group holds the gate, up and down
+    kernels of all experts); the experts themselves stay whole (the router's Softmax and the sum
+    over experts read them)."""
+    import keras_hub
+
+    keras_hub.models.MixtralBackbone(vocabulary_size=50, num_layers=1, hidden_dim=16, intermediate_dim=32,
+                                     num_query_heads=4, num_key_value_heads=2, num_experts=2,
+                                     top_k=1).export(str(tmp_path / "export"), verbose=False)
+    pm = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
+                          one_shot=True)
+    groups = graphprune.channel_groups(pm)
+    experts = "transformer_layer_0/mixtral_sparse_moe_block/experts/expert_feedforward_"
+    neurons = next(group for group in groups if any(m.name == experts + "gate_dense" and m.axis == 2
+                                                    for m in group.members))
+    assert neurons.prunable and neurons.size == 32, graphprune.channels.describe([neurons])
+    assert {(m.name, m.axis) for m in neurons.members} >= {
+        (experts + "gate_dense", 2), (experts + "intermediate_dense", 2), (experts + "output_dense", 1)}
+    whole = [group for group in groups if any(m.name == experts + "gate_dense" and m.axis == 0
+                                              for m in group.members)]
+    assert whole and not any(group.prunable for group in whole)
+    out = _hub_shrunk_as_masked(pm, tmp_path)
+    for name, axis in (("gate_dense", 2), ("intermediate_dense", 2), ("output_dense", 1)):
+        before, after = _weight_shape(str(tmp_path / "export"), experts + name), _weight_shape(out, experts + name)
+        assert after[0] == before[0] == 2 and after[axis] == before[axis] // 2
+    assert graphprune.cost(out).parameters == _predicted_parameters(pm)
+
+
 @pytest.fixture(scope="module")
 def stream_net(tmp_path_factory):
     return _saved(tmp_path_factory, StreamNet())
