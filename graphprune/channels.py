@@ -11,8 +11,9 @@ it does not keep is poisoned):
     Conv2D with one channel per group (groups = channels, Keras's Conv2D(groups=C))
                                 x[..., c] ~ y[..., c] ~ w[:, :, 0, c] ("through")
     BiasAdd, FusedBatchNorm, elementwise ops (Add/Mul/... with broadcast), activations, pooling,
-    Pad, Mean over other axes, Squeeze/ExpandDims, Identity/Cast, comparisons and logical ops
-                                the same channels
+    Pad, Mean over other axes, Squeeze/ExpandDims, Identity/Cast, comparisons and logical ops,
+    SpaceToBatchND/BatchToSpaceND (a dilated conv)   the same channels
+    Conv2D on ExpandDims(kernel) (Keras's Conv1D)     the kernel's own axes (as Conv2D's)
     RandomUniform & co. of shape Shape(x)   x's axes (a dropout mask; its shape follows x's)
     ConcatV2 on the last axis   each input is a slice of the output's channels
     Einsum (q = x.Wq "abc,cde->abde")  each letter one space: the head axis of Wq, Wk, Wv, their
@@ -354,21 +355,29 @@ class _Entry:
 
     def weight(self, node, operand: str, axis: int, role: str):
         """The member space of a weight operand's ``axis`` (None if the operand is not a plain
-        variable or constant read, or a Transpose of one: a tied embedding's output projection);
-        the operand's own axis is linked to it."""
+        variable or constant read, a Transpose of one: a tied embedding's output projection, or an
+        ExpandDims of one: a Conv1D's kernel); the operand's own axis is linked to it."""
         source, shape = self.source(operand), self.shape(operand)
         if shape is None:
             return None
         axis %= len(shape)
         source_axis = axis
         if source is None:
-            transposed = self.origin(operand, masks=True)
-            if transposed is None or transposed.op != "Transpose":
+            view = self.origin(operand, masks=True)
+            if view is None or view.op not in ("Transpose", "ExpandDims"):
                 return None
-            source, perm = self.source(transposed.input[0]), _constant(self, transposed.input[1])
-            if source is None or perm is None or perm.size != len(shape):
+            source, operand_2 = self.source(view.input[0]), _constant(self, view.input[1])
+            if source is None or operand_2 is None:
                 return None
-            source_axis = int(np.ravel(perm)[axis])
+            if view.op == "ExpandDims":  # a Conv1D's kernel [k, in, out] read as [1, k, in, out]
+                inserted = int(np.ravel(operand_2)[0]) % len(shape)
+                if axis == inserted:
+                    return None
+                source_axis = axis - (axis > inserted)
+            elif operand_2.size != len(shape):
+                return None
+            else:
+                source_axis = int(np.ravel(operand_2)[axis])
         member = self.graph.member(source[0], source[1], source_axis, shape[axis], role)
         self.link(self.tensor(operand, axis), member)
         return member
@@ -803,6 +812,18 @@ def _pad(self: _Entry, node) -> None:
         self.unknown(node)
         return
     self.same(x, node.name, node, axes=[a for a in range(len(value)) if not np.any(value[a] != 0)])
+
+
+def _space_to_batch(self: _Entry, node) -> None:
+    """SpaceToBatchND / BatchToSpaceND(x, block_shape, paddings or crops), as a dilated convolution
+    runs: the batch and the M blocked spatial axes are reshuffled; the axes after them (the
+    channels) go through."""
+    x, block = self.body.data_inputs(node)[:2]
+    xs, ys, blocked = self.shape(x), self.shape(node.name), _constant(self, block)
+    if not xs or not ys or len(xs) != len(ys) or blocked is None or blocked.ndim != 1:
+        self.unknown(node)
+        return
+    self.same(x, node.name, node, axes=range(1 + blocked.size, len(xs)))
 
 
 def _reduce(self: _Entry, node) -> None:
@@ -1613,7 +1634,8 @@ _HANDLERS = {
     "Conv2D": _conv, "Conv3D": _conv, "DepthwiseConv2dNative": _depthwise, "MatMul": _matmul,
     "BatchMatMul": _matmul, "BatchMatMulV2": _matmul, "BatchMatMulV3": _matmul, "Einsum": _einsum,
     **{op: _batch_norm for op in BATCH_NORM_OPS}, **{op: _pool for op in POOL_OPS}, "Pad": _pad, "PadV2": _pad,
-    "MirrorPad": _pad, **{op: _reduce for op in REDUCE_OPS}, "Squeeze": _squeeze_expand,
+    "MirrorPad": _pad, "SpaceToBatchND": _space_to_batch, "BatchToSpaceND": _space_to_batch,
+    **{op: _reduce for op in REDUCE_OPS}, "Squeeze": _squeeze_expand,
     "ExpandDims": _squeeze_expand, "Reshape": _reshape, "Transpose": _transpose, "Shape": _shape,
     "ConcatV2": _concat, **{op: _assign for op in ASSIGN_OPS}, "GatherV2": _gather, "ResourceGather": _gather,
     "BroadcastTo": _broadcast_to, "StridedSlice": _strided_slice, "Slice": _slice, "Tile": _tile,

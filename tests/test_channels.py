@@ -521,6 +521,35 @@ def test_keras_functional_flatten_into_dense(tmp_path):
     assert _kernel_shapes(out) == _predicted_shapes(pm)
 
 
+def test_keras_conv1d_channels_into_a_flatten(tmp_path):
+    """Keras's Conv1D runs as a Conv2D on ExpandDims of its input and of its kernel [k, in, out]: the
+    kernel's axes are followed through the view, and a [N, steps, C] flatten into a dense kernel
+    makes each channel every C-th row."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((12, 3), name="signal")
+    x = keras.layers.Conv1D(8, 3, activation="relu", name="conv1")(inputs)
+    x = keras.layers.Conv1D(6, 3, padding="causal", dilation_rate=2, activation="relu", name="conv2")(x)
+    x = keras.layers.Dense(10, activation="relu", name="hidden")(keras.layers.Flatten(name="flatten")(x))
+    model = keras.Model(inputs, keras.layers.Dense(4, name="head")(x))
+    model.export(str(tmp_path / "export"), verbose=False)
+    pm = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
+                          one_shot=True)
+    groups = {group.name: group for group in graphprune.channel_groups(pm)}
+    assert groups["conv1/kernel:2"].prunable and ("conv2/kernel", 1, "in", 0, 8, None) in _members(groups["conv1/kernel:2"])
+    conv2 = groups["conv2/kernel:2"]
+    assert conv2.prunable and ("hidden/kernel", 0, "in", 0, 6, 6) in _members(conv2), graphprune.channels.describe([conv2])
+    x = np.random.RandomState(0).standard_normal([3, 12, 3]).astype(np.float32)
+    masked = pm.serve(x).numpy()
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
+    small = tf.saved_model.load(out)
+    np.testing.assert_allclose(small.serve(x).numpy(), masked, atol=1e-5 * np.abs(masked).max(), rtol=0)
+    assert _weight_shape(out, "conv1/kernel") == (3, 3, 4) and _weight_shape(out, "conv2/kernel") == (3, 4, 3)
+    assert _weight_shape(out, "hidden/kernel") == (10 * 3, 5)
+    assert graphprune.cost(out).parameters == _predicted_parameters(pm)
+
+
 class DeadBranch(tf.Module):
     """A product computed for nothing beside the one returned."""
 
