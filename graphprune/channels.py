@@ -29,8 +29,12 @@ it does not keep is poisoned):
     Reshape splitting a last axis [.., h*d] -> [.., h, d] (attention over a 2-D dense kernel), or a
                                 merged axis read as one: channel i of the flat axis is (i // d, i % d),
                                 so every space carrying it becomes two, heads and head dims, and each
-                                member two: blocks of d and period d (_refine_factors); one that also
-                                meets a slice (Concat) or a flatten is left whole
+                                member two: blocks of d and period d (_refine_factors); heads split
+                                again (key/value groups, rotary pairs) are refined again, and so is
+                                a split in three ([.., 3 * h * d] -> [.., 3, h, d]: a fused
+                                query-key-value kernel); one that also meets a slice (Concat) or a
+                                flatten is left whole
+    Reshape keeping static trailing axes (leading ones regrouped)   those axes go through
     ReadVariableOp / AssignVariableOp / Const                          the variable's / constant's axis
     GatherV2 / ResourceGather (axis 0)  an embedding table's axes after the first are the lookup's
     StridedSlice, Slice, Tile, BroadcastTo  an axis taken whole, repeated once or of the same size
@@ -93,7 +97,8 @@ class Member:
     key) or of a constant (kind "const", name "entry label/node"), at indices start + i, or, with a
     period (a flattened [.., C] feeding a kernel's rows; a head's dimension in an axis split
     into heads), at p * period + start + i for every p, or, with a block (a head of an axis split
-    into heads of ``block`` values), at (start + i) * block + r for every r < block."""
+    into heads of ``block`` values), at (start + i) * block + r for every r < block; with both (heads
+    split again: the query heads that share a key/value head), at (p * period + start + i) * block + r."""
 
     kind: str
     name: str
@@ -105,14 +110,16 @@ class Member:
     block: int | None = None
 
     def indices(self, dim: int, channels) -> np.ndarray:
-        """The indices along the axis (of length ``dim``) of the group's ``channels``."""
+        """The indices along the axis (of length ``dim``) of the group's ``channels``: cycle by
+        cycle (with a period), channel by channel, each over its block."""
         channels = np.asarray(channels, np.int64) + self.start
+        block = self.block or 1
+        if self.period is not None:
+            cycles = dim // (self.period * block)
+            channels = (np.arange(cycles, dtype=np.int64)[:, None] * self.period + channels[None, :]).reshape(-1)
         if self.block is not None:
             return (channels[:, None] * self.block + np.arange(self.block, dtype=np.int64)[None, :]).reshape(-1)
-        if self.period is None:
-            return channels
-        repeats = dim // self.period
-        return (np.arange(repeats, dtype=np.int64)[:, None] * self.period + channels[None, :]).reshape(-1)
+        return channels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,9 +201,11 @@ class _Graph:
         self.dims: list[ShapeDim] = []
         self.splits: list[SplitSite] = []
         self.squeezes: list[tuple[str, str, tuple]] = []  # (entry, Squeeze with no dims, the axes it drops)
+        self.counts: list[tuple[str, str, tuple]] = []  # (entry, a Tile's scalar count of copies, their axis)
         self.factors: list[tuple] = []  # (space, heads, head dims): an axis split into heads (_refine_factors)
         self.refined: dict[tuple, tuple] = {}  # a space -> its (heads, head dims) parts
         self.sizes_before_refining: dict[tuple, int] = {}
+        self.refined_parts: set[tuple] = set()  # spaces _refine_factors made (periods of its own)
 
     def space(self, space: tuple, size) -> tuple | None:
         if size is None or int(size) < 0:  # -1: a shape computed as unknown
@@ -998,7 +1007,10 @@ def _slice(self: _Entry, node) -> None:
 
 
 def _tile(self: _Entry, node) -> None:
-    """Tile(x, multiples): an axis repeated once goes through."""
+    """Tile(x, multiples): an axis repeated once goes through. A size-1 axis repeated r times (tf.repeat's
+    copies: the query heads that share a key/value head) is a space of r identical channels where r is
+    an element of a constant read by this Tile only, or a scalar count shrink_channels can rewrite
+    (_tile_count): removing copies makes fewer of them."""
     x, multiples_ref = self.body.data_inputs(node)[:2]
     xs, ys = self.shape(x), self.shape(node.name)
     if not xs or not ys or len(xs) != len(ys):
@@ -1013,6 +1025,60 @@ def _tile(self: _Entry, node) -> None:
             self.link(self.tensor(x, a), self.tensor(node.name, a))
         elif xs[a] == 1:
             self.claim(x, a)
+            if ys[a] is None:
+                continue
+            constant = self.body.producer(multiples_ref)
+            if constant is not None and constant.op == "Const" and \
+                    all(reader.name == node.name for reader, _ in self._readers(multiples_ref)):
+                self.claim(node.name, a)  # tf.tile(x, [1, 1, r, 1]): the constant's element is rewritten
+                self.graph.dims.append(ShapeDim(self.entry.label, self.node_id(node.name), a,
+                                                (self.tensor(node.name, a),)))
+                continue
+            count = _tile_count(self, node, a)
+            if count is not None:
+                self.claim(node.name, a)
+                self.graph.counts.append((self.entry.label, self.node_id(count), self.tensor(node.name, a)))
+
+
+def _tile_count(self: _Entry, node, a: int) -> str | None:
+    """The node of a Tile's count of copies along axis ``a`` when rewriting it to a smaller constant
+    changes nothing but that count: element ``a`` of a Pack read by this Tile only, a Const behind
+    Reshape/Cast/Identity (tf.repeat's), read elsewhere only by shape arithmetic that sizes a Reshape of
+    this Tile's output (tf.repeat's merge of the copies). None otherwise."""
+    pack = self.body.producer(self.body.data_inputs(node)[1])
+    if pack is None or pack.op != "Pack" or _attr(pack, "axis", "i", 0) != 0 or \
+            any(reader.name != node.name for reader, _ in self._readers(self.body.ref(pack.name))):
+        return None
+    elements = self.body.data_inputs(pack)
+    count = self.body.producer(elements[a])
+    if count is None or sum(self.body.producer(ref) is not None and self.body.producer(ref).name == count.name
+                            for ref in elements) != 1:
+        return None
+    source = count
+    while source is not None and source.op in ("Reshape", "Cast", "Identity"):
+        source = self.body.producer(self.body.data_inputs(source)[0])
+    if count is None or source is None or source.op != "Const":
+        return None
+    returned = {self.body.parse(ref)[0] for ref in self.returns()}
+    pending, seen = [count.name], {count.name}
+    while pending:
+        name = pending.pop()
+        readers = list(self._readers(self.body.ref(name)))
+        if name in returned or not readers:
+            return None
+        for reader, position in readers:
+            if reader.name == pack.name or reader.name in seen:
+                continue
+            data = self.body.producer(reader.input[0])
+            if reader.op == "Reshape" and position == 1 and data is not None and data.name == node.name:
+                continue
+            if reader.op not in SHAPE_ARITHMETIC or len(seen) > 32 or \
+                    _attr(reader, "DstT" if reader.op == "Cast" else "T", "type", types_pb2.DT_INT32) \
+                    not in (types_pb2.DT_INT32, types_pb2.DT_INT64):
+                return None
+            seen.add(reader.name)
+            pending.append(reader.name)
+    return count.name
 
 
 def _squeeze_expand(self: _Entry, node) -> None:
@@ -1054,10 +1120,13 @@ def _reshape(self: _Entry, node) -> None:
         self.link(self.tensor(x), self.tensor(node.name))  # tf.tensordot: computed from the input's own shape
         return
     if _shape_last(self, shape_ref) is None:
-        if not _prefix_reshape(self, node, x, shape_ref, xs, ys):
+        if not (_prefix_reshape(self, node, x, shape_ref, xs, ys) | _suffix_reshape(self, node, shape_ref, xs, ys)):
             self.unknown(node)
         return
     if xs[-1] == ys[-1]:
+        if len(xs) > 1 and len(ys) > 1 and xs[-2] == ys[-2] and xs[-2] is not None and \
+                _suffix_reshape(self, node, shape_ref, xs, ys):
+            return  # more than the last axis kept: each kept axis's element follows it
         self.link(self.tensor(x), self.tensor(node.name))
         self.graph.reshapes.append(Reshape(self.entry.label, self.node_id(node.name), self.tensor(x), 1))
         return
@@ -1068,8 +1137,29 @@ def _reshape(self: _Entry, node) -> None:
         self.graph.poison(self.tensor(node.name), f"Reshape '{node.name}' flattens it")
         self.graph.reshapes.append(Reshape(self.entry.label, self.node_id(node.name), self.tensor(x), ys[-1] // xs[-1]))
         return
-    if not _prefix_reshape(self, node, x, shape_ref, xs, ys):
+    if not (_prefix_reshape(self, node, x, shape_ref, xs, ys) | _suffix_reshape(self, node, shape_ref, xs, ys)):
         self.unknown(node)
+
+
+def _suffix_reshape(self: _Entry, node, shape_ref: str, xs, ys) -> bool:
+    """A Reshape that regroups leading axes and keeps static trailing ones (Swin's attention
+    scores [B * windows, heads, N, N] -> [B, windows, heads, N, N] to add its shifted windows' mask,
+    and back): each kept trailing axis goes through where the shape operand's element for it is a
+    constant shrink_channels can rewrite. False when nothing goes through."""
+    x = self.body.data_inputs(node)[0]
+    xs, ys = ([None if d is None or d < 0 else d for d in shape] for shape in (xs, ys))
+    k = 0
+    while k < min(len(xs), len(ys)) - 1 and xs[-1 - k] is not None and xs[-1 - k] == ys[-1 - k]:
+        k += 1
+    producer = self.body.producer(shape_ref)
+    if k == 0 or producer is None or producer.op not in ("Const", "Pack"):
+        return False
+    kept = [a for a in range(1, k + 1) if _constant_elements(self, producer, [len(ys) - a])]
+    for a in kept:
+        self.link(self.tensor(x, len(xs) - a), self.tensor(node.name, len(ys) - a))
+        self.graph.dims.append(ShapeDim(self.entry.label, self.node_id(node.name), len(ys) - a,
+                                        (self.tensor(x, len(xs) - a),)))
+    return bool(kept)
 
 
 def _prefix_reshape(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:
@@ -1149,7 +1239,7 @@ def _merge_or_split(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:
                 self.claim(ref, axis)
         dims(x, i)
         return True
-    if i is not None and not _flattens(xs, ys):
+    if i is not None and (len(xs) == 3 or not _flattens(xs, ys)):  # [N, h, d] -> [N, h * d]: heads or a flatten
         _merge(self, x, y, i, len(xs))
         dims(x, i)
         return True
@@ -1176,14 +1266,42 @@ def _merge_or_split(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:
         self.claim(x, j)
         split_dims(len(ys))
         return True
+    j = _split_in_three(xs, ys)
+    if j is not None and x not in self.merged and _constant_elements(self, producer, [j, j + 1, j + 2]):
+        # a fused projection's [.., 3 * heads * d] -> [.., 3, heads, d] (Swin's query-key-value):
+        # split in two, and the second part again (_refine_factors), through a space of its own
+        inner = self.graph.space(("t", self.entry.label, self.node_id(node.name), "inner", j), ys[j + 1] * ys[j + 2])
+        self.graph.factors.append((self.tensor(x, j), self.tensor(y, j), inner))
+        self.graph.factors.append((inner, self.tensor(y, j + 1), self.tensor(y, j + 2)))
+        for axis in range(len(ys)):
+            if axis < j or axis > j + 2:
+                self.link(self.tensor(x, axis if axis < j else axis - 2), self.tensor(y, axis))
+        self.claim(x, j)
+        self.claimed.update(self.tensor(y, axis) for axis in (j, j + 1, j + 2))
+        split_dims(len(ys))
+        return True
     return False
+
+
+def _split_in_three(xs, ys) -> int | None:
+    """j where a Reshape from ``xs`` to ``ys`` splits axis j into three static axes (each > 1) and
+    keeps every other axis (an unknown size on one side matches any on the other); else None."""
+    if len(ys) != len(xs) + 2:
+        return None
+    xs, ys = ([None if d is None or d < 0 else d for d in shape] for shape in (xs, ys))
+    for j in range(len(xs)):
+        parts, rest = ys[j:j + 3], list(zip(xs[:j] + xs[j + 1:], ys[:j] + ys[j + 3:]))
+        if xs[j] is not None and None not in parts and min(parts) > 1 and int(np.prod(parts)) == xs[j] and \
+                all(p is None or q is None or p == q for p, q in rest):
+            return j
+    return None
 
 
 def _repeat(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:
     """tf.repeat(data, r, axis=i), as grouped-query attention repeats its key/value heads:
     Reshape(Tile(ExpandDims(data, i + 1), r at i + 1), a shape computed from Shape(data)) merges
     data's axis i with its r copies. The shape follows data's when channels go; the copies' axis
-    is the second factor, which only the r copies' own group could remove (it stays whole)."""
+    is the second factor, a group of its own where _tile could make r a count to rewrite."""
     i = _merged_axis(xs, ys)
     tile = self.body.producer(x)
     if i is None or tile is None or tile.op != "Tile":
@@ -1661,7 +1779,91 @@ def _static_shapes(entry: g.Entry, model: g.TracedModel) -> dict[tuple[str, int]
         node = next((n for n in graph_def.node if n.name == info.placeholder), None)
         if node is not None and info.shape is not None:
             node.attr["shape"].shape.CopyFrom(tf.TensorShape(info.shape).as_proto())
-    return _imported_shapes(graph_def)
+    shapes = _imported_shapes(graph_def)
+    for _ in range(4):  # computed reshapes made constant where static sizes tell (Swin's C // heads)
+        if not _constant_reshapes(graph_def, dict(entry.resources), shapes):
+            break
+        shapes = _imported_shapes(graph_def)
+    return shapes
+
+
+def _inferred_size(view, node, value: list) -> list:
+    """A Reshape's shape ``value`` with its -1 worked out where every unknown element is the
+    reshaped tensor's own size at some axis (Shape(x)[i]), or the size at the same axis of a tensor
+    that is also unknown there (the batch: [B, N, 3, heads, -1] with B read off the layer's input):
+    those sizes cancel out of both products."""
+    x = node.input[0]
+    xs, shape = view.shape(x), view.body.producer(node.input[1])
+    if value.count(-1) != 1 or None not in value or xs is None or shape is None or shape.op != "Pack":
+        return value
+    elements = view.body.data_inputs(shape)
+    own = [_dim_read(view, ref, x, k, xs) if v is None else None for k, (v, ref) in enumerate(zip(value, elements))]
+    if any(v is None and i is None for v, i in zip(value, own)):
+        return value
+    matched = {i for i in own if i is not None}
+    rest = [d for i, d in enumerate(xs) if i not in matched]
+    known = int(np.prod([v for v in value if v is not None and v != -1], dtype=np.int64))
+    if None in rest or not known or int(np.prod(rest, dtype=np.int64)) % known:
+        return value
+    return [int(np.prod(rest, dtype=np.int64)) // known if v == -1 else v for v in value]
+
+
+def _dim_read(view, ref: str, x: str, position: int, xs) -> int | None:
+    """i where ``ref`` is Shape(x)[i], or ``position`` where it is Shape(t)[position] of another
+    tensor t whose size there is unknown, as x's is (a StridedSlice that picks one element); else None."""
+    node = view.body.producer(ref)
+    while node is not None and node.op in ("Identity", "Cast"):
+        node = view.body.producer(view.body.data_inputs(node)[0])
+    if node is None or node.op != "StridedSlice" or not _attr(node, "shrink_axis_mask", "i", 0) & 1:
+        return None
+    shape = view.body.producer(node.input[0])
+    begin = _evaluate(view, node.input[1], 0)
+    if shape is None or shape.op != "Shape" or not isinstance(begin, list) or len(begin) != 1 or \
+            not isinstance(begin[0], int):
+        return None
+    if view.body.parse(shape.input[0])[:2] == view.body.parse(x)[:2]:
+        return begin[0] % len(xs)
+    ts = view.shape(shape.input[0])
+    return position if begin[0] == position and ts and position < len(ts) and ts[position] is None and \
+        position < len(xs) and xs[position] is None else None
+
+
+class _ShapeView:
+    """What _evaluate reads (a body, static shapes) of a graph being shape-inferred."""
+
+    def __init__(self, body, shapes):
+        self.body, self.shapes = body, shapes
+
+    def shape(self, ref: str):
+        name, index, _ = self.body.parse(ref)
+        return self.shapes.get((name, index))
+
+
+def _constant_reshapes(graph_def, resources: dict, shapes: dict) -> bool:
+    """Give every Reshape whose computed shape operand _evaluate finds (all but at most one element)
+    where TensorFlow's inference left sizes unknown a constant operand (-1 for the unknown one), so
+    a new inference carries those sizes on through what follows. Whether any changed."""
+    view = _ShapeView(b.top_body(graph_def, resources, writable=False), shapes)
+    patches = []
+    for node in graph_def.node:
+        shape = shapes.get((node.name, 0))
+        if node.op != "Reshape" or not shape or None not in shape:
+            continue
+        value = _evaluate(view, node.input[1], 0)
+        if not isinstance(value, list) or len(value) != len(shape) or \
+                not all(v is None or (isinstance(v, int) and v >= -1) for v in value):
+            continue
+        value = _inferred_size(view, node, value)
+        known = [d if d is not None else (v if v is not None and v >= 0 else None) for d, v in zip(shape, value)]
+        if known != shape and sum(d is None for d in known) <= 1:
+            patches.append((node, [-1 if d is None else d for d in known]))
+    for node, value in patches:
+        dtype = tf.dtypes.as_dtype(node.attr["Tshape"].type) if "Tshape" in node.attr else tf.int32
+        const = graph_def.node.add(name=f"{node.name}/graphprune_shape", op="Const")
+        const.attr["dtype"].type = dtype.as_datatype_enum
+        const.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(np.array(value, dtype.as_numpy_dtype)))
+        node.input[1] = const.name
+    return bool(patches)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1675,6 +1877,7 @@ class Analysis:
     splits: tuple[SplitSite, ...] = ()
     squeezes: tuple = ()  # (entry, node, axes): a Squeeze of every size-1 axis, and the axes it drops
     refined: dict = dataclasses.field(default_factory=dict)  # a space split into heads -> (heads, dims)
+    counts: tuple = ()  # (entry, node, space): a scalar node counting a Tile's copies, now of space's size
 
 
 def channel_groups(model) -> tuple[ChannelGroup, ...]:
@@ -1748,7 +1951,8 @@ def analyze(model: g.TracedModel, through_means: bool = False) -> Analysis:
     groups.sort(key=lambda group: group.name)
     sizes = {**graph.sizes, **{space: graph.sizes_before_refining[space] for space in graph.refined}}
     return Analysis(tuple(groups), tuple(graph.reshapes), slices, sizes, tuple(graph.dims),
-                    tuple(graph.means), tuple(graph.splits), tuple(graph.squeezes), dict(graph.refined))
+                    tuple(graph.means), tuple(graph.splits), tuple(graph.squeezes), dict(graph.refined),
+                    tuple(graph.counts))
 
 
 def _refine_factors(graph: _Graph) -> None:
@@ -1756,18 +1960,26 @@ def _refine_factors(graph: _Graph) -> None:
     channel i is head i // d, head dim i % d. Every space that carries the same channels (the
     split tensor's, the dense kernel's columns, the bias, ...) is replaced by two spaces, heads
     and head dims, linked as the originals were; a variable's or constant's axis becomes two
-    members, one in blocks of d and one with period d. A split whose channels also meet a slice
-    (a Concat), a flattened axis or another split is left whole."""
+    members, one in blocks of d and one with period d. Heads or head dims split again (query heads
+    into key/value heads x the query heads that share one, rotary pairs) are refined again, round
+    after round. A split whose channels also meet a slice (a Concat), a flattened axis or a split
+    of another size is left whole."""
+    factors = list(graph.factors)
+    while factors:
+        factors = _refine_round(graph, factors)
+
+
+def _refine_round(graph: _Graph, factors: list) -> list:
+    """One round of _refine_factors; the factors found for the next round: a part linked to an
+    axis that this round split again."""
     import networkx as nx
 
-    if not graph.factors:
-        return
     plain = nx.Graph()
     for a, c, offset in graph.edges:
         plain.add_edge(a, c, offset=offset)
     parts_of: dict[tuple, tuple] = {}
     extra_edges = []
-    for whole, heads, dims in graph.factors:
+    for whole, heads, dims in factors:
         sizes = [graph.sizes.get(space) for space in (whole, heads, dims)]
         if None in sizes or sizes[0] != sizes[1] * sizes[2]:
             for space in (whole, heads, dims):
@@ -1779,7 +1991,8 @@ def _refine_factors(graph: _Graph) -> None:
         if any(graph.sizes.get(space) != sizes[0] for space in component) or \
                 any(data["offset"] for _, _, data in plain.subgraph(component).edges(data=True)):
             why = "it is split into heads and sliced (a concatenation)"
-        elif any(space[0] == "p" or (space[0] in ("v", "c") and space[3] is not None) for space in component):
+        elif any(space[0] == "p" or (space[0] in ("v", "c") and space[3] is not None and
+                                     space not in graph.refined_parts) for space in component):
             why = "it is split into heads and flattened"
         elif any(space in parts_of and graph.sizes[parts_of[space][1]] != period for space in component):
             why = "it is split into heads of two different sizes"
@@ -1790,11 +2003,9 @@ def _refine_factors(graph: _Graph) -> None:
         for space in component:
             if space in parts_of:
                 continue
-            if space[0] in ("v", "c"):
-                parts = ((*space[:3], None, period), (*space[:3], period))
-            else:
-                parts = ((*space, "heads"), (*space, "dims"))
+            parts = _parts(space, period)
             parts_of[space] = parts
+            graph.refined_parts.update(parts)
             for part, size in zip(parts, (sizes[1], period)):
                 graph.sizes[part] = size
                 if space in graph.poisoned:
@@ -1803,23 +2014,37 @@ def _refine_factors(graph: _Graph) -> None:
                     graph.roles[part] = graph.roles[space]
         extra_edges += [(parts_of[whole][0], heads, 0), (parts_of[whole][1], dims, 0)]
     if not parts_of:
-        return
+        return []
     edges = []
     for a, c, offset in graph.edges:
         if a in parts_of or c in parts_of:  # both are: a component is refined whole
             edges += [(parts_of[a][0], parts_of[c][0], 0), (parts_of[a][1], parts_of[c][1], 0)]
         else:
             edges.append((a, c, offset))
+    nested = []
     for part, axis, offset in extra_edges:
-        if axis in parts_of:  # heads or head dims split again (RoFormer's rotary pairs): not modelled
-            for space in (part, *parts_of[axis]):
-                graph.poison(space, "its heads or head dims are split into parts again")
+        if axis in parts_of:  # heads or head dims split again: the part is split the same way next round
+            nested.append((part, *parts_of[axis]))
         else:
             edges.append((part, axis, offset))
     graph.edges = edges
     for space, parts in parts_of.items():
         graph.sizes_before_refining[space] = graph.sizes.pop(space)
         graph.refined[space] = parts
+    return nested
+
+
+def _parts(space: tuple, d: int) -> tuple[tuple, tuple]:
+    """The (outer, inner) spaces of ``space`` split into parts of d channels. A variable's or
+    constant's axis space (kind, name, axis, period, block) has channel c at the indices
+    (q * period + c) * block + r (Member); its outer part is every d of its channels, in blocks d
+    times as long, its inner part the channel within them, with period d."""
+    if space[0] not in ("v", "c"):
+        return (*space, "heads"), (*space, "dims")
+    period, block = space[3], (space[4] if len(space) > 4 else None)
+    outer = (*space[:3], None if period is None else period // d, d * (block or 1))
+    inner = (*space[:3], d) + ((block,) if block is not None else ())
+    return outer, inner
 
 
 def _poison_nested(graph: _Graph, model: g.TracedModel) -> None:

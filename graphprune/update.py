@@ -208,7 +208,7 @@ def channel_scores(value, member, importance: str = "l2"):
     per = tf.reduce_sum(tf.cast(magnitude, tf.float32), axis=[a for a in range(rank) if a != member.axis])
     if member.block is not None:  # a head: its block of values
         per = tf.reduce_sum(tf.reshape(per, [-1, member.block]), axis=1)
-    elif member.period is not None:
+    if member.period is not None:
         per = tf.reduce_sum(tf.reshape(per, [-1, member.period]), axis=0)
     return per[member.start:member.stop]
 
@@ -218,11 +218,9 @@ def expand_channels(keep, member, shape):
     ones outside the member's slice, broadcastable against the weight."""
     dim = shape[member.axis]
     size = member.stop - member.start
-    indices = member.indices(dim, np.arange(size))
-    repeats = len(indices) // size
-    if member.block is not None:  # indices run head by head, each over its block
-        values = tf.repeat(keep, member.block)
-    else:
-        values = tf.tile(keep, [repeats]) if repeats > 1 else keep
+    indices = member.indices(dim, np.arange(size))  # cycle by cycle, channel by channel, over its block
+    values = keep if member.block is None else tf.repeat(keep, member.block)
+    cycles = len(indices) // (size * (member.block or 1))
+    values = tf.tile(values, [cycles]) if cycles > 1 else values
     vector = tf.tensor_scatter_nd_update(tf.ones([dim], keep.dtype), indices[:, None], values)
     return tf.reshape(vector, [dim if a == member.axis else 1 for a in range(len(shape))])

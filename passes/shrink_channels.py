@@ -5,7 +5,8 @@ channel group (graphprune.channels), a channel is dead when every kernel that co
 conv's input channel, a dense layer's row, rows of a flattened input) holds zeros there: nothing
 the model computes depends on it. Dead channels are removed from every member of the group:
 kernels (input and output axes), depthwise kernels, biases, normalization parameters and
-statistics, constants, concatenated slices; Reshape shapes that name the channel count follow.
+statistics, constants, concatenated slices; Reshape shapes that name the channel count follow,
+and so does the count of copies tf.repeat makes (the query heads that share a key/value head).
 Variables get new values and shapes; constants are rewritten in place. A group whose every
 channel is dead keeps one (a tensor of zero channels is not a model). Groups left whole by the
 analysis are not touched and are listed in the report with the reason.
@@ -58,7 +59,7 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
             used = np.any(moved != 0, axis=1)
             if member.block is not None:
                 used = used.reshape(-1, member.block).any(axis=1)
-            elif member.period is not None:
+            if member.period is not None:
                 used = used.reshape(-1, member.period).any(axis=0)
             alive |= used[member.start:member.stop]
         dead = np.flatnonzero(~alive)
@@ -91,6 +92,8 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
     new_dims = _dim_targets(analysis, removed)
     new_splits = _split_targets(analysis, removed)
     squeezes = {(entry, node): axes for entry, node, axes in analysis.squeezes}
+    counts = {(entry, node): _kept_size(analysis, removed, space) for entry, node, space in analysis.counts
+              if space in analysis.sizes and _kept_size(analysis, removed, space) != analysis.sizes[space]}
     entries = []
     shrunk_specs = {spec.key: spec for spec in specs}
     for entry in model.entries:
@@ -103,10 +106,13 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
                                                     tf.dtypes.as_dtype(node.attr["dtype"].type).name))
                 elif node.op in ("Reshape", "BroadcastTo", "Slice") and (entry.label, name) in new_shapes:
                     _set_last_dim(body, node, *new_shapes[(entry.label, name)])
-                elif node.op in ("Reshape", "Fill") and (entry.label, name) in new_dims:
+                elif node.op in ("Reshape", "Fill", "Tile") and (entry.label, name) in new_dims:
                     _set_dims(body, node, *new_dims[(entry.label, name)])
                 elif node.op in ("Split", "SplitV") and (entry.label, name) in new_splits:
                     _set_split_sizes(body, node, new_splits[(entry.label, name)])
+                elif (entry.label, name) in counts:  # a Tile's count of copies (channels.Analysis.counts)
+                    body.replace(node, g.const_node(node.name, np.array(counts[(entry.label, name)]),
+                                                    _output_dtype(node)))
                 elif node.op == "Squeeze" and (entry.label, name) in squeezes and \
                         not node.attr["squeeze_dims"].list.i:  # the same axes, once a channel axis is 1 too
                     node.attr["squeeze_dims"].list.i.extend(squeezes[(entry.label, name)])
@@ -229,6 +235,12 @@ def _dim_targets(analysis, removed: dict) -> dict[tuple[str, str], tuple[dict[in
     return targets
 
 
+def _output_dtype(node) -> str:
+    """The dtype of a single-output node's output: a Const's, a Cast's, or its T."""
+    attr = {"Const": "dtype", "Cast": "DstT"}.get(node.op, "T")
+    return tf.dtypes.as_dtype(node.attr[attr].type).name
+
+
 def _split_targets(analysis, removed: dict) -> dict[tuple[str, str], list[int]]:
     """(entry, Split or SplitV node along channels) -> its parts' kept sizes (channels.SplitSite)."""
     targets = {}
@@ -256,7 +268,7 @@ def _set_split_sizes(body: b.Body, node, sizes: list[int]) -> None:
 
 
 def _set_dims(body: b.Body, node, values: dict[int, int], operand: int = 1) -> None:
-    """Point a Reshape's (or Fill's) constant shape operand (the input at ``operand``) at a copy with
+    """Point a Reshape's (or Fill's) constant shape operand (or a Tile's multiples: the input at ``operand``) at a copy with
     ``values`` at their positions (an element that is -1 stays -1: TensorFlow infers it)."""
     producer = body.producer(body.data_inputs(node)[operand])
     if producer.op == "Pack":  # of scalars: those at the positions (Consts, or computed sizes) are replaced

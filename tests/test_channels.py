@@ -1185,8 +1185,12 @@ def test_repeat_stack_split_and_regrouping_views(tmp_path):
     assert "StridedSlice" in groups["part"].reason
     repeated = next(m for m in groups["repeat"].members if m.name == "repeat/head")
     assert repeated.block == 2  # channel c is rows 2c and 2c + 1
+    # and the copies are a group of their own: copy r of every channel is rows 2c + r (tf.repeat's count)
+    copies = [group for group in graphprune.channel_groups(pm)
+              if [(m.name, m.period) for m in group.members] == [("repeat/head", 2)]]
+    assert len(copies) == 1 and copies[0].prunable and copies[0].size == 2, graphprune.channels.describe(copies)
     out = _shrunk_as_masked(pm, tmp_path)
-    assert _weight_shape(out, "repeat/head") == (16, 4) and _weight_shape(out, "repeat/kernel") == (8, 8)
+    assert _weight_shape(out, "repeat/head") == (8, 4) and _weight_shape(out, "repeat/kernel") == (8, 8)
     # the regrouped heads go 4 -> 2; the halves' dims too (dim j of both halves: the reverse only swaps halves)
     assert _weight_shape(out, "regroup/kernel")[:2] == (8, 2) and _weight_shape(out, "cut/kernel") == (8, 8)
     assert graphprune.cost(out).parameters == _predicted_parameters(pm)
@@ -1241,6 +1245,98 @@ def test_a_split_along_the_channels_cuts_their_group(tmp_path):
     out = _shrunk_as_masked(pm, tmp_path)
     assert _weight_shape(out, "uneven/kernel") == (8, 8) and _weight_shape(out, "uneven/part12") == (6, 4)
     assert _weight_shape(out, "glu/kernel") == (8, 8) and _weight_shape(out, "glu/out") == (4, 4)
+    assert graphprune.cost(out).parameters == _predicted_parameters(pm)
+
+
+class _RepeatedHeads(tf.Module):
+    """Grouped-query attention as TensorFlow code writes it: 2 key/value heads of 4 dims, each shared
+    by 2 query heads through tf.repeat (Tile of ExpandDims, reshaped); ``tiled``: by tf.tile with a
+    constant count and a constant shape. ``scaled``: the copies are made by hand with a count the
+    output is also scaled by (read as a number, it cannot change)."""
+
+    def __init__(self, scaled=False, tiled=False):
+        super().__init__()
+        rng = np.random.RandomState(0)
+        self.scaled, self.tiled = scaled, tiled
+        for name, shape in (("query", [8, 16]), ("key", [8, 8]), ("value", [8, 8]), ("out", [16, 8])):
+            setattr(self, name, tf.Variable(rng.standard_normal(shape).astype(np.float32) / 2, name=f"gqa/{name}"))
+
+    def _copies(self, heads, count):
+        if self.tiled:
+            return tf.reshape(tf.tile(tf.expand_dims(heads, 2), [1, 1, 2, 1]), [-1, 4, 4])
+        if not self.scaled:
+            return tf.repeat(heads, 2, axis=1)
+        tiled = tf.tile(tf.expand_dims(heads, 2), tf.stack([1, 1, count, 1]))
+        shape = tf.shape(heads)
+        return tf.reshape(tiled, tf.concat([shape[:1], [shape[1] * count], shape[2:]], 0))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32)])
+    def __call__(self, x):
+        count = tf.reshape(tf.constant(2), [])
+        query = tf.reshape(tf.matmul(x, self.query), [-1, 4, 4])
+        key = self._copies(tf.reshape(tf.matmul(x, self.key), [-1, 2, 4]), count)
+        value = self._copies(tf.reshape(tf.matmul(x, self.value), [-1, 2, 4]), count)
+        weights = tf.nn.softmax(tf.einsum("qhd,khd->hqk", query, key) / 2.0)
+        context = tf.reshape(tf.einsum("hqk,khd->qhd", weights, value), [-1, 16])
+        out = tf.matmul(context, self.out)
+        return out * tf.cast(count, tf.float32) if self.scaled else out
+
+
+@pytest.mark.parametrize("scaled, tiled", [(False, False), (False, True), (True, False)])
+def test_repeated_key_value_heads_and_their_query_heads(tmp_path, scaled, tiled):
+    """A key/value head goes with the 2 query heads that share it; the query heads within every
+    pair are a group of their own (the copies tf.repeat or tf.tile makes: its count becomes the kept
+    count), unless the count is read for anything but sizing the copies."""
+    pm, _ = _views_pruned(tmp_path, _RepeatedHeads(scaled, tiled))
+    groups = graphprune.channel_groups(pm)
+    shared = next(group for group in groups if any(m.name == "gqa/key" and m.axis == 1 and m.block == 4
+                                                   for m in group.members))
+    assert shared.prunable and shared.size == 2, graphprune.channels.describe(groups)
+    within = [group for group in groups if any(m.name == "gqa/query" and (m.period, m.block) == (2, 4)
+                                               for m in group.members)]
+    assert len(within) == 1 and within[0].size == 2, graphprune.channels.describe(groups)
+    assert within[0].prunable != scaled, graphprune.channels.describe(within)
+    if scaled:
+        assert "Tile" in within[0].reason
+    out = _shrunk_as_masked(pm, tmp_path)
+    assert _weight_shape(out, "gqa/key") == (8, 4)
+    assert _weight_shape(out, "gqa/query") == (8, 8 if scaled else 4)
+    assert graphprune.cost(out).parameters == _predicted_parameters(pm)
+
+
+class _FusedHeads(tf.Module):
+    """Attention over one fused query-key-value kernel [8, 3 * 2 heads * 4], its output reshaped to
+    [.., 3, heads, head_dim] with head_dim computed (C // heads, as Swin writes it) and unstacked."""
+
+    def __init__(self):
+        super().__init__()
+        rng = np.random.RandomState(0)
+        self.qkv = tf.Variable(rng.standard_normal([8, 24]).astype(np.float32) / 2, name="fused/qkv")
+        self.out = tf.Variable(rng.standard_normal([8, 8]).astype(np.float32) / 2, name="fused/out")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32)])
+    def __call__(self, x):
+        head_dim = tf.shape(x)[-1] // 2
+        qkv = tf.reshape(tf.matmul(x, self.qkv), tf.stack([tf.shape(x)[0], 3, 2, head_dim]))
+        query, key, value = tf.unstack(tf.transpose(qkv, [1, 2, 0, 3]))
+        weights = tf.nn.softmax(tf.matmul(query, key, transpose_b=True) / 2.0)
+        context = tf.reshape(tf.transpose(tf.matmul(weights, value), [1, 0, 2]), [-1, 8])
+        return tf.matmul(context, self.out)
+
+
+def test_fused_query_key_value_heads(tmp_path):
+    """A head of a fused kernel is three blocks of its columns (its query, key and value); a head dim
+    is one column of each head of each; the selector of query, key or value stays whole."""
+    pm, _ = _views_pruned(tmp_path, _FusedHeads())
+    groups = graphprune.channel_groups(pm)
+    heads = [group for group in groups if ("fused/qkv", 2, 4) in {(m.name, m.period, m.block) for m in group.members}]
+    dims = [group for group in groups if ("fused/qkv", 4, None) in {(m.name, m.period, m.block) for m in group.members}]
+    assert len(heads) == 1 and heads[0].prunable and heads[0].size == 2, graphprune.channels.describe(groups)
+    assert len(dims) == 1 and dims[0].prunable and dims[0].size == 4, graphprune.channels.describe(groups)
+    selector = [group for group in groups if ("fused/qkv", None, 8) in {(m.name, m.period, m.block) for m in group.members}]
+    assert selector and not any(group.prunable for group in selector)
+    out = _shrunk_as_masked(pm, tmp_path)
+    assert _weight_shape(out, "fused/qkv") == (8, 3 * 1 * 2) and _weight_shape(out, "fused/out") == (2, 8)
     assert graphprune.cost(out).parameters == _predicted_parameters(pm)
 
 
@@ -1394,8 +1490,9 @@ def test_keras_hub_rotary_pairs_and_unknown_widths(tmp_path, name):
     """RoFormer V2 and ESM: the rotary embedding splits the head dims into pairs again (the analysis
     died with a KeyError), and the output projection reads a reshape whose width shape inference
     leaves at -1 (a group of that kernel's rows alone was found prunable, and finalize crashed).
-    SmolLM3 splits the heads of a 2-D query kernel into key/value groups again (the same KeyError).
-    Those are left whole; the MLP neurons go, and the shrunk model computes the masked one."""
+    Those are left whole; the MLP neurons go, and the shrunk model computes the masked one.
+    SmolLM3 splits the heads of a 2-D query kernel into key/value groups again (the same KeyError;
+    now followed: its key/value heads and the query heads within each group go too)."""
     import keras_hub
 
     models = keras_hub.models
@@ -1411,7 +1508,7 @@ def test_keras_hub_rotary_pairs_and_unknown_widths(tmp_path, name):
     pm = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
                           one_shot=True)
     groups = graphprune.channel_groups(pm)
-    expected = [4, 32] if name == "smollm3" else [32]  # SmolLM3's value head dims go too
+    expected = [2, 2, 4, 32] if name == "smollm3" else [32]  # SmolLM3's heads and value head dims go too
     assert sorted(group.size for group in groups if group.prunable) == expected, graphprune.channels.describe(groups)
     out = _hub_shrunk_as_masked(pm, tmp_path)
     assert graphprune.cost(out).parameters == _predicted_parameters(pm)
@@ -1480,13 +1577,19 @@ def _hub_vision_models():
             stackwise_input_filters=[32, 16], stackwise_output_filters=[16, 24], stackwise_expansion_ratios=[1, 6],
             stackwise_squeeze_and_excite_ratios=[0.25, 0.25], stackwise_strides=[1, 2],
             stackwise_block_types=["v1", "v1"], image_shape=(32, 32, 3)),
+        # a fused query-key-value kernel reshaped to [.., 3, heads, head_dim] (sizes that shape inference
+        # leaves unknown: C // heads), relative position biases per head, shifted windows' masks added
+        # to the scores reshaped to [B, windows, heads, N, N]
+        "swin": lambda: models.SwinTransformerBackbone(
+            image_shape=(32, 32, 3), patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4),
     }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mit", "efficientnet"])
+@pytest.mark.parametrize("name", ["mit", "efficientnet", "swin"])
 def test_keras_hub_vision_backbones_shrink(tmp_path, name):
-    """keras-hub vision backbones built from their configs: MiT's attention heads are prunable,
+    """keras-hub vision backbones built from their configs: MiT's and Swin's attention heads are
+    prunable (Swin's in every block, shifted or not, with their relative position biases),
     EfficientNet's squeeze-and-excite channels go down to 1; the shrunk model computes the masked
     one with the parameters the masks predict."""
     _hub_vision_models()[name]().export(str(tmp_path / "export"), verbose=False)
@@ -1497,6 +1600,13 @@ def test_keras_hub_vision_backbones_shrink(tmp_path, name):
         heads = [group for group in groups if group.prunable and any(
             "multihead_attention" in m.name and m.block == 16 for m in group.members)]
         assert len(heads) == 1 and heads[0].size == 2, graphprune.channels.describe(groups)
+    elif name == "swin":
+        for block, count in (("stage_0/blocks_0", 2), ("stage_0/blocks_1", 2), ("stage_1/blocks_1", 4)):
+            heads = [group for group in groups if any(
+                m.name == f"{block}/attn/attention_qkv/kernel" and (m.period, m.block) == (count, 8)
+                for m in group.members)]
+            assert len(heads) == 1 and heads[0].prunable and heads[0].size == count, graphprune.channels.describe(groups)
+            assert f"{block}/attn/relative_position_bias_table" in {m.name for m in heads[0].members}
     else:
         excite = [group for group in groups if group.prunable and group.size == 2]
         assert excite, graphprune.channels.describe(groups)
@@ -1505,6 +1615,8 @@ def test_keras_hub_vision_backbones_shrink(tmp_path, name):
     out = _hub_shrunk_as_masked(pm, tmp_path, {key: images})
     dense = graphprune.cost(str(tmp_path / "export")).parameters
     assert graphprune.cost(out).parameters == _predicted_parameters(pm) < dense
+    if name == "swin":  # q, k and v: half the heads, half their dims
+        assert _weight_shape(out, "stage_0/blocks_1/attn/attention_qkv/kernel") == (16, 3 * 1 * 4)
 
 
 def test_rounding_counts_the_values_a_channel_spans():
