@@ -375,18 +375,18 @@ class _Entry:
             view = self.origin(operand, masks=True)
             if view is None or view.op not in ("Transpose", "ExpandDims"):
                 return None
-            source, operand_2 = self.source(view.input[0]), _constant(self, view.input[1])
-            if source is None or operand_2 is None:
+            source, argument = self.source(view.input[0]), _constant(self, view.input[1])  # perm, or dim
+            if source is None or argument is None:
                 return None
             if view.op == "ExpandDims":  # a Conv1D's kernel [k, in, out] read as [1, k, in, out]
-                inserted = int(np.ravel(operand_2)[0]) % len(shape)
+                inserted = int(np.ravel(argument)[0]) % len(shape)
                 if axis == inserted:
                     return None
                 source_axis = axis - (axis > inserted)
-            elif operand_2.size != len(shape):
+            elif argument.size != len(shape):
                 return None
             else:
-                source_axis = int(np.ravel(operand_2)[axis])
+                source_axis = int(np.ravel(argument)[axis])
         member = self.graph.member(source[0], source[1], source_axis, shape[axis], role)
         self.link(self.tensor(operand, axis), member)
         return member
@@ -1781,9 +1781,16 @@ def _static_shapes(entry: g.Entry, model: g.TracedModel) -> dict[tuple[str, int]
             node.attr["shape"].shape.CopyFrom(tf.TensorShape(info.shape).as_proto())
     shapes = _imported_shapes(graph_def)
     for _ in range(4):  # computed reshapes made constant where static sizes tell (Swin's C // heads)
-        if not _constant_reshapes(graph_def, dict(entry.resources), shapes):
+        patched = _constant_reshapes(graph_def, dict(entry.resources), shapes)
+        if not patched:
             break
-        shapes = _imported_shapes(graph_def)
+        try:
+            shapes = _imported_shapes(graph_def)
+        except (ValueError, tf.errors.OpError):  # sizes TensorFlow finds inconsistent: keep what it inferred
+            for node, shape_input in patched:
+                node.input[1] = shape_input
+            del graph_def.node[len(graph_def.node) - len(patched):]
+            break
     return shapes
 
 
@@ -1839,10 +1846,11 @@ class _ShapeView:
         return self.shapes.get((name, index))
 
 
-def _constant_reshapes(graph_def, resources: dict, shapes: dict) -> bool:
+def _constant_reshapes(graph_def, resources: dict, shapes: dict) -> list:
     """Give every Reshape whose computed shape operand _evaluate finds (all but at most one element)
     where TensorFlow's inference left sizes unknown a constant operand (-1 for the unknown one), so
-    a new inference carries those sizes on through what follows. Whether any changed."""
+    a new inference carries those sizes on through what follows. The (Reshape, its old shape input)
+    changed; each one's Const is appended to ``graph_def``."""
     view = _ShapeView(b.top_body(graph_def, resources, writable=False), shapes)
     patches = []
     for node in graph_def.node:
@@ -1857,13 +1865,19 @@ def _constant_reshapes(graph_def, resources: dict, shapes: dict) -> bool:
         known = [d if d is not None else (v if v is not None and v >= 0 else None) for d, v in zip(shape, value)]
         if known != shape and sum(d is None for d in known) <= 1:
             patches.append((node, [-1 if d is None else d for d in known]))
+    taken, changed = {node.name for node in graph_def.node}, []
     for node, value in patches:
         dtype = tf.dtypes.as_dtype(node.attr["Tshape"].type) if "Tshape" in node.attr else tf.int32
-        const = graph_def.node.add(name=f"{node.name}/graphprune_shape", op="Const")
+        name = f"{node.name}/graphprune_shape"
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        const = graph_def.node.add(name=name, op="Const")
         const.attr["dtype"].type = dtype.as_datatype_enum
         const.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(np.array(value, dtype.as_numpy_dtype)))
+        changed.append((node, node.input[1]))
         node.input[1] = const.name
-    return bool(patches)
+    return changed
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1340,6 +1340,34 @@ def test_fused_query_key_value_heads(tmp_path):
     assert graphprune.cost(out).parameters == _predicted_parameters(pm)
 
 
+class _OtherBatch(tf.Module):
+    """A reshape to [B, -1] whose B is read off the input while the reshaped tensor's batch is 2B:
+    the size graphprune would work out by matching unknown batches (6) is not the true one (12)."""
+
+    def __init__(self):
+        super().__init__()
+        rng = np.random.RandomState(0)
+        self.a = tf.Variable(rng.standard_normal([3, 6]).astype(np.float32), name="other/a")
+        self.b = tf.Variable(rng.standard_normal([12, 4]).astype(np.float32), name="other/b")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32)])
+    def __call__(self, t):
+        x = tf.nn.relu(tf.matmul(tf.concat([t, t * 2.0], 0), self.a))
+        return tf.matmul(tf.reshape(x, tf.stack([tf.shape(t)[0], -1])), self.b)
+
+
+def test_a_size_worked_out_wrongly_is_not_trusted(tmp_path):
+    """Sizes worked out from reshapes' shape operands are checked by TensorFlow's own inference;
+    where they do not hold, the sizes it inferred stay and the channels stay whole."""
+    path = str(tmp_path / "model")
+    tf.saved_model.save(_OtherBatch(), path)
+    with pytest.warns(UserWarning, match="no channel group can be removed"):
+        pm = graphprune.prune(path, graphprune.ConstantSparsity(0.5, 0), structure="channel", one_shot=True)
+    assert not any(group.prunable for group in graphprune.channel_groups(pm))
+    x = np.random.RandomState(1).standard_normal([5, 3]).astype(np.float32)
+    np.testing.assert_allclose(pm(x).numpy(), tf.saved_model.load(path)(x).numpy(), rtol=1e-6)
+
+
 class _SqueezedBias(tf.Module):
     """A layer of 2 neurons whose bias is stored [1, 2] and read through tf.squeeze with no axis
     (keras-hub EfficientNet's squeeze-and-excite convs): once 1 neuron is left, a plain Squeeze
