@@ -1781,6 +1781,7 @@ def _static_shapes(entry: g.Entry, model: g.TracedModel) -> dict[tuple[str, int]
             node.attr["shape"].shape.CopyFrom(tf.TensorShape(info.shape).as_proto())
     shapes = _imported_shapes(graph_def)
     for _ in range(4):  # computed reshapes made constant where static sizes tell (Swin's C // heads)
+        added = len(graph_def.node)
         patched = _constant_reshapes(graph_def, dict(entry.resources), shapes)
         if not patched:
             break
@@ -1789,7 +1790,7 @@ def _static_shapes(entry: g.Entry, model: g.TracedModel) -> dict[tuple[str, int]
         except (ValueError, tf.errors.OpError):  # sizes TensorFlow finds inconsistent: keep what it inferred
             for node, shape_input in patched:
                 node.input[1] = shape_input
-            del graph_def.node[len(graph_def.node) - len(patched):]
+            del graph_def.node[added:]
             break
     return shapes
 
@@ -1849,8 +1850,9 @@ class _ShapeView:
 def _constant_reshapes(graph_def, resources: dict, shapes: dict) -> list:
     """Give every Reshape whose computed shape operand _evaluate finds (all but at most one element)
     where TensorFlow's inference left sizes unknown a constant operand (-1 for the unknown one), so
-    a new inference carries those sizes on through what follows. The (Reshape, its old shape input)
-    changed; each one's Const is appended to ``graph_def``."""
+    a new inference carries those sizes on through what follows; where more are unknown (a batch
+    and a sequence length), a copy of its Pack with the known elements made Consts. The (Reshape,
+    its old shape input) changed; the new nodes are appended to ``graph_def``."""
     view = _ShapeView(b.top_body(graph_def, resources, writable=False), shapes)
     patches = []
     for node in graph_def.node:
@@ -1863,20 +1865,40 @@ def _constant_reshapes(graph_def, resources: dict, shapes: dict) -> list:
             continue
         value = _inferred_size(view, node, value)
         known = [d if d is not None else (v if v is not None and v >= 0 else None) for d, v in zip(shape, value)]
-        if known != shape and sum(d is None for d in known) <= 1:
-            patches.append((node, [-1 if d is None else d for d in known]))
+        pack = view.body.producer(node.input[1])
+        if known == shape:
+            continue
+        if sum(d is None for d in known) <= 1:
+            patches.append((node, [-1 if d is None else d for d in known], None))
+        elif pack is not None and pack.op == "Pack" and len(pack.input) == len(known):
+            patches.append((node, known, pack))  # dynamic elements stay: the known ones become Consts
     taken, changed = {node.name for node in graph_def.node}, []
-    for node, value in patches:
-        dtype = tf.dtypes.as_dtype(node.attr["Tshape"].type) if "Tshape" in node.attr else tf.int32
-        name = f"{node.name}/graphprune_shape"
+
+    def unused(name: str) -> str:
         while name in taken:
             name += "_"
         taken.add(name)
-        const = graph_def.node.add(name=name, op="Const")
+        return name
+
+    def constant(name: str, value, dtype):
+        const = graph_def.node.add(name=unused(name), op="Const")
         const.attr["dtype"].type = dtype.as_datatype_enum
         const.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(np.array(value, dtype.as_numpy_dtype)))
+        return const
+
+    for node, value, pack in patches:
+        dtype = tf.dtypes.as_dtype(node.attr["Tshape"].type) if "Tshape" in node.attr else tf.int32
+        if pack is None:
+            shape = constant(f"{node.name}/graphprune_shape", value, dtype)
+        else:
+            shape = graph_def.node.add()
+            shape.CopyFrom(pack)
+            shape.name = unused(f"{node.name}/graphprune_shape")
+            for position, size in enumerate(value):
+                if size is not None:
+                    shape.input[position] = constant(f"{shape.name}/{position}", size, dtype).name
         changed.append((node, node.input[1]))
-        node.input[1] = const.name
+        node.input[1] = shape.name
     return changed
 
 

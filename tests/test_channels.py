@@ -1516,11 +1516,12 @@ _HGNET_LIGHT = "encoder/encoder_stage_1/encoder_stage_1_block_0/encoder_stage_1_
 @pytest.mark.parametrize("name", ["roformer", "esm", "smollm3"])
 def test_keras_hub_rotary_pairs_and_unknown_widths(tmp_path, name):
     """RoFormer V2 and ESM: the rotary embedding splits the head dims into pairs again (the analysis
-    died with a KeyError), and the output projection reads a reshape whose width shape inference
-    leaves at -1 (a group of that kernel's rows alone was found prunable, and finalize crashed).
-    Those are left whole; the MLP neurons go, and the shrunk model computes the masked one.
-    SmolLM3 splits the heads of a 2-D query kernel into key/value groups again (the same KeyError;
-    now followed: its key/value heads and the query heads within each group go too)."""
+    died with a KeyError), and the output projection reads a reshape to [B, S, -1] whose width
+    shape inference leaves unknown (a group of that kernel's rows alone was found prunable, and
+    finalize crashed). The width is now worked out (B and S cancel): whole heads and the value head
+    dims go, the query/key head dims the rotary pairs slice stay. SmolLM3 splits the heads of a 2-D
+    query kernel into key/value groups again (the same KeyError; now followed: its key/value heads
+    and the query heads within each group go too). The shrunk model computes the masked one."""
     import keras_hub
 
     models = keras_hub.models
@@ -1536,7 +1537,7 @@ def test_keras_hub_rotary_pairs_and_unknown_widths(tmp_path, name):
     pm = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
                           one_shot=True)
     groups = graphprune.channel_groups(pm)
-    expected = [2, 2, 4, 32] if name == "smollm3" else [32]  # SmolLM3's heads and value head dims go too
+    expected = [2, 2, 4, 32] if name == "smollm3" else [2, 8, 32]  # heads, value head dims, MLP neurons
     assert sorted(group.size for group in groups if group.prunable) == expected, graphprune.channels.describe(groups)
     out = _hub_shrunk_as_masked(pm, tmp_path)
     assert graphprune.cost(out).parameters == _predicted_parameters(pm)
