@@ -886,7 +886,10 @@ def _claim_all(self: _Entry, node) -> None:
 
 def _gather(self: _Entry, node) -> None:
     """An embedding lookup, GatherV2(params, ids, axis 0) or ResourceGather(variable, ids): each
-    axis of the table after the first is an axis of the output, after the ids' axes."""
+    axis of the table after the first is an axis of the output, after the ids' axes. A GatherV2 on
+    another axis, with batch_dims (DeBERTa's relative positions taken along the last axis): the
+    batch axes are the params', the ids' and the output's; the params' axes before the gathered one
+    and after it go through; the gathered axis is not kept (picking channels by index poisons them)."""
     inputs = self.body.data_inputs(node)
     params, ids = inputs[0], inputs[1]
     key = None
@@ -898,15 +901,25 @@ def _gather(self: _Entry, node) -> None:
         spec = self.graph.model.variables.get(key) if key is not None else None
         table = list(spec.shape) if spec is not None else None
     id_shape, out = self.shape(ids), self.shape(node.name)
-    if axis is None or int(np.ravel(axis)[0]) != 0 or _attr(node, "batch_dims", "i", 0) != 0 or table is None \
-            or id_shape is None or out is None or len(out) != len(id_shape) + len(table) - 1:
+    if axis is None or table is None or id_shape is None or out is None or not table:
         self.unknown(node)
         return
-    for a in range(len(id_shape)):  # the ids' positions are the output's first axes
+    axis, batch = int(np.ravel(axis)[0]) % len(table), _attr(node, "batch_dims", "i", 0)
+    batch = batch % len(id_shape) if batch < 0 and id_shape else batch
+    if batch > axis or batch > len(id_shape) or len(out) != len(table) - 1 + len(id_shape) - batch or \
+            (key is not None and (axis, batch) != (0, 0)):
+        self.unknown(node)
+        return
+    for a in range(batch):  # batch axes: the params', the ids' and the output's
+        self.link(self.tensor(params, a), self.tensor(node.name, a))
         self.link(self.tensor(ids, a), self.tensor(node.name, a))
-    for a in range(1, len(table)):
+    for a in range(batch, axis):
+        self.link(self.tensor(params, a), self.tensor(node.name, a))
+    for a in range(batch, len(id_shape)):  # the ids' positions take the gathered axis's place
+        self.link(self.tensor(ids, a), self.tensor(node.name, axis + a - batch))
+    for a in range(axis + 1, len(table)):
         source = self.tensor(params, a) if key is None else self.graph.member("variable", key, a, table[a], "param")
-        self.link(source, self.tensor(node.name, len(id_shape) + a - 1))
+        self.link(source, self.tensor(node.name, axis + len(id_shape) - batch + a - axis - 1))
 
 
 def _per_axis(self: _Entry, ref: str, rank: int) -> list | None:
@@ -919,23 +932,41 @@ def _per_axis(self: _Entry, ref: str, rank: int) -> list | None:
 
 def _broadcast_to(self: _Entry, node) -> None:
     """BroadcastTo(x, shape): x's axes of the output's size go through (the last one only if the
-    shape operand's last element is a constant shrink_channels can rewrite); size-1 axes broadcast."""
+    shape operand's last element is a constant shrink_channels can rewrite, any other where its
+    element is one); size-1 axes broadcast, into copies of one value whose count is rewritten where
+    the element is such a constant (DeBERTa's relative positions, the same for every head)."""
     x, shape_ref = self.body.data_inputs(node)[:2]
     xs, ys = self.shape(x), self.shape(node.name)
     if not xs or not ys or len(ys) < len(xs):
         self.unknown(node)
         return
     lead = len(ys) - len(xs)
+    producer = self.body.producer(shape_ref)
+
+    def rewritable(position: int) -> bool:
+        return producer is not None and producer.op in ("Const", "Pack") and \
+            _constant_elements(self, producer, [position])
+
+    def follows(position: int, space) -> None:  # the shape element becomes the size of space
+        self.graph.dims.append(ShapeDim(self.entry.label, self.node_id(node.name), position, (space,)))
+
     for a, size in enumerate(xs):
         if size == 1 and ys[a + lead] != 1:
             self.claim(x, a)
+            if ys[a + lead] is not None and rewritable(a + lead):
+                self.claim(node.name, a + lead)
+                follows(a + lead, self.tensor(node.name, a + lead))
         elif size is not None and size == ys[a + lead]:
             if a == len(xs) - 1 and _shape_last(self, shape_ref) is None:
                 continue  # poisoned: its size is written where shrink_channels cannot change it
-            self.link(self.tensor(x, a), self.tensor(node.name, a + lead))
             if a == len(xs) - 1:
+                self.link(self.tensor(x, a), self.tensor(node.name, a + lead))
                 self.graph.reshapes.append(Reshape(self.entry.label, self.node_id(node.name), self.tensor(x), 1))
+            elif rewritable(a + lead):
+                self.link(self.tensor(x, a), self.tensor(node.name, a + lead))
+                follows(a + lead, self.tensor(x, a))
             else:  # any other axis: its size is in the shape operand too
+                self.link(self.tensor(x, a), self.tensor(node.name, a + lead))
                 self.graph.poison(self.tensor(x, a), f"BroadcastTo '{node.name}' names its size")
 
 

@@ -106,7 +106,9 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
                                                     tf.dtypes.as_dtype(node.attr["dtype"].type).name))
                 elif node.op in ("Reshape", "BroadcastTo", "Slice") and (entry.label, name) in new_shapes:
                     _set_last_dim(body, node, *new_shapes[(entry.label, name)])
-                elif node.op in ("Reshape", "Fill", "Tile") and (entry.label, name) in new_dims:
+                    if (entry.label, name) in new_dims:  # a BroadcastTo's other elements too
+                        _set_dims(body, node, *new_dims[(entry.label, name)])
+                elif node.op in ("Reshape", "Fill", "Tile", "BroadcastTo") and (entry.label, name) in new_dims:
                     _set_dims(body, node, *new_dims[(entry.label, name)])
                 elif node.op in ("Split", "SplitV") and (entry.label, name) in new_splits:
                     _set_split_sizes(body, node, new_splits[(entry.label, name)])

@@ -1543,6 +1543,35 @@ def test_keras_hub_rotary_pairs_and_unknown_widths(tmp_path, name):
     assert graphprune.cost(out).parameters == _predicted_parameters(pm)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["deberta", "xlnet"])
+def test_keras_hub_relative_position_heads(tmp_path, name):
+    """Heads of attention with relative positions: DeBERTa's disentangled attention takes its
+    position scores along the last axis (GatherV2 with batch dims, the indices broadcast to every
+    head); XLNet's two streams with per-head content, position and segment biases and segment
+    encodings. Whole heads go with all of it; the shrunk model computes the masked one."""
+    import keras_hub
+
+    models = keras_hub.models
+    small = dict(num_layers=1, num_heads=2, hidden_dim=16, intermediate_dim=32)
+    build = {"deberta": lambda: models.DebertaV3Backbone(vocabulary_size=50, max_sequence_length=8, **small),
+             "xlnet": lambda: models.XLNetBackbone(vocabulary_size=50, **small)}[name]
+    build().export(str(tmp_path / "export"), verbose=False)
+    pm = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
+                          one_shot=True)
+    groups = graphprune.channel_groups(pm)
+    key = {"deberta": "disentangled_attention_encoder_layer_0/self_attention_layer/key/kernel",
+           "xlnet": "xlnet_encoder_0/rel_attn/key/kernel"}[name]
+    heads = next(group for group in groups if any(m.name == key and m.axis == 1 for m in group.members))
+    assert heads.prunable and heads.size == 2, graphprune.channels.describe(groups)
+    if name == "xlnet":
+        assert {"xlnet_encoder_0/positional_attention_bias", "xlnet_encoder_0/segment_encoding"} <= \
+            {m.name for m in heads.members}
+    out = _hub_shrunk_as_masked(pm, tmp_path)
+    assert _weight_shape(out, key)[1] == 1
+    assert graphprune.cost(out).parameters == _predicted_parameters(pm)
+
+
 def _hub_split_models():
     import keras_hub
 
