@@ -128,6 +128,9 @@ class ChannelGroup:
     size: int
     members: tuple[Member, ...]
     reason: str | None = None  # why it is left whole; None when it is prunable
+    # consumed by a product of two activations read by softmaxes only (attention's query/key head
+    # dims): a channel is dead when every kernel that makes it holds zeros there too
+    contracted: bool = False
 
     @property
     def prunable(self) -> bool:
@@ -206,6 +209,9 @@ class _Graph:
         self.refined: dict[tuple, tuple] = {}  # a space -> its (heads, head dims) parts
         self.sizes_before_refining: dict[tuple, int] = {}
         self.refined_parts: set[tuple] = set()  # spaces _refine_factors made (periods of its own)
+        # spaces contracted between two activations -> whether every such product is read by
+        # softmaxes only, through ops that keep a shift of all its values a shift (_shift_only)
+        self.contracted: dict[tuple, bool] = {}
 
     def space(self, space: tuple, size) -> tuple | None:
         if size is None or int(size) < 0:  # -1: a shape computed as unknown
@@ -681,6 +687,7 @@ def _batch_matmul(self: _Entry, node, a: str, b_ref: str, adj_a: bool, adj_b: bo
     m_axis, k_a = (ra - 1, ra - 2) if adj_a else (ra - 2, ra - 1)
     k_b, n_axis = (rb - 1, rb - 2) if adj_b else (rb - 2, rb - 1)
     self.link(self.tensor(a, k_a), self.tensor(b_ref, k_b))
+    _contracted(self, node, self.tensor(a, k_a), self.tensor(b_ref, k_b))
     self.link(self.tensor(a, m_axis), self.tensor(node.name, ro - 2))
     self.link(self.tensor(b_ref, n_axis), self.tensor(node.name, ro - 1))
     for ref, rank in ((a, ra), (b_ref, rb)):
@@ -691,6 +698,47 @@ def _batch_matmul(self: _Entry, node, a: str, b_ref: str, adj_a: bool, adj_b: bo
                 self.link(self.tensor(ref, axis), self.tensor(node.name, target))
             elif shape[axis] == 1:
                 self.claim(ref, axis)
+
+
+SHIFT_KEEPING_OPS = {"AddV2", "Add", "Sub", "SelectV2", "Select", "Identity", "Cast", "Reshape", "Transpose",
+                     "ExpandDims", "Squeeze", "Mul", "RealDiv"}
+
+
+def _contracted(self: _Entry, node, *spaces) -> None:
+    """Record spaces contracted between two activations by ``node`` (see _Graph.contracted)."""
+    ok = _shift_only(self, node)
+    for space in spaces:
+        if space is not None:
+            self.graph.contracted[space] = self.graph.contracted.get(space, True) and ok
+
+
+def _shift_only(self: _Entry, node) -> bool:
+    """Whether every use of ``node``'s product ends in a Softmax through ops that turn a constant
+    added to all of its values into a constant added to all of theirs (adds, selects, views, a
+    scale by a scalar): then a channel whose terms are constant in both operands (the query's and
+    the key's head dim j, both kernels' columns zero, their biases left) changes no softmax."""
+    returned = {self.body.parse(ref)[0] for ref in self.returns()}
+    pending, seen = [node.name], {node.name}
+    while pending:
+        name = pending.pop()
+        readers = list(self._readers(self.body.ref(name)))
+        if name in returned or not readers:
+            return False
+        for reader, position in readers:
+            if reader.op in ("Softmax", "Shape", "OnesLike", "ZerosLike"):  # or its shape alone
+                continue
+            if reader.op not in SHIFT_KEEPING_OPS or len(seen) > 64 or \
+                    (reader.op in ("SelectV2", "Select") and position == 0) or \
+                    (reader.op in ("Reshape", "Transpose", "ExpandDims", "Squeeze") and position != 0):
+                return False
+            if reader.op in ("Mul", "RealDiv"):
+                scale = self.shape(self.body.data_inputs(reader)[1 - position])
+                if position != 0 and reader.op == "RealDiv" or scale is None or any(d != 1 for d in scale):
+                    return False
+            if reader.name not in seen:
+                seen.add(reader.name)
+                pending.append(reader.name)
+    return True
 
 
 def _einsum(self: _Entry, node) -> None:
@@ -730,6 +778,7 @@ def _einsum(self: _Entry, node) -> None:
                 self.link(self.tensor(ref, axis), self.tensor(node.name, out.index(letter)))
         elif not kernel and len(data) == 2:
             self.link(self.tensor(*data[0]), self.tensor(*data[1]))
+            _contracted(self, node, self.tensor(*data[0]), self.tensor(*data[1]))
         else:
             self.unknown(node, f"Einsum '{node.name}' ({equation}): '{letter}' is reduced or shared in a way "
                                "graphprune does not model")
@@ -2073,6 +2122,8 @@ def _refine_round(graph: _Graph, factors: list) -> list:
             parts = _parts(space, period)
             parts_of[space] = parts
             graph.refined_parts.update(parts)
+            if space in graph.contracted:
+                graph.contracted.update({part: graph.contracted[space] for part in parts})
             for part, size in zip(parts, (sizes[1], period)):
                 graph.sizes[part] = size
                 if space in graph.poisoned:
@@ -2191,8 +2242,12 @@ def _group(graph: _Graph, component) -> ChannelGroup | None:
         return None  # no kernel: parameters of a group with nothing to prune
     if reason is None and not any(space[0] in ("t", "p") for space, _, _ in atoms):
         reason = "no tensor of the graph carries these channels"
-    if reason is None and not any(m.role == "in" for m in members):
-        reason = "no kernel consumes these channels"
+    # no kernel reads them, but a product of two activations does (attention's query/key head dims)
+    contracted = [graph.contracted[space] for space, _, _ in atoms if space in graph.contracted]
+    by_product = not any(m.role == "in" for m in members) and bool(contracted) and all(contracted)
+    if reason is None and not any(m.role == "in" for m in members) and not by_product:
+        reason = "a product of two activations over them is read by more than a softmax" if contracted else \
+            "no kernel consumes these channels"
     if reason is None and size < 2:
         reason = "a single channel"
     named = next((m for m in members if m.role == "out"), None) or next(m for m in members if m.role != "param")
@@ -2200,7 +2255,7 @@ def _group(graph: _Graph, component) -> ChannelGroup | None:
         f"[{named.start}:{named.stop}]" + (f" heads of {named.block}" if named.block else "") + \
         (f" every {named.period}" if named.period else "")
     name = f"{named.name}:{named.axis}{suffix}"
-    return ChannelGroup(name, size, tuple(members), reason)
+    return ChannelGroup(name, size, tuple(members), reason, by_product)
 
 
 def rounding(group: ChannelGroup, round_to: int, shape_of, contracted=frozenset()) -> int:

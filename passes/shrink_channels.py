@@ -51,7 +51,8 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
         if not group.prunable:
             continue
         # kernels that read the channels, and the kept-channel vectors of means over them
-        consumers = [m for m in group.members if m.role == "in" or names.kept_mean_part(m.name) == "keep_max"]
+        consumers = [m for m in group.members if m.role == "in" or names.kept_mean_part(m.name) == "keep_max" or
+                     (group.contracted and m.role in ("out", "through"))]
         alive = np.zeros(group.size, bool)
         for member in consumers:
             array = value(member.kind, member.name)

@@ -433,7 +433,8 @@ class SplitHeads(tf.Module):
 def test_heads_split_from_dense_kernels(tmp_path, concat):
     """Heads split out of a 2-D kernel's columns: whole heads go from q, k, v (blocks of
     head_dim columns), the q bias and the output projection's rows; v's head dims (every
-    head_dim-th column) with the output rows they feed. Masked == shrunk, the predicted shapes,
+    head_dim-th column) with the output rows they feed; q's and k's head dims (their scores end in
+    a softmax). Masked == shrunk, the predicted shapes,
     gradients while training, TFLite; with the split query also concatenated, all stay whole."""
     from graphprune.load import load
 
@@ -455,14 +456,15 @@ def test_heads_split_from_dense_kernels(tmp_path, concat):
     for _ in range(3):
         _sgd_step(pm, x)
     q_mask = pm.variables_by_key[names.mask_key("q/kernel")].numpy()
-    kept_columns = q_mask.reshape(16, 4, 6).any(axis=(0, 2))
-    if not concat:  # whole heads: a head's six columns go together
-        assert kept_columns.sum() == 2 and np.array_equal(q_mask.reshape(16, 4, 6).all(axis=(0, 2)), kept_columns)
+    q_columns = q_mask.reshape(16, 4, 6).any(axis=0)  # head x head dim
+    if not concat:  # whole heads go, and the same 3 of 6 query/key head dims from every head left
+        kept = q_columns.any(axis=1)
+        assert kept.sum() == 2 and (q_columns[kept] == q_columns[kept][0]).all() and q_columns[kept][0].sum() == 3
     masked = pm(x).numpy()
     out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
     np.testing.assert_allclose(tf.saved_model.load(out)(x).numpy(), masked, atol=1e-5 * np.abs(masked).max(), rtol=0)
-    heads_kept, v_dims = (4, 3) if concat else (2, 3)
-    assert _weight_shape(out, "q/kernel") == _weight_shape(out, "k/kernel") == (16, heads_kept * 6)
+    heads_kept, v_dims, qk_dims = (4, 3, 6) if concat else (2, 3, 3)
+    assert _weight_shape(out, "q/kernel") == _weight_shape(out, "k/kernel") == (16, heads_kept * qk_dims)
     assert _weight_shape(out, "v/kernel") == (16, heads_kept * v_dims)
     assert _weight_shape(out, "o/kernel") == (heads_kept * v_dims, 16)
     assert check_tflite(out, str(tmp_path / "small.tflite"), x.numpy(), masked, float(np.abs(masked).max())) == "ok"
@@ -657,7 +659,9 @@ def test_keras_hub_transformer_mlp_neurons(tmp_path, name):
     """The MLP's hidden neurons (intermediate kernel's columns, its bias, the output kernel's rows)
     and whole attention heads (query, key and value kernels' head axis, their biases, the output
     projection's head axis; also through ViT's reshaped kernels) are removed; the residual stream (layer norms over it, and an
-    output) and the query/key head_dim (contracted between two activations) are left whole."""
+    output) is left whole. The query/key head dims (contracted between two activations) go in
+    BERT (its scores end in a softmax); ViT scales its scores by a size read off the key's shape,
+    which would change: they stay whole there."""
     from test_real_models import _hub_backbones, _hub_vision_backbones, _inputs
 
     model = (_hub_backbones() if name == "bert" else _hub_vision_backbones())[name]()
@@ -675,6 +679,10 @@ def test_keras_hub_transformer_mlp_neurons(tmp_path, name):
     # ([hidden, heads, head_dim] -> [hidden, heads * head_dim]), the heads merged and split again
     layers = 1 if name == "bert" else 2
     assert len(heads) == layers and all(group.prunable and group.size == 2 for group in heads)
+    query_key = [group for group in groups if {(m.name.split("/")[-2], m.role) for m in group.members} >= {
+        ("query", "out"), ("key", "out")} and group not in heads]
+    assert len(query_key) == layers and all(group.size == 8 for group in query_key)
+    assert all(group.prunable == (name == "bert") for group in query_key), graphprune.channels.describe(query_key)
     queries = [v for k, v in pm.variables_by_key.items() if k.endswith("query/kernel")]
     assert len(queries) == layers
     for query in queries:
@@ -825,8 +833,8 @@ def _predicted_parameters(pm) -> int:
         if not group.prunable:
             continue
         used = np.zeros(group.size, bool)
-        for m in group.members:
-            if m.role == "in":
+        for m in group.members:  # the kernels that read them (or make them, for query/key head dims)
+            if m.role == "in" or (group.contracted and m.role in ("out", "through")):
                 mask = pm.variables_by_key[names.mask_key(m.name)].numpy()
                 per = np.any(np.moveaxis(mask, m.axis, 0).reshape(mask.shape[m.axis], -1) != 0, 1)
                 if m.block is not None:  # a head of ``block`` values
@@ -1298,9 +1306,9 @@ def test_repeated_key_value_heads_and_their_query_heads(tmp_path, scaled, tiled)
     assert within[0].prunable != scaled, graphprune.channels.describe(within)
     if scaled:
         assert "Tile" in within[0].reason
-    out = _shrunk_as_masked(pm, tmp_path)
-    assert _weight_shape(out, "gqa/key") == (8, 4)
-    assert _weight_shape(out, "gqa/query") == (8, 8 if scaled else 4)
+    out = _shrunk_as_masked(pm, tmp_path)  # the query/key head dims go too (4 -> 2): scores end in a softmax
+    assert _weight_shape(out, "gqa/key") == (8, 1 * 2)
+    assert _weight_shape(out, "gqa/query") == (8, (2 if scaled else 1) * 2)
     assert graphprune.cost(out).parameters == _predicted_parameters(pm)
 
 
@@ -1366,6 +1374,54 @@ def test_a_size_worked_out_wrongly_is_not_trusted(tmp_path):
     assert not any(group.prunable for group in graphprune.channel_groups(pm))
     x = np.random.RandomState(1).standard_normal([5, 3]).astype(np.float32)
     np.testing.assert_allclose(pm(x).numpy(), tf.saved_model.load(path)(x).numpy(), rtol=1e-6)
+
+
+class _ScoredHeads(tf.Module):
+    """Attention with biased query and key projections (2 heads of 4 dims): ``scores`` is what reads
+    q.k: "softmax" (scaled, a causal mask added), "sigmoid" (no shift leaves it alone), or "sized"
+    (a softmax of scores scaled by the head dim read off the query's shape)."""
+
+    def __init__(self, scores="softmax"):
+        super().__init__()
+        rng = np.random.RandomState(0)
+        self.scores = scores
+        for name, shape in (("query", [8, 2, 4]), ("key", [8, 2, 4]), ("value", [8, 2, 4]), ("out", [2, 4, 8])):
+            setattr(self, name, tf.Variable(rng.standard_normal(shape).astype(np.float32) / 2, name=f"scored/{name}"))
+        for name in ("query", "key", "value"):
+            setattr(self, f"{name}_bias", tf.Variable(rng.standard_normal([2, 4]).astype(np.float32),
+                                                      name=f"scored/{name}_bias"))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32)])
+    def __call__(self, x):
+        q, k, v = (tf.einsum("nc,chd->nhd", x, getattr(self, name)) + getattr(self, f"{name}_bias")
+                   for name in ("query", "key", "value"))
+        scores = tf.einsum("qhd,khd->hqk", q, k)
+        if self.scores == "sigmoid":
+            weights = tf.sigmoid(scores)
+        else:
+            scale = tf.math.rsqrt(tf.cast(tf.shape(q)[-1], tf.float32)) if self.scores == "sized" else 0.5
+            causal = tf.linalg.band_part(tf.ones_like(scores), -1, 0)
+            weights = tf.nn.softmax(tf.where(causal > 0, scores * scale, -1e9))
+        return tf.einsum("qhd,hdo->qo", tf.einsum("hqk,khd->qhd", weights, v), self.out)
+
+
+@pytest.mark.parametrize("scores", ["softmax", "sigmoid", "sized"])
+def test_query_key_head_dims_read_by_a_softmax(tmp_path, scores):
+    """The query's and the key's head dim j are contracted with each other, consumed by no kernel:
+    removed from both projections (their biases too), q.k loses the same constant bq_j * bk_j in
+    every score, which no softmax sees. So they go where every use of q.k ends in softmaxes through
+    shifts, selects and scales; a sigmoid of the scores, or a scale read off the head dim's size,
+    keeps them whole. The shrunk model computes the masked one, biases and causal mask included."""
+    pm, _ = _views_pruned(tmp_path, _ScoredHeads(scores))
+    groups = graphprune.channel_groups(pm)
+    dims = next(group for group in groups if any(m.name == "scored/query" and m.axis == 2 for m in group.members))
+    assert {m.name for m in dims.members} >= {"scored/query", "scored/key", "scored/query_bias", "scored/key_bias"}
+    assert dims.prunable == (scores == "softmax"), graphprune.channels.describe([dims])
+    if scores == "sigmoid":
+        assert "more than a softmax" in dims.reason
+    out = _shrunk_as_masked(pm, tmp_path)
+    assert _weight_shape(out, "scored/key")[2] == (2 if scores == "softmax" else 4)
+    assert graphprune.cost(out).parameters == _predicted_parameters(pm)
 
 
 class _SqueezedBias(tf.Module):
@@ -1503,8 +1559,8 @@ def test_keras_hub_t5_cross_attention_heads(tmp_path):
                           "transformer_decoder_layer_0/cross_attention"}, graphprune.channels.describe(groups)
     assert all(group.prunable and group.size == 2 for group in heads.values()), graphprune.channels.describe(groups)
     out = _hub_shrunk_as_masked(pm, tmp_path)
-    key = "transformer_decoder_layer_0/cross_attention/query_projector/kernel"
-    assert _weight_shape(out, key)[1] == _weight_shape(str(tmp_path / "export"), key)[1] // 2
+    key = "transformer_decoder_layer_0/cross_attention/query_projector/kernel"  # half the heads, half their dims
+    assert _weight_shape(out, key)[1] == _weight_shape(str(tmp_path / "export"), key)[1] // 4
     assert graphprune.cost(out).parameters == _predicted_parameters(pm)
 
 
