@@ -717,28 +717,20 @@ def _shift_only(self: _Entry, node) -> bool:
     added to all of its values into a constant added to all of theirs (adds, selects, views, a
     scale by a scalar): then a channel whose terms are constant in both operands (the query's and
     the key's head dim j, both kernels' columns zero, their biases left) changes no softmax."""
-    returned = {self.body.parse(ref)[0] for ref in self.returns()}
-    pending, seen = [node.name], {node.name}
-    while pending:
-        name = pending.pop()
-        readers = list(self._readers(self.body.ref(name)))
-        if name in returned or not readers:
-            return False
-        for reader, position in readers:
-            if reader.op in ("Softmax", "Shape", "OnesLike", "ZerosLike"):  # or its shape alone
-                continue
-            if reader.op not in SHIFT_KEEPING_OPS or len(seen) > 64 or \
-                    (reader.op in ("SelectV2", "Select") and position == 0) or \
-                    (reader.op in ("Reshape", "Transpose", "ExpandDims", "Squeeze") and position != 0):
-                return False
-            if reader.op in ("Mul", "RealDiv"):
-                scale = self.shape(self.body.data_inputs(reader)[1 - position])
-                if position != 0 and reader.op == "RealDiv" or scale is None or any(d != 1 for d in scale):
-                    return False
-            if reader.name not in seen:
-                seen.add(reader.name)
-                pending.append(reader.name)
-    return True
+
+    def judge(reader, position) -> str:
+        if reader.op in ("Softmax", "Shape", "OnesLike", "ZerosLike"):  # or its shape alone
+            return "end"
+        if reader.op not in SHIFT_KEEPING_OPS or (reader.op in ("SelectV2", "Select") and position == 0) or \
+                (reader.op in ("Reshape", "Transpose", "ExpandDims", "Squeeze") and position != 0):
+            return "fail"
+        if reader.op in ("Mul", "RealDiv"):
+            scale = self.shape(self.body.data_inputs(reader)[1 - position])
+            if position != 0 and reader.op == "RealDiv" or scale is None or any(d != 1 for d in scale):
+                return "fail"
+        return "follow"
+
+    return _every_use(self, node.name, judge)
 
 
 def _einsum(self: _Entry, node) -> None:
@@ -1139,26 +1131,39 @@ def _tile_count(self: _Entry, node, a: int) -> str | None:
         source = self.body.producer(self.body.data_inputs(source)[0])
     if count is None or source is None or source.op != "Const":
         return None
+    def judge(reader, position) -> str:
+        data = self.body.producer(reader.input[0])
+        if reader.name == pack.name or (reader.op == "Reshape" and position == 1 and data is not None and
+                                        data.name == node.name):
+            return "end"
+        integer = _attr(reader, "DstT" if reader.op == "Cast" else "T", "type", types_pb2.DT_INT32) in \
+            (types_pb2.DT_INT32, types_pb2.DT_INT64)
+        return "follow" if reader.op in SHAPE_ARITHMETIC and integer else "fail"
+
+    return count.name if _every_use(self, count.name, judge) else None
+
+
+def _every_use(self: _Entry, start: str, judge) -> bool:
+    """Whether every use of node ``start``'s output is accepted, reader by reader: judge(reader,
+    input position) says "end" (a use that is fine), "follow" (fine if every use of the reader's
+    output is) or anything else (not fine). An output of the body, or one nothing reads, is not."""
     returned = {self.body.parse(ref)[0] for ref in self.returns()}
-    pending, seen = [count.name], {count.name}
+    pending, seen = [start], {start}
     while pending:
         name = pending.pop()
         readers = list(self._readers(self.body.ref(name)))
         if name in returned or not readers:
-            return None
+            return False
         for reader, position in readers:
-            if reader.name == pack.name or reader.name in seen:
+            verdict = judge(reader, position)
+            if verdict == "end":
                 continue
-            data = self.body.producer(reader.input[0])
-            if reader.op == "Reshape" and position == 1 and data is not None and data.name == node.name:
-                continue
-            if reader.op not in SHAPE_ARITHMETIC or len(seen) > 32 or \
-                    _attr(reader, "DstT" if reader.op == "Cast" else "T", "type", types_pb2.DT_INT32) \
-                    not in (types_pb2.DT_INT32, types_pb2.DT_INT64):
-                return None
-            seen.add(reader.name)
-            pending.append(reader.name)
-    return count.name
+            if verdict != "follow" or len(seen) > 64:
+                return False
+            if reader.name not in seen:
+                seen.add(reader.name)
+                pending.append(reader.name)
+    return True
 
 
 def _squeeze_expand(self: _Entry, node) -> None:
