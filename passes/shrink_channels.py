@@ -3,7 +3,8 @@
 Precondition: a finalized model (masks folded: removed channels hold zeros). For every prunable
 channel group (graphprune.channels), a channel is dead when every kernel that consumes it (a
 conv's input channel, a dense layer's row, rows of a flattened input) holds zeros there: nothing
-the model computes depends on it. Dead channels are removed from every member of the group:
+the model computes depends on it. Query/key head dims, which no kernel reads (their product only
+feeds softmaxes: ChannelGroup.contracted), are dead when the kernels that make them hold zeros. Dead channels are removed from every member of the group:
 kernels (input and output axes), depthwise kernels, biases, normalization parameters and
 statistics, constants, concatenated slices; Reshape shapes that name the channel count follow,
 and so does the count of copies tf.repeat makes (the query heads that share a key/value head).
