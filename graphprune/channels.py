@@ -884,7 +884,8 @@ def _reduce(self: _Entry, node) -> None:
         return
     rank = len(shape)
     reduced = {int(a) % rank for a in np.ravel(value)}
-    if self.shape(node.name) is None or ((rank - 1) not in reduced and not self.shape(node.name)):
+    out = self.shape(node.name)
+    if out is None or (not out and (rank - 1) not in reduced):  # a scalar sum of a kept mean's count is fine
         self.unknown(node, f"{node.op} '{node.name}' reduces over the channels" if (rank - 1) in reduced else None)
         return
     if (rank - 1) in reduced:
@@ -1000,14 +1001,12 @@ def _broadcast_to(self: _Entry, node) -> None:
         elif size is not None and size == ys[a + lead]:
             if a == len(xs) - 1 and _shape_last(self, shape_ref) is None:
                 continue  # poisoned: its size is written where shrink_channels cannot change it
+            self.link(self.tensor(x, a), self.tensor(node.name, a + lead))
             if a == len(xs) - 1:
-                self.link(self.tensor(x, a), self.tensor(node.name, a + lead))
                 self.graph.reshapes.append(Reshape(self.entry.label, self.node_id(node.name), self.tensor(x), 1))
             elif rewritable(a + lead):
-                self.link(self.tensor(x, a), self.tensor(node.name, a + lead))
                 follows(a + lead, self.tensor(x, a))
-            else:  # any other axis: its size is in the shape operand too
-                self.link(self.tensor(x, a), self.tensor(node.name, a + lead))
+            else:  # any other axis: its size is in the shape operand too, where it cannot be rewritten
                 self.graph.poison(self.tensor(x, a), f"BroadcastTo '{node.name}' names its size")
 
 
@@ -1129,8 +1128,9 @@ def _tile_count(self: _Entry, node, a: int) -> str | None:
     source = count
     while source is not None and source.op in ("Reshape", "Cast", "Identity"):
         source = self.body.producer(self.body.data_inputs(source)[0])
-    if count is None or source is None or source.op != "Const":
+    if source is None or source.op != "Const":
         return None
+
     def judge(reader, position) -> str:
         data = self.body.producer(reader.input[0])
         if reader.name == pack.name or (reader.op == "Reshape" and position == 1 and data is not None and
@@ -2249,8 +2249,9 @@ def _group(graph: _Graph, component) -> ChannelGroup | None:
         reason = "no tensor of the graph carries these channels"
     # no kernel reads them, but a product of two activations does (attention's query/key head dims)
     contracted = [graph.contracted[space] for space, _, _ in atoms if space in graph.contracted]
-    by_product = not any(m.role == "in" for m in members) and bool(contracted) and all(contracted)
-    if reason is None and not any(m.role == "in" for m in members) and not by_product:
+    read = any(m.role == "in" for m in members)
+    by_product = not read and bool(contracted) and all(contracted)
+    if reason is None and not read and not by_product:
         reason = "a product of two activations over them is read by more than a softmax" if contracted else \
             "no kernel consumes these channels"
     if reason is None and size < 2:

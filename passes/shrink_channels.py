@@ -94,8 +94,11 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
     new_dims = _dim_targets(analysis, removed)
     new_splits = _split_targets(analysis, removed)
     squeezes = {(entry, node): axes for entry, node, axes in analysis.squeezes}
-    counts = {(entry, node): _kept_size(analysis, removed, space) for entry, node, space in analysis.counts
-              if space in analysis.sizes and _kept_size(analysis, removed, space) != analysis.sizes[space]}
+    counts = {}  # (entry, node) -> the kept count of a Tile's copies, where copies go
+    for label, count_node, space in analysis.counts:
+        kept = _kept_size(analysis, removed, space)
+        if space in analysis.sizes and kept != analysis.sizes[space]:
+            counts[(label, count_node)] = kept
     entries = []
     shrunk_specs = {spec.key: spec for spec in specs}
     for entry in model.entries:
