@@ -10,6 +10,9 @@ it does not keep is poisoned):
     DepthwiseConv2dNative       x[..., c] ~ y[..., c] ~ w[:, :, c, 0] ("through")
     Conv2D with one channel per group (groups = channels, Keras's Conv2D(groups=C))
                                 x[..., c] ~ y[..., c] ~ w[:, :, 0, c] ("through")
+    Conv2D with G groups of several channels (ResNeXt's, RegNet's)   x's channels are G groups x
+                                the kernel's inputs, y's G groups x outputs (_refine_factors): an
+                                input or output index goes from every group; the groups are kept
     BiasAdd, FusedBatchNorm, elementwise ops (Add/Mul/... with broadcast), activations, pooling,
     Pad, Mean over other axes, Squeeze/ExpandDims, Identity/Cast, comparisons and logical ops,
     SpaceToBatchND/BatchToSpaceND (a dilated conv)   the same channels
@@ -606,10 +609,45 @@ def _conv(self: _Entry, node) -> None:
     if xs[-1] != ws[-2] and ws[-2] == 1 and ws[-1] == xs[-1]:  # one channel per group: a depthwise conv
         _channel_through_kernel(self, node, x, w, len(ws) - 1, len(ws) - 2)
         return
-    if xs[-1] != ws[-2]:  # grouped
-        self.unknown(node, f"grouped {node.op} '{node.name}' (its groups couple channels graphprune does not model)")
+    if xs[-1] != ws[-2]:
+        _grouped_conv(self, node, x, w, xs, ws)
         return
     _link_kernel(self, node, x, w, (-2, "in"), (-1, "out"))
+    self.link(self.tensor(x, 0), self.tensor(node.name, 0))  # the batch
+
+
+def _grouped_conv(self: _Entry, node, x: str, w: str, xs, ws) -> None:
+    """A conv with G groups (TensorFlow reads them off the shapes: G = x's channels // the kernel's
+    input channels, ResNeXt's and RegNet's Conv2D(groups=G)): x's channel g * cin + i is group g's
+    input i, the output's g * cout + j group g's output j (the kernel's column g * cout + j reads
+    kernel rows i of group g's inputs alone). So x's channels are split into groups x inputs, the
+    output's into groups x outputs (_refine_factors, as heads x head dims): an input index goes from
+    every group at once (kernel row i, "in"), an output index too (kernel columns j of every group);
+    the groups themselves are kept (a whole group, both its input and its output slices, could go
+    too, but with its inputs pruned as well that would compound), unless each reads one input. After shrink_channels the conv
+    still reads G' = kept channels // kept inputs groups, in the same order."""
+    channels, inputs, outputs = xs[-1], ws[-2], ws[-1]
+    if channels is None or inputs is None or outputs is None or channels % inputs or outputs % (channels // inputs):
+        self.unknown(node, f"grouped {node.op} '{node.name}' of unknown or uneven groups")
+        return
+    count = channels // inputs
+    consumed = self.weight(node, w, -2, "in")
+    produced = self.weight(node, w, -1, "out")
+    if consumed is None or produced is None:
+        self.unknown(node, f"{node.op} '{node.name}' reads a computed kernel")
+        return
+    groups, group_inputs, group_outputs = (
+        self.graph.space(("t", self.entry.label, self.node_id(node.name), part, 0), size)
+        for part, size in (("groups", count), ("group inputs", inputs), ("group outputs", outputs // count)))
+    if inputs > 1:  # a group count kept, as Torch-Pruning keeps it: half the groups and half of
+        # each group's inputs would remove three quarters of x's channels at 50%
+        self.graph.poison(groups, f"they are the {count} groups of grouped {node.op} '{node.name}', kept "
+                                  "(each group's inputs and outputs are pruned instead)")
+    self.link(group_inputs, consumed)
+    self.link(self.tensor(node.name), produced)
+    self.graph.factors.append((self.tensor(x), groups, group_inputs))
+    self.graph.factors.append((self.tensor(node.name), groups, group_outputs))
+    self.claim(x, -1)
     self.link(self.tensor(x, 0), self.tensor(node.name, 0))  # the batch
 
 
@@ -2118,6 +2156,10 @@ def _refine_round(graph: _Graph, factors: list) -> list:
         elif any(space in parts_of and graph.sizes[parts_of[space][1]] != period for space in component):
             why = "it is split into heads of two different sizes"
         if why is not None:
+            if why.endswith("(a concatenation)"):  # the other slices are other channels: they may go
+                same = nx.Graph((a, c) for a, c, data in plain.subgraph(component).edges(data=True)
+                                if not data["offset"] and graph.sizes.get(a) == graph.sizes.get(c))
+                component = nx.node_connected_component(same, whole) if whole in same else {whole}
             for space in component | {heads, dims}:
                 graph.poison(space, why)
             continue

@@ -1450,7 +1450,8 @@ def test_a_squeeze_of_every_size_1_axis_keeps_a_channel_axis_of_1(tmp_path):
 
 class _GroupedConvs(tf.Module):
     """Conv2D with groups: one channel per group (Keras's Conv2D(groups=C), a depthwise conv as
-    HGNetV2 writes it) follows its channels; two groups of 4 couple channels it does not model."""
+    HGNetV2 writes it) follows its channels; two groups of 4 inputs and 4 outputs split x's and the
+    output's channels into groups x channels within a group; the grouped output is concatenated."""
 
     def __init__(self):
         super().__init__()
@@ -1463,6 +1464,7 @@ class _GroupedConvs(tf.Module):
         self.depthwise = variable("depthwise/kernel", 3, 3, 1, 8)
         self.project = variable("project/kernel", 1, 1, 8, 4)
         self.wide = variable("wide/kernel", 1, 1, 3, 8)
+        self.wide_bias = variable("wide/bias", 8)
         self.grouped = variable("grouped/kernel", 3, 3, 4, 8)
         self.head = variable("head/kernel", 12, 4)
 
@@ -1471,27 +1473,90 @@ class _GroupedConvs(tf.Module):
         y = tf.nn.relu(tf.nn.conv2d(x, self.expand, 1, "SAME"))
         y = tf.nn.relu(tf.nn.conv2d(y, self.depthwise, 1, "SAME"))
         y = tf.nn.conv2d(y, self.project, 1, "SAME")
-        z = tf.nn.conv2d(tf.nn.relu(tf.nn.conv2d(x, self.wide, 1, "SAME")), self.grouped, 1, "SAME")
+        z = tf.nn.conv2d(tf.nn.relu(tf.nn.conv2d(x, self.wide, 1, "SAME") + self.wide_bias), self.grouped, 1, "SAME")
         return tf.matmul(tf.reduce_mean(tf.concat([y, z], -1), [1, 2]), self.head)
 
 
-def test_a_conv_with_one_channel_per_group_is_a_depthwise_conv(tmp_path):
+def test_grouped_convs_one_channel_per_group_and_several(tmp_path):
     path = str(tmp_path / "model")
     tf.saved_model.save(_GroupedConvs(), path)
     pm = graphprune.prune(path, graphprune.ConstantSparsity(0.5, 0), structure="channel", one_shot=True)
-    groups = {group.name.split("/")[0]: group for group in graphprune.channel_groups(pm)
-              if group.name.endswith("kernel:3")}
-    assert groups["expand"].prunable, graphprune.channels.describe(groups.values())
-    assert {(m.name, m.axis, m.role) for m in groups["expand"].members} >= {
+    groups = {group.name: group for group in graphprune.channel_groups(pm)}
+    described = graphprune.channels.describe(groups.values())
+    assert groups["expand/kernel:3"].prunable, described
+    assert {(m.name, m.axis, m.role) for m in groups["expand/kernel:3"].members} >= {
         ("expand/kernel", 3, "out"), ("depthwise/kernel", 3, "through"), ("project/kernel", 2, "in")}
-    assert not groups["wide"].prunable and "grouped Conv2D" in groups["wide"].reason
+    # input i of each group: wide's columns i and 4 + i, its bias, the grouped kernel's row i
+    within = groups["wide/kernel:3[0:4] every 4"]
+    assert within.prunable, described
+    assert {(m.name, m.axis, m.role, m.period) for m in within.members} == {
+        ("wide/kernel", 3, "out", 4), ("wide/bias", 0, "param", 4), ("grouped/kernel", 2, "in", None)}
+    kept = groups["wide/kernel:3[0:2] heads of 4"]  # the two groups themselves
+    assert not kept.prunable and "2 groups of grouped Conv2D" in kept.reason
+    # the grouped output is a slice of a concatenation: left whole; the other slice is not
+    assert not groups["grouped/kernel:3"].prunable and "concatenation" in groups["grouped/kernel:3"].reason
+    assert groups["project/kernel:3"].prunable, described
     x = np.random.RandomState(1).standard_normal([2, 6, 6, 3]).astype(np.float32)
     masked = pm(x).numpy()
     out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
     np.testing.assert_allclose(tf.saved_model.load(out)(x).numpy(), masked, atol=1e-5 * np.abs(masked).max(), rtol=0)
     assert _weight_shape(out, "depthwise/kernel") == (3, 3, 1, 4)
-    assert _weight_shape(out, "grouped/kernel") == (3, 3, 4, 8)
+    assert _weight_shape(out, "grouped/kernel") == (3, 3, 2, 8)  # two inputs of each group went
+    assert _weight_shape(out, "wide/kernel") == (1, 1, 3, 4) and _weight_shape(out, "wide/bias") == (4,)
     assert graphprune.cost(out).parameters == _predicted_parameters(pm)
+
+
+def _grouped_conv_models():
+    """Public models with grouped convolutions of several channels per group: tf-keras's RegNetY
+    (group width 8, squeeze-and-excitation; Keras 2 runs groups as a plain Conv2D) and a keras-hub
+    CSPResNeXt-style CSPNet (4 groups, cross_linear; Keras 3 runs groups in an XLA function)."""
+    def regnet():
+        import tf_keras
+
+        tf_keras.utils.set_random_seed(0)
+        model = tf_keras.applications.RegNetY002(weights=None, input_shape=(64, 64, 3))
+        return model, lambda path: tf.saved_model.save(model, path), \
+            lambda loaded, x: next(iter(loaded.signatures["serving_default"](tf.constant(x)).values()))
+
+    def cspnet():
+        import keras
+        import keras_hub
+
+        keras.utils.set_random_seed(0)
+        model = keras_hub.models.CSPNetBackbone(
+            stem_filters=16, stem_kernel_size=3, stem_strides=4, stem_pooling="max", stackwise_depth=[1, 2],
+            stackwise_strides=[1, 2], stackwise_num_filters=[64, 128], block_type="bottleneck_block", groups=4,
+            stage_type="csp", cross_linear=True, expand_ratio=[2.0], image_shape=(64, 64, 3))
+        return model, lambda path: model.export(path, verbose=False), lambda loaded, x: loaded.serve(x)
+
+    return {"regnety": regnet, "cspnet": cspnet}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["regnety", "cspnet"])
+def test_public_grouped_convs_shrink(tmp_path, name):
+    model, export, call = _grouped_conv_models()[name]()
+    x = np.random.RandomState(0).uniform(0, 255, [4, 64, 64, 3]).astype(np.float32)
+    model(x, training=True)  # batch-norm statistics from the inputs
+    export(str(tmp_path / "export"))
+    pm = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
+                          one_shot=True)
+    groups = graphprune.channel_groups(pm)
+    grouped = [group for group in groups if "groups of grouped Conv2D" in (group.reason or "")]
+    assert len(grouped) >= 3  # every block's grouped conv: its group count kept ...
+    within = [group for group in groups if group.prunable and any(
+        m.role == "in" and m.name.endswith(("conv_3x3/kernel", "block_conv_2/kernel")) for m in group.members)]
+    assert len(within) >= 3  # ... its inputs within each group prunable
+    masked = call(pm, x).numpy()
+    scale = float(np.abs(masked).max())
+    assert scale > 1e-2, scale  # outputs that mean something
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
+    np.testing.assert_allclose(call(tf.saved_model.load(out), x).numpy(), masked, atol=1e-5 * scale, rtol=0)
+    assert _kernel_shapes(out) == _predicted_shapes(pm)
+    assert graphprune.cost(out).parameters == _predicted_parameters(pm)
+    assert graphprune.cost(out).flops < 0.5 * graphprune.cost(str(tmp_path / "export")).flops
+    outcome = check_tflite(out, str(tmp_path / "small.tflite"), x[:1], masked[:1], scale, tolerance=1e-2)
+    assert outcome == "ok", outcome
 
 
 class _SizeRead(_HiddenLayers):
