@@ -2162,6 +2162,8 @@ def _refine_round(graph: _Graph, factors: list) -> list:
                 component = nx.node_connected_component(same, whole) if whole in same else {whole}
             for space in component | {heads, dims}:
                 graph.poison(space, why)
+                for part in parts_of.get(space, ()):  # refined by an earlier factor this round
+                    graph.poison(part, why)
             continue
         for space in component:
             if space in parts_of:

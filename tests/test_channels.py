@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -1504,6 +1505,83 @@ def test_grouped_convs_one_channel_per_group_and_several(tmp_path):
     assert _weight_shape(out, "grouped/kernel") == (3, 3, 2, 8)  # two inputs of each group went
     assert _weight_shape(out, "wide/kernel") == (1, 1, 3, 4) and _weight_shape(out, "wide/bias") == (4,)
     assert graphprune.cost(out).parameters == _predicted_parameters(pm)
+
+
+class _GroupedConvsOfTwoSizes(tf.Module):
+    """Channels read by grouped convs of 4 groups of 2 and 2 groups of 4 (one channel, two group
+    shapes: whole, whichever is refined first), the input of one a concatenation."""
+
+    def __init__(self):
+        super().__init__()
+        rng = np.random.RandomState(0)
+
+        def variable(name, *shape):
+            return tf.Variable(rng.standard_normal(shape).astype(np.float32), name=name)
+
+        self.a, self.b = variable("a/kernel", 1, 1, 3, 4), variable("b/kernel", 1, 1, 3, 4)
+        self.g1 = variable("g1/kernel", 3, 3, 4, 8)  # on concat([a, b]): 2 groups of 4
+        self.skip = variable("skip/kernel", 1, 1, 3, 8)
+        self.g2 = variable("g2/kernel", 3, 3, 2, 8)  # 4 groups of 2 on g1 + skip ...
+        self.g3 = variable("g3/kernel", 3, 3, 4, 8)  # ... and 2 groups of 4
+        self.head = variable("head/kernel", 1, 1, 16, 5)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 6, 6, 3], tf.float32)])
+    def __call__(self, x):
+        ab = tf.nn.relu(tf.concat([tf.nn.conv2d(x, self.a, 1, "SAME"), tf.nn.conv2d(x, self.b, 1, "SAME")], -1))
+        y = tf.nn.relu(tf.nn.conv2d(ab, self.g1, 1, "SAME") + tf.nn.conv2d(x, self.skip, 1, "SAME"))
+        z = tf.concat([tf.nn.conv2d(y, self.g2, 1, "SAME"), tf.nn.conv2d(y, self.g3, 1, "SAME")], -1)
+        return tf.reduce_mean(tf.nn.conv2d(tf.nn.relu(z), self.head, 1, "SAME"), [1, 2])
+
+
+class _GroupedConvsInBodies(tf.Module):
+    """A grouped conv in a loop body (the state it carries) and one in a tf.cond branch."""
+
+    def __init__(self):
+        super().__init__()
+        rng = np.random.RandomState(0)
+
+        def variable(name, *shape):
+            return tf.Variable(0.3 * rng.standard_normal(shape).astype(np.float32), name=name)
+
+        self.expand, self.looped = variable("expand/kernel", 1, 1, 3, 8), variable("looped/kernel", 3, 3, 4, 8)
+        self.branch, self.head = variable("branch/kernel", 3, 3, 4, 8), variable("head/kernel", 1, 1, 8, 5)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 6, 6, 3], tf.float32)])
+    def __call__(self, x):
+        y = tf.nn.relu(tf.nn.conv2d(x, self.expand, 1, "SAME"))
+        y = tf.while_loop(lambda i, y: i < 2,
+                          lambda i, y: (i + 1, tf.nn.relu(tf.nn.conv2d(y, self.looped, 1, "SAME"))), (0, y))[1]
+        y = tf.cond(tf.reduce_sum(x) > 0, lambda: tf.nn.conv2d(y, self.branch, 1, "SAME"), lambda: y)
+        return tf.reduce_mean(tf.nn.conv2d(y, self.head, 1, "SAME"), [1, 2])
+
+
+@pytest.mark.parametrize("module", [_GroupedConvsOfTwoSizes, _GroupedConvsInBodies])
+def test_grouped_convs_of_two_sizes_and_in_bodies(tmp_path, module):
+    path = str(tmp_path / "model")
+    tf.saved_model.save(module(), path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # _GroupedConvsOfTwoSizes: no group can be removed, which prune says
+        pm = graphprune.prune(path, graphprune.ConstantSparsity(0.5, 0), structure="channel", one_shot=True)
+    groups = {group.name: group for group in graphprune.channel_groups(pm)}
+    described = graphprune.channels.describe(groups.values())
+    if module is _GroupedConvsOfTwoSizes:
+        assert not any(group.prunable for group in groups.values()), described
+        assert "two different sizes" in groups["g1/kernel:3[0:4] every 4"].reason
+        assert "concatenation" in groups["g1/kernel:2"].reason  # g1's inputs: a slice each of a and b
+    else:
+        within = next(group for group in groups.values() if group.name.endswith(":3[0:4] every 4"))
+        assert within.prunable, described
+        assert {(m.name, m.axis, m.role) for m in within.members} >= {
+            ("looped/kernel", 2, "in"), ("looped/kernel", 3, "out"), ("branch/kernel", 2, "in")}
+    x = np.random.RandomState(1).standard_normal([2, 6, 6, 3]).astype(np.float32)
+    masked = pm(x).numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nothing to remove: finalize says so
+        out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
+    np.testing.assert_allclose(tf.saved_model.load(out)(x).numpy(), masked, atol=1e-5 * np.abs(masked).max(), rtol=0)
+    assert graphprune.cost(out).parameters == _predicted_parameters(pm)
+    if module is _GroupedConvsInBodies:
+        assert _weight_shape(out, "expand/kernel") == (1, 1, 3, 4) and _weight_shape(out, "head/kernel") == (1, 1, 4, 5)
 
 
 def _grouped_conv_models():
