@@ -132,7 +132,8 @@ class ChannelGroup:
     members: tuple[Member, ...]
     reason: str | None = None  # why it is left whole; None when it is prunable
     # consumed by a product of two activations read by softmaxes only (attention's query/key head
-    # dims): a channel is dead when every kernel that makes it holds zeros there too
+    # dims): a channel is dead when every kernel that makes it holds zeros there too (and every
+    # kernel that reads it, if any does)
     contracted: bool = False
 
     @property
@@ -2291,13 +2292,15 @@ def _group(graph: _Graph, component) -> ChannelGroup | None:
         return None  # no kernel: parameters of a group with nothing to prune
     if reason is None and not any(space[0] in ("t", "p") for space, _, _ in atoms):
         reason = "no tensor of the graph carries these channels"
-    # no kernel reads them, but a product of two activations does (attention's query/key head dims)
+    # a product of two activations reads them (attention's query/key head dims): only where it is
+    # read by softmaxes alone (a constant left by a bias is a shift they ignore), and a channel is
+    # dead only where the kernels that make it hold zeros too, whether or not a kernel also reads it
     contracted = [graph.contracted[space] for space, _, _ in atoms if space in graph.contracted]
     read = any(m.role == "in" for m in members)
-    by_product = not read and bool(contracted) and all(contracted)
-    if reason is None and not read and not by_product:
-        reason = "a product of two activations over them is read by more than a softmax" if contracted else \
-            "no kernel consumes these channels"
+    if reason is None and contracted and not all(contracted):
+        reason = "a product of two activations over them is read by more than a softmax"
+    if reason is None and not read and not contracted:
+        reason = "no kernel consumes these channels"
     if reason is None and size < 2:
         reason = "a single channel"
     named = next((m for m in members if m.role == "out"), None) or next(m for m in members if m.role != "param")
@@ -2305,7 +2308,7 @@ def _group(graph: _Graph, component) -> ChannelGroup | None:
         f"[{named.start}:{named.stop}]" + (f" heads of {named.block}" if named.block else "") + \
         (f" every {named.period}" if named.period else "")
     name = f"{named.name}:{named.axis}{suffix}"
-    return ChannelGroup(name, size, tuple(members), reason, by_product)
+    return ChannelGroup(name, size, tuple(members), reason, bool(contracted))
 
 
 def rounding(group: ChannelGroup, round_to: int, shape_of, contracted=frozenset()) -> int:

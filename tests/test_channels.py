@@ -1425,6 +1425,40 @@ def test_query_key_head_dims_read_by_a_softmax(tmp_path, scores):
     assert graphprune.cost(out).parameters == _predicted_parameters(pm)
 
 
+class _ScoredAndReadHeads(_ScoredHeads):
+    """The query's head dims also read by a kernel, whose rows for dim 1 hold zeros."""
+
+    def __init__(self, scores="softmax"):
+        super().__init__(scores)
+        reader = np.random.RandomState(1).standard_normal([2, 4, 8]).astype(np.float32)
+        reader[:, 1, :] = 0.0
+        self.reader = tf.Variable(reader, name="scored/reader")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32)])
+    def __call__(self, x):
+        q = tf.einsum("nc,chd->nhd", x, self.query) + self.query_bias
+        return super().__call__(x) + tf.einsum("qhd,hdo->qo", q, self.reader)
+
+
+@pytest.mark.parametrize("scores", ["softmax", "sigmoid"])
+def test_query_key_head_dims_read_by_a_kernel_too_stay_where_their_projections_make_them(tmp_path, scores):
+    """Dim 1 of the query heads is read by no kernel (zero rows), but q.k still sums over it: it
+    is alive while the query and key kernels make it, so the shrunk model keeps it. Under a
+    sigmoid (which a bias's constant would shift) the dims stay whole, a kernel reading them or not."""
+    path = str(tmp_path / "model")
+    tf.saved_model.save(_ScoredAndReadHeads(scores), path)
+    pm = graphprune.prune(path, graphprune.ConstantSparsity(0.25, 0), one_shot=True)  # unstructured
+    dims = next(group for group in graphprune.channel_groups(pm)
+                if any(m.name == "scored/query" and m.axis == 2 for m in group.members))
+    assert ("scored/reader", 1, "in") in {(m.name, m.axis, m.role) for m in dims.members}
+    assert dims.contracted and dims.prunable == (scores == "softmax"), graphprune.channels.describe([dims])
+    x = np.random.RandomState(2).standard_normal([5, 8]).astype(np.float32)
+    masked = pm(x).numpy()
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
+    np.testing.assert_allclose(tf.saved_model.load(out)(x).numpy(), masked, atol=1e-5 * np.abs(masked).max(), rtol=0)
+    assert _weight_shape(out, "scored/query")[2] == 4 and _weight_shape(out, "scored/reader")[1] == 4
+
+
 class _SqueezedBias(tf.Module):
     """A layer of 2 neurons whose bias is stored [1, 2] and read through tf.squeeze with no axis
     (keras-hub EfficientNet's squeeze-and-excite convs): once 1 neuron is left, a plain Squeeze
