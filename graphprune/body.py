@@ -103,6 +103,13 @@ class Body:
             self._nodes = {node.name: node for node in self.nodes}
         return self._nodes.get(name)
 
+    def fresh(self, name: str) -> str:
+        """``name``, or the first of ``name_1``, ``name_2``, ... that no node of this body has."""
+        candidate, n = name, 1
+        while self.node(candidate) is not None:
+            candidate, n = f"{name}_{n}", n + 1
+        return candidate
+
     def parse(self, ref: str) -> tuple[str, int, bool]:
         """(node or argument name, flat output index, is control) of an input reference."""
         if ref.startswith("^"):

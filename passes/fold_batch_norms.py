@@ -90,12 +90,12 @@ def fold_batch_norms(model: g.TracedModel, context: PassContext) -> PassResult:
             dtype = g.node_dtype(kernel_node)
             if plan.key is None:
                 value = _scaled(tf.make_ndarray(body.node(plan.kernel).attr["value"].tensor), plan)
-                const = body.add(g.const_node(_fresh(body, f"{plan.kernel_op}/folded_kernel"), value, dtype))
+                const = body.add(g.const_node(body.fresh(f"{plan.kernel_op}/folded_kernel"), value, dtype))
                 body.set_input(kernel_node, 1, body.ref(const.name))
             elif plan.key not in specs:
                 spec = model.variables[plan.key]
                 specs[plan.key] = dataclasses.replace(spec, value=_scaled(context.value(model, plan.key), plan))
-            shift = body.add(g.const_node(_fresh(body, f"{plan.last}/folded_shift"), plan.shift, dtype))
+            shift = body.add(g.const_node(body.fresh(f"{plan.last}/folded_shift"), plan.shift, dtype))
             bias_add = g.make_node(plan.last, "BiasAdd", [body.ref(plan.kernel_op), body.ref(shift.name)],
                                    T=tf.dtypes.as_dtype(dtype))
             body.replace(body.node(plan.last), bias_add)
@@ -114,13 +114,6 @@ def _scaled(kernel: np.ndarray, plan: _Plan) -> np.ndarray:
     for axis in plan.axes:
         shape[axis] = kernel.shape[axis]
     return (kernel.astype(np.float64) * plan.scale.reshape(shape)).astype(kernel.dtype)
-
-
-def _fresh(body: b.Body, name: str) -> str:
-    candidate, n = name, 1
-    while body.node(candidate) is not None:
-        candidate, n = f"{name}_{n}", n + 1
-    return candidate
 
 
 def _kernel_axes(node, kernel_shape) -> tuple | None:
