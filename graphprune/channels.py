@@ -39,6 +39,9 @@ it does not keep is poisoned):
                                 flatten is left whole
     Reshape keeping static trailing axes (leading ones regrouped)   those axes go through
     ReadVariableOp / AssignVariableOp / Const                          the variable's / constant's axis
+    Range of constant bounds (rotary inverse frequencies)    a constant's axis (shrunk: gathered)
+    a slice of one whole head of a split axis (rotary halves: tf.split of the head dims)   the
+                                head dims, channel for channel; the heads (halves) are kept whole
     GatherV2 / ResourceGather (axis 0)  an embedding table's axes after the first are the lookup's
     StridedSlice, Slice, Tile, BroadcastTo  an axis taken whole, repeated once or of the same size
                                 goes through (a size written in a shape operand is rewritten)
@@ -541,6 +544,19 @@ def _ignored(self: _Entry, node) -> None:
             return
         for axis, size in enumerate(shape or ()):
             self.link(self.tensor(node.name, axis), self.graph.member("variable", key, axis, size, "param"))
+
+
+def _range(self: _Entry, node) -> None:
+    """tf.range of constant bounds (a rotary embedding's inverse frequencies): its values are a
+    constant's, which shrink_channels can gather the kept ones of; computed bounds (the positions
+    of a sequence) are not modelled."""
+    shape = self.shape(node.name)
+    bounds = [self.origin(ref) for ref in self.body.data_inputs(node)[:3]]
+    if not shape or shape[0] is None or any(bound is None or bound.op != "Const" for bound in bounds):
+        self.unknown(node)
+        return
+    self.link(self.tensor(node.name, 0),
+              self.graph.member("const", f"{self.entry.label}/{self.node_id(node.name)}", 0, shape[0], "param"))
 
 
 def _unary(self: _Entry, node) -> None:
@@ -1880,7 +1896,7 @@ _HANDLERS = {
     **{op: _reduce for op in REDUCE_OPS}, "Squeeze": _squeeze_expand,
     "ExpandDims": _squeeze_expand, "Reshape": _reshape, "Transpose": _transpose, "Shape": _shape,
     "ConcatV2": _concat, **{op: _assign for op in ASSIGN_OPS}, "GatherV2": _gather, "ResourceGather": _gather,
-    "BroadcastTo": _broadcast_to, "StridedSlice": _strided_slice, "Slice": _slice, "Tile": _tile,
+    "BroadcastTo": _broadcast_to, "Range": _range, "StridedSlice": _strided_slice, "Slice": _slice, "Tile": _tile,
     "Split": _split, "SplitV": _split, "Unpack": _split, "Pack": _pack, "ReverseV2": _reverse,
     **{op: _random_like for op in RANDOM_OPS}, "Fill": _fill,
 }
@@ -2135,9 +2151,12 @@ def _refine_round(graph: _Graph, factors: list) -> list:
     import networkx as nx
 
     plain = nx.Graph()
+    edges_of: dict[tuple, list] = {}
     for a, c, offset in graph.edges:
         plain.add_edge(a, c, offset=offset)
+        edges_of.setdefault(a, []).append((a, c, offset))
     parts_of: dict[tuple, tuple] = {}
+    aligned: set = set()  # (slice, whole, offset): a slice of one head, linked to the head dims
     extra_edges = []
     for whole, heads, dims in factors:
         sizes = [graph.sizes.get(space) for space in (whole, heads, dims)]
@@ -2147,10 +2166,11 @@ def _refine_round(graph: _Graph, factors: list) -> list:
             continue
         component = nx.node_connected_component(plain, whole) if whole in plain else {whole}
         period = sizes[2]
-        why = None
-        if any(graph.sizes.get(space) != sizes[0] for space in component) or \
-                any(data["offset"] for _, _, data in plain.subgraph(component).edges(data=True)):
+        why, slices = None, _head_slices(graph, component, edges_of, sizes[0], period)
+        if slices is None:
             why = "it is split into heads and sliced (a concatenation)"
+        elif slices and any(graph.sizes[space] == period and space in parts_of for space in component):
+            why = "it is split into heads of two different sizes"
         elif any(space[0] == "p" or (space[0] in ("v", "c") and space[3] is not None and
                                      space not in graph.refined_parts) for space in component):
             why = "it is split into heads and flattened"
@@ -2166,8 +2186,9 @@ def _refine_round(graph: _Graph, factors: list) -> list:
                 for part in parts_of.get(space, ()):  # refined by an earlier factor this round
                     graph.poison(part, why)
             continue
+        aligned.update(slices)
         for space in component:
-            if space in parts_of:
+            if space in parts_of or (slices and graph.sizes[space] == period):  # a slice stays whole
                 continue
             parts = _parts(space, period)
             parts_of[space] = parts
@@ -2180,13 +2201,22 @@ def _refine_round(graph: _Graph, factors: list) -> list:
                     graph.poison(part, graph.poisoned[space])
                 if space in graph.roles:
                     graph.roles[part] = graph.roles[space]
+        if slices:  # a slice holds one head: the heads cannot go (nor be told apart)
+            for space in component:
+                if space in parts_of:
+                    graph.poison(parts_of[space][0], "its parts are sliced apart (a rotary embedding's halves)")
         extra_edges += [(parts_of[whole][0], heads, 0), (parts_of[whole][1], dims, 0)]
     if not parts_of:
         return []
     edges = []
     for a, c, offset in graph.edges:
-        if a in parts_of or c in parts_of:  # both are: a component is refined whole
+        if a in parts_of and c in parts_of:  # a component is refined whole
             edges += [(parts_of[a][0], parts_of[c][0], 0), (parts_of[a][1], parts_of[c][1], 0)]
+        elif (a, c, offset) in aligned and c in parts_of:  # slice a is one head: channel i is head dim i
+            edges.append((a, parts_of[c][1], 0))
+        elif a in parts_of or c in parts_of:  # never so (_head_slices); were it, nothing of it goes
+            for space in (a, c, *parts_of.get(a, ()), *parts_of.get(c, ())):
+                graph.poison(space, "it is split into heads and sliced (a concatenation)")
         else:
             edges.append((a, c, offset))
     nested = []
@@ -2200,6 +2230,27 @@ def _refine_round(graph: _Graph, factors: list) -> list:
         graph.sizes_before_refining[space] = graph.sizes.pop(space)
         graph.refined[space] = parts
     return nested
+
+
+def _head_slices(graph: _Graph, component, edges_of: dict, size: int, period: int):
+    """The edges of ``component`` (spaces of ``size`` channels split into heads of ``period``) that
+    tie a slice of one whole head to a split space: an empty set when there are none; None when
+    some space or edge is another cut (a slice across heads, a concatenation of other sizes)."""
+    found = set()
+    for space in component:
+        if graph.sizes.get(space) not in (size, period):
+            return None
+        for a, c, offset in edges_of.get(space, ()):
+            if graph.sizes[a] == graph.sizes[c]:
+                if offset:
+                    return None
+            elif graph.sizes[a] == period and graph.sizes[c] == size and offset % period == 0:
+                found.add((a, c, offset))
+            else:
+                return None
+    if any(graph.sizes[space] == size for space in component) and period < size:
+        return found
+    return None if found else set()
 
 
 def _parts(space: tuple, d: int) -> tuple[tuple, tuple]:

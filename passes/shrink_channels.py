@@ -4,11 +4,13 @@ Precondition: a finalized model (masks folded: removed channels hold zeros). For
 channel group (graphprune.channels), a channel is dead when every kernel that consumes it (a
 conv's input channel, a dense layer's row, rows of a flattened input) holds zeros there: nothing
 the model computes depends on it. Query/key head dims, which no kernel reads (their product only
-feeds softmaxes: ChannelGroup.contracted), are dead when the kernels that make them hold zeros. Dead channels are removed from every member of the group:
+feeds softmaxes: ChannelGroup.contracted), are dead when the kernels that make them hold zeros
+(and those that read them, if any). Dead channels are removed from every member of the group:
 kernels (input and output axes), depthwise kernels, biases, normalization parameters and
 statistics, constants, concatenated slices; Reshape shapes that name the channel count follow,
 and so does the count of copies tf.repeat makes (the query heads that share a key/value head).
-Variables get new values and shapes; constants are rewritten in place. A group whose every
+Variables get new values and shapes; constants are rewritten in place, and a tf.range of
+constant bounds (rotary inverse frequencies) becomes a gather of its kept values. A group whose every
 channel is dead keeps one (a tensor of zero channels is not a model). Groups left whole by the
 analysis are not touched and are listed in the report with the reason.
 
@@ -109,6 +111,8 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
                 if node.op == "Const" and ("const", key) in sliced:
                     body.replace(node, g.const_node(node.name, sliced[("const", key)],
                                                     tf.dtypes.as_dtype(node.attr["dtype"].type).name))
+                elif node.op == "Range" and ("const", key) in sliced:
+                    _gather_kept(body, node, removal[("const", key, 0)])
                 elif node.op in ("Reshape", "BroadcastTo", "Slice") and (entry.label, name) in new_shapes:
                     _set_last_dim(body, node, *new_shapes[(entry.label, name)])
                     if (entry.label, name) in new_dims:  # a BroadcastTo's other elements too
@@ -193,17 +197,23 @@ def _whole(analysis) -> dict[str, str]:
 
 
 def _const_values(model: g.TracedModel) -> dict[str, np.ndarray]:
-    """Constants by "entry label/node" (the node's body path before its name), each read when first asked for."""
+    """Constants by "entry label/node" (the node's body path before its name), each read when
+    first asked for; a Range of constant bounds (channels._range) by its values."""
     nodes = {}
     for entry in model.entries:
         def collect(body, entry=entry):
-            nodes.update((f"{entry.label}/{body.use_name(n)}", n) for n in body.nodes if n.op == "Const")
+            nodes.update((f"{entry.label}/{body.use_name(n)}", (n, body)) for n in body.nodes
+                         if n.op in ("Const", "Range"))
 
         b.visit_entry(entry, collect)
 
     class Lazy(dict):
         def __missing__(self, key):
-            self[key] = tf.make_ndarray(nodes[key].attr["value"].tensor)
+            node, body = nodes[key]
+            if node.op == "Range":
+                self[key] = _range_values(body, node)
+            else:
+                self[key] = tf.make_ndarray(node.attr["value"].tensor)
             return self[key]
 
     return Lazy()
@@ -240,6 +250,32 @@ def _dim_targets(analysis, removed: dict) -> dict[tuple[str, str], tuple[dict[in
         if kept != [analysis.sizes[space] for space in dim.spaces]:
             targets.setdefault((dim.entry, dim.node), ({}, dim.operand))[0][dim.position] = int(np.prod(kept))
     return targets
+
+
+def _gather_kept(body: b.Body, node, removed: set) -> None:
+    """A Range of constant bounds whose values lost ``removed``: the kept values, gathered from
+    the whole range (no float constant added to the model's parameters)."""
+    whole = node_def_pb2.NodeDef()
+    whole.CopyFrom(node)
+    whole.name = body.fresh(f"{node.name}/whole")
+    body.add(whole)
+    kept = np.array(sorted(set(range(len(_range_values(body, whole)))) - set(removed)), np.int32)
+    indices = body.add(g.const_node(body.fresh(f"{node.name}/kept"), kept, "int32"))
+    axis = body.add(g.const_node(body.fresh(f"{node.name}/axis"), np.array(0, np.int32), "int32"))
+    gather = g.make_node(node.name, "GatherV2", [body.ref(whole.name), body.ref(indices.name), body.ref(axis.name)],
+                         Tparams=tf.dtypes.as_dtype(node.attr["Tidx"].type), Tindices=tf.int32, Taxis=tf.int32)
+    body.replace(node, gather)
+
+
+def _range_values(body: b.Body, node) -> np.ndarray:
+    """The values of a Range whose bounds are constants (behind Identity or Cast)."""
+    bounds = []
+    for ref in body.data_inputs(node)[:3]:
+        producer = body.producer(ref)
+        while producer.op in ("Identity", "Cast", "Snapshot"):
+            producer = body.producer(body.data_inputs(producer)[0])
+        bounds.append(tf.make_ndarray(producer.attr["value"].tensor))
+    return np.arange(*bounds).astype(tf.dtypes.as_dtype(node.attr["Tidx"].type).as_numpy_dtype)
 
 
 def _output_dtype(node) -> str:

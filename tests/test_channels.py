@@ -6,7 +6,6 @@ import os
 import re
 import subprocess
 import sys
-import warnings
 from collections import Counter
 
 import numpy as np
@@ -778,6 +777,35 @@ def test_keras_hub_grouped_query_and_rotary_heads(tmp_path, name):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["llama", "gemma", "qwen3"])
+def test_keras_hub_rotary_query_key_head_dims(tmp_path, name):
+    """Query/key head dims through rotary embeddings: dims i and i + d/2 are rotated together (split
+    in halves, stacked, reshaped back), so a pair goes from both projections, and with it its
+    inverse frequency (a tf.range of constant bounds, which the shrunk graph gathers the kept
+    values of); the scores end in a softmax. Qwen3's RMS norm of each head over its dims keeps them."""
+    import keras_hub
+
+    models = keras_hub.models
+    small = dict(vocabulary_size=50, num_layers=1, hidden_dim=32, intermediate_dim=32)
+    model = {"llama": lambda: models.LlamaBackbone(num_query_heads=4, num_key_value_heads=2, **small),
+             "gemma": lambda: models.GemmaBackbone(num_query_heads=4, num_key_value_heads=2, head_dim=8, **small),
+             "qwen3": lambda: models.Qwen3Backbone(num_query_heads=4, num_key_value_heads=2, head_dim=8, **small),
+             }[name]()
+    model.export(str(tmp_path / "export"), verbose=False)
+    pm = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
+                          one_shot=True)
+    key = ("decoder_block_0/attention" if name == "gemma" else "transformer_layer_0/self_attention") + "/key/kernel"
+    pairs = next(group for group in graphprune.channel_groups(pm)
+                 if any(m.name == key and m.axis == 2 and m.period == 4 for m in group.members))
+    assert pairs.size == 4 and any(m.kind == "const" and m.name.endswith("range") for m in pairs.members)
+    assert pairs.prunable == (name != "qwen3") and pairs.contracted, graphprune.channels.describe([pairs])
+    out = _hub_shrunk_as_masked(pm, tmp_path)
+    assert _weight_shape(out, key)[2] == (8 if name == "qwen3" else 4)  # two of four pairs of 8 dims
+    assert _weight_shape(out, key.replace("/key/", "/query/"))[2] == (8 if name == "qwen3" else 4)
+    assert graphprune.cost(out).parameters == _predicted_parameters(pm)
+
+
+@pytest.mark.slow
 def test_keras_hub_mixture_of_experts_neurons(tmp_path):
     """Mixtral's experts are one batched kernel per projection (Einsum abc,acd->abd, the experts on
     'a'): an MLP neuron is removed from every expert alike (its group holds the gate, up and down
@@ -1543,7 +1571,7 @@ def test_grouped_convs_one_channel_per_group_and_several(tmp_path):
 
 class _GroupedConvsOfTwoSizes(tf.Module):
     """Channels read by grouped convs of 4 groups of 2 and 2 groups of 4 (one channel, two group
-    shapes: whole, whichever is refined first), the input of one a concatenation."""
+    shapes: whole, whichever is refined first), the input of one a concatenation of one group each."""
 
     def __init__(self):
         super().__init__()
@@ -1593,15 +1621,15 @@ class _GroupedConvsInBodies(tf.Module):
 def test_grouped_convs_of_two_sizes_and_in_bodies(tmp_path, module):
     path = str(tmp_path / "model")
     tf.saved_model.save(module(), path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # _GroupedConvsOfTwoSizes: no group can be removed, which prune says
-        pm = graphprune.prune(path, graphprune.ConstantSparsity(0.5, 0), structure="channel", one_shot=True)
+    pm = graphprune.prune(path, graphprune.ConstantSparsity(0.5, 0), structure="channel", one_shot=True)
     groups = {group.name: group for group in graphprune.channel_groups(pm)}
     described = graphprune.channels.describe(groups.values())
     if module is _GroupedConvsOfTwoSizes:
-        assert not any(group.prunable for group in groups.values()), described
         assert "two different sizes" in groups["g1/kernel:3[0:4] every 4"].reason
-        assert "concatenation" in groups["g1/kernel:2"].reason  # g1's inputs: a slice each of a and b
+        # g1's groups are a's and b's channels: input i of each group is channel i of a and of b
+        assert [name for name, group in groups.items() if group.prunable] == ["a/kernel:3"], described
+        assert {(m.name, m.axis, m.role) for m in groups["a/kernel:3"].members} == {
+            ("a/kernel", 3, "out"), ("b/kernel", 3, "out"), ("g1/kernel", 2, "in")}
     else:
         within = next(group for group in groups.values() if group.name.endswith(":3[0:4] every 4"))
         assert within.prunable, described
@@ -1609,12 +1637,13 @@ def test_grouped_convs_of_two_sizes_and_in_bodies(tmp_path, module):
             ("looped/kernel", 2, "in"), ("looped/kernel", 3, "out"), ("branch/kernel", 2, "in")}
     x = np.random.RandomState(1).standard_normal([2, 6, 6, 3]).astype(np.float32)
     masked = pm(x).numpy()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # nothing to remove: finalize says so
-        out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
     np.testing.assert_allclose(tf.saved_model.load(out)(x).numpy(), masked, atol=1e-5 * np.abs(masked).max(), rtol=0)
     assert graphprune.cost(out).parameters == _predicted_parameters(pm)
-    if module is _GroupedConvsInBodies:
+    if module is _GroupedConvsOfTwoSizes:
+        assert _weight_shape(out, "a/kernel") == _weight_shape(out, "b/kernel") == (1, 1, 3, 2)
+        assert _weight_shape(out, "g1/kernel") == (3, 3, 2, 8)
+    else:
         assert _weight_shape(out, "expand/kernel") == (1, 1, 3, 4) and _weight_shape(out, "head/kernel") == (1, 1, 4, 5)
 
 
