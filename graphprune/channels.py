@@ -641,8 +641,8 @@ def _grouped_conv(self: _Entry, node, x: str, w: str, xs, ws) -> None:
     output's into groups x outputs (_refine_factors, as heads x head dims): an input index goes from
     every group at once (kernel row i, "in"), an output index too (kernel columns j of every group);
     the groups themselves are kept (a whole group, both its input and its output slices, could go
-    too, but with its inputs pruned as well that would compound), unless each reads one input. After shrink_channels the conv
-    still reads G' = kept channels // kept inputs groups, in the same order."""
+    too, but with its inputs pruned as well that would compound), unless each reads one input.
+    After shrink_channels the conv reads G' = kept channels // kept inputs groups, in the same order."""
     channels, inputs, outputs = xs[-1], ws[-2], ws[-1]
     if channels is None or inputs is None or outputs is None or channels % inputs or outputs % (channels // inputs):
         self.unknown(node, f"grouped {node.op} '{node.name}' of unknown or uneven groups")
