@@ -271,10 +271,15 @@ def _range_values(body: b.Body, node) -> np.ndarray:
     """The values of a Range whose bounds are constants (behind Identity or Cast)."""
     bounds = []
     for ref in body.data_inputs(node)[:3]:
-        producer = body.producer(ref)
+        producer, casts = body.producer(ref), []
         while producer.op in ("Identity", "Cast", "Snapshot"):
+            if producer.op == "Cast":
+                casts.append(tf.dtypes.as_dtype(producer.attr["DstT"].type).as_numpy_dtype)
             producer = body.producer(body.data_inputs(producer)[0])
-        bounds.append(tf.make_ndarray(producer.attr["value"].tensor))
+        value = tf.make_ndarray(producer.attr["value"].tensor)
+        for dtype in reversed(casts):  # the innermost first
+            value = value.astype(dtype)
+        bounds.append(value)
     return np.arange(*bounds).astype(tf.dtypes.as_dtype(node.attr["Tidx"].type).as_numpy_dtype)
 
 

@@ -805,6 +805,52 @@ def test_keras_hub_rotary_query_key_head_dims(tmp_path, name):
     assert graphprune.cost(out).parameters == _predicted_parameters(pm)
 
 
+class _RotaryByHand(tf.Module):
+    """Rotary attention as TensorFlow code writes it by hand: tf.range of Cast constant bounds for
+    the inverse frequencies, tf.concat (not a stack) for the rotated halves and for the cos/sin
+    tables, a single head of 8 dims, and a value path."""
+
+    def __init__(self):
+        super().__init__()
+        rng = np.random.RandomState(0)
+        for name in ("query", "key", "value"):
+            setattr(self, name, tf.Variable(rng.standard_normal([8, 8]).astype(np.float32) / 2, name=f"rope/{name}"))
+        self.out = tf.Variable(rng.standard_normal([8, 3]).astype(np.float32), name="rope/out")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 5, 8], tf.float32)])
+    def __call__(self, x):
+        start, limit = tf.cast(tf.constant(0), tf.float32), tf.cast(tf.constant(8), tf.float32)
+        inverse = 1.0 / tf.pow(10000.0, tf.range(start, limit, 2.0) / 8.0)
+        angles = tf.range(5, dtype=tf.float32)[:, None] * inverse[None, :]
+        cos, sin = tf.cos(tf.concat([angles, angles], -1)), tf.sin(tf.concat([angles, angles], -1))
+
+        def rotate(t):
+            first, second = tf.split(t, 2, axis=-1)
+            return t * cos + tf.concat([-second, first], -1) * sin
+
+        q, k = rotate(tf.einsum("btc,cd->btd", x, self.query)), rotate(tf.einsum("btc,cd->btd", x, self.key))
+        weights = tf.nn.softmax(tf.matmul(q, k, transpose_b=True))
+        return tf.einsum("btd,do->bto", tf.matmul(weights, tf.einsum("btc,cd->btd", x, self.value)), self.out)
+
+
+def test_rotary_pairs_by_hand(tmp_path):
+    path = str(tmp_path / "model")
+    tf.saved_model.save(_RotaryByHand(), path)
+    pm = graphprune.prune(path, graphprune.ConstantSparsity(0.5, 0), structure="channel", one_shot=True)
+    pairs = next(group for group in graphprune.channel_groups(pm)
+                 if any(m.name == "rope/query" and m.axis == 1 for m in group.members))
+    assert pairs.prunable and pairs.size == 4, graphprune.channels.describe([pairs])
+    # pair i is dims i and i + 4 of both kernels: each kernel's two halves are members
+    assert {(m.name, m.start, m.stop) for m in pairs.members if m.kind == "variable"} == {
+        (name, start, start + 4) for name in ("rope/query", "rope/key") for start in (0, 4)}
+    x = np.random.RandomState(1).standard_normal([2, 5, 8]).astype(np.float32)
+    masked = pm(x).numpy()
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
+    np.testing.assert_allclose(tf.saved_model.load(out)(x).numpy(), masked, atol=1e-5 * np.abs(masked).max(), rtol=0)
+    assert _weight_shape(out, "rope/query") == _weight_shape(out, "rope/key") == (8, 4)  # 2 of 4 pairs
+    assert graphprune.cost(out).parameters == _predicted_parameters(pm)
+
+
 @pytest.mark.slow
 def test_keras_hub_mixture_of_experts_neurons(tmp_path):
     """Mixtral's experts are one batched kernel per projection (Einsum abc,acd->abd, the experts on
