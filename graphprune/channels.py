@@ -629,7 +629,7 @@ def _conv(self: _Entry, node) -> None:
     if xs[-1] != ws[-2]:
         _grouped_conv(self, node, x, w, xs, ws)
         return
-    _link_kernel(self, node, x, w, (-2, "in"), (-1, "out"))
+    _link_kernel(self, node, self.tensor(x), w, (-2, "in"), (-1, "out"))
     self.link(self.tensor(x, 0), self.tensor(node.name, 0))  # the batch
 
 
@@ -648,36 +648,33 @@ def _grouped_conv(self: _Entry, node, x: str, w: str, xs, ws) -> None:
         self.unknown(node, f"grouped {node.op} '{node.name}' of unknown or uneven groups")
         return
     count = channels // inputs
-    consumed = self.weight(node, w, -2, "in")
-    produced = self.weight(node, w, -1, "out")
-    if consumed is None or produced is None:
-        self.unknown(node, f"{node.op} '{node.name}' reads a computed kernel")
-        return
     groups, group_inputs, group_outputs = (
         self.graph.space(("t", self.entry.label, self.node_id(node.name), part, 0), size)
         for part, size in (("groups", count), ("group inputs", inputs), ("group outputs", outputs // count)))
+    if not _link_kernel(self, node, group_inputs, w, (-2, "in"), (-1, "out")):
+        return
     if inputs > 1:  # a group count kept, as Torch-Pruning keeps it: half the groups and half of
         # each group's inputs would remove three quarters of x's channels at 50%
         self.graph.poison(groups, f"they are the {count} groups of grouped {node.op} '{node.name}', kept "
                                   "(each group's inputs and outputs are pruned instead)")
-    self.link(group_inputs, consumed)
-    self.link(self.tensor(node.name), produced)
     self.graph.factors.append((self.tensor(x), groups, group_inputs))
     self.graph.factors.append((self.tensor(node.name), groups, group_outputs))
     self.claim(x, -1)
     self.link(self.tensor(x, 0), self.tensor(node.name, 0))  # the batch
 
 
-def _link_kernel(self: _Entry, node, x: str, w: str, rows: tuple, columns: tuple) -> None:
-    """x's channels are kernel w's axis ``rows[0]``, the op's output channels its ``columns[0]``
-    (each with its role); an operand that is not a plain variable or constant read poisons both."""
+def _link_kernel(self: _Entry, node, reads: tuple | None, w: str, rows: tuple, columns: tuple) -> bool:
+    """The channels space ``reads`` (x's, or a grouped conv's inputs within a group) is kernel w's
+    axis ``rows[0]``, the op's output channels its ``columns[0]`` (each with its role); an operand
+    that is not a plain variable or constant read poisons both (False)."""
     consumed = self.weight(node, w, *rows)
     produced = self.weight(node, w, *columns)
     if consumed is None or produced is None:
         self.unknown(node, f"{node.op} '{node.name}' reads a computed kernel")
-        return
-    self.link(self.tensor(x), consumed)
+        return False
+    self.link(reads, consumed)
     self.link(self.tensor(node.name), produced)
+    return True
 
 
 def _depthwise(self: _Entry, node) -> None:
@@ -692,7 +689,7 @@ def _depthwise(self: _Entry, node) -> None:
 def _channel_through_kernel(self: _Entry, node, x: str, w: str, axis: int, single: int) -> None:
     """A depthwise conv: output channel c reads input channel c alone, through kernel axis ``axis``
     ("through"); the kernel's axis ``single`` has size 1; the batch goes through."""
-    _link_kernel(self, node, x, w, (axis, "through"), (axis, "through"))
+    _link_kernel(self, node, self.tensor(x), w, (axis, "through"), (axis, "through"))
     self.claim(w, single)
     self.link(self.tensor(x, 0), self.tensor(node.name, 0))
 

@@ -112,7 +112,7 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
                     body.replace(node, g.const_node(node.name, sliced[("const", key)],
                                                     tf.dtypes.as_dtype(node.attr["dtype"].type).name))
                 elif node.op == "Range" and ("const", key) in sliced:
-                    _gather_kept(body, node, removal[("const", key, 0)])
+                    _gather_kept(body, node, np.delete(np.arange(len(consts[key])), sorted(removal[("const", key, 0)])))
                 elif node.op in ("Reshape", "BroadcastTo", "Slice") and (entry.label, name) in new_shapes:
                     _set_last_dim(body, node, *new_shapes[(entry.label, name)])
                     if (entry.label, name) in new_dims:  # a BroadcastTo's other elements too
@@ -252,15 +252,14 @@ def _dim_targets(analysis, removed: dict) -> dict[tuple[str, str], tuple[dict[in
     return targets
 
 
-def _gather_kept(body: b.Body, node, removed: set) -> None:
-    """A Range of constant bounds whose values lost ``removed``: the kept values, gathered from
-    the whole range (no float constant added to the model's parameters)."""
+def _gather_kept(body: b.Body, node, kept: np.ndarray) -> None:
+    """A Range of constant bounds of which the values at ``kept`` stay: those, gathered from the
+    whole range (no float constant added to the model's parameters)."""
     whole = node_def_pb2.NodeDef()
     whole.CopyFrom(node)
     whole.name = body.fresh(f"{node.name}/whole")
     body.add(whole)
-    kept = np.array(sorted(set(range(len(_range_values(body, whole)))) - set(removed)), np.int32)
-    indices = body.add(g.const_node(body.fresh(f"{node.name}/kept"), kept, "int32"))
+    indices = body.add(g.const_node(body.fresh(f"{node.name}/kept"), kept.astype(np.int32), "int32"))
     axis = body.add(g.const_node(body.fresh(f"{node.name}/axis"), np.array(0, np.int32), "int32"))
     gather = g.make_node(node.name, "GatherV2", [body.ref(whole.name), body.ref(indices.name), body.ref(axis.name)],
                          Tparams=tf.dtypes.as_dtype(node.attr["Tidx"].type), Tindices=tf.int32, Taxis=tf.int32)
