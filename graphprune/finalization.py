@@ -161,12 +161,17 @@ def check_final(masked, final, values, *, atol: float = 1e-5, rtol: float = 1e-5
     draws are constants in both (a shrunk model's dropout draws over fewer channels)."""
     from graphprune.verify import max_difference, run_entries
 
+    sizes = {}  # the final model runs on the inputs the masked one ran on
     try:
-        expected = run_entries(masked, values, ones_masks=False, random=random)
+        expected = run_entries(masked, values, ones_masks=False, random=random, sizes=sizes)
     except PassError as error:  # inputs graphprune cannot make (a variant, a resource): say so
         warnings.warn(f"graphprune: finalize: not checked against the masked model ({error})", stacklevel=3)
         return
-    actual = run_entries(final, values, ones_masks=False, random=random)
+    try:
+        actual = run_entries(final, values, ones_masks=False, random=random, sizes=sizes)
+    except PassError as error:
+        raise PassError(f"finalize: the finalized model does not run where the masked model does: {error}; "
+                        "nothing was written") from error
     worst = None
     for name, reference in expected.items():
         if name not in actual or len(actual[name]) != len(reference):

@@ -21,8 +21,20 @@ from graphprune.errors import PassError
 from graphprune.pipeline import PassContext
 
 
-def seeded_inputs(entry: g.Entry, seed: int = 0, batch: int = 2, positive: bool = False) -> list[np.ndarray]:
-    """Deterministic inputs for an entry's flat placeholders (unknown dims become ``batch``).
+# Sizes tried, in turn, for an entry's unknown input dimensions past the first (a sequence's
+# length, an image's height and width), as (floating-point inputs' size, other inputs' size):
+# the first the entry runs on is used. Most models run on 2; a model whose input must be long
+# (Moonshine's raw audio, read by a convolution of width 127 and stride 64) needs more, while its
+# token ids may not be longer than its position table. A size that would make any input larger
+# than MAX_INPUT_ELEMENTS is not tried.
+INPUT_SIZES = ((2, 2), (32, 32), (32, 2), (512, 512), (512, 2), (4096, 4096), (4096, 2))
+MAX_INPUT_ELEMENTS = 1 << 22
+
+
+def seeded_inputs(entry: g.Entry, seed: int = 0, batch: int = 2, positive: bool = False,
+                  size: tuple[int, int] | None = None) -> list[np.ndarray]:
+    """Deterministic inputs for an entry's flat placeholders (unknown dims become ``batch``; past
+    the first dimension, ``size`` (floating-point inputs' size, other inputs' size) when given).
 
     Floats are standard normal, or uniform in [0.1, 1) with ``positive`` (for models whose
     outputs are NaN on negative inputs: a log, a sqrt); integers are 0 or 1 (valid token ids,
@@ -30,8 +42,9 @@ def seeded_inputs(entry: g.Entry, seed: int = 0, batch: int = 2, positive: bool 
     rng = np.random.RandomState(seed)
     values = []
     for info in entry.inputs:
-        shape = [batch if d is None else d for d in (info.shape or (batch,))]
         dtype = tf.as_dtype(info.dtype)
+        past_first = batch if size is None else size[0] if dtype.is_floating else size[1]
+        shape = [(past_first if i else batch) if d is None else d for i, d in enumerate(info.shape or (batch,))]
         if dtype.is_floating and positive:
             values.append(rng.uniform(0.1, 1.0, shape).astype(dtype.as_numpy_dtype))
         elif dtype.is_floating:
@@ -48,8 +61,13 @@ def seeded_inputs(entry: g.Entry, seed: int = 0, batch: int = 2, positive: bool 
 
 
 def run_entries(model: g.TracedModel, values, *, ones_masks: bool = True, seed: int = 0,
-                positive: bool = False, random: str = "seeded") -> dict:
+                positive: bool = False, random: str = "seeded", sizes: dict | None = None) -> dict:
     """Outputs of every non-update entry on seeded inputs, as {"kind:name": [arrays]}.
+
+    Unknown input dimensions past the first take the first of INPUT_SIZES the entry runs on
+    (PassError, in one line, when it runs on none). ``sizes`` ({"kind:name": size}) keeps the
+    choice: an entry found there runs at that size only (so that a rewritten model runs on the
+    inputs its original ran on, and its failure is an error), one that is not is tried and added.
 
     Random ops draw with fixed seeds (``random="seeded"``), or are constants of their shape
     (``"constant"``: for models whose random draws change shape, see constant_random_ops).
@@ -83,10 +101,51 @@ def run_entries(model: g.TracedModel, values, *, ones_masks: bool = True, seed: 
                 continue
             fixed = constant_random_ops(entry) if random == "constant" else seeded_random_ops(entry)
             run = tf.function(_runner(fixed, live), autograph=False)
-            outputs[entry.label] = [np.asarray(t) for t in run(*seeded_inputs(entry, seed, positive=positive))]
+            outputs[entry.label] = _run_sized(entry, run, seed, positive, {} if sizes is None else sizes)
     finally:
         logger.setLevel(level)
     return outputs
+
+
+def _run_sized(entry: g.Entry, run, seed: int, positive: bool, sizes: dict) -> list[np.ndarray]:
+    """``run``'s outputs on seeded inputs of the first size the entry runs on (see run_entries)."""
+    if entry.label in sizes:
+        try:
+            return [np.asarray(t) for t in run(*seeded_inputs(entry, seed, positive=positive, size=sizes[entry.label]))]
+        except (ValueError, tf.errors.InvalidArgumentError) as error:
+            raise PassError(f"'{entry.label}' fails on inputs (unknown dimensions of size {sizes[entry.label][0]} in "
+                            f"floating-point inputs, {sizes[entry.label][1]} in others) that it ran on before: "
+                            f"{_first_line(error)}") from error
+    unknown = any(d is None for info in entry.inputs for d in (info.shape or ())[1:])
+    first_error = None
+    for size in INPUT_SIZES if unknown else INPUT_SIZES[:1]:
+        if size != INPUT_SIZES[0] and _largest_input(entry, size) > MAX_INPUT_ELEMENTS:
+            continue
+        try:
+            outputs = [np.asarray(t) for t in run(*seeded_inputs(entry, seed, positive=positive, size=size))]
+        except (ValueError, tf.errors.InvalidArgumentError) as error:  # too short for a convolution, ...
+            first_error = first_error or error
+            continue
+        sizes[entry.label] = size
+        return outputs
+    tried = f" (unknown dimensions of size {', '.join(str(n) for n in sorted({n for n, _ in INPUT_SIZES}))} tried)"
+    raise PassError(f"cannot run '{entry.label}' on the inputs graphprune makes{tried if unknown else ''}: "
+                    f"{_first_line(first_error)}")
+
+
+def _largest_input(entry: g.Entry, size: tuple[int, int], batch: int = 2) -> int:
+    """How many elements the largest of seeded_inputs(entry, size=size) has (none is made)."""
+    def elements(info):
+        past_first = size[0] if tf.as_dtype(info.dtype).is_floating else size[1]
+        return int(np.prod([d or (past_first if i else batch) for i, d in enumerate(info.shape)]))
+
+    return max((elements(info) for info in entry.inputs if info.shape), default=0)
+
+
+def _first_line(error: Exception) -> str:
+    """An error's first line, at most 300 characters (TensorFlow's add a graph's stack traces)."""
+    text = (getattr(error, "message", None) or str(error)).strip()
+    return (text.splitlines() or [type(error).__name__])[0][:300]
 
 
 def seeded_random_ops(entry: g.Entry) -> g.Entry:
@@ -162,17 +221,18 @@ class Verifier:
         self.report: list[tuple[str, str, int, float]] = []  # (pass, entry, output, max |diff|)
         self._last = (None, None)  # (model, its outputs): a pass's result is the next one's input
         self.positive = None  # decided on the first model: positive inputs if normal ones give NaN
+        self.sizes = {}  # the input sizes each entry runs on, chosen on the first model (run_entries)
 
     def _outputs(self, model: g.TracedModel) -> dict:
         if self._last[0] is not model:
             if self.positive is None:
-                outputs = run_entries(model, self.values, ones_masks=self.ones_masks, seed=self.seed)
+                outputs = run_entries(model, self.values, ones_masks=self.ones_masks, seed=self.seed, sizes=self.sizes)
                 self.positive = any(_has_nan(o) for values in outputs.values() for o in values)
                 if not self.positive:
                     self._last = (model, outputs)
                     return outputs
             self._last = (model, run_entries(model, self.values, ones_masks=self.ones_masks, seed=self.seed,
-                                             positive=self.positive))
+                                             positive=self.positive, sizes=self.sizes))
         return self._last[1]
 
     def __call__(self, pass_name: str, before: g.TracedModel, after: g.TracedModel) -> None:

@@ -436,8 +436,6 @@ def test_heads_split_from_dense_kernels(tmp_path, concat):
     head_dim-th column) with the output rows they feed; q's and k's head dims (their scores end in
     a softmax). Masked == shrunk, the predicted shapes,
     gradients while training, TFLite; with the split query also concatenated, all stay whole."""
-    from graphprune.load import load
-
     path = str(tmp_path / "split")
     tf.saved_model.save(SplitHeads(concat), path)
     x = tf.constant(np.random.RandomState(1).standard_normal([2, 5, 16]).astype(np.float32))
@@ -907,14 +905,7 @@ def _predicted_parameters(pm) -> int:
     for group in graphprune.channel_groups(pm):
         if not group.prunable:
             continue
-        used = np.zeros(group.size, bool)
-        for m in group.members:  # the kernels that read them (or make them, for query/key head dims)
-            if m.role == "in" or (group.contracted and m.role in ("out", "through")):
-                mask = pm.variables_by_key[names.mask_key(m.name)].numpy()
-                per = np.any(np.moveaxis(mask, m.axis, 0).reshape(mask.shape[m.axis], -1) != 0, 1)
-                if m.block is not None:  # a head of ``block`` values
-                    per = per.reshape(-1, m.block).any(1)
-                used |= per[m.start:m.stop] if m.period is None else per.reshape(-1, m.period).any(0)[m.start:m.stop]
+        used = _used_channels(pm, group)
         for m in group.members:
             if m.kind == "variable":
                 dim = pm.traced.variables[m.name].shape[m.axis]
@@ -926,6 +917,20 @@ def _predicted_parameters(pm) -> int:
             total += int(np.prod([int(kept[(key, axis)].sum()) if (key, axis) in kept else size
                                   for axis, size in enumerate(spec.shape)]))
     return total
+
+
+def _used_channels(pm, group) -> np.ndarray:
+    """Which of a prunable group's channels its kernels' masks keep (the kernels that read them, or
+    make them, for query/key head dims)."""
+    used = np.zeros(group.size, bool)
+    for m in group.members:
+        if m.role == "in" or (group.contracted and m.role in ("out", "through")):
+            mask = pm.variables_by_key[names.mask_key(m.name)].numpy()
+            per = np.any(np.moveaxis(mask, m.axis, 0).reshape(mask.shape[m.axis], -1) != 0, 1)
+            if m.block is not None:  # a head of ``block`` values
+                per = per.reshape(-1, m.block).any(1)
+            used |= per[m.start:m.stop] if m.period is None else per.reshape(-1, m.period).any(0)[m.start:m.stop]
+    return used
 
 
 def _stream_group(groups):
@@ -1066,8 +1071,6 @@ def test_cli_residual_stream(stream_net, tmp_path):
     printed = _cli("finalize", f"--input={tmp_path / 'p'}", f"--output={tmp_path / 'g'}", "--shrink",
                    "--check_tolerance=1e-4", "--unknown_size=6")
     assert "unknown dimensions 6" in printed and "count no FLOPs" not in printed
-    from graphprune.load import load
-
     assert _weight_shape(str(tmp_path / "f"), "tokens") == (20, 8)
 
 
@@ -1082,8 +1085,6 @@ def test_residual_stream_with_round_to_and_global_ranking(stream_net, tmp_path):
         out = graphprune.finalize(pm, str(tmp_path / scope), shrink=True)
         np.testing.assert_allclose(tf.saved_model.load(out)(ids).numpy(), masked,
                                    atol=1e-5 * np.max(np.abs(masked)), rtol=0)
-        from graphprune.load import load
-
         kept = int(np.any(pm.variables_by_key["tokens"].numpy() != 0, axis=0).sum())
         assert _weight_shape(out, "tokens") == (20, kept) and kept % 3 == 0 and kept < 16
         if width is not None:
@@ -2051,3 +2052,69 @@ def test_residual_stream_under_mirrored_strategy(tmp_path, mirrored):
     out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
     np.testing.assert_allclose(tf.saved_model.load(out)(ids).numpy(), masked, atol=1e-5 * np.abs(masked).max(), rtol=0)
     assert _weight_shape(out, "tokens") == (20, 8)
+
+
+def _hub_more_models():
+    import keras_hub
+
+    models = keras_hub.models
+    small = dict(num_layers=1, hidden_dim=16, intermediate_dim=32)
+    return {
+        # ALiBi: a slope per head, a constant that goes with its head
+        "bloom": lambda: models.BloomBackbone(vocabulary_size=50, num_heads=2, **small),
+        # one layer's weights shared by two layers (a group of weights read twice)
+        "albert": lambda: models.AlbertBackbone(vocabulary_size=50, num_layers=2, num_heads=2, embedding_dim=8,
+                                                hidden_dim=16, intermediate_dim=32, max_sequence_length=8),
+        # raw audio through Conv1Ds of width 127 and stride 64, a group norm, partial rotary embeddings
+        "moonshine": lambda: models.MoonshineBackbone(
+            vocabulary_size=50, filter_dim=16, encoder_num_layers=1, decoder_num_layers=1, hidden_dim=16,
+            intermediate_dim=32, encoder_num_heads=2, decoder_num_heads=2),
+        # encoder-decoder with grouped-query attention, rotary embeddings and cross attention
+        "t5gemma": lambda: models.T5GemmaBackbone(
+            vocabulary_size=50, encoder_hidden_dim=16, encoder_intermediate_dim=32, encoder_num_layers=1,
+            encoder_num_attention_heads=4, encoder_num_key_value_heads=2, encoder_head_dim=8,
+            encoder_layer_types=["full_attention"], decoder_hidden_dim=16, decoder_intermediate_dim=32,
+            decoder_num_layers=1, decoder_num_attention_heads=4, decoder_num_key_value_heads=2, decoder_head_dim=8,
+            decoder_layer_types=["full_attention"]),
+        # keras-hub's MobileNetV3: hard-swish, squeeze-and-excite, a depthwise stem
+        "mobilenet": lambda: models.MobileNetBackbone(
+            stackwise_expansion=[[1], [4, 6]], stackwise_num_blocks=[1, 2], stackwise_num_filters=[[16], [24, 24]],
+            stackwise_kernel_size=[[3], [3, 5]], stackwise_num_strides=[[2], [2, 1]],
+            stackwise_se_ratio=[[0.25], [None, 0.25]], stackwise_activation=[["relu"], ["relu", "hard_swish"]],
+            stackwise_padding=[[1], [1, 2]], output_num_filters=32, depthwise_filters=8, depthwise_stride=2,
+            depthwise_residual=False, last_layer_filter=48, squeeze_and_excite=0.5, image_shape=(32, 32, 3)),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["bloom", "albert", "moonshine", "t5gemma", "mobilenet"])
+def test_keras_hub_more_families_shrink(tmp_path, name):
+    """keras-hub models of families the other tests do not build, pruned as a user would and
+    shrunk: the groups found are the ones the architecture has, the shrunk model computes the
+    masked one and has the parameters the masks predict. Moonshine needs audio longer than the
+    inputs finalize's check used to make (it died with TensorFlow's traceback)."""
+    from test_real_models import _inputs
+
+    _hub_more_models()[name]().export(str(tmp_path / "export"), verbose=False)
+    pm = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
+                          one_shot=True)
+    groups = graphprune.channel_groups(pm)
+    expected = {"bloom": [2, 8, 8, 32],  # heads, value and query/key head dims, MLP neurons
+                "albert": [2, 8, 32],  # the query/key head dims' size is read by a Shape (the scores' scale)
+                "moonshine": [2, 2, 2, 8, 8, 8, 32, 64, 64],  # + the stem's second conv; the group norm keeps the first
+                "t5gemma": [2, 2, 2, 2, 2, 2, 4, 4, 8, 32, 32],  # + query heads within key/value groups
+                "mobilenet": [8] * 7 + [16, 16, 24]}[name]
+    assert sorted(group.size for group in groups if group.prunable) == expected, channels.describe(groups)
+    spec = pm.signatures["serving_default"].structured_input_signature[1]
+    rng = np.random.RandomState(0)
+    inputs = _inputs(spec, rng)
+    for key, tensor_spec in spec.items():
+        if tensor_spec.dtype.is_floating:  # images, or 4000 samples of audio
+            shape = [2] + [size or 4000 for size in tensor_spec.shape.as_list()[1:]]
+            inputs[key] = tf.constant(rng.uniform(size=shape).astype(np.float32))
+    out = _hub_shrunk_as_masked(pm, tmp_path, inputs)
+    predicted = _predicted_parameters(pm)
+    if name == "bloom":  # and the constant ALiBi slope of each head kept
+        heads = next(group for group in groups if any(m.name.endswith("alibi_bias_1/Const") for m in group.members))
+        predicted += int(_used_channels(pm, heads).sum())
+    assert graphprune.cost(out).parameters == predicted

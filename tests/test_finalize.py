@@ -365,3 +365,47 @@ def test_pruned_elements_are_positive_zeros_everywhere(tmp_path, cnn, freeze):
             assert not np.any((values == 0) & np.signbit(values)), detail["name"]
             checked += 1
     assert checked >= 1  # the pruned kernels (the converter may transpose or split them)
+
+
+class AudioStem(tf.Module):
+    """Raw audio [batch, samples, 1] read by a convolution 64 samples wide (Moonshine's stem is 127
+    wide, stride 64): inputs of 2 or 32 samples are too short for it. ``at_most``: the model also
+    asserts the audio is shorter than that (a model that refuses some lengths)."""
+
+    def __init__(self, at_most=None):
+        rng = np.random.RandomState(5)
+        self.at_most = at_most
+        self.conv = tf.Variable(rng.standard_normal([64, 1, 8]).astype(np.float32), name="conv/kernel")
+        self.out = tf.Variable(rng.standard_normal([8, 3]).astype(np.float32), name="out/kernel")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, 1], tf.float32)])
+    def __call__(self, audio):
+        if self.at_most is not None:
+            tf.debugging.assert_less(tf.shape(audio)[1], self.at_most)
+        features = tf.nn.relu(tf.nn.conv1d(audio, self.conv, stride=16, padding="VALID"))
+        return tf.matmul(tf.reduce_mean(features, 1), self.out)
+
+
+def test_finalize_checks_models_that_need_long_inputs(tmp_path, recwarn):
+    """finalize's check ran every model on inputs whose unknown dimensions were 2, and a model that
+    needs longer ones died with TensorFlow's traceback (keras-hub Moonshine). The check now tries
+    longer inputs until the masked model runs, runs the finalized one on the same, and refuses,
+    in one line, a finalized model that fails where the masked one ran."""
+    from graphprune.finalization import check_final
+
+    pm = graphprune.prune(AudioStem(), graphprune.ConstantSparsity(0.5, 0), structure="channel", one_shot=True)
+    path = graphprune.finalize(pm, str(tmp_path / "final"), shrink=True)
+    assert not [w for w in recwarn if "not checked" in str(w.message)]
+    audio = tf.constant(np.random.RandomState(0).standard_normal([2, 1000, 1]).astype(np.float32))
+    shrunk = tf.saved_model.load(path)
+    assert graphprune.cost(path).parameters == 4 * (64 + 3)  # half the channels went
+    np.testing.assert_allclose(shrunk(audio).numpy(), pm(audio).numpy(), atol=1e-5, rtol=0)
+    # a "finalized" model that refuses the length the masked one ran on (512) is refused
+    short = graphprune.prune(AudioStem(at_most=100), graphprune.ConstantSparsity(0.5, 0), structure="channel",
+                             one_shot=True)
+    values = VariableValues(pm.variables_by_key)
+    with pytest.raises(graphprune.PassError, match=r"does not run where the masked model does: .*size 512"):
+        check_final(pm.traced, short.traced, values)
+    # a model that runs on no input graphprune makes is finalized with a warning that it is not checked
+    with pytest.warns(UserWarning, match=r"not checked against the masked model \(cannot run .*4096 tried"):
+        graphprune.finalize(short, str(tmp_path / "short"), shrink=True)
