@@ -14,7 +14,7 @@ it does not keep is poisoned):
                                 the kernel's inputs, y's G groups x outputs (_refine_factors): an
                                 input or output index goes from every group; the groups are kept
     BiasAdd, FusedBatchNorm, elementwise ops (Add/Mul/... with broadcast), activations, pooling,
-    Pad, Mean over other axes, Squeeze/ExpandDims, Identity/Cast, comparisons and logical ops,
+    resizing (ResizeBilinear & co.), Pad, Mean over other axes, Squeeze/ExpandDims, Identity/Cast, comparisons and logical ops,
     SpaceToBatchND/BatchToSpaceND (a dilated conv)   the same channels
     Conv2D on ExpandDims(kernel) (Keras's Conv1D)     the kernel's own axes (as Conv2D's)
     RandomUniform & co. of shape Shape(x)   x's axes (a dropout mask; its shape follows x's)
@@ -90,6 +90,7 @@ RANDOM_OPS = {"RandomUniform", "RandomStandardNormal", "TruncatedNormal", "Rando
               "StatelessRandomNormal", "StatelessTruncatedNormal", "StatelessRandomUniformV2",
               "StatelessRandomNormalV2", "StatelessTruncatedNormalV2", "StatelessRandomUniformIntV2"}
 POOL_OPS = {"MaxPool", "AvgPool", "MaxPool3D", "AvgPool3D"}
+RESIZE_OPS = {"ResizeBilinear", "ResizeNearestNeighbor", "ResizeBicubic", "ResizeArea", "ScaleAndTranslate"}
 REDUCE_OPS = {"Mean", "Sum", "Max", "Min", "Prod"}
 BATCH_NORM_OPS = {"FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"}
 CONTROL_FLOW_OPS = {"If", "StatelessIf", "Case", "StatelessCase", "While", "StatelessWhile"}
@@ -851,6 +852,12 @@ def _pool(self: _Entry, node) -> None:
         return
     x = self.body.data_inputs(node)[0]
     self.same(x, node.name, node, axes=[0, len(ksize) - 1])
+
+
+def _resize(self: _Entry, node) -> None:
+    """ResizeBilinear & co. (Keras's Resizing and UpSampling2D, tf.image.resize): images
+    [B, H, W, C] at a new height and width; the batch and the channels go through."""
+    self.same(self.body.data_inputs(node)[0], node.name, node, axes=[0, 3])
 
 
 def _constant(self: _Entry, ref: str):
@@ -1888,7 +1895,8 @@ _HANDLERS = {
     "Softmax": _softmax, "LogSoftmax": _softmax,
     "Conv2D": _conv, "Conv3D": _conv, "DepthwiseConv2dNative": _depthwise, "MatMul": _matmul,
     "BatchMatMul": _matmul, "BatchMatMulV2": _matmul, "BatchMatMulV3": _matmul, "Einsum": _einsum,
-    **{op: _batch_norm for op in BATCH_NORM_OPS}, **{op: _pool for op in POOL_OPS}, "Pad": _pad, "PadV2": _pad,
+    **{op: _batch_norm for op in BATCH_NORM_OPS}, **{op: _pool for op in POOL_OPS}, **{op: _resize for op in RESIZE_OPS},
+    "Pad": _pad, "PadV2": _pad,
     "MirrorPad": _pad, "SpaceToBatchND": _space_to_batch, "BatchToSpaceND": _space_to_batch,
     **{op: _reduce for op in REDUCE_OPS}, "Squeeze": _squeeze_expand,
     "ExpandDims": _squeeze_expand, "Reshape": _reshape, "Transpose": _transpose, "Shape": _shape,

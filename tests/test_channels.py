@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 import graphprune
-from graphprune import channels, names
+from graphprune import channels, graph, names
 from graphprune.errors import StructureError
 
 from test_zoo_applications import _calibrated
@@ -2076,6 +2076,14 @@ def _hub_more_models():
             encoder_layer_types=["full_attention"], decoder_hidden_dim=16, decoder_intermediate_dim=32,
             decoder_num_layers=1, decoder_num_attention_heads=4, decoder_num_key_value_heads=2, decoder_head_dim=8,
             decoder_layer_types=["full_attention"]),
+        # atrous spatial pyramid pooling on a ResNet, its pooled branch and the decoder resized (ResizeBilinear)
+        "deeplab": lambda: models.DeepLabV3Backbone(
+            image_encoder=models.ResNetBackbone(
+                input_conv_filters=[64], input_conv_kernel_sizes=[3], stackwise_num_filters=[64, 32, 32, 32],
+                stackwise_num_blocks=[1, 1, 1, 1], stackwise_num_strides=[1, 2, 2, 2], block_type="basic_block",
+                image_shape=(64, 64, 3)),
+            spatial_pyramid_pooling_key="P4", upsampling_size=4, dilation_rates=[2, 4], low_level_feature_key="P2",
+            projection_filters=8, image_shape=(64, 64, 3)),
         # keras-hub's MobileNetV3: hard-swish, squeeze-and-excite, a depthwise stem
         "mobilenet": lambda: models.MobileNetBackbone(
             stackwise_expansion=[[1], [4, 6]], stackwise_num_blocks=[1, 2], stackwise_num_filters=[[16], [24, 24]],
@@ -2087,7 +2095,7 @@ def _hub_more_models():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["bloom", "albert", "moonshine", "t5gemma", "mobilenet"])
+@pytest.mark.parametrize("name", ["bloom", "albert", "moonshine", "t5gemma", "deeplab", "mobilenet"])
 def test_keras_hub_more_families_shrink(tmp_path, name):
     """keras-hub models of families the other tests do not build, pruned as a user would and
     shrunk: the groups found are the ones the architecture has, the shrunk model computes the
@@ -2103,6 +2111,7 @@ def test_keras_hub_more_families_shrink(tmp_path, name):
                 "albert": [2, 8, 32],  # the query/key head dims' size is read by a Shape (the scores' scale)
                 "moonshine": [2, 2, 2, 8, 8, 8, 32, 64, 64],  # + the stem's second conv; the group norm keeps the first
                 "t5gemma": [2, 2, 2, 2, 2, 2, 4, 4, 8, 32, 32],  # + query heads within key/value groups
+                "deeplab": [8, 32, 32, 32, 32, 32, 64, 64, 256, 256, 256, 256, 256],  # two resized
                 "mobilenet": [8] * 7 + [16, 16, 24]}[name]
     assert sorted(group.size for group in groups if group.prunable) == expected, channels.describe(groups)
     spec = pm.signatures["serving_default"].structured_input_signature[1]
@@ -2117,4 +2126,56 @@ def test_keras_hub_more_families_shrink(tmp_path, name):
     if name == "bloom":  # and the constant ALiBi slope of each head kept
         heads = next(group for group in groups if any(m.name.endswith("alibi_bias_1/Const") for m in group.members))
         predicted += int(_used_channels(pm, heads).sum())
-    assert graphprune.cost(out).parameters == predicted
+    if name == "deeplab":  # the encoder's last stage is not used (the prediction counts it): fewer
+        assert graphprune.cost(out).parameters < min(predicted, 0.3 * graphprune.cost(str(tmp_path / "export")).parameters)
+        assert not _kernel_shapes(out) - _predicted_shapes(pm)  # every kernel as its mask predicts
+    else:
+        assert graphprune.cost(out).parameters == predicted
+
+
+class Upsampler(tf.Module):
+    """A segmentation decoder's resizing, as tf.image.resize writes it: bilinear up (ResizeBilinear),
+    nearest (ResizeNearestNeighbor, Keras's UpSampling2D), bicubic, area and antialiased down
+    (ScaleAndTranslate), each between two convolutions."""
+
+    def __init__(self, methods=(("bilinear", False), ("nearest", False), ("bicubic", False), ("area", False),
+                                ("bilinear", True))):
+        rng = np.random.RandomState(7)
+        self.methods = methods
+        self.stem = tf.Variable(rng.standard_normal([3, 3, 3, 8]).astype(np.float32), name="stem/kernel")
+        self.convs = [tf.Variable(rng.standard_normal([3, 3, 8, 8]).astype(np.float32) * 0.3, name=f"conv{i}/kernel")
+                      for i in range(len(methods))]
+        self.head = tf.Variable(rng.standard_normal([8, 3]).astype(np.float32), name="head/kernel")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 3], tf.float32)])
+    def __call__(self, images):
+        x = tf.nn.relu(tf.nn.conv2d(images, self.stem, 1, "SAME"))
+        for kernel, (method, antialias) in zip(self.convs, self.methods):
+            size = 16 if not antialias else 4  # up, then down with antialiasing
+            x = tf.image.resize(x, [size, size], method=method, antialias=antialias)
+            x = tf.nn.relu(tf.nn.conv2d(x, kernel, 1, "SAME"))
+        return tf.matmul(tf.reduce_mean(x, [1, 2]), self.head)
+
+
+def test_channels_go_through_resizing(tmp_path):
+    """Resizing ops keep the batch and the channels: a conv's channels resized (any method) are the
+    next conv's inputs, prunable (ResizeBilinear left them whole: keras-hub DeepLabV3 and
+    SegFormer decoders). The shrunk model computes the masked one with the predicted shapes."""
+    pm = graphprune.prune(Upsampler(), graphprune.ConstantSparsity(0.5, 0), structure="channel", one_shot=True)
+    groups = graphprune.channel_groups(pm)
+    ops = {op for entry in pm.traced.entries for op in graph.op_counts(entry.graph_def)}
+    assert {"ResizeBilinear", "ResizeNearestNeighbor", "ResizeBicubic", "ResizeArea", "ScaleAndTranslate"} <= ops
+    assert sorted(group.size for group in groups if group.prunable) == [8] * 6, channels.describe(groups)
+    images = np.random.RandomState(0).uniform(size=[2, 8, 8, 3]).astype(np.float32)
+    masked = pm(images).numpy()
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
+    np.testing.assert_allclose(tf.saved_model.load(out)(images).numpy(), masked,
+                               atol=1e-5 * np.abs(masked).max(), rtol=0)
+    assert _kernel_shapes(out) == _predicted_shapes(pm)  # (ScaleAndTranslate's scale is a float constant)
+    # LiteRT resizes bilinear and nearest only
+    pm = graphprune.prune(Upsampler((("bilinear", False), ("nearest", False))), graphprune.ConstantSparsity(0.5, 0),
+                          structure="channel", one_shot=True)
+    masked = pm(images).numpy()
+    out = graphprune.finalize(pm, str(tmp_path / "lite"), shrink=True)
+    assert _kernel_shapes(out) == _predicted_shapes(pm)
+    assert check_tflite(out, str(tmp_path / "small.tflite"), images, masked, float(np.abs(masked).max())) == "ok"
