@@ -17,12 +17,16 @@ it does not keep is poisoned):
     resizing (ResizeBilinear & co.), Pad, Mean over other axes, Squeeze/ExpandDims, Identity/Cast, comparisons and logical ops,
     SpaceToBatchND/BatchToSpaceND (a dilated conv)   the same channels
     Conv2D on ExpandDims(kernel) (Keras's Conv1D)     the kernel's own axes (as Conv2D's)
+    Conv2DBackpropInput(shape, w, x) -> y (Keras's Conv2DTranspose)
+                                x[..., c] ~ w[:, :, :, c] ("in");  y[..., c] ~ w[:, :, c, :] ("out"); the
+                                output shape operand's channel count is rewritten
     RandomUniform & co. of shape Shape(x)   x's axes (a dropout mask; its shape follows x's)
     ConcatV2 on the last axis   each input is a slice of the output's channels
     Einsum (q = x.Wq "abc,cde->abde")  each letter one space: the head axis of Wq, Wk, Wv, their
                                 biases and the output projection's are one group (whole heads)
     BatchMatMul, Transpose, Softmax     batch axes and permuted axes go through; contracted axes of
-                                two activations are one space; Softmax's own axis is poisoned
+                                two activations are one space (a MatMul of two 2-D activations too);
+                                Softmax's own axis is poisoned
     Reshape keeping the last axis      the same channels
     Reshape flattening [N, H, W, C] -> [N, H*W*C] into a MatMul        rows p * C + c of the kernel
     Reshape merging two axes [.., h, d] -> [.., h*d] (or a kernel [D, h, d] -> [D, h*d]), and the
@@ -634,6 +638,27 @@ def _conv(self: _Entry, node) -> None:
     self.link(self.tensor(x, 0), self.tensor(node.name, 0))  # the batch
 
 
+def _conv_transpose(self: _Entry, node) -> None:
+    """Conv2DBackpropInput(output shape, kernel [h, w, out, in], x) (Keras's Conv2DTranspose): x's
+    channels are the kernel's axis 3 ("in"), the output's its axis 2 ("out"), and the batch goes
+    through. The output's channel count is the last element of the output shape operand (a Const,
+    or a Pack whose element is one): shrink_channels rewrites it (a ShapeDim on operand 0)."""
+    sizes, w, x = self.body.data_inputs(node)[:3]
+    xs, ws, ys = self.shape(x), self.shape(w), self.shape(node.name)
+    producer = self.body.producer(sizes)
+    if _attr(node, "data_format", "s", b"") not in (b"", b"NHWC") or not xs or not ws or not ys or len(ws) != 4 or \
+            xs[-1] != ws[3] or ys[-1] is None or producer is None or producer.op not in ("Const", "Pack") or \
+            not _constant_elements(self, producer, [3]):
+        self.unknown(node, f"{node.op} '{node.name}' of computed output channels or groups")
+        return
+    if not _link_kernel(self, node, self.tensor(x), w, (3, "in"), (2, "out")):
+        return
+    self.link(self.tensor(x, 0), self.tensor(node.name, 0))
+    self.graph.dims.append(ShapeDim(self.entry.label, self.node_id(node.name), 3, (self.tensor(node.name, 3),),
+                                    operand=0))
+    self.claim(sizes, 0)
+
+
 def _grouped_conv(self: _Entry, node, x: str, w: str, xs, ws) -> None:
     """A conv with G groups (TensorFlow reads them off the shapes: G = x's channels // the kernel's
     input channels, ResNeXt's and RegNet's Conv2D(groups=G)): x's channel g * cin + i is group g's
@@ -705,7 +730,7 @@ def _matmul(self: _Entry, node) -> None:
     if w in self.merged_kernels:
         _merged_kernel_matmul(self, node, a, w, transpose_a or transpose_w)
         return
-    if self.source(a) is None and self.source(w) is None and node.op != "MatMul":
+    if not _weight_operand(self, a) and not _weight_operand(self, w):  # two activations (2-D ones too)
         _batch_matmul(self, node, a, w, transpose_a, transpose_w)
         return
     if self.source(a) is not None or transpose_a or ws is None or len(ws) != 2 or not xs or not ys:
@@ -726,6 +751,15 @@ def _matmul(self: _Entry, node) -> None:
         self.unknown(node)
         return
     self.same(a, node.name, node, axes=range(len(ys) - 1))  # batch (and time) axes go through
+
+
+def _weight_operand(self: _Entry, ref: str) -> bool:
+    """Whether ``ref`` is a weight (a variable or constant read) or a view of one that
+    _Entry.weight follows (a Transpose: a tied output projection; an ExpandDims: a Conv1D's kernel)."""
+    if self.source(ref) is not None:
+        return True
+    view = self.origin(ref, masks=True)
+    return view is not None and view.op in ("Transpose", "ExpandDims") and self.source(view.input[0]) is not None
 
 
 def _batch_matmul(self: _Entry, node, a: str, b_ref: str, adj_a: bool, adj_b: bool) -> None:
@@ -1894,6 +1928,7 @@ _HANDLERS = {
     "IdentityN": _identity_n, **{op: _call for op in CONTROL_FLOW_OPS},
     "Softmax": _softmax, "LogSoftmax": _softmax,
     "Conv2D": _conv, "Conv3D": _conv, "DepthwiseConv2dNative": _depthwise, "MatMul": _matmul,
+    "Conv2DBackpropInput": _conv_transpose,
     "BatchMatMul": _matmul, "BatchMatMulV2": _matmul, "BatchMatMulV3": _matmul, "Einsum": _einsum,
     **{op: _batch_norm for op in BATCH_NORM_OPS}, **{op: _pool for op in POOL_OPS}, **{op: _resize for op in RESIZE_OPS},
     "Pad": _pad, "PadV2": _pad,
@@ -2491,8 +2526,8 @@ def cost(target, entry: str | None = None, *, unknown_size: int | None = None) -
     return Cost(chosen.label, *totals)
 
 
-PRODUCT_OPS = ("Conv2D", "Conv3D", "DepthwiseConv2dNative", "MatMul", "BatchMatMul", "BatchMatMulV2",
-               "BatchMatMulV3", "Einsum")
+PRODUCT_OPS = ("Conv2D", "Conv3D", "DepthwiseConv2dNative", "Conv2DBackpropInput", "MatMul", "BatchMatMul",
+               "BatchMatMulV2", "BatchMatMulV3", "Einsum")
 
 
 def _flops(node, shape, body) -> int | None:
@@ -2504,6 +2539,11 @@ def _flops(node, shape, body) -> int | None:
     out = shape(node.name)
     if not out or None in out:
         return None
+    if node.op == "Conv2DBackpropInput":  # every input position times the kernel's [h, w, out]
+        kernel, x = shape(inputs[1]), shape(inputs[2])
+        if not kernel or None in kernel or not x or None in x:
+            return None
+        return 2 * int(np.prod(x)) * int(np.prod(kernel[:3]))
     if node.op in ("Conv2D", "Conv3D", "DepthwiseConv2dNative"):
         kernel = shape(inputs[1])
         if not kernel or None in kernel:

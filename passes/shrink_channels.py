@@ -117,7 +117,8 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
                     _set_last_dim(body, node, *new_shapes[(entry.label, name)])
                     if (entry.label, name) in new_dims:  # a BroadcastTo's other elements too
                         _set_dims(body, node, *new_dims[(entry.label, name)])
-                elif node.op in ("Reshape", "Fill", "Tile", "BroadcastTo") and (entry.label, name) in new_dims:
+                elif node.op in ("Reshape", "Fill", "Tile", "BroadcastTo", "Conv2DBackpropInput") and \
+                        (entry.label, name) in new_dims:
                     _set_dims(body, node, *new_dims[(entry.label, name)])
                 elif node.op in ("Split", "SplitV") and (entry.label, name) in new_splits:
                     _set_split_sizes(body, node, new_splits[(entry.label, name)])

@@ -19,7 +19,7 @@ from graphprune.errors import StructureError
 from test_zoo_applications import _calibrated
 from testmodels import ChannelNet, StreamNet, check_tflite, train_mirrored
 
-KERNEL_OPS = ("Conv2D", "Conv3D", "DepthwiseConv2dNative", "MatMul", "BatchMatMulV2", "Einsum")
+KERNEL_OPS = ("Conv2D", "Conv3D", "DepthwiseConv2dNative", "Conv2DBackpropInput", "MatMul", "BatchMatMulV2", "Einsum")
 
 
 def _group(groups, name):
@@ -2084,6 +2084,13 @@ def _hub_more_models():
                 image_shape=(64, 64, 3)),
             spatial_pyramid_pooling_key="P4", upsampling_size=4, dilation_rates=[2, 4], low_level_feature_key="P2",
             projection_filters=8, image_shape=(64, 64, 3)),
+        # a DINOv2 encoder's stages reassembled by Conv2DTranspose (up) and strided convs, fused, resized
+        "depthanything": lambda: models.DepthAnythingBackbone(
+            image_encoder=models.DINOV2Backbone(
+                patch_size=4, num_layers=4, hidden_dim=16, num_heads=2, intermediate_dim=32, image_shape=(32, 32, 3),
+                position_embedding_shape=(32, 32, 3)),
+            reassemble_factors=[4, 2, 1, 0.5], neck_hidden_dims=[8, 16, 16, 16], fusion_hidden_dim=16,
+            head_hidden_dim=8, head_in_index=-1, feature_keys=["stage1", "stage2", "stage3", "stage4"]),
         # keras-hub's MobileNetV3: hard-swish, squeeze-and-excite, a depthwise stem
         "mobilenet": lambda: models.MobileNetBackbone(
             stackwise_expansion=[[1], [4, 6]], stackwise_num_blocks=[1, 2], stackwise_num_filters=[[16], [24, 24]],
@@ -2095,7 +2102,7 @@ def _hub_more_models():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["bloom", "albert", "moonshine", "t5gemma", "deeplab", "mobilenet"])
+@pytest.mark.parametrize("name", ["bloom", "albert", "moonshine", "t5gemma", "deeplab", "depthanything", "mobilenet"])
 def test_keras_hub_more_families_shrink(tmp_path, name):
     """keras-hub models of families the other tests do not build, pruned as a user would and
     shrunk: the groups found are the ones the architecture has, the shrunk model computes the
@@ -2112,6 +2119,8 @@ def test_keras_hub_more_families_shrink(tmp_path, name):
                 "moonshine": [2, 2, 2, 8, 8, 8, 32, 64, 64],  # + the stem's second conv; the group norm keeps the first
                 "t5gemma": [2, 2, 2, 2, 2, 2, 4, 4, 8, 32, 32],  # + query heads within key/value groups
                 "deeplab": [8, 32, 32, 32, 32, 32, 64, 64, 256, 256, 256, 256, 256],  # two resized
+                # heads, head dims (query/key and value), MLP neurons of 4 layers; the neck's channels
+                "depthanything": [2] * 4 + [8] * 8 + [16] * 17 + [32] * 4,
                 "mobilenet": [8] * 7 + [16, 16, 24]}[name]
     assert sorted(group.size for group in groups if group.prunable) == expected, channels.describe(groups)
     spec = pm.signatures["serving_default"].structured_input_signature[1]
@@ -2178,4 +2187,86 @@ def test_channels_go_through_resizing(tmp_path):
     masked = pm(images).numpy()
     out = graphprune.finalize(pm, str(tmp_path / "lite"), shrink=True)
     assert _kernel_shapes(out) == _predicted_shapes(pm)
+    assert check_tflite(out, str(tmp_path / "small.tflite"), images, masked, float(np.abs(masked).max())) == "ok"
+
+
+class Attention2D(tf.Module):
+    """Single-sequence attention on 2-D tensors ([T, D]: tf.matmul(q, k, transpose_b=True), no
+    batch axis), then an MLP."""
+
+    def __init__(self):
+        rng = np.random.RandomState(0)
+        shapes = {"q": [8, 6], "k": [8, 6], "v": [8, 6], "o": [6, 8], "up": [8, 16], "down": [16, 3]}
+        self.w = {name: tf.Variable(rng.standard_normal(shape).astype(np.float32), name=f"{name}/kernel")
+                  for name, shape in shapes.items()}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32)])
+    def __call__(self, x):
+        w = self.w
+        q, k, v = x @ w["q"], x @ w["k"], x @ w["v"]
+        scores = tf.nn.softmax(tf.matmul(q, k, transpose_b=True) / 2.0)
+        h = x + tf.matmul(scores, v) @ w["o"]
+        return tf.nn.relu(h @ w["up"]) @ w["down"]
+
+
+def test_two_dimensional_products_of_activations(tmp_path):
+    """A MatMul of two 2-D activations (attention over one sequence) poisoned both operands' channels;
+    it is a batch matmul without batch axes: the value dims (through scores @ v into the output
+    kernel's rows) and the query/key dims (contracted, ending in a softmax) are prunable, beside the MLP."""
+    pm = graphprune.prune(Attention2D(), graphprune.ConstantSparsity(0.5, 0), structure="channel", one_shot=True)
+    groups = graphprune.channel_groups(pm)
+    found = {frozenset((m.name, m.axis, m.role) for m in group.members): group.prunable for group in groups}
+    assert found[frozenset({("v/kernel", 1, "out"), ("o/kernel", 0, "in")})]
+    assert found[frozenset({("q/kernel", 1, "out"), ("k/kernel", 1, "out")})]
+    assert found[frozenset({("up/kernel", 1, "out"), ("down/kernel", 0, "in")})]
+    x = np.random.RandomState(1).standard_normal([5, 8]).astype(np.float32)
+    masked = pm(x).numpy()
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
+    np.testing.assert_allclose(tf.saved_model.load(out)(x).numpy(), masked, atol=1e-5 * np.abs(masked).max(), rtol=0)
+    kernels = Counter({shape: n for shape, n in _kernel_shapes(out).items() if None not in shape})  # not k, v
+    assert kernels == _predicted_shapes(pm)
+    assert graphprune.cost(out).parameters == _predicted_parameters(pm)
+
+
+def _transposed_conv_decoder():
+    """A decoder upsampling with Keras's Conv2DTranspose (Conv2DBackpropInput, its output shape a
+    Pack whose channel count is a Const), strides 2 with and without overlap, a batch norm between."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    images = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(images)
+    x = keras.layers.Conv2DTranspose(8, 3, strides=2, padding="same", activation="relu")(x)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.Conv2DTranspose(8, 2, strides=2, padding="valid", use_bias=False)(x)
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(x)
+    return keras.Model(images, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(x)))
+
+
+def test_transposed_convolutions(tmp_path):
+    """A transposed conv's kernel [h, w, out, in] reads its input's channels on axis 3 and makes
+    its output's on axis 2 (it poisoned both): every conv's channels are prunable, the shrunk
+    model (whose output shape operands say the kept counts) computes the masked one with the
+    predicted shapes and FLOPs counted for the transposed convs, and converts to TFLite."""
+    _transposed_conv_decoder().export(str(tmp_path / "export"), verbose=False)
+    pm = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
+                          one_shot=True)
+    groups = graphprune.channel_groups(pm)
+    assert sorted(group.size for group in groups if group.prunable) == [8] * 4, channels.describe(groups)
+    transposed = next(group for group in groups if ("conv2d_transpose/kernel", 2, "out") in
+                      {(m.name, m.axis, m.role) for m in group.members})
+    assert {("conv2d_transpose_1/kernel", 3, "in"), ("batch_normalization/gamma", 0, "param")} <= \
+        {(m.name, m.axis, m.role) for m in transposed.members}
+    images = np.random.RandomState(0).uniform(size=[2, 8, 8, 3]).astype(np.float32)
+    masked = pm.serve(images).numpy()
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
+    shrunk = tf.saved_model.load(out)
+    np.testing.assert_allclose(shrunk.serve(images).numpy(), masked, atol=1e-5 * np.abs(masked).max(), rtol=0)
+    assert _kernel_shapes(out) == _predicted_shapes(pm)
+    assert graphprune.cost(out).parameters == _predicted_parameters(pm)
+    before, after = graphprune.cost(str(tmp_path / "export")), graphprune.cost(out)
+    # 2 x multiply-adds: conv 8x8x8 outputs of 3x3x3, transposed convs 8x8x8 inputs to 3x3x8 and 16x16x8
+    # to 2x2x8 each, conv 32x32x8 of 3x3x8, dense 8 x 3
+    assert before.flops == 2 * (8 * 8 * 8 * 27 + 8 * 8 * 8 * 72 + 16 * 16 * 8 * 32 + 32 * 32 * 8 * 72 + 8 * 3)
+    assert after.flops < 0.3 * before.flops
     assert check_tflite(out, str(tmp_path / "small.tflite"), images, masked, float(np.abs(masked).max())) == "ok"
