@@ -53,10 +53,16 @@ it does not keep is poisoned):
                                 residual_stream) it does not poison: insert_masks makes it a mean
                                 over the kept channels (names.kept_mean), which later analyses accept
                                 (tf-keras's fused layer norm: the unfuse_layer_norms pass makes it Means)
+    TensorListFromTensor / Reserve / GetItem / SetItem / Stack (tf.TensorArray, RNN loops)
+                                a list's element axes are spaces of their own (_Entry.list_spaces):
+                                the tensors written to and read from it are the same channels, and
+                                element shape operands are rewritten
     If / Case / While           each input is the same channels as the bodies' argument, each
                                 output as the bodies' return (a loop body's return i also as its
                                 argument i: the loop carries it); the bodies are read like the
-                                top graph, at any depth, with shapes inferred from the call's inputs
+                                top graph, at any depth, with shapes inferred from the call's inputs;
+                                an argument that is a weight read outside (a branch's, or a loop's
+                                that the loop hands back unchanged) is that weight
 
 Connected spaces (networkx, after splitting spaces where a Concat puts a slice boundary) form a
 *group*: removing channel i of a group removes index i of every member. A group is left whole,
@@ -224,6 +230,9 @@ class _Graph:
         # spaces contracted between two activations -> whether every such product is read by
         # softmaxes only, through ops that keep a shift of all its values a shift (_shift_only)
         self.contracted: dict[tuple, bool] = {}
+        # a TensorList (an RNN's inputs and outputs, read and written step by step in a loop) ->
+        # its elements' static shape: element axis k is space key + (k,) (_Entry.list_spaces)
+        self.lists: dict[tuple, tuple] = {}
 
     def space(self, space: tuple, size) -> tuple | None:
         if size is None or int(size) < 0:  # -1: a shape computed as unknown
@@ -288,6 +297,9 @@ class _Entry:
         self.followed_shapes: set = set()
         self.claimed: set = set()
         self.failed: str | None = None
+        # a body's arguments that are a weight read outside (tf-keras's RNN loops pass their
+        # kernels in): argument name -> the weight's source (_call)
+        self.arg_sources: dict[str, tuple] = {}
 
     def shape(self, ref: str):
         name, index, _ = self.body.parse(ref)
@@ -301,6 +313,19 @@ class _Entry:
             return None
         axis %= len(shape)
         return self.graph.space(("t", self.entry.label, self.node_id(name), index, axis), shape[axis])
+
+    def list_spaces(self, ref: str) -> list | None:
+        """The spaces of the element axes of TensorList ``ref`` (None if no handler made them)."""
+        name, index, _ = self.body.parse(ref)
+        key = ("l", self.entry.label, self.node_id(name), index)
+        sizes = self.graph.lists.get(key)
+        return None if sizes is None else [self.graph.space(key + (k,), size) for k, size in enumerate(sizes)]
+
+    def new_list(self, ref: str, sizes) -> list:
+        """TensorList ``ref`` holds elements of static shape ``sizes``: its element spaces."""
+        name, index, _ = self.body.parse(ref)
+        self.graph.lists[("l", self.entry.label, self.node_id(name), index)] = tuple(sizes)
+        return self.list_spaces(ref)
 
     def node_id(self, name: str) -> str:
         """A node's (or argument's) name, prefixed by the path of the body it is in (nothing at
@@ -340,10 +365,24 @@ class _Entry:
             ref = node.input[0]
         return None
 
+    def argument(self, ref: str) -> str | None:
+        """The body argument ``ref`` is (behind Identity/Cast and a mask multiply), else None."""
+        for _ in range(b.MAX_DEPTH):
+            node = self.body.producer(ref)
+            if node is None:
+                return self.body.parse(ref)[0] if self.body.is_function else None
+            if not (node.op in ("Identity", "Cast", "Snapshot") or
+                    (node.op == "Mul" and names.is_masked_node(node.name))):
+                return None
+            ref = node.input[0]
+        return None
+
     def source(self, ref: str):
         """("variable", key) or ("const", entry label/node) a weight operand reads (through Identity,
         Cast and a mask multiply), else None."""
         node = self.origin(ref, masks=True)
+        if node is None and self.arg_sources:  # an argument: a weight its call hands in?
+            return self.arg_sources.get(self.argument(ref))
         if node is not None and node.op == "ReadVariableOp":
             key = self.body.read_key(node)
             return ("variable", key) if key is not None else None
@@ -462,6 +501,9 @@ class _Entry:
             return
         why = self.failed or f"{node.op} '{node.name}' does not keep this axis"
         for ref in self.body.data_inputs(node) + self.outputs_of(node):
+            for space in self.list_spaces(ref) or ():  # a TensorList's elements
+                if self.failed or space not in self.claimed:
+                    self.graph.poison(space, why)
             shape = self.shape(ref)
             for axis in range(len(shape or ())):
                 space = self.tensor(ref, axis)
@@ -573,6 +615,10 @@ def _unary(self: _Entry, node) -> None:
         self.unknown(node)
         return
     self.same(inputs[0], node.name, node)
+    elements = self.list_spaces(inputs[0])
+    if elements is not None:  # an Identity of a TensorList: the same elements
+        for a, c in zip(elements, self.new_list(node.name, [self.graph.sizes.get(e) for e in elements])):
+            self.link(a, c)
     for ref in inputs[1:]:  # ClipByValue-style bounds: scalars
         if self.shape(ref):
             self.unknown(node)
@@ -657,6 +703,76 @@ def _conv_transpose(self: _Entry, node) -> None:
     self.graph.dims.append(ShapeDim(self.entry.label, self.node_id(node.name), 3, (self.tensor(node.name, 3),),
                                     operand=0))
     self.claim(sizes, 0)
+
+
+def _list_element_shape(self: _Entry, node, operand: int, spaces: list) -> None:
+    """A TensorList op's element shape operand: where it spells out a channel count (a Const, or a
+    Pack element shrink_channels can rewrite: a ShapeDim), that count follows the element axis;
+    one spelled out otherwise would keep the old count, so the axis is poisoned."""
+    ref = self.body.data_inputs(node)[operand]
+    value, producer = _constant(self, ref), self.body.producer(ref)
+    self.claim(ref, 0)
+    if value is None or value.ndim != 1 or len(value) != len(spaces):
+        return  # unknown (-1, or unknown rank): nothing written to rewrite
+    for k, (element, space) in enumerate(zip(value.tolist(), spaces)):
+        if element < 0 or space not in self.graph.sizes:
+            continue
+        if producer is not None and producer.op in ("Const", "Pack") and _constant_elements(self, producer, [k]):
+            self.graph.dims.append(ShapeDim(self.entry.label, self.node_id(node.name), k, (space,), operand=operand))
+        else:
+            self.graph.poison(space, f"{node.op} '{node.name}' writes its size in a computed element shape")
+
+
+def _tensor_list(self: _Entry, node) -> None:
+    """TensorList ops, as tf.TensorArray and Keras's RNN loops use them: a list's elements are
+    tensors of one static shape, each element axis a space (_Entry.list_spaces) that FromTensor
+    (the axes after the first: one element per step), GetItem, SetItem and Stack link to the
+    tensors read and written; the element shape operands follow (_list_element_shape)."""
+    inputs = self.body.data_inputs(node)
+    if node.op == "TensorListFromTensor":  # (tensor, element_shape)
+        xs = self.shape(inputs[0])
+        if not xs:
+            self.unknown(node)
+            return
+        spaces = self.new_list(node.name, xs[1:])
+        for k, space in enumerate(spaces):
+            self.link(self.tensor(inputs[0], k + 1), space)
+        self.claim(inputs[0], 0)
+        _list_element_shape(self, node, 1, spaces)
+    elif node.op == "TensorListReserve":  # (element_shape, num_elements)
+        value = _constant(self, inputs[0])
+        if value is None or value.ndim != 1:
+            self.unknown(node, f"TensorListReserve '{node.name}' of an unknown element shape")
+            return
+        spaces = self.new_list(node.name, [None if d < 0 else d for d in value.tolist()])
+        self.claimed.update(spaces)  # new elements: what writes them says which channels they are
+        _list_element_shape(self, node, 0, spaces)
+    elif node.op in ("TensorListGetItem", "TensorListStack"):  # (list, index, element_shape) / (list, element_shape)
+        spaces, out = self.list_spaces(inputs[0]), self.shape(node.name)
+        first = 1 if node.op == "TensorListStack" else 0  # a stack's first axis: the steps
+        if spaces is None or out is None or len(out) != len(spaces) + first:
+            self.unknown(node)
+            return
+        for k, space in enumerate(spaces):
+            self.link(space, self.tensor(node.name, k + first))
+        if first:
+            self.claim(node.name, 0)
+        _list_element_shape(self, node, 2 if node.op == "TensorListGetItem" else 1, spaces)
+    elif node.op == "TensorListSetItem":  # (list, index, item)
+        spaces, item = self.list_spaces(inputs[0]), self.shape(inputs[2])
+        if spaces is None or item is None or len(item) != len(spaces):
+            self.unknown(node)
+            return
+        for k, (space, out) in enumerate(zip(spaces, self.new_list(node.name, item))):
+            self.link(space, out)
+            self.link(self.tensor(inputs[2], k), out)
+    else:  # TensorListLength: the elements are not read
+        for space in self.list_spaces(inputs[0]) or ():
+            self.claimed.add(space)
+
+
+LIST_OPS = ("TensorListFromTensor", "TensorListReserve", "TensorListGetItem", "TensorListStack",
+            "TensorListSetItem", "TensorListLength")
 
 
 def _grouped_conv(self: _Entry, node, x: str, w: str, xs, ws) -> None:
@@ -1812,12 +1928,19 @@ def _call(self: _Entry, node) -> None:
         if shapes is None:
             self.unknown(node, f"{node.op} '{node.name}': the shapes inside '{signature.name}' are not known")
             return
-        children.append(_Entry(self.graph, self.entry, body=callee, shapes=shapes))
+        child = _Entry(self.graph, self.entry, body=callee, shapes=shapes)
+        for i, (arg, ref) in enumerate(zip(signature.input_arg, refs)):
+            source = self.source(ref) if ref is not None else None
+            # a weight handed in: to a branch, or to a loop that hands it back unchanged
+            if source is not None and (not loop or _passed_through(child, i)):
+                child.arg_sources[arg.name] = source
+        children.append(child)
     for child in children:
         signature = child.body.proto.signature
         for i, arg in enumerate(signature.input_arg):
             if arg.type != types_pb2.DT_RESOURCE and i + offset < len(inputs):
                 _link_tensors(self, inputs[i + offset], child, arg.name, node)
+                _link_lists(self, inputs[i + offset], child, arg.name)
         if loop and child.body.attr[0] == "cond":
             continue
         for j, (out, ret) in enumerate(zip(signature.output_arg, child.returns())):
@@ -1827,10 +1950,37 @@ def _call(self: _Entry, node) -> None:
                 _link_tensors(self, outputs[j], child, ret, node)
             if loop:
                 child.same(ret, signature.input_arg[j].name, node)
+                _link_lists(child, signature.input_arg[j].name, child, ret)  # the list the loop carries
+                if j < len(outputs):
+                    _link_lists(child, ret, self, outputs[j])
     if self.failed:
         return
     for child in children:
         child.run()
+    if not loop:  # a list a branch returns: known once the branch is read
+        for child in children:
+            for j, ret in enumerate(child.returns()[:len(outputs)]):
+                _link_lists(child, ret, self, outputs[j])
+
+
+def _passed_through(child: _Entry, i: int) -> bool:
+    """Whether loop body ``child`` returns its argument i as its result i (a loop invariant)."""
+    signature = child.body.proto.signature
+    if child.body.attr[0] == "cond":
+        return True  # a condition returns no loop variable
+    if i >= len(signature.output_arg):
+        return False
+    return child.argument(child.body.proto.ret[signature.output_arg[i].name]) == signature.input_arg[i].name
+
+
+def _link_lists(self: _Entry, ref: str, other: _Entry, other_ref: str) -> None:
+    """TensorList ``ref`` of this body is the same elements as ``other_ref`` of another (a call's
+    input and a body's argument, a loop's carried list, a body's return and the call's output)."""
+    spaces = self.list_spaces(ref)
+    if spaces is not None:
+        for a, c in zip(spaces, other.new_list(other_ref, [self.graph.sizes.get(space) for space in spaces])):
+            self.link(a, c)
+            other.claimed.add(c)
 
 
 def _link_tensors(self: _Entry, outer: str, child: _Entry, inner: str, node) -> None:
@@ -1928,7 +2078,7 @@ _HANDLERS = {
     "IdentityN": _identity_n, **{op: _call for op in CONTROL_FLOW_OPS},
     "Softmax": _softmax, "LogSoftmax": _softmax,
     "Conv2D": _conv, "Conv3D": _conv, "DepthwiseConv2dNative": _depthwise, "MatMul": _matmul,
-    "Conv2DBackpropInput": _conv_transpose,
+    "Conv2DBackpropInput": _conv_transpose, **{op: _tensor_list for op in LIST_OPS},
     "BatchMatMul": _matmul, "BatchMatMulV2": _matmul, "BatchMatMulV3": _matmul, "Einsum": _einsum,
     **{op: _batch_norm for op in BATCH_NORM_OPS}, **{op: _pool for op in POOL_OPS}, **{op: _resize for op in RESIZE_OPS},
     "Pad": _pad, "PadV2": _pad,

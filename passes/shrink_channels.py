@@ -33,6 +33,11 @@ from graphprune.channels import CONTROL_FLOW_OPS, analyze, contracted_axes, roun
 from graphprune.passbase import Option, PassContext, PassResult, register_pass
 
 
+# ops whose shape operand (channels.ShapeDim.operand) may spell out a channel count to rewrite
+SHAPED_OPS = ("Reshape", "Fill", "Tile", "BroadcastTo", "Conv2DBackpropInput", "TensorListFromTensor",
+              "TensorListReserve", "TensorListGetItem", "TensorListStack")
+
+
 def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 1) -> PassResult:
     """Remove every dead channel of every prunable group (see the module docstring). ``round_to``
     keeps a multiple of that many channels per group (dead channels kept back in index order),
@@ -117,8 +122,7 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
                     _set_last_dim(body, node, *new_shapes[(entry.label, name)])
                     if (entry.label, name) in new_dims:  # a BroadcastTo's other elements too
                         _set_dims(body, node, *new_dims[(entry.label, name)])
-                elif node.op in ("Reshape", "Fill", "Tile", "BroadcastTo", "Conv2DBackpropInput") and \
-                        (entry.label, name) in new_dims:
+                elif node.op in SHAPED_OPS and (entry.label, name) in new_dims:
                     _set_dims(body, node, *new_dims[(entry.label, name)])
                 elif node.op in ("Split", "SplitV") and (entry.label, name) in new_splits:
                     _set_split_sizes(body, node, new_splits[(entry.label, name)])

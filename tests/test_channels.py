@@ -2270,3 +2270,63 @@ def test_transposed_convolutions(tmp_path):
     assert before.flops == 2 * (8 * 8 * 8 * 27 + 8 * 8 * 8 * 72 + 16 * 16 * 8 * 32 + 32 * 32 * 8 * 72 + 8 * 3)
     assert after.flops < 0.3 * before.flops
     assert check_tflite(out, str(tmp_path / "small.tflite"), images, masked, float(np.abs(masked).max())) == "ok"
+
+
+def _recurrent_model(library: str):
+    """Recurrent layers built by hand from their library's layers: Keras 3 (Dense, LSTM and
+    SimpleRNN returning sequences, Dense, GRU, Dense; exported) or tf-keras (Dense, LSTM, GRU,
+    Dense; tf.saved_model.save, whose loops take their kernels as arguments)."""
+    if library == "keras":
+        import keras
+
+        keras.utils.set_random_seed(0)
+        steps = keras.Input((6, 4))
+        x = keras.layers.Dense(16, activation="relu")(steps)
+        x = keras.layers.LSTM(12, return_sequences=True, name="lstm")(x)  # names: other tests make LSTMs too
+        x = keras.layers.SimpleRNN(8, return_sequences=True, name="rnn")(x)
+        x = keras.layers.GRU(8, name="gru")(keras.layers.Dense(8, activation="relu")(x))
+        return keras.Model(steps, keras.layers.Dense(3)(x)), lambda model, path: model.export(path, verbose=False)
+    import tf_keras
+
+    tf_keras.utils.set_random_seed(0)
+    steps = tf_keras.Input((6, 4))
+    x = tf_keras.layers.Dense(16, activation="relu")(steps)
+    x = tf_keras.layers.GRU(8, name="gru")(tf_keras.layers.LSTM(12, return_sequences=True, name="lstm")(x))
+    return tf_keras.Model(steps, tf_keras.layers.Dense(3)(x)), tf.saved_model.save
+
+
+@pytest.mark.parametrize("library", ["keras", "tf_keras"])
+def test_recurrent_layers_shrink(tmp_path, library):
+    """RNN loops read their steps from a TensorList and write their outputs to one (TensorList ops
+    left every channel they touched whole): the channels fed to an LSTM, GRU or SimpleRNN and the
+    units of each (their kernels' columns, four or three gates alike, the recurrent kernel's rows
+    and columns, the bias, the state the loop carries, the outputs written step by step) are
+    prunable, and the shrunk model (its lists' element shapes rewritten) computes the masked one.
+    tf-keras hands its kernels to the loop as arguments. Keras 3's GRU slices its recurrent kernel
+    per gate: its units stay whole."""
+    model, save = _recurrent_model(library)
+    save(model, str(tmp_path / "export"))
+    pm = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
+                          one_shot=True)
+    groups = graphprune.channel_groups(pm)
+    prunable = sorted(group.size for group in groups if group.prunable)
+    assert prunable == ([8, 8, 12, 16] if library == "keras" else [8, 12, 16]), channels.describe(groups)
+    units = {m.name.split("/")[0]: group for group in groups for m in group.members
+             if m.name.endswith("recurrent_kernel") and m.axis == 0}
+    assert units["lstm"].prunable and units["gru"].prunable == (library == "tf_keras")
+    steps = np.random.RandomState(1).standard_normal([3, 6, 4]).astype(np.float32)
+    signature = pm.signatures["serving_default"]
+    name = next(iter(signature.structured_input_signature[1]))
+    masked = next(iter(signature(**{name: steps}).values())).numpy()
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
+    shrunk = tf.saved_model.load(out).signatures["serving_default"]
+    np.testing.assert_allclose(next(iter(shrunk(**{name: steps}).values())).numpy(), masked,
+                               atol=1e-5 * np.abs(masked).max(), rtol=0)
+    assert graphprune.cost(out).parameters == _predicted_parameters(pm) < 0.5 * graphprune.cost(pm).parameters
+    if library == "keras":  # LiteRT needs a static batch for Keras 3's recurrent loops
+        from ai_edge_litert.interpreter import Interpreter
+
+        lite = graphprune.export_tflite(out, str(tmp_path / "small.tflite"), batch_size=1)
+        runner = Interpreter(model_path=lite).get_signature_runner("serving_default")
+        rows = [next(iter(runner(**{name: row[np.newaxis]}).values())) for row in steps]
+        np.testing.assert_allclose(np.concatenate(rows), masked, atol=1e-5 * np.abs(masked).max(), rtol=1e-5)
