@@ -2235,12 +2235,13 @@ def _transposed_conv_decoder():
 
     keras.utils.set_random_seed(0)
     images = keras.Input((8, 8, 3))
-    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(images)
-    x = keras.layers.Conv2DTranspose(8, 3, strides=2, padding="same", activation="relu")(x)
-    x = keras.layers.BatchNormalization()(x)
-    x = keras.layers.Conv2DTranspose(8, 2, strides=2, padding="valid", use_bias=False)(x)
-    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(x)
-    return keras.Model(images, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(x)))
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv")(images)  # names: see below
+    x = keras.layers.Conv2DTranspose(8, 3, strides=2, padding="same", activation="relu", name="up")(x)
+    x = keras.layers.BatchNormalization(name="norm")(x)
+    x = keras.layers.Conv2DTranspose(8, 2, strides=2, padding="valid", use_bias=False, name="up_again")(x)
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv_again")(x)
+    # Keras numbers unnamed layers by what the process built before (other tests' layers)
+    return keras.Model(images, keras.layers.Dense(3, name="head")(keras.layers.GlobalAveragePooling2D()(x)))
 
 
 def test_transposed_convolutions(tmp_path):
@@ -2253,9 +2254,9 @@ def test_transposed_convolutions(tmp_path):
                           one_shot=True)
     groups = graphprune.channel_groups(pm)
     assert sorted(group.size for group in groups if group.prunable) == [8] * 4, channels.describe(groups)
-    transposed = next(group for group in groups if ("conv2d_transpose/kernel", 2, "out") in
+    transposed = next(group for group in groups if ("up/kernel", 2, "out") in
                       {(m.name, m.axis, m.role) for m in group.members})
-    assert {("conv2d_transpose_1/kernel", 3, "in"), ("batch_normalization/gamma", 0, "param")} <= \
+    assert {("up_again/kernel", 3, "in"), ("norm/gamma", 0, "param")} <= \
         {(m.name, m.axis, m.role) for m in transposed.members}
     images = np.random.RandomState(0).uniform(size=[2, 8, 8, 3]).astype(np.float32)
     masked = pm.serve(images).numpy()
