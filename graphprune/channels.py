@@ -356,26 +356,27 @@ class _Entry:
 
     def origin(self, ref: str, masks: bool = False):
         """The node making ``ref`` behind Identity/Cast (and, with ``masks``, a mask multiply)."""
+        behind = self.behind(ref, masks)
+        return None if behind is None else self.body.producer(behind)
+
+    def behind(self, ref: str, masks: bool = False) -> str | None:
+        """``ref`` behind Identity/Cast (and, with ``masks``, a mask multiply): the first tensor
+        that is not one of those (None past b.MAX_DEPTH of them)."""
         for _ in range(b.MAX_DEPTH):
             node = self.body.producer(ref)
             passes = node is not None and (node.op in ("Identity", "Cast", "Snapshot") or
                                            (masks and node.op == "Mul" and names.is_masked_node(node.name)))
             if not passes:
-                return node
+                return ref
             ref = node.input[0]
         return None
 
     def argument(self, ref: str) -> str | None:
         """The body argument ``ref`` is (behind Identity/Cast and a mask multiply), else None."""
-        for _ in range(b.MAX_DEPTH):
-            node = self.body.producer(ref)
-            if node is None:
-                return self.body.parse(ref)[0] if self.body.is_function else None
-            if not (node.op in ("Identity", "Cast", "Snapshot") or
-                    (node.op == "Mul" and names.is_masked_node(node.name))):
-                return None
-            ref = node.input[0]
-        return None
+        behind = self.behind(ref, masks=True)
+        if behind is None or not self.body.is_function or self.body.producer(behind) is not None:
+            return None
+        return self.body.parse(behind)[0]
 
     def source(self, ref: str):
         """("variable", key) or ("const", entry label/node) a weight operand reads (through Identity,
@@ -615,10 +616,7 @@ def _unary(self: _Entry, node) -> None:
         self.unknown(node)
         return
     self.same(inputs[0], node.name, node)
-    elements = self.list_spaces(inputs[0])
-    if elements is not None:  # an Identity of a TensorList: the same elements
-        for a, c in zip(elements, self.new_list(node.name, [self.graph.sizes.get(e) for e in elements])):
-            self.link(a, c)
+    _link_lists(self, inputs[0], self, node.name)  # an Identity of a TensorList: the same elements
     for ref in inputs[1:]:  # ClipByValue-style bounds: scalars
         if self.shape(ref):
             self.unknown(node)
@@ -693,8 +691,7 @@ def _conv_transpose(self: _Entry, node) -> None:
     xs, ws, ys = self.shape(x), self.shape(w), self.shape(node.name)
     producer = self.body.producer(sizes)
     if _attr(node, "data_format", "s", b"") not in (b"", b"NHWC") or not xs or not ws or not ys or len(ws) != 4 or \
-            xs[-1] != ws[3] or ys[-1] is None or producer is None or producer.op not in ("Const", "Pack") or \
-            not _constant_elements(self, producer, [3]):
+            xs[-1] != ws[3] or ys[-1] is None or not _constant_elements(self, producer, [3]):
         self.unknown(node, f"{node.op} '{node.name}' of computed output channels or groups")
         return
     if not _link_kernel(self, node, self.tensor(x), w, (3, "in"), (2, "out")):
@@ -717,7 +714,7 @@ def _list_element_shape(self: _Entry, node, operand: int, spaces: list) -> None:
     for k, (element, space) in enumerate(zip(value.tolist(), spaces)):
         if element < 0 or space not in self.graph.sizes:
             continue
-        if producer is not None and producer.op in ("Const", "Pack") and _constant_elements(self, producer, [k]):
+        if _constant_elements(self, producer, [k]):
             self.graph.dims.append(ShapeDim(self.entry.label, self.node_id(node.name), k, (space,), operand=operand))
         else:
             self.graph.poison(space, f"{node.op} '{node.name}' writes its size in a computed element shape")
@@ -1195,8 +1192,7 @@ def _broadcast_to(self: _Entry, node) -> None:
     producer = self.body.producer(shape_ref)
 
     def rewritable(position: int) -> bool:
-        return producer is not None and producer.op in ("Const", "Pack") and \
-            _constant_elements(self, producer, [position])
+        return _constant_elements(self, producer, [position])
 
     def follows(position: int, space) -> None:  # the shape element becomes the size of space
         self.graph.dims.append(ShapeDim(self.entry.label, self.node_id(node.name), position, (space,)))
@@ -1625,7 +1621,10 @@ def _merge(self: _Entry, x: str, y: str, i: int, rank: int) -> None:
 def _constant_elements(self: _Entry, producer, positions) -> bool:
     """Whether a Reshape's shape operand has constant elements at ``positions`` that
     shrink_channels can rewrite: a Const, or a Pack of scalars that are Consts there or are
-    computed from static sizes (Keras's ``ops.shape(x)[2] // num_heads``: shrink makes them Consts)."""
+    computed from static sizes (Keras's ``ops.shape(x)[2] // num_heads``: shrink makes them Consts).
+    Any other producer (or none: an argument) has none."""
+    if producer is None or producer.op not in ("Const", "Pack"):
+        return False
     if producer.op == "Const":
         return True
     inputs = self.body.data_inputs(producer)

@@ -55,3 +55,10 @@ class MissingTensorFlowError(GraphPruneError, ImportError):
 
 NO_TENSORFLOW = ("graphprune needs TensorFlow 2.16 or newer, and none is installed: pip install "
                  "'graphprune[tensorflow]' (or 'graphprune[tensorflow-cpu]', or the TensorFlow build you use)")
+
+
+def first_line(error: Exception, limit: int = 300) -> str:
+    """An error's first line, at most ``limit`` characters, for a one-line message (TensorFlow's
+    errors add a graph's stack traces; its OpErrors keep the text itself in ``message``)."""
+    text = (getattr(error, "message", None) or str(error)).strip()
+    return (text.splitlines() or [type(error).__name__])[0][:limit]

@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from graphprune.errors import BadModelError, GraphPruneError, PassError
+from graphprune.errors import BadModelError, GraphPruneError, PassError, first_line
 from graphprune import body as b
 from graphprune import rebuild
 from graphprune.analysis import is_mask_multiply, written_variables
@@ -314,7 +314,7 @@ def export_tflite(saved_model_dir, tflite_path, *, quantize=None, sparse: bool =
     try:
         converter = tf.lite.TFLiteConverter.from_saved_model(os.fspath(saved_model_dir), signature_keys=signature_keys)
     except (tf.errors.OpError, OSError, RuntimeError, ValueError) as error:  # a broken SavedModel
-        reason = (getattr(error, "message", None) or str(error)).strip().splitlines()[0][:200]
+        reason = first_line(error, 200)
         raise BadModelError(f"{os.fspath(saved_model_dir)}: cannot load the SavedModel ({reason})") from error
     optimizations = []
     if quantize is not None:

@@ -17,7 +17,7 @@ from graphprune import graph as g
 from graphprune import rebuild
 from graphprune.analysis import written_variables
 from graphprune.channels import RANDOM_OPS
-from graphprune.errors import PassError
+from graphprune.errors import PassError, first_line
 from graphprune.pipeline import PassContext
 
 
@@ -43,8 +43,7 @@ def seeded_inputs(entry: g.Entry, seed: int = 0, batch: int = 2, positive: bool 
     values = []
     for info in entry.inputs:
         dtype = tf.as_dtype(info.dtype)
-        past_first = batch if size is None else size[0] if dtype.is_floating else size[1]
-        shape = [(past_first if i else batch) if d is None else d for i, d in enumerate(info.shape or (batch,))]
+        shape = _input_shape(info, batch, size)
         if dtype.is_floating and positive:
             values.append(rng.uniform(0.1, 1.0, shape).astype(dtype.as_numpy_dtype))
         elif dtype.is_floating:
@@ -58,6 +57,13 @@ def seeded_inputs(entry: g.Entry, seed: int = 0, batch: int = 2, positive: bool 
         else:
             raise PassError(f"verify: cannot make inputs of dtype {info.dtype} for entry '{entry.name}'")
     return values
+
+
+def _input_shape(info, batch: int, size: tuple[int, int] | None) -> list[int]:
+    """The shape seeded_inputs gives input ``info``: unknown dims ``batch``, past the first
+    ``size`` (floating-point inputs' size, other inputs' size) when given."""
+    past_first = batch if size is None else size[0] if tf.as_dtype(info.dtype).is_floating else size[1]
+    return [(past_first if i else batch) if d is None else d for i, d in enumerate(info.shape or (batch,))]
 
 
 def run_entries(model: g.TracedModel, values, *, ones_masks: bool = True, seed: int = 0,
@@ -115,7 +121,7 @@ def _run_sized(entry: g.Entry, run, seed: int, positive: bool, sizes: dict) -> l
         except (ValueError, tf.errors.InvalidArgumentError) as error:
             raise PassError(f"'{entry.label}' fails on inputs (unknown dimensions of size {sizes[entry.label][0]} in "
                             f"floating-point inputs, {sizes[entry.label][1]} in others) that it ran on before: "
-                            f"{_first_line(error)}") from error
+                            f"{first_line(error)}") from error
     unknown = any(d is None for info in entry.inputs for d in (info.shape or ())[1:])
     first_error = None
     for size in INPUT_SIZES if unknown else INPUT_SIZES[:1]:
@@ -130,22 +136,12 @@ def _run_sized(entry: g.Entry, run, seed: int, positive: bool, sizes: dict) -> l
         return outputs
     tried = f" (unknown dimensions of size {', '.join(str(n) for n in sorted({n for n, _ in INPUT_SIZES}))} tried)"
     raise PassError(f"cannot run '{entry.label}' on the inputs graphprune makes{tried if unknown else ''}: "
-                    f"{_first_line(first_error)}")
+                    f"{first_line(first_error)}")
 
 
 def _largest_input(entry: g.Entry, size: tuple[int, int], batch: int = 2) -> int:
     """How many elements the largest of seeded_inputs(entry, size=size) has (none is made)."""
-    def elements(info):
-        past_first = size[0] if tf.as_dtype(info.dtype).is_floating else size[1]
-        return int(np.prod([d or (past_first if i else batch) for i, d in enumerate(info.shape)]))
-
-    return max((elements(info) for info in entry.inputs if info.shape), default=0)
-
-
-def _first_line(error: Exception) -> str:
-    """An error's first line, at most 300 characters (TensorFlow's add a graph's stack traces)."""
-    text = (getattr(error, "message", None) or str(error)).strip()
-    return (text.splitlines() or [type(error).__name__])[0][:300]
+    return max((int(np.prod(_input_shape(info, batch, size))) for info in entry.inputs), default=0)
 
 
 def seeded_random_ops(entry: g.Entry) -> g.Entry:
