@@ -48,6 +48,10 @@ PASS_THROUGH_OPS = ("Identity", "Cast", "Snapshot")
 # tf.transpose(w)) transposes it. The op's axes no longer map to the variable's, so its input
 # axis becomes unknown (M:N refuses such a weight rather than guess).
 RESHAPE_OPS = ("Reshape", "ExpandDims", "Squeeze", "Transpose")
+# A part of a weight is the weight too (Keras 3's GRU multiplies by slices of its recurrent kernel,
+# one per gate): the mask covers the whole variable; a slice that keeps every axis keeps the op's
+# input axis, one that indexes an axis away or adds one is a view as above.
+SLICE_OPS = ("StridedSlice", "Slice")
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 WRITE_OP_PREFIXES = ("Assign", "ResourceScatter", "ResourceApply", "ResourceSparseApply",
                      "ResourceStridedSliceAssign", "DestroyResourceOp")
@@ -101,8 +105,9 @@ def trace(body: b.Body, ref: str) -> Traced | None:
     for _ in range(b.MAX_DEPTH):
         if node is None:
             return None
-        if node.op in PASS_THROUGH_OPS or node.op in RESHAPE_OPS:
-            reshaped |= node.op in RESHAPE_OPS
+        if node.op in PASS_THROUGH_OPS or node.op in RESHAPE_OPS or node.op in SLICE_OPS:
+            reshaped |= node.op in RESHAPE_OPS or (node.op == "StridedSlice" and any(
+                node.attr[mask].i for mask in ("ellipsis_mask", "new_axis_mask", "shrink_axis_mask")))
             node = body.producer(node.input[0])
         elif is_mask_multiply(node):
             mask_key = mask_operand_key(body, node)

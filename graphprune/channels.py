@@ -196,6 +196,21 @@ class SplitSite:
 
 
 @dataclasses.dataclass(frozen=True)
+class SliceSite:
+    """A StridedSlice or Slice that takes channels [start, stop) of ``space`` (one axis, stride 1:
+    Keras 3's GRU cuts its gates so): shrink_channels writes the kept counts before ``start`` and
+    ``stop`` into its begin and end (or size) operands at ``index``."""
+
+    entry: str
+    node: str
+    index: int  # the element of the begin/end/size operands that bounds the channel axis
+    space: tuple
+    start: int
+    stop: int
+    operands: tuple = ()  # the begin and end (a Slice's size) operands' values, as analyzed
+
+
+@dataclasses.dataclass(frozen=True)
 class MeanSite:
     """A Mean over the channels of ``space`` alone (a layer norm's mean or variance) at the top
     graph of ``entry``: with ``analyze(..., through_means=True)`` it does not keep its channels'
@@ -221,6 +236,7 @@ class _Graph:
         self.reshapes: list[Reshape] = []
         self.dims: list[ShapeDim] = []
         self.splits: list[SplitSite] = []
+        self.slice_sites: list[SliceSite] = []
         self.squeezes: list[tuple[str, str, tuple]] = []  # (entry, Squeeze with no dims, the axes it drops)
         self.counts: list[tuple[str, str, tuple]] = []  # (entry, a Tile's scalar count of copies, their axis)
         self.factors: list[tuple] = []  # (space, heads, head dims): an axis split into heads (_refine_factors)
@@ -431,6 +447,8 @@ class _Entry:
         source_axis = axis
         if source is None:
             view = self.origin(operand, masks=True)
+            if view is not None and view.op in ("StridedSlice", "Slice"):  # a part of a kernel (a GRU's gates)
+                return self.weight_part(view, operand, axis, role)
             if view is None or view.op not in ("Transpose", "ExpandDims"):
                 return None
             source, argument = self.source(view.input[0]), _constant(self, view.input[1])  # perm, or dim
@@ -448,6 +466,19 @@ class _Entry:
         member = self.graph.member(source[0], source[1], source_axis, shape[axis], role)
         self.link(self.tensor(operand, axis), member)
         return member
+
+    def weight_part(self, view, operand: str, axis: int, role: str):
+        """A weight's axis ``axis`` read through a StridedSlice or Slice ``view`` (the slice's
+        handler links the operand's axes to the weight read's, a part at its offset): the member is
+        the weight's whole axis; the operand's own space is what the caller links."""
+        inner = self.body.data_inputs(view)[0]
+        source, whole = self.source(inner), self.shape(inner)
+        moved = view.op == "StridedSlice" and (_attr(view, "shrink_axis_mask", "i", 0) or
+                                               _attr(view, "new_axis_mask", "i", 0))
+        if source is None or whole is None or moved or len(whole) != len(self.shape(operand)):
+            return None  # an axis indexed away or added: the axes do not line up
+        self.link(self.tensor(inner, axis), self.graph.member(source[0], source[1], axis, whole[axis], role))
+        return self.tensor(operand, axis)
 
     def returns(self) -> list[str]:
         """What this body hands back: the entry's outputs, or a function's returned tensors."""
@@ -872,7 +903,8 @@ def _weight_operand(self: _Entry, ref: str) -> bool:
     if self.source(ref) is not None:
         return True
     view = self.origin(ref, masks=True)
-    return view is not None and view.op in ("Transpose", "ExpandDims") and self.source(view.input[0]) is not None
+    return view is not None and view.op in ("Transpose", "ExpandDims", "StridedSlice", "Slice") and \
+        self.source(view.input[0]) is not None
 
 
 def _batch_matmul(self: _Entry, node, a: str, b_ref: str, adj_a: bool, adj_b: bool) -> None:
@@ -1233,6 +1265,7 @@ def _strided_slice(self: _Entry, node) -> None:
         self.unknown(node)
         return
     ellipsis = len(xs) - sum(1 for i in range(spec) if not (masks["ellipsis_mask"] | masks["new_axis_mask"]) & 1 << i)
+    parts = []  # (spec index, axis of x, axis of the output, start, stop): an axis cut to a part
     a = position = 0
     for i in range(spec):
         bit = 1 << i
@@ -1252,12 +1285,36 @@ def _strided_slice(self: _Entry, node) -> None:
             if strides[i] == 1 and (masks["begin_mask"] & bit or begin[i] == 0) and \
                     (masks["end_mask"] & bit or (size is not None and end[i] >= size)) and position < len(ys):
                 self.link(self.tensor(x, a), self.tensor(node.name, position))
+            elif strides[i] == 1 and size is not None and position < len(ys):
+                start = 0 if masks["begin_mask"] & bit else min(max(begin[i] + size if begin[i] < 0 else begin[i], 0), size)
+                stop = size if masks["end_mask"] & bit else min(max(end[i] + size if end[i] < 0 else end[i], 0), size)
+                if stop <= start and min(begin[i], end[i]) >= 0 and ys[position] == 0:  # nothing taken (Keras 3's
+                    self.claim(x, a)                       # GRU without reset_after): nothing, however many
+                    self.claim(node.name, position)
+                else:
+                    parts.append((i, a, position, start, stop))
             position += 1
         a += 1
     for a in range(a, len(xs)):  # the axes after the spec are whole
         if position < len(ys):
             self.link(self.tensor(x, a), self.tensor(node.name, position))
         position += 1
+    if len(parts) == 1:  # the other axes whole: a part of the channels (more cut axes are a crop: poisoned)
+        i, a, position, start, stop = parts[0]
+        _channel_part(self, node, i, x, a, position, start, stop, (tuple(begin), tuple(end)))
+
+
+def _channel_part(self: _Entry, node, index: int, x: str, a: int, position: int, start: int, stop: int,
+                  operands: tuple) -> None:
+    """The output's axis ``position`` is channels [start, stop) of x's axis ``a``: linked at that
+    offset (so the channels before, within and after are groups apart where nothing else ties
+    them), with a SliceSite for shrink_channels to move the bounds."""
+    if stop <= start or self.shape(node.name)[position] != stop - start:
+        return
+    whole = self.tensor(x, a)
+    self.link(self.tensor(node.name, position), whole, start)
+    self.graph.slice_sites.append(SliceSite(self.entry.label, self.node_id(node.name), index, whole, start, stop,
+                                            operands))
 
 
 def _slice(self: _Entry, node) -> None:
@@ -1272,9 +1329,15 @@ def _slice(self: _Entry, node) -> None:
     if begin is None or size is None:
         self.unknown(node)
         return
+    cut = [a for a, dim in enumerate(xs) if begin[a] != 0 or (size[a] != -1 and (dim is None or size[a] != dim))]
+    if len(cut) == 1 and xs[cut[0]] is not None and None not in (begin[cut[0]], size[cut[0]]) and \
+            0 <= begin[cut[0]] <= xs[cut[0]]:  # a part of the channels (more cut axes are a crop: poisoned)
+        a = cut[0]
+        _channel_part(self, node, a, x, a, a, begin[a], xs[a] if size[a] == -1 else begin[a] + size[a],
+                      (tuple(begin), tuple(size)))
     for a, dim in enumerate(xs):
-        if begin[a] != 0 or (size[a] != -1 and (dim is None or size[a] != dim)):
-            continue  # a part of the axis: poisoned
+        if a in cut:
+            continue  # a part of the axis: poisoned, unless the only one (_channel_part)
         if size[a] != -1:  # its size is written in the size operand: the last element can be rewritten
             if a != len(xs) - 1 or _shape_last(self, size_ref) is None:
                 continue
@@ -2243,6 +2306,7 @@ class Analysis:
     squeezes: tuple = ()  # (entry, node, axes): a Squeeze of every size-1 axis, and the axes it drops
     refined: dict = dataclasses.field(default_factory=dict)  # a space split into heads -> (heads, dims)
     counts: tuple = ()  # (entry, node, space): a scalar node counting a Tile's copies, now of space's size
+    slice_sites: tuple[SliceSite, ...] = ()  # StridedSlices and Slices that take a part of a channel axis
 
 
 def channel_groups(model) -> tuple[ChannelGroup, ...]:
@@ -2317,7 +2381,7 @@ def analyze(model: g.TracedModel, through_means: bool = False) -> Analysis:
     sizes = {**graph.sizes, **{space: graph.sizes_before_refining[space] for space in graph.refined}}
     return Analysis(tuple(groups), tuple(graph.reshapes), slices, sizes, tuple(graph.dims),
                     tuple(graph.means), tuple(graph.splits), tuple(graph.squeezes), dict(graph.refined),
-                    tuple(graph.counts))
+                    tuple(graph.counts), tuple(graph.slice_sites))
 
 
 def _refine_factors(graph: _Graph) -> None:

@@ -178,7 +178,7 @@ def _saved_model_weights(path: str):
     import tensorflow as tf
 
     from graphprune import body as b
-    from graphprune.analysis import PASS_THROUGH_OPS, RESHAPE_OPS, find_prunable_weights, weight_operands
+    from graphprune.analysis import PASS_THROUGH_OPS, RESHAPE_OPS, SLICE_OPS, find_prunable_weights, weight_operands
     from graphprune.load import load
     from graphprune.passbase import PassContext, VariableValues
 
@@ -201,7 +201,7 @@ def _saved_model_weights(path: str):
         for node in body.nodes:
             for _, raw in weight_operands(node):
                 producer = body.producer(raw)
-                while producer is not None and (producer.op in PASS_THROUGH_OPS or producer.op in RESHAPE_OPS):
+                while producer is not None and producer.op in (*PASS_THROUGH_OPS, *RESHAPE_OPS, *SLICE_OPS):
                     producer = body.producer(producer.input[0])
                 if producer is not None and producer.op == "Const" and names.display_name(producer.name) not in found:
                     value = tf.make_ndarray(producer.attr["value"].tensor)

@@ -100,6 +100,7 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
     new_shapes = _reshape_targets(analysis, removed)
     new_dims = _dim_targets(analysis, removed)
     new_splits = _split_targets(analysis, removed)
+    new_bounds = _slice_targets(analysis, removed)
     squeezes = {(entry, node): axes for entry, node, axes in analysis.squeezes}
     counts = {}  # (entry, node) -> the kept count of a Tile's copies, where copies go
     for label, count_node, space in analysis.counts:
@@ -126,6 +127,10 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
                     _set_dims(body, node, *new_dims[(entry.label, name)])
                 elif node.op in ("Split", "SplitV") and (entry.label, name) in new_splits:
                     _set_split_sizes(body, node, new_splits[(entry.label, name)])
+                elif node.op in ("StridedSlice", "Slice") and (entry.label, name) in new_bounds:
+                    _set_bounds(body, node, *new_bounds[(entry.label, name)])
+                    if (entry.label, name) in new_shapes:  # a Slice's size, of a last axis taken whole
+                        _set_last_dim(body, node, *new_shapes[(entry.label, name)])
                 elif (entry.label, name) in counts:  # a Tile's count of copies (channels.Analysis.counts)
                     body.replace(node, g.const_node(node.name, np.array(counts[(entry.label, name)]),
                                                     _output_dtype(node)))
@@ -301,6 +306,44 @@ def _split_targets(analysis, removed: dict) -> dict[tuple[str, str], list[int]]:
         if kept != [analysis.sizes.get(space, 0) for space in site.spaces]:
             targets[(site.entry, site.node)] = kept
     return targets
+
+
+def _kept_before(analysis, removed: dict, space, position: int) -> int:
+    """How many of the channels [0, position) of ``space`` are left once the groups' ``removed``
+    channels are gone (``position`` is a bound of its groups' slices: a SliceSite's link cuts there)."""
+    if space in analysis.refined:  # split into heads: whole heads before the position
+        heads, dims = analysis.refined[space]
+        period = analysis.sizes[dims]
+        return _kept_before(analysis, removed, heads, position // period) * _kept_size(analysis, removed, dims)
+    gone = sum(int(np.sum(np.asarray(removed.get(name, ()), int) + start < position))
+               for start, _, name in analysis.slices.get(space, []))
+    return position - gone
+
+
+def _slice_targets(analysis, removed: dict) -> dict[tuple[str, str], tuple]:
+    """(entry, StridedSlice or Slice node of a part of a channel axis) -> (the site, the new
+    start, the new stop) (channels.SliceSite)."""
+    targets = {}
+    for site in analysis.slice_sites:
+        bounds = [_kept_before(analysis, removed, site.space, p) for p in (site.start, site.stop)]
+        if bounds != [site.start, site.stop]:
+            targets[(site.entry, site.node)] = (site, *bounds)
+    return targets
+
+
+def _set_bounds(body: b.Body, node, site, start: int, stop: int) -> None:
+    """Point a StridedSlice's begin and end operands (a Slice's begin and size) at copies whose
+    element ``site.index`` is ``start`` and ``stop`` (the size ``stop - start``; an end or size
+    that is masked or -1, to the axis's end, stays so)."""
+    dtype = tf.dtypes.as_dtype(node.attr["Index"].type).name
+    for operand, new in ((1, start), (2, stop if node.op == "StridedSlice" else stop - start)):
+        value = np.array(site.operands[operand - 1]).reshape(-1)
+        masked = node.op == "StridedSlice" and node.attr["begin_mask" if operand == 1 else "end_mask"].i & 1 << site.index
+        if masked or (node.op == "Slice" and operand == 2 and value[site.index] == -1):
+            continue
+        value[site.index] = new
+        const = body.add(g.const_node(body.fresh(f"{node.name}/shrunk_bounds"), value, dtype))
+        body.set_input(node, operand, body.ref(const.name))
 
 
 def _set_split_sizes(body: b.Body, node, sizes: list[int]) -> None:

@@ -1230,7 +1230,8 @@ class _Regroups(tf.Module):
     """Hidden layers through the views LLM attention uses: tf.repeat along the channels (each
     channel read twice), a stack and its unstack or split along a new axis, x[..., :], a reshape
     regrouping static trailing axes next to a channel axis, tf.split along the channels (its
-    halves concatenated swapped: each half a group); and x[..., :8], which drops channels by place."""
+    halves concatenated swapped: each half a group); and x[..., :8] beside x[..., 8:], parts of the
+    channels (StridedSlice: each part a group, its bounds rewritten)."""
 
     def __init__(self):
         super().__init__()
@@ -1264,9 +1265,8 @@ class _Regroups(tf.Module):
 def test_repeat_stack_split_and_regrouping_views(tmp_path):
     pm, groups = _views_pruned(tmp_path, _Regroups())
     assert {name for name, group in groups.items() if group.prunable} == {"repeat", "stack", "ellipsis", "cut",
-                                                                          "regroup"}, \
+                                                                          "part", "regroup"}, \
         graphprune.channels.describe(groups.values())
-    assert "StridedSlice" in groups["part"].reason
     repeated = next(m for m in groups["repeat"].members if m.name == "repeat/head")
     assert repeated.block == 2  # channel c is rows 2c and 2c + 1
     # and the copies are a group of their own: copy r of every channel is rows 2c + r (tf.repeat's count)
@@ -1277,6 +1277,7 @@ def test_repeat_stack_split_and_regrouping_views(tmp_path):
     assert _weight_shape(out, "repeat/head") == (8, 4) and _weight_shape(out, "repeat/kernel") == (8, 8)
     # the regrouped heads go 4 -> 2; the halves' dims too (dim j of both halves: the reverse only swaps halves)
     assert _weight_shape(out, "regroup/kernel")[:2] == (8, 2) and _weight_shape(out, "cut/kernel") == (8, 8)
+    assert _weight_shape(out, "part/kernel") == (8, 8) and _weight_shape(out, "part/head") == (8, 4)
     assert graphprune.cost(out).parameters == _predicted_parameters(pm)
 
 
@@ -1830,7 +1831,9 @@ def test_keras_hub_rotary_pairs_and_unknown_widths(tmp_path, name):
     finalize crashed). The width is now worked out (B and S cancel): whole heads and the value head
     dims go, the query/key head dims the rotary pairs slice stay. SmolLM3 splits the heads of a 2-D
     query kernel into key/value groups again (the same KeyError; now followed: its key/value heads
-    and the query heads within each group go too). The shrunk model computes the masked one."""
+    and the query heads within each group go too). Its rotary halves are StridedSlices of the
+    head dims (parts of the axis): dims i and i + d/2 go in pairs with their inverse frequency.
+    The shrunk model computes the masked one."""
     import keras_hub
 
     models = keras_hub.models
@@ -1846,7 +1849,7 @@ def test_keras_hub_rotary_pairs_and_unknown_widths(tmp_path, name):
     pm = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
                           one_shot=True)
     groups = graphprune.channel_groups(pm)
-    expected = [2, 2, 4, 32] if name == "smollm3" else [2, 8, 32]  # heads, value head dims, MLP neurons
+    expected = [2, 2, 2, 4, 32] if name == "smollm3" else [2, 8, 32]  # heads, (rotary pairs,) value dims, MLP
     assert sorted(group.size for group in groups if group.prunable) == expected, graphprune.channels.describe(groups)
     out = _hub_shrunk_as_masked(pm, tmp_path)
     assert graphprune.cost(out).parameters == _predicted_parameters(pm)
@@ -2228,6 +2231,47 @@ def test_two_dimensional_products_of_activations(tmp_path):
     assert graphprune.cost(out).parameters == _predicted_parameters(pm)
 
 
+class Gates(tf.Module):
+    """Parts of channel axes, as recurrent cells and fused kernels take them: a product cut in
+    three by a StridedSlice, a Slice and a StridedSlice from the end, and a kernel read in two
+    parts (a StridedSlice and a Slice of the variable itself)."""
+
+    def __init__(self):
+        rng = np.random.RandomState(0)
+        shapes = {"fused": [8, 24], "a": [8, 3], "b": [12, 3], "c": [4, 3], "split": [8, 16], "d": [10, 3], "e": [6, 3]}
+        self.w = {name: tf.Variable(rng.standard_normal(shape).astype(np.float32), name=f"{name}/kernel")
+                  for name, shape in shapes.items()}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32)])
+    def __call__(self, x):
+        w = self.w
+        h = x @ w["fused"]
+        y = tf.nn.relu(h[:, :8]) @ w["a"] + tf.nn.relu(tf.slice(h, [0, 8], [-1, 12])) @ w["b"]
+        y += tf.tanh(h[..., -4:]) @ w["c"]
+        y += tf.nn.relu(x @ w["split"][:, :10]) @ w["d"]
+        return y + tf.nn.relu(x @ tf.slice(w["split"], [0, 10], [-1, -1])) @ w["e"]
+
+
+def test_parts_of_channel_axes(tmp_path):
+    """A StridedSlice or Slice that takes a part of a channel axis (stride 1, every other axis
+    whole) poisoned the whole axis: each part is a group of its own, linked at its offset, and
+    shrink_channels rewrites the bounds (begin, end or size) to the kept counts before them; a
+    part of a kernel read by a MatMul is that kernel (masked whole)."""
+    pm = graphprune.prune(Gates(), graphprune.ConstantSparsity(0.5, 0), structure="channel", one_shot=True)
+    groups = graphprune.channel_groups(pm)
+    prunable = {(m.name, m.start, m.stop) for group in groups if group.prunable for m in group.members
+                if m.role == "out"}
+    assert prunable == {("fused/kernel", 0, 8), ("fused/kernel", 8, 20), ("fused/kernel", 20, 24),
+                        ("split/kernel", 0, 10), ("split/kernel", 10, 16)}, channels.describe(groups)
+    x = np.random.RandomState(1).standard_normal([5, 8]).astype(np.float32)
+    masked = pm(x).numpy()
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
+    np.testing.assert_allclose(tf.saved_model.load(out)(x).numpy(), masked, atol=1e-5 * np.abs(masked).max(), rtol=0)
+    # (the frozen kernel read in parts is folded into one constant a part: no shape check)
+    assert graphprune.cost(out).parameters == _predicted_parameters(pm) < 0.6 * graphprune.cost(pm).parameters
+    assert check_tflite(out, str(tmp_path / "small.tflite"), x, masked, float(np.abs(masked).max())) == "ok"
+
+
 def _transposed_conv_decoder():
     """A decoder upsampling with Keras's Conv2DTranspose (Conv2DBackpropInput, its output shape a
     Pack whose channel count is a Const), strides 2 with and without overlap, a batch norm between."""
@@ -2275,7 +2319,7 @@ def test_transposed_convolutions(tmp_path):
 
 def _recurrent_model(library: str):
     """Recurrent layers built by hand from their library's layers: Keras 3 (Dense, LSTM and
-    SimpleRNN returning sequences, Dense, GRU, Dense; exported) or tf-keras (Dense, LSTM, GRU,
+    SimpleRNN returning sequences, Dense, GRUs without and with reset_after, Dense; exported) or tf-keras (Dense, LSTM, GRU,
     Dense; tf.saved_model.save, whose loops take their kernels as arguments)."""
     if library == "keras":
         import keras
@@ -2285,7 +2329,9 @@ def _recurrent_model(library: str):
         x = keras.layers.Dense(16, activation="relu")(steps)
         x = keras.layers.LSTM(12, return_sequences=True, name="lstm")(x)  # names: other tests make LSTMs too
         x = keras.layers.SimpleRNN(8, return_sequences=True, name="rnn")(x)
-        x = keras.layers.GRU(8, name="gru")(keras.layers.Dense(8, activation="relu")(x))
+        x = keras.layers.GRU(8, reset_after=False, return_sequences=True, name="gru_plain")(
+            keras.layers.Dense(8, activation="relu")(x))
+        x = keras.layers.GRU(8, name="gru")(x)
         return keras.Model(steps, keras.layers.Dense(3)(x)), lambda model, path: model.export(path, verbose=False)
     import tf_keras
 
@@ -2303,18 +2349,19 @@ def test_recurrent_layers_shrink(tmp_path, library):
     units of each (their kernels' columns, four or three gates alike, the recurrent kernel's rows
     and columns, the bias, the state the loop carries, the outputs written step by step) are
     prunable, and the shrunk model (its lists' element shapes rewritten) computes the masked one.
-    tf-keras hands its kernels to the loop as arguments. Keras 3's GRU slices its recurrent kernel
-    per gate: its units stay whole."""
+    tf-keras hands its kernels to the loop as arguments. Keras 3's GRU slices its gates apart with
+    StridedSlices (of the recurrent kernel's product, or without reset_after of the kernel itself):
+    each slice is a part of the units' axis, its bounds rewritten by shrink_channels."""
     model, save = _recurrent_model(library)
     save(model, str(tmp_path / "export"))
     pm = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
                           one_shot=True)
     groups = graphprune.channel_groups(pm)
     prunable = sorted(group.size for group in groups if group.prunable)
-    assert prunable == ([8, 8, 12, 16] if library == "keras" else [8, 12, 16]), channels.describe(groups)
+    assert prunable == ([8, 8, 8, 8, 12, 16] if library == "keras" else [8, 12, 16]), channels.describe(groups)
     units = {m.name.split("/")[0]: group for group in groups for m in group.members
              if m.name.endswith("recurrent_kernel") and m.axis == 0}
-    assert units["lstm"].prunable and units["gru"].prunable == (library == "tf_keras")
+    assert all(group.prunable for group in units.values()) and len(units) == (4 if library == "keras" else 2)
     steps = np.random.RandomState(1).standard_normal([3, 6, 4]).astype(np.float32)
     signature = pm.signatures["serving_default"]
     name = next(iter(signature.structured_input_signature[1]))
