@@ -1293,15 +1293,36 @@ def _strided_slice(self: _Entry, node) -> None:
                     self.claim(node.name, position)
                 else:
                     parts.append((i, a, position, start, stop))
+            elif strides[i] > 1 and size is not None and size % strides[i] == 0 and position < len(ys) and \
+                    (masks["begin_mask"] & bit or 0 <= begin[i] < strides[i]) and \
+                    (masks["end_mask"] & bit or end[i] >= size) and ys[position] == size // strides[i]:
+                parts.append((i, a, position, None, strides[i]))  # every s-th channel: interleaved parts
             position += 1
         a += 1
     for a in range(a, len(xs)):  # the axes after the spec are whole
         if position < len(ys):
             self.link(self.tensor(x, a), self.tensor(node.name, position))
         position += 1
-    if len(parts) == 1:  # the other axes whole: a part of the channels (more cut axes are a crop: poisoned)
+    if len(parts) == 1 and parts[0][3] is None:  # the other axes whole: interleaved parts
+        _interleaved(self, node, x, parts[0][1], parts[0][2], parts[0][4])
+    elif len(parts) == 1:  # the other axes whole: a part of the channels (more cut axes are a crop: poisoned)
         i, a, position, start, stop = parts[0]
         _channel_part(self, node, i, x, a, position, start, stop, (tuple(begin), tuple(end)))
+
+
+def _interleaved(self: _Entry, node, x: str, a: int, position: int, stride: int) -> None:
+    """x[..., r::s] (GPT-OSS's gate and up halves of one fused kernel, interleaved): x's channel i
+    is unit i // s, part i % s (_refine_factors, as heads x head dims); the output's channel j is
+    unit j. Units go, with all s parts of each (the slice reads the same parts of fewer units:
+    nothing to rewrite); the parts are kept."""
+    units = self.graph.space(("t", self.entry.label, self.node_id(node.name), "units", position),
+                             self.shape(node.name)[position])
+    parts = self.graph.space(("t", self.entry.label, self.node_id(node.name), "parts", position), stride)
+    self.graph.poison(parts, f"StridedSlice '{node.name}' takes one channel in {stride}: the {stride} "
+                             "interleaved parts are kept")
+    self.graph.factors.append((self.tensor(x, a), units, parts))
+    self.claim(x, a)  # followed by the factor
+    self.link(self.tensor(node.name, position), units)
 
 
 def _channel_part(self: _Entry, node, index: int, x: str, a: int, position: int, start: int, stop: int,

@@ -2101,11 +2101,16 @@ def _hub_more_models():
             stackwise_se_ratio=[[0.25], [None, 0.25]], stackwise_activation=[["relu"], ["relu", "hard_swish"]],
             stackwise_padding=[[1], [1, 2]], output_num_filters=32, depthwise_filters=8, depthwise_stride=2,
             depthwise_residual=False, last_layer_filter=48, squeeze_and_excite=0.5, image_shape=(32, 32, 3)),
+        # a mixture of experts whose fused gate/up kernel interleaves its halves (x[..., ::2], x[..., 1::2])
+        "gptoss": lambda: models.GptOssBackbone(
+            vocabulary_size=50, num_layers=1, num_query_heads=4, num_key_value_heads=2, hidden_dim=16,
+            intermediate_dim=32, num_experts=4, head_dim=8),
     }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["bloom", "albert", "moonshine", "t5gemma", "deeplab", "depthanything", "mobilenet"])
+@pytest.mark.parametrize("name", ["bloom", "albert", "moonshine", "t5gemma", "deeplab", "depthanything", "mobilenet",
+                                  "gptoss"])
 def test_keras_hub_more_families_shrink(tmp_path, name):
     """keras-hub models of families the other tests do not build, pruned as a user would and
     shrunk: the groups found are the ones the architecture has, the shrunk model computes the
@@ -2124,7 +2129,9 @@ def test_keras_hub_more_families_shrink(tmp_path, name):
                 "deeplab": [8, 32, 32, 32, 32, 32, 64, 64, 256, 256, 256, 256, 256],  # two resized
                 # heads, head dims (query/key and value), MLP neurons of 4 layers; the neck's channels
                 "depthanything": [2] * 4 + [8] * 8 + [16] * 17 + [32] * 4,
-                "mobilenet": [8] * 7 + [16, 16, 24]}[name]
+                "mobilenet": [8] * 7 + [16, 16, 24],
+                # value head dims; the experts' neurons (one index in every expert: gate 2j and up 2j + 1)
+                "gptoss": [8, 32]}[name]
     assert sorted(group.size for group in groups if group.prunable) == expected, channels.describe(groups)
     spec = pm.signatures["serving_default"].structured_input_signature[1]
     rng = np.random.RandomState(0)
@@ -2233,12 +2240,14 @@ def test_two_dimensional_products_of_activations(tmp_path):
 
 class Gates(tf.Module):
     """Parts of channel axes, as recurrent cells and fused kernels take them: a product cut in
-    three by a StridedSlice, a Slice and a StridedSlice from the end, and a kernel read in two
-    parts (a StridedSlice and a Slice of the variable itself)."""
+    three by a StridedSlice, a Slice and a StridedSlice from the end, a kernel read in two
+    parts (a StridedSlice and a Slice of the variable itself), and a gated unit whose gate and
+    value columns interleave (x[:, ::2], x[:, 1::2])."""
 
     def __init__(self):
         rng = np.random.RandomState(0)
-        shapes = {"fused": [8, 24], "a": [8, 3], "b": [12, 3], "c": [4, 3], "split": [8, 16], "d": [10, 3], "e": [6, 3]}
+        shapes = {"fused": [8, 24], "a": [8, 3], "b": [12, 3], "c": [4, 3], "split": [8, 16], "d": [10, 3], "e": [6, 3],
+                  "interleaved": [8, 12], "f": [6, 3]}
         self.w = {name: tf.Variable(rng.standard_normal(shape).astype(np.float32), name=f"{name}/kernel")
                   for name, shape in shapes.items()}
 
@@ -2249,20 +2258,27 @@ class Gates(tf.Module):
         y = tf.nn.relu(h[:, :8]) @ w["a"] + tf.nn.relu(tf.slice(h, [0, 8], [-1, 12])) @ w["b"]
         y += tf.tanh(h[..., -4:]) @ w["c"]
         y += tf.nn.relu(x @ w["split"][:, :10]) @ w["d"]
-        return y + tf.nn.relu(x @ tf.slice(w["split"], [0, 10], [-1, -1])) @ w["e"]
+        y += tf.nn.relu(x @ tf.slice(w["split"], [0, 10], [-1, -1])) @ w["e"]
+        gated = x @ w["interleaved"]
+        return y + (tf.sigmoid(gated[:, ::2]) * gated[:, 1::2]) @ w["f"]
 
 
 def test_parts_of_channel_axes(tmp_path):
     """A StridedSlice or Slice that takes a part of a channel axis (stride 1, every other axis
     whole) poisoned the whole axis: each part is a group of its own, linked at its offset, and
     shrink_channels rewrites the bounds (begin, end or size) to the kept counts before them; a
-    part of a kernel read by a MatMul is that kernel (masked whole)."""
+    part of a kernel read by a MatMul is that kernel (masked whole). Every s-th channel (stride s)
+    is a unit of s interleaved parts: units go with all their parts."""
     pm = graphprune.prune(Gates(), graphprune.ConstantSparsity(0.5, 0), structure="channel", one_shot=True)
     groups = graphprune.channel_groups(pm)
     prunable = {(m.name, m.start, m.stop) for group in groups if group.prunable for m in group.members
                 if m.role == "out"}
     assert prunable == {("fused/kernel", 0, 8), ("fused/kernel", 8, 20), ("fused/kernel", 20, 24),
-                        ("split/kernel", 0, 10), ("split/kernel", 10, 16)}, channels.describe(groups)
+                        ("split/kernel", 0, 10), ("split/kernel", 10, 16), ("interleaved/kernel", 0, 6)}, \
+        channels.describe(groups)
+    units = next(m for group in groups if group.prunable for m in group.members
+                 if (m.name, m.axis) == ("interleaved/kernel", 1))
+    assert units.block == 2  # unit j is columns 2j and 2j + 1
     x = np.random.RandomState(1).standard_normal([5, 8]).astype(np.float32)
     masked = pm(x).numpy()
     out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
