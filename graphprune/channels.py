@@ -1511,8 +1511,29 @@ def _reshape(self: _Entry, node) -> None:
         self.graph.poison(self.tensor(node.name), f"Reshape '{node.name}' flattens it")
         self.graph.reshapes.append(Reshape(self.entry.label, self.node_id(node.name), self.tensor(x), ys[-1] // xs[-1]))
         return
-    if not (_prefix_reshape(self, node, x, shape_ref, xs, ys) | _suffix_reshape(self, node, shape_ref, xs, ys)):
+    if not (_prefix_reshape(self, node, x, shape_ref, xs, ys) | _suffix_reshape(self, node, shape_ref, xs, ys)) and \
+            not _unit_axes(self, node, x, shape_ref, xs, ys):
         self.unknown(node)
+
+
+def _unit_axes(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:
+    """A Reshape of static shapes that only adds or drops size-1 axes (GPT-OSS's attention sinks,
+    [heads] -> [1, heads, 1, 1]): the other axes go through in order, where the shape operand's
+    elements for them are constants shrink_channels can rewrite."""
+    if None in xs or None in ys or min(xs + ys) < 0:
+        return False
+    kept_x, kept_y = ([a for a, d in enumerate(shape) if d != 1] for shape in (xs, ys))
+    if not kept_x or [xs[a] for a in kept_x] != [ys[a] for a in kept_y] or \
+            not _constant_elements(self, self.body.producer(shape_ref), kept_y):
+        return False
+    for a, position in zip(kept_x, kept_y):
+        self.link(self.tensor(x, a), self.tensor(node.name, position))
+        self.graph.dims.append(ShapeDim(self.entry.label, self.node_id(node.name), position, (self.tensor(x, a),)))
+    for ref, shape in ((x, xs), (node.name, ys)):
+        for a, size in enumerate(shape):
+            if size == 1:
+                self.claim(ref, a)
+    return True
 
 
 def _suffix_reshape(self: _Entry, node, shape_ref: str, xs, ys) -> bool:
@@ -1896,9 +1917,8 @@ def _concat(self: _Entry, node) -> None:
     axis = int(axis) % len(out)
     for ref in values:  # every other axis goes through; the concatenated one is cut in slices
         self.same(ref, node.name, node, axes=[a for a in range(len(out)) if a != axis])
-    if any(s[axis] is None for s in shapes):
-        self.unknown(node)
-        return
+    if any(s[axis] is None for s in shapes):  # positions of a sequence of unknown length (GPT-OSS's
+        return  # attention sinks after its scores): that axis is poisoned, the others went through
     target, offset = self.tensor(node.name, axis), 0
     for ref, shape in zip(values, shapes):
         if shape[axis]:

@@ -2130,8 +2130,10 @@ def test_keras_hub_more_families_shrink(tmp_path, name):
                 # heads, head dims (query/key and value), MLP neurons of 4 layers; the neck's channels
                 "depthanything": [2] * 4 + [8] * 8 + [16] * 17 + [32] * 4,
                 "mobilenet": [8] * 7 + [16, 16, 24],
-                # value head dims; the experts' neurons (one index in every expert: gate 2j and up 2j + 1)
-                "gptoss": [8, 32]}[name]
+                # key/value heads with their query heads (and attention sinks, concatenated after the scores
+                # along keys of unknown count), the query heads within each group, value head dims, the
+                # experts' neurons (one index in every expert: gate 2j and up 2j + 1)
+                "gptoss": [2, 2, 8, 32]}[name]
     assert sorted(group.size for group in groups if group.prunable) == expected, channels.describe(groups)
     spec = pm.signatures["serving_default"].structured_input_signature[1]
     rng = np.random.RandomState(0)
