@@ -2290,6 +2290,44 @@ def test_parts_of_channel_axes(tmp_path):
     assert check_tflite(out, str(tmp_path / "small.tflite"), x, masked, float(np.abs(masked).max())) == "ok"
 
 
+class Sinks(tf.Module):
+    """Attention with a learned sink logit per head (GPT-OSS's): the sinks, reshaped [heads] ->
+    [1, heads, 1, 1] and broadcast, are concatenated after the scores along the keys, whose count
+    is unknown; the softmax's sink column is dropped."""
+
+    def __init__(self):
+        rng = np.random.RandomState(0)
+        shapes = {"q": [8, 4, 4], "k": [8, 4, 4], "v": [8, 4, 4], "o": [4, 4, 8], "sinks": [4]}
+        self.w = {name: tf.Variable(rng.standard_normal(shape).astype(np.float32), name=name)
+                  for name, shape in shapes.items()}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, 8], tf.float32)])
+    def __call__(self, x):
+        w = self.w
+        q, k, v = (tf.einsum("btd,dhe->bhte", x, w[name]) for name in "qkv")
+        batch, steps = tf.shape(x)[0], tf.shape(x)[1]
+        sinks = tf.broadcast_to(tf.reshape(w["sinks"], [1, 4, 1, 1]), tf.stack([batch, 4, steps, 1]))
+        weights = tf.nn.softmax(tf.concat([tf.einsum("bhte,bhse->bhts", q, k), sinks], -1))[..., :-1]
+        return x + tf.einsum("bhte,hed->btd", tf.einsum("bhts,bhse->bhte", weights, v), w["o"])
+
+
+def test_attention_sinks_go_with_their_heads(tmp_path):
+    """A concatenation along an axis of unknown size poisoned every axis, and a reshape that only
+    adds size-1 axes poisoned its input: now only the concatenated axis is kept whole and the
+    other axes go through in order, so heads go with their sinks (and the value head dims)."""
+    pm = graphprune.prune(Sinks(), graphprune.ConstantSparsity(0.5, 0), structure="channel", one_shot=True)
+    groups = graphprune.channel_groups(pm)
+    heads = next((group for group in groups if ("sinks", 0) in {(m.name, m.axis) for m in group.members}), None)
+    assert heads is not None and heads.prunable, channels.describe(groups)
+    assert {("q", 1), ("k", 1), ("v", 1), ("o", 0)} <= {(m.name, m.axis) for m in heads.members}
+    x = np.random.RandomState(1).standard_normal([2, 5, 8]).astype(np.float32)
+    masked = pm(x).numpy()
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
+    np.testing.assert_allclose(tf.saved_model.load(out)(x).numpy(), masked, atol=1e-5 * np.abs(masked).max(), rtol=0)
+    assert _weight_shape(out, "sinks") == (2,)
+    assert graphprune.cost(out).parameters == _predicted_parameters(pm) < 0.5 * graphprune.cost(pm).parameters
+
+
 def _transposed_conv_decoder():
     """A decoder upsampling with Keras's Conv2DTranspose (Conv2DBackpropInput, its output shape a
     Pack whose channel count is a Const), strides 2 with and without overlap, a batch norm between."""
