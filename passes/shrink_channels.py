@@ -242,11 +242,7 @@ def _reshape_targets(analysis, removed: dict) -> dict[tuple[str, str], tuple[int
 
 def _kept_size(analysis, removed: dict, space) -> int:
     """How many channels of ``space`` are left once the groups' ``removed`` channels are gone."""
-    if space in analysis.refined:  # split into heads: kept heads x kept head dims
-        heads, dims = analysis.refined[space]
-        return _kept_size(analysis, removed, heads) * _kept_size(analysis, removed, dims)
-    gone = sum(len(removed.get(name, ())) for _, _, name in analysis.slices.get(space, []))
-    return analysis.sizes.get(space, 0) - gone
+    return _kept_before(analysis, removed, space, analysis.sizes.get(space, 0))
 
 
 def _dim_targets(analysis, removed: dict) -> dict[tuple[str, str], tuple[dict[int, int], int]]:
