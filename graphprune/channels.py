@@ -42,6 +42,8 @@ it does not keep is poisoned):
                                 query-key-value kernel); one that also meets a slice (Concat) or a
                                 flatten is left whole
     Reshape keeping static trailing axes (leading ones regrouped)   those axes go through
+    Reshape keeping, splitting and merging axes at once (blocks of equal size: [B, C, H, W] ->
+                                [B, heads, d, H * W])   each block as the one-axis rules read it
     ReadVariableOp / AssignVariableOp / Const                          the variable's / constant's axis
     Range of constant bounds (rotary inverse frequencies)    a constant's axis (shrunk: gathered)
     a slice of one whole head of a split axis (rotary halves: tf.split of the head dims)   the
@@ -1494,7 +1496,8 @@ def _reshape(self: _Entry, node) -> None:
         self.link(self.tensor(x), self.tensor(node.name))  # tf.tensordot: computed from the input's own shape
         return
     if _shape_last(self, shape_ref) is None:
-        if not (_prefix_reshape(self, node, x, shape_ref, xs, ys) | _suffix_reshape(self, node, shape_ref, xs, ys)):
+        if not (_prefix_reshape(self, node, x, shape_ref, xs, ys) | _suffix_reshape(self, node, shape_ref, xs, ys)) \
+                and not _blockwise(self, node, x, shape_ref, xs, ys):
             self.unknown(node)
         return
     if xs[-1] == ys[-1]:
@@ -1512,8 +1515,90 @@ def _reshape(self: _Entry, node) -> None:
         self.graph.reshapes.append(Reshape(self.entry.label, self.node_id(node.name), self.tensor(x), ys[-1] // xs[-1]))
         return
     if not (_prefix_reshape(self, node, x, shape_ref, xs, ys) | _suffix_reshape(self, node, shape_ref, xs, ys)) and \
-            not _unit_axes(self, node, x, shape_ref, xs, ys):
+            not _unit_axes(self, node, x, shape_ref, xs, ys) and not _blockwise(self, node, x, shape_ref, xs, ys):
         self.unknown(node)
+
+
+def _blocks(xs, ys) -> list[tuple[tuple, tuple]] | None:
+    """A Reshape from ``xs`` to ``ys`` as consecutive blocks of axes of equal size, [(x axes, y
+    axes)], or None: every size static (the one -1 worked out) but for leading axes unknown on both
+    sides (the batch), no axis of size 1."""
+    xs, ys = ([None if d is None or d < 0 else int(d) for d in shape] for shape in (xs, ys))
+    lead = 0
+    while lead < min(len(xs), len(ys)) and xs[lead] is None and ys[lead] is None:
+        lead += 1
+    rest_x, rest_y = xs[lead:], ys[lead:]
+    if not rest_x or None in rest_x or rest_y.count(None) > 1 or 1 in rest_x or 1 in rest_y:
+        return None
+    total = int(np.prod(rest_x))
+    if None in rest_y:
+        known = int(np.prod([d for d in rest_y if d is not None]))
+        if total % known or total // known == 1:
+            return None
+        rest_y[rest_y.index(None)] = total // known
+    if int(np.prod(rest_y)) != total:
+        return None
+    xs, ys = xs[:lead] + rest_x, ys[:lead] + rest_y
+    blocks = [((axis,), (axis,)) for axis in range(lead)]
+    a = c = lead
+    while a < len(xs) and c < len(ys):
+        first_x, first_y, size_x, size_y = a, c, xs[a], ys[c]
+        a, c = a + 1, c + 1
+        while size_x != size_y:
+            if size_x < size_y and a < len(xs):
+                size_x, a = size_x * xs[a], a + 1
+            elif size_y < size_x and c < len(ys):
+                size_y, c = size_y * ys[c], c + 1
+            else:
+                return None
+        blocks.append((tuple(range(first_x, a)), tuple(range(first_y, c))))
+    return blocks if (a, c) == (len(xs), len(ys)) else None
+
+
+def _blockwise(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:
+    """A Reshape that keeps, splits in two and merges axes in one go (MobileNetV5's multi-query
+    attention: [B, C, H, W] -> [B, heads, key dim, H * W], and [B, H * W, heads, value dim] ->
+    [B, H, W, heads * value dim]): each block of equal size (_blocks) is read as the rules for one
+    axis do: kept (linked), split in two (heads x head dims: _refine_factors) or two merged (at
+    most one merge: see _Entry.merged), where the shape operand's elements for it are constants
+    shrink_channels can rewrite (a -1 needs none). Other blocks are poisoned. False when nothing
+    goes through."""
+    producer = self.body.producer(shape_ref)
+    blocks = _blocks(xs, ys)
+    if producer is None or producer.op not in ("Const", "Pack") or blocks is None or x in self.merged:
+        return False
+    value = _evaluate(self, shape_ref, 0)
+    y, went = self.body.ref(node.name), False
+
+    def rewritable(positions) -> bool:
+        return _constant_elements(self, producer, positions)
+
+    def dim(position: int, spaces: tuple) -> None:  # a -1 stays right whatever goes
+        if not (isinstance(value, list) and len(value) == len(ys) and value[position] == -1):
+            self.graph.dims.append(ShapeDim(self.entry.label, self.node_id(node.name), position, spaces))
+
+    merges = [block for block in blocks if len(block[0]) == 2 and len(block[1]) == 1]
+    for x_axes, y_axes in blocks:
+        if len(x_axes) == len(y_axes) == 1 and xs[x_axes[0]] is not None and rewritable(y_axes):
+            self.link(self.tensor(x, x_axes[0]), self.tensor(y, y_axes[0]))
+            dim(y_axes[0], (self.tensor(x, x_axes[0]),))
+        elif len(x_axes) == 1 and len(y_axes) == 2 and rewritable(y_axes):
+            spaces = tuple(self.tensor(y, axis) for axis in y_axes)
+            self.graph.factors.append((self.tensor(x, x_axes[0]), *spaces))
+            self.claim(x, x_axes[0])
+            self.claimed.update(spaces)
+            for axis in y_axes:
+                dim(axis, (self.tensor(y, axis),))
+        elif len(merges) == 1 and (x_axes, y_axes) == merges[0] and rewritable(y_axes):
+            spaces = tuple(self.tensor(x, axis) for axis in x_axes)
+            self.merged[y] = (y_axes[0], spaces)
+            self.claimed.update(spaces)
+            self.claim(y, y_axes[0])
+            dim(y_axes[0], spaces)
+        else:
+            continue
+        went = True
+    return went
 
 
 def _unit_axes(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:

@@ -974,6 +974,56 @@ def test_residual_stream_names_what_else_keeps_the_stream_whole(tmp_path):
     assert "residual_stream=True" not in reasons[True] and "TopKV2" in reasons[True], reasons[True]
 
 
+class _ChannelsFirstAttention(tf.Module):
+    """Multi-query attention over an image written channels-first, as MobileNetV5's is: each
+    projection's output is transposed to [B, C, H, W] and reshaped in one go into [B, heads, key
+    dims, H * W] (a split and a merge), and the heads' outputs are merged back while the positions
+    are split again ([B, H * W, heads, values] -> [B, H, W, heads * values])."""
+
+    def __init__(self):
+        super().__init__()
+        rng = np.random.RandomState(5)
+        weight = lambda shape, name: tf.Variable(rng.standard_normal(shape).astype(np.float32) * 0.5,  # noqa: E731
+                                                 name=name)
+        self.query, self.key = weight([1, 1, 6, 2 * 4], "query/kernel"), weight([1, 1, 6, 4], "key/kernel")
+        self.value, self.out = weight([1, 1, 6, 3], "value/kernel"), weight([1, 1, 2 * 3, 6], "out/kernel")
+        self.head = weight([6, 2], "head/kernel")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 4, 4, 6], tf.float32)])
+    def __call__(self, x):
+        batch = tf.shape(x)[0]
+        channels_first = lambda kernel: tf.transpose(tf.nn.conv2d(x, kernel, 1, "SAME"), (0, 3, 1, 2))  # noqa: E731
+        q = tf.transpose(tf.reshape(channels_first(self.query), (batch, 2, 4, -1)), (0, 1, 3, 2))  # [B, 2, 16, 4]
+        k = tf.transpose(tf.reshape(channels_first(self.key), (batch, 4, -1)), (0, 2, 1))[:, None]  # [B, 1, 16, 4]
+        v = tf.expand_dims(tf.transpose(tf.reshape(channels_first(self.value), (batch, 3, -1)), (0, 2, 1)), 1)
+        scores = tf.nn.softmax(tf.matmul(q * 0.5, tf.transpose(k, (0, 1, 3, 2))))
+        heads = tf.reshape(tf.transpose(tf.matmul(scores, v), (0, 2, 1, 3)), (batch, 4, 4, 2 * 3))
+        y = tf.nn.relu(tf.nn.conv2d(heads, self.out, 1, "SAME"))
+        return tf.matmul(tf.reduce_mean(y, [1, 2]), self.head)
+
+
+def test_reshapes_that_split_and_merge_at_once(tmp_path):
+    """A Reshape that splits the channels into heads x key dims while it merges the positions (and
+    one that merges heads x values while it splits the positions) is read block by block: the
+    heads, the query/key dims and the value dims go (they were whole: 'Reshape ... an op
+    graphprune does not model'); the shrunk model's reshape shapes follow."""
+    path = str(tmp_path / "model")
+    tf.saved_model.save(_ChannelsFirstAttention(), path)
+    pm = graphprune.prune(path, graphprune.ConstantSparsity(0.5, 0), structure="channel", one_shot=True)
+    groups = graphprune.channel_groups(pm)
+    assert sorted(group.size for group in groups if group.prunable) == [2, 3, 4, 6], channels.describe(groups)
+    heads = next(group for group in groups if any(m.name == "out/kernel" and m.axis == 2 and m.block
+                                                  for m in group.members))
+    assert {(m.name, m.block) for m in heads.members} == {("query/kernel", 4), ("out/kernel", 3)}
+    x = np.random.RandomState(0).standard_normal([3, 4, 4, 6]).astype(np.float32)
+    masked = pm(x).numpy()
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
+    np.testing.assert_allclose(tf.saved_model.load(out)(x).numpy(), masked, atol=1e-5 * np.abs(masked).max(), rtol=0)
+    assert not _predicted_shapes(pm) - _kernel_shapes(out)  # (the products of activations count there too)
+    assert _weight_shape(out, "query/kernel") == (1, 1, 6, 2) and _weight_shape(out, "out/kernel") == (1, 1, 2, 3)
+    assert graphprune.cost(out).parameters == _predicted_parameters(pm)
+
+
 def test_residual_stream_through_layer_norms(stream_net, tmp_path):
     """residual_stream=True removes channels of the stream that layer norms, an RMS norm and
     every block's residual add share: each Mean over them becomes a mean over the kept channels,
