@@ -35,9 +35,11 @@ def prune(target, schedule=None, *, block_size=(1, 1), block_pooling="AVG", m_by
         ("l2" or "l1" norm over the group); ``round_to=8`` keeps a multiple of 8 channels (of
         8 values: an attention head of 64 values needs no rounding; channels.rounding).
         ``finalize(..., shrink=True)`` then removes them from the graph: a smaller dense model.
-        ``residual_stream=True`` also removes channels that layer norms average over (a
-        transformer's hidden size, with its embeddings, biases and norm parameters): each such
-        Mean becomes a mean over the kept channels. Off by default: the stream couples every layer.
+        A layer norm over one kernel's own channels (a conv normalized before its activation)
+        removes them with it: each of its Means becomes a mean over the kept channels.
+        ``residual_stream=True`` also removes the channels of residual streams that layer norms
+        average over (a transformer's hidden size, with its embeddings, biases and norm
+        parameters). Off by default: the stream couples every layer.
     scope: "layer" (a threshold per weight) or "global" (one threshold across weights; with
         structure="channel", one ranking of every group's channels, each group's scores divided
         by their mean).

@@ -51,10 +51,12 @@ it does not keep is poisoned):
     GatherV2 / ResourceGather (axis 0)  an embedding table's axes after the first are the lookup's
     StridedSlice, Slice, Tile, BroadcastTo  an axis taken whole, repeated once or of the same size
                                 goes through (a size written in a shape operand is rewritten)
-    Mean over the channels alone (a layer norm)   with analyze(through_means=True) (prune's
-                                residual_stream) it does not poison: insert_masks makes it a mean
-                                over the kept channels (names.kept_mean), which later analyses accept
-                                (tf-keras's fused layer norm: the unfuse_layer_norms pass makes it Means)
+    Mean over the channels alone (a layer norm)   with analyze(through_means=True) it does not
+                                poison: insert_masks makes it a mean over the kept channels
+                                (names.kept_mean), which later analyses accept: by default where its
+                                group is not a residual stream (is_stream), with prune's
+                                residual_stream everywhere (tf-keras's fused layer norm: the
+                                unfuse_layer_norms pass makes it Means)
     TensorListFromTensor / Reserve / GetItem / SetItem / Stack (tf.TensorArray, RNN loops)
                                 a list's element axes are spaces of their own (_Entry.list_spaces):
                                 the tensors written to and read from it are the same channels, and
@@ -2447,24 +2449,67 @@ def channel_groups(model) -> tuple[ChannelGroup, ...]:
             model = load(model).model
     if "channel_groups" in model.facts:
         return model.facts["channel_groups"]
-    return analyze(model).groups
+    groups = analyze(model).groups
+    if any(spec.role == names.ROLE_MASK for spec in model.variables.values()):
+        return groups  # pruned: its layer norms' Means are kept-channel means where prune made them
+    return stream_reasons(model, groups, asked=False, pruned=False)  # as prune(structure="channel") finds them
 
 
-def stream_reasons(model: g.TracedModel, groups) -> tuple[ChannelGroup, ...]:
-    """``groups`` (analyzed with Means poisoning) where residual_stream was asked: a group a layer
-    norm's Mean keeps whole gets the reason that stops its stream (found with Means let through)
-    instead of a hint to ask for what was asked, or says why its Means stayed plain."""
+def _through_means(model: g.TracedModel, groups) -> dict:
+    """The groups of ``groups`` that a layer norm's Mean keeps whole (the reason says to ask for
+    residual_stream=True) -> the same channels' group with Means let through (None if none)."""
     stale = [group for group in groups if not group.prunable and "residual_stream=True" in group.reason]
     if not stale:
-        return tuple(groups)
+        return {}
     through = {(m.kind, m.name, m.axis): group for group in analyze(model, through_means=True).groups
                for m in group.members}
+    return {group: next((through[key] for key in ((m.kind, m.name, m.axis) for m in group.members)
+                         if key in through), None) for group in stale}
+
+
+def channel_ids(analysis: Analysis, space: tuple) -> list | None:
+    """Channel i of ``space`` as (group name, its index in the group); a space split into parts
+    (heads x head dims, rotary halves x pairs: Analysis.refined) as the pair of its parts' ids.
+    Two spaces with equal ids carry the same channels in the same order. None where a channel
+    is in no group."""
+    if space in analysis.refined:
+        outer, inner = (channel_ids(analysis, part) for part in analysis.refined[space])
+        if outer is None or inner is None:
+            return None
+        return [(outer[i // len(inner)], inner[i % len(inner)]) for i in range(len(outer) * len(inner))]
+    size = analysis.sizes.get(space)
+    if size is None or space not in analysis.slices:
+        return None
+    ids = [None] * size
+    for start, stop, name in analysis.slices[space]:
+        ids[start:stop] = [(name, index) for index in range(stop - start)]
+    return None if None in ids else ids
+
+
+def is_stream(group: ChannelGroup) -> bool:
+    """Whether ``group`` is a residual stream: channels written by two or more kernels (summed, as
+    residual adds sum every block's output) and read by others, never contracted between two
+    activations (attention's query/key head dims are, with the value's where a model ties them).
+    A layer norm's Means over a stream are let through only with residual_stream=True (the
+    stream couples every layer); over other channels (a conv's or dense layer's own output,
+    normalized before its activation; an embedding normalized before its projection; query/key
+    heads normalized over their dims) by default (insert_masks: kept-channel means)."""
+    written = {m.name for m in group.members if m.role == "out"}
+    return len(written) >= 2 and any(m.role == "in" for m in group.members) and not group.contracted
+
+
+def stream_reasons(model: g.TracedModel, groups, asked: bool = True, pruned: bool = True) -> tuple[ChannelGroup, ...]:
+    """``groups`` (analyzed with Means poisoning) with a layer norm's Mean keeping a group whole
+    told right: the hint to ask for residual_stream=True stays only where that would remove the
+    group (a stream, not ``asked``); where something else keeps it whole (found with Means let
+    through), that is the reason. Otherwise, in a model not ``pruned`` yet, the group is prunable
+    (prune will make its Means kept-channel means), and in a pruned one its Means stayed plain."""
+    stale = _through_means(model, groups)
     fixed = []
     for group in groups:
-        if group in stale:
-            other = next((through[key] for key in ((m.kind, m.name, m.axis) for m in group.members)
-                          if key in through), None)
-            reason = other.reason if other is not None and not other.prunable else (
+        other = stale.get(group)
+        if group in stale and other is not None and (not other.prunable or asked or not is_stream(other)):
+            reason = other.reason if not other.prunable else None if not pruned else (
                 "its layer norms' Means stay plain: a kernel of the group is not pruned, or none holds all of its "
                 "channels")
             group = dataclasses.replace(group, reason=reason)

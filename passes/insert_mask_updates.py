@@ -59,8 +59,8 @@ def insert_mask_updates(model: g.TracedModel, context: PassContext, config: Prun
     ]
     new_model = model.with_variables(specs)
     groups = channel_groups(model) if any(plan.structure.channels for plan in plans.values()) else ()
-    if any(plan.structure.residual_stream for plan in plans.values()):
-        groups = stream_reasons(model, groups)
+    if groups:
+        groups = stream_reasons(model, groups, any(plan.structure.residual_stream for plan in plans.values()))
     entry = _build_update_entry(new_model, config, weights, plans, groups)
     entries = tuple(e for e in model.entries if e.name != UPDATE_ENTRY) + (entry,)
     new_model = dataclasses.replace(new_model, entries=entries)

@@ -16,10 +16,11 @@ value (one-shot pruning). Weights that are already masked are left alone, so a r
 Every body is rewritten the same way, at any depth: inside a While/If/Case body or a called
 function, the mask's resource is threaded in through every caller (a loop variable the body
 passes through, a branch input, a call argument) and the Mul happens where the weight is read.
-With ``residual_stream`` (channel structure), each Mean over the channels of a group it may
-remove (a layer norm's mean and variance) becomes Sum(x * keep) / Sum(keep) under the Mean's
-name, keep being the group's 0/1 channels (the maximum of one of its kernels' masks over the
-other axes): the masked model then normalizes over the kept channels, as the shrunk model will.
+With the channel structure, each Mean over channels it may remove (a layer norm's mean and
+variance; over a residual stream only with ``residual_stream``) becomes Sum(x * keep) / Sum(keep)
+under the Mean's name, keep being the 0/1 channels (the maximum over the other axes of the mask
+of a kernel whose axis holds the same channels): the masked model then normalizes over the kept
+channels, as the shrunk model will.
 fold_masks freezes keep; shrink_channels slices it and turns an all-ones one back into the Mean.
 Postcondition: every use of a masked weight reads ``w * mask``; with all-ones masks the model
 computes exactly what it computed before.
@@ -148,34 +149,51 @@ def _mask_body(body: b.Body, keys: set[str], variables) -> None:
 
 
 def _stream_means(model: g.TracedModel, plans, keys: set[str]) -> dict[str, list]:
-    """entry -> [(Mean node, kernel Member, the kernel's other axes, the Mean input's rank)] for
-    residual_stream: each Mean over the channels of a group that may be removed (every kernel of
-    it masked here) with the kernel member whose mask tells the kept channels. Means whose group
-    cannot be (a slice of it, no such kernel) are left, and keep their group whole."""
-    if not any(plan.structure.channels and plan.structure.residual_stream for plan in plans.values()):
+    """entry -> [(Mean node, kernel Member, the kernel's other axes, the Mean input's rank)]: each
+    Mean over channels that may be removed (every kernel of their prunable groups masked here,
+    with the channel structure; a residual stream only with residual_stream: channels.is_stream)
+    with a kernel whose axis holds the same channels in the same order (channel_ids: a kernel's
+    whole output, or the head dims of one whose rotary pairs split them), so its mask tells the
+    kept channels. Means with no such kernel are left, and keep their groups whole."""
+    if not any(plan.structure.channels for plan in plans.values()):
         return {}
-    from graphprune.channels import analyze
+    from graphprune.channels import analyze, channel_ids, is_stream
 
     analysis = analyze(model, through_means=True)
     groups = {group.name: group for group in analysis.groups}
     chosen: dict[str, list] = {}
     for site in analysis.means:
-        slices = analysis.slices.get(site.space, [])
-        if len(slices) != 1 or (slices[0][0], slices[0][1]) != (0, analysis.sizes[site.space]):
+        ids = channel_ids(analysis, site.space)
+        if ids is None:
             continue
-        group = groups[slices[0][2]]
-        kernels = [m for m in group.members if m.role != "param"]
-        if not group.prunable or any(m.kind != "variable" or m.name not in keys for m in kernels):
+        prunable = [groups[name] for name in sorted(_group_names(ids)) if groups[name].prunable]
+        kernels = [m for group in prunable for m in group.members if m.role != "param"]
+        if not prunable or any(m.kind != "variable" or m.name not in keys for m in kernels):
             continue
-        if not all(plans[m.name].structure.residual_stream for m in kernels):
+        if any(not plans[m.name].structure.channels for m in kernels):
             continue
-        whole = [m for m in kernels if m.period is None and m.block is None and m.start == 0
-                 and m.stop == model.variables[m.name].shape[m.axis]]
-        if whole:
-            member = min(whole, key=lambda m: int(np.prod(model.variables[m.name].shape)))
-            other = tuple(a for a in range(len(model.variables[member.name].shape)) if a != member.axis)
+        if any(is_stream(group) for group in prunable) and \
+                not all(plans[m.name].structure.residual_stream for m in kernels):
+            continue
+        same = {(m.name, m.axis) for m in kernels
+                if channel_ids(analysis, ("v", m.name, m.axis, None)) == ids}
+        if same:
+            name, axis = min(same, key=lambda key: (int(np.prod(model.variables[key[0]].shape)), key))
+            member = next(m for m in kernels if (m.name, m.axis) == (name, axis))
+            other = tuple(a for a in range(len(model.variables[name].shape)) if a != axis)
             chosen.setdefault(site.entry, []).append((site.node, member, other, site.space[4] + 1))
     return chosen
+
+
+def _group_names(ids) -> set[str]:
+    """The group names in channel_ids' ids (pairs, nested where a space is refined)."""
+    found = set()
+    for item in ids:
+        if isinstance(item[0], str):
+            found.add(item[0])
+        else:
+            found |= _group_names(item)
+    return found
 
 
 def _kept_mean(body: b.Body, name: str, member, other_axes: tuple, rank: int) -> None:

@@ -149,7 +149,7 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
 
 
 def _plain_means(body: b.Body) -> None:
-    """A mean over kept channels (insert_masks with residual_stream) whose channels are all kept
+    """A mean over kept channels (insert_masks: a layer norm's) whose channels are all kept
     now, Sum(x * 1) / Sum(1), becomes the Mean it was (the rest is left to strip_unused)."""
     for node in list(body.nodes):
         keep = body.node(names.kept_mean(node.name, "keep_max"))

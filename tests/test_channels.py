@@ -475,11 +475,12 @@ def test_what_cannot_be_shrunk_is_left_whole_and_reported(tmp_path):
             self.a = tf.Variable(rng.standard_normal([6, 16]).astype(np.float32), name="a/kernel")
             self.b = tf.Variable(rng.standard_normal([16, 16]).astype(np.float32), name="b/kernel")
             self.c = tf.Variable(rng.standard_normal([16, 4]).astype(np.float32), name="c/kernel")
+            self.d = tf.Variable(rng.standard_normal([6, 16]).astype(np.float32), name="d/kernel")
 
         @tf.function(input_signature=[tf.TensorSpec([None, 6], tf.float32)])
         def __call__(self, x):
             h = tf.nn.softmax(tf.matmul(x, self.a))  # softmax over the channels: all of them count
-            g = tf.matmul(h, self.b)
+            g = tf.matmul(h, self.b) + tf.matmul(x, self.d)  # a stream: two kernels write it
             g = g - tf.reduce_mean(g, axis=-1, keepdims=True)  # layer-norm style mean over channels
             return tf.matmul(g, self.c)
 
@@ -488,6 +489,7 @@ def test_what_cannot_be_shrunk_is_left_whole_and_reported(tmp_path):
     assert not any(group.prunable for group in groups)
     assert "Softmax" in _group(groups, "a/kernel:1").reason
     assert "reduces over the channels" in _group(groups, "b/kernel:1").reason
+    assert "residual_stream=True" in _group(groups, "b/kernel:1").reason
     with pytest.warns(UserWarning, match="no channel group can be removed safely"):
         pm = graphprune.prune(str(tmp_path / "m"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
                               one_shot=True)
@@ -780,7 +782,9 @@ def test_keras_hub_rotary_query_key_head_dims(tmp_path, name):
     """Query/key head dims through rotary embeddings: dims i and i + d/2 are rotated together (split
     in halves, stacked, reshaped back), so a pair goes from both projections, and with it its
     inverse frequency (a tf.range of constant bounds, which the shrunk graph gathers the kept
-    values of); the scores end in a softmax. Qwen3's RMS norm of each head over its dims keeps them."""
+    values of); the scores end in a softmax. Qwen3's RMS norms of each query and key head over its
+    dims go with them: each Mean becomes a mean over the kept dims, read off the kernel's mask
+    (the kernel's head dims hold the same channels in the same order: channels.channel_ids)."""
     import keras_hub
 
     models = keras_hub.models
@@ -796,10 +800,13 @@ def test_keras_hub_rotary_query_key_head_dims(tmp_path, name):
     pairs = next(group for group in graphprune.channel_groups(pm)
                  if any(m.name == key and m.axis == 2 and m.period == 4 for m in group.members))
     assert pairs.size == 4 and any(m.kind == "const" and m.name.endswith("range") for m in pairs.members)
-    assert pairs.prunable == (name != "qwen3") and pairs.contracted, graphprune.channels.describe([pairs])
+    assert pairs.prunable and pairs.contracted, graphprune.channels.describe([pairs])
     out = _hub_shrunk_as_masked(pm, tmp_path)
-    assert _weight_shape(out, key)[2] == (8 if name == "qwen3" else 4)  # two of four pairs of 8 dims
-    assert _weight_shape(out, key.replace("/key/", "/query/"))[2] == (8 if name == "qwen3" else 4)
+    assert _weight_shape(out, key)[2] == 4  # two of four pairs of 8 dims
+    assert _weight_shape(out, key.replace("/key/", "/query/"))[2] == 4
+    if name == "qwen3":
+        norms = [m.name for m in pairs.members if m.kind == "variable" and "layernorm" in m.name]
+        assert len(norms) == 2 and all(_weight_shape(out, norm) == (4,) for norm in norms), norms
     assert graphprune.cost(out).parameters == _predicted_parameters(pm)
 
 
@@ -938,18 +945,21 @@ def _stream_group(groups):
 
 
 class _NormThenSort(tf.Module):
-    """A layer norm over a stream that is also sorted along its channels (an op graphprune does
-    not model): the stream must stay whole whatever residual_stream says."""
+    """A layer norm over a stream (two kernels write it, one reads it) that is also sorted along
+    its channels (an op graphprune does not model): the stream must stay whole whatever
+    residual_stream says. ``stream=False``: one kernel writes it."""
 
-    def __init__(self):
+    def __init__(self, stream=True):
         super().__init__()
         rng = np.random.RandomState(0)
+        self.stream = stream
         self.up = tf.Variable(rng.standard_normal([4, 8]).astype(np.float32), name="up/kernel")
+        self.side = tf.Variable(rng.standard_normal([4, 8]).astype(np.float32), name="side/kernel")
         self.down = tf.Variable(rng.standard_normal([8, 3]).astype(np.float32), name="down/kernel")
 
     @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32)])
     def __call__(self, x):
-        h = tf.matmul(x, self.up)
+        h = tf.matmul(x, self.up) + tf.matmul(x, self.side) if self.stream else tf.matmul(x, self.up)
         mean = tf.reduce_mean(h, axis=-1, keepdims=True)
         variance = tf.reduce_mean(tf.square(h - mean), axis=-1, keepdims=True)
         h = (h - mean) * tf.math.rsqrt(variance + 1e-5)
@@ -957,8 +967,9 @@ class _NormThenSort(tf.Module):
 
 
 def test_residual_stream_names_what_else_keeps_the_stream_whole(tmp_path):
-    """With residual_stream=True asked, a stream left whole is reported with what stops it (the
-    sort), not with a hint to ask for residual_stream=True."""
+    """A stream that a layer norm and a sort keep whole is reported with the sort, asked for
+    residual_stream=True or not: never with a hint to ask for what would not remove it. So is a
+    group one kernel writes (not a stream), before pruning and after."""
     path = str(tmp_path / "sorted")
     tf.saved_model.save(_NormThenSort(), path)
     reasons = {}
@@ -970,8 +981,87 @@ def test_residual_stream_names_what_else_keeps_the_stream_whole(tmp_path):
                       if any(m.name == "up/kernel" and m.axis == 1 for m in group.members))
         assert not stream.prunable
         reasons[asked] = stream.reason
-    assert "residual_stream=True" in reasons[False] and "Mean" in reasons[False]
-    assert "residual_stream=True" not in reasons[True] and "TopKV2" in reasons[True], reasons[True]
+    for asked in (False, True):
+        assert "residual_stream=True" not in reasons[asked] and "TopKV2" in reasons[asked], reasons[asked]
+    # not a stream: its layer norm is let through by default, so the sort is what keeps it whole
+    path = str(tmp_path / "sorted_alone")
+    tf.saved_model.save(_NormThenSort(stream=False), path)
+    for found in (graphprune.channel_groups(path), graphprune.channel_groups(graphprune.prune(
+            path, graphprune.ConstantSparsity(0.5, 0), structure="channel"))):
+        alone = next(group for group in found if any(m.name == "up/kernel" and m.axis == 1 for m in group.members))
+        assert not alone.prunable and "residual_stream=True" not in alone.reason and "TopKV2" in alone.reason, \
+            alone.reason
+
+
+class _LocallyNormed(tf.Module):
+    """Convolutions whose own outputs are normalized over their channels before the activation (an
+    RMS norm, then a layer norm: MobileNetV5's and ConvNeXt-style blocks), then a residual stream
+    that a layer norm reads (two convolutions write it, one reads it)."""
+
+    def __init__(self):
+        super().__init__()
+        rng = np.random.RandomState(3)
+        weight = lambda shape, name: tf.Variable(rng.standard_normal(shape).astype(np.float32) * 0.5,  # noqa: E731
+                                                 name=name)
+        self.stem, self.rms = weight([3, 3, 3, 8], "stem/kernel"), weight([8], "rms/scale")
+        self.conv, self.gamma, self.beta = weight([3, 3, 8, 12], "conv/kernel"), weight([12], "ln/gamma"), \
+            weight([12], "ln/beta")
+        self.into, self.up, self.down = weight([1, 1, 12, 6], "into/kernel"), weight([1, 1, 6, 10], "up/kernel"), \
+            weight([1, 1, 10, 6], "down/kernel")
+        self.head = weight([6, 3], "head/kernel")
+
+    @staticmethod
+    def _layer_norm(x, gamma=None, beta=None):
+        mean = tf.reduce_mean(x, axis=-1, keepdims=True)
+        variance = tf.reduce_mean(tf.square(x - mean), axis=-1, keepdims=True)
+        x = (x - mean) * tf.math.rsqrt(variance + 1e-5)
+        return x if gamma is None else x * gamma + beta
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 3], tf.float32)])
+    def __call__(self, images):
+        x = tf.nn.conv2d(images, self.stem, 1, "SAME")
+        x = tf.nn.relu(x * tf.math.rsqrt(tf.reduce_mean(tf.square(x), axis=-1, keepdims=True) + 1e-6) * self.rms)
+        x = tf.nn.gelu(self._layer_norm(tf.nn.conv2d(x, self.conv, 2, "SAME"), self.gamma, self.beta))
+        stream = tf.nn.conv2d(x, self.into, 1, "SAME")
+        stream = stream + tf.nn.conv2d(tf.nn.relu(tf.nn.conv2d(self._layer_norm(stream), self.up, 1, "SAME")),
+                                       self.down, 1, "SAME")
+        return tf.matmul(tf.reduce_mean(stream, [1, 2]), self.head)
+
+
+def test_channels_a_layer_norm_reads_alone(tmp_path):
+    """A layer or RMS norm over one convolution's own output channels does not keep them whole by
+    default: each of its Means becomes a mean over the kept channels, and the channels go with
+    the norm's parameters (keras-hub MobileNetV5 had no prunable group). A residual stream's norm
+    (the stream written by two convolutions) still needs residual_stream=True, and says so."""
+    path = str(tmp_path / "model")
+    module = _LocallyNormed()
+    tf.saved_model.save(module, path)
+    images = np.random.RandomState(0).uniform(size=[2, 8, 8, 3]).astype(np.float32)
+    pm = graphprune.prune(path, graphprune.ConstantSparsity(0.5, 0), structure="channel")
+    np.testing.assert_allclose(pm(images).numpy(), module(images).numpy(), rtol=1e-5, atol=1e-5)  # all ones
+    groups = graphprune.channel_groups(pm)
+    assert sorted(group.size for group in groups if group.prunable) == [8, 10, 12], channels.describe(groups)
+    normed = {m.name for group in groups if group.prunable for m in group.members}
+    assert {"rms/scale", "ln/gamma", "ln/beta"} <= normed
+    stream = next(group for group in groups if any(m.name == "into/kernel" and m.axis == 3 for m in group.members))
+    assert not stream.prunable and "residual_stream=True" in stream.reason and "Mean" in stream.reason
+    rewritten = [n for n in pm.traced.entries[0].graph_def.node if names.kept_mean_part(n.name) == "sum"]
+    assert len(rewritten) == 3  # the RMS norm's Mean and the layer norm's two; not the stream's
+    before = graphprune.channel_groups(path)  # the model as it is: what prune will find
+    assert sorted(group.size for group in before if group.prunable) == [8, 10, 12], channels.describe(before)
+
+    pm = graphprune.prune(path, graphprune.ConstantSparsity(0.5, 0), structure="channel", one_shot=True)
+    masked = pm(images).numpy()
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
+    np.testing.assert_allclose(tf.saved_model.load(out)(images).numpy(), masked,
+                               atol=1e-5 * np.abs(masked).max(), rtol=0)
+    assert _kernel_shapes(out) == _predicted_shapes(pm)
+    assert _weight_shape(out, "rms/scale") == (4,) and _weight_shape(out, "ln/gamma") == (6,)
+    assert graphprune.cost(out).parameters == _predicted_parameters(pm)
+    assert check_tflite(out, str(tmp_path / "small.tflite"), images, masked, np.abs(masked).max()) == "ok"
+
+    pm = graphprune.prune(path, graphprune.ConstantSparsity(0.5, 0), structure="channel", residual_stream=True)
+    assert sorted(group.size for group in graphprune.channel_groups(pm) if group.prunable) == [6, 8, 10, 12]
 
 
 class _ChannelsFirstAttention(tf.Module):
@@ -2155,12 +2245,27 @@ def _hub_more_models():
         "gptoss": lambda: models.GptOssBackbone(
             vocabulary_size=50, num_layers=1, num_query_heads=4, num_key_value_heads=2, hidden_dim=16,
             intermediate_dim=32, num_experts=4, head_dim=8),
+        # RMS norms over every convolution's channels, edge and universal inverted residuals, multi-query
+        # attention, a multi-scale fusion adapter (Gemma 3n's vision encoder)
+        "mobilenetv5": _mobilenetv5,
     }
+
+
+def _mobilenetv5():
+    from keras_hub.models import MobileNetV5Backbone
+    from keras_hub.src.models.mobilenetv5.mobilenetv5_builder import convert_arch_def_to_stackwise
+
+    stacks = convert_arch_def_to_stackwise([
+        ["er_r1_k3_s2_e4_c16", "er_r1_k3_s1_e4_c16"],
+        ["uir_r1_a3_k5_s2_e4_c32", "uir_r1_a5_k0_s1_e4_c32", "uir_r1_a0_k0_s1_e2_c32"],
+        ["uir_r1_a5_k5_s2_e4_c48", "mqa_r1_k3_h2_v2_s1_d8_c48", "uir_r1_a0_k0_s1_e2_c48"]])
+    return MobileNetV5Backbone(**stacks, stem_size=8, num_features=64, use_msfa=True, msfa_indices=(-2, -1),
+                               msfa_output_resolution=4, layer_scale_init_value=1e-5, image_shape=(64, 64, 3))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["bloom", "albert", "moonshine", "t5gemma", "deeplab", "depthanything", "mobilenet",
-                                  "gptoss"])
+                                  "gptoss", "mobilenetv5"])
 def test_keras_hub_more_families_shrink(tmp_path, name):
     """keras-hub models of families the other tests do not build, pruned as a user would and
     shrunk: the groups found are the ones the architecture has, the shrunk model computes the
@@ -2173,7 +2278,9 @@ def test_keras_hub_more_families_shrink(tmp_path, name):
                           one_shot=True)
     groups = graphprune.channel_groups(pm)
     expected = {"bloom": [2, 8, 8, 32],  # heads, value and query/key head dims, MLP neurons
-                "albert": [2, 8, 32],  # the query/key head dims' size is read by a Shape (the scores' scale)
+                # the query/key head dims' size is read by a Shape (the scores' scale); the factorized
+                # embedding's dims, normalized before their projection (not a stream), go with its tables
+                "albert": [2, 8, 8, 32],
                 "moonshine": [2, 2, 2, 8, 8, 8, 32, 64, 64],  # + the stem's second conv; the group norm keeps the first
                 "t5gemma": [2, 2, 2, 2, 2, 2, 4, 4, 8, 32, 32],  # + query heads within key/value groups
                 "deeplab": [8, 32, 32, 32, 32, 32, 64, 64, 256, 256, 256, 256, 256],  # two resized
@@ -2183,7 +2290,11 @@ def test_keras_hub_more_families_shrink(tmp_path, name):
                 # key/value heads with their query heads (and attention sinks, concatenated after the scores
                 # along keys of unknown count), the query heads within each group, value head dims, the
                 # experts' neurons (one index in every expert: gate 2j and up 2j + 1)
-                "gptoss": [2, 2, 8, 32]}[name]
+                "gptoss": [2, 2, 8, 32],
+                # the channels each RMS norm normalizes alone (the stem's, every expansion's and depthwise
+                # conv's, the adapter's), the attention's heads, key dims and value dims (reshaped
+                # channels-first with the positions merged); the residual streams stay whole
+                "mobilenetv5": [2, 8, 8, 8, 32, 64, 64, 64, 96, 128, 128, 160]}[name]
     assert sorted(group.size for group in groups if group.prunable) == expected, channels.describe(groups)
     spec = pm.signatures["serving_default"].structured_input_signature[1]
     rng = np.random.RandomState(0)

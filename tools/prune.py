@@ -31,8 +31,9 @@ _STRUCTURE = flags.DEFINE_enum("structure", "element", ["element", "channel"],
 _IMPORTANCE = flags.DEFINE_enum("importance", "l2", ["l2", "l1"], "Channel score: norm over the group's weights.")
 _ROUND_TO = flags.DEFINE_integer("round_to", 1, "Channel pruning: keep a multiple of this many channels per group "
                                  "(8 suits most CPU kernels).", lower_bound=1)
-_RESIDUAL = flags.DEFINE_bool("residual_stream", False, "Channel pruning: also remove channels that layer norms "
-                              "average over (a transformer's hidden size); off by default, it couples every layer.")
+_RESIDUAL = flags.DEFINE_bool("residual_stream", False, "Channel pruning: also remove residual streams' channels "
+                              "that layer norms average over (a transformer's hidden size); off by default, it couples "
+                              "every layer.")
 _SCOPE = flags.DEFINE_enum("scope", "layer", ["layer", "global"], "Threshold per weight or one across weights.")
 _EXCLUDE = flags.DEFINE_string("exclude", None, "Regex of weights/ops not to prune.")
 _SPARSITY_FOR = flags.DEFINE_multi_string("sparsity_for", [], "REGEX=SPARSITY: own final sparsity (repeatable).")
