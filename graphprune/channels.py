@@ -1524,13 +1524,14 @@ def _reshape(self: _Entry, node) -> None:
 def _blocks(xs, ys) -> list[tuple[tuple, tuple]] | None:
     """A Reshape from ``xs`` to ``ys`` as consecutive blocks of axes of equal size, [(x axes, y
     axes)], or None: every size static (the one -1 worked out) but for leading axes unknown on both
-    sides (the batch), no axis of size 1."""
+    sides (the batch), no axis of size 0 or 1."""
     xs, ys = ([None if d is None or d < 0 else int(d) for d in shape] for shape in (xs, ys))
     lead = 0
     while lead < min(len(xs), len(ys)) and xs[lead] is None and ys[lead] is None:
         lead += 1
     rest_x, rest_y = xs[lead:], ys[lead:]
-    if not rest_x or None in rest_x or rest_y.count(None) > 1 or 1 in rest_x or 1 in rest_y:
+    if not rest_x or None in rest_x or rest_y.count(None) > 1 or \
+            min(rest_x + [d for d in rest_y if d is not None]) < 2:  # (an empty axis: nothing to follow)
         return None
     total = int(np.prod(rest_x))
     if None in rest_y:

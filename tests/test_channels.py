@@ -1114,6 +1114,18 @@ def test_reshapes_that_split_and_merge_at_once(tmp_path):
     assert graphprune.cost(out).parameters == _predicted_parameters(pm)
 
 
+def test_blocks_of_a_reshape():
+    """How _blockwise reads a Reshape: blocks of equal size, the batch unknown on both sides, one -1
+    worked out; None for what it cannot follow (an empty or size-1 axis, sizes that do not divide),
+    never an error."""
+    blocks = channels._blocks
+    assert blocks([None, 16, 4, 4], [None, 2, 8, -1]) == [((0,), (0,)), ((1,), (1, 2)), ((2, 3), (3,))]
+    assert blocks([None, 16, 2, 4], [None, 4, 4, 8]) == [((0,), (0,)), ((1,), (1, 2)), ((2, 3), (3,))]
+    for xs, ys in (([None, 0, 4], [None, -1, 2]), ([None, 4], [None, 0, -1]), ([None, 4, 4], [None, 1, 16]),
+                   ([None, 6], [None, 4, -1]), ([3, None, 2, 5], [3, None, 10]), ([None, 4, 4], [None, -1, -1])):
+        assert blocks(xs, ys) is None, (xs, ys)
+
+
 def test_residual_stream_through_layer_norms(stream_net, tmp_path):
     """residual_stream=True removes channels of the stream that layer norms, an RMS norm and
     every block's residual add share: each Mean over them becomes a mean over the kept channels,
