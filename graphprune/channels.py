@@ -1594,9 +1594,7 @@ def _blockwise(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:
                 dim(axis, (self.tensor(y, axis),))
         elif len(merges) == 1 and (x_axes, y_axes) == merges[0] and rewritable(y_axes):
             spaces = tuple(self.tensor(x, axis) for axis in x_axes)
-            self.merged[y] = (y_axes[0], spaces)
-            self.claimed.update(spaces)
-            self.claim(y, y_axes[0])
+            _merged_into(self, y, y_axes[0], spaces)
             dim(y_axes[0], spaces)
         else:
             continue
@@ -1803,12 +1801,17 @@ def _repeat(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:
 
 def _merge(self: _Entry, x: str, y: str, i: int, rank: int) -> None:
     """y is x with axes i and i + 1 merged into one (see _Entry.merged); the other axes go through."""
-    spaces = (self.tensor(x, i), self.tensor(x, i + 1))
-    self.merged[y] = (i, spaces)
     for axis, merged_axis in _other_axes(i, rank):
         self.link(self.tensor(x, axis), self.tensor(y, merged_axis))
+    _merged_into(self, y, i, (self.tensor(x, i), self.tensor(x, i + 1)))
+
+
+def _merged_into(self: _Entry, y: str, position: int, spaces: tuple) -> None:
+    """Axis ``position`` of y is the two ``spaces`` merged (see _Entry.merged): they are accounted
+    for here, and whatever reads y follows them (or poisons them: _merged_consumers)."""
+    self.merged[y] = (position, spaces)
     self.claimed.update(spaces)
-    self.claim(y, i)
+    self.claim(y, position)
 
 
 def _constant_elements(self: _Entry, producer, positions) -> bool:
