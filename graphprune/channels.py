@@ -110,6 +110,8 @@ BATCH_NORM_OPS = {"FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"}
 CONTROL_FLOW_OPS = {"If", "StatelessIf", "Case", "StatelessCase", "While", "StatelessWhile"}
 ASSIGN_OPS = {"AssignVariableOp", "AssignSubVariableOp", "AssignAddVariableOp"}
 IGNORED_OPS = {"NoOp", "Placeholder", "Const", "ReadVariableOp", "VarHandleOp"}
+UNSIZED = "its size is not known statically"
+MEETS_UNSIZED = "it meets a tensor whose channel count is not known statically"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,6 +217,18 @@ class SliceSite:
 
 
 @dataclasses.dataclass(frozen=True)
+class ScaleSite:
+    """A Mul(batch, heads) that makes the size of an axis holding the batch merged with heads
+    (ViTDet's and SAM's [3, B * heads, N, d]): shrink_channels writes the kept count of ``space``
+    (the heads) over its constant operand at ``operand``."""
+
+    entry: str
+    node: str
+    operand: int
+    space: tuple
+
+
+@dataclasses.dataclass(frozen=True)
 class MeanSite:
     """A Mean over the channels of ``space`` alone (a layer norm's mean or variance) at the top
     graph of ``entry``: with ``analyze(..., through_means=True)`` it does not keep its channels'
@@ -253,16 +267,39 @@ class _Graph:
         # a TensorList (an RNN's inputs and outputs, read and written step by step in a loop) ->
         # its elements' static shape: element axis k is space key + (k,) (_Entry.list_spaces)
         self.lists: dict[tuple, tuple] = {}
+        # The batch merged with heads (_batch_heads): an axis of unknown size that a Reshape makes
+        # from [.., B, heads, ..] -> [.., B * heads, ..] carries the heads, each over every batch
+        # element. Such an axis (an origin, with the heads' count) is followed through the links
+        # of unknown-size axes (loose) once every entry is read; a Reshape back [.., B, heads, ..]
+        # (splits) joins the heads again; the sizes read of such axes (size_reads) and the shape
+        # elements written for them (dim_elements) must follow them.
+        self.unsized: set = set()
+        self.loose: list[tuple[tuple, tuple, int]] = []
+        self.batch_origins: dict[tuple, int] = {}
+        self.batch_splits: list[tuple[tuple, tuple, str]] = []  # (merged axis, heads axis, Reshape)
+        self.batch_sides: list[tuple[tuple, tuple, str]] = []  # (a batch axis, its merged axis, Reshape)
+        self.dim_elements: dict[ShapeDim, tuple] = {}
+        self.size_reads: list[tuple[tuple, tuple | None, str]] = []
+        self.scales: list[ScaleSite] = []
+        self.reasons: dict[tuple, list[str]] = {}  # every reason an unknown-size axis was poisoned for
 
     def space(self, space: tuple, size) -> tuple | None:
+        if space in self.batch_origins:
+            return space
         if size is None or int(size) < 0:  # -1: a shape computed as unknown
-            self.poisoned.setdefault(space, "its size is not known statically")
+            self.unsized.add(space)
+            self.poison(space, UNSIZED)
             return space
         self.sizes[space] = int(size)
         return space
 
     def link(self, a: tuple | None, c: tuple | None, offset: int = 0) -> None:
-        if a in self.sizes and c in self.sizes and 0 <= offset and self.sizes[a] + offset <= self.sizes[c]:
+        if any(space in self.unsized or space in self.batch_origins for space in (a, c)) and None not in (a, c):
+            self.loose.append((a, c, offset))  # followed by _batch_heads where it carries heads
+        if a in self.batch_origins or c in self.batch_origins:
+            for space in (a, c):
+                self.poison(space, MEETS_UNSIZED)
+        elif a in self.sizes and c in self.sizes and 0 <= offset and self.sizes[a] + offset <= self.sizes[c]:
             self.edges.append((a, c, offset))
         elif a in self.sizes and c in self.sizes:  # a's channels do not fit in c's: never the same channels
             for space in (a, c):
@@ -270,10 +307,19 @@ class _Graph:
         else:  # a tensor of unknown rank or size: its channels cannot be followed
             for space in (a, c):
                 if space is not None:
-                    self.poison(space, "it meets a tensor whose channel count is not known statically")
+                    self.poison(space, MEETS_UNSIZED)
 
     def poison(self, space: tuple, reason: str) -> None:
         self.poisoned.setdefault(space, reason)
+        if space in self.unsized or space in self.batch_origins:
+            self.reasons.setdefault(space, []).append(reason)
+
+    def batch_origin(self, space: tuple, heads: tuple, size: int) -> None:
+        """``space``, an axis of unknown size, is the batch merged with ``heads`` (of ``size``)."""
+        self.batch_origins[space] = size
+        self.sizes[space] = size
+        self.unsized.discard(space)
+        self.edges.append((heads, space, 0))
 
     def member(self, kind: str, name: str, axis: int, size, role: str, period=None) -> tuple:
         space = ("v" if kind == "variable" else "c", name, axis, period)
@@ -507,15 +553,56 @@ class _Entry:
             if node.op == "Max" and names.kept_mean_part(node.name) == "keep_max":
                 handler = _claim_all
             self.claimed, self.failed = set(), None
+            dims = len(self.graph.dims)
             if handler is not None:
                 handler(self, node)
             else:
                 self.unknown(node)
+            for dim in self.graph.dims[dims:]:
+                if dim.node == self.node_id(node.name) and any(space in self.graph.unsized for space in dim.spaces):
+                    self.graph.dim_elements[dim] = self._element(node, dim)
             self._settle(node)
         for ref in list(self.periodic):
             self._periodic_consumers(ref)
         self._merged_consumers()
         self._sizes_read()
+
+    def _element(self, node, dim: ShapeDim) -> tuple:
+        """What element ``dim.position`` of ``node``'s shape operand is, for an axis of unknown
+        size: ("inferred",) for a -1, ("follows", space) for the size of axis ``space`` read by
+        Shape and an index, else ("other",)."""
+        producer = self.body.producer(self.body.data_inputs(node)[dim.operand])
+        if _literal_minus_one(self, producer, dim.position):
+            return ("inferred",)
+        if producer is None or producer.op != "Pack" or _attr(producer, "axis", "i", 0) != 0:
+            return ("other",)
+        element = self.body.data_inputs(producer)[dim.position]
+        index = self.origin(element)
+        shape = None if index is None or index.op != "StridedSlice" else self.origin(index.input[0])
+        if shape is None or shape.op != "Shape" or self.shape(shape.input[0]) is None:
+            return ("other",)
+        picked = _elements_picked(self, index, len(self.shape(shape.input[0])))
+        if len(picked) != 1 or not _attr(index, "shrink_axis_mask", "i", 0) & 1:
+            return ("other",)
+        return ("follows", self.tensor(shape.input[0], picked.pop()))
+
+    def _size_targets(self, index) -> tuple | None:
+        """(entry, Reshape, position) of every shape element a scalar ``index`` of a Shape becomes
+        (through Identity/Cast and a Pack), or None where it goes anywhere else."""
+        targets, pending = [], [index]
+        while pending:
+            node = pending.pop()
+            for reader, position in self._readers(self.body.ref(node.name)):
+                if reader.op in ("Identity", "Cast"):
+                    pending.append(reader)
+                elif reader.op != "Pack" or _attr(reader, "axis", "i", 0) != 0:
+                    return None
+                else:
+                    for reshape, operand in self._readers(self.body.ref(reader.name)):
+                        if reshape.op != "Reshape" or operand != 1:
+                            return None
+                        targets.append((self.entry.label, self.node_id(reshape.name), position))
+        return tuple(targets)
 
     def _sizes_read(self) -> None:
         """A static size of t read by Shape(t) into something that does not follow t's channels
@@ -527,7 +614,11 @@ class _Entry:
                 continue
             for reader, _ in self.body.consumers(name):
                 for a in sorted(_elements_picked(self, reader, len(ts))):
-                    if ts[a] is not None:
+                    if ts[a] is None and self.tensor(t, a) in self.graph.unsized:  # heads merged with the batch?
+                        one = reader.op == "StridedSlice" and _attr(reader, "shrink_axis_mask", "i", 0) & 1
+                        self.graph.size_reads.append((self.tensor(t, a), self._size_targets(reader) if one else None,
+                                                      self.node_id(name)))
+                    elif ts[a] is not None:
                         self.graph.poison(self.tensor(t, a), f"Shape '{name}' reads its size into "
                                                              f"{reader.op} '{reader.name}'")
 
@@ -1154,7 +1245,9 @@ def _kept_mean_reduction(self: _Entry, node, reduced: set, rank: int) -> bool:
     part = names.kept_mean_part(node.name)
     if part in ("sum", "count") and node.op == "Sum":
         return True
-    if not self.graph.through_means or node.op != "Mean" or reduced != {rank - 1} or self.body.is_function:
+    last = self.shape(self.body.data_inputs(node)[0])[-1]
+    if not self.graph.through_means or node.op != "Mean" or reduced != {rank - 1} or self.body.is_function \
+            or last is None or last < 0:
         return False
     self.graph.means.append(MeanSite(self.entry.label, node.name, self.tensor(self.body.data_inputs(node)[0], -1)))
     return True
@@ -1494,6 +1587,8 @@ def _reshape(self: _Entry, node) -> None:
         return
     if _merge_or_split(self, node, x, shape_ref, xs, ys) or _repeat(self, node, x, shape_ref, xs, ys):
         return
+    if _batch_blocks(xs, ys) is not None and _blockwise(self, node, x, shape_ref, xs, ys, batch_only=True):
+        return  # the batch merged with heads, or split back (_batch_heads)
     if xs[-1] == ys[-1] and _shape_last(self, shape_ref) is None and _shape_of_own_input(self, x, shape_ref):
         self.link(self.tensor(x), self.tensor(node.name))  # tf.tensordot: computed from the input's own shape
         return
@@ -1526,6 +1621,8 @@ def _blocks(xs, ys) -> list[tuple[tuple, tuple]] | None:
     axes)], or None: every size static (the one -1 worked out) but for leading axes unknown on both
     sides (the batch), no axis of size 0 or 1."""
     xs, ys = ([None if d is None or d < 0 else int(d) for d in shape] for shape in (xs, ys))
+    if xs.count(None) == ys.count(None) and xs.count(None) and xs[0] is not None:
+        return _aligned_blocks(xs, ys)
     lead = 0
     while lead < min(len(xs), len(ys)) and xs[lead] is None and ys[lead] is None:
         lead += 1
@@ -1558,33 +1655,92 @@ def _blocks(xs, ys) -> list[tuple[tuple, tuple]] | None:
     return blocks if (a, c) == (len(xs), len(ys)) else None
 
 
-def _blockwise(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:
+def _aligned_blocks(xs: list, ys: list) -> list[tuple[tuple, tuple]] | None:
+    """_blocks where axes of unknown size (as many on each side) pair up in order, each a block of
+    its own, and the static axes between them make blocks of equal size (none of size 0 or 1)."""
+    unknown_x, unknown_y = ([i for i, d in enumerate(shape) if d is None] for shape in (xs, ys))
+    if len(unknown_x) != len(unknown_y):
+        return None
+    bounds_x, bounds_y = [-1] + unknown_x + [len(xs)], [-1] + unknown_y + [len(ys)]
+    blocks = []
+    for k in range(len(unknown_x) + 1):
+        part_x, part_y = range(bounds_x[k] + 1, bounds_x[k + 1]), range(bounds_y[k] + 1, bounds_y[k + 1])
+        sizes_x, sizes_y = [xs[i] for i in part_x], [ys[i] for i in part_y]
+        if min(sizes_x + sizes_y or [2]) < 2 or int(np.prod(sizes_x)) != int(np.prod(sizes_y)):
+            return None
+        a = c = 0
+        while a < len(sizes_x):
+            first_x, first_y, size_x, size_y = a, c, sizes_x[a], sizes_y[c]
+            a, c = a + 1, c + 1
+            while size_x != size_y:
+                if size_x < size_y:
+                    size_x, a = size_x * sizes_x[a], a + 1
+                else:
+                    size_y, c = size_y * sizes_y[c], c + 1
+            blocks.append((tuple(part_x[first_x:a]), tuple(part_y[first_y:c])))
+        if k < len(unknown_x):
+            blocks.append(((unknown_x[k],), (unknown_y[k],)))
+    return blocks
+
+
+def _batch_blocks(xs, ys) -> tuple[list, tuple] | None:
+    """A Reshape that merges the batch with the static axis after it ([.., B, heads, ..] ->
+    [.., B * heads, ..]) or splits such an axis back, as blocks (_blocks) and that one:
+    ("merge", batch axis, heads axis, merged axis) or ("split", merged axis, batch axis, heads
+    axis); None otherwise."""
+    xs, ys = ([None if d is None or d < 0 else int(d) for d in shape] for shape in (xs, ys))
+    if xs.count(None) != ys.count(None) or not xs.count(None):
+        return None
+    for merging, ws, zs in ((True, xs, ys), (False, ys, xs)):  # a split is a merge read backwards
+        for i in range(len(ws) - 1):
+            if ws[i] is not None or ws[i + 1] is None or ws[i + 1] < 2:
+                continue
+            blocks = _aligned_blocks(ws[:i + 1] + ws[i + 2:], zs)
+            if blocks is None:
+                continue
+            blocks = [(tuple(axis if axis <= i else axis + 1 for axis in w), z) for w, z in blocks]
+            k = next(z[0] for w, z in blocks if w == (i,))
+            blocks = [(w, z) for w, z in blocks if w != (i,)]
+            if merging:
+                return blocks, ("merge", i, i + 1, k)
+            return [(z, w) for w, z in blocks], ("split", k, i, i + 1)
+    return None
+
+
+def _blockwise(self: _Entry, node, x: str, shape_ref: str, xs, ys, batch_only: bool = False) -> bool:
     """A Reshape that keeps, splits in two and merges axes in one go (MobileNetV5's multi-query
     attention: [B, C, H, W] -> [B, heads, key dim, H * W], and [B, H * W, heads, value dim] ->
     [B, H, W, heads * value dim]): each block of equal size (_blocks) is read as the rules for one
     axis do: kept (linked), split in two (heads x head dims: _refine_factors) or two merged (at
     most one merge: see _Entry.merged), where the shape operand's elements for it are constants
     shrink_channels can rewrite (a -1 needs none). Other blocks are poisoned. False when nothing
-    goes through."""
+    goes through (``batch_only``: unless the batch merged with heads, or split back, does)."""
     producer = self.body.producer(shape_ref)
-    blocks = _blocks(xs, ys)
+    blocks, batch = _blocks(xs, ys), None
+    if blocks is None:
+        blocks, batch = _batch_blocks(xs, ys) or (None, None)
     if producer is None or producer.op not in ("Const", "Pack") or blocks is None or x in self.merged:
         return False
-    value = _evaluate(self, shape_ref, 0)
-    y, went = self.body.ref(node.name), False
+    y, went = self.body.ref(node.name), batch is not None and _batch_block(self, node, x, producer, batch)
+    if batch_only and not went:
+        return False
 
     def rewritable(positions) -> bool:
         return _constant_elements(self, producer, positions)
 
     def dim(position: int, spaces: tuple) -> None:  # a -1 stays right whatever goes
-        if not (isinstance(value, list) and len(value) == len(ys) and value[position] == -1):
+        if not _literal_minus_one(self, producer, position):
             self.graph.dims.append(ShapeDim(self.entry.label, self.node_id(node.name), position, spaces))
 
     merges = [block for block in blocks if len(block[0]) == 2 and len(block[1]) == 1]
     for x_axes, y_axes in blocks:
-        if len(x_axes) == len(y_axes) == 1 and xs[x_axes[0]] is not None and rewritable(y_axes):
-            self.link(self.tensor(x, x_axes[0]), self.tensor(y, y_axes[0]))
+        if len(x_axes) == len(y_axes) == 1 and (xs[x_axes[0]] is None or xs[x_axes[0]] < 0 or rewritable(y_axes)):
+            self.link(self.tensor(x, x_axes[0]), self.tensor(y, y_axes[0]))  # an unknown size: _batch_heads
             dim(y_axes[0], (self.tensor(x, x_axes[0]),))
+        elif len(x_axes) == 1 and len(y_axes) == 3 and rewritable(y_axes):  # a fused query-key-value
+            _split_in_three_at(self, node, x, x_axes[0], y, y_axes[0])
+            for axis in y_axes:
+                dim(axis, (self.tensor(y, axis),))
         elif len(x_axes) == 1 and len(y_axes) == 2 and rewritable(y_axes):
             spaces = tuple(self.tensor(y, axis) for axis in y_axes)
             self.graph.factors.append((self.tensor(x, x_axes[0]), *spaces))
@@ -1600,6 +1756,61 @@ def _blockwise(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:
             continue
         went = True
     return went
+
+
+def _batch_block(self: _Entry, node, x: str, producer, batch: tuple) -> bool:
+    """The block of a Reshape that merges the batch with heads or splits them back (_batch_blocks;
+    see _batch_heads). A merge's element must be a -1 or Mul(batch, heads), whose heads
+    shrink_channels rewrites (ScaleSite); a split's heads element a constant it can rewrite."""
+    y = self.body.ref(node.name)
+    if batch[0] == "split":
+        _, merged, batch_axis, heads = batch
+        if not _constant_elements(self, producer, [heads]):
+            return False
+        self.graph.batch_splits.append((self.tensor(x, merged), self.tensor(y, heads), node.name))
+        self.graph.batch_sides.append((self.tensor(y, batch_axis), self.tensor(x, merged), node.name))
+        self.graph.dims.append(ShapeDim(self.entry.label, self.node_id(node.name), heads, (self.tensor(y, heads),)))
+        for ref, axis in ((x, merged), (y, batch_axis), (y, heads)):
+            self.claim(ref, axis)
+        return True
+    _, batch_axis, heads, merged = batch
+    space, heads_space = self.tensor(y, merged), self.tensor(x, heads)
+    size = self.graph.sizes.get(heads_space)
+    if size is None:
+        return False
+    if producer.op == "Const" and not _literal_minus_one(self, producer, merged):
+        return False
+    if not _literal_minus_one(self, producer, merged):
+        element_ref = self.body.data_inputs(producer)[merged]
+        element = self.body.producer(element_ref)
+        if element is None or element.op != "Mul" or len(list(self._readers(element_ref))) != 1:
+            return False
+        factors = [_evaluate(self, ref, 0) for ref in self.body.data_inputs(element)[:2]]
+        factors = [f if isinstance(f, int) and f >= 0 else None for f in factors]  # -1: unknown
+        if factors.count(size) != 1 or None not in factors:
+            return False
+        self.graph.scales.append(ScaleSite(self.entry.label, self.node_id(element.name), factors.index(size), space))
+    self.graph.batch_origin(space, heads_space, size)
+    self.graph.batch_sides.append((self.tensor(x, batch_axis), space, node.name))
+    for ref, axis in ((x, batch_axis), (x, heads), (y, merged)):
+        self.claim(ref, axis)
+    return True
+
+
+def _minus_one(self: _Entry, ref: str) -> bool:
+    """Whether ``ref`` is a constant -1 (a Reshape's size to infer; not a size computed as unknown)."""
+    node = self.origin(ref)
+    return node is not None and node.op == "Const" and np.ravel(tf.make_ndarray(node.attr["value"].tensor)).tolist() == [-1]
+
+
+def _literal_minus_one(self: _Entry, producer, position: int) -> bool:
+    """Whether element ``position`` of a shape operand made by ``producer`` (a Const vector or a
+    Pack of scalars) is a constant -1."""
+    if producer is not None and producer.op == "Const":
+        value = np.ravel(tf.make_ndarray(producer.attr["value"].tensor))
+        return -value.size <= position < value.size and int(value[position]) == -1
+    inputs = self.body.data_inputs(producer) if producer is not None and producer.op == "Pack" else []
+    return -len(inputs) <= position < len(inputs) and _minus_one(self, inputs[position])
 
 
 def _unit_axes(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:
@@ -1749,19 +1960,25 @@ def _merge_or_split(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:
         return True
     j = _split_in_three(xs, ys)
     if j is not None and x not in self.merged and _constant_elements(self, producer, [j, j + 1, j + 2]):
-        # a fused projection's [.., 3 * heads * d] -> [.., 3, heads, d] (Swin's query-key-value):
-        # split in two, and the second part again (_refine_factors), through a space of its own
-        inner = self.graph.space(("t", self.entry.label, self.node_id(node.name), "inner", j), ys[j + 1] * ys[j + 2])
-        self.graph.factors.append((self.tensor(x, j), self.tensor(y, j), inner))
-        self.graph.factors.append((inner, self.tensor(y, j + 1), self.tensor(y, j + 2)))
+        # a fused projection's [.., 3 * heads * d] -> [.., 3, heads, d] (Swin's query-key-value)
+        _split_in_three_at(self, node, x, j, y, j)
         for axis in range(len(ys)):
             if axis < j or axis > j + 2:
                 self.link(self.tensor(x, axis if axis < j else axis - 2), self.tensor(y, axis))
-        self.claim(x, j)
-        self.claimed.update(self.tensor(y, axis) for axis in (j, j + 1, j + 2))
         split_dims(len(ys))
         return True
     return False
+
+
+def _split_in_three_at(self: _Entry, node, x: str, a: int, y: str, j: int) -> None:
+    """Axis a of x is axes j, j + 1 and j + 2 of y (a fused projection's 3 x heads x head dims):
+    split in two, and the second part again (_refine_factors), through a space of its own."""
+    ys = self.shape(y)
+    inner = self.graph.space(("t", self.entry.label, self.node_id(node.name), "inner", j), ys[j + 1] * ys[j + 2])
+    self.graph.factors.append((self.tensor(x, a), self.tensor(y, j), inner))
+    self.graph.factors.append((inner, self.tensor(y, j + 1), self.tensor(y, j + 2)))
+    self.claim(x, a)
+    self.claimed.update(self.tensor(y, axis) for axis in (j, j + 1, j + 2))
 
 
 def _split_in_three(xs, ys) -> int | None:
@@ -2439,6 +2656,7 @@ class Analysis:
     refined: dict = dataclasses.field(default_factory=dict)  # a space split into heads -> (heads, dims)
     counts: tuple = ()  # (entry, node, space): a scalar node counting a Tile's copies, now of space's size
     slice_sites: tuple[SliceSite, ...] = ()  # StridedSlices and Slices that take a part of a channel axis
+    scales: tuple[ScaleSite, ...] = ()  # Muls that size an axis of the batch merged with heads
 
 
 def channel_groups(model) -> tuple[ChannelGroup, ...]:
@@ -2532,6 +2750,7 @@ def analyze(model: g.TracedModel, through_means: bool = False) -> Analysis:
         if entry.kind == "update":
             continue
         _Entry(graph, entry).run()
+    _batch_heads(graph)
     _poison_nested(graph, model)
     _refine_factors(graph)
     atoms, atom_edges = _atoms(graph)
@@ -2556,7 +2775,7 @@ def analyze(model: g.TracedModel, through_means: bool = False) -> Analysis:
     sizes = {**graph.sizes, **{space: graph.sizes_before_refining[space] for space in graph.refined}}
     return Analysis(tuple(groups), tuple(graph.reshapes), slices, sizes, tuple(graph.dims),
                     tuple(graph.means), tuple(graph.splits), tuple(graph.squeezes), dict(graph.refined),
-                    tuple(graph.counts), tuple(graph.slice_sites))
+                    tuple(graph.counts), tuple(graph.slice_sites), tuple(graph.scales))
 
 
 def _refine_factors(graph: _Graph) -> None:
@@ -2692,6 +2911,86 @@ def _parts(space: tuple, d: int) -> tuple[tuple, tuple]:
     outer = (*space[:3], None if period is None else period // d, d * (block or 1))
     inner = (*space[:3], d) + ((block,) if block is not None else ())
     return outer, inner
+
+
+def _batch_heads(graph: _Graph) -> None:
+    """Follow each axis that holds the batch merged with heads (_Graph.batch_origins) through the
+    links of axes of unknown size: every axis it reaches carries those heads (each over every
+    batch element, as a channel axis carries its channels) and has their count; it is poisoned
+    where it meets a static axis, a part of itself (an offset) or heads of another count, where
+    a Reshape computes its size from anything but the size of an axis that carries the same heads
+    (a -1 needs none), or where its size is read into anything else. A Reshape that splits such an
+    axis back into [.., B, heads, ..] links the heads; one that splits any other unknown axis so
+    keeps that axis's heads whole."""
+    if not graph.batch_origins:
+        for merged, heads, reshape in graph.batch_splits:
+            graph.poison(heads, f"Reshape '{reshape}' splits it off an axis of unknown size")
+        return
+    neighbours: dict[tuple, list] = {}
+    for a, c, offset in graph.loose:
+        neighbours.setdefault(a, []).append((c, offset))
+        neighbours.setdefault(c, []).append((a, offset))
+    sizes, bad = dict(graph.batch_origins), {}
+    pending = list(sizes)
+    while pending:
+        space = pending.pop()
+        for other, offset in neighbours.get(space, ()):
+            if other not in graph.unsized and other not in graph.batch_origins:
+                bad.setdefault(space, "it holds heads merged with the batch and meets a static axis")
+            elif offset:
+                bad.setdefault(space, "it holds heads merged with the batch and meets a part of itself")
+            elif other not in sizes:
+                sizes[other] = sizes[space]
+                pending.append(other)
+            elif sizes[other] != sizes[space]:
+                bad.setdefault(space, "it holds heads merged with the batch and meets heads of another count")
+    edges = [(a, c, 0) for a, c, offset in graph.loose if a in sizes and c in sizes and not offset]
+    for merged, heads, reshape in graph.batch_splits:
+        if sizes.get(merged) == graph.sizes.get(heads):
+            edges.append((merged, heads, 0))
+        else:
+            graph.poison(heads, f"Reshape '{reshape}' splits it off an axis of unknown size")
+            if merged in sizes:
+                bad.setdefault(merged, f"Reshape '{reshape}' splits off heads of another count")
+    for batch, merged, reshape in graph.batch_sides:  # the batch beside heads must not hold heads itself
+        if batch in sizes:
+            for space in (batch, merged):
+                bad.setdefault(space, f"Reshape '{reshape}' merges heads with an axis that holds heads")
+    follows = {}
+    dims = []
+    for dim in graph.dims:
+        if not any(space in sizes for space in dim.spaces):
+            dims.append(dim)
+            continue
+        element = graph.dim_elements.get(dim, ("other",))
+        if element[0] == "follows" and len(dim.spaces) == 1 and sizes.get(element[1]) == sizes.get(dim.spaces[0]):
+            edges.append((dim.spaces[0], element[1], 0))
+            follows[(dim.entry, dim.node, dim.position)] = element[1]
+        elif element[0] != "inferred":
+            for space in dim.spaces:
+                bad.setdefault(space, f"Reshape '{dim.node}' computes the size of an axis that holds heads "
+                                      "merged with the batch")
+    graph.dims = dims
+    rewritten = [(site.space, site.node) for site in graph.reshapes + graph.slice_sites + graph.means] + \
+        [(space, site.node) for site in graph.splits for space in site.spaces] + \
+        [(space, node) for _, node, space in graph.counts]
+    for space, node in rewritten:  # sizes written as the channel count alone
+        if space in sizes:
+            bad.setdefault(space, f"'{node}' writes the size of an axis that holds heads merged with the batch")
+    for space, targets, shape in graph.size_reads:
+        if space in sizes and (targets is None or any(target not in follows for target in targets)):
+            bad.setdefault(space, f"Shape '{shape}' reads the size of an axis that holds heads merged with "
+                                  "the batch into something that does not follow it")
+    for space, size in sizes.items():
+        graph.sizes[space] = size
+        graph.unsized.discard(space)
+        reasons = [why for why in graph.reasons.get(space, ()) if why not in (UNSIZED, MEETS_UNSIZED)]
+        why = bad.get(space) or (reasons[0] if reasons else None)
+        if why is None:
+            graph.poisoned.pop(space, None)
+        else:
+            graph.poisoned[space] = why
+    graph.edges.extend((a, c, 0) for a, c, _ in edges if graph.sizes.get(a) == graph.sizes.get(c))
 
 
 def _poison_nested(graph: _Graph, model: g.TracedModel) -> None:

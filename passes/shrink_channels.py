@@ -107,6 +107,11 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
         kept = _kept_size(analysis, removed, space)
         if space in analysis.sizes and kept != analysis.sizes[space]:
             counts[(label, count_node)] = kept
+    scales = {}  # (entry, Mul) -> (operand, the kept count of heads merged with the batch)
+    for site in analysis.scales:
+        kept = _kept_size(analysis, removed, site.space)
+        if kept != analysis.sizes[site.space]:
+            scales[(site.entry, site.node)] = (site.operand, kept)
     entries = []
     shrunk_specs = {spec.key: spec for spec in specs}
     for entry in model.entries:
@@ -131,6 +136,10 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
                     _set_bounds(body, node, *new_bounds[(entry.label, name)])
                     if (entry.label, name) in new_shapes:  # a Slice's size, of a last axis taken whole
                         _set_last_dim(body, node, *new_shapes[(entry.label, name)])
+                elif node.op == "Mul" and (entry.label, name) in scales:  # batch * heads (channels.ScaleSite)
+                    operand, kept = scales[(entry.label, name)]
+                    factor = body.add(g.const_node(f"{node.name}/shrunk_heads", np.array(kept), _output_dtype(node)))
+                    body.set_input(node, operand, body.ref(factor.name))
                 elif (entry.label, name) in counts:  # a Tile's count of copies (channels.Analysis.counts)
                     body.replace(node, g.const_node(node.name, np.array(counts[(entry.label, name)]),
                                                     _output_dtype(node)))

@@ -1114,6 +1114,103 @@ def test_reshapes_that_split_and_merge_at_once(tmp_path):
     assert graphprune.cost(out).parameters == _predicted_parameters(pm)
 
 
+class _BatchHeadsAttention(tf.Module):
+    """ViTDet's and SAM's attention (keras-hub's MultiHeadAttentionWithRelativePE), written out: a
+    fused query-key-value projection split in 3 x heads x head dims, the heads merged with the
+    batch ([3, B * heads, N, d]), decomposed relative positions added to the scores (their
+    tables read the query dims), and [B * heads, N, d] split back into [B, heads, H, W, d].
+    ``hostile`` breaks what makes that safe, one way at a time."""
+
+    def __init__(self, hostile=None, heads=4, dim=4, size=4):
+        rng = np.random.RandomState(0)
+        self.heads, self.dim, self.size, self.hostile = heads, dim, size, hostile
+        width = heads * dim
+        self.embed = tf.Variable(rng.standard_normal([3, width]).astype(np.float32), name="embed/kernel")
+        self.qkv = tf.Variable(rng.standard_normal([width, 3 * width]).astype(np.float32) * 0.3, name="qkv/kernel")
+        self.qkv_bias = tf.Variable(rng.standard_normal([3 * width]).astype(np.float32) * 0.1, name="qkv/bias")
+        self.rel_h = tf.Variable(rng.standard_normal([2 * size - 1, dim]).astype(np.float32) * 0.3, name="rel_h")
+        self.rel_w = tf.Variable(rng.standard_normal([2 * size - 1, dim]).astype(np.float32) * 0.3, name="rel_w")
+        self.proj = tf.Variable(rng.standard_normal([width, width]).astype(np.float32) * 0.3, name="proj/kernel")
+        self.head = tf.Variable(rng.standard_normal([width, 5]).astype(np.float32), name="head/kernel")
+        coords = np.arange(size)[:, None] - np.arange(size)[None, :] + size - 1
+        self.coords = tf.constant(coords.astype(np.int32))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 4, 4, 3], tf.float32)])
+    def __call__(self, x):
+        heads, dim, size, hostile = self.heads, self.dim, self.size, self.hostile
+        batch = tf.shape(x)[0]
+        qkv = tf.matmul(tf.nn.relu(tf.matmul(x, self.embed)), self.qkv) + self.qkv_bias
+        qkv = tf.transpose(tf.reshape(qkv, [batch, size * size, 3, heads, dim]), (2, 0, 3, 1, 4))
+        q, k, v = tf.unstack(tf.reshape(qkv, [3, batch * heads, size * size, dim]), axis=0)
+        scores = tf.matmul(q * dim ** -0.5, tf.transpose(k, (0, 2, 1)))
+        n = tf.shape(q)[0]  # batch * heads, read back as ViTDet's relative positions do
+        rows = tf.reshape(q, [n, size, size, dim])
+        rel_h = tf.einsum("bhwc,hkc->bhwk", rows, tf.gather(self.rel_h, self.coords))
+        rel_w = tf.einsum("bhwc,wkc->bhwk", rows, tf.gather(self.rel_w, self.coords))
+        scores = tf.reshape(scores, [n, size, size, size, size]) + rel_h[..., :, None] + rel_w[..., None, :]
+        scores = tf.nn.softmax(tf.reshape(scores, [n, size * size, size * size]))
+        values = tf.matmul(scores, v)
+        if hostile == "sum over the batch":  # the merged axis reduced: heads of every batch element mixed
+            values += tf.reduce_sum(values, 0, keepdims=True)
+        if hostile == "batch read back":  # the batch worked out from the merged size: n // heads
+            out = tf.reshape(values, [n // heads, heads, size, size, dim])
+        elif hostile == "other heads":  # split back into twice the batch and half the heads
+            out = tf.reshape(values, [batch * 2, heads // 2, size, size, dim])
+            out = tf.reshape(out, [batch, heads, size, size, dim])
+        else:
+            out = tf.reshape(values, [batch, heads, size, size, dim])
+        out = tf.reshape(tf.transpose(out, (0, 2, 3, 1, 4)), [batch, size, size, heads * dim])
+        y = tf.nn.relu(tf.matmul(out, self.proj))
+        return tf.matmul(tf.reduce_mean(y, [1, 2]), self.head)
+
+
+def _heads_group(groups, kernel, block=4):
+    return next(group for group in groups if any(m.name == kernel and m.block == block for m in group.members))
+
+
+def test_heads_merged_with_the_batch(tmp_path):
+    """Heads merged with the batch ([3, B * heads, N, d], ViTDet's and SAM's attention) are
+    followed through the ops that keep that axis: the heads go, with the query-key-value kernel's
+    blocks and the projection's rows; the shrunk model's Mul(batch, heads) and reshapes follow
+    (they were whole: 'Reshape ... does not keep this axis'). Where the merged axis is reduced,
+    its size is read into anything but a shape that keeps it, or it is split into heads of
+    another count, the heads stay whole with the reason."""
+    x = np.random.RandomState(1).standard_normal([3, 4, 4, 3]).astype(np.float32)
+    path, module = str(tmp_path / "model"), _BatchHeadsAttention()
+    tf.saved_model.save(module, path)
+    pm = graphprune.prune(path, graphprune.ConstantSparsity(0.5, 0), structure="channel", one_shot=True)
+    groups = graphprune.channel_groups(pm)
+    heads = _heads_group(groups, "proj/kernel")
+    assert heads.prunable and heads.size == 4, channels.describe(groups)
+    assert {(m.name, m.axis, m.block) for m in heads.members} == {("qkv/kernel", 1, 4), ("qkv/bias", 0, 4),
+                                                                  ("proj/kernel", 0, 4)}
+    masked = pm(x).numpy()
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
+    np.testing.assert_allclose(tf.saved_model.load(out)(x).numpy(), masked, atol=1e-5 * np.abs(masked).max(), rtol=0)
+    # cost leaves out the relative position tables (read by a Gather), before and after alike
+    uncounted = sum(int(np.prod(v.shape)) for v in module.trainable_variables) - graphprune.cost(path).parameters
+    assert uncounted == 2 * 7 * 4 and graphprune.cost(out).parameters == _predicted_parameters(pm) - uncounted
+    assert _weight_shape(out, "proj/kernel")[0] == 4 * int(_used_channels(pm, heads).sum()) == 8
+    one = np.random.RandomState(2).standard_normal([1, 4, 4, 3]).astype(np.float32)  # any batch size
+    np.testing.assert_allclose(tf.saved_model.load(out)(one).numpy(), pm(one).numpy(), atol=1e-5 * np.abs(masked).max(),
+                               rtol=0)
+
+    for hostile, why in (("sum over the batch", "does not keep this axis"),
+                         ("batch read back", "reads the size of an axis that holds heads merged with the batch"),
+                         ("other heads", "splits off heads of another count")):
+        path = str(tmp_path / hostile.replace(" ", "_"))
+        tf.saved_model.save(_BatchHeadsAttention(hostile), path)
+        pm = graphprune.prune(path, graphprune.ConstantSparsity(0.5, 0), structure="channel", one_shot=True)
+        groups = graphprune.channel_groups(pm)
+        heads = _heads_group(groups, "qkv/kernel")  # (the projection's rows too, but for "other heads")
+        assert not heads.prunable and why in heads.reason, (hostile, channels.describe(groups))
+        assert not _heads_group(groups, "proj/kernel").prunable
+        masked = pm(x).numpy()
+        out = graphprune.finalize(pm, str(tmp_path / (hostile.replace(" ", "_") + "_small")), shrink=True)
+        np.testing.assert_allclose(tf.saved_model.load(out)(x).numpy(), masked, atol=1e-5 * np.abs(masked).max(),
+                                   rtol=0)
+
+
 def test_blocks_of_a_reshape():
     """How _blockwise reads a Reshape: blocks of equal size, the batch unknown on both sides, one -1
     worked out; None for what it cannot follow (an empty or size-1 axis, sizes that do not divide),
@@ -1121,9 +1218,20 @@ def test_blocks_of_a_reshape():
     blocks = channels._blocks
     assert blocks([None, 16, 4, 4], [None, 2, 8, -1]) == [((0,), (0,)), ((1,), (1, 2)), ((2, 3), (3,))]
     assert blocks([None, 16, 2, 4], [None, 4, 4, 8]) == [((0,), (0,)), ((1,), (1, 2)), ((2, 3), (3,))]
+    # unknown sizes elsewhere pair up in order, the static axes between them in blocks
+    assert blocks([3, None, 2, 5], [3, None, 10]) == [((0,), (0,)), ((1,), (1,)), ((2, 3), (2,))]
     for xs, ys in (([None, 0, 4], [None, -1, 2]), ([None, 4], [None, 0, -1]), ([None, 4, 4], [None, 1, 16]),
-                   ([None, 6], [None, 4, -1]), ([3, None, 2, 5], [3, None, 10]), ([None, 4, 4], [None, -1, -1])):
+                   ([None, 6], [None, 4, -1]), ([3, None, 2, 5], [3, None, 5, 3]), ([None, 4, 4], [None, -1, -1]),
+                   ([3, None, 2, 5], [None, 3, 10])):
         assert blocks(xs, ys) is None, (xs, ys)
+    # the batch merged with the heads after it, and split back (_batch_blocks)
+    batch = channels._batch_blocks
+    assert batch([3, None, 4, 16, 8], [3, None, 16, 8]) == ([((0,), (0,)), ((3,), (2,)), ((4,), (3,))],
+                                                             ("merge", 1, 2, 1))
+    assert batch([None, 16, 8], [None, 4, 4, 4, 8]) == ([((1,), (2, 3)), ((2,), (4,))], ("split", 0, 0, 1))
+    for xs, ys in (([4, None, 16], [None, 16]), ([None, 16], [4, None, 16]), ([None, 4, 8], [None, 4, 8]),
+                   ([None, 4, 8], [None, 8, 8])):
+        assert batch(xs, ys) is None, (xs, ys)
 
 
 def test_residual_stream_through_layer_norms(stream_net, tmp_path):
@@ -2239,6 +2347,11 @@ def _hub_more_models():
                 image_shape=(64, 64, 3)),
             spatial_pyramid_pooling_key="P4", upsampling_size=4, dilation_rates=[2, 4], low_level_feature_key="P2",
             projection_filters=8, image_shape=(64, 64, 3)),
+        # SAM's image encoder: heads merged with the batch ([3, B * heads, N, d]), relative positions,
+        # windowed and global attention
+        "vitdet": lambda: models.ViTDetBackbone(
+            hidden_size=16, num_layers=2, intermediate_dim=32, num_heads=2, global_attention_layer_indices=[1],
+            image_shape=(32, 32, 3), patch_size=8, num_output_channels=8, window_size=2),
         # a DINOv2 encoder's stages reassembled by Conv2DTranspose (up) and strided convs, fused, resized
         "depthanything": lambda: models.DepthAnythingBackbone(
             image_encoder=models.DINOV2Backbone(
@@ -2277,7 +2390,7 @@ def _mobilenetv5():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["bloom", "albert", "moonshine", "t5gemma", "deeplab", "depthanything", "mobilenet",
-                                  "gptoss", "mobilenetv5"])
+                                  "gptoss", "mobilenetv5", "vitdet"])
 def test_keras_hub_more_families_shrink(tmp_path, name):
     """keras-hub models of families the other tests do not build, pruned as a user would and
     shrunk: the groups found are the ones the architecture has, the shrunk model computes the
@@ -2306,7 +2419,10 @@ def test_keras_hub_more_families_shrink(tmp_path, name):
                 # the channels each RMS norm normalizes alone (the stem's, every expansion's and depthwise
                 # conv's, the adapter's), the attention's heads, key dims and value dims (reshaped
                 # channels-first with the positions merged); the residual streams stay whole
-                "mobilenetv5": [2, 8, 8, 8, 32, 64, 64, 64, 96, 128, 128, 160]}[name]
+                "mobilenetv5": [2, 8, 8, 8, 32, 64, 64, 64, 96, 128, 128, 160],
+                # the heads of both layers (merged with the batch), MLP neurons, the neck's first conv; the
+                # query, key and value dims are one axis that the relative position tables read as well
+                "vitdet": [2, 2, 8, 32, 32]}[name]
     assert sorted(group.size for group in groups if group.prunable) == expected, channels.describe(groups)
     spec = pm.signatures["serving_default"].structured_input_signature[1]
     rng = np.random.RandomState(0)
@@ -2320,6 +2436,12 @@ def test_keras_hub_more_families_shrink(tmp_path, name):
     if name == "bloom":  # and the constant ALiBi slope of each head kept
         heads = next(group for group in groups if any(m.name.endswith("alibi_bias_1/Const") for m in group.members))
         predicted += int(_used_channels(pm, heads).sum())
+    if name == "vitdet":  # cost counts 6 values the variables do not hold, before and after alike
+        variables = sum(int(np.prod(spec.shape)) for spec in pm.traced.variables.values()
+                        if spec.role == names.ROLE_OTHER and len(spec.shape) >= 1)
+        extra = graphprune.cost(str(tmp_path / "export")).parameters - variables
+        assert extra == 6
+        predicted += extra
     if name == "deeplab":  # the encoder's last stage is not used (the prediction counts it): fewer
         assert graphprune.cost(out).parameters < min(predicted, 0.3 * graphprune.cost(str(tmp_path / "export")).parameters)
         assert not _kernel_shapes(out) - _predicted_shapes(pm)  # every kernel as its mask predicts
