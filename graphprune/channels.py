@@ -3184,8 +3184,8 @@ def cost(target, entry: str | None = None, *, unknown_size: int | None = None) -
         for node in body.nodes:
             if node.name not in live:  # what no output needs (Keras's probing RNN step) never runs
                 continue
-            if node.op == "ReadVariableOp":
-                key = body.read_key(node)
+            if node.op in ("ReadVariableOp", "ResourceGather", "ResourceGatherNd"):  # a read, or a lookup
+                key = body.read_key(node) if node.op == "ReadVariableOp" else body.resource_key(node.input[0])
                 spec = model.variables.get(key)
                 if spec is not None and key not in keys and len(spec.shape) >= 1 and "float" in spec.dtype:
                     keys.add(key)
