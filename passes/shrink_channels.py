@@ -8,7 +8,8 @@ feeds softmaxes: ChannelGroup.contracted), are dead when the kernels that make t
 (and those that read them, if any). Dead channels are removed from every member of the group:
 kernels (input and output axes), depthwise kernels, biases, normalization parameters and
 statistics, constants, concatenated slices; Reshape shapes that name the channel count follow,
-and so does the count of copies tf.repeat makes (the query heads that share a key/value head).
+and so do the count of copies tf.repeat makes (the query heads that share a key/value head) and
+the heads in a batch * heads that sizes the batch merged with heads (ViTDet's attention).
 Variables get new values and shapes; constants are rewritten in place, and a tf.range of
 constant bounds (rotary inverse frequencies) becomes a gather of its kept values. A group whose every
 channel is dead keeps one (a tensor of zero channels is not a model). Groups left whole by the
