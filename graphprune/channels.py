@@ -1737,7 +1737,8 @@ def _blockwise(self: _Entry, node, x: str, shape_ref: str, xs, ys, batch_only: b
         if len(x_axes) == len(y_axes) == 1 and (xs[x_axes[0]] is None or xs[x_axes[0]] < 0 or rewritable(y_axes)):
             self.link(self.tensor(x, x_axes[0]), self.tensor(y, y_axes[0]))  # an unknown size: _batch_heads
             dim(y_axes[0], (self.tensor(x, x_axes[0]),))
-        elif len(x_axes) == 1 and len(y_axes) == 3 and rewritable(y_axes):  # a fused query-key-value
+        elif len(x_axes) == 1 and len(y_axes) == 3 and rewritable(y_axes) and \
+                all(d is not None and d > 0 for d in (self.shape(y)[a] for a in y_axes)):  # a fused query-key-value
             _split_in_three_at(self, node, x, x_axes[0], y, y_axes[0])
             for axis in y_axes:
                 dim(axis, (self.tensor(y, axis),))
