@@ -7,7 +7,11 @@ Each keras-hub task model is built from its config with random weights (nothing 
 2048, BERT's 30522-token vocabulary), "gpt2" a GPT2CausalLM of the same size (its logits are the
 stream times the tied token embedding), "llama" a LlamaCausalLM of the same size with grouped-query
 attention (8 query heads sharing 2 key/value heads, rotary embeddings, a gated MLP; a key/value head
-goes with its 4 query heads). Each is exported, pruned one-shot with
+goes with its 4 query heads), "vitdet" a ViTDetBackbone, SAM's image encoder, of the same size
+(256x256 images in 16x16 patches: 256 tokens whatever --length says; windows of 8x8 patches, every
+second layer global; attention run as [3, batch * heads, tokens, head_dim], its heads merged with
+the batch, with relative position embeddings; a neck of hidden/2 channels). Each is exported,
+pruned one-shot with
 structure='channel' at --ratio of every group's channels (kept counts rounded up to a multiple
 of 8), and finalized with shrink=True, two ways:
 
@@ -49,7 +53,7 @@ sys.path.insert(0, HERE)
 
 from channels import _median_ms_in_rounds  # noqa: E402
 
-_MODELS = flags.DEFINE_list("models", ["bert", "gpt2"], "Which models: bert, gpt2, llama.")
+_MODELS = flags.DEFINE_list("models", ["bert", "gpt2"], "Which models: bert, gpt2, llama, vitdet.")
 _RATIO = flags.DEFINE_float("ratio", 0.5, "Fraction of each group's channels removed.")
 _LENGTH = flags.DEFINE_integer("length", 128, "Tokens per sequence.")
 _LAYERS = flags.DEFINE_integer("layers", 4, "Transformer layers.")
@@ -76,7 +80,12 @@ def _model(name: str):
         heads = size.pop("num_heads")
         return models.LlamaCausalLM(models.LlamaBackbone(num_query_heads=heads, num_key_value_heads=heads // 4, **size),
                                     preprocessor=None)
-    raise app.UsageError(f"unknown model {name!r}: bert, gpt2 or llama")
+    if name == "vitdet":
+        return models.ViTDetBackbone(
+            hidden_size=_HIDDEN.value, num_layers=_LAYERS.value, intermediate_dim=4 * _HIDDEN.value,
+            num_heads=_HIDDEN.value // 64, global_attention_layer_indices=list(range(1, _LAYERS.value, 2)),
+            image_shape=(256, 256, 3), patch_size=16, num_output_channels=_HIDDEN.value // 2, window_size=8)
+    raise app.UsageError(f"unknown model {name!r}: bert, gpt2, llama or vitdet")
 
 
 def _inputs(signature, batch: int, length: int) -> dict:
@@ -86,7 +95,9 @@ def _inputs(signature, batch: int, length: int) -> dict:
     rng = np.random.RandomState(0)
     values = {}
     for key, spec in signature.structured_input_signature[1].items():
-        if "padding_mask" in key:
+        if spec.dtype.is_floating:  # images
+            values[key] = tf.constant(rng.uniform(size=[batch, *spec.shape[1:]]), spec.dtype)
+        elif "padding_mask" in key:
             values[key] = tf.ones([batch, length], spec.dtype)
         elif "segment" in key:
             values[key] = tf.zeros([batch, length], spec.dtype)
