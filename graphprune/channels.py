@@ -281,6 +281,7 @@ class _Graph:
         self.dim_elements: dict[ShapeDim, tuple] = {}
         self.size_reads: list[tuple[tuple, tuple | None, str]] = []
         self.scales: list[ScaleSite] = []
+        self.numbers: list[tuple[str, str, tuple]] = []  # (entry, a size read as a number, its axis)
         self.reasons: dict[tuple, list[str]] = {}  # every reason an unknown-size axis was poisoned for
 
     def space(self, space: tuple, size) -> tuple | None:
@@ -610,17 +611,71 @@ class _Entry:
         the old one is needed: such axes of t are poisoned."""
         for name, t in self.shape_reads.items():
             ts = self.shape(t)
-            if name in self.followed_shapes or not ts:
+            if not ts:
                 continue
             for reader, _ in self.body.consumers(name):
+                if name in self.followed_shapes:  # shapes that follow the tensor's own channels
+                    if self._number_read(reader):  # ... and a number: the shrunk one has both or neither
+                        for a in sorted(_elements_picked(self, reader, len(ts))):
+                            if ts[a] is not None:
+                                self.graph.poison(self.tensor(t, a), f"Shape '{name}' reads its size into a number "
+                                                                     "as well as into a shape that follows it")
+                    continue
                 for a in sorted(_elements_picked(self, reader, len(ts))):
                     if ts[a] is None and self.tensor(t, a) in self.graph.unsized:  # heads merged with the batch?
                         one = reader.op == "StridedSlice" and _attr(reader, "shrink_axis_mask", "i", 0) & 1
                         self.graph.size_reads.append((self.tensor(t, a), self._size_targets(reader) if one else None,
                                                       self.node_id(name)))
                     elif ts[a] is not None:
-                        self.graph.poison(self.tensor(t, a), f"Shape '{name}' reads its size into "
-                                                             f"{reader.op} '{reader.name}'")
+                        uses = self._number_uses(reader) if len(_elements_picked(self, reader, len(ts))) == 1 \
+                            and _attr(reader, "shrink_axis_mask", "i", 0) & 1 else None
+                        if uses == "value":  # 1 / sqrt(head dims): the shrunk model reads the size it had
+                            self.graph.numbers.append((self.entry.label, self.node_id(reader.name), self.tensor(t, a)))
+                        elif uses is None:
+                            self.graph.poison(self.tensor(t, a), f"Shape '{name}' reads its size into "
+                                                                 f"{reader.op} '{reader.name}'")
+
+    def _number_read(self, reader) -> bool:
+        """Whether shape arithmetic from ``reader`` (of a Shape) makes a float number anywhere."""
+        pending, seen = [reader], {reader.name}
+        while pending:
+            node = pending.pop()
+            if node.op not in SHAPE_ARITHMETIC and node.op not in _NUMBER_OPS:
+                continue  # a shape operand (a Reshape's, a Fill's) ends it
+            if _floating(node):
+                return True
+            for consumer, _ in self.body.consumers(node.name):
+                if consumer.name not in seen:
+                    seen.add(consumer.name)
+                    pending.append(consumer)
+        return False
+
+    def _number_uses(self, reader) -> str | None:
+        """How the scalar size a StridedSlice of a Shape picks is used: "dead" where nothing reads
+        it (Keras 3's dot_product_attention reads the key's size and ignores it when given a
+        scale), "value" where it only becomes a number, through scalar arithmetic, in float math
+        with tensors or in an output (ESM's 1 / sqrt(head dims)), else None (a shape or a count)."""
+        outputs = {self.body.parse(ref)[0] for ref in self.returns()}
+        pending, seen, value = [reader], {reader.name}, False
+        while pending:
+            node = pending.pop()
+            value = value or node.name in outputs
+            for consumer, position in self.body.consumers(node.name):
+                if consumer.input[position].startswith("^") or consumer.op not in _NUMBER_OPS:
+                    return None
+                if consumer.name in seen:
+                    continue
+                seen.add(consumer.name)
+                shape = self.shape(self.body.ref(consumer.name))
+                if shape is not None and len(shape) == 0:
+                    pending.append(consumer)  # still a scalar made from the size
+                elif shape is not None and _floating(consumer) and \
+                        not any(_made_of_constants(self, ref) for ref in self.body.data_inputs(consumer)
+                                if self.body.source(ref) != node.name):
+                    value = True  # a float tensor: the size is a number in it, no longer a size
+                else:
+                    return None  # an integer vector (a shape?) or a rank not known
+        return "value" if value else "dead"
 
     def _settle(self, node) -> None:
         """Poison the axes the handler did not account for (all of them if it gave up)."""
@@ -1345,22 +1400,29 @@ def _broadcast_to(self: _Entry, node) -> None:
 
 
 def _strided_slice(self: _Entry, node) -> None:
-    """x[b:e:s, ...] with constant bounds: an axis taken whole (stride 1), or covered by an
+    """x[b:e:s, ...] with constant strides: an axis taken whole (stride 1), or covered by an
     ellipsis, goes through; an axis indexed (shrink_axis_mask) or sliced otherwise is poisoned
-    (its channels would move); a new axis (size 1) reads nothing."""
+    (its channels would move); a new axis (size 1) reads nothing. A bound the graph computes
+    (ESM's ``cos[:, :seq_len]``) cuts its own axis only: that axis is poisoned, and a part of
+    the channels cut beside it is a crop."""
     x, begin_ref, end_ref, strides_ref = self.body.data_inputs(node)[:4]
     xs, ys = self.shape(x), self.shape(node.name)
-    begin, end, strides = (_constant(self, ref) for ref in (begin_ref, end_ref, strides_ref))
-    if not xs or ys is None or begin is None or end is None or strides is None:
+    strides = _constant(self, strides_ref)
+    begin, end = (_evaluate(self, ref, 0) for ref in (begin_ref, end_ref))  # None where an element is not static
+    if not xs or ys is None or strides is None or not isinstance(begin, list) or not isinstance(end, list):
         self.unknown(node)
         return
-    begin, end, strides = (np.ravel(v).tolist() for v in (begin, end, strides))
+    strides = np.ravel(strides).tolist()
     masks = {name: _attr(node, name, "i", 0) for name in
              ("begin_mask", "end_mask", "shrink_axis_mask", "ellipsis_mask", "new_axis_mask")}
     spec = len(begin)
-    if bin(masks["ellipsis_mask"]).count("1") > 1:
+    if bin(masks["ellipsis_mask"]).count("1") > 1 or not len(end) == len(strides) == spec or \
+            any(not isinstance(v, (int, type(None))) for v in begin + end):
         self.unknown(node)
         return
+    unknown = {i for i in range(spec) if (begin[i] is None and not masks["begin_mask"] & 1 << i) or
+               (end[i] is None and not masks["end_mask"] & 1 << i and not masks["shrink_axis_mask"] & 1 << i)}
+    begin, end = ([0 if v is None else v for v in bounds] for bounds in (begin, end))  # masked: not read
     ellipsis = len(xs) - sum(1 for i in range(spec) if not (masks["ellipsis_mask"] | masks["new_axis_mask"]) & 1 << i)
     parts = []  # (spec index, axis of x, axis of the output, start, stop): an axis cut to a part
     a = position = 0
@@ -1377,7 +1439,9 @@ def _strided_slice(self: _Entry, node) -> None:
             continue
         if a >= len(xs):
             break
-        if not masks["shrink_axis_mask"] & bit:  # one index of the axis (the CLS token's position) names a place
+        if i in unknown:  # cut where the graph computes (ESM's cos[:, :seq_len]): this axis is poisoned
+            position += 0 if masks["shrink_axis_mask"] & bit else 1
+        elif not masks["shrink_axis_mask"] & bit:  # one index of the axis (the CLS token's position) names a place
             size = xs[a]
             if strides[i] == 1 and (masks["begin_mask"] & bit or begin[i] == 0) and \
                     (masks["end_mask"] & bit or (size is not None and end[i] >= size)) and position < len(ys):
@@ -1400,6 +1464,8 @@ def _strided_slice(self: _Entry, node) -> None:
         if position < len(ys):
             self.link(self.tensor(x, a), self.tensor(node.name, position))
         position += 1
+    if unknown and parts:  # a part of the channels and a cut of unknown bounds: a crop
+        return
     if len(parts) == 1 and parts[0][3] is None:  # the other axes whole: interleaved parts
         _interleaved(self, node, x, parts[0][1], parts[0][2], parts[0][4])
     elif len(parts) == 1:  # the other axes whole: a part of the channels (more cut axes are a crop: poisoned)
@@ -2163,6 +2229,24 @@ def _shape(self: _Entry, node) -> None:
         self.claim(x, axis)
 
 
+_NUMBER_OPS = {"Identity", "Cast", "Sqrt", "Rsqrt", "Reciprocal", "Neg", "Square", "Mul", "RealDiv", "Div",
+               "AddV2", "Add", "Sub", "Pow", "Maximum", "Minimum", "FloorDiv", "TruncateDiv"}
+
+
+def _floating(node) -> bool:
+    """Whether a node of shape arithmetic or of _NUMBER_OPS makes a float tensor."""
+    dtype = _attr(node, {"Cast": "DstT", "GatherV2": "Tparams"}.get(node.op, "T"), "type", 0)
+    return bool(dtype) and tf.dtypes.as_dtype(dtype).is_floating
+
+
+def _made_of_constants(self: _Entry, ref: str) -> bool:
+    """Whether tensor ``ref`` is a constant or made from nothing but a shape (a Fill, a Range,
+    ones or zeros like another tensor), which a size could make into a shape again."""
+    producer = self.body.producer(ref)
+    return producer is not None and (producer.op in ("Const", "Fill", "OnesLike", "ZerosLike", "Range",
+                                                      "BroadcastTo", "LinSpace") or _constant(self, ref) is not None)
+
+
 def _elements_picked(self: _Entry, reader, rank: int) -> set:
     """The elements of a shape vector that ``reader`` takes: a StridedSlice's with constant
     bounds (an index, or a range: _strided_slice_value on the element positions), any other
@@ -2658,6 +2742,7 @@ class Analysis:
     counts: tuple = ()  # (entry, node, space): a scalar node counting a Tile's copies, now of space's size
     slice_sites: tuple[SliceSite, ...] = ()  # StridedSlices and Slices that take a part of a channel axis
     scales: tuple[ScaleSite, ...] = ()  # Muls that size an axis of the batch merged with heads
+    numbers: tuple = ()  # (entry, node, space): a size of space read as a number, which keeps its value
 
 
 def channel_groups(model) -> tuple[ChannelGroup, ...]:
@@ -2776,7 +2861,7 @@ def analyze(model: g.TracedModel, through_means: bool = False) -> Analysis:
     sizes = {**graph.sizes, **{space: graph.sizes_before_refining[space] for space in graph.refined}}
     return Analysis(tuple(groups), tuple(graph.reshapes), slices, sizes, tuple(graph.dims),
                     tuple(graph.means), tuple(graph.splits), tuple(graph.squeezes), dict(graph.refined),
-                    tuple(graph.counts), tuple(graph.slice_sites), tuple(graph.scales))
+                    tuple(graph.counts), tuple(graph.slice_sites), tuple(graph.scales), tuple(graph.numbers))
 
 
 def _refine_factors(graph: _Graph) -> None:

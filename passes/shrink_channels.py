@@ -108,6 +108,10 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
         kept = _kept_size(analysis, removed, space)
         if space in analysis.sizes and kept != analysis.sizes[space]:
             counts[(label, count_node)] = kept
+    numbers = {}  # (entry, node) -> the size it read, where the axis it read is shrunk
+    for label, number_node, space in analysis.numbers:
+        if space in analysis.sizes and _kept_size(analysis, removed, space) != analysis.sizes[space]:
+            numbers[(label, number_node)] = analysis.sizes[space]
     scales = {}  # (entry, Mul) -> (operand, the kept count of heads merged with the batch)
     for site in analysis.scales:
         kept = _kept_size(analysis, removed, site.space)
@@ -141,6 +145,9 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
                     operand, kept = scales[(entry.label, name)]
                     factor = body.add(g.const_node(f"{node.name}/shrunk_heads", np.array(kept), _output_dtype(node)))
                     body.set_input(node, operand, body.ref(factor.name))
+                elif (entry.label, name) in numbers:  # a size read as a number (channels.Analysis.numbers)
+                    body.replace(node, g.const_node(node.name, np.array(numbers[(entry.label, name)]),
+                                                    _output_dtype(node)))
                 elif (entry.label, name) in counts:  # a Tile's count of copies (channels.Analysis.counts)
                     body.replace(node, g.const_node(node.name, np.array(counts[(entry.label, name)]),
                                                     _output_dtype(node)))

@@ -659,9 +659,9 @@ def test_keras_hub_transformer_mlp_neurons(tmp_path, name):
     """The MLP's hidden neurons (intermediate kernel's columns, its bias, the output kernel's rows)
     and whole attention heads (query, key and value kernels' head axis, their biases, the output
     projection's head axis; also through ViT's reshaped kernels) are removed; the residual stream (layer norms over it, and an
-    output) is left whole. The query/key head dims (contracted between two activations) go in
-    BERT (its scores end in a softmax); ViT scales its scores by a size read off the key's shape,
-    which would change: they stay whole there."""
+    output) is left whole. The query/key head dims (contracted between two activations, the
+    scores ending in a softmax) go in both: ViT's attention (Keras 3's dot_product_attention)
+    also reads the key's head-dim size, and never uses it (it is given the scale)."""
     from test_real_models import _hub_backbones, _hub_vision_backbones, _inputs
 
     model = (_hub_backbones() if name == "bert" else _hub_vision_backbones())[name]()
@@ -682,7 +682,7 @@ def test_keras_hub_transformer_mlp_neurons(tmp_path, name):
     query_key = [group for group in groups if {(m.name.split("/")[-2], m.role) for m in group.members} >= {
         ("query", "out"), ("key", "out")} and group not in heads]
     assert len(query_key) == layers and all(group.size == 8 for group in query_key)
-    assert all(group.prunable == (name == "bert") for group in query_key), graphprune.channels.describe(query_key)
+    assert all(group.prunable for group in query_key), graphprune.channels.describe(query_key)
     queries = [v for k, v in pm.variables_by_key.items() if k.endswith("query/kernel")]
     assert len(queries) == layers
     for query in queries:
@@ -1205,6 +1205,85 @@ def test_heads_merged_with_the_batch(tmp_path):
         heads = _heads_group(groups, "qkv/kernel")  # (the projection's rows too, but for "other heads")
         assert not heads.prunable and why in heads.reason, (hostile, channels.describe(groups))
         assert not _heads_group(groups, "proj/kernel").prunable
+        masked = pm(x).numpy()
+        out = graphprune.finalize(pm, str(tmp_path / (hostile.replace(" ", "_") + "_small")), shrink=True)
+        np.testing.assert_allclose(tf.saved_model.load(out)(x).numpy(), masked, atol=1e-5 * np.abs(masked).max(),
+                                   rtol=0)
+
+
+class _ScaledAttention(tf.Module):
+    """Attention whose scale reads the query's head dims at run time (ESM's and RoFormer's
+    1 / sqrt(tf.shape(q)[-1])), beside a read of the key's that nothing uses (Keras 3's
+    dot_product_attention given a scale) and a table over the head dims cut to a sequence
+    length the graph computes (ESM's ``cos[:, :seq_len]``). ``hostile`` makes the size a shape
+    again, one way at a time."""
+
+    def __init__(self, hostile=None, heads=2, dim=8):
+        rng = np.random.RandomState(0)
+        self.hostile, width = hostile, heads * dim
+        self.embed = tf.Variable(rng.standard_normal([6, width]).astype(np.float32), name="embed/kernel")
+        for name in ("query", "key", "value"):
+            setattr(self, name, tf.Variable(rng.standard_normal([width, heads, dim]).astype(np.float32) * 0.3,
+                                            name=f"{name}/kernel"))
+        self.out = tf.Variable(rng.standard_normal([heads, dim, width]).astype(np.float32) * 0.3, name="out/kernel")
+        self.table = tf.constant(np.cos(np.outer(np.arange(12), np.arange(1, dim + 1) / dim))[None, :, None, :]
+                                 .astype(np.float32))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, 6], tf.float32)])
+    def __call__(self, x):
+        seq = tf.shape(x)[1]
+        h = tf.nn.relu(tf.einsum("bnc,cd->bnd", x, self.embed))
+        q, k, v = (tf.einsum("bnd,dhe->bnhe", h, w) for w in (self.query, self.key, self.value))
+        q, k = q * self.table[:, :seq], k * self.table[:, :seq]
+        dims = tf.shape(q)[-1]
+        tf.shape(k)[-1]  # read, and never used
+        if self.hostile == "a shape":  # the size read makes a tensor of that many elements
+            q = q * tf.ones(tf.stack([dims]))
+        elif self.hostile == "a shape through floats":  # made a float vector, then a shape again
+            count = tf.cast(tf.cast(dims, tf.float32) * tf.ones([1]), tf.int32)
+            q = tf.reshape(q, tf.concat([tf.shape(q)[:3], count], 0))
+        scale = 1.0 / tf.sqrt(tf.cast(dims, tf.float32))
+        scores = tf.nn.softmax(tf.einsum("bqhe,bkhe->bhqk", q, k) * scale)
+        y = tf.einsum("bqhe,hed->bqd", tf.einsum("bhqk,bkhe->bqhe", scores, v), self.out)
+        return tf.reduce_mean(tf.nn.relu(y), 1)
+
+
+def test_a_size_read_as_a_number(tmp_path):
+    """A head-dim count read at run time only to scale the scores (1 / sqrt(d)), or read and never
+    used, no longer keeps the query/key head dims whole: shrink_channels writes the size it had
+    as a constant, so the shrunk model scales as the masked one did. Where the size becomes a
+    shape again (a Fill of that many ones; a float vector cast back into a Reshape's shape), they
+    stay whole with the reason."""
+    x = np.random.RandomState(1).standard_normal([3, 5, 6]).astype(np.float32)
+    path = str(tmp_path / "model")
+    tf.saved_model.save(_ScaledAttention(), path)
+    pm = graphprune.prune(path, graphprune.ConstantSparsity(0.5, 0), structure="channel", one_shot=True)
+    groups = graphprune.channel_groups(pm)
+    dims = next(group for group in groups if ("query/kernel", 2) in {(m.name, m.axis) for m in group.members})
+    assert dims.prunable and dims.size == 8, channels.describe(groups)
+    assert {(m.name, m.axis) for m in dims.members} >= {("query/kernel", 2), ("key/kernel", 2)}
+    from graphprune.load import load
+    numbers = channels.analyze(load(path).model).numbers  # the query's size, in the signature and the method
+    assert len(numbers) == len({entry for entry, _, _ in numbers}) == 2, numbers  # the key's read is dead
+    masked = pm(x).numpy()
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
+    np.testing.assert_allclose(tf.saved_model.load(out)(x).numpy(), masked, atol=1e-5 * np.abs(masked).max(), rtol=0)
+    assert _weight_shape(out, "query/kernel")[2] == _weight_shape(out, "key/kernel")[2] == \
+        int(_used_channels(pm, dims).sum()) == 4
+    # cost counts the table too, a float constant: its head dims shrink with the kernels'
+    assert graphprune.cost(out).parameters == _predicted_parameters(pm) + 12 * 4
+    assert graphprune.cost(path).parameters == 6 * 16 + 4 * 16 * 16 + 12 * 8
+    longer = np.random.RandomState(2).standard_normal([1, 11, 6]).astype(np.float32)  # another sequence length
+    np.testing.assert_allclose(tf.saved_model.load(out)(longer).numpy(), pm(longer).numpy(),
+                               atol=1e-5 * np.abs(masked).max(), rtol=0)
+
+    for hostile in ("a shape", "a shape through floats"):
+        path = str(tmp_path / hostile.replace(" ", "_"))
+        tf.saved_model.save(_ScaledAttention(hostile), path)
+        pm = graphprune.prune(path, graphprune.ConstantSparsity(0.5, 0), structure="channel", one_shot=True)
+        groups = graphprune.channel_groups(pm)
+        dims = next(group for group in groups if ("query/kernel", 2) in {(m.name, m.axis) for m in group.members})
+        assert not dims.prunable and "reads its size into" in dims.reason, (hostile, dims.reason)
         masked = pm(x).numpy()
         out = graphprune.finalize(pm, str(tmp_path / (hostile.replace(" ", "_") + "_small")), shrink=True)
         np.testing.assert_allclose(tf.saved_model.load(out)(x).numpy(), masked, atol=1e-5 * np.abs(masked).max(),
@@ -1747,17 +1826,18 @@ def test_query_key_head_dims_read_by_a_softmax(tmp_path, scores):
     """The query's and the key's head dim j are contracted with each other, consumed by no kernel:
     removed from both projections (their biases too), q.k loses the same constant bq_j * bk_j in
     every score, which no softmax sees. So they go where every use of q.k ends in softmaxes through
-    shifts, selects and scales; a sigmoid of the scores, or a scale read off the head dim's size,
-    keeps them whole. The shrunk model computes the masked one, biases and causal mask included."""
+    shifts, selects and scales (a scale read off the head dim's size too: the shrunk model scales
+    by the size it had); a sigmoid of the scores keeps them whole. The shrunk model computes the
+    masked one, biases and causal mask included."""
     pm, _ = _views_pruned(tmp_path, _ScoredHeads(scores))
     groups = graphprune.channel_groups(pm)
     dims = next(group for group in groups if any(m.name == "scored/query" and m.axis == 2 for m in group.members))
     assert {m.name for m in dims.members} >= {"scored/query", "scored/key", "scored/query_bias", "scored/key_bias"}
-    assert dims.prunable == (scores == "softmax"), graphprune.channels.describe([dims])
+    assert dims.prunable == (scores != "sigmoid"), graphprune.channels.describe([dims])
     if scores == "sigmoid":
         assert "more than a softmax" in dims.reason
     out = _shrunk_as_masked(pm, tmp_path)
-    assert _weight_shape(out, "scored/key")[2] == (2 if scores == "softmax" else 4)
+    assert _weight_shape(out, "scored/key")[2] == (4 if scores == "sigmoid" else 2)
     assert graphprune.cost(out).parameters == _predicted_parameters(pm)
 
 
@@ -2089,7 +2169,9 @@ def test_keras_hub_rotary_pairs_and_unknown_widths(tmp_path, name):
     died with a KeyError), and the output projection reads a reshape to [B, S, -1] whose width
     shape inference leaves unknown (a group of that kernel's rows alone was found prunable, and
     finalize crashed). The width is now worked out (B and S cancel): whole heads and the value head
-    dims go, the query/key head dims the rotary pairs slice stay. SmolLM3 splits the heads of a 2-D
+    dims go, the query/key head dims RoFormer's rotary pairs slice stay. ESM's go in rotary pairs:
+    its scale reads the head-dim size (the shrunk model keeps the size it had), and its cos and sin
+    tables are cut to a sequence length the graph computes. SmolLM3 splits the heads of a 2-D
     query kernel into key/value groups again (the same KeyError; now followed: its key/value heads
     and the query heads within each group go too). Its rotary halves are StridedSlices of the
     head dims (parts of the axis): dims i and i + d/2 go in pairs with their inverse frequency.
@@ -2109,7 +2191,8 @@ def test_keras_hub_rotary_pairs_and_unknown_widths(tmp_path, name):
     pm = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
                           one_shot=True)
     groups = graphprune.channel_groups(pm)
-    expected = [2, 2, 2, 4, 32] if name == "smollm3" else [2, 8, 32]  # heads, (rotary pairs,) value dims, MLP
+    # heads, (rotary pairs,) value dims, MLP
+    expected = {"smollm3": [2, 2, 2, 4, 32], "esm": [2, 4, 8, 32]}.get(name, [2, 8, 32])
     assert sorted(group.size for group in groups if group.prunable) == expected, graphprune.channels.describe(groups)
     out = _hub_shrunk_as_masked(pm, tmp_path)
     assert graphprune.cost(out).parameters == _predicted_parameters(pm)
@@ -2403,14 +2486,18 @@ def test_keras_hub_more_families_shrink(tmp_path, name):
                           one_shot=True)
     groups = graphprune.channel_groups(pm)
     expected = {"bloom": [2, 8, 8, 32],  # heads, value and query/key head dims, MLP neurons
-                # the query/key head dims' size is read by a Shape (the scores' scale); the factorized
-                # embedding's dims, normalized before their projection (not a stream), go with its tables
-                "albert": [2, 8, 8, 32],
-                "moonshine": [2, 2, 2, 8, 8, 8, 32, 64, 64],  # + the stem's second conv; the group norm keeps the first
+                # + the query/key head dims (their size is read by a Shape nothing uses: Keras's
+                # dot_product_attention, given the scale); the factorized embedding's dims, normalized
+                # before their projection (not a stream), go with its tables
+                "albert": [2, 8, 8, 8, 32],
+                # + the stem's second conv (the group norm keeps the first); the query/key head dims of the
+                # cross-attention, and those the partial rotary embeddings pass through (4 of 8; its
+                # rotated half is sliced apart and concatenated again: whole)
+                "moonshine": [2, 2, 2, 4, 4, 8, 8, 8, 8, 32, 64, 64],
                 "t5gemma": [2, 2, 2, 2, 2, 2, 4, 4, 8, 32, 32],  # + query heads within key/value groups
                 "deeplab": [8, 32, 32, 32, 32, 32, 64, 64, 256, 256, 256, 256, 256],  # two resized
                 # heads, head dims (query/key and value), MLP neurons of 4 layers; the neck's channels
-                "depthanything": [2] * 4 + [8] * 8 + [16] * 17 + [32] * 4,
+                "depthanything": [2] * 4 + [8] * 12 + [16] * 17 + [32] * 4,
                 "mobilenet": [8] * 7 + [16, 16, 24],
                 # key/value heads with their query heads (and attention sinks, concatenated after the scores
                 # along keys of unknown count), the query heads within each group, value head dims, the
