@@ -1704,21 +1704,29 @@ def _blocks(xs, ys) -> list[tuple[tuple, tuple]] | None:
         rest_y[rest_y.index(None)] = total // known
     if int(np.prod(rest_y)) != total:
         return None
-    xs, ys = xs[:lead] + rest_x, ys[:lead] + rest_y
-    blocks = [((axis,), (axis,)) for axis in range(lead)]
-    a = c = lead
-    while a < len(xs) and c < len(ys):
-        first_x, first_y, size_x, size_y = a, c, xs[a], ys[c]
+    found = _greedy_blocks(rest_x, rest_y)
+    if found is None:
+        return None
+    return [((axis,), (axis,)) for axis in range(lead)] + \
+        [(tuple(lead + a for a in part_x), tuple(lead + c for c in part_y)) for part_x, part_y in found]
+
+
+def _greedy_blocks(sizes_x: list, sizes_y: list) -> list[tuple[range, range]] | None:
+    """Static sizes cut into consecutive blocks of equal size, each as small as it can be,
+    [(x positions, y positions)]; None where they do not end together."""
+    blocks, a, c = [], 0, 0
+    while a < len(sizes_x) and c < len(sizes_y):
+        first_x, first_y, size_x, size_y = a, c, sizes_x[a], sizes_y[c]
         a, c = a + 1, c + 1
         while size_x != size_y:
-            if size_x < size_y and a < len(xs):
-                size_x, a = size_x * xs[a], a + 1
-            elif size_y < size_x and c < len(ys):
-                size_y, c = size_y * ys[c], c + 1
+            if size_x < size_y and a < len(sizes_x):
+                size_x, a = size_x * sizes_x[a], a + 1
+            elif size_y < size_x and c < len(sizes_y):
+                size_y, c = size_y * sizes_y[c], c + 1
             else:
                 return None
-        blocks.append((tuple(range(first_x, a)), tuple(range(first_y, c))))
-    return blocks if (a, c) == (len(xs), len(ys)) else None
+        blocks.append((range(first_x, a), range(first_y, c)))
+    return blocks if (a, c) == (len(sizes_x), len(sizes_y)) else None
 
 
 def _aligned_blocks(xs: list, ys: list) -> list[tuple[tuple, tuple]] | None:
@@ -1732,18 +1740,10 @@ def _aligned_blocks(xs: list, ys: list) -> list[tuple[tuple, tuple]] | None:
     for k in range(len(unknown_x) + 1):
         part_x, part_y = range(bounds_x[k] + 1, bounds_x[k + 1]), range(bounds_y[k] + 1, bounds_y[k + 1])
         sizes_x, sizes_y = [xs[i] for i in part_x], [ys[i] for i in part_y]
-        if min(sizes_x + sizes_y or [2]) < 2 or int(np.prod(sizes_x)) != int(np.prod(sizes_y)):
+        found = _greedy_blocks(sizes_x, sizes_y) if min(sizes_x + sizes_y or [2]) >= 2 else None
+        if found is None:
             return None
-        a = c = 0
-        while a < len(sizes_x):
-            first_x, first_y, size_x, size_y = a, c, sizes_x[a], sizes_y[c]
-            a, c = a + 1, c + 1
-            while size_x != size_y:
-                if size_x < size_y:
-                    size_x, a = size_x * sizes_x[a], a + 1
-                else:
-                    size_y, c = size_y * sizes_y[c], c + 1
-            blocks.append((tuple(part_x[first_x:a]), tuple(part_y[first_y:c])))
+        blocks += [(tuple(part_x[i] for i in at_x), tuple(part_y[i] for i in at_y)) for at_x, at_y in found]
         if k < len(unknown_x):
             blocks.append(((unknown_x[k],), (unknown_y[k],)))
     return blocks
