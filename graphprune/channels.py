@@ -1864,20 +1864,18 @@ def _batch_block(self: _Entry, node, x: str, producer, batch: tuple) -> bool:
     return True
 
 
-def _minus_one(self: _Entry, ref: str) -> bool:
-    """Whether ``ref`` is a constant -1 (a Reshape's size to infer; not a size computed as unknown)."""
-    node = self.origin(ref)
-    return node is not None and node.op == "Const" and np.ravel(tf.make_ndarray(node.attr["value"].tensor)).tolist() == [-1]
-
-
 def _literal_minus_one(self: _Entry, producer, position: int) -> bool:
     """Whether element ``position`` of a shape operand made by ``producer`` (a Const vector or a
-    Pack of scalars) is a constant -1."""
-    if producer is not None and producer.op == "Const":
-        value = np.ravel(tf.make_ndarray(producer.attr["value"].tensor))
-        return -value.size <= position < value.size and int(value[position]) == -1
-    inputs = self.body.data_inputs(producer) if producer is not None and producer.op == "Pack" else []
-    return -len(inputs) <= position < len(inputs) and _minus_one(self, inputs[position])
+    Pack of scalars) is a constant -1: a Reshape's size to infer, not a size computed as unknown."""
+    if producer is not None and producer.op == "Pack":
+        inputs = self.body.data_inputs(producer)
+        if not -len(inputs) <= position < len(inputs):
+            return False
+        producer, position = self.origin(inputs[position]), 0
+    if producer is None or producer.op != "Const":
+        return False
+    value = np.ravel(tf.make_ndarray(producer.attr["value"].tensor))
+    return -value.size <= position < value.size and int(value[position]) == -1
 
 
 def _unit_axes(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:
