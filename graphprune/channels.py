@@ -3006,10 +3006,6 @@ def _batch_heads(graph: _Graph) -> None:
     (a -1 needs none), or where its size is read into anything else. A Reshape that splits such an
     axis back into [.., B, heads, ..] links the heads; one that splits any other unknown axis so
     keeps that axis's heads whole."""
-    if not graph.batch_origins:
-        for merged, heads, reshape in graph.batch_splits:
-            graph.poison(heads, f"Reshape '{reshape}' splits it off an axis of unknown size")
-        return
     neighbours: dict[tuple, list] = {}
     for a, c, offset in graph.loose:
         neighbours.setdefault(a, []).append((c, offset))
@@ -3030,7 +3026,7 @@ def _batch_heads(graph: _Graph) -> None:
                 bad.setdefault(space, "it holds heads merged with the batch and meets heads of another count")
     edges = [(a, c, 0) for a, c, offset in graph.loose if a in sizes and c in sizes and not offset]
     for merged, heads, reshape in graph.batch_splits:
-        if sizes.get(merged) == graph.sizes.get(heads):
+        if merged in sizes and sizes[merged] == graph.sizes.get(heads):
             edges.append((merged, heads, 0))
         else:
             graph.poison(heads, f"Reshape '{reshape}' splits it off an axis of unknown size")
