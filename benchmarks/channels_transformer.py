@@ -10,7 +10,10 @@ attention (8 query heads sharing 2 key/value heads, rotary embeddings, a gated M
 goes with its 4 query heads), "vitdet" a ViTDetBackbone, SAM's image encoder, of the same size
 (256x256 images in 16x16 patches: 256 tokens whatever --length says; windows of 8x8 patches, every
 second layer global; attention run as [3, batch * heads, tokens, head_dim], its heads merged with
-the batch, with relative position embeddings; a neck of hidden/2 channels). Each is exported,
+the batch, with relative position embeddings; a neck of hidden/2 channels), "vit" a ViTBackbone of
+the same size (224x224 images in 16x16 patches and a class token: 197 tokens whatever --length
+says; Keras's MultiHeadAttention without dropout, which runs dot_product_attention: it reads the
+key's head-dim size and never uses it). Each is exported,
 pruned one-shot with
 structure='channel' at --ratio of every group's channels (kept counts rounded up to a multiple
 of 8), and finalized with shrink=True, two ways:
@@ -53,7 +56,7 @@ sys.path.insert(0, HERE)
 
 from channels import _median_ms_in_rounds  # noqa: E402
 
-_MODELS = flags.DEFINE_list("models", ["bert", "gpt2"], "Which models: bert, gpt2, llama, vitdet.")
+_MODELS = flags.DEFINE_list("models", ["bert", "gpt2"], "Which models: bert, gpt2, llama, vitdet, vit.")
 _RATIO = flags.DEFINE_float("ratio", 0.5, "Fraction of each group's channels removed.")
 _LENGTH = flags.DEFINE_integer("length", 128, "Tokens per sequence.")
 _LAYERS = flags.DEFINE_integer("layers", 4, "Transformer layers.")
@@ -85,7 +88,10 @@ def _model(name: str):
             hidden_size=_HIDDEN.value, num_layers=_LAYERS.value, intermediate_dim=4 * _HIDDEN.value,
             num_heads=_HIDDEN.value // 64, global_attention_layer_indices=list(range(1, _LAYERS.value, 2)),
             image_shape=(256, 256, 3), patch_size=16, num_output_channels=_HIDDEN.value // 2, window_size=8)
-    raise app.UsageError(f"unknown model {name!r}: bert, gpt2, llama or vitdet")
+    if name == "vit":
+        return models.ViTBackbone(image_shape=(224, 224, 3), patch_size=16, num_layers=_LAYERS.value,
+                                  num_heads=_HIDDEN.value // 64, hidden_dim=_HIDDEN.value, mlp_dim=4 * _HIDDEN.value)
+    raise app.UsageError(f"unknown model {name!r}: bert, gpt2, llama, vitdet or vit")
 
 
 def _inputs(signature, batch: int, length: int) -> dict:
