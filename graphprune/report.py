@@ -192,12 +192,14 @@ def _saved_model_weights(path: str):
         if weight.mask is not None:
             value = value * context.value(loaded.model, weight.mask)
         found[weight.key] = _weight_size(weight.key, ",".join(weight.ops), value)
-    # Frozen weights: one Const per entry that uses them, so count each once (by content: a
-    # signature that calls a method captures the method's constant under a generic name, so
-    # methods, whose captures carry the weight's name, are read first).
+    # Frozen weights: one Const per entry that uses them, so each is counted in the first entry
+    # that has it and recognized in the others by its content (a signature that calls a method
+    # captures the method's constant under a generic name, so methods, whose captures carry the
+    # weight's name, are read first). Within an entry, Consts of other names are other weights,
+    # equal values or not (layers built from one seeded initializer start out equal).
     seen_content = set()
 
-    def visit(body):  # every body at any depth: frozen weights of loops and kept functions too
+    def visit(body, contents):  # every body at any depth: frozen weights of loops and kept functions too
         for node in body.nodes:
             for _, raw in weight_operands(node):
                 producer = body.producer(raw)
@@ -207,12 +209,14 @@ def _saved_model_weights(path: str):
                     value = tf.make_ndarray(producer.attr["value"].tensor)
                     content = (value.shape, value.dtype.str, hashlib.sha1(value.tobytes()).hexdigest())
                     if value.ndim >= 2 and content not in seen_content:
-                        seen_content.add(content)
+                        contents.add(content)
                         name = names.display_name(producer.name)
                         found[name] = _weight_size(name, node.op, value)
 
     for entry in sorted(loaded.model.entries, key=lambda e: e.kind != "method"):
-        b.visit_entry(entry, visit)
+        contents = set()
+        b.visit_entry(entry, lambda body, contents=contents: visit(body, contents))
+        seen_content |= contents
     return list(found.values()), {key: reason for key, reason in skipped.items() if key not in found}
 
 

@@ -324,6 +324,33 @@ def test_int8_without_representative_data_is_refused(tmp_path, pruned_cnn):
         graphprune.export_tflite(final, str(tmp_path / "m.tflite"), quantize="int8")
 
 
+class _EqualKernels(tf.Module):
+    """Two layers whose kernels hold equal values (built from one seeded initializer, as keras-hub
+    ESM's query and key kernels are), and a third that differs."""
+
+    def __init__(self):
+        rng = np.random.RandomState(0)
+        same = rng.standard_normal([8, 8]).astype(np.float32)
+        self.first = tf.Variable(same, name="first/kernel")
+        self.second = tf.Variable(same.copy(), name="second/kernel")
+        self.head = tf.Variable(rng.standard_normal([8, 3]).astype(np.float32), name="head/kernel")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32)])
+    def __call__(self, x):
+        return tf.matmul(tf.nn.relu(tf.matmul(x, self.first)) * tf.matmul(x, self.second), self.head)
+
+
+def test_size_report_counts_frozen_weights_of_equal_values(tmp_path):
+    """Frozen weights are recognized across entries by their content, but two weights of one entry
+    with equal values are two weights (the report listed one of ESM's query and key kernels)."""
+    tf.saved_model.save(_EqualKernels(), str(tmp_path / "model"))
+    pm = graphprune.prune(str(tmp_path / "model"), graphprune.ConstantSparsity(0.5, 0), one_shot=True)
+    final = graphprune.finalize(pm, str(tmp_path / "final"))  # every weight frozen: a Const per entry
+    names = sorted(w.name for w in graphprune.size_report(final).weights)
+    assert names == ["first/kernel", "head/kernel", "second/kernel"], names
+    assert "total (3 weights)" in graphprune.size_report(final).table()
+
+
 def test_size_report_saved_models_and_bound(tmp_path, pruned_cnn, cnn):
     final = graphprune.finalize(pruned_cnn, str(tmp_path / "final"))
     prunable = graphprune.save(pruned_cnn, str(tmp_path / "prunable"))
