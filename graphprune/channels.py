@@ -659,6 +659,8 @@ class _Entry:
         pending, seen, value = [reader], {reader.name}, False
         while pending:
             node = pending.pop()
+            if node.name in outputs and self.body.is_function:
+                return None  # handed to the caller, which may make it a shape
             value = value or node.name in outputs
             for consumer, position in self.body.consumers(node.name):
                 if consumer.input[position].startswith("^") or consumer.op not in _NUMBER_OPS:
