@@ -50,7 +50,12 @@ it does not keep is poisoned):
                                 head dims, channel for channel; the heads (halves) are kept whole
     GatherV2 / ResourceGather (axis 0)  an embedding table's axes after the first are the lookup's
     StridedSlice, Slice, Tile, BroadcastTo  an axis taken whole, repeated once or of the same size
-                                goes through (a size written in a shape operand is rewritten)
+                                goes through (a size written in a shape operand is rewritten); a
+                                bound the graph computes cuts its own axis only
+    Shape, read as one size     into a shape that follows the tensor: followed; into scalar
+                                arithmetic and then float math or an output (1 / sqrt(head dims)):
+                                shrink_channels writes the size it had (Analysis.numbers); into
+                                nothing: no effect; into anything else: the axis is left whole
     Mean over the channels alone (a layer norm)   with analyze(through_means=True) it does not
                                 poison: insert_masks makes it a mean over the kept channels
                                 (names.kept_mean), which later analyses accept: by default where its
