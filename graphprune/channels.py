@@ -619,21 +619,21 @@ class _Entry:
             if not ts:
                 continue
             for reader, _ in self.body.consumers(name):
+                picked = sorted(_elements_picked(self, reader, len(ts)))
+                one = reader.op == "StridedSlice" and _attr(reader, "shrink_axis_mask", "i", 0) & 1  # a scalar
                 if name in self.followed_shapes:  # shapes that follow the tensor's own channels
                     if self._number_read(reader):  # ... and a number: the shrunk one has both or neither
-                        for a in sorted(_elements_picked(self, reader, len(ts))):
+                        for a in picked:
                             if ts[a] is not None:
                                 self.graph.poison(self.tensor(t, a), f"Shape '{name}' reads its size into a number "
                                                                      "as well as into a shape that follows it")
                     continue
-                for a in sorted(_elements_picked(self, reader, len(ts))):
+                for a in picked:
                     if ts[a] is None and self.tensor(t, a) in self.graph.unsized:  # heads merged with the batch?
-                        one = reader.op == "StridedSlice" and _attr(reader, "shrink_axis_mask", "i", 0) & 1
                         self.graph.size_reads.append((self.tensor(t, a), self._size_targets(reader) if one else None,
                                                       self.node_id(name)))
                     elif ts[a] is not None:
-                        uses = self._number_uses(reader) if len(_elements_picked(self, reader, len(ts))) == 1 \
-                            and _attr(reader, "shrink_axis_mask", "i", 0) & 1 else None
+                        uses = self._number_uses(reader) if one and len(picked) == 1 else None
                         if uses == "value":  # 1 / sqrt(head dims): the shrunk model reads the size it had
                             self.graph.numbers.append((self.entry.label, self.node_id(reader.name), self.tensor(t, a)))
                         elif uses is None:

@@ -103,15 +103,17 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
     new_splits = _split_targets(analysis, removed)
     new_bounds = _slice_targets(analysis, removed)
     squeezes = {(entry, node): axes for entry, node, axes in analysis.squeezes}
-    counts = {}  # (entry, node) -> the kept count of a Tile's copies, where copies go
+    # (entry, scalar node) -> its new value, where the axis it sizes is shrunk: a Tile's count of
+    # copies becomes the kept count (Analysis.counts); a size read as a number keeps the size it
+    # had (Analysis.numbers)
+    scalars = {}
     for label, count_node, space in analysis.counts:
         kept = _kept_size(analysis, removed, space)
         if space in analysis.sizes and kept != analysis.sizes[space]:
-            counts[(label, count_node)] = kept
-    numbers = {}  # (entry, node) -> the size it read, where the axis it read is shrunk
+            scalars[(label, count_node)] = kept
     for label, number_node, space in analysis.numbers:
         if space in analysis.sizes and _kept_size(analysis, removed, space) != analysis.sizes[space]:
-            numbers[(label, number_node)] = analysis.sizes[space]
+            scalars[(label, number_node)] = analysis.sizes[space]
     scales = {}  # (entry, Mul) -> (operand, the kept count of heads merged with the batch)
     for site in analysis.scales:
         kept = _kept_size(analysis, removed, site.space)
@@ -145,11 +147,8 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
                     operand, kept = scales[(entry.label, name)]
                     factor = body.add(g.const_node(f"{node.name}/shrunk_heads", np.array(kept), _output_dtype(node)))
                     body.set_input(node, operand, body.ref(factor.name))
-                elif (entry.label, name) in numbers:  # a size read as a number (channels.Analysis.numbers)
-                    body.replace(node, g.const_node(node.name, np.array(numbers[(entry.label, name)]),
-                                                    _output_dtype(node)))
-                elif (entry.label, name) in counts:  # a Tile's count of copies (channels.Analysis.counts)
-                    body.replace(node, g.const_node(node.name, np.array(counts[(entry.label, name)]),
+                elif (entry.label, name) in scalars:  # a Tile's count of copies, or a size read as a number
+                    body.replace(node, g.const_node(node.name, np.array(scalars[(entry.label, name)]),
                                                     _output_dtype(node)))
                 elif node.op == "Squeeze" and (entry.label, name) in squeezes and \
                         not node.attr["squeeze_dims"].list.i:  # the same axes, once a channel axis is 1 too
