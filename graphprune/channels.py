@@ -83,6 +83,14 @@ A group is *prunable* when it has at least one consumer member ("in": a kernel t
 over the channel) and every such member is a masked weight: a channel whose consumer slices are
 all zero computes nothing the model uses, so removing it from every member (``shrink_channels``)
 leaves the outputs unchanged, whatever the producer, bias or normalization parameters hold.
+Channels contracted between two activations (attention's query/key head dims) are read by the
+product instead: it loses nothing when a removed channel is zero in one operand (a projection
+without a bias, rotated or not), or constant in both (a bias left) and the product only feeds
+softmaxes through shifts (_when_removed, _shift_only). Otherwise (a bias then rotated, a table
+of relative positions, a sigmoid of the scores) analyze(..., through_products=True) lets it
+through and insert_masks multiplies one operand by the kept channels (names.kept_product), which
+later analyses accept; where it cannot (no kernel tells those channels in that axis's order, the
+contracted axis not last, a product inside a function body), the group is left whole.
 """
 
 from __future__ import annotations
@@ -244,12 +252,29 @@ class MeanSite:
     space: tuple
 
 
+@dataclasses.dataclass(frozen=True)
+class ProductSite:
+    """A product of two activations over ``space`` (attention's query/key head dims) read by more
+    than softmaxes (ViTDet's relative position tables, GPT-OSS's sinks concatenated to the scores),
+    in the top graph of ``entry``: with ``analyze(..., through_products=True)`` it does not keep its
+    channels' group whole; insert_masks then multiplies input ``operand`` of ``node``, whose last
+    axis is ``space``, by the group's 0/1 channels (names.kept_product), so a removed channel adds
+    exactly zero to the product, as it adds nothing once removed."""
+
+    entry: str
+    node: str
+    operand: int
+    space: tuple
+
+
 class _Graph:
     """The spaces and their relations, built entry by entry."""
 
-    def __init__(self, model: g.TracedModel, through_means: bool = False):
+    def __init__(self, model: g.TracedModel, through_means: bool = False, through_products: bool = False):
         self.model = model
         self.through_means = through_means
+        self.through_products = through_products
+        self.products: list[ProductSite] = []
         self.means: list[MeanSite] = []
         self.sizes: dict[tuple, int] = {}
         self.edges: list[tuple[tuple, tuple, int]] = []  # (a, b, offset): a[i] is b[i + offset]
@@ -556,7 +581,8 @@ class _Entry:
                 handler = _elementwise
             elif node.op in IGNORED_OPS:
                 handler = _ignored
-            if node.op == "Max" and names.kept_mean_part(node.name) == "keep_max":
+            if node.op == "Max" and names.kept_mean_part(node.name) == "keep_max" or \
+                    node.op != "Const" and names.kept_product_part(node.name) in ("view", "cut", "keep_max"):
                 handler = _claim_all
             self.claimed, self.failed = set(), None
             dims = len(self.graph.dims)
@@ -1076,7 +1102,7 @@ def _batch_matmul(self: _Entry, node, a: str, b_ref: str, adj_a: bool, adj_b: bo
     m_axis, k_a = (ra - 1, ra - 2) if adj_a else (ra - 2, ra - 1)
     k_b, n_axis = (rb - 1, rb - 2) if adj_b else (rb - 2, rb - 1)
     self.link(self.tensor(a, k_a), self.tensor(b_ref, k_b))
-    _contracted(self, node, self.tensor(a, k_a), self.tensor(b_ref, k_b))
+    _contracted(self, node, (a, k_a), (b_ref, k_b))
     self.link(self.tensor(a, m_axis), self.tensor(node.name, ro - 2))
     self.link(self.tensor(b_ref, n_axis), self.tensor(node.name, ro - 1))
     for ref, rank in ((a, ra), (b_ref, rb)):
@@ -1093,12 +1119,77 @@ SHIFT_KEEPING_OPS = {"AddV2", "Add", "Sub", "SelectV2", "Select", "Identity", "C
                      "ExpandDims", "Squeeze", "Mul", "RealDiv"}
 
 
-def _contracted(self: _Entry, node, *spaces) -> None:
-    """Record spaces contracted between two activations by ``node`` (see _Graph.contracted)."""
-    ok = _shift_only(self, node)
-    for space in spaces:
+def _contracted(self: _Entry, node, *operands) -> None:
+    """Record the spaces (axis ``axis`` of each (ref, axis) operand) contracted between two
+    activations by ``node`` (see _Graph.contracted)."""
+    removed = [_when_removed(self, ref) for ref, _ in operands]
+    ok = "zero" in removed or None not in removed and _shift_only(self, node) or _zeroed_operand(self, node, operands)
+    for ref, axis in operands:
+        space = self.tensor(ref, axis)
         if space is not None:
             self.graph.contracted[space] = self.graph.contracted.get(space, True) and ok
+
+
+KERNEL_PRODUCT_OPS = {"MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3", "Einsum", "Conv2D", "Conv3D",
+                      "DepthwiseConv2dNative"}
+REMOVED_KEEPING_VIEWS = {"Reshape": 0, "Transpose": 0, "ExpandDims": 0, "Squeeze": 0, "Identity": 0, "Cast": 0,
+                         "Snapshot": 0, "Unpack": 0, "Split": 1, "SplitV": 0, "StridedSlice": 0, "Slice": 0, "Neg": 0}
+
+
+def _when_removed(self: _Entry, ref: str, seen: dict | None = None) -> str | None:
+    """What a removed channel of ``ref`` holds in the masked model: "zero" where ``ref`` is a
+    kernel's product (the kernel holds zeros there) through views, sums of such, and products
+    with anything (a rotary embedding's cos and sin); "constant" (one value at every position)
+    where a bias, a constant or a variable, is added, and the result is scaled by scalars; None
+    for anything else (a table gathered by position, a bias then rotated, an argument of a body)."""
+    seen = {} if seen is None else seen
+    if ref in seen:
+        return seen[ref]
+    seen[ref] = None  # a cycle, or too deep: not known
+    node = self.body.producer(ref)
+    if node is None or len(seen) > 256:
+        return None
+    inputs = self.body.data_inputs(node)
+    verdict = None
+    if node.op in KERNEL_PRODUCT_OPS:
+        verdict = "zero" if any(_weight_operand(self, operand) for operand in inputs) else None
+    elif node.op in REMOVED_KEEPING_VIEWS:
+        verdict = _when_removed(self, inputs[REMOVED_KEEPING_VIEWS[node.op]], seen)
+    elif node.op in ("ConcatV2", "Pack", "Add", "AddV2", "BiasAdd", "Sub", "AddN"):
+        parts = [("constant" if self.source(operand) is not None else _when_removed(self, operand, seen))
+                 for operand in (inputs[:-1] if node.op == "ConcatV2" else inputs)]
+        verdict = None if None in parts else "constant" if "constant" in parts else "zero"
+    elif node.op in ("Mul", "RealDiv"):
+        parts = [_when_removed(self, operand, seen) for operand in inputs[:2]]
+        scalar = [self.shape(operand) is not None and all(d == 1 for d in self.shape(operand))
+                  for operand in inputs[:2]]
+        if parts[0] == "zero" or node.op == "Mul" and parts[1] == "zero":
+            verdict = "zero"
+        elif parts[0] == "constant" and scalar[1] or node.op == "Mul" and parts[1] == "constant" and scalar[0]:
+            verdict = "constant"
+    seen[ref] = verdict
+    return verdict
+
+
+def _zeroed_operand(self: _Entry, node, operands) -> bool:
+    """Whether a removed channel adds exactly zero to ``node``'s product, however it is read: an
+    operand is the product of its value and the group's 0/1 channels (insert_masks:
+    names.kept_product), or, with analyze(..., through_products=True), will be (a ProductSite: an
+    operand of the top graph whose last axis is contracted, of a static size)."""
+    inputs = self.body.data_inputs(node)
+    for ref, _ in operands:
+        producer = self.body.producer(ref)
+        if producer is not None and names.kept_product_part(producer.name) == "apply":
+            return True
+    if not self.graph.through_products or self.body.is_function:
+        return False
+    for ref, axis in operands:
+        shape, space = self.shape(ref), self.tensor(ref, axis)
+        if shape and axis == len(shape) - 1 and shape[axis] is not None and shape[axis] > 1 and \
+                space is not None and ref in inputs:
+            self.graph.products.append(ProductSite(self.entry.label, node.name, inputs.index(ref), space))
+            return True
+    return False
 
 
 def _shift_only(self: _Entry, node) -> bool:
@@ -1159,7 +1250,7 @@ def _einsum(self: _Entry, node) -> None:
                 self.link(self.tensor(ref, axis), self.tensor(node.name, out.index(letter)))
         elif not kernel and len(data) == 2:
             self.link(self.tensor(*data[0]), self.tensor(*data[1]))
-            _contracted(self, node, self.tensor(*data[0]), self.tensor(*data[1]))
+            _contracted(self, node, data[0], data[1])
         else:
             self.unknown(node, f"Einsum '{node.name}' ({equation}): '{letter}' is reduced or shared in a way "
                                "graphprune does not model")
@@ -2748,6 +2839,7 @@ class Analysis:
     slice_sites: tuple[SliceSite, ...] = ()  # StridedSlices and Slices that take a part of a channel axis
     scales: tuple[ScaleSite, ...] = ()  # Muls that size an axis of the batch merged with heads
     numbers: tuple = ()  # (entry, node, space): a size of space read as a number, which keeps its value
+    products: tuple[ProductSite, ...] = ()
 
 
 def channel_groups(model) -> tuple[ChannelGroup, ...]:
@@ -2762,19 +2854,22 @@ def channel_groups(model) -> tuple[ChannelGroup, ...]:
             model = load(model).model
     if "channel_groups" in model.facts:
         return model.facts["channel_groups"]
-    groups = analyze(model).groups
     if any(spec.role == names.ROLE_MASK for spec in model.variables.values()):
-        return groups  # pruned: its layer norms' Means are kept-channel means where prune made them
+        # pruned: its layer norms' Means are kept-channel means, and its products zero the removed
+        # channels, where prune made them so
+        return analyze(model).groups
+    groups = analyze(model, through_products=True).groups
     return stream_reasons(model, groups, asked=False, pruned=False)  # as prune(structure="channel") finds them
 
 
-def _through_means(model: g.TracedModel, groups) -> dict:
+def _through_means(model: g.TracedModel, groups, through_products: bool = False) -> dict:
     """The groups of ``groups`` that a layer norm's Mean keeps whole (the reason says to ask for
     residual_stream=True) -> the same channels' group with Means let through (None if none)."""
     stale = [group for group in groups if not group.prunable and "residual_stream=True" in group.reason]
     if not stale:
         return {}
-    through = {(m.kind, m.name, m.axis): group for group in analyze(model, through_means=True).groups
+    through = {(m.kind, m.name, m.axis): group
+               for group in analyze(model, through_means=True, through_products=through_products).groups
                for m in group.members}
     return {group: next((through[key] for key in ((m.kind, m.name, m.axis) for m in group.members)
                          if key in through), None) for group in stale}
@@ -2817,7 +2912,7 @@ def stream_reasons(model: g.TracedModel, groups, asked: bool = True, pruned: boo
     group (a stream, not ``asked``); where something else keeps it whole (found with Means let
     through), that is the reason. Otherwise, in a model not ``pruned`` yet, the group is prunable
     (prune will make its Means kept-channel means), and in a pruned one its Means stayed plain."""
-    stale = _through_means(model, groups)
+    stale = _through_means(model, groups, through_products=not pruned)
     fixed = []
     for group in groups:
         other = stale.get(group)
@@ -2830,13 +2925,15 @@ def stream_reasons(model: g.TracedModel, groups, asked: bool = True, pruned: boo
     return tuple(fixed)
 
 
-def analyze(model: g.TracedModel, through_means: bool = False) -> Analysis:
+def analyze(model: g.TracedModel, through_means: bool = False, through_products: bool = False) -> Analysis:
     """The channel groups of ``model``, and what a rewrite that removes channels must also change.
     ``through_means``: a Mean over the channels alone (a layer norm's) does not keep its group
-    whole; the Analysis lists them (``means``) for insert_masks to make means over kept channels."""
+    whole; the Analysis lists them (``means``) for insert_masks to make means over kept channels.
+    ``through_products``: nor does a product of two activations read by more than softmaxes; the
+    Analysis lists them (``products``) for insert_masks to zero the removed channels of one operand."""
     import networkx as nx
 
-    graph = _Graph(model, through_means)
+    graph = _Graph(model, through_means, through_products)
     for entry in model.entries:
         if entry.kind == "update":
             continue
@@ -2866,7 +2963,8 @@ def analyze(model: g.TracedModel, through_means: bool = False) -> Analysis:
     sizes = {**graph.sizes, **{space: graph.sizes_before_refining[space] for space in graph.refined}}
     return Analysis(tuple(groups), tuple(graph.reshapes), slices, sizes, tuple(graph.dims),
                     tuple(graph.means), tuple(graph.splits), tuple(graph.squeezes), dict(graph.refined),
-                    tuple(graph.counts), tuple(graph.slice_sites), tuple(graph.scales), tuple(graph.numbers))
+                    tuple(graph.counts), tuple(graph.slice_sites), tuple(graph.scales), tuple(graph.numbers),
+                    tuple(graph.products))
 
 
 def _refine_factors(graph: _Graph) -> None:

@@ -106,6 +106,21 @@ def kept_mean_part(name: str) -> str | None:
     return match.group(1) if match else None
 
 
+def kept_product(node_name: str, operand: int, part: str) -> str:
+    """A node that zeroes the removed channels of operand ``operand`` of a product of two
+    activations (insert_masks: attention's query/key head dims where the product is read by more
+    than a softmax): 'view' (the kernel's mask reshaped so its channels are one axis), 'cut' (the
+    part of that axis the operand holds), 'keep_max' (the channels' 0/1 vector), 'keep_cast',
+    'apply' (the operand times it)."""
+    return f"{node_name}/{SCOPE}/kept_product_{operand}/{part}"
+
+
+def kept_product_part(name: str) -> str | None:
+    """'view', 'cut', 'keep_max', 'keep_cast', 'apply' ... for a node kept_product named, else None."""
+    match = re.search(rf"/{SCOPE}/kept_product_[0-9]+/([a-z_]+)$", name)
+    return match.group(1) if match else None
+
+
 def strip_masked_suffix(name: str) -> str:
     """'dense/kernel/graphprune/masked_1' -> 'dense/kernel'."""
     return _MASKED_SUFFIX.sub("", name)

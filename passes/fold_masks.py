@@ -42,7 +42,8 @@ def fold_masks(model: g.TracedModel, context: PassContext, freeze: bool = True, 
     def fold(body: b.Body, entry_name: str) -> None:
         constants: dict[str, str] = {}
         for node in list(body.nodes):
-            if names.kept_mean_part(node.name) == "keep_max":  # a mean over kept channels: its 0/1 vector
+            if "keep_max" in (names.kept_mean_part(node.name), names.kept_product_part(node.name)):
+                # a mean over kept channels, or a product zeroing removed ones: the 0/1 channel vector
                 body.replace(node, _frozen_keep(body, node, model, context))
                 touched.append(f"{entry_name}:{body.use_name(node)}")
                 continue
@@ -85,13 +86,23 @@ def fold_masks(model: g.TracedModel, context: PassContext, freeze: bool = True, 
 
 
 def _frozen_keep(body: b.Body, node, model: g.TracedModel, context: PassContext):
-    """The Const of a kept-channel mean's kept-channel vector (insert_masks._kept_mean): the maximum
-    of the mask it reads over the other axes, at the mask's current value."""
+    """The Const of a kept-channel vector (insert_masks._kept_mean, _kept_product): the maximum of
+    the mask it reads (through a Reshape and a Slice: a view of it, a part of that) over the other
+    axes, at the mask's value."""
     mask, axes = body.data_inputs(node)[:2]
-    read = body.producer(mask)
+    read, views = body.producer(mask), []
+    while read.op in ("Reshape", "Slice"):  # a view of the mask, a part of it (insert_masks._kept_product)
+        views.append((read.op, [tf.make_ndarray(body.producer(ref).attr["value"].tensor)
+                                for ref in body.data_inputs(read)[1:]]))
+        read = body.producer(body.data_inputs(read)[0])
     if read.op == "Cast":
         read = body.producer(read.input[0])
     value = np.asarray(context.value(model, body.read_key(read)))
+    for op, operands in reversed(views):
+        if op == "Reshape":
+            value = value.reshape(operands[0])
+        else:
+            value = value[tuple(slice(start, None if size < 0 else start + size) for start, size in zip(*operands))]
     axes = tf.make_ndarray(body.producer(axes).attr["value"].tensor)
     dtype = tf.dtypes.as_dtype(node.attr["T"].type)
     return g.const_node(node.name, np.max(value, axis=tuple(np.ravel(axes).tolist())).astype(dtype.as_numpy_dtype),

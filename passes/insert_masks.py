@@ -21,7 +21,12 @@ variance; over a residual stream only with ``residual_stream``) becomes Sum(x * 
 under the Mean's name, keep being the 0/1 channels (the maximum over the other axes of the mask
 of a kernel whose axis holds the same channels): the masked model then normalizes over the kept
 channels, as the shrunk model will.
-fold_masks freezes keep; shrink_channels slices it and turns an all-ones one back into the Mean.
+Likewise each product of two activations over channels it may remove that is read by more than
+softmaxes (channels.ProductSite: a table of relative positions times the queries, rotated queries
+with a bias) gets one operand multiplied by those channels' 0/1 vector (names.kept_product), so a
+removed channel adds exactly zero to it, as it adds nothing once removed.
+fold_masks freezes keep; shrink_channels slices it and turns an all-ones one back into the Mean
+(and drops the product's Mul).
 Postcondition: every use of a masked weight reads ``w * mask``; with all-ones masks the model
 computes exactly what it computed before.
 """
@@ -82,13 +87,15 @@ def insert_masks(model: g.TracedModel, context: PassContext, sparsity=None, fina
     ]
     keys = {w.key for w in to_mask}
     new_variables = model.with_variables(specs).variables
-    means = _stream_means(model, plans, keys)
+    means, products = _channel_sites(model, plans, keys)
 
     def rewrite(body, entry_name):
         _mask_body(body, keys, new_variables)
         if not body.is_function:
             for site in means.get(entry_name, ()):
                 _kept_mean(body, *site)
+            for site in products.get(entry_name, ()):
+                _kept_product(body, *site)
 
     entries = tuple(entry if entry.kind == "update" else
                     b.rewrite_entry(entry, lambda body, name=entry.label: rewrite(body, name),
@@ -96,6 +103,7 @@ def insert_masks(model: g.TracedModel, context: PassContext, sparsity=None, fina
     new_model = dataclasses.replace(model, entries=entries).with_variables(specs)
     masked = tuple(dataclasses.replace(w, mask=mask_key(w.key)) if w.key in keys else w for w in weights)
     report = {"masked": sorted(keys), "skipped": skipped, "kept_means": sum(len(v) for v in means.values()),
+              "kept_products": sum(len(v) for v in products.values()),
               "initial_sparsity": {k: float(1 - np.mean(v)) for k, v in initial.items()}}
     return PassResult(new_model.with_facts(weights=masked), changed=True, report=report)
 
@@ -148,29 +156,54 @@ def _mask_body(body: b.Body, keys: set[str], variables) -> None:
             _gather_masked(body, gather, key, dtype)
 
 
-def _stream_means(model: g.TracedModel, plans, keys: set[str]) -> dict[str, list]:
+def _channel_sites(model: g.TracedModel, plans, keys: set[str]) -> tuple[dict, dict]:
+    """With the channel structure, the Means (_stream_means) and the products (_product_keeps)
+    that insert_masks rewrites so their groups may be removed; one analysis finds both."""
+    if not any(plan.structure.channels for plan in plans.values()):
+        return {}, {}
+    from graphprune.channels import analyze
+
+    analysis = analyze(model, through_means=True, through_products=True)
+    groups = {group.name: group for group in analysis.groups}
+    return _stream_means(model, analysis, groups, plans, keys), _product_keeps(model, analysis, groups, plans, keys)
+
+
+def _site_kernels(analysis, groups: dict, space: tuple, plans, keys: set[str]) -> tuple:
+    """(the channel ids of ``space``, its prunable groups, their kernels) where every kernel of
+    those groups is masked with the channel structure; (ids, [], []) where there is none or one
+    is not (then nothing may be rewritten for the site)."""
+    from graphprune.channels import channel_ids
+
+    ids = channel_ids(analysis, space)
+    prunable = [groups[name] for name in (sorted(_group_names(ids)) if ids else []) if groups[name].prunable]
+    found = [_masked_kernels(group, plans, keys) for group in prunable]
+    if not prunable or any(kernels is None for kernels in found):
+        return ids, [], []
+    return ids, prunable, [m for kernels in found for m in kernels]
+
+
+def _masked_kernels(group, plans, keys: set[str]) -> list | None:
+    """The kernels of a prunable ``group`` when insert_masks masks every one with the channel
+    structure (so their masks tell the kept channels), else None."""
+    kernels = [m for m in group.members if m.role != "param"]
+    if any(m.kind != "variable" or m.name not in keys or not plans[m.name].structure.channels for m in kernels):
+        return None
+    return kernels
+
+
+def _stream_means(model: g.TracedModel, analysis, groups: dict, plans, keys: set[str]) -> dict[str, list]:
     """entry -> [(Mean node, kernel Member, the kernel's other axes, the Mean input's rank)]: each
     Mean over channels that may be removed (every kernel of their prunable groups masked here,
     with the channel structure; a residual stream only with residual_stream: channels.is_stream)
     with a kernel whose axis holds the same channels in the same order (channel_ids: a kernel's
     whole output, or the head dims of one whose rotary pairs split them), so its mask tells the
     kept channels. Means with no such kernel are left, and keep their groups whole."""
-    if not any(plan.structure.channels for plan in plans.values()):
-        return {}
-    from graphprune.channels import analyze, channel_ids, is_stream
+    from graphprune.channels import channel_ids, is_stream
 
-    analysis = analyze(model, through_means=True)
-    groups = {group.name: group for group in analysis.groups}
     chosen: dict[str, list] = {}
     for site in analysis.means:
-        ids = channel_ids(analysis, site.space)
-        if ids is None:
-            continue
-        prunable = [groups[name] for name in sorted(_group_names(ids)) if groups[name].prunable]
-        kernels = [m for group in prunable for m in group.members if m.role != "param"]
-        if not prunable or any(m.kind != "variable" or m.name not in keys for m in kernels):
-            continue
-        if any(not plans[m.name].structure.channels for m in kernels):
+        ids, prunable, kernels = _site_kernels(analysis, groups, site.space, plans, keys)
+        if not kernels:
             continue
         if any(is_stream(group) for group in prunable) and \
                 not all(plans[m.name].structure.residual_stream for m in kernels):
@@ -183,6 +216,59 @@ def _stream_means(model: g.TracedModel, plans, keys: set[str]) -> dict[str, list
             other = tuple(a for a in range(len(model.variables[name].shape)) if a != axis)
             chosen.setdefault(site.entry, []).append((site.node, member, other, site.space[4] + 1))
     return chosen
+
+
+def _product_keeps(model: g.TracedModel, analysis, groups: dict, plans, keys: set[str]) -> dict[str, list]:
+    """entry -> [(product node, operand position, kernel Member, the mask's view, the channels' axis
+    in it, their offset along it, their count)]:
+    each product of two activations read by more than softmaxes (channels.ProductSite) whose
+    contracted operand axis carries prunable channels, with a kernel whose mask tells them in that
+    axis's order: an axis of the kernel with the same channels (channel_ids), or a factor of one
+    split into heads (the mask viewed with that axis split: a fused kernel's head dims), or a part
+    of either (the query's of a fused query-key-value kernel). Products with no such kernel are
+    left, and keep their groups whole."""
+    from graphprune.channels import channel_ids
+
+    chosen: dict[str, list] = {}
+    for site in analysis.products:
+        ids, _, kernels = _site_kernels(analysis, groups, site.space, plans, keys)
+        options = []
+        for member in {(m.name, m.axis): m for m in kernels}.values():
+            shape = [int(d) for d in model.variables[member.name].shape]
+            for space, view, axis in _factor_views(analysis, ("v", member.name, member.axis, None), shape,
+                                                   member.axis):
+                offset = _offset_of(ids, channel_ids(analysis, space))
+                if offset is not None:
+                    options.append((int(np.prod(shape)), member.name, member.axis, member, (view, axis, offset)))
+                    break
+        if options:
+            *_, member, (view, axis, offset) = min(options, key=lambda item: item[:3])
+            chosen.setdefault(site.entry, []).append((site.node, site.operand, member, view, axis, offset, len(ids)))
+    return chosen
+
+
+def _offset_of(ids: list, found) -> int | None:
+    """Where ``ids`` lie, in order, in ``found`` (a fused query-key-value kernel's axis holds the
+    query's head dims from 0, the key's after them), or None."""
+    if not found or len(found) < len(ids):
+        return None
+    return next((start for start in range(len(found) - len(ids) + 1) if found[start:start + len(ids)] == ids), None)
+
+
+def _factor_views(analysis, space: tuple, shape: list, axis: int):
+    """(space, view, axis): ``space`` at ``axis`` of ``shape``, then each factor of it where the
+    analysis split it into heads x head dims (Analysis.refined), at its axis of ``shape`` viewed
+    with that axis split, depth first."""
+    yield space, shape, axis
+    parts = analysis.refined.get(space)
+    if parts is None or any(analysis.sizes.get(part) is None for part in parts):
+        return
+    outer, inner = parts
+    view = shape[:axis] + [analysis.sizes[outer], analysis.sizes[inner]] + shape[axis + 1:]
+    if int(np.prod(view)) != int(np.prod(shape)):
+        return
+    yield from _factor_views(analysis, outer, view, axis)
+    yield from _factor_views(analysis, inner, view, axis + 1)
 
 
 def _group_names(ids) -> set[str]:
@@ -229,6 +315,45 @@ def _kept_mean(body: b.Body, name: str, member, other_axes: tuple, rank: int) ->
     replacement = g.make_node(name, "RealDiv", [body.ref(total.name), body.ref(count.name)], T=dtype)
     replacement.input.extend(i for i in node.input if i.startswith("^"))
     body.replace(node, replacement)
+
+
+def _kept_product(body: b.Body, name: str, operand: int, member, view: list, axis: int, offset: int,
+                  count: int) -> None:
+    """Input ``operand`` x of product ``name`` -> x * keep, keep being the group's 0/1 channels along
+    x's last axis: the maximum of ``member``'s mask, viewed as ``view``, over every axis but
+    ``axis``, of its ``count`` values there from ``offset`` (the query's part of a fused kernel). A
+    removed channel then adds exactly zero to the product (whatever the bias left in it), which
+    removing it matches however the product is read. Read where the kernel's mask is read in this
+    body; a body without one keeps its product (and its group stays whole)."""
+    node = body.node(name)
+    mask = body.node(names.mask_cast_node(member.name)) or body.node(names.mask_read_node(member.name))
+    if node is None or mask is None:
+        return
+    x = body.data_inputs(node)[operand]
+    dtype = tf.dtypes.as_dtype(node.attr["T"].type)
+    stored = tf.dtypes.as_dtype(mask.attr["DstT" if mask.op == "Cast" else "dtype"].type)
+    part = lambda label: names.kept_product(name, operand, label)  # noqa: E731
+    source = body.ref(mask.name)
+    shape = body.add(g.const_node(part("view_shape"), np.array(view, np.int32), "int32"))
+    source = body.ref(body.add(g.make_node(part("view"), "Reshape", [source, body.ref(shape.name)], T=stored,
+                                           Tshape=tf.int32)).name)
+    if (offset, count) != (0, view[axis]):
+        begin = [offset if a == axis else 0 for a in range(len(view))]
+        size = [count if a == axis else -1 for a in range(len(view))]
+        begin = body.add(g.const_node(part("cut_begin"), np.array(begin, np.int32), "int32"))
+        size = body.add(g.const_node(part("cut_size"), np.array(size, np.int32), "int32"))
+        source = body.ref(body.add(g.make_node(part("cut"), "Slice", [source, body.ref(begin.name),
+                                                                       body.ref(size.name)], T=stored,
+                                               Index=tf.int32)).name)
+    other = tuple(a for a in range(len(view)) if a != axis)
+    other = body.add(g.const_node(part("other_axes"), np.array(other, np.int32), "int32"))
+    keep = body.add(g.make_node(part("keep_max"), "Max", [source, body.ref(other.name)], T=stored, Tidx=tf.int32,
+                                keep_dims=False))
+    if stored != dtype:
+        keep = body.add(g.make_node(part("keep_cast"), "Cast", [body.ref(keep.name)], SrcT=stored, DstT=dtype,
+                                    Truncate=False))
+    applied = body.add(g.make_node(part("apply"), "Mul", [x, body.ref(keep.name)], T=dtype))
+    body.set_input(node, operand, body.ref(applied.name))
 
 
 def _gather_masked(body: b.Body, gather, key: str, dtype) -> None:

@@ -10,6 +10,8 @@ kernels (input and output axes), depthwise kernels, biases, normalization parame
 statistics, constants, concatenated slices; Reshape shapes that name the channel count follow,
 and so do the count of copies tf.repeat makes (the query heads that share a key/value head) and
 the heads in a batch * heads that sizes the batch merged with heads (ViTDet's attention).
+Where such a product is also read by more than softmaxes (relative position tables), insert_masks
+zeroed the removed channels of one operand (names.kept_product); once none is left, that Mul goes.
 Variables get new values and shapes; constants are rewritten in place, and a tf.range of
 constant bounds (rotary inverse frequencies) becomes a gather of its kept values. A group whose every
 channel is dead keeps one (a tensor of zero channels is not a model). Groups left whole by the
@@ -60,7 +62,8 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
         if not group.prunable:
             continue
         # kernels that read the channels, and the kept-channel vectors of means over them
-        consumers = [m for m in group.members if m.role == "in" or names.kept_mean_part(m.name) == "keep_max" or
+        consumers = [m for m in group.members if m.role == "in" or
+                     "keep_max" in (names.kept_mean_part(m.name), names.kept_product_part(m.name)) or
                      (group.contracted and m.role in ("out", "through"))]
         alive = np.zeros(group.size, bool)
         for member in consumers:
@@ -156,6 +159,7 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
                     body.mark_changed()
             _update_shapes(body, entry.label, analysis, removed, shrunk_specs)
             _plain_means(body)
+            _plain_products(body)
 
         entries.append(b.rewrite_entry(entry, rewrite)[0])
     new_model = dataclasses.replace(model.with_variables(specs), entries=tuple(entries))
@@ -179,6 +183,18 @@ def _plain_means(body: b.Body) -> None:
                            Tidx=tf.dtypes.as_dtype(total.attr["Tidx"].type), keep_dims=bool(total.attr["keep_dims"].b))
         mean.input.extend(i for i in node.input if i.startswith("^"))
         body.replace(node, mean)
+
+
+def _plain_products(body: b.Body) -> None:
+    """A product's operand times its kept channels (insert_masks: names.kept_product) whose
+    channels are all kept now becomes the operand (the rest is left to strip_unused)."""
+    for node in list(body.nodes):
+        if names.kept_product_part(node.name) != "apply":
+            continue
+        keep = body.node(node.name.rsplit("/", 1)[0] + "/keep_max")
+        if keep is None or keep.op != "Const" or not np.all(tf.make_ndarray(keep.attr["value"].tensor) == 1):
+            continue  # round_to kept some removed channels back: they must still add zero
+        body.repoint(body.ref(node.name), body.data_inputs(node)[0])
 
 
 def _update_shapes(body: b.Body, entry: str, analysis, removed: dict, specs: dict) -> None:

@@ -1190,7 +1190,13 @@ def test_heads_merged_with_the_batch(tmp_path):
     # every variable counts, the relative position tables too (looked up by ResourceGather)
     assert graphprune.cost(path).parameters == sum(int(np.prod(v.shape)) for v in module.trainable_variables)
     assert graphprune.cost(out).parameters == _predicted_parameters(pm)
-    assert _weight_shape(out, "proj/kernel")[0] == 4 * int(_used_channels(pm, heads).sum()) == 8
+    # the query/key/value head dims go too: the relative position tables read the queries, whose
+    # removed dims insert_masks zeroes (names.kept_product)
+    dims = next(group for group in groups if group is not heads and
+                any(m.name == "proj/kernel" and m.axis == 0 for m in group.members))
+    assert dims.prunable and dims.size == 4, channels.describe([dims])
+    assert _weight_shape(out, "proj/kernel")[0] == \
+        int(_used_channels(pm, heads).sum()) * int(_used_channels(pm, dims).sum()) == 4
     one = np.random.RandomState(2).standard_normal([1, 4, 4, 3]).astype(np.float32)  # any batch size
     np.testing.assert_allclose(tf.saved_model.load(out)(one).numpy(), pm(one).numpy(), atol=1e-5 * np.abs(masked).max(),
                                rtol=0)
@@ -1794,7 +1800,7 @@ def test_a_size_worked_out_wrongly_is_not_trusted(tmp_path):
 
 class _ScoredHeads(tf.Module):
     """Attention with biased query and key projections (2 heads of 4 dims): ``scores`` is what reads
-    q.k: "softmax" (scaled, a causal mask added), "sigmoid" (no shift leaves it alone), or "sized"
+    q.k: "softmax" (scaled, a causal mask added), "sigmoid" (which a shift changes), or "sized"
     (a softmax of scores scaled by the head dim read off the query's shape)."""
 
     def __init__(self, scores="softmax"):
@@ -1827,17 +1833,18 @@ def test_query_key_head_dims_read_by_a_softmax(tmp_path, scores):
     removed from both projections (their biases too), q.k loses the same constant bq_j * bk_j in
     every score, which no softmax sees. So they go where every use of q.k ends in softmaxes through
     shifts, selects and scales (a scale read off the head dim's size too: the shrunk model scales
-    by the size it had); a sigmoid of the scores keeps them whole. The shrunk model computes the
-    masked one, biases and causal mask included."""
+    by the size it had). A sigmoid of the scores would see that constant: there insert_masks
+    zeroes the removed dims of the queries (names.kept_product), bias and all, so they go too.
+    The shrunk model computes the masked one, biases and causal mask included."""
     pm, _ = _views_pruned(tmp_path, _ScoredHeads(scores))
     groups = graphprune.channel_groups(pm)
     dims = next(group for group in groups if any(m.name == "scored/query" and m.axis == 2 for m in group.members))
     assert {m.name for m in dims.members} >= {"scored/query", "scored/key", "scored/query_bias", "scored/key_bias"}
-    assert dims.prunable == (scores != "sigmoid"), graphprune.channels.describe([dims])
-    if scores == "sigmoid":
-        assert "more than a softmax" in dims.reason
+    assert dims.prunable, graphprune.channels.describe([dims])
+    zeroed = [n.name for n in pm.traced.entries[0].graph_def.node if names.kept_product_part(n.name) == "apply"]
+    assert len(zeroed) == (scores == "sigmoid")  # only where a shift would show
     out = _shrunk_as_masked(pm, tmp_path)
-    assert _weight_shape(out, "scored/key")[2] == (4 if scores == "sigmoid" else 2)
+    assert _weight_shape(out, "scored/key")[2] == 2
     assert graphprune.cost(out).parameters == _predicted_parameters(pm)
 
 
@@ -1860,7 +1867,8 @@ class _ScoredAndReadHeads(_ScoredHeads):
 def test_query_key_head_dims_read_by_a_kernel_too_stay_where_their_projections_make_them(tmp_path, scores):
     """Dim 1 of the query heads is read by no kernel (zero rows), but q.k still sums over it: it
     is alive while the query and key kernels make it, so the shrunk model keeps it. Under a
-    sigmoid (which a bias's constant would shift) the dims stay whole, a kernel reading them or not."""
+    sigmoid (which a bias's constant would shift) the dims stay whole, a kernel reading them or not:
+    unstructured pruning does not zero the removed dims of a product (only the channel structure does)."""
     path = str(tmp_path / "model")
     tf.saved_model.save(_ScoredAndReadHeads(scores), path)
     pm = graphprune.prune(path, graphprune.ConstantSparsity(0.25, 0), one_shot=True)  # unstructured
@@ -1873,6 +1881,87 @@ def test_query_key_head_dims_read_by_a_kernel_too_stay_where_their_projections_m
     out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
     np.testing.assert_allclose(tf.saved_model.load(out)(x).numpy(), masked, atol=1e-5 * np.abs(masked).max(), rtol=0)
     assert _weight_shape(out, "scored/query")[2] == 4 and _weight_shape(out, "scored/reader")[1] == 4
+
+
+class _RelativeHeads(tf.Module):
+    """ViTDet's attention in small: biased query, key and value projections (2 heads of 4 dims),
+    scores plus relative positions (the queries times a table gathered by each key's offset, a
+    table no kernel reads: an activation), a softmax. ``layout`` "last": the head dims are the
+    last axis of both operands of the table product; "first": their first axis."""
+
+    def __init__(self, layout="last"):
+        super().__init__()
+        rng = np.random.RandomState(0)
+        self.layout = layout
+        for name, shape in (("query", [8, 2, 4]), ("key", [8, 2, 4]), ("value", [8, 2, 4]), ("out", [2, 4, 8]),
+                            ("table", [15, 4])):
+            setattr(self, name, tf.Variable(rng.standard_normal(shape).astype(np.float32) / 2, name=f"rel/{name}"))
+        for name in ("query", "key", "value"):
+            setattr(self, f"{name}_bias", tf.Variable(rng.standard_normal([2, 4]).astype(np.float32),
+                                                      name=f"rel/{name}_bias"))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32)])
+    def __call__(self, x):
+        q, k, v = (tf.einsum("nc,chd->nhd", x, getattr(self, name)) + getattr(self, f"{name}_bias")
+                   for name in ("query", "key", "value"))
+        steps = tf.range(tf.shape(x)[0])
+        table = tf.gather(self.table, steps[:, None] - steps[None, :] + 7)  # [queries, keys, head dims]
+        if self.layout == "last":
+            relative = tf.einsum("qhd,qkd->hqk", q, table)
+        else:
+            relative = tf.einsum("dhq,dqk->hqk", tf.transpose(q, [2, 1, 0]), tf.transpose(table, [2, 0, 1]))
+        weights = tf.nn.softmax(tf.einsum("qhd,khd->hqk", q, k) * 0.5 + relative)
+        return tf.einsum("qhd,hdo->qo", tf.einsum("hqk,khd->qhd", weights, v), self.out)
+
+
+def test_a_product_read_by_more_than_a_softmax(tmp_path):
+    """The relative positions multiply the queries by a table: a removed query dim whose bias is
+    left would add bq_j * table[.., j], which differs from key to key, so no softmax absorbs it.
+    insert_masks zeroes the removed dims of the queries that product reads (names.kept_product:
+    the head dims' 0/1 vector, read off the query kernel's mask), so the head dims go, with the
+    table's column; all-ones masks change nothing; shrink_channels drops that Mul once every kept
+    dim is whole and keeps it where round_to keeps removed dims back. The head dims first in both
+    operands (no last axis to zero) stay whole, with the reason; each shrunk model computes the masked one."""
+    path = str(tmp_path / "model")
+    module = _RelativeHeads()
+    tf.saved_model.save(module, path)
+    x = np.random.RandomState(1).standard_normal([5, 8]).astype(np.float32)
+    untouched = graphprune.prune(path, graphprune.PolynomialDecay(0.0, 0.5, 0, 10), structure="channel")
+    np.testing.assert_allclose(untouched(x).numpy(), module(x).numpy(), rtol=1e-6, atol=1e-6)
+
+    pm, _ = _views_pruned(tmp_path, module)
+    dims = next(group for group in graphprune.channel_groups(pm)
+                if any(m.name == "rel/query" and m.axis == 2 for m in group.members))
+    assert dims.prunable and ("rel/table", 1) in {(m.name, m.axis) for m in dims.members}, channels.describe([dims])
+    zeroed = [n for n in pm.traced.entries[0].graph_def.node if names.kept_product_part(n.name) == "apply"]
+    product = next(n for n in pm.traced.entries[0].graph_def.node if zeroed and zeroed[0].name.startswith(n.name + "/"))
+    assert len(zeroed) == 1 and product.attr["equation"].s == b"qhd,qkd->hqk"  # the table's, not q.k
+    out = _shrunk_as_masked(pm, tmp_path)
+    assert _weight_shape(out, "rel/key")[2] == 2 and _weight_shape(out, "rel/table") == (15, 2)
+    assert graphprune.cost(out).parameters == _predicted_parameters(pm)
+    shrunk = tf.saved_model.load(out)
+    graph_nodes = shrunk.__call__.get_concrete_function().graph.as_graph_def()
+    assert not any(names.kept_product_part(n.name) for n in graph_nodes.node)  # the Mul went with the dims
+
+    # round_to=8 keeps 4 of 4 dims (8 values of the two heads): the removed two are kept back, still zeroed
+    rounded = graphprune.prune(path, graphprune.ConstantSparsity(0.5, 0), structure="channel", one_shot=True,
+                               round_to=8)
+    masked = rounded(x).numpy()
+    kept_back = graphprune.finalize(rounded, str(tmp_path / "rounded"), shrink=True)
+    np.testing.assert_allclose(tf.saved_model.load(kept_back)(x).numpy(), masked, atol=1e-5 * np.abs(masked).max(),
+                               rtol=0)
+    assert _weight_shape(kept_back, "rel/key")[2] == 4
+
+    first = str(tmp_path / "first")
+    tf.saved_model.save(_RelativeHeads("first"), first)
+    pm = graphprune.prune(first, graphprune.ConstantSparsity(0.5, 0), structure="channel", one_shot=True)
+    dims = next(group for group in graphprune.channel_groups(pm)
+                if any(m.name == "rel/query" and m.axis == 2 for m in group.members))
+    assert not dims.prunable and "more than a softmax" in dims.reason, channels.describe([dims])
+    masked = pm(x).numpy()
+    whole = graphprune.finalize(pm, str(tmp_path / "whole"), shrink=True)
+    np.testing.assert_allclose(tf.saved_model.load(whole)(x).numpy(), masked, atol=1e-5 * np.abs(masked).max(), rtol=0)
+    assert _weight_shape(whole, "rel/key")[2] == 4
 
 
 class _SqueezedBias(tf.Module):
@@ -2163,6 +2252,42 @@ _HGNET_LIGHT = "encoder/encoder_stage_1/encoder_stage_1_block_0/encoder_stage_1_
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["qwen2", "gptneox"])
+def test_keras_hub_biased_rotary_query_key_dims(tmp_path, name):
+    """Query and key projections with biases, rotated (Qwen2's, GPT-NeoX's fused and partly rotated
+    ones), their biases nonzero as training leaves them. A removed pair's bias, rotated by position,
+    changed the scores from key to key: the shrunk Qwen2 was off by 4.6e-2 of its output scale, and
+    finalize's check (at two tokens) let it through. insert_masks now zeroes the removed pairs in
+    the rotated queries (names.kept_product: for GPT-NeoX the query's part of its fused kernel's
+    mask), so the pairs go and the shrunk model computes the masked one; GPT-NeoX's 12 of 16 dims
+    its rotary embedding passes through go too (a bias there only shifts the scores)."""
+    import keras_hub
+
+    models = keras_hub.models
+    small = dict(vocabulary_size=50, num_layers=1, hidden_dim=32, intermediate_dim=32)
+    model = {"qwen2": lambda: models.QwenBackbone(num_query_heads=4, num_key_value_heads=2, **small),
+             "gptneox": lambda: models.GPTNeoXBackbone(num_heads=2, max_sequence_length=8, **small)}[name]()
+    rng = np.random.RandomState(0)
+    for weight in model.weights:
+        if weight.path.endswith("bias"):
+            weight.assign(rng.standard_normal(weight.shape).astype(np.float32) / 2)
+    model.export(str(tmp_path / "export"), verbose=False)
+    pm = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
+                          one_shot=True)
+    groups = graphprune.channel_groups(pm)
+    # key/value heads, query heads within a group, rotary pairs, value dims, MLP; GPT-NeoX: heads, the
+    # dims its rotary embedding passes through, value dims, MLP (its rotated dims: "split into heads and sliced")
+    expected = {"qwen2": [2, 2, 4, 8, 32], "gptneox": [2, 12, 16, 32]}[name]
+    assert sorted(group.size for group in groups if group.prunable) == expected, channels.describe(groups)
+    zeroed = [n for n in pm.traced.entries[0].graph_def.node if names.kept_product_part(n.name) == "apply"]
+    assert zeroed, "no product zeroes the removed query dims"
+    inputs = {"token_ids": tf.constant(rng.randint(0, 50, size=(2, 8)), tf.int32),
+              "padding_mask": tf.ones((2, 8), tf.int32)}
+    _hub_shrunk_as_masked(pm, tmp_path, inputs)
+    assert graphprune.cost(str(tmp_path / "small")).parameters == _predicted_parameters(pm)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["roformer", "esm", "smollm3"])
 def test_keras_hub_rotary_pairs_and_unknown_widths(tmp_path, name):
     """RoFormer V2 and ESM: the rotary embedding splits the head dims into pairs again (the analysis
@@ -2175,7 +2300,9 @@ def test_keras_hub_rotary_pairs_and_unknown_widths(tmp_path, name):
     query kernel into key/value groups again (the same KeyError; now followed: its key/value heads
     and the query heads within each group go too). Its rotary halves are StridedSlices of the
     head dims (parts of the axis): dims i and i + d/2 go in pairs with their inverse frequency.
-    The shrunk model computes the masked one."""
+    The shrunk model computes the masked one. ESM's biases are made nonzero, as training leaves
+    them: a removed pair's bias, rotated by position, changed the scores from key to key (1.7e-4
+    of the output scale), so insert_masks now zeroes the removed pairs of the rotated queries."""
     import keras_hub
 
     models = keras_hub.models
@@ -2187,7 +2314,12 @@ def test_keras_hub_rotary_pairs_and_unknown_widths(tmp_path, name):
                  num_key_value_heads=2, attention_bias=False, attention_dropout=0.0, rope_layer_enabled_list=[True],
                  layer_types=["attention"], mlp_bias=False, layer_norm_epsilon=1e-6, max_position_embeddings=64,
                  rope_theta=10000.0, partial_rotary_factor=1.0)}[name]
-    build().export(str(tmp_path / "export"), verbose=False)
+    model = build()
+    rng = np.random.RandomState(0)
+    for weight in model.weights:
+        if name == "esm" and weight.path.endswith("bias"):
+            weight.assign(rng.standard_normal(weight.shape).astype(np.float32))
+    model.export(str(tmp_path / "export"), verbose=False)
     pm = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
                           one_shot=True)
     groups = graphprune.channel_groups(pm)
@@ -2501,15 +2633,17 @@ def test_keras_hub_more_families_shrink(tmp_path, name):
                 "mobilenet": [8] * 7 + [16, 16, 24],
                 # key/value heads with their query heads (and attention sinks, concatenated after the scores
                 # along keys of unknown count), the query heads within each group, value head dims, the
-                # experts' neurons (one index in every expert: gate 2j and up 2j + 1)
-                "gptoss": [2, 2, 8, 32],
+                # experts' neurons (one index in every expert: gate 2j and up 2j + 1); the query/key rotary
+                # pairs (biased, rotated, read by more than a softmax: zeroed in the rotated queries)
+                "gptoss": [2, 2, 4, 8, 32],
                 # the channels each RMS norm normalizes alone (the stem's, every expansion's and depthwise
                 # conv's, the adapter's), the attention's heads, key dims and value dims (reshaped
                 # channels-first with the positions merged); the residual streams stay whole
                 "mobilenetv5": [2, 8, 8, 8, 32, 64, 64, 64, 96, 128, 128, 160],
                 # the heads of both layers (merged with the batch), MLP neurons, the neck's first conv; the
-                # query, key and value dims are one axis that the relative position tables read as well
-                "vitdet": [2, 2, 8, 32, 32]}[name]
+                # query, key and value dims (one axis, which the relative position tables read as well:
+                # insert_masks zeroes the removed ones in the queries those tables multiply)
+                "vitdet": [2, 2, 8, 8, 8, 32, 32]}[name]
     assert sorted(group.size for group in groups if group.prunable) == expected, channels.describe(groups)
     spec = pm.signatures["serving_default"].structured_input_signature[1]
     rng = np.random.RandomState(0)
