@@ -287,23 +287,16 @@ def _kept_mean(body: b.Body, name: str, member, other_axes: tuple, rank: int) ->
     the group's 0/1 channel vector, the maximum of ``member``'s mask over ``other_axes`` (every other
     group keeps a channel, so a kept channel has a one in its slice). Read where the kernel's mask
     is read in this body; a body without one keeps its Mean (and its group stays whole)."""
-    node = body.node(name)
-    mask = body.node(names.mask_cast_node(member.name)) or body.node(names.mask_read_node(member.name))
+    node, (mask, stored) = body.node(name), _mask_read(body, member)
     if node is None or mask is None:
         return
     x, axes = body.data_inputs(node)[:2]
     dtype = tf.dtypes.as_dtype(node.attr["T"].type)
-    stored = tf.dtypes.as_dtype(mask.attr["DstT" if mask.op == "Cast" else "dtype"].type)
     part = lambda label: names.kept_mean(name, label)  # noqa: E731
-    other = body.add(g.const_node(part("other_axes"), np.array(other_axes, np.int32), "int32"))
-    keep = body.add(g.make_node(part("keep_max"), "Max", [body.ref(mask.name), body.ref(other.name)],
-                                T=stored, Tidx=tf.int32, keep_dims=False))
-    if stored != dtype:
-        keep = body.add(g.make_node(part("keep_cast"), "Cast", [body.ref(keep.name)], SrcT=stored, DstT=dtype,
-                                    Truncate=False))
+    keep = _channel_keep(body, part, body.ref(mask.name), stored, dtype, other_axes)
     shape = body.add(g.const_node(part("keep_shape"), np.array([1] * (rank - 1) + [-1], np.int32),
                                   "int32"))
-    keep = body.add(g.make_node(part("keep"), "Reshape", [body.ref(keep.name), body.ref(shape.name)], T=dtype,
+    keep = body.add(g.make_node(part("keep"), "Reshape", [keep, body.ref(shape.name)], T=dtype,
                                 Tshape=tf.int32))
     masked = body.add(g.make_node(part("kept"), "Mul", [x, body.ref(keep.name)], T=dtype))
     total = body.add(g.make_node(part("sum"), "Sum", [body.ref(masked.name), axes], T=dtype,
@@ -325,13 +318,11 @@ def _kept_product(body: b.Body, name: str, operand: int, member, view: list, axi
     removed channel then adds exactly zero to the product (whatever the bias left in it), which
     removing it matches however the product is read. Read where the kernel's mask is read in this
     body; a body without one keeps its product (and its group stays whole)."""
-    node = body.node(name)
-    mask = body.node(names.mask_cast_node(member.name)) or body.node(names.mask_read_node(member.name))
+    node, (mask, stored) = body.node(name), _mask_read(body, member)
     if node is None or mask is None:
         return
     x = body.data_inputs(node)[operand]
     dtype = tf.dtypes.as_dtype(node.attr["T"].type)
-    stored = tf.dtypes.as_dtype(mask.attr["DstT" if mask.op == "Cast" else "dtype"].type)
     part = lambda label: names.kept_product(name, operand, label)  # noqa: E731
     source = body.ref(mask.name)
     shape = body.add(g.const_node(part("view_shape"), np.array(view, np.int32), "int32"))
@@ -345,15 +336,31 @@ def _kept_product(body: b.Body, name: str, operand: int, member, view: list, axi
         source = body.ref(body.add(g.make_node(part("cut"), "Slice", [source, body.ref(begin.name),
                                                                        body.ref(size.name)], T=stored,
                                                Index=tf.int32)).name)
-    other = tuple(a for a in range(len(view)) if a != axis)
-    other = body.add(g.const_node(part("other_axes"), np.array(other, np.int32), "int32"))
+    keep = _channel_keep(body, part, source, stored, dtype, tuple(a for a in range(len(view)) if a != axis))
+    applied = body.add(g.make_node(part("apply"), "Mul", [x, keep], T=dtype))
+    body.set_input(node, operand, body.ref(applied.name))
+
+
+def _mask_read(body: b.Body, member) -> tuple:
+    """(the node reading ``member``'s mask in this body, as the weight's dtype where it is cast,
+    and that node's dtype), or (None, None) where the body does not read it."""
+    mask = body.node(names.mask_cast_node(member.name)) or body.node(names.mask_read_node(member.name))
+    if mask is None:
+        return None, None
+    return mask, tf.dtypes.as_dtype(mask.attr["DstT" if mask.op == "Cast" else "dtype"].type)
+
+
+def _channel_keep(body: b.Body, part, source: str, stored, dtype, other_axes: tuple) -> str:
+    """A group's 0/1 channel vector, as ``dtype``: the maximum of ``source`` (a kernel's mask read
+    as ``stored``, or a view of it) over ``other_axes`` ('keep_max', which fold_masks freezes),
+    cast ('keep_cast') where the two dtypes differ; its tensor."""
+    other = body.add(g.const_node(part("other_axes"), np.array(other_axes, np.int32), "int32"))
     keep = body.add(g.make_node(part("keep_max"), "Max", [source, body.ref(other.name)], T=stored, Tidx=tf.int32,
                                 keep_dims=False))
     if stored != dtype:
         keep = body.add(g.make_node(part("keep_cast"), "Cast", [body.ref(keep.name)], SrcT=stored, DstT=dtype,
                                     Truncate=False))
-    applied = body.add(g.make_node(part("apply"), "Mul", [x, body.ref(keep.name)], T=dtype))
-    body.set_input(node, operand, body.ref(applied.name))
+    return body.ref(keep.name)
 
 
 def _gather_masked(body: b.Body, gather, key: str, dtype) -> None:

@@ -1554,11 +1554,12 @@ def _views_pruned(tmp_path, module):
                 if group.name.endswith("kernel:1")}
 
 
-def _shrunk_as_masked(pm, tmp_path) -> str:
-    """Finalize with shrink=True and check the shrunk model computes the masked one; its path."""
+def _shrunk_as_masked(pm, tmp_path, name="small") -> str:
+    """Finalize with shrink=True (into tmp_path / name) and check the shrunk model computes the
+    masked one; its path."""
     x = np.random.RandomState(1).standard_normal([5, 8]).astype(np.float32)
     masked = pm(x).numpy()
-    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
+    out = graphprune.finalize(pm, str(tmp_path / name), shrink=True)
     np.testing.assert_allclose(tf.saved_model.load(out)(x).numpy(), masked, atol=1e-5 * np.abs(masked).max(), rtol=0)
     return out
 
@@ -1801,17 +1802,18 @@ def test_a_size_worked_out_wrongly_is_not_trusted(tmp_path):
 class _ScoredHeads(tf.Module):
     """Attention with biased query and key projections (2 heads of 4 dims): ``scores`` is what reads
     q.k: "softmax" (scaled, a causal mask added), "sigmoid" (which a shift changes), or "sized"
-    (a softmax of scores scaled by the head dim read off the query's shape)."""
+    (a softmax of scores scaled by the head dim read off the query's shape). Its variables are
+    named under ``prefix``."""
 
-    def __init__(self, scores="softmax"):
+    def __init__(self, scores="softmax", prefix="scored"):
         super().__init__()
         rng = np.random.RandomState(0)
         self.scores = scores
         for name, shape in (("query", [8, 2, 4]), ("key", [8, 2, 4]), ("value", [8, 2, 4]), ("out", [2, 4, 8])):
-            setattr(self, name, tf.Variable(rng.standard_normal(shape).astype(np.float32) / 2, name=f"scored/{name}"))
+            setattr(self, name, tf.Variable(rng.standard_normal(shape).astype(np.float32) / 2, name=f"{prefix}/{name}"))
         for name in ("query", "key", "value"):
             setattr(self, f"{name}_bias", tf.Variable(rng.standard_normal([2, 4]).astype(np.float32),
-                                                      name=f"scored/{name}_bias"))
+                                                      name=f"{prefix}/{name}_bias"))
 
     @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32)])
     def __call__(self, x):
@@ -1883,22 +1885,17 @@ def test_query_key_head_dims_read_by_a_kernel_too_stay_where_their_projections_m
     assert _weight_shape(out, "scored/query")[2] == 4 and _weight_shape(out, "scored/reader")[1] == 4
 
 
-class _RelativeHeads(tf.Module):
-    """ViTDet's attention in small: biased query, key and value projections (2 heads of 4 dims),
-    scores plus relative positions (the queries times a table gathered by each key's offset, a
-    table no kernel reads: an activation), a softmax. ``layout`` "last": the head dims are the
-    last axis of both operands of the table product; "first": their first axis."""
+class _RelativeHeads(_ScoredHeads):
+    """ViTDet's attention in small: _ScoredHeads' biased projections (under "rel/"), scores plus
+    relative positions (the queries times a table gathered by each key's offset, a table no kernel
+    reads: an activation), a softmax. ``layout`` "last": the head dims are the last axis of both
+    operands of the table product; "first": their first axis."""
 
     def __init__(self, layout="last"):
-        super().__init__()
-        rng = np.random.RandomState(0)
+        super().__init__(prefix="rel")
         self.layout = layout
-        for name, shape in (("query", [8, 2, 4]), ("key", [8, 2, 4]), ("value", [8, 2, 4]), ("out", [2, 4, 8]),
-                            ("table", [15, 4])):
-            setattr(self, name, tf.Variable(rng.standard_normal(shape).astype(np.float32) / 2, name=f"rel/{name}"))
-        for name in ("query", "key", "value"):
-            setattr(self, f"{name}_bias", tf.Variable(rng.standard_normal([2, 4]).astype(np.float32),
-                                                      name=f"rel/{name}_bias"))
+        self.table = tf.Variable(np.random.RandomState(1).standard_normal([15, 4]).astype(np.float32) / 2,
+                                 name="rel/table")
 
     @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32)])
     def __call__(self, x):
@@ -1946,10 +1943,7 @@ def test_a_product_read_by_more_than_a_softmax(tmp_path):
     # round_to=8 keeps 4 of 4 dims (8 values of the two heads): the removed two are kept back, still zeroed
     rounded = graphprune.prune(path, graphprune.ConstantSparsity(0.5, 0), structure="channel", one_shot=True,
                                round_to=8)
-    masked = rounded(x).numpy()
-    kept_back = graphprune.finalize(rounded, str(tmp_path / "rounded"), shrink=True)
-    np.testing.assert_allclose(tf.saved_model.load(kept_back)(x).numpy(), masked, atol=1e-5 * np.abs(masked).max(),
-                               rtol=0)
+    kept_back = _shrunk_as_masked(rounded, tmp_path, "rounded")
     assert _weight_shape(kept_back, "rel/key")[2] == 4
 
     first = str(tmp_path / "first")
@@ -1958,9 +1952,7 @@ def test_a_product_read_by_more_than_a_softmax(tmp_path):
     dims = next(group for group in graphprune.channel_groups(pm)
                 if any(m.name == "rel/query" and m.axis == 2 for m in group.members))
     assert not dims.prunable and "more than a softmax" in dims.reason, channels.describe([dims])
-    masked = pm(x).numpy()
-    whole = graphprune.finalize(pm, str(tmp_path / "whole"), shrink=True)
-    np.testing.assert_allclose(tf.saved_model.load(whole)(x).numpy(), masked, atol=1e-5 * np.abs(masked).max(), rtol=0)
+    whole = _shrunk_as_masked(pm, tmp_path, "whole")
     assert _weight_shape(whole, "rel/key")[2] == 4
 
 
