@@ -154,12 +154,19 @@ def _warn_if_nothing_pruned(traced, variables) -> None:
                       "update_masks() past begin_step, or prune one-shot, before finalizing", stacklevel=3)
 
 
-def check_final(masked, final, values, *, atol: float = 1e-5, rtol: float = 1e-5, random: str = "seeded") -> None:
+def check_final(masked, final, values, *, atol: float = 1e-5, rtol: float = 1e-5, random: str = "seeded",
+                longer: bool = False) -> None:
     """Refuse a finalized model that computes something else than the masked one: both run on the
     same seeded inputs (each output compared with atol relative to its scale), and the largest
     difference is named with the entry and output it was found in. ``random="constant"``: random
-    draws are constants in both (a shrunk model's dropout draws over fewer channels)."""
-    from graphprune.verify import max_difference, run_entries
+    draws are constants in both (a shrunk model's dropout draws over fewer channels).
+
+    ``longer``: entries with unknown input dimensions past the first (a sequence's length, an
+    image's size) are compared again on longer inputs (verify.longer_sizes: 16 tokens where the
+    first run chose 2, twice a longer size, halved while the masked model refuses it): a shrunk model
+    that is wrong only past the first positions (a removed query dim's bias turned by a rotary
+    embedding) passes on two tokens."""
+    from graphprune.verify import longer_sizes, run_entries
 
     sizes = {}  # the final model runs on the inputs the masked one ran on
     try:
@@ -172,6 +179,29 @@ def check_final(masked, final, values, *, atol: float = 1e-5, rtol: float = 1e-5
     except PassError as error:
         raise PassError(f"finalize: the finalized model does not run where the masked model does: {error}; "
                         "nothing was written") from error
+    _refuse_differences(expected, actual, atol, rtol, sizes, shrunk=longer)
+    pending = longer_sizes(masked, sizes) if longer else {}
+    while pending:  # a size the masked model refuses (a short position table) is halved towards the first one
+        expected = run_entries(masked, values, ones_masks=False, random=random, sizes=pending, sized_only=True)
+        ran = {name: size for name, size in pending.items() if name in expected}
+        actual = run_entries(final, values, ones_masks=False, random=random, sizes=ran, sized_only=True) if ran else {}
+        for name, size in ran.items():
+            if name not in actual:
+                raise PassError(f"finalize: the finalized model does not run where the masked model does: '{name}' "
+                                f"fails on inputs with unknown dimensions of size {size[0]} in floating-point "
+                                f"inputs, {size[1]} in others; nothing was written")
+        _refuse_differences(expected, actual, atol, rtol, ran, shrunk=longer)
+        pending = {name: half for name, size in pending.items() if name not in ran
+                   for half in [tuple(max(first, n // 2) for first, n in zip(sizes[name], size))] if half != sizes[name]}
+
+
+def _refuse_differences(expected: dict, actual: dict, atol: float, rtol: float, sizes: dict, *,
+                        shrunk: bool = False) -> None:
+    """PassError (nothing written) naming the largest difference between two models' outputs
+    beyond ``atol`` times the output's scale (at least 1) plus ``rtol`` times it, if any.
+    ``shrunk``: the finalized model had channels removed, and the error says how to keep them."""
+    from graphprune.verify import max_difference
+
     worst = None
     for name, reference in expected.items():
         if name not in actual or len(actual[name]) != len(reference):
@@ -179,8 +209,8 @@ def check_final(masked, final, values, *, atol: float = 1e-5, rtol: float = 1e-5
         for number, (want, got) in enumerate(zip(reference, actual[name])):
             if want.dtype.kind not in "fc":
                 if not np.array_equal(want, got):
-                    raise PassError(f"finalize: output {number} of '{name}' differs from the masked model's; "
-                                    "nothing was written")
+                    raise PassError(f"finalize: output {number} of '{name}' differs from the masked model's"
+                                    f"{_on_inputs(sizes, name)}; nothing was written")
                 continue
             finite = want[np.isfinite(want)]
             scale = float(np.max(np.abs(finite))) if finite.size else 1.0
@@ -189,11 +219,20 @@ def check_final(masked, final, values, *, atol: float = 1e-5, rtol: float = 1e-5
                 worst = (difference, name, number, scale)
     if worst is not None:
         difference, name, number, scale = worst
+        keep = "Try without shrink=True (--shrink), which keeps every channel; or " if shrunk else "Try "
         raise PassError(
             f"finalize: the finalized model differs from the masked model by {difference:.3g} (output {number} of "
-            f"'{name}', output scale {scale:.3g}); nothing was written. Try freeze=False (--nofreeze): "
-            "TensorFlow folds and fuses constants (oneDNN), which changes the arithmetic; or accept it with "
-            f"check_tolerance={_rounded_up(difference / max(1.0, scale)):g} (--check_tolerance)")
+            f"'{name}', output scale {scale:.3g}{_on_inputs(sizes, name)}); nothing was written. {keep}freeze=False "
+            "(--nofreeze): TensorFlow folds and fuses constants (oneDNN), which changes the arithmetic; or accept "
+            f"it with check_tolerance={_rounded_up(difference / max(1.0, scale)):g} (--check_tolerance)")
+
+
+def _on_inputs(sizes: dict, name: str) -> str:
+    """', on inputs ...' naming the unknown dimensions' size ``name`` ran at, where it was not 2."""
+    size = sizes.get(name)
+    if size is None or size == (2, 2):
+        return ""
+    return f", on inputs with unknown dimensions of size {size[0]} in floating-point inputs, {size[1]} in others"
 
 
 def _rounded_up(value: float) -> float:
@@ -239,7 +278,8 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
     freeze=False: weights stay variables, holding the pruned values.
     check=True: run the finalized and the masked model on the same seeded inputs first and refuse
         (PassError, nothing written) if any output differs beyond ``check_tolerance`` (1e-5) of
-        its scale. Freezing normalization parameters (freeze="all") lets TensorFlow fold and fuse
+        its scale; with shrink=True, again on longer inputs (16 tokens, say: check_final). Freezing
+        normalization parameters (freeze="all") lets TensorFlow fold and fuse
         them, which can move a deep CNN's outputs by 1e-4 of their scale: raise the tolerance
         to accept that knowingly.
     progress: a callable taking one line per stage (with its time and peak memory); the CLI's
@@ -276,7 +316,8 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
     if check:  # the pipeline's first pass (find_weights) only records facts: its model is the masked one
         with stages("check against the masked model"):
             check_final(products_as_folded_weights(result.reports[0][1].model), final, values,
-                        atol=check_tolerance, rtol=check_tolerance, random="constant" if shrink else "seeded")
+                        atol=check_tolerance, rtol=check_tolerance, random="constant" if shrink else "seeded",
+                        longer=shrink)
     with stages("save"):
         return save_traced(final, values, output_dir, overwrite=overwrite, inputs=inputs, name="finalized_model")
 

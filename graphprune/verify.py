@@ -67,7 +67,8 @@ def _input_shape(info, batch: int, size: tuple[int, int] | None) -> list[int]:
 
 
 def run_entries(model: g.TracedModel, values, *, ones_masks: bool = True, seed: int = 0,
-                positive: bool = False, random: str = "seeded", sizes: dict | None = None) -> dict:
+                positive: bool = False, random: str = "seeded", sizes: dict | None = None,
+                sized_only: bool = False) -> dict:
     """Outputs of every non-update entry on seeded inputs, as {"kind:name": [arrays]}.
 
     Unknown input dimensions past the first take the first of INPUT_SIZES the entry runs on
@@ -77,6 +78,9 @@ def run_entries(model: g.TracedModel, values, *, ones_masks: bool = True, seed: 
 
     Random ops draw with fixed seeds (``random="seeded"``), or are constants of their shape
     (``"constant"``: for models whose random draws change shape, see constant_random_ops).
+
+    ``sized_only``: run only the entries found in ``sizes``, and leave out (rather than fail on)
+    an entry that does not run at its size (a second, longer size a model may refuse).
 
     Variables hold the values a pass would see (``PassContext.value``): live variables the graphs
     only read are used as they are (no copy of the weights), every variable a graph writes is a
@@ -103,11 +107,15 @@ def run_entries(model: g.TracedModel, values, *, ones_masks: bool = True, seed: 
     logger.setLevel(max(level, logging.ERROR))
     try:
         for entry in model.entries:
-            if entry.kind == "update":
+            if entry.kind == "update" or sized_only and entry.label not in sizes:
                 continue
             fixed = constant_random_ops(entry) if random == "constant" else seeded_random_ops(entry)
             run = tf.function(_runner(fixed, live), autograph=False)
-            outputs[entry.label] = _run_sized(entry, run, seed, positive, {} if sizes is None else sizes)
+            try:
+                outputs[entry.label] = _run_sized(entry, run, seed, positive, {} if sizes is None else sizes)
+            except PassError:
+                if not sized_only:
+                    raise
     finally:
         logger.setLevel(level)
     return outputs
@@ -137,6 +145,22 @@ def _run_sized(entry: g.Entry, run, seed: int, positive: bool, sizes: dict) -> l
     tried = f" (unknown dimensions of size {', '.join(str(n) for n in sorted({n for n, _ in INPUT_SIZES}))} tried)"
     raise PassError(f"cannot run '{entry.label}' on the inputs graphprune makes{tried if unknown else ''}: "
                     f"{first_line(first_error)}")
+
+
+def longer_sizes(model: g.TracedModel, sizes: dict) -> dict:
+    """For each entry of ``model`` with unknown input dimensions past the first, a size (as in
+    ``sizes``, which run_entries chose) longer than the chosen one: 16 for 2 (8 times a size under
+    16), twice a longer one. Errors that grow with the length (a rotary embedding's phase, a
+    relative-position table) barely show on two tokens. Entries whose largest input would pass
+    MAX_INPUT_ELEMENTS are left out."""
+    longer = {}
+    for entry in model.entries:
+        if entry.label not in sizes or not any(d is None for info in entry.inputs for d in (info.shape or ())[1:]):
+            continue
+        size = tuple(max(16, 8 * n) if n < 16 else 2 * n for n in sizes[entry.label])
+        if _largest_input(entry, size) <= MAX_INPUT_ELEMENTS:
+            longer[entry.label] = size
+    return longer
 
 
 def _largest_input(entry: g.Entry, size: tuple[int, int], batch: int = 2) -> int:

@@ -394,6 +394,59 @@ def test_pruned_elements_are_positive_zeros_everywhere(tmp_path, cnn, freeze):
     assert checked >= 1  # the pruned kernels (the converter may transpose or split them)
 
 
+class Drifting(tf.Module):
+    """Token ids [batch, length] embedded and projected; ``drift_from``: the outputs from that
+    position on move by 1e-2 (a finalized model wrong only past the first tokens, as a removed
+    query dim's bias turned by a rotary embedding was); ``positions``: a position table of that
+    many rows is added (longer inputs fail in the gather); ``at_most``: the model also asserts
+    that the length is at most that."""
+
+    def __init__(self, drift_from=None, positions=64, at_most=None):
+        rng = np.random.RandomState(3)
+        self.drift_from, self.at_most = drift_from, at_most
+        self.table = tf.Variable(rng.standard_normal([4, 8]).astype(np.float32), name="embeddings")
+        self.positions = tf.Variable(rng.standard_normal([positions, 8]).astype(np.float32), name="positions")
+        self.kernel = tf.Variable(rng.standard_normal([8, 8]).astype(np.float32), name="dense/kernel")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32)])
+    def __call__(self, ids):
+        length = tf.shape(ids)[1]
+        if self.at_most is not None:
+            tf.debugging.assert_less_equal(length, self.at_most)
+        hidden = tf.gather(self.table, ids) + tf.gather(self.positions, tf.range(length))
+        out = tf.matmul(hidden, self.kernel)
+        if self.drift_from is not None:
+            out += 1e-2 * tf.cast(tf.range(length) >= self.drift_from, tf.float32)[None, :, None]
+        return out
+
+
+@pytest.mark.parametrize("positions, checked_at", [(64, 16), (12, 8)])
+def test_the_shrink_check_runs_longer_inputs_too(positions, checked_at):
+    """finalize(shrink=True)'s check ran token models on 2 tokens, where an error that grows with
+    the position does not show (a shrunk Qwen2 off by 4.6e-2 of its output scale on 8 tokens
+    passed it). With ``longer`` (what shrink=True asks) it runs them again on 16 tokens, or on the
+    longest of 8 and 4 that the masked model runs on (a position table of 12 rows refuses 16)."""
+    from graphprune.finalization import check_final
+
+    schedule = graphprune.ConstantSparsity(0.5, 0)
+    pm = graphprune.prune(Drifting(positions=positions), schedule, structure="channel", one_shot=True)
+    values = VariableValues(pm.variables_by_key)
+    check_final(pm.traced, pm.traced, values, longer=True)  # the same model passes at every length
+    for drift_from in (2, checked_at - 1):
+        drifting = graphprune.prune(Drifting(drift_from, positions), schedule, structure="channel", one_shot=True)
+        check_final(pm.traced, drifting.traced, values)  # on 2 tokens alone: unseen
+        with pytest.raises(graphprune.PassError, match=rf"differs from the masked model by 0\.01 .*output scale .*"
+                                                       rf"size {checked_at} in floating-point inputs, {checked_at} in"):
+            check_final(pm.traced, drifting.traced, values, longer=True)
+    late = graphprune.prune(Drifting(checked_at, positions), schedule, structure="channel", one_shot=True)
+    check_final(pm.traced, late.traced, values, longer=True)  # past the longest length checked: unseen
+    # a finalized model that refuses the longer inputs the masked one runs on is refused
+    short = graphprune.prune(Drifting(positions=positions, at_most=checked_at - 1), schedule, structure="channel", one_shot=True)
+    with pytest.raises(graphprune.PassError, match=rf"does not run where the masked model does: '.*' fails on "
+                                                   rf"inputs .* size {checked_at} in floating-point"):
+        check_final(pm.traced, short.traced, values, longer=True)
+
+
 class AudioStem(tf.Module):
     """Raw audio [batch, samples, 1] read by a convolution 64 samples wide (Moonshine's stem is 127
     wide, stride 64): inputs of 2 or 32 samples are too short for it. ``at_most``: the model also
