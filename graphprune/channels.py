@@ -267,6 +267,19 @@ class ProductSite:
     space: tuple
 
 
+@dataclasses.dataclass(frozen=True)
+class TableSite:
+    """Output axis ``axis`` of ``node`` (a Tile of copies of a table made from constants and
+    shapes alone: DINOv3's rotary angles) in ``entry``, whose channels are ``space``: the table
+    is not followed back (its own axis need not be one a slice can cut: two coordinates times the
+    frequencies), shrink_channels gathers the kept channels of its output instead."""
+
+    entry: str
+    node: str
+    axis: int
+    space: tuple
+
+
 class _Graph:
     """The spaces and their relations, built entry by entry."""
 
@@ -275,6 +288,7 @@ class _Graph:
         self.through_means = through_means
         self.through_products = through_products
         self.products: list[ProductSite] = []
+        self.tables: list[TableSite] = []
         self.means: list[MeanSite] = []
         self.sizes: dict[tuple, int] = {}
         self.edges: list[tuple[tuple, tuple, int]] = []  # (a, b, offset): a[i] is b[i + offset]
@@ -1631,7 +1645,9 @@ def _tile(self: _Entry, node) -> None:
     """Tile(x, multiples): an axis repeated once goes through. A size-1 axis repeated r times (tf.repeat's
     copies: the query heads that share a key/value head) is a space of r identical channels where r is
     an element of a constant read by this Tile only, or a scalar count shrink_channels can rewrite
-    (_tile_count): removing copies makes fewer of them."""
+    (_tile_count): removing copies makes fewer of them. Any other axis of copies of a table made from
+    constants and shapes alone (DINOv3's rotary angles, tiled twice over a head's dims) is a
+    TableSite: its channels go by a gather of the kept ones, whatever the table is made of."""
     x, multiples_ref = self.body.data_inputs(node)[:2]
     xs, ys = self.shape(x), self.shape(node.name)
     if not xs or not ys or len(xs) != len(ys):
@@ -1659,6 +1675,36 @@ def _tile(self: _Entry, node) -> None:
             if count is not None:
                 self.claim(node.name, a)
                 self.graph.counts.append((self.entry.label, self.node_id(count), self.tensor(node.name, a)))
+        elif ys[a] is not None and _is_table(self, self.body.ref(node.name)):  # copies of a table (rotary angles)
+            self.claim(node.name, a)
+            self.graph.tables.append(TableSite(self.entry.label, self.node_id(node.name), a, self.tensor(node.name, a)))
+
+
+# ops a table may be made of (_is_table): every one a function of its inputs alone
+TABLE_STOPS = ("Const", "Shape", "ShapeN", "Size", "Rank")
+TABLE_OPS = {"Reshape", "ExpandDims", "Squeeze", "Tile", "Pack", "ConcatV2", "StridedSlice", "Slice", "GatherV2",
+             "Transpose", "Range", "Fill", "BroadcastTo", "LinSpace", "Prod", "Sum", "Max", "Min", "Mean", "Cumsum",
+             "FloorMod", "TruncateDiv", "MatMul", "BatchMatMulV2", "Einsum"}
+
+
+def _is_table(self: _Entry, ref: str, limit: int = 256) -> bool:
+    """Whether tensor ``ref`` is made from constants and the shapes of tensors alone (no value of an
+    input, a variable or a random draw reaches it), within ``limit`` ops of this body."""
+    pending, seen = [ref], set()
+    while pending:
+        producer = self.body.producer(pending.pop())
+        if producer is None or producer.name in seen:
+            if producer is None:
+                return False  # a body's argument
+            continue
+        seen.add(producer.name)
+        if producer.op in TABLE_STOPS:
+            continue
+        stateless = producer.op in UNARY_OPS or producer.op in ELEMENTWISE_OPS or producer.op in TABLE_OPS
+        if not stateless or len(seen) > limit:
+            return False
+        pending.extend(self.body.data_inputs(producer))
+    return True
 
 
 def _tile_count(self: _Entry, node, a: int) -> str | None:
@@ -2038,11 +2084,13 @@ def _prefix_reshape(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:
     return bool(axes)
 
 
-def _merged_axis(xs, ys) -> int | None:
+def _merged_axis(xs, ys, at: int | None = None) -> int | None:
     """i where a Reshape from ``xs`` to ``ys`` merges axes i and i + 1 (both static) and keeps
     every other axis; None otherwise (the first such i where size-1 axes make it ambiguous). An
     axis of unknown size on one side matches any size on the other (a sequence length that shape
-    inference lost through tf.tensordot): the merged axes' values stay in their rows either way."""
+    inference lost through tf.tensordot): the merged axes' values stay in their rows either way.
+    ``at``: whether axes ``at`` and ``at + 1`` are merged, either of them of size 1 or not (the
+    caller knows which axes the reshape merges: tf.repeat's)."""
     if len(ys) != len(xs) - 1:
         return None
     xs, ys = ([None if d is None or d < 0 else d for d in shape] for shape in (xs, ys))  # -1: unknown
@@ -2050,9 +2098,9 @@ def _merged_axis(xs, ys) -> int | None:
     def same(a, b) -> bool:
         return len(a) == len(b) and all(p is None or q is None or p == q for p, q in zip(a, b))
 
-    for i in range(len(ys)):
+    for i in range(len(ys)) if at is None else [at]:
         if same(xs[:i], ys[:i]) and same(xs[i + 2:], ys[i + 1:]) and xs[i] is not None and xs[i + 1] is not None \
-                and ys[i] == xs[i] * xs[i + 1] and xs[i] > 1 and xs[i + 1] > 1:
+                and ys[i] == xs[i] * xs[i + 1] and (at is not None or xs[i] > 1 and xs[i + 1] > 1):
             return i
     return None
 
@@ -2163,17 +2211,18 @@ def _repeat(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:
     Reshape(Tile(ExpandDims(data, i + 1), r at i + 1), a shape computed from Shape(data)) merges
     data's axis i with its r copies. The shape follows data's when channels go; the copies' axis
     is the second factor, a group of its own where _tile could make r a count to rewrite."""
-    i = _merged_axis(xs, ys)
     tile = self.body.producer(x)
-    if i is None or tile is None or tile.op != "Tile":
+    if tile is None or tile.op != "Tile" or len(ys) != len(xs) - 1:
         return False
     expand = self.body.producer(self.body.data_inputs(tile)[0])
     if expand is None or expand.op != "ExpandDims":
         return False
     data, dim_ref = self.body.data_inputs(expand)[:2]
     dim, ds = _constant(self, dim_ref), self.shape(data)
-    if dim is None or not ds or len(ds) != len(xs) - 1 or int(np.ravel(dim)[0]) % len(xs) != i + 1 \
-            or not _shape_of_own_input(self, data, shape_ref):
+    if dim is None or not ds or len(ds) != len(xs) - 1:
+        return False
+    i = int(np.ravel(dim)[0]) % len(xs) - 1  # data's axis, next to its copies (one key/value head: size 1)
+    if i < 0 or _merged_axis(xs, ys, at=i) != i or not _shape_of_own_input(self, data, shape_ref):
         return False
     _merge(self, x, self.body.ref(node.name), i, len(xs))
     return True
@@ -2840,6 +2889,7 @@ class Analysis:
     scales: tuple[ScaleSite, ...] = ()  # Muls that size an axis of the batch merged with heads
     numbers: tuple = ()  # (entry, node, space): a size of space read as a number, which keeps its value
     products: tuple[ProductSite, ...] = ()
+    tables: tuple[TableSite, ...] = ()  # tables computed from constants whose kept channels are gathered
 
 
 def channel_groups(model) -> tuple[ChannelGroup, ...]:
@@ -2964,7 +3014,7 @@ def analyze(model: g.TracedModel, through_means: bool = False, through_products:
     return Analysis(tuple(groups), tuple(graph.reshapes), slices, sizes, tuple(graph.dims),
                     tuple(graph.means), tuple(graph.splits), tuple(graph.squeezes), dict(graph.refined),
                     tuple(graph.counts), tuple(graph.slice_sites), tuple(graph.scales), tuple(graph.numbers),
-                    tuple(graph.products))
+                    tuple(graph.products), tuple(graph.tables))
 
 
 def _refine_factors(graph: _Graph) -> None:

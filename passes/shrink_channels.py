@@ -13,7 +13,8 @@ the heads in a batch * heads that sizes the batch merged with heads (ViTDet's at
 Where such a product is also read by more than softmaxes (relative position tables), insert_masks
 zeroed the removed channels of one operand (names.kept_product); once none is left, that Mul goes.
 Variables get new values and shapes; constants are rewritten in place, and a tf.range of
-constant bounds (rotary inverse frequencies) becomes a gather of its kept values. A group whose every
+constant bounds (rotary inverse frequencies) becomes a gather of its kept values, as does a Tile
+of a table made from constants and shapes (DINOv3's rotary angles: channels.TableSite). A group whose every
 channel is dead keeps one (a tensor of zero channels is not a model). Groups left whole by the
 analysis are not touched and are listed in the report with the reason.
 
@@ -122,6 +123,11 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
         kept = _kept_size(analysis, removed, site.space)
         if kept != analysis.sizes[site.space]:
             scales[(site.entry, site.node)] = (site.operand, kept)
+    tables = {}  # (entry, Tile) -> [(axis, kept channels)]: a table's copies gathered (channels.TableSite)
+    for site in analysis.tables:
+        kept = _kept_indices(analysis, removed, site.space)
+        if len(kept) != analysis.sizes[site.space]:
+            tables.setdefault((site.entry, site.node), []).append((site.axis, kept))
     entries = []
     shrunk_specs = {spec.key: spec for spec in specs}
     for entry in model.entries:
@@ -157,6 +163,8 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
                         not node.attr["squeeze_dims"].list.i:  # the same axes, once a channel axis is 1 too
                     node.attr["squeeze_dims"].list.i.extend(squeezes[(entry.label, name)])
                     body.mark_changed()
+                for axis, kept in tables.get((entry.label, name), ()):  # after any rewrite of its multiples
+                    _gather_kept(body, body.node(node.name), kept, axis, dtype_attr="T")
             _update_shapes(body, entry.label, analysis, removed, shrunk_specs)
             _plain_means(body)
             _plain_products(body)
@@ -290,17 +298,18 @@ def _dim_targets(analysis, removed: dict) -> dict[tuple[str, str], tuple[dict[in
     return targets
 
 
-def _gather_kept(body: b.Body, node, kept: np.ndarray) -> None:
-    """A Range of constant bounds of which the values at ``kept`` stay: those, gathered from the
-    whole range (no float constant added to the model's parameters)."""
+def _gather_kept(body: b.Body, node, kept: np.ndarray, axis: int = 0, dtype_attr: str = "Tidx") -> None:
+    """``node`` (of one output, of type attr ``dtype_attr``) becomes the elements at ``kept`` along
+    ``axis`` of what it made, under its name: a Range of constant bounds (rotary inverse
+    frequencies: no float constant added to the model's parameters) or a table's Tile (TableSite)."""
     whole = node_def_pb2.NodeDef()
     whole.CopyFrom(node)
     whole.name = body.fresh(f"{node.name}/whole")
     body.add(whole)
     indices = body.add(g.const_node(body.fresh(f"{node.name}/kept"), kept.astype(np.int32), "int32"))
-    axis = body.add(g.const_node(body.fresh(f"{node.name}/axis"), np.array(0, np.int32), "int32"))
+    axis = body.add(g.const_node(body.fresh(f"{node.name}/axis"), np.array(axis, np.int32), "int32"))
     gather = g.make_node(node.name, "GatherV2", [body.ref(whole.name), body.ref(indices.name), body.ref(axis.name)],
-                         Tparams=tf.dtypes.as_dtype(node.attr["Tidx"].type), Tindices=tf.int32, Taxis=tf.int32)
+                         Tparams=tf.dtypes.as_dtype(node.attr[dtype_attr].type), Tindices=tf.int32, Taxis=tf.int32)
     body.replace(node, gather)
 
 
@@ -334,6 +343,18 @@ def _split_targets(analysis, removed: dict) -> dict[tuple[str, str], list[int]]:
         if kept != [analysis.sizes.get(space, 0) for space in site.spaces]:
             targets[(site.entry, site.node)] = kept
     return targets
+
+
+def _kept_indices(analysis, removed: dict, space) -> np.ndarray:
+    """The channels of ``space`` left once the groups' ``removed`` channels are gone, in order."""
+    if space in analysis.refined:  # split into heads: the kept dims of every kept head
+        heads, dims = analysis.refined[space]
+        inner = _kept_indices(analysis, removed, dims)
+        return (_kept_indices(analysis, removed, heads)[:, None] * analysis.sizes[dims] + inner[None, :]).ravel()
+    gone = np.zeros(analysis.sizes[space], bool)
+    for start, _, name in analysis.slices.get(space, []):
+        gone[np.asarray(removed.get(name, ()), int) + start] = True
+    return np.flatnonzero(~gone)
 
 
 def _kept_before(analysis, removed: dict, space, position: int) -> int:

@@ -827,15 +827,40 @@ class _RotaryByHand(tf.Module):
         start, limit = tf.cast(tf.constant(0), tf.float32), tf.cast(tf.constant(8), tf.float32)
         inverse = 1.0 / tf.pow(10000.0, tf.range(start, limit, 2.0) / 8.0)
         angles = tf.range(5, dtype=tf.float32)[:, None] * inverse[None, :]
-        cos, sin = tf.cos(tf.concat([angles, angles], -1)), tf.sin(tf.concat([angles, angles], -1))
+        return self._attend(x, tf.cos(tf.concat([angles, angles], -1)), tf.sin(tf.concat([angles, angles], -1)))
 
+    def _attend(self, x, cos, sin, bias=0.0):
         def rotate(t):
             first, second = tf.split(t, 2, axis=-1)
             return t * cos + tf.concat([-second, first], -1) * sin
 
-        q, k = rotate(tf.einsum("btc,cd->btd", x, self.query)), rotate(tf.einsum("btc,cd->btd", x, self.key))
+        q = rotate(tf.einsum("btc,cd->btd", x, self.query) + bias)
+        k = rotate(tf.einsum("btc,cd->btd", x, self.key) + bias)
         weights = tf.nn.softmax(tf.matmul(q, k, transpose_b=True))
         return tf.einsum("btd,do->bto", tf.matmul(weights, tf.einsum("btc,cd->btd", x, self.value)), self.out)
+
+
+class _TiledRotary(_RotaryByHand):
+    """DINOv3's rotary table: the angles of two coordinates times two frequencies, merged into the
+    4 pairs ([N, 2, 2] -> [N, 4]) and tiled twice over the 8 dims, computed from the length at run
+    time; the queries and keys have a bias. ``from_values``: the angles are also scaled by a number
+    the inputs' values make (no longer a table of constants)."""
+
+    def __init__(self, from_values=False):
+        super().__init__()
+        self.from_values = from_values
+        self.bias = tf.Variable(np.random.RandomState(2).standard_normal([8]).astype(np.float32), name="rope/bias")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, 8], tf.float32)])
+    def __call__(self, x):
+        length = tf.shape(x)[1]
+        coordinates = tf.stack([tf.range(length, dtype=tf.float32), tf.cast(tf.range(length) % 3, tf.float32)], -1)
+        inverse = 1.0 / tf.pow(100.0, tf.range(2, dtype=tf.float32) / 2.0)
+        angles = tf.reshape(coordinates[:, :, None] * inverse[None, None, :], [length, 4])
+        if self.from_values:
+            angles *= tf.reduce_mean(x)
+        table = tf.tile(angles, [1, 2])
+        return self._attend(x, tf.cos(table), tf.sin(table), self.bias)
 
 
 def test_rotary_pairs_by_hand(tmp_path):
@@ -853,6 +878,42 @@ def test_rotary_pairs_by_hand(tmp_path):
     out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
     np.testing.assert_allclose(tf.saved_model.load(out)(x).numpy(), masked, atol=1e-5 * np.abs(masked).max(), rtol=0)
     assert _weight_shape(out, "rope/query") == _weight_shape(out, "rope/key") == (8, 4)  # 2 of 4 pairs
+    assert graphprune.cost(out).parameters == _predicted_parameters(pm)
+
+
+@pytest.mark.parametrize("from_values", [False, True])
+def test_rotary_pairs_of_a_tiled_table(tmp_path, from_values):
+    """A rotary table tiled over the head dims from angles no slice can cut a pair out of (DINOv3's:
+    two coordinates times the frequencies, merged) kept the pairs whole ("Tile ... does not keep
+    this axis"). A table made from constants and shapes alone is now gathered (channels.TableSite):
+    the pairs go, the shrunk model computes the masked one at every length, and the biased,
+    rotated queries' removed dims are zeroed first. Hostile: a table the inputs' values reach is
+    not a table, and the pairs stay whole."""
+    path = str(tmp_path / "model")
+    tf.saved_model.save(_TiledRotary(from_values), path)
+    pm = graphprune.prune(path, graphprune.ConstantSparsity(0.5, 0), structure="channel", one_shot=True)
+    pairs = next(group for group in graphprune.channel_groups(pm)
+                 if any(m.name == "rope/query" and m.axis == 1 and m.start == 4 for m in group.members))
+    if from_values:
+        assert not pairs.prunable and "Tile" in pairs.reason, graphprune.channels.describe([pairs])
+        return
+    assert pairs.prunable and pairs.size == 4, graphprune.channels.describe([pairs])
+    assert {(m.name, m.start, m.stop) for m in pairs.members if m.kind == "variable"} >= {
+        (name, start, start + 4) for name in ("rope/query", "rope/key", "rope/bias") for start in (0, 4)}
+    rng = np.random.RandomState(1)
+    inputs = [rng.standard_normal([2, length, 8]).astype(np.float32) for length in (3, 11)]
+    masked = [pm(x).numpy() for x in inputs]
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
+    shrunk = tf.saved_model.load(out)
+    for x, want in zip(inputs, masked):
+        np.testing.assert_allclose(shrunk(x).numpy(), want, atol=1e-5 * np.abs(want).max(), rtol=0)
+    assert _weight_shape(out, "rope/query") == _weight_shape(out, "rope/key") == (8, 4)  # 2 of 4 pairs
+    assert _weight_shape(out, "rope/bias") == (4,)
+    from graphprune.load import load
+
+    nodes = load(out).model.entries[0].graph_def.node
+    gathered = [n for n in nodes if n.op == "GatherV2" and {"Tile"} == {m.op for m in nodes if m.name == n.input[0].split(":")[0]}]
+    assert len(gathered) == 1, "the tiled table is gathered once"
     assert graphprune.cost(out).parameters == _predicted_parameters(pm)
 
 
@@ -2243,6 +2304,19 @@ _HGNET_LIGHT = "encoder/encoder_stage_1/encoder_stage_1_block_0/encoder_stage_1_
     "encoder_stage_1_block_0_light_block_0_"
 
 
+def _biased_and_pruned(model, tmp_path, also: str | None = None):
+    """A keras-hub model with its biases (and weights whose path holds ``also``) made nonzero, as
+    training leaves them (keras-hub builds biases as zeros), exported and pruned by channels, 50%
+    one-shot: (the PrunableModel, the random state that made the biases, for the inputs)."""
+    rng = np.random.RandomState(0)
+    for weight in model.weights:
+        if weight.path.endswith("bias") or (also is not None and also in weight.path):
+            weight.assign(rng.standard_normal(weight.shape).astype(np.float32) / 2)
+    model.export(str(tmp_path / "export"), verbose=False)
+    return graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
+                            one_shot=True), rng
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["qwen2", "gptneox"])
 def test_keras_hub_biased_rotary_query_key_dims(tmp_path, name):
@@ -2259,13 +2333,7 @@ def test_keras_hub_biased_rotary_query_key_dims(tmp_path, name):
     small = dict(vocabulary_size=50, num_layers=1, hidden_dim=32, intermediate_dim=32)
     model = {"qwen2": lambda: models.QwenBackbone(num_query_heads=4, num_key_value_heads=2, **small),
              "gptneox": lambda: models.GPTNeoXBackbone(num_heads=2, max_sequence_length=8, **small)}[name]()
-    rng = np.random.RandomState(0)
-    for weight in model.weights:
-        if weight.path.endswith("bias"):
-            weight.assign(rng.standard_normal(weight.shape).astype(np.float32) / 2)
-    model.export(str(tmp_path / "export"), verbose=False)
-    pm = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
-                          one_shot=True)
+    pm, rng = _biased_and_pruned(model, tmp_path)
     groups = graphprune.channel_groups(pm)
     # key/value heads, query heads within a group, rotary pairs, value dims, MLP; GPT-NeoX: heads, the
     # dims its rotary embedding passes through, value dims, MLP (its rotated dims: "split into heads and sliced")
@@ -2277,6 +2345,51 @@ def test_keras_hub_biased_rotary_query_key_dims(tmp_path, name):
               "padding_mask": tf.ones((2, 8), tf.int32)}
     _hub_shrunk_as_masked(pm, tmp_path, inputs)
     assert graphprune.cost(str(tmp_path / "small")).parameters == _predicted_parameters(pm)
+
+
+@pytest.mark.slow
+def test_keras_hub_dinov3_rotary_pairs(tmp_path):
+    """DINOv3's rotary table is the angles of two patch coordinates times head_dim / 4 frequencies,
+    merged and tiled twice over the head dims: no slice of its constants removes a pair, so its
+    query/key dims were left whole ("Tile ... does not keep this axis"; 0.62x the parameters at
+    50% in this config). The table is made from constants and the image's shape alone, so the
+    shrunk model gathers its kept pairs (channels.TableSite); the register and class tokens, not
+    rotated, are concatenated in front, and the biases are made nonzero."""
+    import keras_hub
+
+    model = keras_hub.models.DINOV3Backbone(patch_size=8, num_layers=1, hidden_dim=32, num_heads=2,
+                                            intermediate_dim=32, image_shape=(32, 32, 3), num_register_tokens=2)
+    pm, rng = _biased_and_pruned(model, tmp_path, also="token")
+    query = "encoder/layers_0/attention/q_proj/kernel"
+    pairs = [group for group in graphprune.channel_groups(pm)
+             if any(m.name == query and m.axis == 1 and m.period == 16 for m in group.members)]
+    assert len(pairs) == 1 and pairs[0].prunable and pairs[0].size == 8, channels.describe(pairs)
+    inputs = {"pixel_values": tf.constant(rng.standard_normal([2, 32, 32, 3]).astype(np.float32))}
+    out = _hub_shrunk_as_masked(pm, tmp_path, inputs)
+    assert _weight_shape(out, query) == (32, 8)  # 1 of 2 heads, 4 of the 8 pairs of its 16 dims
+    # and the inverse frequencies, a float constant of head_dim / 4 that the gather leaves whole
+    assert graphprune.cost(out).parameters == _predicted_parameters(pm) + 16 // 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["llama", "qwen"])
+def test_keras_hub_multi_query_attention(tmp_path, name):
+    """One key/value head shared by every query head (multi-query attention, as Falcon's and
+    Gemma 2B's; keras-hub Llama, Mistral and Qwen with num_key_value_heads=1): tf.repeat copies it
+    over an axis of size 1, whose merge with its copies the analysis did not take for a merge, so
+    every attention group was left whole (Llama at 50%: 0.756x the parameters). Now the query
+    heads that share it, the rotary pairs and the value dims go; the one key/value head stays
+    (a group of one channel). Qwen's query/key biases are made nonzero, as training leaves them."""
+    from test_real_models import _hub_backbones
+
+    model = _hub_backbones()[name]()
+    pm, rng = _biased_and_pruned(model, tmp_path)
+    groups = graphprune.channel_groups(pm)
+    # the query heads sharing the key/value head, rotary pairs, value dims, MLP neurons
+    assert sorted(group.size for group in groups if group.prunable) == [2, 4, 8, 32], channels.describe(groups)
+    out = _hub_shrunk_as_masked(pm, tmp_path)
+    assert _weight_shape(out, "transformer_layer_0/self_attention/query/kernel") == (16, 1, 4)  # 1 of 2 heads, 4 of 8 dims
+    assert graphprune.cost(out).parameters == _predicted_parameters(pm)
 
 
 @pytest.mark.slow
