@@ -1154,8 +1154,9 @@ def _when_removed(self: _Entry, ref: str, seen: dict | None = None) -> str | Non
     """What a removed channel of ``ref`` holds in the masked model: "zero" where ``ref`` is a
     kernel's product (the kernel holds zeros there) through views, sums of such, and products
     with anything (a rotary embedding's cos and sin); "constant" (one value at every position)
-    where a bias, a constant or a variable, is added, and the result is scaled by scalars; None
-    for anything else (a table gathered by position, a bias then rotated, an argument of a body)."""
+    where a bias, a constant or a variable of one value per channel (_bias_like), is added, and
+    the result is scaled by scalars; None for anything else (a table gathered by position, a
+    bias then rotated, parts concatenated that are not all zero, an argument of a body)."""
     seen = {} if seen is None else seen
     if ref in seen:
         return seen[ref]
@@ -1170,9 +1171,13 @@ def _when_removed(self: _Entry, ref: str, seen: dict | None = None) -> str | Non
     elif node.op in REMOVED_KEEPING_VIEWS:
         verdict = _when_removed(self, inputs[REMOVED_KEEPING_VIEWS[node.op]], seen)
     elif node.op in ("ConcatV2", "Pack", "Add", "AddV2", "BiasAdd", "Sub", "AddN"):
-        parts = [("constant" if self.source(operand) is not None else _when_removed(self, operand, seen))
-                 for operand in (inputs[:-1] if node.op == "ConcatV2" else inputs)]
+        operands = inputs[:-1] if node.op == "ConcatV2" else inputs
+        parts = [(None if self.source(operand) is not None and not _bias_like(self, operand, operands)
+                  else "constant" if self.source(operand) is not None else _when_removed(self, operand, seen))
+                 for operand in operands]
         verdict = None if None in parts else "constant" if "constant" in parts else "zero"
+        if node.op in ("ConcatV2", "Pack") and verdict == "constant":
+            verdict = None  # parts side by side: a learned null key before the keys' biases is not one value
     elif node.op in ("Mul", "RealDiv"):
         parts = [_when_removed(self, operand, seen) for operand in inputs[:2]]
         scalar = [self.shape(operand) is not None and all(d == 1 for d in self.shape(operand))
@@ -1183,6 +1188,32 @@ def _when_removed(self: _Entry, ref: str, seen: dict | None = None) -> str | Non
             verdict = "constant"
     seen[ref] = verdict
     return verdict
+
+
+def _bias_like(self: _Entry, weight: str, operands) -> bool:
+    """Whether a weight added to ``operands`` holds one value per channel at every position (a
+    bias): its shape without leading 1s has one axis, or is a shorter suffix of the shape of the
+    kernel of a product among the operands (EinsumDense's [heads, dims] under its [D, heads, dims]).
+    A table of a row per position ([N, heads, dims]: learned positions added after a projection)
+    is not: a removed channel holds another value at every position."""
+    shape = self.shape(weight)
+    if shape is None or None in shape:
+        return False
+    core = list(shape)
+    while core and core[0] == 1:
+        core.pop(0)
+    if len(core) <= 1:
+        return True
+    for operand in operands:
+        product = self.origin(operand)
+        if product is None or product.op not in KERNEL_PRODUCT_OPS:
+            continue
+        for kernel in self.body.data_inputs(product)[:2]:
+            ks = self.shape(kernel)
+            if _weight_operand(self, kernel) and ks is not None and len(core) < len(ks) and \
+                    list(ks[-len(core):]) == core:
+                return True
+    return False
 
 
 def _zeroed_operand(self: _Entry, node, operands) -> bool:

@@ -1878,6 +1878,9 @@ class _ScoredHeads(tf.Module):
 
     @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32)])
     def __call__(self, x):
+        return self._attend(x)
+
+    def _attend(self, x):
         q, k, v = (tf.einsum("nc,chd->nhd", x, getattr(self, name)) + getattr(self, f"{name}_bias")
                    for name in ("query", "key", "value"))
         scores = tf.einsum("qhd,khd->hqk", q, k)
@@ -1909,6 +1912,65 @@ def test_query_key_head_dims_read_by_a_softmax(tmp_path, scores):
     out = _shrunk_as_masked(pm, tmp_path)
     assert _weight_shape(out, "scored/key")[2] == 2
     assert graphprune.cost(out).parameters == _predicted_parameters(pm)
+
+
+class _PositionedHeads(_ScoredHeads):
+    """_ScoredHeads whose query and key "biases" are tables of a row per position ([5, 2, 4]:
+    learned positions added after the projections): a removed dim holds another value at every
+    position, so its part of q.k changes from key to key, and the softmax sees it."""
+
+    def __init__(self):
+        super().__init__()
+        rng = np.random.RandomState(3)
+        for name in ("query", "key"):
+            setattr(self, f"{name}_bias", tf.Variable(rng.standard_normal([5, 2, 4]).astype(np.float32),
+                                                      name=f"scored/{name}_bias"))
+
+    @tf.function(input_signature=[tf.TensorSpec([5, 8], tf.float32)])
+    def __call__(self, x):
+        return self._attend(x)
+
+
+class _NullKeyAttention(tf.Module):
+    """One head of 4 dims over 2-D tokens [n, 8] with biased projections, and a learned null key
+    and value concatenated before the tokens' (one more key every query may attend to)."""
+
+    def __init__(self):
+        super().__init__()
+        rng = np.random.RandomState(4)
+        for name, shape in (("query", [8, 4]), ("key", [8, 4]), ("value", [8, 4]), ("out", [4, 8]),
+                            ("query_bias", [4]), ("key_bias", [4]), ("value_bias", [4]),
+                            ("null_key", [1, 4]), ("null_value", [1, 4])):
+            setattr(self, name, tf.Variable(rng.standard_normal(shape).astype(np.float32), name=f"null/{name}"))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32)])
+    def __call__(self, x):
+        q, k, v = (tf.matmul(x, getattr(self, name)) + getattr(self, f"{name}_bias") for name in ("query", "key", "value"))
+        k, v = tf.concat([self.null_key, k], 0), tf.concat([self.null_value, v], 0)
+        return tf.matmul(tf.matmul(tf.nn.softmax(tf.matmul(q, k, transpose_b=True)), v), self.out)
+
+
+@pytest.mark.parametrize("kind", ["table", "null_key"])
+def test_query_key_dims_whose_removed_values_change_by_position(tmp_path, kind):
+    """A removed query/key dim was taken to hold one value (its bias) wherever any variable was
+    added or concatenated, which a softmax ignores. Two that are not one value: a table of a row
+    per position added after the projections ("table", [5, heads, dims]), and a learned null key
+    concatenated before the keys ("null_key"). The scores then changed from key to key, and
+    finalize refused the shrunk model (0.235 and 0.208 of output scales 3.77 and 3.85). Only a
+    weight of one value per channel is a bias now, and parts side by side are one value only where
+    all are zero; otherwise insert_masks zeroes the removed dims of the queries, and they go exactly."""
+    module, prefix, axis, bias = {"table": (_PositionedHeads(), "scored", 2, "scored/key_bias"),
+                                  "null_key": (_NullKeyAttention(), "null", 1, "null/null_key")}[kind]
+    pm, _ = _views_pruned(tmp_path, module)
+    dims = next(group for group in graphprune.channel_groups(pm)
+                if any(m.name == f"{prefix}/query" and m.axis == axis for m in group.members))
+    assert dims.prunable, graphprune.channels.describe([dims])
+    zeroed = [n.name for n in pm.traced.entries[0].graph_def.node if names.kept_product_part(n.name) == "apply"]
+    assert len(zeroed) == 1
+    out = _shrunk_as_masked(pm, tmp_path)
+    assert _weight_shape(out, f"{prefix}/key")[axis] == _weight_shape(out, bias)[-1] == 2
+    # the table's static length makes the causal mask's ones a float constant of the scores' shape [2, 5, 5]
+    assert graphprune.cost(out).parameters == _predicted_parameters(pm) + (2 * 5 * 5 if kind == "table" else 0)
 
 
 class _ScoredAndReadHeads(_ScoredHeads):
