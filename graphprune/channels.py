@@ -1172,9 +1172,13 @@ def _when_removed(self: _Entry, ref: str, seen: dict | None = None) -> str | Non
         verdict = _when_removed(self, inputs[REMOVED_KEEPING_VIEWS[node.op]], seen)
     elif node.op in ("ConcatV2", "Pack", "Add", "AddV2", "BiasAdd", "Sub", "AddN"):
         operands = inputs[:-1] if node.op == "ConcatV2" else inputs
-        parts = [(None if self.source(operand) is not None and not _bias_like(self, operand, operands)
-                  else "constant" if self.source(operand) is not None else _when_removed(self, operand, seen))
-                 for operand in operands]
+
+        def part(operand) -> str | None:  # a weight is "constant" where it is a bias, else followed back
+            if self.source(operand) is None:
+                return _when_removed(self, operand, seen)
+            return "constant" if _bias_like(self, operand, operands) else None
+
+        parts = [part(operand) for operand in operands]
         verdict = None if None in parts else "constant" if "constant" in parts else "zero"
         if node.op in ("ConcatV2", "Pack") and verdict == "constant":
             verdict = None  # parts side by side: a learned null key before the keys' biases is not one value
@@ -1724,9 +1728,9 @@ def _is_table(self: _Entry, ref: str, limit: int = 256) -> bool:
     pending, seen = [ref], set()
     while pending:
         producer = self.body.producer(pending.pop())
-        if producer is None or producer.name in seen:
-            if producer is None:
-                return False  # a body's argument
+        if producer is None:
+            return False  # a body's argument
+        if producer.name in seen:
             continue
         seen.add(producer.name)
         if producer.op in TABLE_STOPS:

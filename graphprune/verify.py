@@ -130,8 +130,7 @@ def _run_sized(entry: g.Entry, run, seed: int, positive: bool, sizes: dict) -> l
             raise PassError(f"'{entry.label}' fails on inputs (unknown dimensions of size {sizes[entry.label][0]} in "
                             f"floating-point inputs, {sizes[entry.label][1]} in others) that it ran on before: "
                             f"{first_line(error)}") from error
-    unknown = any(d is None for info in entry.inputs for d in (info.shape or ())[1:])
-    first_error = None
+    unknown, first_error = _has_unknown_sizes(entry), None
     for size in INPUT_SIZES if unknown else INPUT_SIZES[:1]:
         if size != INPUT_SIZES[0] and _largest_input(entry, size) > MAX_INPUT_ELEMENTS:
             continue
@@ -155,12 +154,17 @@ def longer_sizes(model: g.TracedModel, sizes: dict) -> dict:
     MAX_INPUT_ELEMENTS are left out."""
     longer = {}
     for entry in model.entries:
-        if entry.label not in sizes or not any(d is None for info in entry.inputs for d in (info.shape or ())[1:]):
+        if entry.label not in sizes or not _has_unknown_sizes(entry):
             continue
         size = tuple(max(16, 8 * n) if n < 16 else 2 * n for n in sizes[entry.label])
         if _largest_input(entry, size) <= MAX_INPUT_ELEMENTS:
             longer[entry.label] = size
     return longer
+
+
+def _has_unknown_sizes(entry: g.Entry) -> bool:
+    """Whether an input of ``entry`` has a dimension of unknown size past the first (the batch)."""
+    return any(d is None for info in entry.inputs for d in (info.shape or ())[1:])
 
 
 def _largest_input(entry: g.Entry, size: tuple[int, int], batch: int = 2) -> int:
