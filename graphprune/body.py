@@ -497,8 +497,8 @@ class CallSite:
                 signature.output_arg.extend(outputs)
                 for name in removed:
                     del body.proto.ret[name]
-            body.proto.arg_attr.clear()
-            body.proto.resource_arg_unique_id.clear()
+            _renumber(body.proto.arg_attr, keep)  # the kept arguments keep their recorded shapes
+            _renumber(body.proto.resource_arg_unique_id, keep)
         controls = [raw for raw in node.input if raw.startswith("^")]
         kept_inputs = data_inputs[:self.offset] + [data_inputs[i + self.offset] for i in keep]
         self.parent.set_inputs(node, kept_inputs + controls)
@@ -793,3 +793,19 @@ def annotate_resource_arguments(graph_def, resources: Mapping, variables: Mappin
 def visit_entry(entry: g.Entry, visit: Visit) -> None:
     """``visit`` applied, read-only, to the entry's graph and every body it reaches."""
     walk(top_body(entry.graph_def, dict(entry.resources), writable=False), visit)
+
+
+def _renumber(by_position, keep: list) -> None:
+    """A FunctionDef map keyed by argument position (arg_attr, resource_arg_unique_id), after
+    the arguments at ``keep`` (old positions, in order) became 0, 1, ...: the dropped ones' entries go."""
+    kept = {}
+    for new, old in enumerate(keep):
+        if old in by_position:
+            value = by_position[old]
+            kept[new] = value if isinstance(value, int) else type(value).FromString(value.SerializeToString())
+    by_position.clear()
+    for position, value in kept.items():
+        if isinstance(value, int):
+            by_position[position] = value
+        else:
+            by_position[position].CopyFrom(value)

@@ -14,4 +14,5 @@ from graphprune.passes import read_handles_directly  # noqa: F401  no Identity b
 from graphprune.passes import strip_unused  # noqa: F401  dead nodes, variables, functions
 from graphprune.passes import shrink_channels  # noqa: F401  dead channels out of every coupled weight
 from graphprune.passes import fold_batch_norms  # noqa: F401  per-channel scale and shift into the kernel
+from graphprune.passes import pointwise_matmul  # noqa: F401  1x1 convolutions as matrix products
 from graphprune.passes import static_batch  # noqa: F401  fixed batch for TFLite (RNN TensorLists)

@@ -65,7 +65,14 @@ def _keras_cnn(path):
     y = keras.layers.Dense(16)(y)
     y = keras.layers.BatchNormalization()(y)
     y = keras.layers.Dense(5)(y)
-    model = keras.Model(x, y)
+    return exported(keras.Model(x, y), path)
+
+
+def exported(model, path):
+    """``model`` with its batch norms' statistics and affine parameters far from the identity
+    (random), exported to ``path``."""
+    import keras
+
     for layer in model.layers:  # statistics and affine parameters far from the identity
         if isinstance(layer, keras.layers.BatchNormalization):
             n = layer.gamma.shape[0]

@@ -1,0 +1,220 @@
+"""pointwise_matmul: 1x1 convolutions as matrix products.
+
+A 1x1 convolution with stride 1 is a matrix product over the channel axis:
+
+    Conv2D(x, W[1, 1, Cin, Cout])  ==  Reshape(MatMul(Reshape(x, [-1, Cin]), W[Cin, Cout]), [N, H, W, Cout])
+
+On this project's machine (x86, TensorFlow's default oneDNN kernels, 2 cores) a small convolution
+costs about 50 us more than the matrix product, whatever its size, when TensorFlow runs it on more
+than one thread (benchmarks/README.md, "1x1 convolutions as matrix products"): at batch 1 a
+shrunk MobileNetV2's 35 pointwise convolutions spend most of their time there. This pass is
+finalize's ``pointwise_matmul=True``; it is not run by default.
+
+Matches, in every body at any depth: a Conv2D, channels last, strides and dilations 1, padding
+SAME or VALID (or EXPLICIT all zero), float, whose kernel is a Const or a variable read (through
+Identity nodes) of static shape [1, 1, Cin, Cout], and whose input is known to have Cin channels
+(a grouped convolution's has groups x Cin: left as it is, as is an input of unknown channels).
+Shapes come from TensorFlow's inference on the top graph, and from the _output_shapes a trace
+recorded in function bodies. The BiasAdd and the activation after it (Relu,
+Relu6, Elu, LeakyRelu, Tanh, Sigmoid), each read by the next alone, move into the flat form too,
+so TensorFlow fuses them with the MatMul as it fused them with the convolution. The chain's last
+op becomes the Reshape back (same name: its readers need no rewiring); the convolution is dead
+(strip_unused removes it). The kernel, Const or variable, keeps its shape and is reshaped where
+it is read (TensorFlow folds the Reshape of a Const): no weight is copied.
+
+Postcondition: the outputs equal the input model's up to float rounding (the same products,
+summed by another kernel); finalize's check runs both models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import attr_value_pb2, types_pb2
+
+from graphprune import body as b
+from graphprune import graph as g
+from graphprune.channels import _static_shapes
+from graphprune.passbase import PassContext, PassResult, register_pass
+from graphprune.passes.fold_batch_norms import _returned
+
+FLOAT_TYPES = (types_pb2.DT_FLOAT, types_pb2.DT_DOUBLE, types_pb2.DT_HALF, types_pb2.DT_BFLOAT16)
+ACTIVATIONS = {"Relu", "Relu6", "Elu", "LeakyRelu", "Tanh", "Sigmoid"}
+
+
+def pointwise_matmul(model: g.TracedModel, context: PassContext) -> PassResult:
+    """Every 1x1, stride-1 Conv2D with a constant or variable kernel as a MatMul (module docstring)."""
+    rewritten = []
+
+    def rewrite(body, entry, shapes):
+        returned = _returned(body, entry)
+        for node in list(body.nodes):
+            kernel = _pointwise_kernel(body, model, node)
+            if kernel is None:
+                continue
+            if not body.is_function and not shapes:  # the top graph's static shapes, once per entry
+                shapes.update(_static_shapes(entry, model))
+            x_name, x_index, _ = body.parse(body.data_inputs(node)[0])
+            if body.is_function:
+                x_shape, out_shape = _recorded(body, x_name, x_index), _recorded(body, node.name, 0)
+            else:
+                x_shape, out_shape = shapes.get((x_name, x_index)), shapes.get((node.name, 0))
+            if not x_shape or len(x_shape) != 4 or x_shape[3] != kernel.shape[2]:
+                continue  # input channels unknown, or a grouped convolution (Cin = groups x the kernel's)
+            _rewrite(body, node, kernel, returned, _spatial(out_shape))
+            rewritten.append(body.use_name(node))
+
+    entries = tuple(b.rewrite_entry(entry, lambda body, entry=entry, shapes={}: rewrite(body, entry, shapes))[0]
+                    for entry in model.entries)
+    if not rewritten:
+        return PassResult(model, changed=False, report={"rewritten": []})
+    return PassResult(dataclasses.replace(model, entries=entries), changed=True, report={"rewritten": sorted(rewritten)})
+
+
+@dataclasses.dataclass
+class _Kernel:
+    ref: str      # the conv's kernel input
+    shape: tuple  # (1, 1, Cin, Cout), static: a Const's or the variable's
+
+
+def _pointwise_kernel(body: b.Body, model: g.TracedModel, node) -> _Kernel | None:
+    if node.op != "Conv2D" or node.attr["T"].type not in FLOAT_TYPES or len(body.data_inputs(node)) != 2:
+        return None
+    layout = node.attr["data_format"].s.decode() if "data_format" in node.attr else ""
+    strides = list(node.attr["strides"].list.i)
+    dilations = list(node.attr["dilations"].list.i) if "dilations" in node.attr else []
+    padding = node.attr["padding"].s.decode()
+    explicit = list(node.attr["explicit_paddings"].list.i) if "explicit_paddings" in node.attr else []
+    if layout not in ("", "NHWC") or any(s != 1 for s in strides) or any(d != 1 for d in dilations):
+        return None
+    if padding not in ("SAME", "VALID") and not (padding == "EXPLICIT" and not any(explicit)):
+        return None
+    ref = body.data_inputs(node)[1]
+    producer = body.producer(ref)
+    for _ in range(8):
+        if producer is None:
+            return None
+        if producer.op == "Const":
+            shape = tuple(d.size for d in producer.attr["value"].tensor.tensor_shape.dim)
+            return _Kernel(ref, shape) if _is_pointwise(shape) else None
+        key = body.read_key(producer)
+        if key is not None:
+            shape = tuple(model.variables[key].shape) if key in model.variables else ()
+            return _Kernel(ref, shape) if _is_pointwise(shape) else None
+        if producer.op != "Identity":
+            return None
+        producer = body.producer(body.data_inputs(producer)[0])
+    return None
+
+
+def _int(value: int) -> attr_value_pb2.AttrValue:
+    return attr_value_pb2.AttrValue(i=value)
+
+
+def _is_pointwise(shape) -> bool:
+    return len(shape) == 4 and shape[0] == 1 and shape[1] == 1 and all(isinstance(d, int) and d > 0 for d in shape)
+
+
+def _chain(body: b.Body, conv, returned: set) -> list:
+    """The BiasAdd and activation after ``conv`` that move into the flat form, in order."""
+    chain, current = [], conv
+    while len(chain) < 2:
+        consumers = body.consumers(current.name)
+        if len(consumers) != 1 or current.name in returned:
+            break
+        link, position = consumers[0]
+        if link.input[position].startswith("^") or position != 0 or link.attr["T"].type != conv.attr["T"].type:
+            break
+        if link.op == "BiasAdd" and not chain:
+            if "data_format" in link.attr and link.attr["data_format"].s not in (b"", b"NHWC"):
+                break
+        elif link.op not in ACTIVATIONS:
+            break
+        chain.append(link)
+        current = link
+        if link.op in ACTIVATIONS:
+            break
+    return chain
+
+
+def _rewrite(body: b.Body, conv, kernel: _Kernel, returned: set, spatial: tuple | None) -> None:
+    dtype = tf.dtypes.as_dtype(conv.attr["T"].type)
+    cin, cout = kernel.shape[2], kernel.shape[3]
+    base = conv.name
+    x = body.data_inputs(conv)[0]
+    controls = [raw for raw in conv.input if raw.startswith("^")]
+
+    def const(name, value, type_name):
+        return body.ref(body.add(g.const_node(body.fresh(f"{base}/{name}"), value, type_name)).name)
+
+    def node(name, op, inputs, **attrs):
+        return body.ref(body.add(g.make_node(body.fresh(f"{base}/{name}"), op, inputs, **attrs)).name)
+
+    int32 = tf.int32
+    flat = node("flat", "Reshape", [x, const("flat_shape", np.array([-1, cin], np.int32), "int32")], T=dtype,
+                Tshape=int32)
+    # a Reshape of the kernel, Const or variable read alike: no weight is copied (another reader may
+    # share it), and TensorFlow folds it where the kernel is a constant
+    matrix = node("matrix", "Reshape", [kernel.ref, const("matrix_shape", np.array([cin, cout], np.int32), "int32")],
+                  T=dtype, Tshape=int32)
+    product = node("matmul", "MatMul", [flat, matrix] + controls, T=dtype, transpose_a=False, transpose_b=False)
+    chain = _chain(body, conv, returned)
+    for link in chain:  # a copy reading the flat tensor; the original becomes dead or the Reshape back
+        copy = g.make_node(body.fresh(f"{link.name}/flat"), link.op, [product] + list(link.input[1:]))
+        for attr, value in link.attr.items():
+            if attr != "_output_shapes":  # the flat tensor's shape is another
+                copy.attr[attr].CopyFrom(value)
+        if link.op == "BiasAdd":
+            copy.attr["data_format"].s = b"NHWC"
+        product = body.ref(body.add(copy).name)
+    if spatial is not None:  # static sizes: one Const, no shape arithmetic at run time
+        out_shape = const("out_shape", np.array([-1, *spatial, cout], np.int32), "int32")
+    else:
+        out_shape = _out_shape(node, const, x, dtype, cout)
+    last = chain[-1] if chain else conv
+    back = g.make_node(last.name, "Reshape", [product, out_shape], T=dtype, Tshape=int32)
+    body.replace(last, back)
+
+
+def _spatial(shape) -> tuple | None:
+    """(height, width) of an NHWC shape where both are known."""
+    if shape is None or len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape[1:3]):
+        return None
+    return shape[1], shape[2]
+
+
+def _recorded(body: b.Body, name: str, index: int) -> list | None:
+    """The shape of a function body's node output or argument as the trace recorded it
+    (_output_shapes), None for an unknown dim; None where it was not recorded."""
+    node = body.node(name)
+    if node is not None:
+        attrs = node.attr
+    else:
+        position = next((i for i, arg in enumerate(body.proto.signature.input_arg) if arg.name == name), None)
+        if position is None or position not in body.proto.arg_attr:
+            return None
+        attrs, index = body.proto.arg_attr[position].attr, 0
+    shapes = attrs["_output_shapes"].list.shape if "_output_shapes" in attrs else []
+    if index >= len(shapes) or shapes[index].unknown_rank:
+        return None
+    return [d.size if d.size >= 0 else None for d in shapes[index].dim]
+
+
+def _out_shape(node, const, x, dtype, cout) -> str:
+    """concat(shape(x)[:-1], [cout]), computed at run time."""
+    int32 = tf.int32
+    shape = node("shape", "Shape", [x], T=dtype, out_type=int32)
+    outer = node("outer", "StridedSlice", [shape, const("begin", np.array([0], np.int32), "int32"),
+                                           const("end", np.array([-1], np.int32), "int32"),
+                                           const("strides", np.array([1], np.int32), "int32")],
+                 T=int32, Index=int32, begin_mask=_int(0), end_mask=_int(0), ellipsis_mask=_int(0),
+                 new_axis_mask=_int(0), shrink_axis_mask=_int(0))
+    out_shape = node("out_shape", "ConcatV2", [outer, const("channels", np.array([cout], np.int32), "int32"),
+                                               const("axis", np.array(0, np.int32), "int32")],
+                     T=int32, Tidx=int32, N=_int(2))
+    return out_shape
+
+
+register_pass("pointwise_matmul", pointwise_matmul, invalidates=("weights", "channel_groups"))

@@ -1,0 +1,142 @@
+"""pointwise_matmul: 1x1, stride-1 convolutions written as matrix products (finalize's pointwise_matmul=True).
+
+Every model here is run before and after finalize and compared numerically; the op counts say
+what was rewritten and what was left alone."""
+
+import subprocess
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import graphprune
+from test_fold_batch_norms import _close, _ops, _serve, exported  # op counts and outputs of a SavedModel
+
+RNG = np.random.RandomState(0)
+
+
+def _keras_model(path):
+    """A MobileNet-like block: 1x1 convs with and without a bias, batch norms, a residual add, a
+    grouped and a strided 1x1 conv (neither a plain matrix product) and a dilated one, a classifier."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    x = keras.Input((12, 12, 3))
+    y = keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(x)  # 3x3: stays
+    y = keras.layers.BatchNormalization()(y)
+    y = keras.layers.ReLU(6.0)(y)
+    z = keras.layers.Conv2D(16, 1)(y)  # bias, then a batch norm and ReLU6
+    z = keras.layers.BatchNormalization()(z)
+    z = keras.layers.ReLU(6.0)(z)
+    z = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False)(z)
+    z = keras.layers.Conv2D(8, 1, use_bias=False)(z)  # its output read by the residual add
+    y = keras.layers.Add()([y, z])
+    y = keras.layers.Conv2D(8, 1, groups=2)(y)  # grouped: each half of the channels on its own; stays
+    y = keras.layers.Conv2D(12, 1, activation="relu")(y)  # bias and activation
+    s = keras.layers.Conv2D(6, 1, strides=2)(y)  # strided: stays
+    d = keras.layers.Conv2D(6, 1, dilation_rate=2)(y)  # dilated: a plain 1x1 conv between space-to-batch ops
+    y = keras.layers.Concatenate()([keras.layers.GlobalAveragePooling2D()(s), keras.layers.GlobalAveragePooling2D()(d)])
+    y = keras.layers.Dense(5)(y)
+    return exported(keras.Model(x, y), path)
+
+
+@pytest.mark.parametrize("freeze", ["all", True])
+def test_keras_pointwise_convs_become_matmuls(tmp_path, freeze):
+    model = _keras_model(str(tmp_path / "export"))
+    x = RNG.rand(3, 12, 12, 3).astype(np.float32)
+    want = model(x).numpy()
+    before = _ops(str(tmp_path / "export"))
+    assert before["Conv2D"] == 7 and before["MatMul"] == 1
+
+    plain = graphprune.finalize(graphprune.prune(str(tmp_path / "export")), str(tmp_path / "plain"), freeze=freeze)
+    assert _ops(plain)["Conv2D"] == 7  # off by default
+    out = graphprune.finalize(graphprune.prune(str(tmp_path / "export")), str(tmp_path / "out"), freeze=freeze,
+                              pointwise_matmul=True)
+    ops, plain_ops = _ops(out), _ops(plain)
+    # the 3x3, the grouped and the strided 1x1 stay; the dilated 1x1 is a plain one between
+    # SpaceToBatchND and BatchToSpaceND (TensorFlow's dilated convolution), and goes with the other three
+    assert ops["Conv2D"] == 3 and ops["SpaceToBatchND"] == 1
+    assert ops["MatMul"] == 1 + 4
+    assert ops["Shape"] == 0  # spatial sizes known: the Reshape back is to a constant shape
+    assert ops["Reshape"] - plain_ops["Reshape"] == 3 * 4  # the input, the kernel, the output
+    assert ops["Relu6"] == plain_ops["Relu6"] and ops["Relu"] == plain_ops["Relu"]  # moved, not copied twice
+    _close(_serve(out, x), want)
+    _close(_serve(out, x[:1]), want[:1])  # the batch is not fixed
+    assert graphprune.cost(out).parameters == graphprune.cost(plain).parameters
+    assert graphprune.cost(out).flops == graphprune.cost(plain).flops
+
+
+def test_channel_pruned_shrunk_model_as_matmuls_and_tflite(tmp_path):
+    model = _keras_model(str(tmp_path / "export"))
+    x = RNG.rand(4, 12, 12, 3).astype(np.float32)
+    pm = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
+                          one_shot=True)
+    masked = pm.serve(x).numpy()
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True, freeze="all", pointwise_matmul=True)
+    plain = graphprune.finalize(pm, str(tmp_path / "plain"), shrink=True, freeze="all")
+    assert _ops(out)["Conv2D"] == 3 and _ops(out)["MatMul"] == 5
+    _close(_serve(out, x), masked)
+    assert graphprune.cost(out).parameters == graphprune.cost(plain).parameters < model.count_params()
+    tflite = graphprune.export_tflite(out, str(tmp_path / "small.tflite"))
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_path=tflite).get_signature_runner("serving_default")
+    got = next(iter(runner(**{next(iter(runner.get_input_details())): x[:1]}).values()))
+    _close(got, masked[:1])
+
+
+class Dynamic(tf.Module):
+    """1x1 convs on an input of unknown height and width: one with a variable kernel, a BiasAdd
+    and a Relu; one whose output is the model's (no chain moves); one inside a loop body."""
+
+    def __init__(self):
+        self.k1 = tf.Variable(RNG.randn(1, 1, 4, 6).astype(np.float32))
+        self.b1 = tf.Variable(RNG.randn(6).astype(np.float32))
+        self.k2 = tf.Variable(RNG.randn(1, 1, 6, 3).astype(np.float32))
+        self.k3 = tf.Variable(RNG.randn(1, 1, 6, 6).astype(np.float32) * 0.3)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 4], tf.float32)])
+    def __call__(self, x):
+        y = tf.nn.relu(tf.nn.bias_add(tf.nn.conv2d(x, self.k1, 1, "VALID"), self.b1))
+
+        def body(i, y):
+            return i + 1, tf.nn.tanh(tf.nn.conv2d(y, self.k3, 1, "SAME"))
+
+        y = tf.while_loop(lambda i, y: i < 2, body, (tf.constant(0), y))[1]
+        return tf.nn.conv2d(y, self.k2, [1, 1, 1, 1], "SAME")
+
+
+@pytest.mark.parametrize("freeze", [False, "all"])
+def test_unknown_sizes_variable_kernels_and_loop_bodies(tmp_path, freeze):
+    module = Dynamic()
+    path = str(tmp_path / "dynamic")
+    tf.saved_model.save(module, path)
+    out = graphprune.finalize(graphprune.prune(path), str(tmp_path / "out"), freeze=freeze, pointwise_matmul=True)
+    ops = _ops(out)
+    assert ops["Conv2D"] == 0 and ops["MatMul"] == 3
+    assert ops["Shape"] == 3  # sizes unknown: the shape back is computed at run time
+    for shape in [(2, 5, 7, 4), (1, 3, 3, 4), (0, 4, 4, 4)]:
+        x = RNG.rand(*shape).astype(np.float32)
+        got = _serve(out, x)
+        assert got.shape == shape[:3] + (3,)
+        if x.size:
+            _close(got, module(x).numpy())
+    if freeze is False:
+        loaded = tf.saved_model.load(out)  # held while its function's variables are read
+        serve = loaded.signatures["serving_default"]
+        kernels = sorted(tuple(v.shape.as_list()) for v in serve.variables if v.shape.rank == 4)
+        assert kernels == [(1, 1, 4, 6), (1, 1, 6, 3), (1, 1, 6, 6)]  # the variables keep their shapes
+
+
+def test_bad_value_and_cli_flag(tmp_path):
+    model = _keras_model(str(tmp_path / "export"))
+    with pytest.raises(graphprune.GraphPruneError, match="pointwise_matmul must be True or False"):
+        graphprune.finalize(graphprune.prune(str(tmp_path / "export")), str(tmp_path / "bad"), pointwise_matmul="yes")
+    assert not (tmp_path / "bad").exists()
+    x = RNG.rand(2, 12, 12, 3).astype(np.float32)
+    out = str(tmp_path / "out")
+    result = subprocess.run(f"graphprune finalize --input={tmp_path / 'export'} --output={out} --freeze_all "
+                            "--pointwise_matmul", shell=True, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert _ops(out)["Conv2D"] == 3
+    _close(_serve(out, x), model(x).numpy())
