@@ -15,10 +15,16 @@ shrink=True. For the dense model and each shrunk one, on this machine:
     parameters, FLOPs  graphprune.cost (FLOPs: 2 x multiply-adds of convolutions and matmuls);
                        "trainable": without the batch-norm moving statistics (Cost.non_trainable),
                        as PyTorch counts parameters (benchmarks/torch_pruning_reference.py)
-    tf_b1, tf_b32      median latency of the SavedModel's serving function (TensorFlow, all cores)
-                       at batch 1 and 32: the Keras export against finalize(shrink=True)'s output
-                       ("export"), and both through finalize(freeze='all') ("frozen": every
-                       variable a constant, batch norms folded into the kernels: fold_batch_norms)
+    tf_b1, tf_b32      median latency of the SavedModel's serving function (TensorFlow, its default
+                       threads: all cores) at batch 1 and 32: the Keras export against
+                       finalize(shrink=True)'s output ("export"), and both through
+                       finalize(freeze='all') ("frozen": every variable a constant, batch norms
+                       folded into the kernels: fold_batch_norms); "export_mm" and "frozen_mm" the
+                       same with pointwise_matmul=True (1x1 convolutions as MatMuls) in every
+                       finalize (the Keras export as it is)
+    tf1_b1, tf1_b32    the same with TensorFlow on 1 thread (intra- and inter-op), as LiteRT runs and
+                       as the issue's Torch-Pruning figures were taken (--threads=default,1: each
+                       setting timed in a fresh process)
     litert             median latency of the float .tflite under LiteRT, 1 thread, batch 1
     max_diff           largest |masked - shrunk| output difference over the output scale
 
@@ -66,29 +72,55 @@ def _median_ms_in_rounds(runs: list, repeats: int, rounds: int = 5) -> list[floa
     return [float(np.median(kept) * 1000) for kept in times]
 
 
-def _latencies(models: list[tuple[str, str]], size: int, repeats: int) -> list[dict]:
-    """tf_b1_ms, tf_b32_ms and litert_ms of each (SavedModel, .tflite), timed in rounds."""
+def _latencies_here(models: list[tuple[str, str]], size: int, repeats: int, litert: bool) -> list[dict]:
+    """tf_b1_ms and tf_b32_ms (and litert_ms) of each (SavedModel, .tflite), timed in rounds in
+    this process, under whatever threads TensorFlow was given."""
     import numpy as np
     import tensorflow as tf
-    from ai_edge_litert.interpreter import Interpreter
 
     one = tf.constant(np.random.RandomState(0).rand(1, size, size, 3).astype(np.float32))
     many = tf.constant(np.random.RandomState(0).rand(32, size, size, 3).astype(np.float32))
-    loaded, serves, runners = [], [], []
-    for saved_model, tflite in models:
+    loaded, serves = [], []
+    for saved_model, _ in models:
         loaded.append(tf.saved_model.load(saved_model))  # held: its variables live as long as it does
         serve = loaded[-1].signatures["serving_default"]
         serves.append((serve, list(serve.structured_input_signature[1])[0]))
-        runner = Interpreter(model_path=tflite, num_threads=1).get_signature_runner("serving_default")
-        runners.append((runner, next(iter(runner.get_input_details()))))
 
     def tf_call(serve, name, x):
         return lambda: serve(**{name: x})
 
     b1 = _median_ms_in_rounds([tf_call(serve, name, one) for serve, name in serves], repeats)
     b32 = _median_ms_in_rounds([tf_call(serve, name, many) for serve, name in serves], max(5, repeats // 4))
-    lite = _median_ms_in_rounds([(lambda r=runner, n=name: r(**{n: one.numpy()})) for runner, name in runners], repeats)
-    return [{"tf_b1_ms": a, "tf_b32_ms": b, "litert_ms": c} for a, b, c in zip(b1, b32, lite)]
+    rows = [{"tf_b1_ms": a, "tf_b32_ms": b} for a, b in zip(b1, b32)]
+    if litert:
+        from ai_edge_litert.interpreter import Interpreter
+
+        runners = []
+        for _, tflite in models:
+            runner = Interpreter(model_path=tflite, num_threads=1).get_signature_runner("serving_default")
+            runners.append((runner, next(iter(runner.get_input_details()))))
+        lite = _median_ms_in_rounds([(lambda r=runner, n=name: r(**{n: one.numpy()})) for runner, name in runners],
+                                    repeats)
+        for row, ms in zip(rows, lite):
+            row["litert_ms"] = ms
+    return rows
+
+
+def _latencies(models: list[tuple[str, str]], size: int, repeats: int, threads: list[str]) -> list[dict]:
+    """The latencies of each (SavedModel, .tflite), each thread setting timed in a fresh process
+    (TensorFlow takes its thread counts once, before it runs anything): "default" gives tf_b1_ms,
+    tf_b32_ms and litert_ms; N gives tfN_b1_ms and tfN_b32_ms (N intra- and inter-op threads)."""
+    import subprocess
+
+    rows = [{} for _ in models]
+    for setting in threads:
+        command = [sys.executable, os.path.abspath(__file__), "--time=" + json.dumps(models), f"--size={size}",
+                   f"--repeats={repeats}", f"--threads={setting}"]
+        found = subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
+        prefix = "tf" if setting == "default" else f"tf{setting}"
+        for row, timed in zip(rows, json.loads(found)):
+            row.update({(prefix + key[2:] if key.startswith("tf_") else key): ms for key, ms in timed.items()})
+    return rows
 
 
 def _model(name: str, size: int):
@@ -105,7 +137,8 @@ def _model(name: str, size: int):
     return model, x
 
 
-def measure(name: str, ratios, size: int, repeats: int, scratch: str, round_to: int = 8) -> list[dict]:
+def measure(name: str, ratios, size: int, repeats: int, scratch: str, round_to: int = 8,
+            threads=("default", "1")) -> list[dict]:
     import numpy as np
     import tensorflow as tf
 
@@ -120,8 +153,12 @@ def measure(name: str, ratios, size: int, repeats: int, scratch: str, round_to: 
     rows = [{"model": name, "ratio": 0.0, "variant": "export", "parameters": base.parameters, "flops": base.flops,
              "non_trainable": base.non_trainable, "max_diff": 0.0}]
     graphprune.finalize(graphprune.prune(dense), dense + "_frozen", freeze="all", overwrite=True)
-    rows.append({**rows[0], "variant": "frozen"})
-    paths = {"export": [(dense, dense + ".tflite")], "frozen": [(dense + "_frozen", dense + ".tflite")]}
+    graphprune.finalize(graphprune.prune(dense), dense + "_frozen_mm", freeze="all", pointwise_matmul=True,
+                        overwrite=True)
+    rows += [{**rows[0], "variant": variant} for variant in ("export_mm", "frozen", "frozen_mm")]
+    paths = {"export": [(dense, dense + ".tflite")], "export_mm": [(dense, dense + ".tflite")],
+             "frozen": [(dense + "_frozen", dense + ".tflite")],
+             "frozen_mm": [(dense + "_frozen_mm", dense + ".tflite")]}
     for ratio in ratios:
         start = time.perf_counter()
         pm = graphprune.prune(dense, graphprune.ConstantSparsity(ratio, 0), structure="channel", one_shot=True,
@@ -131,6 +168,8 @@ def measure(name: str, ratios, size: int, repeats: int, scratch: str, round_to: 
         graphprune.finalize(pm, out, shrink=True, overwrite=True)
         seconds = time.perf_counter() - start
         graphprune.finalize(pm, out + "_frozen", shrink=True, freeze="all", overwrite=True)
+        graphprune.finalize(pm, out + "_mm", shrink=True, pointwise_matmul=True, overwrite=True)
+        graphprune.finalize(pm, out + "_frozen_mm", shrink=True, freeze="all", pointwise_matmul=True, overwrite=True)
         del pm
         loaded = tf.saved_model.load(out)  # held: its variables live as long as it does
         shrunk = loaded.serve(x[:4]).numpy()
@@ -141,25 +180,30 @@ def measure(name: str, ratios, size: int, repeats: int, scratch: str, round_to: 
                      "flops": cost.flops, "non_trainable": cost.non_trainable,
                      "max_diff": float(np.max(np.abs(shrunk - masked)) / np.max(np.abs(masked))),
                      "prune_finalize_s": seconds})
-        rows.append({**rows[-1], "variant": "frozen"})
+        rows += [{**rows[-1], "variant": variant} for variant in ("export_mm", "frozen", "frozen_mm")]
         paths["export"].append((out, out + ".tflite"))
+        paths["export_mm"].append((out + "_mm", out + ".tflite"))
         paths["frozen"].append((out + "_frozen", out + ".tflite"))
+        paths["frozen_mm"].append((out + "_frozen_mm", out + ".tflite"))
     for variant, models in paths.items():
         mine = [row for row in rows if row["variant"] == variant]
-        for row, latencies in zip(mine, _latencies(models, size, repeats)):
+        for row, latencies in zip(mine, _latencies(models, size, repeats, list(threads))):
             row.update(latencies)
             print(json.dumps(row), flush=True)
     return rows
 
 
-VARIANTS = {"export": "as exported / finalized", "frozen": "freeze='all', both"}
+VARIANTS = {"export": "as exported / finalized", "export_mm": "as exported / finalized, 1x1 as MatMul",
+            "frozen": "freeze='all', both", "frozen_mm": "freeze='all', 1x1 as MatMul, both"}
 
 
 def table(rows) -> str:
     """Each row against the dense model of its own kind: the Keras export against finalize's
     default output, or both finalized with freeze='all' (normalization folded into constants)."""
+    one_thread = all("tf1_b1_ms" in row for row in rows)
     lines = ["| model | channels removed | SavedModel | parameters | FLOPs (batch 1) | TF batch 1 | TF batch 32 | "
-             "LiteRT 1 thread | max diff / scale |", "|---|---|---|---|---|---|---|---|---|"]
+             + ("TF 1 thread, batch 1 | TF 1 thread, batch 32 | " if one_thread else "")
+             + "LiteRT 1 thread | max diff / scale |", "|---|---|---|---|---|---|---|---|---|" + "---|---|" * one_thread]
     dense = {(row["model"], row.get("variant", "export")): row for row in rows if row["ratio"] == 0.0}
     for row in rows:
         base = dense[(row["model"], row.get("variant", "export"))]
@@ -177,7 +221,9 @@ def table(rows) -> str:
             parameters += ")"
         flops = f"{row['flops'] / 1e9:.3f} G" + ("" if row["ratio"] == 0.0 else f" ({row['flops'] / base['flops']:.2f}x)")
         lines.append(f"| {row['model']} | {row['ratio']:.0%} | {VARIANTS[row.get('variant', 'export')]} | {parameters} | {flops} | {cell('tf_b1_ms', 'ms')} | "
-                     f"{cell('tf_b32_ms', 'ms', 0)} | {cell('litert_ms', 'ms')} | {row['max_diff']:.1e} |")
+                     f"{cell('tf_b32_ms', 'ms', 0)} | "
+                     + (f"{cell('tf1_b1_ms', 'ms')} | {cell('tf1_b32_ms', 'ms', 0)} | " if one_thread else "")
+                     + f"{cell('litert_ms', 'ms')} | {row['max_diff']:.1e} |")
     return "\n".join(lines)
 
 
@@ -195,8 +241,9 @@ def plot(rows, path: str) -> None:
         ratios = [row["ratio"] for row in mine]
         axes[0].plot(ratios, [row["parameters"] / base["parameters"] for row in mine], "o-", label=f"{model} params")
         axes[0].plot(ratios, [row["flops"] / base["flops"] for row in mine], "s--", label=f"{model} FLOPs")
-        for key, style in (("tf_b1_ms", "o-"), ("tf_b32_ms", "s--"), ("litert_ms", "^:")):
-            axes[1].plot(ratios, [row[key] / base[key] for row in mine], style, label=f"{model} {key[:-3]}")
+        for key, style in (("tf_b1_ms", "o-"), ("tf_b32_ms", "s--"), ("tf1_b1_ms", "v-."), ("litert_ms", "^:")):
+            if all(key in row for row in mine):
+                axes[1].plot(ratios, [row[key] / base[key] for row in mine], style, label=f"{model} {key[:-3]}")
     axes[0].set(xlabel="channels removed per group", ylabel="x dense", title="size")
     axes[1].set(xlabel="channels removed per group", ylabel="x dense latency", title="latency (this machine)")
     for axis in axes:
@@ -208,6 +255,17 @@ def plot(rows, path: str) -> None:
 
 def main(argv) -> None:
     options = dict(arg[2:].split("=", 1) if "=" in arg else (arg[2:], "1") for arg in argv if arg.startswith("--"))
+    if "time" in options:  # a child of _latencies: time these models under these threads, print one JSON line
+        setting = options.get("threads", "default")
+        if setting != "default":
+            import tensorflow as tf
+
+            tf.config.threading.set_intra_op_parallelism_threads(int(setting))
+            tf.config.threading.set_inter_op_parallelism_threads(int(setting))
+        models = [tuple(pair) for pair in json.loads(options["time"])]
+        print(json.dumps(_latencies_here(models, int(options.get("size", 128)), int(options.get("repeats", 50)),
+                                         litert=setting == "default")))
+        return
     if "plot" in options:
         with open(RESULTS) as handle:
             rows = json.load(handle)["rows"]
@@ -218,6 +276,7 @@ def main(argv) -> None:
     ratios = [float(r) for r in options.get("ratios", "0.25,0.5,0.75").split(",")]
     size, repeats = int(options.get("size", 128)), int(options.get("repeats", 50))
     round_to = int(options.get("round_to", 8))
+    threads = options.get("threads", "default,1").split(",")
     results = RESULTS if round_to == 8 else RESULTS.replace(".json", f"_round_to_{round_to}.json")
     if options.get("onednn") == "0":  # TensorFlow's Eigen kernels instead of oneDNN's (set before it loads)
         os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
@@ -226,12 +285,12 @@ def main(argv) -> None:
     rows = []
     try:
         for name in models:
-            rows += measure(name, ratios, size, repeats, scratch, round_to)
+            rows += measure(name, ratios, size, repeats, scratch, round_to, threads)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     os.makedirs(os.path.dirname(results), exist_ok=True)
     with open(results, "w") as handle:
-        json.dump({"size": size, "repeats": repeats, "round_to": round_to, "rows": rows}, handle, indent=1)
+        json.dump({"size": size, "repeats": repeats, "round_to": round_to, "threads": threads, "rows": rows}, handle, indent=1)
     if results == RESULTS:
         plot(rows, os.path.join(HERE, "channels.png"))
     print(table(rows))
