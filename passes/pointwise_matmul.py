@@ -55,7 +55,7 @@ def pointwise_matmul(model: g.TracedModel, context: PassContext) -> PassResult:
             if kernel is None:
                 continue
             if not body.is_function and not shapes:  # the top graph's static shapes, once per entry
-                shapes.update(_static_shapes(entry, model))
+                shapes.update(_top_shapes(entry, model))
             x_name, x_index, _ = body.parse(body.data_inputs(node)[0])
             if body.is_function:
                 x_shape, out_shape = _recorded(body, x_name, x_index), _recorded(body, node.name, 0)
@@ -71,6 +71,15 @@ def pointwise_matmul(model: g.TracedModel, context: PassContext) -> PassResult:
     if not rewritten:
         return PassResult(model, changed=False, report={"rewritten": []})
     return PassResult(dataclasses.replace(model, entries=entries), changed=True, report={"rewritten": sorted(rewritten)})
+
+
+def _top_shapes(entry: g.Entry, model: g.TracedModel) -> dict:
+    """_static_shapes of the entry's top graph; none (every conv there left as it is) where
+    TensorFlow cannot import it for inference."""
+    try:
+        return _static_shapes(entry, model)
+    except (ValueError, TypeError, tf.errors.OpError):
+        return {}
 
 
 @dataclasses.dataclass
