@@ -194,10 +194,10 @@ def _chain(body: b.Body, kernel_op, channels: int, returned: set):
     scale, shift = np.ones(channels), np.zeros(channels)
     current, last, ops = kernel_op, None, []
     while True:
-        consumers = body.consumers(current.name)
-        if len(consumers) != 1 or current.name in returned or consumers[0][0].input[consumers[0][1]].startswith("^"):
+        found = sole_reader(body, current, returned)
+        if found is None:
             break
-        link, position = consumers[0]
+        link, position = found
         inputs = body.data_inputs(link)
         if link.op not in CHAIN_OPS or len(inputs) != 2 or link.attr["T"].type != kernel_op.attr["T"].type:
             break
@@ -222,6 +222,15 @@ def _chain(body: b.Body, kernel_op, channels: int, returned: set):
     if last is None or not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
         return None
     return last, scale, shift, ops
+
+
+def sole_reader(body: b.Body, node, returned: set):
+    """(reader, input position) of the one op that reads ``node``, as data, when nothing else
+    does (no control reader either) and the body does not return it; else None."""
+    consumers = body.consumers(node.name)
+    if len(consumers) != 1 or node.name in returned or consumers[0][0].input[consumers[0][1]].startswith("^"):
+        return None
+    return consumers[0]
 
 
 def _per_channel(body: b.Body, ref: str, channels: int) -> np.ndarray | None:

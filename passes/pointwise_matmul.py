@@ -38,7 +38,7 @@ from graphprune import body as b
 from graphprune import graph as g
 from graphprune.channels import _static_shapes
 from graphprune.passbase import PassContext, PassResult, register_pass
-from graphprune.passes.fold_batch_norms import _returned
+from graphprune.passes.fold_batch_norms import _returned, sole_reader
 
 FLOAT_TYPES = (types_pb2.DT_FLOAT, types_pb2.DT_DOUBLE, types_pb2.DT_HALF, types_pb2.DT_BFLOAT16)
 ACTIVATIONS = {"Relu", "Relu6", "Elu", "LeakyRelu", "Tanh", "Sigmoid"}
@@ -128,24 +128,25 @@ def _is_pointwise(shape) -> bool:
 
 def _chain(body: b.Body, conv, returned: set) -> list:
     """The BiasAdd and activation after ``conv`` that move into the flat form, in order."""
-    chain, current = [], conv
-    while len(chain) < 2:
-        consumers = body.consumers(current.name)
-        if len(consumers) != 1 or current.name in returned:
-            break
-        link, position = consumers[0]
-        if link.input[position].startswith("^") or position != 0 or link.attr["T"].type != conv.attr["T"].type:
-            break
-        if link.op == "BiasAdd" and not chain:
-            if "data_format" in link.attr and link.attr["data_format"].s not in (b"", b"NHWC"):
-                break
-        elif link.op not in ACTIVATIONS:
-            break
+    chain = []
+    link = _next_link(body, conv, returned, {"BiasAdd"} | ACTIVATIONS)
+    if link is not None and link.op == "BiasAdd":
+        if "data_format" in link.attr and link.attr["data_format"].s not in (b"", b"NHWC"):
+            return chain
         chain.append(link)
-        current = link
-        if link.op in ACTIVATIONS:
-            break
+        link = _next_link(body, link, returned, ACTIVATIONS)
+    if link is not None:
+        chain.append(link)
     return chain
+
+
+def _next_link(body: b.Body, node, returned: set, ops: set):
+    """The op of ``ops`` reading ``node`` alone, as its first input and in the same type; else None.
+    (The op is checked first: a reader's attrs are read only where it has them.)"""
+    found = sole_reader(body, node, returned)
+    if found is None or found[0].op not in ops or found[1] != 0 or found[0].attr["T"].type != node.attr["T"].type:
+        return None
+    return found[0]
 
 
 def _rewrite(body: b.Body, conv, kernel: _Kernel, returned: set, spatial: tuple | None) -> None:

@@ -140,3 +140,27 @@ def test_bad_value_and_cli_flag(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert _ops(out)["Conv2D"] == 3
     _close(_serve(out, x), model(x).numpy())
+
+
+class Unstacked(tf.Module):
+    """A 1x1 conv whose output is read only by an op without a "T" attr (TensorListFromTensor)."""
+
+    def __init__(self):
+        self.k = tf.Variable(RNG.randn(1, 1, 4, 6).astype(np.float32))
+
+    @tf.function(input_signature=[tf.TensorSpec([3, 5, 5, 4], tf.float32)])
+    def __call__(self, x):
+        y = tf.nn.conv2d(x, self.k, 1, "SAME")
+        return tf.TensorArray(tf.float32, size=3).unstack(y).stack() * 2.0
+
+
+def test_a_reader_without_a_type_attr_is_left_as_it_is(tmp_path):
+    # the chain after the conv is looked for by op first: reading a "T" the reader does not have
+    # used to add one to it, and finalize refused the model ("Failed to bind all placeholders")
+    module = Unstacked()
+    path = str(tmp_path / "unstacked")
+    tf.saved_model.save(module, path)
+    out = graphprune.finalize(graphprune.prune(path), str(tmp_path / "out"), pointwise_matmul=True)
+    assert _ops(out)["Conv2D"] == 0 and _ops(out)["MatMul"] == 1
+    x = RNG.rand(3, 5, 5, 4).astype(np.float32)
+    _close(_serve(out, x), module(x).numpy())
