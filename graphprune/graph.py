@@ -181,6 +181,8 @@ def make_node(name: str, op: str, inputs: Iterable[str] = (), **attrs) -> node_d
             node.attr[attr_name].CopyFrom(value)
         elif isinstance(value, bool):
             node.attr[attr_name].b = value
+        elif isinstance(value, int):
+            node.attr[attr_name].i = value
         elif isinstance(value, (list, tuple)):
             node.attr[attr_name].shape.CopyFrom(shape_proto(value))
         else:

@@ -32,7 +32,7 @@ import dataclasses
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.framework import attr_value_pb2, types_pb2
+from tensorflow.core.framework import types_pb2
 
 from graphprune import body as b
 from graphprune import graph as g
@@ -116,10 +116,6 @@ def _pointwise_kernel(body: b.Body, model: g.TracedModel, node) -> _Kernel | Non
             return None
         producer = body.producer(body.data_inputs(producer)[0])
     return None
-
-
-def _int(value: int) -> attr_value_pb2.AttrValue:
-    return attr_value_pb2.AttrValue(i=value)
 
 
 def _is_pointwise(shape) -> bool:
@@ -219,11 +215,11 @@ def _out_shape(node, const, x, dtype, cout) -> str:
     outer = node("outer", "StridedSlice", [shape, const("begin", np.array([0], np.int32), "int32"),
                                            const("end", np.array([-1], np.int32), "int32"),
                                            const("strides", np.array([1], np.int32), "int32")],
-                 T=int32, Index=int32, begin_mask=_int(0), end_mask=_int(0), ellipsis_mask=_int(0),
-                 new_axis_mask=_int(0), shrink_axis_mask=_int(0))
+                 T=int32, Index=int32, begin_mask=0, end_mask=0, ellipsis_mask=0,
+                 new_axis_mask=0, shrink_axis_mask=0)
     out_shape = node("out_shape", "ConcatV2", [outer, const("channels", np.array([cout], np.int32), "int32"),
                                                const("axis", np.array(0, np.int32), "int32")],
-                     T=int32, Tidx=int32, N=_int(2))
+                     T=int32, Tidx=int32, N=2)
     return out_shape
 
 
