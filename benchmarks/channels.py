@@ -25,7 +25,8 @@ shrink=True. For the dense model and each shrunk one, on this machine:
     tf1_b1, tf1_b32    the same with TensorFlow on 1 thread (intra- and inter-op), as LiteRT runs and
                        as the issue's Torch-Pruning figures were taken (--threads=default,1: each
                        setting timed in a fresh process)
-    litert             median latency of the float .tflite under LiteRT, 1 thread, batch 1
+    litert             median latency of the float .tflite under LiteRT, 1 thread, batch 1 (of the
+                       finalize(shrink=True) model: every variant's row repeats it)
     max_diff           largest |masked - shrunk| output difference over the output scale
 
 The latencies of one model and variant (dense and every ratio) are taken in turn: five rounds,
@@ -106,16 +107,18 @@ def _latencies_here(models: list[tuple[str, str]], size: int, repeats: int, lite
     return rows
 
 
-def _latencies(models: list[tuple[str, str]], size: int, repeats: int, threads: list[str]) -> list[dict]:
+def _latencies(models: list[tuple[str, str]], size: int, repeats: int, threads: list[str],
+               litert: bool = True) -> list[dict]:
     """The latencies of each (SavedModel, .tflite), each thread setting timed in a fresh process
     (TensorFlow takes its thread counts once, before it runs anything): "default" gives tf_b1_ms,
-    tf_b32_ms and litert_ms; N gives tfN_b1_ms and tfN_b32_ms (N intra- and inter-op threads)."""
+    tf_b32_ms and (with ``litert``) litert_ms; N gives tfN_b1_ms and tfN_b32_ms (N intra- and
+    inter-op threads)."""
     import subprocess
 
     rows = [{} for _ in models]
     for setting in threads:
         command = [sys.executable, os.path.abspath(__file__), "--time=" + json.dumps(models), f"--size={size}",
-                   f"--repeats={repeats}", f"--threads={setting}"]
+                   f"--repeats={repeats}", f"--threads={setting}", f"--litert={int(litert and setting == 'default')}"]
         found = subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
         prefix = "tf" if setting == "default" else f"tf{setting}"
         for row, timed in zip(rows, json.loads(found)):
@@ -152,24 +155,25 @@ def measure(name: str, ratios, size: int, repeats: int, scratch: str, round_to: 
     base = graphprune.cost(dense)
     rows = [{"model": name, "ratio": 0.0, "variant": "export", "parameters": base.parameters, "flops": base.flops,
              "non_trainable": base.non_trainable, "max_diff": 0.0}]
-    graphprune.finalize(graphprune.prune(dense), dense + "_frozen", freeze="all", overwrite=True)
-    graphprune.finalize(graphprune.prune(dense), dense + "_frozen_mm", freeze="all", pointwise_matmul=True,
-                        overwrite=True)
-    rows += [{**rows[0], "variant": variant} for variant in ("export_mm", "frozen", "frozen_mm")]
-    paths = {"export": [(dense, dense + ".tflite")], "export_mm": [(dense, dense + ".tflite")],
-             "frozen": [(dense + "_frozen", dense + ".tflite")],
-             "frozen_mm": [(dense + "_frozen_mm", dense + ".tflite")]}
+    paths = {}
+    for variant, options in FINALIZE.items():  # the dense side: the Keras export, or it frozen
+        path = dense
+        if options.get("freeze") == "all":
+            path = graphprune.finalize(graphprune.prune(dense), f"{dense}_{variant}", overwrite=True, **options)
+        paths[variant] = [(path, dense + ".tflite")]
+    rows += [{**rows[0], "variant": variant} for variant in list(FINALIZE)[1:]]
     for ratio in ratios:
         start = time.perf_counter()
         pm = graphprune.prune(dense, graphprune.ConstantSparsity(ratio, 0), structure="channel", one_shot=True,
                               round_to=round_to)
         masked = pm.serve(x[:4]).numpy()
         out = os.path.join(scratch, f"{name}_{ratio}")
-        graphprune.finalize(pm, out, shrink=True, overwrite=True)
-        seconds = time.perf_counter() - start
-        graphprune.finalize(pm, out + "_frozen", shrink=True, freeze="all", overwrite=True)
-        graphprune.finalize(pm, out + "_mm", shrink=True, pointwise_matmul=True, overwrite=True)
-        graphprune.finalize(pm, out + "_frozen_mm", shrink=True, freeze="all", pointwise_matmul=True, overwrite=True)
+        for variant, options in FINALIZE.items():  # "export" first: prune + its finalize are timed
+            path = out if variant == "export" else f"{out}_{variant}"
+            graphprune.finalize(pm, path, shrink=True, overwrite=True, **options)
+            if variant == "export":
+                seconds = time.perf_counter() - start
+            paths[variant].append((path, out + ".tflite"))
         del pm
         loaded = tf.saved_model.load(out)  # held: its variables live as long as it does
         shrunk = loaded.serve(x[:4]).numpy()
@@ -180,19 +184,21 @@ def measure(name: str, ratios, size: int, repeats: int, scratch: str, round_to: 
                      "flops": cost.flops, "non_trainable": cost.non_trainable,
                      "max_diff": float(np.max(np.abs(shrunk - masked)) / np.max(np.abs(masked))),
                      "prune_finalize_s": seconds})
-        rows += [{**rows[-1], "variant": variant} for variant in ("export_mm", "frozen", "frozen_mm")]
-        paths["export"].append((out, out + ".tflite"))
-        paths["export_mm"].append((out + "_mm", out + ".tflite"))
-        paths["frozen"].append((out + "_frozen", out + ".tflite"))
-        paths["frozen_mm"].append((out + "_frozen_mm", out + ".tflite"))
+        rows += [{**rows[-1], "variant": variant} for variant in list(FINALIZE)[1:]]
+    litert = {}  # every variant converts the same .tflite files: LiteRT is timed with "export" only
     for variant, models in paths.items():
         mine = [row for row in rows if row["variant"] == variant]
-        for row, latencies in zip(mine, _latencies(models, size, repeats, list(threads))):
+        for row, latencies in zip(mine, _latencies(models, size, repeats, list(threads), litert=variant == "export")):
             row.update(latencies)
+            row["litert_ms"] = litert.setdefault(row["ratio"], row.get("litert_ms"))
             print(json.dumps(row), flush=True)
     return rows
 
 
+# each variant's finalize options, for the shrunk model and, where it freezes, the dense one too
+# (the dense "export" models are the Keras export itself)
+FINALIZE = {"export": {}, "export_mm": {"pointwise_matmul": True}, "frozen": {"freeze": "all"},
+            "frozen_mm": {"freeze": "all", "pointwise_matmul": True}}
 VARIANTS = {"export": "as exported / finalized", "export_mm": "as exported / finalized, 1x1 as MatMul",
             "frozen": "freeze='all', both", "frozen_mm": "freeze='all', 1x1 as MatMul, both"}
 
@@ -264,7 +270,7 @@ def main(argv) -> None:
             tf.config.threading.set_inter_op_parallelism_threads(int(setting))
         models = [tuple(pair) for pair in json.loads(options["time"])]
         print(json.dumps(_latencies_here(models, int(options.get("size", 128)), int(options.get("repeats", 50)),
-                                         litert=setting == "default")))
+                                         litert=options.get("litert") == "1")))
         return
     if "plot" in options:
         with open(RESULTS) as handle:
