@@ -45,7 +45,7 @@ MAX_FROZEN_BYTES = 16 << 20
 
 def finalize_model(prunable, *, freeze: bool | str = True, verify: bool = False,
                    max_frozen_bytes: int = MAX_FROZEN_BYTES, shrink: bool = False, fold_batch_norms=None,
-                   pointwise_matmul: bool = False):
+                   pointwise_matmul: bool | str = False):
     """(final TracedModel, the values its variables are read from, pipeline result); nothing written.
 
     The pruned weights are folded (w := w * mask) into variables first: into the ones loaded from
@@ -79,7 +79,7 @@ def finalize_model(prunable, *, freeze: bool | str = True, verify: bool = False,
     if _folds(fold_batch_norms, freeze):
         steps += [("fold_batch_norms", {}), ("strip_unused", {})]
     if pointwise_matmul:
-        steps += [("pointwise_matmul", {}), ("strip_unused", {})]
+        steps += [("pointwise_matmul", {"max_macs": _max_macs(pointwise_matmul)}), ("strip_unused", {})]
     values = VariableValues(live)
     after_pass = optional_verifier(verify, values, ones_masks=False)
     result = run_pipeline(traced, steps, PassContext(values=values), after_pass=after_pass)
@@ -92,6 +92,17 @@ def _folds(fold_batch_norms, freeze) -> bool:
     if not isinstance(fold_batch_norms, bool):
         raise GraphPruneError(f"fold_batch_norms must be True, False or None, got {fold_batch_norms!r}")
     return fold_batch_norms
+
+
+def _max_macs(pointwise_matmul) -> int | None:
+    """The pointwise_matmul pass's max_macs for finalize's option: True (every 1x1 conv) or "auto"."""
+    from graphprune.passes.pointwise_matmul import AUTO_MAX_MACS
+
+    if pointwise_matmul is True:
+        return None
+    if pointwise_matmul == "auto":
+        return AUTO_MAX_MACS
+    raise GraphPruneError(f"pointwise_matmul must be 'auto', True or False, got {pointwise_matmul!r}")
 
 
 def _round_to(prunable) -> int:
@@ -265,7 +276,7 @@ def products_as_folded_weights(masked):
 def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool = False, verify: bool = False,
              check: bool = True, max_frozen_bytes: int = MAX_FROZEN_BYTES, progress=None, shrink: bool = False,
              fold_batch_norms: bool | None = None, check_tolerance: float = 1e-5,
-             pointwise_matmul: bool = False) -> str:
+             pointwise_matmul: bool | str = "auto") -> str:
     """Fold the masks into the weights, drop every mask/step/update op, and write a SavedModel
     with the original signatures that plain TensorFlow loads and runs (no graphprune needed).
 
@@ -297,19 +308,25 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
         fuses with the activation (the fold_batch_norms pass); None (default): only with
         freeze="all", where the normalization parameters are constants. At batch 1 this is most
         of a small convolutional model's TensorFlow latency.
-    pointwise_matmul=True: write every 1x1, stride-1 convolution with a constant or variable
-        kernel as a MatMul between two Reshapes (the pointwise_matmul pass), its BiasAdd and
-        activation moved along. TensorFlow's oneDNN convolution costs about 50 us more a call
-        than the matrix product when it runs on more than one thread (measured on x86, 2 cores):
-        at batch 1 that is much of a small or shrunk MobileNet's time. For TensorFlow serving;
-        LiteRT runs both forms alike.
+    pointwise_matmul="auto" (default): write each 1x1, stride-1 convolution with a constant or
+        variable kernel and at most 8M multiply-adds per image (height and width known) as a
+        MatMul between two Reshapes (the pointwise_matmul pass), its BiasAdd and activation
+        moved along. TensorFlow's oneDNN convolution costs about 50 us more a call than the
+        matrix product when it runs on more than one thread (measured on x86, 2 cores): at
+        batch 1 that is much of a small or shrunk MobileNet's time (a shrunk MobileNetV2 at
+        128x128: 6.1-6.6 ms as convolutions, 4.5-5.0 ms so). Larger convolutions stay: they
+        gain nothing and ResNet50's lost 14% as MatMuls. True: every such convolution, whatever
+        its size; False: none. At batch 32 a frozen ResNet50 can be 10-15% slower either way
+        ("auto" or True); LiteRT runs both forms alike.
     """
     from graphprune.api import save_traced
     from graphprune.progress import Stages
 
     _check_frozen_limit(max_frozen_bytes)
-    if not isinstance(pointwise_matmul, bool):
-        raise GraphPruneError(f"pointwise_matmul must be True or False, got {pointwise_matmul!r}")
+    if isinstance(pointwise_matmul, np.bool_):
+        pointwise_matmul = bool(pointwise_matmul)
+    if pointwise_matmul is not False:
+        _max_macs(pointwise_matmul)  # a bad value is refused before anything is read or written
     number = isinstance(check_tolerance, (int, float, np.integer, np.floating)) and not isinstance(check_tolerance, bool)
     if not number or not 0 <= check_tolerance < 1:
         raise GraphPruneError(f"check_tolerance must be a number in [0, 1) (of the output scale), got {check_tolerance!r}")

@@ -7,8 +7,12 @@ A 1x1 convolution with stride 1 is a matrix product over the channel axis:
 On this project's machine (x86, TensorFlow's default oneDNN kernels, 2 cores) a small convolution
 costs about 50 us more than the matrix product, whatever its size, when TensorFlow runs it on more
 than one thread (benchmarks/README.md, "1x1 convolutions as matrix products"): at batch 1 a
-shrunk MobileNetV2's 35 pointwise convolutions spend most of their time there. This pass is
-finalize's ``pointwise_matmul=True``; it is not run by default.
+shrunk MobileNetV2's 35 pointwise convolutions spend most of their time there. A large
+convolution gains nothing by it and can lose: ResNet50's frozen 16.8M-multiply-add convolutions
+at 128x128 took 27.3 ms as MatMuls against 23.9 ms. So ``max_macs`` (finalize's default,
+``pointwise_matmul="auto"``: AUTO_MAX_MACS) rewrites only convolutions of at most that many
+multiply-adds per image (H x W x Cin x Cout, the output's height and width known); None
+(``pointwise_matmul=True``) rewrites every one.
 
 Matches, in every body at any depth: a Conv2D, channels last, strides and dilations 1, padding
 SAME or VALID (or EXPLICIT all zero), float, whose kernel is a Const or a variable read (through
@@ -37,16 +41,26 @@ from tensorflow.core.framework import types_pb2
 from graphprune import body as b
 from graphprune import graph as g
 from graphprune.channels import _static_shapes
-from graphprune.passbase import PassContext, PassResult, register_pass
+from graphprune.errors import GraphPruneError
+from graphprune.passbase import Option, PassContext, PassResult, register_pass
 from graphprune.passes.fold_batch_norms import _returned, sole_reader
 
 FLOAT_TYPES = (types_pb2.DT_FLOAT, types_pb2.DT_DOUBLE, types_pb2.DT_HALF, types_pb2.DT_BFLOAT16)
 ACTIVATIONS = {"Relu", "Relu6", "Elu", "LeakyRelu", "Tanh", "Sigmoid"}
+# finalize's pointwise_matmul="auto": the most multiply-adds per image of a convolution it rewrites.
+# Measured at batch 1 on TensorFlow's default threads (2 cores, oneDNN; benchmarks/conv_vs_matmul.py
+# --sweep): a MatMul took 0.45x-0.65x of a 1x1 convolution's time up to 4.2M, 0.75x-0.99x at 8.4M
+# and 1.00x-1.11x at 16.8M; at batch 32, and on one thread, both forms are within about 10%.
+AUTO_MAX_MACS = 1 << 23
 
 
-def pointwise_matmul(model: g.TracedModel, context: PassContext) -> PassResult:
-    """Every 1x1, stride-1 Conv2D with a constant or variable kernel as a MatMul (module docstring)."""
-    rewritten = []
+def pointwise_matmul(model: g.TracedModel, context: PassContext, max_macs: int | None = None) -> PassResult:
+    """Every 1x1, stride-1 Conv2D with a constant or variable kernel as a MatMul (module docstring);
+    with ``max_macs``, only those of at most that many multiply-adds per image (of known height
+    and width)."""
+    if max_macs is not None and max_macs < 0:
+        raise GraphPruneError(f"pass 'pointwise_matmul': option max_macs must be >= 0, got {max_macs}")
+    rewritten, left = [], []
 
     def rewrite(body, entry, shapes):
         returned = _returned(body, entry)
@@ -63,14 +77,20 @@ def pointwise_matmul(model: g.TracedModel, context: PassContext) -> PassResult:
                 x_shape, out_shape = shapes.get((x_name, x_index)), shapes.get((node.name, 0))
             if not x_shape or len(x_shape) != 4 or x_shape[3] != kernel.shape[2]:
                 continue  # input channels unknown, or a grouped convolution (Cin = groups x the kernel's)
-            _rewrite(body, node, kernel, returned, _spatial(out_shape))
+            spatial = _spatial(out_shape)
+            if max_macs is not None and (spatial is None or
+                                         spatial[0] * spatial[1] * kernel.shape[2] * kernel.shape[3] > max_macs):
+                left.append(body.use_name(node))  # too large to gain, or of unknown size
+                continue
+            _rewrite(body, node, kernel, returned, spatial)
             rewritten.append(body.use_name(node))
 
     entries = tuple(b.rewrite_entry(entry, lambda body, entry=entry, shapes={}: rewrite(body, entry, shapes))[0]
                     for entry in model.entries)
     if not rewritten:
-        return PassResult(model, changed=False, report={"rewritten": []})
-    return PassResult(dataclasses.replace(model, entries=entries), changed=True, report={"rewritten": sorted(rewritten)})
+        return PassResult(model, changed=False, report={"rewritten": [], "left": sorted(left)})
+    return PassResult(dataclasses.replace(model, entries=entries), changed=True,
+                      report={"rewritten": sorted(rewritten), "left": sorted(left)})
 
 
 def _top_shapes(entry: g.Entry, model: g.TracedModel) -> dict:
@@ -223,4 +243,7 @@ def _out_shape(node, const, x, dtype, cout) -> str:
     return out_shape
 
 
-register_pass("pointwise_matmul", pointwise_matmul, invalidates=("weights", "channel_groups"))
+register_pass("pointwise_matmul", pointwise_matmul, options=[
+    Option("max_macs", "int", None, "rewrite only 1x1 convs of at most this many multiply-adds per image (height "
+           f"and width known; finalize's default: {AUTO_MAX_MACS}); unset: every one"),
+], invalidates=("weights", "channel_groups"))

@@ -1,4 +1,5 @@
-"""pointwise_matmul: 1x1, stride-1 convolutions written as matrix products (finalize's pointwise_matmul=True).
+"""pointwise_matmul: 1x1, stride-1 convolutions written as matrix products (finalize's default,
+pointwise_matmul="auto": those of at most 8M multiply-adds per image; True: every one).
 
 Every model here is run before and after finalize and compared numerically; the op counts say
 what was rewritten and what was left alone."""
@@ -10,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 import graphprune
+from graphprune.api import run_passes
 from test_fold_batch_norms import _close, _ops, _serve, exported  # op counts and outputs of a SavedModel
 
 RNG = np.random.RandomState(0)
@@ -48,10 +50,11 @@ def test_keras_pointwise_convs_become_matmuls(tmp_path, freeze):
     before = _ops(str(tmp_path / "export"))
     assert before["Conv2D"] == 7 and before["MatMul"] == 1
 
-    plain = graphprune.finalize(graphprune.prune(str(tmp_path / "export")), str(tmp_path / "plain"), freeze=freeze)
-    assert _ops(plain)["Conv2D"] == 7  # off by default
-    out = graphprune.finalize(graphprune.prune(str(tmp_path / "export")), str(tmp_path / "out"), freeze=freeze,
-                              pointwise_matmul=True)
+    plain = graphprune.finalize(graphprune.prune(str(tmp_path / "export")), str(tmp_path / "plain"), freeze=freeze,
+                                pointwise_matmul=False)
+    assert _ops(plain)["Conv2D"] == 7
+    # finalize's default ("auto"): every 1x1 conv here is far under 8M multiply-adds an image
+    out = graphprune.finalize(graphprune.prune(str(tmp_path / "export")), str(tmp_path / "out"), freeze=freeze)
     ops, plain_ops = _ops(out), _ops(plain)
     # the 3x3, the grouped and the strided 1x1 stay; the dilated 1x1 is a plain one between
     # SpaceToBatchND and BatchToSpaceND (TensorFlow's dilated convolution), and goes with the other three
@@ -73,7 +76,7 @@ def test_channel_pruned_shrunk_model_as_matmuls_and_tflite(tmp_path):
                           one_shot=True)
     masked = pm.serve(x).numpy()
     out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True, freeze="all", pointwise_matmul=True)
-    plain = graphprune.finalize(pm, str(tmp_path / "plain"), shrink=True, freeze="all")
+    plain = graphprune.finalize(pm, str(tmp_path / "plain"), shrink=True, freeze="all", pointwise_matmul=False)
     assert _ops(out)["Conv2D"] == 3 and _ops(out)["MatMul"] == 5
     _close(_serve(out, x), masked)
     assert graphprune.cost(out).parameters == graphprune.cost(plain).parameters < model.count_params()
@@ -130,16 +133,18 @@ def test_unknown_sizes_variable_kernels_and_loop_bodies(tmp_path, freeze):
 
 def test_bad_value_and_cli_flag(tmp_path):
     model = _keras_model(str(tmp_path / "export"))
-    with pytest.raises(graphprune.GraphPruneError, match="pointwise_matmul must be True or False"):
-        graphprune.finalize(graphprune.prune(str(tmp_path / "export")), str(tmp_path / "bad"), pointwise_matmul="yes")
+    for bad in ("yes", "Auto", 1, None):
+        with pytest.raises(graphprune.GraphPruneError, match="pointwise_matmul must be 'auto', True or False"):
+            graphprune.finalize(graphprune.prune(str(tmp_path / "export")), str(tmp_path / "bad"), pointwise_matmul=bad)
     assert not (tmp_path / "bad").exists()
     x = RNG.rand(2, 12, 12, 3).astype(np.float32)
-    out = str(tmp_path / "out")
-    result = subprocess.run(f"graphprune finalize --input={tmp_path / 'export'} --output={out} --freeze_all "
-                            "--pointwise_matmul", shell=True, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert _ops(out)["Conv2D"] == 3
-    _close(_serve(out, x), model(x).numpy())
+    for flag, convs in (("--pointwise_matmul", 3), ("--nopointwise_matmul", 7)):
+        out = str(tmp_path / flag[2:])
+        result = subprocess.run(f"graphprune finalize --input={tmp_path / 'export'} --output={out} --freeze_all "
+                                + flag, shell=True, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert _ops(out)["Conv2D"] == convs
+        _close(_serve(out, x), model(x).numpy())
 
 
 class Unstacked(tf.Module):
@@ -164,3 +169,50 @@ def test_a_reader_without_a_type_attr_is_left_as_it_is(tmp_path):
     assert _ops(out)["Conv2D"] == 0 and _ops(out)["MatMul"] == 1
     x = RNG.rand(3, 5, 5, 4).astype(np.float32)
     _close(_serve(out, x), module(x).numpy())
+
+
+class Sizes(tf.Module):
+    """Two 1x1 convs at 64x64: 64 -> 64 channels (16.8M multiply-adds an image, past "auto"'s 8M)
+    and 64 -> 8 (2.1M); a third on an input of unknown height and width."""
+
+    def __init__(self):
+        self.large = tf.Variable(RNG.randn(1, 1, 64, 64).astype(np.float32) * 0.1)
+        self.small = tf.Variable(RNG.randn(1, 1, 64, 8).astype(np.float32) * 0.1)
+        self.other = tf.Variable(RNG.randn(1, 1, 3, 4).astype(np.float32))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 64, 64, 64], tf.float32),
+                                  tf.TensorSpec([None, None, None, 3], tf.float32)])
+    def __call__(self, x, z):
+        y = tf.nn.relu(tf.nn.conv2d(x, self.large, 1, "SAME"))
+        return tf.nn.conv2d(y, self.small, 1, "SAME"), tf.nn.conv2d(z, self.other, 1, "SAME")
+
+
+def test_auto_rewrites_small_convs_of_known_size_only(tmp_path):
+    module = Sizes()
+    path = str(tmp_path / "sizes")
+    tf.saved_model.save(module, path)
+    x, z = RNG.rand(2, 64, 64, 64).astype(np.float32), RNG.rand(2, 5, 3, 3).astype(np.float32)
+    want = [t.numpy() for t in module(x, z)]
+
+    def outputs(out):
+        serve = tf.saved_model.load(out).signatures["serving_default"]
+        got = serve(x=tf.constant(x), z=tf.constant(z))
+        return [got[key].numpy() for key in sorted(got)]
+
+    auto = graphprune.finalize(graphprune.prune(path), str(tmp_path / "auto"))
+    assert _ops(auto)["Conv2D"] == 2 and _ops(auto)["MatMul"] == 1  # the 64 -> 8 one only
+    every = graphprune.finalize(graphprune.prune(path), str(tmp_path / "every"), pointwise_matmul=True)
+    assert _ops(every)["Conv2D"] == 0 and _ops(every)["MatMul"] == 3
+    for out in (auto, every):
+        for got, expected in zip(outputs(out), want):
+            _close(got, expected)
+    # the pass's own option, as a pass list gives it: the limit is inclusive
+    result = run_passes(path, "pointwise_matmul(max_macs=2097152) strip_unused", str(tmp_path / "run"))
+    report = next(r.report for name, r, _ in result.reports if name == "pointwise_matmul")
+    # the conv in order of tracing (large, small, other), in each entry the SavedModel gives
+    assert {name.split("/")[-1] for name in report["rewritten"]} == {"Conv2D_1"}
+    assert {name.split("/")[-1] for name in report["left"]} == {"Conv2D", "Conv2D_2"}
+    assert _ops(str(tmp_path / "run"))["MatMul"] == 1
+    with pytest.raises(graphprune.GraphPruneError, match="max_macs must be >= 0"):
+        run_passes(path, "pointwise_matmul(max_macs=-1)", str(tmp_path / "bad"))
+    assert not (tmp_path / "bad").exists()

@@ -4,7 +4,7 @@
     graphprune finalize --input=trained --output=final --tflite_variants=float,dynamic,sparse
         (writes final.float.tflite, final.dynamic.tflite, final.sparse.tflite)
     graphprune finalize --input=trained --output=small --shrink     (after --structure=channel)
-    graphprune finalize --input=trained --output=small --shrink --freeze_all --pointwise_matmul   (for TF serving)
+    graphprune finalize --input=trained --output=small --shrink --freeze_all   (for TF serving)
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ _SHRINK = flags.DEFINE_bool("shrink", False, "Remove dead channels (structure=ch
 _FOLD = flags.DEFINE_bool("fold_batch_norms", None, "Fold per-channel scales and shifts after a constant kernel "
                           "(inference batch norm) into the kernel and one BiasAdd, which TensorFlow fuses with "
                           "the activation; default: on with --freeze_all (where they are constants).")
-_POINTWISE = flags.DEFINE_bool("pointwise_matmul", False, "Write every 1x1, stride-1 convolution as a MatMul between "
+_POINTWISE = flags.DEFINE_bool("pointwise_matmul", None, "Write every 1x1, stride-1 convolution as a MatMul between "
                                "two Reshapes: faster in TensorFlow on several threads (oneDNN's small convolutions "
-                               "cost more a call), the same in LiteRT.")
+                               "cost more a call), the same in LiteRT. Default: only those of at most 8M "
+                               "multiply-adds per image (larger ones gain nothing); --nopointwise_matmul: none.")
 
 _TOLERANCE = flags.DEFINE_float("check_tolerance", 1e-5, "Refuse (nothing written) a finalized model whose outputs "
                                 "differ from the masked model's by more than this fraction of their scale.")
@@ -59,7 +60,7 @@ def main(argv):
                                verify=_VERIFY.value, max_frozen_bytes=_MAX_FROZEN.value << 20,
                                progress=common.progress(), shrink=_SHRINK.value,
                                fold_batch_norms=_FOLD.value, check_tolerance=_TOLERANCE.value,
-                               pointwise_matmul=_POINTWISE.value)
+                               pointwise_matmul="auto" if _POINTWISE.value is None else _POINTWISE.value)
     if _SHRINK.value:
         size = _UNKNOWN.value
         before, after = (graphprune.cost(p, unknown_size=size) for p in (export.INPUT.value, path))
