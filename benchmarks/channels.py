@@ -2,6 +2,8 @@
 
     python benchmarks/channels.py [--models=ResNet50,MobileNetV2 --ratios=0.25,0.5,0.75 --size=128]
     python benchmarks/channels.py --plot        (benchmarks/channels.png from the saved results)
+    python benchmarks/channels.py --ratios=0.5 --results=channels_repeat_50.json   (a second run of
+                                                the 50% rows, to results/channels_repeat_50.json)
     python benchmarks/channels.py --models=MobileNetV2 --ratios=0.5 --round_to=1   (kept counts not rounded;
                                                 results/channels_round_to_1.json)
     python benchmarks/channels.py --ratios=0.5 --onednn=0    (TF_ENABLE_ONEDNN_OPTS=0: TensorFlow's own
@@ -17,11 +19,13 @@ shrink=True. For the dense model and each shrunk one, on this machine:
                        as PyTorch counts parameters (benchmarks/torch_pruning_reference.py)
     tf_b1, tf_b32      median latency of the SavedModel's serving function (TensorFlow, its default
                        threads: all cores) at batch 1 and 32: the Keras export against
-                       finalize(shrink=True)'s output ("export"), and both through
-                       finalize(freeze='all') ("frozen": every variable a constant, batch norms
-                       folded into the kernels: fold_batch_norms); "export_mm" and "frozen_mm" the
-                       same with pointwise_matmul=True (1x1 convolutions as MatMuls) in every
-                       finalize (the Keras export as it is)
+                       finalize(shrink=True)'s output ("export"); both through finalize's
+                       defaults ("final"); both through finalize(freeze='all') ("frozen": every
+                       variable a constant, batch norms folded into the kernels:
+                       fold_batch_norms). finalize's default writes 1x1 convolutions of at most
+                       8M multiply-adds per image as MatMuls (pointwise_matmul="auto");
+                       "export_conv" and "frozen_conv" are "export" and "frozen" with
+                       pointwise_matmul=False in every finalize (the Keras export as it is)
     tf1_b1, tf1_b32    the same with TensorFlow on 1 thread (intra- and inter-op), as LiteRT runs and
                        as the issue's Torch-Pruning figures were taken (--threads=default,1: each
                        setting timed in a fresh process)
@@ -156,9 +160,9 @@ def measure(name: str, ratios, size: int, repeats: int, scratch: str, round_to: 
     rows = [{"model": name, "ratio": 0.0, "variant": "export", "parameters": base.parameters, "flops": base.flops,
              "non_trainable": base.non_trainable, "max_diff": 0.0}]
     paths = {}
-    for variant, options in FINALIZE.items():  # the dense side: the Keras export, or it frozen
+    for variant, options in FINALIZE.items():  # the dense side: the Keras export, or it finalized
         path = dense
-        if options.get("freeze") == "all":
+        if variant in FINALIZED_DENSE:
             path = graphprune.finalize(graphprune.prune(dense), f"{dense}_{variant}", overwrite=True, **options)
         paths[variant] = [(path, dense + ".tflite")]
     rows += [{**rows[0], "variant": variant} for variant in list(FINALIZE)[1:]]
@@ -169,8 +173,9 @@ def measure(name: str, ratios, size: int, repeats: int, scratch: str, round_to: 
         masked = pm.serve(x[:4]).numpy()
         out = os.path.join(scratch, f"{name}_{ratio}")
         for variant, options in FINALIZE.items():  # "export" first: prune + its finalize are timed
-            path = out if variant == "export" else f"{out}_{variant}"
-            graphprune.finalize(pm, path, shrink=True, overwrite=True, **options)
+            path = out if not options else f"{out}_{variant}"  # "final" times the same model as "export"
+            if variant == "export" or options:
+                graphprune.finalize(pm, path, shrink=True, overwrite=True, **options)
             if variant == "export":
                 seconds = time.perf_counter() - start
             paths[variant].append((path, out + ".tflite"))
@@ -195,12 +200,17 @@ def measure(name: str, ratios, size: int, repeats: int, scratch: str, round_to: 
     return rows
 
 
-# each variant's finalize options, for the shrunk model and, where it freezes, the dense one too
-# (the dense "export" models are the Keras export itself)
-FINALIZE = {"export": {}, "export_mm": {"pointwise_matmul": True}, "frozen": {"freeze": "all"},
-            "frozen_mm": {"freeze": "all", "pointwise_matmul": True}}
-VARIANTS = {"export": "as exported / finalized", "export_mm": "as exported / finalized, 1x1 as MatMul",
-            "frozen": "freeze='all', both", "frozen_mm": "freeze='all', 1x1 as MatMul, both"}
+# each variant's finalize options, for the shrunk model and, in FINALIZED_DENSE, the dense one too
+# (the other variants' dense models are the Keras export itself)
+FINALIZE = {"export": {}, "export_conv": {"pointwise_matmul": False}, "final": {}, "frozen": {"freeze": "all"},
+            "frozen_conv": {"freeze": "all", "pointwise_matmul": False}}
+FINALIZED_DENSE = {"final", "frozen", "frozen_conv"}
+VARIANTS = {"export": "as exported / finalized", "export_conv": "as exported / finalized, 1x1 as convs",
+            "final": "finalized, both", "frozen": "freeze='all', both",
+            "frozen_conv": "freeze='all', 1x1 as convs, both",
+            # earlier runs' results files
+            "export_mm": "as exported / finalized, every 1x1 as MatMul",
+            "frozen_mm": "freeze='all', every 1x1 as MatMul, both"}
 
 
 def table(rows) -> str:
@@ -287,6 +297,8 @@ def main(argv) -> None:
     if options.get("onednn") == "0":  # TensorFlow's Eigen kernels instead of oneDNN's (set before it loads)
         os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
         results = results.replace(".json", "_onednn_off.json")
+    if "results" in options:  # e.g. --ratios=0.5 --results=channels_repeat_50.json: a second run beside the first
+        results = os.path.join(os.path.dirname(RESULTS), os.path.basename(options["results"]))
     scratch = tempfile.mkdtemp(prefix="gp-channels-")
     rows = []
     try:

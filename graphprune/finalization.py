@@ -314,10 +314,12 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
         moved along. TensorFlow's oneDNN convolution costs about 50 us more a call than the
         matrix product when it runs on more than one thread (measured on x86, 2 cores): at
         batch 1 that is much of a small or shrunk MobileNet's time (a shrunk MobileNetV2 at
-        128x128: 6.1-6.6 ms as convolutions, 4.5-5.0 ms so). Larger convolutions stay: they
-        gain nothing and ResNet50's lost 14% as MatMuls. True: every such convolution, whatever
-        its size; False: none. At batch 32 a frozen ResNet50 can be 10-15% slower either way
-        ("auto" or True); LiteRT runs both forms alike.
+        128x128: 6.4-7.3 ms as convolutions, 4.6-5.1 ms so). Larger convolutions stay: they
+        gain nothing (ResNet50's dense frozen model: 26.1-29.0 ms with every one a MatMul, 23.6-
+        24.1 ms without). True: every such convolution, whatever its size; False: none, which
+        serves frozen residual networks in large batches better (a frozen ResNet50 at 50% of its
+        channels, batch 32: 90-96 ms with "auto", 76-79 ms with False). LiteRT runs both forms
+        alike.
     """
     from graphprune.api import save_traced
     from graphprune.progress import Stages

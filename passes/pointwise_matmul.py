@@ -8,8 +8,9 @@ On this project's machine (x86, TensorFlow's default oneDNN kernels, 2 cores) a 
 costs about 50 us more than the matrix product, whatever its size, when TensorFlow runs it on more
 than one thread (benchmarks/README.md, "1x1 convolutions as matrix products"): at batch 1 a
 shrunk MobileNetV2's 35 pointwise convolutions spend most of their time there. A large
-convolution gains nothing by it and can lose: ResNet50's frozen 16.8M-multiply-add convolutions
-at 128x128 took 27.3 ms as MatMuls against 23.9 ms. So ``max_macs`` (finalize's default,
+convolution gains nothing by it and can lose: ResNet50's dense frozen model (its 1x1 convolutions
+mostly 16.8M multiply-adds at 128x128) ran batch 1 in 26.1-29.0 ms with every one a MatMul,
+against 23.6-24.1 ms. So ``max_macs`` (finalize's default,
 ``pointwise_matmul="auto"``: AUTO_MAX_MACS) rewrites only convolutions of at most that many
 multiply-adds per image (H x W x Cin x Cout, the output's height and width known); None
 (``pointwise_matmul=True``) rewrites every one.
