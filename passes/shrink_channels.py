@@ -154,7 +154,8 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
                         _set_last_dim(body, node, *new_shapes[(entry.label, name)])
                 elif node.op == "Mul" and (entry.label, name) in scales:  # batch * heads (channels.ScaleSite)
                     operand, kept = scales[(entry.label, name)]
-                    factor = body.add(g.const_node(f"{node.name}/shrunk_heads", np.array(kept), _output_dtype(node)))
+                    factor = body.add(g.const_node(body.fresh(f"{node.name}/shrunk_heads"), np.array(kept),
+                                                   _output_dtype(node)))
                     body.set_input(node, operand, body.ref(factor.name))
                 elif (entry.label, name) in scalars:  # a Tile's count of copies, or a size read as a number
                     body.replace(node, g.const_node(node.name, np.array(scalars[(entry.label, name)]),
@@ -401,7 +402,7 @@ def _set_split_sizes(body: b.Body, node, sizes: list[int]) -> None:
         axis_ref, value_ref = body.data_inputs(node)
     else:
         value_ref, _, axis_ref = body.data_inputs(node)
-    parts = body.add(g.const_node(f"{node.name}/shrunk_sizes", np.array(sizes, np.int32), "int32"))
+    parts = body.add(g.const_node(body.fresh(f"{node.name}/shrunk_sizes"), np.array(sizes, np.int32), "int32"))
     split = node_def_pb2.NodeDef(name=node.name, op="SplitV", device=node.device)
     controls = [raw for raw in node.input if raw.startswith("^")]
     split.input.extend([value_ref, body.ref(parts.name), axis_ref] + controls)
@@ -426,10 +427,10 @@ def _set_dims(body: b.Body, node, values: dict[int, int], operand: int = 1) -> N
             return
         shape = type(producer)()
         shape.CopyFrom(producer)
-        shape.name = f"{node.name}/shrunk_shape"
+        shape.name = body.fresh(f"{node.name}/shrunk_shape")
         dtype = tf.dtypes.as_dtype(producer.attr["T"].type).name
         for p in positions:
-            element = body.add(g.const_node(f"{node.name}/shrunk_shape_{p}", np.array(values[p]), dtype))
+            element = body.add(g.const_node(body.fresh(f"{node.name}/shrunk_shape_{p}"), np.array(values[p]), dtype))
             shape.input[p] = body.ref(element.name)
         body.set_input(node, operand, body.ref(body.add(shape).name))
         return
@@ -440,7 +441,7 @@ def _set_dims(body: b.Body, node, values: dict[int, int], operand: int = 1) -> N
     for position in positions:
         shape[position] = values[position]
     dtype = tf.dtypes.as_dtype(producer.attr["dtype"].type).name
-    new = body.add(g.const_node(f"{node.name}/shrunk_shape", shape, dtype))
+    new = body.add(g.const_node(body.fresh(f"{node.name}/shrunk_shape"), shape, dtype))
     body.set_input(node, operand, body.ref(new.name))
 
 
@@ -460,10 +461,10 @@ def _set_last_dim(body: b.Body, node, last: int, operand: int = 1) -> None:
         return
     value.reshape(-1)[-1] = last
     dtype = tf.dtypes.as_dtype(part.attr["dtype"].type)
-    new_part = body.add(g.const_node(f"{node.name}/shrunk_last", value, dtype.name))
+    new_part = body.add(g.const_node(body.fresh(f"{node.name}/shrunk_last"), value, dtype.name))
     shape = type(producer)()
     shape.CopyFrom(producer)
-    shape.name = f"{node.name}/shrunk_shape"
+    shape.name = body.fresh(f"{node.name}/shrunk_shape")
     shape.input[position] = body.ref(new_part.name)
     body.set_input(node, operand, body.ref(body.add(shape).name))
 
