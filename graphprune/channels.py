@@ -1843,6 +1843,8 @@ def _reshape(self: _Entry, node) -> None:
             self.unknown(node)
         return
     if xs[-1] == ys[-1]:
+        if sum(d != 1 for d in xs) > 1 and _unit_axes(self, node, x, shape_ref, xs, ys):
+            return  # static, size-1 axes dropped or added: a 1x1 kernel [1, 1, Cin, Cout] -> [Cin, Cout]
         if len(xs) > 1 and len(ys) > 1 and xs[-2] == ys[-2] and xs[-2] is not None and \
                 _suffix_reshape(self, node, shape_ref, xs, ys):
             return  # more than the last axis kept: each kept axis's element follows it

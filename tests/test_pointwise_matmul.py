@@ -12,6 +12,7 @@ import tensorflow as tf
 
 import graphprune
 from graphprune.api import run_passes
+from test_channels import _predicted_parameters  # what the masks leave
 from test_fold_batch_norms import _close, _ops, _serve, exported  # op counts and outputs of a SavedModel
 
 RNG = np.random.RandomState(0)
@@ -216,3 +217,26 @@ def test_auto_rewrites_small_convs_of_known_size_only(tmp_path):
     with pytest.raises(graphprune.GraphPruneError, match="max_macs must be >= 0"):
         run_passes(path, "pointwise_matmul(max_macs=-1)", str(tmp_path / "bad"))
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("pointwise_matmul", ["auto", False])
+def test_a_shrunk_model_pruned_and_shrunk_again(tmp_path, pointwise_matmul):
+    # prune -> finalize(shrink, weights kept as variables) -> prune that -> finalize(shrink): the
+    # second shrink once wrote shape constants under names the first had taken ("duplicate node
+    # names"), and a 1x1 kernel read as a matrix (Reshape [1, 1, Cin, Cout] -> [Cin, Cout]) kept
+    # its groups whole ("does not keep this axis"); both ways remove the same channels now
+    _keras_model(str(tmp_path / "export"))
+    x = RNG.rand(4, 12, 12, 3).astype(np.float32)
+    schedule = graphprune.ConstantSparsity(0.5, 0)
+    pm = graphprune.prune(str(tmp_path / "export"), schedule, structure="channel", one_shot=True)
+    first = graphprune.finalize(pm, str(tmp_path / "first"), shrink=True, freeze=False,
+                                pointwise_matmul=pointwise_matmul)
+    assert _ops(first)["MatMul"] == (5 if pointwise_matmul else 1)
+    again = graphprune.prune(first, schedule, structure="channel", one_shot=True)
+    kept_whole = [group.reason for group in graphprune.channel_groups(first) if not group.prunable]
+    assert len(kept_whole) == 3 and not any("does not keep" in reason for reason in kept_whole), kept_whole
+    masked = again.serve(x).numpy()
+    second = graphprune.finalize(again, str(tmp_path / "second"), shrink=True, pointwise_matmul=pointwise_matmul)
+    _close(_serve(second, x), masked)
+    assert graphprune.cost(first).parameters == _predicted_parameters(pm)
+    assert graphprune.cost(second).parameters == _predicted_parameters(again) < graphprune.cost(first).parameters
