@@ -94,18 +94,29 @@ def test_one_shot_masks_are_the_group_norm_ranking(channel_net):
 
 
 def _kernel_shapes(path):
-    """Shapes of every kernel operand in a SavedModel's default entry (variables or constants)."""
+    """Shapes of every kernel operand in a SavedModel's default entry (variables or constants); a
+    1x1 conv's kernel that finalize's pointwise_matmul reads as a matrix (a MatMul of a Reshape of
+    [1, 1, Cin, Cout]) counts as the kernel it reshapes."""
     from graphprune.load import load
 
     model = load(path).model
     entry = next(e for e in model.entries if e.kind == "signature")
     shapes = channels._static_shapes(entry, model)
+    nodes = {node.name: node for node in entry.graph_def.node}
+
+    def shape(ref):
+        name, _, index = ref.partition(":")
+        return tuple(shapes[(name, int(index or 0))])
+
     found = []
     for node in entry.graph_def.node:
         if node.op in KERNEL_OPS:
-            name = node.input[1].split(":")[0]
-            index = int(node.input[1].split(":")[1]) if ":" in node.input[1] else 0
-            found.append(tuple(shapes[(name, index)]))
+            kernel = shape(node.input[1])
+            producer = nodes.get(node.input[1].split(":")[0])
+            if node.op == "MatMul" and producer is not None and producer.op == "Reshape":
+                stored = shape(producer.input[0])
+                kernel = stored if stored[:2] == (1, 1) and stored[2:] == kernel else kernel
+            found.append(kernel)
     return Counter(found)
 
 
