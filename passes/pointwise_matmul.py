@@ -51,7 +51,8 @@ ACTIVATIONS = {"Relu", "Relu6", "Elu", "LeakyRelu", "Tanh", "Sigmoid"}
 # finalize's pointwise_matmul="auto": the most multiply-adds per image of a convolution it rewrites.
 # Measured at batch 1 on TensorFlow's default threads (2 cores, oneDNN; benchmarks/conv_vs_matmul.py
 # --sweep): a MatMul took 0.45x-0.65x of a 1x1 convolution's time up to 4.2M, 0.75x-0.99x at 8.4M
-# and 1.00x-1.11x at 16.8M; at batch 32, and on one thread, both forms are within about 10%.
+# and 1.00x-1.11x at 16.8M. At batch 32 (0.73x-1.36x) and on one thread (0.75x-1.44x) neither
+# form wins by size.
 AUTO_MAX_MACS = 1 << 23
 
 
