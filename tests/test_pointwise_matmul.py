@@ -240,3 +240,42 @@ def test_a_shrunk_model_pruned_and_shrunk_again(tmp_path, pointwise_matmul):
     _close(_serve(second, x), masked)
     assert graphprune.cost(first).parameters == _predicted_parameters(pm)
     assert graphprune.cost(second).parameters == _predicted_parameters(again) < graphprune.cost(first).parameters
+
+
+class Square(tf.Module):
+    """A 1x1 conv with as many output channels as input ones, then a 3x3 one."""
+
+    def __init__(self):
+        self.k1 = tf.Variable(RNG.randn(1, 1, 6, 6).astype(np.float32))
+        self.k2 = tf.Variable(RNG.randn(3, 3, 6, 2).astype(np.float32))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 5, 5, 6], tf.float32)])
+    def __call__(self, x):
+        return tf.nn.conv2d(tf.nn.relu(tf.nn.conv2d(x, self.k1, 1, "SAME")), self.k2, 1, "SAME")
+
+
+def test_auto_keeps_the_convs_where_the_matmuls_fail_the_check(tmp_path, monkeypatch):
+    # "auto" takes the MatMuls only where finalize's check passes (a deep network summed in
+    # another order can move past check_tolerance: EfficientNetV2B0 frozen, 4e-5 of the scale);
+    # a fault put into the rewrite (the kernel matrix read transposed) stands in for that here
+    from graphprune.passes import pointwise_matmul as pass_module
+
+    rewrite = pass_module._rewrite
+
+    def transposed(body, conv, *args):
+        base = conv.name
+        rewrite(body, conv, *args)
+        next(n for n in body.nodes if n.op == "MatMul" and n.name.startswith(base + "/")).attr["transpose_b"].b = True
+
+    monkeypatch.setattr(pass_module, "_rewrite", transposed)
+    module = Square()
+    path = str(tmp_path / "square")
+    tf.saved_model.save(module, path)
+    x = RNG.rand(2, 5, 5, 6).astype(np.float32)
+    with pytest.raises(graphprune.PassError, match="differs from the masked model"):
+        graphprune.finalize(graphprune.prune(path), str(tmp_path / "every"), pointwise_matmul=True)
+    assert not (tmp_path / "every").exists()
+    with pytest.warns(UserWarning, match="they stay convolutions"):
+        out = graphprune.finalize(graphprune.prune(path), str(tmp_path / "auto"))
+    assert _ops(out)["Conv2D"] == 2 and _ops(out)["MatMul"] == 0
+    _close(_serve(out, x), module(x).numpy())
