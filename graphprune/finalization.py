@@ -342,17 +342,21 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
     inputs = [prunable] if isinstance(prunable, (str, os.PathLike)) else []
     check_output(output_dir, overwrite=overwrite, inputs=inputs)
     stages = Stages("finalize", progress)
+
+    def build(pointwise):
+        return finalize_model(prunable, freeze=freeze, verify=verify, max_frozen_bytes=max_frozen_bytes,
+                              shrink=shrink, fold_batch_norms=fold_batch_norms, pointwise_matmul=pointwise)
+
     with stages("fold masks and strip the pruning ops"):
-        final, values, result = finalize_model(prunable, freeze=freeze, verify=verify,
-                                               max_frozen_bytes=max_frozen_bytes, shrink=shrink,
-                                               fold_batch_norms=fold_batch_norms, pointwise_matmul=pointwise_matmul)
+        final, values, result = build(pointwise_matmul)
     folds = [report.report.get("folded") for name, report, _ in result.reports if name == "fold_batch_norms"]
     if fold_batch_norms is True and not any(folds):
         warnings.warn("graphprune: finalize: fold_batch_norms folded nothing: no per-channel scale or shift after "
                       "a kernel is constant" + ("" if freeze == "all" else "; normalization parameters are "
                                                 "variables unless freeze='all' (--freeze_all)"), stacklevel=2)
-    def checked(final, values, result) -> None:  # the pipeline's first pass (find_weights) only records
-        # facts: its model is the masked one
+
+    def checked(final, values, result) -> None:
+        # the pipeline's first pass (find_weights) only records facts: its model is the masked one
         check_final(products_as_folded_weights(result.reports[0][1].model), final, values,
                     atol=check_tolerance, rtol=check_tolerance, random="constant" if shrink else "seeded",
                     longer=shrink)
@@ -374,9 +378,7 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
                           "and a larger check_tolerance rewrite them anyway", stacklevel=2)
             del final, values, result
             with stages("fold masks and strip the pruning ops, 1x1 convolutions kept"):
-                final, values, result = finalize_model(prunable, freeze=freeze, verify=verify,
-                                                       max_frozen_bytes=max_frozen_bytes, shrink=shrink,
-                                                       fold_batch_norms=fold_batch_norms, pointwise_matmul=False)
+                final, values, result = build(False)
             with stages("check against the masked model"):
                 checked(final, values, result)
     with stages("save"):
