@@ -77,7 +77,7 @@ def finalize_model(prunable, *, freeze: bool | str = True, verify: bool = False,
     if shrink:
         steps += [("shrink_channels", {"round_to": _round_to(prunable)}), ("strip_unused", {})]
     if _folds(fold_batch_norms, freeze):
-        steps += [("fold_batch_norms", {}), ("strip_unused", {})]
+        steps += [("fold_batch_norms", {"variables": True}), ("strip_unused", {})]
     if pointwise_matmul:
         steps += [("pointwise_matmul", {"max_macs": _max_macs(pointwise_matmul)}), ("strip_unused", {})]
     values = VariableValues(live)
@@ -88,7 +88,7 @@ def finalize_model(prunable, *, freeze: bool | str = True, verify: bool = False,
 
 def _folds(fold_batch_norms, freeze) -> bool:
     if fold_batch_norms is None:
-        return freeze == "all"
+        return bool(freeze)  # frozen kernels are for inference: their batch norms go in too
     if not isinstance(fold_batch_norms, bool):
         raise GraphPruneError(f"fold_batch_norms must be True, False or None, got {fold_batch_norms!r}")
     return fold_batch_norms
@@ -108,6 +108,11 @@ def _max_macs(pointwise_matmul) -> int | None:
 def _rewrote_pointwise(result) -> bool:
     """Whether finalize_model's pointwise_matmul pass rewrote a convolution."""
     return any(report.report.get("rewritten") for name, report, _ in result.reports if name == "pointwise_matmul")
+
+
+def _folded(result) -> bool:
+    """Whether finalize_model's fold_batch_norms pass folded a chain."""
+    return any(report.report.get("folded") for name, report, _ in result.reports if name == "fold_batch_norms")
 
 
 def _round_to(prunable) -> int:
@@ -289,11 +294,12 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
     freeze=True: the pruned weights become constants (w * mask folded), smallest first, up to
         ``max_frozen_bytes`` in all (16 MiB); larger ones stay variables holding their pruned
         values, so that no weight is copied through a GraphDef and models past protobuf's 2 GB
-        limit finalize (MAX_FROZEN_BYTES says why); every other variable (biases,
-        normalization parameters, state) stays a variable. TensorFlow folds constant
-        normalization parameters into their neighbours and fuses ops on constants (oneDNN),
-        which changes the arithmetic: freezing them moved DenseNet121's logits by up to 1e-3 of
-        their scale, and a tf-keras LayerNormalization's output more.
+        limit finalize (MAX_FROZEN_BYTES says why); the batch norms after them are folded in
+        (fold_batch_norms below); every other variable (biases, normalization parameters read
+        elsewhere, state) stays a variable. TensorFlow folds constant normalization parameters
+        into their neighbours and fuses ops on constants (oneDNN), which changes the
+        arithmetic: freezing them moved DenseNet121's logits by up to 1e-3 of their scale, and a
+        tf-keras LayerNormalization's output more.
     freeze="all": every variable read becomes a constant (except variables the model writes).
     freeze=False: weights stay variables, holding the pruned values.
     check=True: run the finalized and the masked model on the same seeded inputs first and refuse
@@ -308,11 +314,14 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
         as structure='channel' leaves them) from every weight, bias and normalization parameter
         coupled to them (the shrink_channels pass): a smaller dense model with fewer FLOPs,
         checked to compute what the masked one does.
-    fold_batch_norms: fold per-channel scales and shifts after a constant kernel (inference batch
-        normalization on frozen parameters) into the kernel and one BiasAdd, which TensorFlow
-        fuses with the activation (the fold_batch_norms pass); None (default): only with
-        freeze="all", where the normalization parameters are constants. At batch 1 this is most
-        of a small convolutional model's TensorFlow latency.
+    fold_batch_norms: fold per-channel scales and shifts after a kernel (inference batch
+        normalization) into the kernel and one BiasAdd, which TensorFlow fuses with the
+        activation (the fold_batch_norms pass): their parameters, constants or variables the
+        model never writes, are taken at their values now. None (default): with freeze=True or
+        "all" (the kernels are for inference), keeping them where the folded model fails the
+        check (with a warning; True refuses instead); False: never. At batch 1 this is much of
+        a small convolutional model's TensorFlow latency: MobileNetV2 at 128x128, finalized,
+        4.9-5.0 ms folded against 7.3-7.5 ms not (its Keras export: 9.4-10.1 ms).
     pointwise_matmul="auto" (default): write each 1x1, stride-1 convolution with a constant or
         variable kernel and at most 8M multiply-adds per image (height and width known) as a
         MatMul between two Reshapes (the pointwise_matmul pass), its BiasAdd and activation
@@ -343,17 +352,17 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
     check_output(output_dir, overwrite=overwrite, inputs=inputs)
     stages = Stages("finalize", progress)
 
-    def build(pointwise):
+    def build(pointwise_matmul, fold_batch_norms):
         return finalize_model(prunable, freeze=freeze, verify=verify, max_frozen_bytes=max_frozen_bytes,
-                              shrink=shrink, fold_batch_norms=fold_batch_norms, pointwise_matmul=pointwise)
+                              shrink=shrink, fold_batch_norms=fold_batch_norms, pointwise_matmul=pointwise_matmul)
 
+    choice = {"pointwise_matmul": pointwise_matmul, "fold_batch_norms": fold_batch_norms}
     with stages("fold masks and strip the pruning ops"):
-        final, values, result = build(pointwise_matmul)
-    folds = [report.report.get("folded") for name, report, _ in result.reports if name == "fold_batch_norms"]
-    if fold_batch_norms is True and not any(folds):
-        warnings.warn("graphprune: finalize: fold_batch_norms folded nothing: no per-channel scale or shift after "
-                      "a kernel is constant" + ("" if freeze == "all" else "; normalization parameters are "
-                                                "variables unless freeze='all' (--freeze_all)"), stacklevel=2)
+        final, values, result = build(**choice)
+    if fold_batch_norms is True and not _folded(result):
+        warnings.warn("graphprune: finalize: fold_batch_norms folded nothing: no per-channel scale or shift (from "
+                      "constants or variables the model never writes) follows a kernel read nowhere else",
+                      stacklevel=2)
 
     def checked(final, values, result) -> None:
         # the pipeline's first pass (find_weights) only records facts: its model is the masked one
@@ -361,26 +370,33 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
                     atol=check_tolerance, rtol=check_tolerance, random="constant" if shrink else "seeded",
                     longer=shrink)
 
-    refused = None
-    if check:
+    # The defaults' rewrites ("auto"'s MatMuls, then folded batch norms) are taken where the outputs
+    # stay within the tolerance: a deep network summed in another order can move past it
+    # (EfficientNetV2B0: 4e-5 of the scale with the MatMuls, 2e-5 with the folds). Asked for by
+    # name (True), they are refused instead.
+    undo = {"pointwise_matmul": (lambda result: choice["pointwise_matmul"] == "auto" and _rewrote_pointwise(result),
+                                 "with its 1x1 convolutions as MatMuls (pointwise_matmul='auto')",
+                                 "they stay convolutions. pointwise_matmul=True"),
+            "fold_batch_norms": (lambda result: choice["fold_batch_norms"] is None and _folded(result),
+                                 "with its batch norms folded into the kernels (fold_batch_norms's default)",
+                                 "they stay as they are. fold_batch_norms=True")}
+    while check:
         with stages("check against the masked model"):
             try:
                 checked(final, values, result)
+                break
             except PassError as error:
-                if pointwise_matmul != "auto" or not _rewrote_pointwise(result):
+                option = next((option for option, (applies, _, _) in undo.items() if applies(result)), None)
+                if option is None:
                     raise
                 refused = first_line(str(error)).split("; nothing was written")[0]
-        if refused is not None:
-            # "auto" takes the MatMuls where the outputs stay within the tolerance: a deep network
-            # summed in another order can move past it (EfficientNetV2B0, frozen: 4e-5 of the scale)
-            warnings.warn("graphprune: finalize: with its 1x1 convolutions as MatMuls (pointwise_matmul='auto') "
-                          f"the model failed the check ({refused}); they stay convolutions. pointwise_matmul=True "
-                          "and a larger check_tolerance rewrite them anyway", stacklevel=2)
-            del final, values, result
-            with stages("fold masks and strip the pruning ops, 1x1 convolutions kept"):
-                final, values, result = build(False)
-            with stages("check against the masked model"):
-                checked(final, values, result)
+        _, what, instead = undo[option]
+        warnings.warn(f"graphprune: finalize: {what} the model failed the check ({refused}); {instead} and a "
+                      "larger check_tolerance apply them anyway", stacklevel=2)
+        choice[option] = False
+        del final, values, result
+        with stages(f"fold masks and strip the pruning ops, {option}=False"):
+            final, values, result = build(**choice)
     with stages("save"):
         return save_traced(final, values, output_dir, overwrite=overwrite, inputs=inputs, name="finalized_model")
 

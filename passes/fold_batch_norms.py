@@ -1,9 +1,10 @@
 """fold_batch_norms: fold per-channel scales and shifts into the kernel before them.
 
 Inference batch normalization, as Keras 3 computes it, is elementwise arithmetic after the
-convolution: ``y * inv + (beta - mean * inv)`` with ``inv = rsqrt(var + eps) * gamma``. Once
-those parameters are constants (freeze='all'), the chain is an affine map per output channel,
-``y * s + t``, and
+convolution: ``y * inv + (beta - mean * inv)`` with ``inv = rsqrt(var + eps) * gamma``. Where
+those parameters are constants (freeze='all'), or with option ``variables`` variables that
+nothing in the model writes (taken at their values now: finalize's default), the chain is an
+affine map per output channel, ``y * s + t``, and
 
     Conv2D(x, W) * s + t  ==  BiasAdd(Conv2D(x, W * s), t)
 
@@ -15,7 +16,7 @@ Matches, in every body at any depth: a Conv2D / Conv3D / DepthwiseConv2dNative (
 or MatMul whose kernel is a Const, or a variable read only there (its value is scaled; every read
 of it anywhere must fold with the same scale, and nothing may write it), followed by a chain of
 Mul / RealDiv / Add / AddV2 / Sub / BiasAdd, each with an operand computed from constants alone
-that is one value or one value per output channel, each link read by the next one only. The
+(and those variables, with ``variables``) that is one value or one value per output channel, each link read by the next one only. The
 chain's last op becomes the BiasAdd (same name: its readers need no rewiring); the rest is dead
 (strip_unused removes it). Anything else (a scale that varies along another axis, a link read
 twice, a non-constant operand, channels-first layouts, non-float32/64 types) is left as it is.
@@ -35,7 +36,7 @@ from tensorflow.core.framework import types_pb2
 from graphprune import body as b
 from graphprune import graph as g
 from graphprune.analysis import written_variables
-from graphprune.passbase import PassContext, PassResult, register_pass
+from graphprune.passbase import Option, PassContext, PassResult, register_pass
 
 FLOAT_TYPES = (types_pb2.DT_FLOAT, types_pb2.DT_DOUBLE)
 CHAIN_OPS = {"Mul", "RealDiv", "Add", "AddV2", "Sub", "BiasAdd"}
@@ -55,14 +56,23 @@ class _Plan:
     axes: tuple         # the kernel's output-channel axes (two for a depthwise kernel: in, multiplier)
 
 
-def fold_batch_norms(model: g.TracedModel, context: PassContext) -> PassResult:
-    """Fold every per-channel affine chain after a constant kernel into it (module docstring)."""
+def fold_batch_norms(model: g.TracedModel, context: PassContext, variables: bool = False) -> PassResult:
+    """Fold every per-channel affine chain after a constant kernel into it (module docstring);
+    with ``variables``, the chain's operands may read variables nothing writes (their values now)."""
     written = written_variables(model)
+
+    def read(key):
+        """A small variable's value, where ``variables`` lets the fold take it; else None."""
+        spec = model.variables.get(key)
+        if not variables or spec is None or key in written or spec.shape is None or None in spec.shape \
+                or int(np.prod(spec.shape, dtype=np.int64)) > MAX_OPERAND_ELEMENTS:
+            return None
+        return context.value(model, key)
     proposed: dict[str, list[np.ndarray]] = {}
     uses: dict[str, int] = {}
 
     def survey(body, entry):
-        for plan in _plans(body, model, _returned(body, entry)):
+        for plan in _plans(body, model, _returned(body, entry), read):
             if plan.key is not None:
                 proposed.setdefault(plan.key, []).append(plan.scale)
         for node in body.nodes:
@@ -83,14 +93,14 @@ def fold_batch_norms(model: g.TracedModel, context: PassContext) -> PassResult:
     specs = {}
 
     def rewrite(body, entry):
-        for plan in _plans(body, model, _returned(body, entry)):
+        for plan in _plans(body, model, _returned(body, entry), read):
             if plan.key is not None and plan.key not in approved:
                 continue
             kernel_node = body.node(plan.kernel_op)
             dtype = g.node_dtype(kernel_node)
             if plan.key is None:
                 value = _scaled(tf.make_ndarray(body.node(plan.kernel).attr["value"].tensor), plan)
-                const = body.add(g.const_node(body.fresh(f"{plan.kernel_op}/folded_kernel"), value, dtype))
+                const = body.add(g.const_node(body.fresh(f"{plan.kernel}/folded"), value, dtype))
                 body.set_input(kernel_node, 1, body.ref(const.name))
             elif plan.key not in specs:
                 spec = model.variables[plan.key]
@@ -130,9 +140,10 @@ def _kernel_axes(node, kernel_shape) -> tuple | None:
     return None
 
 
-def _plans(body: b.Body, model: g.TracedModel, returned: set) -> list[_Plan]:
+def _plans(body: b.Body, model: g.TracedModel, returned: set, read=lambda key: None) -> list[_Plan]:
     """Every foldable kernel + chain of one body (read only); ``returned``: the nodes whose
-    values leave the body (they must keep them)."""
+    values leave the body (they must keep them); ``read``: a variable's value for the chain's
+    operands, or None where it may not be taken."""
     plans = []
     for node in body.nodes:
         if node.op not in ("Conv2D", "Conv3D", "DepthwiseConv2dNative", "MatMul"):
@@ -151,7 +162,17 @@ def _plans(body: b.Body, model: g.TracedModel, returned: set) -> list[_Plan]:
         if axes is None:
             continue
         channels = int(np.prod([shape[a] for a in axes]))
-        plan = _chain(body, node, channels, returned)
+        taken = []  # the variables the chain's operands read
+
+        def tracked(key):
+            value = read(key)
+            taken.append(value is not None)
+            return value
+
+        plan = _chain(body, node, channels, returned, tracked)
+        if plan is not None and any(taken) and not {"Mul", "RealDiv"} & set(plan[3]):
+            # a bias variable alone is no batch norm: it stays a variable (a constant bias folds)
+            plan = _chain(body, node, channels, returned)
         if plan is not None:
             last, scale, shift, ops = plan
             if ops == ["BiasAdd"]:
@@ -189,7 +210,7 @@ def _returned(body: b.Body, entry: g.Entry) -> set:
     return {g.parse_input(ref)[0] for ref in (*entry.outputs, *entry.control_outputs)}
 
 
-def _chain(body: b.Body, kernel_op, channels: int, returned: set):
+def _chain(body: b.Body, kernel_op, channels: int, returned: set, read=lambda key: None):
     """(last node, scale, shift, ops) of the affine chain after ``kernel_op``; None if there is none."""
     scale, shift = np.ones(channels), np.zeros(channels)
     current, last, ops = kernel_op, None, []
@@ -204,7 +225,7 @@ def _chain(body: b.Body, kernel_op, channels: int, returned: set):
         if link.op == "BiasAdd" and ("data_format" in link.attr and link.attr["data_format"].s not in (b"", b"NHWC")
                                      or position != 0):
             break
-        operand = _per_channel(body, inputs[1 - position], channels)
+        operand = _per_channel(body, inputs[1 - position], channels, read)
         if operand is None:
             break
         if link.op == "Mul":
@@ -233,10 +254,11 @@ def sole_reader(body: b.Body, node, returned: set):
     return consumers[0]
 
 
-def _per_channel(body: b.Body, ref: str, channels: int) -> np.ndarray | None:
+def _per_channel(body: b.Body, ref: str, channels: int, read=lambda key: None) -> np.ndarray | None:
     """The operand as one float64 value per output channel, when it is computed from constants
-    alone and is a scalar or varies along the last axis only; else None."""
-    value = _evaluate(body, ref, 0)
+    (and the variables ``read`` gives) alone and is a scalar or varies along the last axis only;
+    else None."""
+    value = _evaluate(body, ref, 0, read)
     if value is None or value.dtype.kind != "f":
         return None
     if value.ndim > 4 or value.ndim and (any(d != 1 for d in value.shape[:-1]) or value.shape[-1] not in (1, channels)):
@@ -244,15 +266,20 @@ def _per_channel(body: b.Body, ref: str, channels: int) -> np.ndarray | None:
     return np.broadcast_to(value.reshape(-1).astype(np.float64), (channels,)).copy()
 
 
-def _evaluate(body: b.Body, ref: str, depth: int) -> np.ndarray | None:
-    """The value of a small tensor computed from constants alone (NumPy), or None."""
+def _evaluate(body: b.Body, ref: str, depth: int, read=lambda key: None) -> np.ndarray | None:
+    """The value of a small tensor computed from constants (and the variables ``read`` gives)
+    alone (NumPy), or None."""
     node = body.producer(ref)
     if node is None or depth > 16 or body.parse(ref)[1] != 0:
         return None
     if node.op == "Const":
         shape = [d.size for d in node.attr["value"].tensor.tensor_shape.dim]
         return tf.make_ndarray(node.attr["value"].tensor) if np.prod(shape) <= MAX_OPERAND_ELEMENTS else None
-    parts = [_evaluate(body, raw, depth + 1) for raw in body.data_inputs(node)]
+    key = body.read_key(node)
+    if key is not None:
+        value = read(key)
+        return None if value is None else np.asarray(value)
+    parts = [_evaluate(body, raw, depth + 1, read) for raw in body.data_inputs(node)]
     if any(part is None for part in parts) or not parts:
         return None
     unary = {"Identity": lambda x: x, "Snapshot": lambda x: x, "Neg": np.negative, "Sqrt": np.sqrt,
@@ -279,4 +306,7 @@ def _evaluate(body: b.Body, ref: str, depth: int) -> np.ndarray | None:
     return None
 
 
-register_pass("fold_batch_norms", fold_batch_norms, invalidates=("weights", "channel_groups"))
+register_pass("fold_batch_norms", fold_batch_norms, options=[
+    Option("variables", "bool", False, "fold scales and shifts read from variables the model never writes too "
+           "(their values now: they stop being trainable there); unset: constants only"),
+], invalidates=("weights", "channel_groups"))

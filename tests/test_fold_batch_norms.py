@@ -104,19 +104,84 @@ def test_keras_batch_norms_fold_into_their_kernels(tmp_path):
     assert export.parameters - folded.parameters == 4 * 52 - (8 + 16)
     assert folded.flops == export.flops
 
-    # off on request; and off by default when the normalization parameters stay variables
+    # off on request, and by default where the weights stay variables (freeze=False: for training)
     kept = graphprune.finalize(graphprune.prune(str(tmp_path / "export")), str(tmp_path / "kept"), freeze="all",
                                fold_batch_norms=False)
     assert _ops(kept)["Rsqrt"] == 4
     _close(_serve(kept, x), want)
+    trainable = graphprune.finalize(graphprune.prune(str(tmp_path / "export")), str(tmp_path / "trainable"),
+                                    freeze=False)
+    assert _ops(trainable)["Rsqrt"] == 4
+    # the default (freeze=True): the frozen kernels' batch norms fold too, their parameters
+    # variables taken at their values; no variable is left but the classifier's
     default = graphprune.finalize(graphprune.prune(str(tmp_path / "export")), str(tmp_path / "default"))
-    assert _ops(default)["Rsqrt"] == 4
-    with pytest.warns(UserWarning, match="folded nothing.*freeze='all'"):  # asked for, without constants
-        asked = graphprune.finalize(graphprune.prune(str(tmp_path / "export")), str(tmp_path / "asked"),
-                                    fold_batch_norms=True)
-    assert _ops(asked)["Rsqrt"] == 4
+    ops = _ops(default)
+    assert ops["Rsqrt"] == 0 and ops["Mul"] == 0 and ops["Sub"] == 0 and ops["BiasAdd"] == 5
+    _close(_serve(default, x), want)
+    assert graphprune.cost(default).non_trainable == 0
+    # asked for with the weights variables: the kernels' values are scaled, and stay trainable
+    asked = graphprune.finalize(graphprune.prune(str(tmp_path / "export")), str(tmp_path / "asked"), freeze=False,
+                                fold_batch_norms=True)
+    ops = _ops(asked)
+    assert ops["Rsqrt"] == 0 and ops["Mul"] == 0 and ops["BiasAdd"] == 5
+    _close(_serve(asked, x), want)
+    loaded = tf.saved_model.load(asked)  # held: its variables live as long as it does
+    kernels = [v for v in loaded.signatures["serving_default"].variables if len(v.shape) >= 2]
+    assert len(kernels) == 5 and all(v.trainable for v in kernels)
+    first = next(v for v in kernels if tuple(v.shape) == (3, 3, 3, 8))
+    norm = model.layers[2]
+    scale = norm.gamma.numpy() / np.sqrt(norm.moving_variance.numpy() + norm.epsilon)
+    np.testing.assert_allclose(first.numpy(), model.layers[1].kernel.numpy() * scale, rtol=1e-5, atol=1e-7)
+    del loaded
     with pytest.raises(graphprune.GraphPruneError, match="fold_batch_norms"):
         graphprune.finalize(graphprune.prune(str(tmp_path / "export")), str(tmp_path / "bad"), fold_batch_norms="yes")
+
+
+class Nudged(tf.Module):
+    """A batch-norm-like chain whose scale another function writes: it must stay a live variable."""
+
+    def __init__(self):
+        self.w, self.v = _v(3, 3, 3, 4), _v(3, 3, 3, 4)
+        self.s, self.t, self.u = _v(4, low=0.5), _v(4), _v(4, low=0.5)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 6, 6, 3], tf.float32)])
+    def __call__(self, x):
+        folds = tf.nn.relu(tf.nn.conv2d(x, self.w, 1, "SAME") * self.s + self.t)
+        written = tf.nn.relu(tf.nn.conv2d(x, self.v, 1, "SAME") * self.u + self.t)
+        return tf.concat([folds, written], axis=-1)
+
+    @tf.function(input_signature=[tf.TensorSpec([4], tf.float32)])
+    def nudge(self, delta):
+        self.u.assign_add(delta)
+        return self.u.read_value()
+
+
+def test_variables_the_model_writes_do_not_fold(tmp_path):
+    module = Nudged()
+    path = str(tmp_path / "nudged")
+    tf.saved_model.save(module, path, signatures={"serving_default": module.__call__, "nudge": module.nudge})
+    x = RNG.rand(2, 6, 6, 3).astype(np.float32)
+    want = module(x).numpy()
+    out = graphprune.finalize(graphprune.prune(path), str(tmp_path / "out"))
+    ops = _ops(out)
+    assert ops["BiasAdd"] == 1 and ops["Mul"] == 1  # the first chain folded, the written scale's kept
+    loaded = tf.saved_model.load(out)  # held: its variables live as long as it does
+    _close(next(iter(loaded.signatures["serving_default"](tf.constant(x)).values())).numpy(), want)
+    delta = np.array([1.0, -0.5, 0.25, 2.0], np.float32)
+    loaded.signatures["nudge"](tf.constant(delta))
+    module.nudge(delta)
+    _close(next(iter(loaded.signatures["serving_default"](tf.constant(x)).values())).numpy(), module(x).numpy())
+    # the pass on its own: without its option, only chains of constants fold
+    passes = "find_weights read_handles_directly strip_unused fold_batch_norms"
+    result = subprocess.run(f"graphprune run --input={path} --output={tmp_path / 'run'} --passes='{passes} strip_unused'",
+                            shell=True, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert _ops(str(tmp_path / "run"))["Mul"] == 2
+    result = subprocess.run(f"graphprune run --input={path} --output={tmp_path / 'run2'} "
+                            f"--passes='{passes}(variables=true) strip_unused'", shell=True, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert _ops(str(tmp_path / "run2"))["Mul"] == 1
+    _close(_serve(str(tmp_path / "run2"), x), want)
 
 
 def test_channel_pruned_and_shrunk_model_folds(tmp_path):
@@ -234,8 +299,9 @@ def test_folds_inside_a_loop_body(tmp_path):
 def test_cli_fold_flag(tmp_path):
     model = _keras_cnn(str(tmp_path / "export"))
     x = RNG.rand(2, 12, 12, 3).astype(np.float32)
-    for flag, rsqrt in (("--freeze_all", 0), ("--freeze_all --nofold_batch_norms", 4)):
-        out = str(tmp_path / ("out" + str(rsqrt)))
+    for flag, rsqrt in (("--freeze_all", 0), ("--freeze_all --nofold_batch_norms", 4), ("", 0),
+                        ("--nofreeze", 4), ("--nofreeze --fold_batch_norms", 0)):
+        out = str(tmp_path / ("out" + flag.replace("-", "_").replace(" ", "")))
         result = subprocess.run(f"graphprune finalize --input={tmp_path / 'export'} --output={out} {flag}",
                                 shell=True, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-2000:]

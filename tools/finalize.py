@@ -28,9 +28,11 @@ _MAX_FROZEN = flags.DEFINE_integer("max_frozen_mb", 16, "Freeze pruned weights, 
 _VERIFY = flags.DEFINE_bool("verify", False, "Check outputs after every pass.")
 _SHRINK = flags.DEFINE_bool("shrink", False, "Remove dead channels (structure=channel) from every coupled weight: a "
                             "smaller dense model; prints parameters and FLOPs before and after.")
-_FOLD = flags.DEFINE_bool("fold_batch_norms", None, "Fold per-channel scales and shifts after a constant kernel "
-                          "(inference batch norm) into the kernel and one BiasAdd, which TensorFlow fuses with "
-                          "the activation; default: on with --freeze_all (where they are constants).")
+_FOLD = flags.DEFINE_bool("fold_batch_norms", None, "Fold per-channel scales and shifts after a kernel (inference "
+                          "batch norm, its parameters taken at their values) into the kernel and one BiasAdd, "
+                          "which TensorFlow fuses with the activation. Default: on unless --nofreeze, kept off "
+                          "(with a warning) where the folded model fails the check; --fold_batch_norms refuses "
+                          "then instead.")
 _POINTWISE = flags.DEFINE_bool("pointwise_matmul", None, "Write every 1x1, stride-1 convolution as a MatMul between "
                                "two Reshapes: faster in TensorFlow on several threads (oneDNN's small convolutions "
                                "cost more a call), the same in LiteRT. Default: only those of at most 8M "
