@@ -17,7 +17,8 @@ or MatMul whose kernel is a Const, or a variable read only there (its value is s
 of it anywhere must fold with the same scale, and nothing may write it), followed by a chain of
 Mul / RealDiv / Add / AddV2 / Sub / BiasAdd, each with an operand computed from constants alone
 (and those variables, with ``variables``) that is one value or one value per output channel, each link read by the next one only. The
-chain's last op becomes the BiasAdd (same name: its readers need no rewiring); the rest is dead
+chain's last op becomes the BiasAdd (an Identity where the shift is zero; same name: its readers
+need no rewiring); the rest is dead
 (strip_unused removes it). Anything else (a scale that varies along another axis, a link read
 twice, a non-constant operand, channels-first layouts, non-float32/64 types) is left as it is.
 
@@ -105,10 +106,13 @@ def fold_batch_norms(model: g.TracedModel, context: PassContext, variables: bool
             elif plan.key not in specs:
                 spec = model.variables[plan.key]
                 specs[plan.key] = dataclasses.replace(spec, value=_scaled(context.value(model, plan.key), plan))
-            shift = body.add(g.const_node(body.fresh(f"{plan.last}/folded_shift"), plan.shift, dtype))
-            bias_add = g.make_node(plan.last, "BiasAdd", [body.ref(plan.kernel_op), body.ref(shift.name)],
+            if np.any(plan.shift):
+                shift = body.add(g.const_node(body.fresh(f"{plan.last}/folded_shift"), plan.shift, dtype))
+                last = g.make_node(plan.last, "BiasAdd", [body.ref(plan.kernel_op), body.ref(shift.name)],
                                    T=tf.dtypes.as_dtype(dtype))
-            body.replace(body.node(plan.last), bias_add)
+            else:  # a scale alone (an attention's 1/sqrt(d), say): no bias of zeros to add and count
+                last = g.make_node(plan.last, "Identity", [body.ref(plan.kernel_op)], T=tf.dtypes.as_dtype(dtype))
+            body.replace(body.node(plan.last), last)
             folded.append(body.use_name(kernel_node))
 
     entries = tuple(b.rewrite_entry(entry, lambda body, entry=entry: rewrite(body, entry))[0]

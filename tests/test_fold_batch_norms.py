@@ -260,7 +260,9 @@ def test_variable_kernels_fold_only_when_every_read_does(tmp_path):
     _close(_serve(out, x), want)
     ops = _ops(out)
     assert ops["ReadVariableOp"] == 1  # the big kernel, its value scaled
-    assert ops["BiasAdd"] == 3  # the big kernel's chain and both shared-kernel chains (their kernel was frozen)
+    # the big kernel's chain (a BiasAdd for its shift) and both shared-kernel chains (their kernel
+    # was frozen; a scale alone folds with no BiasAdd)
+    assert ops["BiasAdd"] == 1 and ops["Mul"] == 0 and ops["Conv2D"] == 3
 
     # the shared kernel a variable too: both its readers scale it differently, so it cannot
     # hold both products and stays as it is
