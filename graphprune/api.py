@@ -80,9 +80,13 @@ def prune(target, schedule=None, *, block_size=(1, 1), block_pooling="AVG", m_by
     if not any(w.mask for w in model.facts.get("weights", ())):
         skipped = model.facts.get("skipped_weights") or {}
         detail = f" ({len(skipped)} skipped: {next(iter(skipped.values()))})" if skipped else ""
+        constants = _constant_kernels(loaded.model)
+        hint = (f"its {constants} kernel{'s are' if constants > 1 else ' is a'} constant{'s' * (constants > 1)}, "
+                "as graphprune.finalize leaves a model by default: finalize with freeze=False (--nofreeze) to "
+                "prune it again" if constants else "check the rules/exclude pattern")
         raise NoPrunableWeightsError(
             f"{loaded.source}: no weight read by MatMul, BatchMatMul, Conv2D/3D, DepthwiseConv2dNative, "
-            f"Conv2DBackpropInput or Einsum{detail}; nothing to prune (check the rules/exclude pattern)"
+            f"Conv2DBackpropInput or Einsum{detail}; nothing to prune ({hint})"
         )
     if with_updates:
         updates = run_pipeline(model, [("insert_mask_updates", {"config": config})], context, after_pass=after_pass)
@@ -142,6 +146,32 @@ def save(model, output_dir, *, overwrite: bool = False, inputs=()) -> str:
             tf.saved_model.save(model, temp, signatures=signatures,
                                 options=tf.saved_model.SaveOptions(experimental_custom_gradients=False))
     return os.path.abspath(os.fspath(output_dir))
+
+
+def _constant_kernels(model) -> int:
+    """The most constants of two or more axes that one entry's prunable ops read (through views)
+    as weight operands, as a frozen model's kernels are."""
+    from graphprune import body as b
+    from graphprune.analysis import PRUNABLE_OPS, RESHAPE_OPS, weight_operands
+
+    def visit(body, found):
+        for node in body.nodes:
+            for position, ref in weight_operands(node, PRUNABLE_OPS):
+                producer = body.producer(ref)
+                for _ in range(8):
+                    if producer is None or producer.op not in ("Identity", "Cast", *RESHAPE_OPS):
+                        break
+                    producer = body.producer(body.data_inputs(producer)[0])
+                if producer is not None and producer.op == "Const" and \
+                        len(producer.attr["value"].tensor.tensor_shape.dim) >= 2:
+                    found.add(producer.name)
+
+    counts = [0]
+    for entry in model.entries:  # each entry has its own copies of the kernels
+        found = set()
+        b.visit_entry(entry, lambda body: visit(body, found))
+        counts.append(len(found))
+    return max(counts)
 
 
 def _save_reloaded(model, output_dir, *, overwrite: bool, inputs) -> str:

@@ -29,6 +29,16 @@ def test_model_without_prunable_op():
         graphprune.prune(testmodels.NoPrunable())
 
 
+def test_pruning_a_frozen_model_says_to_finalize_with_freeze_false(tmp_path, mlp_saved_model):
+    pm = graphprune.prune(mlp_saved_model, schedule=graphprune.ConstantSparsity(0.5, 0, frequency=1))
+    pm.prune_now()
+    frozen = graphprune.finalize(pm, str(tmp_path / "frozen"))  # freeze=True: the kernels are constants
+    with pytest.raises(graphprune.NoPrunableWeightsError, match=r"its 2 kernels are constants.*freeze=False"):
+        graphprune.prune(frozen)
+    kept = graphprune.finalize(pm, str(tmp_path / "kept"), freeze=False)
+    assert len(graphprune.prune(kept).weights()) == 2
+
+
 def test_function_without_input_signature():
     weight = tf.Variable(tf.ones([3, 3]))
 
