@@ -14,18 +14,21 @@ random inputs), exported, pruned one-shot with structure='channel' (L2 group nor
 rounded up to a multiple of 8) at each ratio of channels removed per group, and finalized with
 shrink=True. For the dense model and each shrunk one, on this machine:
 
-    parameters, FLOPs  graphprune.cost (FLOPs: 2 x multiply-adds of convolutions and matmuls);
+    parameters, FLOPs  graphprune.cost (FLOPs: 2 x multiply-adds of convolutions and matmuls) of
+                       the Keras export and of the shrunk model with its batch norms not folded;
                        "trainable": without the batch-norm moving statistics (Cost.non_trainable),
                        as PyTorch counts parameters (benchmarks/torch_pruning_reference.py)
     tf_b1, tf_b32      median latency of the SavedModel's serving function (TensorFlow, its default
                        threads: all cores) at batch 1 and 32: the Keras export against
                        finalize(shrink=True)'s output ("export"); both through finalize's
                        defaults ("final"); both through finalize(freeze='all') ("frozen": every
-                       variable a constant, batch norms folded into the kernels:
-                       fold_batch_norms). finalize's default writes 1x1 convolutions of at most
-                       8M multiply-adds per image as MatMuls (pointwise_matmul="auto");
-                       "export_conv" and "frozen_conv" are "export" and "frozen" with
-                       pointwise_matmul=False in every finalize (the Keras export as it is)
+                       variable a constant). finalize's defaults fold the batch norms into the
+                       kernels (fold_batch_norms; "unfolded": "export" with
+                       fold_batch_norms=False, finalize's output before they did) and write 1x1
+                       convolutions of at most 8M multiply-adds per image as MatMuls
+                       (pointwise_matmul="auto"); "export_conv" and "frozen_conv" are "export"
+                       and "frozen" with pointwise_matmul=False in every finalize (the Keras
+                       export as it is)
     tf1_b1, tf1_b32    the same with TensorFlow on 1 thread (intra- and inter-op), as LiteRT runs and
                        as the issue's Torch-Pruning figures were taken (--threads=default,1: each
                        setting timed in a fresh process)
@@ -184,7 +187,9 @@ def measure(name: str, ratios, size: int, repeats: int, scratch: str, round_to: 
         shrunk = loaded.serve(x[:4]).numpy()
         del loaded
         graphprune.export_tflite(out, out + ".tflite", overwrite=True)
-        cost = graphprune.cost(out)
+        # counted with the batch norms not folded, as the Keras export is: folded, each normalized
+        # channel's four values become one bias, which would flatter the ratio
+        cost = graphprune.cost(f"{out}_unfolded")
         rows.append({"model": name, "ratio": ratio, "variant": "export", "parameters": cost.parameters,
                      "flops": cost.flops, "non_trainable": cost.non_trainable,
                      "max_diff": float(np.max(np.abs(shrunk - masked)) / np.max(np.abs(masked))),
@@ -202,10 +207,11 @@ def measure(name: str, ratios, size: int, repeats: int, scratch: str, round_to: 
 
 # each variant's finalize options, for the shrunk model and, in FINALIZED_DENSE, the dense one too
 # (the other variants' dense models are the Keras export itself)
-FINALIZE = {"export": {}, "export_conv": {"pointwise_matmul": False}, "final": {}, "frozen": {"freeze": "all"},
-            "frozen_conv": {"freeze": "all", "pointwise_matmul": False}}
+FINALIZE = {"export": {}, "export_conv": {"pointwise_matmul": False}, "unfolded": {"fold_batch_norms": False},
+            "final": {}, "frozen": {"freeze": "all"}, "frozen_conv": {"freeze": "all", "pointwise_matmul": False}}
 FINALIZED_DENSE = {"final", "frozen", "frozen_conv"}
 VARIANTS = {"export": "as exported / finalized", "export_conv": "as exported / finalized, 1x1 as convs",
+            "unfolded": "as exported / finalized, batch norms not folded",
             "final": "finalized, both", "frozen": "freeze='all', both",
             "frozen_conv": "freeze='all', 1x1 as convs, both",
             # earlier runs' results files
