@@ -356,9 +356,8 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
         return finalize_model(prunable, freeze=freeze, verify=verify, max_frozen_bytes=max_frozen_bytes,
                               shrink=shrink, fold_batch_norms=fold_batch_norms, pointwise_matmul=pointwise_matmul)
 
-    choice = {"pointwise_matmul": pointwise_matmul, "fold_batch_norms": fold_batch_norms}
     with stages("fold masks and strip the pruning ops"):
-        final, values, result = build(**choice)
+        final, values, result = build(pointwise_matmul, fold_batch_norms)
     if fold_batch_norms is True and not _folded(result):
         warnings.warn("graphprune: finalize: fold_batch_norms folded nothing: no per-channel scale or shift (from "
                       "constants or variables the model never writes) follows a kernel read nowhere else",
@@ -370,33 +369,48 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
                     atol=check_tolerance, rtol=check_tolerance, random="constant" if shrink else "seeded",
                     longer=shrink)
 
-    # The defaults' rewrites ("auto"'s MatMuls, then folded batch norms) are taken where the outputs
+    # The defaults' rewrites ("auto"'s MatMuls, folded batch norms) are taken where the outputs
     # stay within the tolerance: a deep network summed in another order can move past it
-    # (EfficientNetV2B0: 4e-5 of the scale with the MatMuls, 2e-5 with the folds). Asked for by
-    # name (True), they are refused instead.
-    undo = {"pointwise_matmul": (lambda result: choice["pointwise_matmul"] == "auto" and _rewrote_pointwise(result),
-                                 "with its 1x1 convolutions as MatMuls (pointwise_matmul='auto')",
-                                 "they stay convolutions. pointwise_matmul=True"),
-            "fold_batch_norms": (lambda result: choice["fold_batch_norms"] is None and _folded(result),
-                                 "with its batch norms folded into the kernels (fold_batch_norms's default)",
-                                 "they stay as they are. fold_batch_norms=True")}
-    while check:
+    # (EfficientNetV2B0: 4e-5 of the scale with the MatMuls, 2e-5 with the folds). Where the model
+    # fails the check, each is given up alone, then both; asked for by name (True), they are
+    # refused instead.
+    defaults = {"pointwise_matmul": (pointwise_matmul == "auto", _rewrote_pointwise,
+                                     "its 1x1 convolutions as MatMuls (pointwise_matmul='auto')",
+                                     "they stay convolutions", "pointwise_matmul=True"),
+                "fold_batch_norms": (fold_batch_norms is None, _folded,
+                                     "its batch norms folded into the kernels (fold_batch_norms's default)",
+                                     "they stay as they are", "fold_batch_norms=True")}
+    if check:
         with stages("check against the masked model"):
             try:
                 checked(final, values, result)
-                break
             except PassError as error:
-                option = next((option for option, (applies, _, _) in undo.items() if applies(result)), None)
-                if option is None:
+                applied = [option for option, (implicit, did, *_) in defaults.items() if implicit and did(result)]
+                if not applied:
                     raise
-                refused = first_line(str(error)).split("; nothing was written")[0]
-        _, what, instead = undo[option]
-        warnings.warn(f"graphprune: finalize: {what} the model failed the check ({refused}); {instead} and a "
-                      "larger check_tolerance apply them anyway", stacklevel=2)
-        choice[option] = False
-        del final, values, result
-        with stages(f"fold masks and strip the pruning ops, {option}=False"):
-            final, values, result = build(**choice)
+                refused, last = first_line(str(error)).split("; nothing was written")[0], error
+                del final, values, result
+                final = None
+        if final is None:
+            tries = [[option] for option in applied] + ([applied] if len(applied) > 1 else [])
+            for given_up in tries:
+                choice = {"pointwise_matmul": pointwise_matmul, "fold_batch_norms": fold_batch_norms,
+                          **{option: False for option in given_up}}
+                with stages(f"fold masks and strip the pruning ops, {' and '.join(given_up)} off"):
+                    final, values, result = build(**choice)
+                with stages("check against the masked model"):
+                    try:
+                        checked(final, values, result)
+                        break
+                    except PassError as error:
+                        last, final = error, None
+                        del values, result
+            if final is None:
+                raise last
+            for option in given_up:
+                _, _, what, instead, asked = defaults[option]
+                warnings.warn(f"graphprune: finalize: with {what} the model failed the check ({refused}); {instead}. "
+                              f"{asked} and a larger check_tolerance apply them anyway", stacklevel=2)
     with stages("save"):
         return save_traced(final, values, output_dir, overwrite=overwrite, inputs=inputs, name="finalized_model")
 

@@ -184,6 +184,33 @@ def test_variables_the_model_writes_do_not_fold(tmp_path):
     _close(_serve(str(tmp_path / "run2"), x), want)
 
 
+def test_the_default_keeps_the_batch_norms_where_the_folds_fail_the_check(tmp_path, monkeypatch):
+    # A fault put into the fold (every folded kernel 1% too large) stands in for a deep network's
+    # rounding past check_tolerance (EfficientNetV2B0 at 32x32: 2e-5 of the scale). Asked for,
+    # the fold is refused; by default it is given up, and the 1x1 conv's MatMul ("auto"), which
+    # passes the check alone, is kept.
+    from graphprune.passes import fold_batch_norms as pass_module
+
+    scaled = pass_module._scaled
+    monkeypatch.setattr(pass_module, "_scaled", lambda kernel, plan: scaled(kernel, plan) * kernel.dtype.type(1.01))
+    model = _keras_cnn(str(tmp_path / "export"))
+    x = RNG.rand(4, 12, 12, 3).astype(np.float32)
+    want = model(x).numpy()
+    with pytest.raises(graphprune.PassError, match="differs from the masked model"):
+        graphprune.finalize(graphprune.prune(str(tmp_path / "export")), str(tmp_path / "asked"), fold_batch_norms=True)
+    assert not (tmp_path / "asked").exists()
+    with pytest.warns(UserWarning, match="batch norms folded into the kernels.*they stay as they are") as record:
+        out = graphprune.finalize(graphprune.prune(str(tmp_path / "export")), str(tmp_path / "default"))
+    assert not any("stay convolutions" in str(w.message) for w in record)
+    ops = _ops(out)
+    assert ops["Rsqrt"] == 4 and ops["MatMul"] == 3 and ops["Conv2D"] == 1
+    _close(_serve(out, x), want)
+    monkeypatch.setattr(pass_module, "_scaled", scaled)  # without the fault: folded, and the same outputs
+    out = graphprune.finalize(graphprune.prune(str(tmp_path / "export")), str(tmp_path / "folded"))
+    assert _ops(out)["Rsqrt"] == 0
+    _close(_serve(out, x), want)
+
+
 def test_channel_pruned_and_shrunk_model_folds(tmp_path):
     model = _keras_cnn(str(tmp_path / "export"))
     x = RNG.rand(4, 12, 12, 3).astype(np.float32)
