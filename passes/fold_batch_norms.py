@@ -16,9 +16,10 @@ Matches, in every body at any depth: a Conv2D / Conv3D / DepthwiseConv2dNative (
 or MatMul whose kernel is a Const, or a variable read only there (its value is scaled; every read
 of it anywhere must fold with the same scale, and nothing may write it), followed by a chain of
 Mul / RealDiv / Add / AddV2 / Sub / BiasAdd, each with an operand computed from constants alone
-(and those variables, with ``variables``) that is one value or one value per output channel, each link read by the next one only. The
-chain's last op becomes the BiasAdd (an Identity where the shift is zero; same name: its readers
-need no rewiring); the rest is dead
+(and those variables, with ``variables``) that is one value or one value per output channel, each
+link read by the next one only. With ``variables``, a chain of shifts alone that reads a variable
+(a plain bias) is left: that variable stays trainable. The chain's last op becomes the BiasAdd (an
+Identity where the shift is zero; same name: its readers need no rewiring); the rest is dead
 (strip_unused removes it). Anything else (a scale that varies along another axis, a link read
 twice, a non-constant operand, channels-first layouts, non-float32/64 types) is left as it is.
 
@@ -69,6 +70,7 @@ def fold_batch_norms(model: g.TracedModel, context: PassContext, variables: bool
                 or int(np.prod(spec.shape, dtype=np.int64)) > MAX_OPERAND_ELEMENTS:
             return None
         return context.value(model, key)
+
     proposed: dict[str, list[np.ndarray]] = {}
     uses: dict[str, int] = {}
 
