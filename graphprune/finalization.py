@@ -105,14 +105,13 @@ def _max_macs(pointwise_matmul) -> int | None:
     raise GraphPruneError(f"pointwise_matmul must be 'auto', True or False, got {pointwise_matmul!r}")
 
 
-def _rewrote_pointwise(result) -> bool:
-    """Whether finalize_model's pointwise_matmul pass rewrote a convolution."""
-    return any(report.report.get("rewritten") for name, report, _ in result.reports if name == "pointwise_matmul")
+# what each pass finalize may give up reports of what it changed
+_CHANGED = {"pointwise_matmul": "rewritten", "fold_batch_norms": "folded"}
 
 
-def _folded(result) -> bool:
-    """Whether finalize_model's fold_batch_norms pass folded a chain."""
-    return any(report.report.get("folded") for name, report, _ in result.reports if name == "fold_batch_norms")
+def _changed(result, pass_name: str) -> bool:
+    """Whether finalize_model's ``pass_name`` pass changed anything (its report's list)."""
+    return any(report.report.get(_CHANGED[pass_name]) for name, report, _ in result.reports if name == pass_name)
 
 
 def _round_to(prunable) -> int:
@@ -358,7 +357,7 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
 
     with stages("fold masks and strip the pruning ops"):
         final, values, result = build(pointwise_matmul, fold_batch_norms)
-    if fold_batch_norms is True and not _folded(result):
+    if fold_batch_norms is True and not _changed(result, "fold_batch_norms"):
         warnings.warn("graphprune: finalize: fold_batch_norms folded nothing: no per-channel scale or shift (from "
                       "constants or variables the model never writes) follows a kernel read nowhere else",
                       stacklevel=2)
@@ -374,43 +373,36 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
     # (EfficientNetV2B0: 4e-5 of the scale with the MatMuls, 2e-5 with the folds). Where the model
     # fails the check, each is given up alone, then both; asked for by name (True), they are
     # refused instead.
-    defaults = {"pointwise_matmul": (pointwise_matmul == "auto", _rewrote_pointwise,
+    defaults = {"pointwise_matmul": (pointwise_matmul == "auto",
                                      "its 1x1 convolutions as MatMuls (pointwise_matmul='auto')",
                                      "they stay convolutions", "pointwise_matmul=True"),
-                "fold_batch_norms": (fold_batch_norms is None, _folded,
+                "fold_batch_norms": (fold_batch_norms is None,
                                      "its batch norms folded into the kernels (fold_batch_norms's default)",
                                      "they stay as they are", "fold_batch_norms=True")}
-    if check:
+    fallbacks, given_up = None, []  # what to give up in turn: known once the first check fails
+    while check:
         with stages("check against the masked model"):
             try:
                 checked(final, values, result)
+                break
             except PassError as error:
-                applied = [option for option, (implicit, did, *_) in defaults.items() if implicit and did(result)]
-                if not applied:
+                if fallbacks is None:
+                    applied = [option for option, (implicit, *_) in defaults.items()
+                               if implicit and _changed(result, option)]
+                    fallbacks = [[option] for option in applied] + ([applied] if len(applied) > 1 else [])
+                    refused = first_line(str(error)).split("; nothing was written")[0]
+                if not fallbacks:
                     raise
-                refused, last = first_line(str(error)).split("; nothing was written")[0], error
-                del final, values, result
-                final = None
-        if final is None:
-            tries = [[option] for option in applied] + ([applied] if len(applied) > 1 else [])
-            for given_up in tries:
-                choice = {"pointwise_matmul": pointwise_matmul, "fold_batch_norms": fold_batch_norms,
-                          **{option: False for option in given_up}}
-                with stages(f"fold masks and strip the pruning ops, {' and '.join(given_up)} off"):
-                    final, values, result = build(**choice)
-                with stages("check against the masked model"):
-                    try:
-                        checked(final, values, result)
-                        break
-                    except PassError as error:
-                        last, final = error, None
-                        del values, result
-            if final is None:
-                raise last
-            for option in given_up:
-                _, _, what, instead, asked = defaults[option]
-                warnings.warn(f"graphprune: finalize: with {what} the model failed the check ({refused}); {instead}. "
-                              f"{asked} and a larger check_tolerance apply them anyway", stacklevel=2)
+        given_up = fallbacks.pop(0)
+        del final, values, result
+        with stages(f"fold masks and strip the pruning ops, {' and '.join(given_up)} off"):
+            final, values, result = build(**{"pointwise_matmul": pointwise_matmul,
+                                             "fold_batch_norms": fold_batch_norms,
+                                             **{option: False for option in given_up}})
+    for option in given_up:
+        _, what, instead, asked = defaults[option]
+        warnings.warn(f"graphprune: finalize: with {what} the model failed the check ({refused}); {instead}. "
+                      f"{asked} and a larger check_tolerance apply them anyway", stacklevel=2)
     with stages("save"):
         return save_traced(final, values, output_dir, overwrite=overwrite, inputs=inputs, name="finalized_model")
 
