@@ -97,14 +97,14 @@ class WeightInfo:
         return size
 
 
-def trace(body: b.Body, ref: str) -> Traced | None:
-    """Follow tensor ``ref`` back through Identity/Cast/views and a mask Mul to a variable read:
-    Traced(variable key, the read node, mask key, seen through a view), or None."""
+def weight_source(body: b.Body, ref: str):
+    """(node, mask key, seen through a view): what tensor ``ref`` comes from past Identity/Cast,
+    views and a mask Mul; node None where nothing is reached within b.MAX_DEPTH."""
     mask_key, reshaped = None, False
     node = body.producer(ref)
     for _ in range(b.MAX_DEPTH):
         if node is None:
-            return None
+            break
         if node.op in PASS_THROUGH_OPS or node.op in RESHAPE_OPS or node.op in SLICE_OPS:
             reshaped |= node.op in RESHAPE_OPS or (node.op == "StridedSlice" and any(
                 node.attr[mask].i for mask in ("ellipsis_mask", "new_axis_mask", "shrink_axis_mask")))
@@ -112,12 +112,17 @@ def trace(body: b.Body, ref: str) -> Traced | None:
         elif is_mask_multiply(node):
             mask_key = mask_operand_key(body, node)
             node = body.producer(node.input[0])
-        elif node.op == "ReadVariableOp":
-            key = body.read_key(node)
-            return Traced(key, node, mask_key, reshaped) if key is not None else None
         else:
-            return None
-    return None
+            return node, mask_key, reshaped
+    return None, mask_key, reshaped
+
+
+def trace(body: b.Body, ref: str) -> Traced | None:
+    """Follow tensor ``ref`` back through Identity/Cast/views and a mask Mul to a variable read:
+    Traced(variable key, the read node, mask key, seen through a view), or None."""
+    node, mask_key, reshaped = weight_source(body, ref)
+    key = body.read_key(node)  # None unless a ReadVariableOp
+    return Traced(key, node, mask_key, reshaped) if key is not None else None
 
 
 def is_mask_multiply(node) -> bool:

@@ -152,16 +152,12 @@ def _constant_kernels(model) -> int:
     """The most constants of two or more axes that one entry's prunable ops read (through views)
     as weight operands, as a frozen model's kernels are."""
     from graphprune import body as b
-    from graphprune.analysis import PRUNABLE_OPS, RESHAPE_OPS, weight_operands
+    from graphprune.analysis import PRUNABLE_OPS, weight_operands, weight_source
 
     def visit(body, found):
         for node in body.nodes:
-            for position, ref in weight_operands(node, PRUNABLE_OPS):
-                producer = body.producer(ref)
-                for _ in range(8):
-                    if producer is None or producer.op not in ("Identity", "Cast", *RESHAPE_OPS):
-                        break
-                    producer = body.producer(body.data_inputs(producer)[0])
+            for _, ref in weight_operands(node, PRUNABLE_OPS):
+                producer = weight_source(body, ref)[0]
                 if producer is not None and producer.op == "Const" and \
                         len(producer.attr["value"].tensor.tensor_shape.dim) >= 2:
                     found.add(producer.name)

@@ -66,7 +66,7 @@ def fold_batch_norms(model: g.TracedModel, context: PassContext, variables: bool
     def read(key):
         """A small variable's value, where ``variables`` lets the fold take it; else None."""
         spec = model.variables.get(key)
-        if not variables or spec is None or key in written or spec.shape is None or None in spec.shape \
+        if not variables or spec is None or key in written or None in spec.shape \
                 or int(np.prod(spec.shape, dtype=np.int64)) > MAX_OPERAND_ELEMENTS:
             return None
         return context.value(model, key)
