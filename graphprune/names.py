@@ -36,6 +36,8 @@ _IMPORT_PREFIX = re.compile(rf"^(?:(?:Stateful)?PartitionedCall(?:_\d+)?/|{IMPOR
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.\-/]")
 _MASKED_SUFFIX = re.compile(rf"/{SCOPE}/masked(?:_\d+)?$")
+# what finalize appends to a frozen kernel's name: its mask folded in, then its batch norm
+_FROZEN_SUFFIXES = re.compile(rf"(?:/{SCOPE}/(?:masked|folded)(?:_\d+)?)+$")
 
 
 def mask_key(weight_key: str) -> str:
@@ -153,8 +155,14 @@ def name_from_capture(name: str) -> str | None:
         return None
 
 
+def folded_kernel(node_name: str) -> str:
+    """The constant fold_batch_norms writes for kernel ``node_name`` scaled by its normalization."""
+    return f"{node_name}/{SCOPE}/folded"
+
+
 def display_name(node_name: str) -> str:
-    """'StatefulPartitionedCall/graphprune/dense/kernel/graphprune/masked' -> 'dense/kernel'; a
-    frozen weight captured under capture_name gets its name back."""
+    """'StatefulPartitionedCall/graphprune/dense/kernel/graphprune/masked' -> 'dense/kernel', and
+    so does '.../dense/kernel/graphprune/masked/graphprune/folded' (a batch norm folded into it);
+    a frozen weight captured under capture_name gets its name back."""
     node_name = name_from_capture(node_name) or node_name
-    return strip_masked_suffix(_IMPORT_PREFIX.sub("", node_name))
+    return _FROZEN_SUFFIXES.sub("", _IMPORT_PREFIX.sub("", node_name))

@@ -37,6 +37,7 @@ from tensorflow.core.framework import types_pb2
 
 from graphprune import body as b
 from graphprune import graph as g
+from graphprune import names
 from graphprune.analysis import written_variables
 from graphprune.passbase import Option, PassContext, PassResult, register_pass
 
@@ -103,7 +104,7 @@ def fold_batch_norms(model: g.TracedModel, context: PassContext, variables: bool
             dtype = g.node_dtype(kernel_node)
             if plan.key is None:
                 value = _scaled(tf.make_ndarray(body.node(plan.kernel).attr["value"].tensor), plan)
-                const = body.add(g.const_node(body.fresh(f"{plan.kernel}/folded"), value, dtype))
+                const = body.add(g.const_node(body.fresh(names.folded_kernel(plan.kernel)), value, dtype))
                 body.set_input(kernel_node, 1, body.ref(const.name))
             elif plan.key not in specs:
                 spec = model.variables[plan.key]

@@ -220,6 +220,9 @@ def test_channel_pruned_and_shrunk_model_folds(tmp_path):
     out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True, freeze="all")
     assert _ops(out)["Rsqrt"] == 0
     _close(_serve(out, x), masked)
+    # the frozen kernels, masked, shrunk and scaled, are reported under the model's own names
+    kernels = sorted(w.path for w in model.weights if w.path.endswith("kernel"))
+    assert sorted(w.name for w in graphprune.size_report(out).weights) == kernels
     assert graphprune.cost(out).parameters < graphprune.cost(str(tmp_path / "export")).parameters
     scale = float(np.max(np.abs(masked)))
     assert testmodels.check_tflite(out, str(tmp_path / "small.tflite"), x[:1], masked[:1], scale) == "ok"
