@@ -1,7 +1,8 @@
 """fold_batch_norms: fold per-channel scales and shifts into the kernel before them.
 
 Inference batch normalization, as Keras 3 computes it, is elementwise arithmetic after the
-convolution: ``y * inv + (beta - mean * inv)`` with ``inv = rsqrt(var + eps) * gamma``. Where
+convolution: ``y * inv + (beta - mean * inv)`` with ``inv = rsqrt(var + eps) * gamma``; tf-keras
+and tf.nn.fused_batch_norm compute the same in one FusedBatchNormV3 op (is_training false). Where
 those parameters are constants (freeze='all'), or with option ``variables`` variables that
 nothing in the model writes (taken at their values now: finalize's default), the chain is an
 affine map per output channel, ``y * s + t``, and
@@ -16,8 +17,9 @@ Matches, in every body at any depth: a Conv2D / Conv3D / DepthwiseConv2dNative (
 or MatMul whose kernel is a Const, or a variable read only there (its value is scaled; every read
 of it anywhere must fold with the same scale, and nothing may write it), followed by a chain of
 Mul / RealDiv / Add / AddV2 / Sub / BiasAdd, each with an operand computed from constants alone
-(and those variables, with ``variables``) that is one value or one value per output channel, each
-link read by the next one only. With ``variables``, a chain of shifts alone that reads a variable
+(and those variables, with ``variables``) that is one value or one value per output channel, and
+FusedBatchNorm(V2/V3) in inference, channels last, whose four parameters are so and whose batch
+statistics nothing reads, each link read by the next one only. With ``variables``, a chain of shifts alone that reads a variable
 (a plain bias) is left: that variable stays trainable. The chain's last op becomes the BiasAdd (an
 Identity where the shift is zero; same name: its readers need no rewiring); the rest is dead
 (strip_unused removes it). Anything else (a scale that varies along another axis, a link read
@@ -43,6 +45,7 @@ from graphprune.passbase import Option, PassContext, PassResult, register_pass
 
 FLOAT_TYPES = (types_pb2.DT_FLOAT, types_pb2.DT_DOUBLE)
 CHAIN_OPS = {"Mul", "RealDiv", "Add", "AddV2", "Sub", "BiasAdd"}
+FUSED_BATCH_NORMS = {"FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"}
 PASS_THROUGH = {"Identity", "PartitionedCall", "StatefulPartitionedCall", "If", "StatelessIf", "While",
                 "StatelessWhile", "Case", "StatelessCase", "IdentityN"}
 MAX_OPERAND_ELEMENTS = 1 << 16  # a per-channel scale or shift, not a weight
@@ -177,7 +180,7 @@ def _plans(body: b.Body, model: g.TracedModel, returned: set, read=lambda key: N
             return value
 
         plan = _chain(body, node, channels, returned, tracked)
-        if plan is not None and any(taken) and not {"Mul", "RealDiv"} & set(plan[3]):
+        if plan is not None and any(taken) and not {"Mul", "RealDiv", *FUSED_BATCH_NORMS} & set(plan[3]):
             # a bias variable alone is no batch norm: it stays a variable (a constant bias folds)
             plan = _chain(body, node, channels, returned)
         if plan is not None:
@@ -227,6 +230,14 @@ def _chain(body: b.Body, kernel_op, channels: int, returned: set, read=lambda ke
             break
         link, position = found
         inputs = body.data_inputs(link)
+        if link.op in FUSED_BATCH_NORMS:  # tf-keras's and tf.nn.fused_batch_norm's, in inference
+            affine = _fused_batch_norm(body, link, position, kernel_op, channels, read)
+            if affine is None:
+                break
+            scale, shift = scale * affine[0], shift * affine[0] + affine[1]
+            current, last = link, link.name
+            ops.append(link.op)
+            continue
         if link.op not in CHAIN_OPS or len(inputs) != 2 or link.attr["T"].type != kernel_op.attr["T"].type:
             break
         if link.op == "BiasAdd" and ("data_format" in link.attr and link.attr["data_format"].s not in (b"", b"NHWC")
@@ -250,6 +261,27 @@ def _chain(body: b.Body, kernel_op, channels: int, returned: set, read=lambda ke
     if last is None or not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
         return None
     return last, scale, shift, ops
+
+
+def _fused_batch_norm(body: b.Body, link, position: int, kernel_op, channels: int, read):
+    """(scale, shift) per channel of a FusedBatchNorm(V2/V3) in inference (is_training false,
+    channels last) that reads the chain as its input and whose scale, offset, mean and variance
+    are computed from constants (and the variables ``read`` gives), when only its output y is
+    read; else None."""
+    layout = link.attr["data_format"].s.decode() if "data_format" in link.attr else ""
+    inputs = body.data_inputs(link)
+    if position != 0 or len(inputs) != 5 or link.attr["is_training"].b or layout not in ("", "NHWC", "NDHWC") or \
+            link.attr["T"].type != kernel_op.attr["T"].type:
+        return None
+    if any(body.parse(reader.input[at])[1] != 0 for reader, at in body.consumers(link.name)
+           if not reader.input[at].startswith("^")):
+        return None  # its batch statistics (outputs 1-5) are read: not an inference batch norm
+    gamma, beta, mean, variance = (_per_channel(body, ref, channels, read) for ref in inputs[1:])
+    if gamma is None or beta is None or mean is None or variance is None:
+        return None
+    with np.errstate(all="ignore"):
+        scale = gamma / np.sqrt(variance + np.float64(np.float32(link.attr["epsilon"].f)))
+    return scale, beta - mean * scale
 
 
 def sole_reader(body: b.Body, node, returned: set):

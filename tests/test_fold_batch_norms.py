@@ -342,3 +342,64 @@ def test_cli_fold_flag(tmp_path):
     printed = subprocess.run(f"graphprune inspect --input={tmp_path / 'export'}", shell=True, capture_output=True,
                              text=True).stdout
     assert "; 104 of the parameters not trained" in printed  # 52 normalized channels: mean and variance
+
+
+
+def _keras2_cnn():
+    """A tf-keras (Keras 2) CNN whose batch norms run as FusedBatchNormV3 ops, with statistics and
+    affine parameters far from the identity."""
+    keras2 = pytest.importorskip("tf_keras")
+    keras2.utils.set_random_seed(0)
+    inputs = keras2.Input((12, 12, 3))
+    y = keras2.layers.Conv2D(8, 3, use_bias=False, name="conv")(inputs)
+    y = keras2.layers.BatchNormalization(name="bn1")(y)
+    y = keras2.layers.ReLU(6.0)(y)
+    y = keras2.layers.DepthwiseConv2D(3, depth_multiplier=2, padding="same", use_bias=False, name="depthwise")(y)
+    y = keras2.layers.BatchNormalization(name="bn2", epsilon=0.01)(y)
+    y = keras2.layers.ReLU()(y)
+    y = keras2.layers.Conv2D(12, 1, name="pointwise")(y)  # with a bias, then a batch norm
+    y = keras2.layers.BatchNormalization(name="bn3")(y)
+    y = keras2.layers.GlobalAveragePooling2D()(y)
+    model = keras2.Model(inputs, keras2.layers.Dense(5, name="head")(y))
+    for layer in model.layers:
+        if isinstance(layer, keras2.layers.BatchNormalization):
+            for weight in layer.weights:  # gamma, beta, moving mean, moving variance
+                low = 0.5 if "gamma" in weight.name or "variance" in weight.name else -1.0
+                weight.assign(RNG.uniform(low, 1.5, weight.shape).astype(np.float32))
+    return model
+
+
+def _masked(pm, x):
+    signature = pm.signatures["serving_default"]
+    name = next(iter(signature.structured_input_signature[1]))
+    return next(iter(signature(**{name: tf.constant(x)}).values())).numpy()
+
+
+def test_keras2_fused_batch_norms_fold(tmp_path):
+    """tf-keras's batch norms (one FusedBatchNormV3 each, in inference) fold into the kernels
+    before them under finalize's defaults, in a model exported for inference (``model.export``),
+    pruned by elements or by channels and shrunk: the outputs are the masked model's and the ops
+    are gone. Saved whole (``model.save``), the model's training traces write the moving
+    statistics, so they stay variables and their batch norms stay (asked for, finalize says why)."""
+    model = _keras2_cnn()
+    model.export(str(tmp_path / "export"))
+    x = RNG.rand(4, 12, 12, 3).astype(np.float32)
+    assert _ops(str(tmp_path / "export"))["FusedBatchNormV3"] == 3
+    pm = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), one_shot=True)
+    out = graphprune.finalize(pm, str(tmp_path / "final"))
+    assert not any(op.startswith("FusedBatchNorm") for op in _ops(out))
+    _close(_serve(out, x), _masked(pm, x))
+    pm = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
+                          one_shot=True)
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
+    assert not any(op.startswith("FusedBatchNorm") for op in _ops(out))
+    _close(_serve(out, x), _masked(pm, x))
+    kernels = sorted(v.name.split(":")[0] for v in model.weights if "kernel" in v.name)
+    assert sorted(w.name for w in graphprune.size_report(out).weights) == kernels
+
+    model.save(str(tmp_path / "saved"), save_format="tf")
+    pm = graphprune.prune(str(tmp_path / "saved"), graphprune.ConstantSparsity(0.5, 0), one_shot=True)
+    with pytest.warns(UserWarning, match="fold_batch_norms folded nothing.*variables the model never writes"):
+        out = graphprune.finalize(pm, str(tmp_path / "saved_final"), fold_batch_norms=True)
+    assert _ops(out)["FusedBatchNormV3"] == 3
+    _close(_serve(out, x), _masked(pm, x))
