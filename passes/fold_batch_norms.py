@@ -19,8 +19,10 @@ of it anywhere must fold with the same scale, and nothing may write it), followe
 Mul / RealDiv / Add / AddV2 / Sub / BiasAdd, each with an operand computed from constants alone
 (and those variables, with ``variables``) that is one value or one value per output channel, and
 FusedBatchNorm(V2/V3) in inference, channels last, whose four parameters are so and whose batch
-statistics nothing reads, each link read by the next one only. With ``variables``, a chain of shifts alone that reads a variable
-(a plain bias) is left: that variable stays trainable. The chain's last op becomes the BiasAdd (an
+statistics nothing reads, each link read by the next one only (the chain may start after Squeezes
+of axes other than the channels, and the kernel be read through one ExpandDims: Keras's Conv1D and
+DepthwiseConv1D as tf.nn.conv1d runs them). With ``variables``, a chain of shifts alone that
+reads a variable (a plain bias) is left: that variable stays trainable. The chain's last op becomes the BiasAdd (an
 Identity where the shift is zero; same name: its readers need no rewiring); the rest is dead
 (strip_unused removes it). Anything else (a scale that varies along another axis, a link read
 twice, a non-constant operand, channels-first layouts, non-float32/64 types) is left as it is.
@@ -60,6 +62,9 @@ class _Plan:
     kernel: str         # the Const or ReadVariableOp node the kernel comes from
     key: str | None     # the variable's key where it is a ReadVariableOp
     axes: tuple         # the kernel's output-channel axes (two for a depthwise kernel: in, multiplier)
+    head: str           # the node the BiasAdd reads: the kernel op, or the Squeeze after it (Conv1D)
+    expand: str | None  # the ExpandDims between the kernel and the op (Conv1D), whose input a new
+                        # constant replaces
 
 
 def fold_batch_norms(model: g.TracedModel, context: PassContext, variables: bool = False) -> PassResult:
@@ -108,16 +113,19 @@ def fold_batch_norms(model: g.TracedModel, context: PassContext, variables: bool
             if plan.key is None:
                 value = _scaled(tf.make_ndarray(body.node(plan.kernel).attr["value"].tensor), plan)
                 const = body.add(g.const_node(body.fresh(names.folded_kernel(plan.kernel)), value, dtype))
-                body.set_input(kernel_node, 1, body.ref(const.name))
+                if plan.expand is not None:
+                    body.set_input(body.node(plan.expand), 0, body.ref(const.name))
+                else:
+                    body.set_input(kernel_node, 1, body.ref(const.name))
             elif plan.key not in specs:
                 spec = model.variables[plan.key]
                 specs[plan.key] = dataclasses.replace(spec, value=_scaled(context.value(model, plan.key), plan))
             if np.any(plan.shift):
                 shift = body.add(g.const_node(body.fresh(f"{plan.last}/folded_shift"), plan.shift, dtype))
-                last = g.make_node(plan.last, "BiasAdd", [body.ref(plan.kernel_op), body.ref(shift.name)],
+                last = g.make_node(plan.last, "BiasAdd", [body.ref(plan.head), body.ref(shift.name)],
                                    T=tf.dtypes.as_dtype(dtype))
             else:  # a scale alone (an attention's 1/sqrt(d), say): no bias of zeros to add and count
-                last = g.make_node(plan.last, "Identity", [body.ref(plan.kernel_op)], T=tf.dtypes.as_dtype(dtype))
+                last = g.make_node(plan.last, "Identity", [body.ref(plan.head)], T=tf.dtypes.as_dtype(dtype))
             body.replace(body.node(plan.last), last)
             folded.append(body.use_name(kernel_node))
 
@@ -160,18 +168,26 @@ def _plans(body: b.Body, model: g.TracedModel, returned: set, read=lambda key: N
             continue
         if node.attr["T"].type not in FLOAT_TYPES or len(body.data_inputs(node)) < 2:
             continue
-        kernel = _kernel_source(body, node, returned)
-        if kernel is None:
+        found = _kernel_source(body, node, returned)
+        if found is None:
             continue
+        kernel, expand, inserted = found
         key = body.read_key(kernel)
         if key is None:
             shape = [d.size for d in kernel.attr["value"].tensor.tensor_shape.dim]
         else:
             shape = list(model.variables[key].shape)
+        if expand is not None:  # the op reads the kernel with a size-1 axis inserted (Conv1D's [1, k, in, out])
+            inserted = inserted + len(shape) + 1 if inserted < 0 else inserted
+            if not 0 <= inserted <= len(shape):
+                continue
+            shape = shape[:inserted] + [1] + shape[inserted:]
         axes = _kernel_axes(node, shape)
-        if axes is None:
+        if axes is None or (expand is not None and inserted in axes):
             continue
         channels = int(np.prod([shape[a] for a in axes]))
+        if expand is not None:  # the same axes of the kernel as stored
+            axes = tuple(a - 1 if a > inserted else a for a in axes)
         taken = []  # the variables the chain's operands read
 
         def tracked(key):
@@ -179,31 +195,41 @@ def _plans(body: b.Body, model: g.TracedModel, returned: set, read=lambda key: N
             taken.append(value is not None)
             return value
 
-        plan = _chain(body, node, channels, returned, tracked)
+        rank = len(shape)
+        plan = _chain(body, node, channels, returned, tracked, rank)
         if plan is not None and any(taken) and not {"Mul", "RealDiv", *FUSED_BATCH_NORMS} & set(plan[3]):
             # a bias variable alone is no batch norm: it stays a variable (a constant bias folds)
-            plan = _chain(body, node, channels, returned)
+            plan = _chain(body, node, channels, returned, rank=rank)
         if plan is not None:
-            last, scale, shift, ops = plan
+            last, scale, shift, ops, head = plan
             if ops == ["BiasAdd"]:
                 continue  # already the folded form
-            plans.append(_Plan(node.name, last, scale, shift, kernel.name, key, axes))
+            plans.append(_Plan(node.name, last, scale, shift, kernel.name, key, axes, head,
+                               None if expand is None else expand.name))
     return plans
 
 
 def _kernel_source(body: b.Body, node, returned: set):
-    """The Const or ReadVariableOp behind ``node``'s kernel (through Identity nodes), when nothing
-    else reads it or the Identities between; else None."""
+    """(the Const or ReadVariableOp behind ``node``'s kernel, the ExpandDims on the way or None,
+    the axis it inserts) through Identity nodes and at most one ExpandDims of a constant axis (how
+    tf.nn.conv1d reads a Conv1D's kernel), when nothing else reads it or the nodes between; else
+    None."""
     reader = node
     producer = body.producer(body.data_inputs(node)[1])
+    expand, inserted = None, 0
     for _ in range(8):
         if producer is not None and producer.op == "Const":
-            return producer  # the folded kernel is a new constant: others may read this one
+            return producer, expand, inserted  # the folded kernel is a new constant: others may read this one
         if producer is None or producer.name in returned or _data_readers(body, producer.name) != [reader.name]:
             return None
         if body.read_key(producer) is not None:
-            return producer
-        if producer.op != "Identity":
+            return producer, expand, inserted
+        if producer.op == "ExpandDims" and expand is None:
+            axis = _evaluate(body, body.data_inputs(producer)[1], 0)
+            if axis is None or axis.size != 1 or axis.dtype.kind != "i":
+                return None
+            expand, inserted = producer, int(axis.reshape(-1)[0])
+        elif producer.op != "Identity":
             return None
         reader, producer = producer, body.producer(body.data_inputs(producer)[0])
     return None
@@ -220,16 +246,22 @@ def _returned(body: b.Body, entry: g.Entry) -> set:
     return {g.parse_input(ref)[0] for ref in (*entry.outputs, *entry.control_outputs)}
 
 
-def _chain(body: b.Body, kernel_op, channels: int, returned: set, read=lambda key: None):
-    """(last node, scale, shift, ops) of the affine chain after ``kernel_op``; None if there is none."""
+def _chain(body: b.Body, kernel_op, channels: int, returned: set, read=lambda key: None, rank: int = 0):
+    """(last node, scale, shift, ops, head) of the affine chain after ``kernel_op`` (of output rank
+    ``rank``), which may start after Squeezes of axes other than the channels' (tf.nn.conv1d's
+    output): ``head`` is the last of them, or the op; None if there is none."""
     scale, shift = np.ones(channels), np.zeros(channels)
-    current, last, ops = kernel_op, None, []
+    current, last, ops, head = kernel_op, None, [], kernel_op
     while True:
         found = sole_reader(body, current, returned)
         if found is None:
             break
         link, position = found
         inputs = body.data_inputs(link)
+        if link.op == "Squeeze" and not ops and _keeps_last(link, rank):
+            current = head = link
+            rank -= len(link.attr["squeeze_dims"].list.i)
+            continue
         if link.op in FUSED_BATCH_NORMS:  # tf-keras's and tf.nn.fused_batch_norm's, in inference
             affine = _fused_batch_norm(body, link, position, kernel_op, channels, read)
             if affine is None:
@@ -260,7 +292,13 @@ def _chain(body: b.Body, kernel_op, channels: int, returned: set, read=lambda ke
         ops.append(link.op)
     if last is None or not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
         return None
-    return last, scale, shift, ops
+    return last, scale, shift, ops, head.name
+
+
+def _keeps_last(squeeze, rank: int) -> bool:
+    """A Squeeze of named axes, none of them the last of a tensor of rank ``rank``."""
+    dims = [d + rank if d < 0 else d for d in squeeze.attr["squeeze_dims"].list.i]
+    return rank > 1 and bool(dims) and all(0 <= d < rank - 1 for d in dims)
 
 
 def _fused_batch_norm(body: b.Body, link, position: int, kernel_op, channels: int, read):

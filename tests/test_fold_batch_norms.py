@@ -403,3 +403,38 @@ def test_keras2_fused_batch_norms_fold(tmp_path):
         out = graphprune.finalize(pm, str(tmp_path / "saved_final"), fold_batch_norms=True)
     assert _ops(out)["FusedBatchNormV3"] == 3
     _close(_serve(out, x), _masked(pm, x))
+
+
+def test_conv1d_batch_norms_fold(tmp_path):
+    """Keras Conv1D and DepthwiseConv1D run as tf.nn.conv1d does: the kernel read through an
+    ExpandDims, the output through a Squeeze before the bias and the batch norm. Their batch norms
+    fold into the stored kernels under finalize's defaults, pruned by elements or by channels and
+    shrunk, with the outputs the masked model's."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16, 3))
+    y = keras.layers.Conv1D(8, 3, use_bias=False, name="conv")(inputs)
+    y = keras.layers.BatchNormalization(name="bn1")(y)
+    y = keras.layers.ReLU(6.0)(y)
+    y = keras.layers.DepthwiseConv1D(3, padding="same", use_bias=False, name="depthwise")(y)
+    y = keras.layers.BatchNormalization(name="bn2")(y)
+    y = keras.layers.ReLU()(y)
+    y = keras.layers.Conv1D(12, 1, name="pointwise")(y)  # with a bias, then a batch norm
+    y = keras.layers.BatchNormalization(name="bn3")(y)
+    y = keras.layers.GlobalAveragePooling1D()(y)
+    exported(keras.Model(inputs, keras.layers.Dense(5, name="head")(y)), str(tmp_path / "export"))
+    x = RNG.rand(4, 16, 3).astype(np.float32)
+    assert _ops(str(tmp_path / "export"))["Rsqrt"] == 3 and _ops(str(tmp_path / "export"))["ExpandDims"] >= 3
+    pm = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), one_shot=True)
+    out = graphprune.finalize(pm, str(tmp_path / "final"))
+    assert _ops(out)["Rsqrt"] == 0
+    _close(_serve(out, x), _masked(pm, x))
+    pm = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
+                          one_shot=True)
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
+    assert _ops(out)["Rsqrt"] == 0
+    _close(_serve(out, x), _masked(pm, x))
+    out = graphprune.finalize(pm, str(tmp_path / "trainable"), shrink=True, freeze=False, fold_batch_norms=True)
+    assert _ops(out)["Rsqrt"] == 0  # folded into the kernels' variables, [k, in, out] as stored
+    _close(_serve(out, x), _masked(pm, x))
