@@ -17,7 +17,9 @@ shrink=True. For the dense model and each shrunk one, on this machine:
     parameters, FLOPs  graphprune.cost (FLOPs: 2 x multiply-adds of convolutions and matmuls) of
                        the Keras export and of the shrunk model with its batch norms not folded;
                        "trainable": without the batch-norm moving statistics (Cost.non_trainable),
-                       as PyTorch counts parameters (benchmarks/torch_pruning_reference.py)
+                       as PyTorch counts parameters (benchmarks/torch_pruning_reference.py); "as
+                       timed" (timed_parameters): the parameters of the two SavedModels the row
+                       times, where they differ (batch norms folded: one bias per channel)
     tf_b1, tf_b32      median latency of the SavedModel's serving function (TensorFlow, its default
                        threads: all cores) at batch 1 and 32: the Keras export against
                        finalize(shrink=True)'s output ("export"); both through finalize's
@@ -198,6 +200,8 @@ def measure(name: str, ratios, size: int, repeats: int, scratch: str, round_to: 
     litert = {}  # every variant converts the same .tflite files: LiteRT is timed with "export" only
     for variant, models in paths.items():
         mine = [row for row in rows if row["variant"] == variant]
+        for row, (path, _) in zip(mine, models):  # what the timed SavedModel holds (batch norms folded or not)
+            row["timed_parameters"] = graphprune.cost(path).parameters
         for row, latencies in zip(mine, _latencies(models, size, repeats, list(threads), litert=variant == "export")):
             row.update(latencies)
             row["litert_ms"] = litert.setdefault(row["ratio"], row.get("litert_ms"))
@@ -240,6 +244,8 @@ def table(rows) -> str:
             if "non_trainable" in row:
                 trainable = (row["parameters"] - row["non_trainable"]) / (base["parameters"] - base["non_trainable"])
                 parameters += f"; trainable {trainable:.3f}x"
+            if "timed_parameters" in row and row["timed_parameters"] != row["parameters"]:
+                parameters += f"; as timed {row['timed_parameters'] / base['timed_parameters']:.3f}x"
             parameters += ")"
         flops = f"{row['flops'] / 1e9:.3f} G" + ("" if row["ratio"] == 0.0 else f" ({row['flops'] / base['flops']:.2f}x)")
         lines.append(f"| {row['model']} | {row['ratio']:.0%} | {VARIANTS[row.get('variant', 'export')]} | {parameters} | {flops} | {cell('tf_b1_ms', 'ms')} | "
