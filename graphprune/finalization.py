@@ -318,9 +318,10 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
         activation (the fold_batch_norms pass): their parameters, constants or variables the
         model never writes, are taken at their values now. None (default): with freeze=True or
         "all" (the kernels are for inference), keeping them where the folded model fails the
-        check (with a warning; True refuses instead); False: never. At batch 1 this is much of
-        a small convolutional model's TensorFlow latency: MobileNetV2 at 128x128, finalized,
-        4.9-5.0 ms folded against 7.3-7.5 ms not (its Keras export: 9.4-10.1 ms).
+        check (with a warning; True refuses instead); False: never. Keras 3's batch norms,
+        tf-keras's FusedBatchNormV3 and those after Conv1D kernels fold. At batch 1 this is
+        much of a small convolutional model's TensorFlow latency (benchmarks/README.md: a
+        shrunk MobileNetV2 at 128x128, 2.8-3.2 ms folded against 4.6-4.8 ms not).
     pointwise_matmul="auto" (default): write each 1x1, stride-1 convolution with a constant or
         variable kernel and at most 8M multiply-adds per image (height and width known) as a
         MatMul between two Reshapes (the pointwise_matmul pass), its BiasAdd and activation
@@ -333,7 +334,7 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
         another order: EfficientNetV2B0 frozen, 4e-5 of the scale), "auto" warns and keeps the
         convolutions. True: every such convolution, whatever its size; False: none, which
         serves frozen residual networks in large batches better (a frozen ResNet50 at 50% of its
-        channels, batch 32: 90-96 ms with "auto", 76-79 ms with False). LiteRT runs both forms
+        channels, batch 32: 9-20% slower with "auto" over four runs). LiteRT runs both forms
         alike.
     """
     from graphprune.api import save_traced
