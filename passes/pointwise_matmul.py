@@ -21,7 +21,8 @@ Identity nodes) of static shape [1, 1, Cin, Cout], and whose input is known to h
 (a grouped convolution's has groups x Cin: left as it is, as is an input of unknown channels).
 Shapes come from TensorFlow's inference on the top graph, and from the _output_shapes a trace
 recorded in function bodies. The BiasAdd and the activation after it (Relu,
-Relu6, Elu, LeakyRelu, Tanh, Sigmoid), each read by the next alone, move into the flat form too,
+Relu6, Elu, LeakyRelu, Tanh, Sigmoid), each read by the next alone (through Identity nodes, which
+move along), move into the flat form too,
 so TensorFlow fuses them with the MatMul as it fused them with the convolution. The chain's last
 op becomes the Reshape back (same name: its readers need no rewiring); the convolution is dead
 (strip_unused removes it). The kernel, Const or variable, keeps its shape and is reshaped where
@@ -145,16 +146,26 @@ def _is_pointwise(shape) -> bool:
 
 
 def _chain(body: b.Body, conv, returned: set) -> list:
-    """The BiasAdd and activation after ``conv`` that move into the flat form, in order."""
+    """The BiasAdd and activation after ``conv`` that move into the flat form, in order, with the
+    Identity nodes before each (fold_batch_norms leaves one where a scale alone was folded)."""
     chain = []
-    link = _next_link(body, conv, returned, {"BiasAdd"} | ACTIVATIONS)
+
+    def following(node, ops):
+        link = _next_link(body, node, returned, ops | {"Identity"})
+        identities = []
+        while link is not None and link.op == "Identity":
+            identities.append(link)
+            link = _next_link(body, link, returned, ops | {"Identity"})
+        return identities, link
+
+    identities, link = following(conv, {"BiasAdd"} | ACTIVATIONS)
     if link is not None and link.op == "BiasAdd":
         if "data_format" in link.attr and link.attr["data_format"].s not in (b"", b"NHWC"):
             return chain
-        chain.append(link)
-        link = _next_link(body, link, returned, ACTIVATIONS)
+        chain += identities + [link]
+        identities, link = following(link, ACTIVATIONS)
     if link is not None:
-        chain.append(link)
+        chain += identities + [link]
     return chain
 
 

@@ -281,3 +281,31 @@ def test_auto_keeps_the_convs_where_the_matmuls_fail_the_check(tmp_path, monkeyp
         out = graphprune.finalize(graphprune.prune(path), str(tmp_path / "auto"))
     assert _ops(out)["Conv2D"] == 2 and _ops(out)["MatMul"] == 0
     _close(_serve(out, x), module(x).numpy())
+
+
+class ScaledPointwise(tf.Module):
+    """A 1x1 conv times a per-channel scale, then ReLU6: folded, the scale leaves an Identity
+    between the conv and its activation."""
+
+    def __init__(self):
+        self.kernel = tf.Variable(RNG.randn(1, 1, 4, 6).astype(np.float32))
+        self.scale = tf.constant(RNG.uniform(0.5, 1.5, 6).astype(np.float32))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 5, 5, 4], tf.float32)])
+    def __call__(self, x):
+        return tf.nn.relu6(tf.nn.conv2d(x, self.kernel, 1, "SAME") * self.scale)
+
+
+def test_the_activation_moves_through_an_identity(tmp_path):
+    module = ScaledPointwise()
+    path = str(tmp_path / "scaled")
+    tf.saved_model.save(module, path)
+    out = graphprune.finalize(graphprune.prune(path), str(tmp_path / "out"))
+    graph = tf.saved_model.load(out).signatures["serving_default"].graph.as_graph_def()
+    nodes = {node.name: node for function in graph.library.function for node in function.node_def}
+    relu = [node for node in nodes.values() if node.op == "Relu6"]
+    assert len(relu) == 1 and _ops(out)["Conv2D"] == 0 and _ops(out)["Mul"] == 0
+    producer = nodes[relu[0].input[0].split(":")[0]]  # the Identity the fold left, on the flat tensor
+    assert producer.op == "Identity" and nodes[producer.input[0].split(":")[0]].op == "MatMul"
+    x = RNG.rand(3, 5, 5, 4).astype(np.float32)
+    _close(_serve(out, x), module(x).numpy())
