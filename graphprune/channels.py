@@ -45,6 +45,9 @@ it does not keep is poisoned):
     Reshape keeping, splitting and merging axes at once (blocks of equal size: [B, C, H, W] ->
                                 [B, heads, d, H * W])   each block as the one-axis rules read it
     ReadVariableOp / AssignVariableOp / Const                          the variable's / constant's axis
+    DepthToSpace / SpaceToDepth (block b, channels last)   the deep side's channels as b * b block
+                                positions (kept whole) x the shallow side's channels, refined as
+                                heads x head dims are
     Range of constant bounds (rotary inverse frequencies)    a constant's axis (shrunk: gathered)
     a slice of one whole head of a split axis (rotary halves: tf.split of the head dims)   the
                                 head dims, channel for channel; the heads (halves) are kept whole
@@ -1411,6 +1414,33 @@ def _space_to_batch(self: _Entry, node) -> None:
     self.same(x, node.name, node, axes=range(1 + blocked.size, len(xs)))
 
 
+def _depth_to_space(self: _Entry, node) -> None:
+    """DepthToSpace(x, b) (a pixel shuffle) and SpaceToDepth(x, b), channels last: the deep side's
+    channel i is block position i // C and channel i % C of the shallow side's C channels. Its
+    channels are refined as heads x head dims are (_refine_factors): the b * b positions kept
+    whole, and channel c, with its copy at every position, one channel of the shallow side. The
+    batch goes through; height and width are regrouped (not channels)."""
+    x = self.body.data_inputs(node)[0]
+    xs, ys, block = self.shape(x), self.shape(node.name), _attr(node, "block_size", "i", 0)
+    if _attr(node, "data_format", "s", b"NHWC") != b"NHWC" or not xs or not ys or len(xs) != 4 or \
+            len(ys) != 4 or block < 2:
+        self.unknown(node)
+        return
+    deep, shallow = (x, node.name) if node.op == "DepthToSpace" else (node.name, x)
+    depth, channels = self.shape(deep)[3], self.shape(shallow)[3]
+    if depth is None or channels is None or depth != block * block * channels:
+        self.unknown(node)
+        return
+    self.link(self.tensor(x, 0), self.tensor(node.name, 0))
+    key = ("t", self.entry.label, self.node_id(node.name))
+    positions = self.graph.space(key + ("positions",), block * block)
+    kept = self.graph.space(key + ("channels",), channels)
+    self.graph.poison(positions, f"{node.op} '{node.name}' moves them into space (its block positions)")
+    self.graph.factors.append((self.tensor(deep, 3), positions, kept))
+    self.claim(deep, 3)  # followed by the factor
+    self.link(self.tensor(shallow, 3), kept)
+
+
 def _reduce(self: _Entry, node) -> None:
     x, axes = self.body.data_inputs(node)[:2]
     value, shape = _constant(self, axes), self.shape(x)
@@ -2761,6 +2791,7 @@ _HANDLERS = {
     **{op: _batch_norm for op in BATCH_NORM_OPS}, **{op: _pool for op in POOL_OPS}, **{op: _resize for op in RESIZE_OPS},
     "Pad": _pad, "PadV2": _pad,
     "MirrorPad": _pad, "SpaceToBatchND": _space_to_batch, "BatchToSpaceND": _space_to_batch,
+    "DepthToSpace": _depth_to_space, "SpaceToDepth": _depth_to_space,
     **{op: _reduce for op in REDUCE_OPS}, "Squeeze": _squeeze_expand,
     "ExpandDims": _squeeze_expand, "Reshape": _reshape, "Transpose": _transpose, "Shape": _shape,
     "ConcatV2": _concat, **{op: _assign for op in ASSIGN_OPS}, "GatherV2": _gather, "ResourceGather": _gather,

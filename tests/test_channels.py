@@ -563,6 +563,43 @@ def test_keras_conv1d_channels_into_a_flatten(tmp_path):
     assert graphprune.cost(out).parameters == _predicted_parameters(pm)
 
 
+def test_pixel_shuffle_channels(tmp_path):
+    """DepthToSpace (a sub-pixel convolution's pixel shuffle) and SpaceToDepth: the deep side's
+    channel i is block position i // C and channel i % C of the shallow side. A channel of the
+    shuffled image goes with its 4 copies in the conv before it (every 6th output), and the next
+    conv's input; a stem channel moved into depth goes with its 4 rows of the next kernel; the
+    block positions stay, and the input image's channels, moved into depth first, stay whole."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16, 16, 3), name="image")
+    x = keras.layers.Lambda(lambda t: tf.nn.space_to_depth(t, 2), name="to_depth")(inputs)  # 8 x 8 x 12
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="stem")(x)
+    x = keras.layers.Lambda(lambda t: tf.nn.space_to_depth(t, 2), name="deeper")(x)  # 4 x 4 x (4 x 16)
+    x = keras.layers.Conv2D(24, 3, padding="same", name="subpixel")(x)  # 4 positions x 6 channels
+    x = keras.layers.Lambda(lambda t: tf.nn.depth_to_space(t, 2), name="shuffle")(x)  # 8 x 8 x 6
+    x = keras.layers.Conv2D(8, 3, activation="relu", name="after")(x)
+    x = keras.layers.Dense(3, name="head")(keras.layers.GlobalAveragePooling2D()(x))
+    keras.Model(inputs, x).export(str(tmp_path / "export"), verbose=False)
+    pm = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
+                          one_shot=True)
+    groups = graphprune.channel_groups(pm)
+    assert sorted(group.size for group in groups if group.prunable) == [6, 8, 16], channels.describe(groups)
+    shuffled = next(group for group in groups if group.prunable and group.size == 6)
+    assert ("after/kernel", 2, "in", 0, 6, None) in _members(shuffled), channels.describe([shuffled])
+    stem = next(group for group in groups if group.prunable and group.size == 16)
+    assert ("subpixel/kernel", 2, "in", 0, 16, 16) in _members(stem), channels.describe([stem])
+    assert any(not group.prunable and "moves them into space" in group.reason for group in groups)
+    x = np.random.RandomState(0).rand(3, 16, 16, 3).astype(np.float32)
+    masked = pm.serve(x).numpy()
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
+    small = tf.saved_model.load(out)
+    np.testing.assert_allclose(small.serve(x).numpy(), masked, atol=1e-5 * np.abs(masked).max(), rtol=0)
+    assert _weight_shape(out, "subpixel/kernel") == (3, 3, 32, 12) and _weight_shape(out, "after/kernel") == (3, 3, 3, 4)
+    assert graphprune.cost(out).parameters == _predicted_parameters(pm)
+    assert check_tflite(out, str(tmp_path / "small.tflite"), x, masked, float(np.abs(masked).max())) == "ok"
+
+
 class DeadBranch(tf.Module):
     """A product computed for nothing beside the one returned."""
 
