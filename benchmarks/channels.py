@@ -198,10 +198,13 @@ def measure(name: str, ratios, size: int, repeats: int, scratch: str, round_to: 
                      "prune_finalize_s": seconds})
         rows += [{**rows[-1], "variant": variant} for variant in list(FINALIZE)[1:]]
     litert = {}  # every variant converts the same .tflite files: LiteRT is timed with "export" only
+    counted = {}  # SavedModel -> parameters: variants share the Keras export and finalize's default output
     for variant, models in paths.items():
         mine = [row for row in rows if row["variant"] == variant]
         for row, (path, _) in zip(mine, models):  # what the timed SavedModel holds (batch norms folded or not)
-            row["timed_parameters"] = graphprune.cost(path).parameters
+            if path not in counted:
+                counted[path] = graphprune.cost(path).parameters
+            row["timed_parameters"] = counted[path]
         for row, latencies in zip(mine, _latencies(models, size, repeats, list(threads), litert=variant == "export")):
             row.update(latencies)
             row["litert_ms"] = litert.setdefault(row["ratio"], row.get("litert_ms"))

@@ -1431,7 +1431,7 @@ def _depth_to_space(self: _Entry, node) -> None:
     if depth is None or channels is None or depth != block * block * channels:
         self.unknown(node)
         return
-    self.link(self.tensor(x, 0), self.tensor(node.name, 0))
+    self.same(x, node.name, node, axes=[0])
     key = ("t", self.entry.label, self.node_id(node.name))
     positions = self.graph.space(key + ("positions",), block * block)
     kept = self.graph.space(key + ("channels",), channels)
