@@ -1149,6 +1149,8 @@ def _contracted(self: _Entry, node, *operands) -> None:
 
 KERNEL_PRODUCT_OPS = {"MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3", "Einsum", "Conv2D", "Conv3D",
                       "DepthwiseConv2dNative"}
+ZERO_KEEPING_OPS = {"Square", "Abs", "Sqrt", "Relu", "Relu6", "Elu", "Selu", "LeakyRelu", "Tanh", "Softsign", "Erf",
+                    "Expm1", "Sin", "Sign", "Gelu", "Atan", "Asinh"}  # f(0) = 0, one value in, one out
 REMOVED_KEEPING_VIEWS = {"Reshape": 0, "Transpose": 0, "ExpandDims": 0, "Squeeze": 0, "Identity": 0, "Cast": 0,
                          "Snapshot": 0, "Unpack": 0, "Split": 1, "SplitV": 0, "StridedSlice": 0, "Slice": 0, "Neg": 0}
 
@@ -1173,6 +1175,12 @@ def _when_removed(self: _Entry, ref: str, seen: dict | None = None) -> str | Non
         verdict = "zero" if any(_weight_operand(self, operand) for operand in inputs) else None
     elif node.op in REMOVED_KEEPING_VIEWS:
         verdict = _when_removed(self, inputs[REMOVED_KEEPING_VIEWS[node.op]], seen)
+    elif node.op in ZERO_KEEPING_OPS:  # zero stays zero, one value stays one value
+        verdict = _when_removed(self, inputs[0], seen)
+    elif node.op == "Pow":  # x ** p, p a positive constant scalar (an L2 norm's square)
+        exponent = _constant(self, inputs[1])
+        if exponent is not None and np.size(exponent) == 1 and float(np.ravel(exponent)[0]) > 0:
+            verdict = _when_removed(self, inputs[0], seen)
     elif node.op in ("ConcatV2", "Pack", "Add", "AddV2", "BiasAdd", "Sub", "AddN"):
         operands = inputs[:-1] if node.op == "ConcatV2" else inputs
 
@@ -1454,7 +1462,7 @@ def _reduce(self: _Entry, node) -> None:
         self.unknown(node, f"{node.op} '{node.name}' reduces over the channels" if (rank - 1) in reduced else None)
         return
     if (rank - 1) in reduced:
-        if not _kept_mean_reduction(self, node, reduced, rank):
+        if not _kept_mean_reduction(self, node, reduced, rank) and not (node.op == "Sum" and _summed(self, node, x)):
             hint = " (a layer norm's: residual_stream=True removes them)" if node.op == "Mean" and \
                 reduced == {rank - 1} and not self.body.is_function and not self.graph.through_means else ""
             # only the reduced axis: a q/k norm over the head dims leaves the heads prunable
@@ -1467,6 +1475,23 @@ def _reduce(self: _Entry, node) -> None:
             self.link(self.tensor(x, axis), self.tensor(node.name, axis if keep else position))
         elif keep:
             self.claim(node.name, axis)  # size 1: broadcasts back
+
+
+def _summed(self: _Entry, node, x: str) -> bool:
+    """Whether a Sum over the channels of ``x`` (last axis) may lose removed ones: a removed
+    channel adds what it holds, so it may where that is zero (an L2 norm of a projection without a
+    bias: CLIP's head), a constant that only shifts what softmaxes read, or zeroed by insert_masks
+    (names.kept_product; see _zeroed_operand), as for a product of two activations (_contracted).
+    The channels are then contracted: they go only where the kernels that make them hold zeros."""
+    axis = len(self.shape(x)) - 1
+    removed = _when_removed(self, x)
+    if not (removed == "zero" or removed == "constant" and _shift_only(self, node) or
+            _zeroed_operand(self, node, [(x, axis)])):
+        return False
+    space = self.tensor(x, axis)
+    if space is not None:
+        self.graph.contracted.setdefault(space, True)
+    return True
 
 
 def _kept_mean_reduction(self: _Entry, node, reduced: set, rank: int) -> bool:

@@ -1033,7 +1033,7 @@ def _predicted_parameters(pm) -> int:
                 axis[m.indices(dim, np.flatnonzero(~used))] = False
     total = 0
     for key, spec in pm.traced.variables.items():
-        if spec.role == names.ROLE_OTHER and len(spec.shape) >= 1:
+        if spec.role == names.ROLE_OTHER and len(spec.shape) >= 1 and "float" in spec.dtype:  # as cost counts
             total += int(np.prod([int(kept[(key, axis)].sum()) if (key, axis) in kept else size
                                   for axis, size in enumerate(spec.shape)]))
     return total
@@ -1633,8 +1633,10 @@ def test_keras_hub_hidden_size(tmp_path, name):
 
 
 class _Views(tf.Module):
-    """Hidden layers read through views that pick channels by place (an index, part of the axis,
-    a repeat, a gather along it) or keep them (a broadcast, a whole slice)."""
+    """Hidden layers read through views that pick channels by place (an index, a repeat, a gather
+    along it) or keep them (a broadcast, a whole slice); and part of the axis, summed over: each
+    part is a group (its bounds rewritten), and the Sum loses nothing by a removed channel (zero
+    after a ReLU of a product without a bias)."""
 
     def __init__(self):
         super().__init__()
@@ -1679,10 +1681,11 @@ def _shrunk_as_masked(pm, tmp_path, name="small") -> str:
 
 def test_views_that_pick_channels_by_place_keep_their_group_whole(tmp_path):
     pm, groups = _views_pruned(tmp_path, _Views())
-    assert {name for name, group in groups.items() if group.prunable} == {"broadcast", "whole"}, \
+    assert {name for name, group in groups.items() if group.prunable} == {"broadcast", "whole", "part"}, \
         graphprune.channels.describe(groups.values())
     out = _shrunk_as_masked(pm, tmp_path)
     assert _weight_shape(out, "broadcast/kernel") == (8, 8) and _weight_shape(out, "index/kernel") == (8, 16)
+    assert _weight_shape(out, "part/kernel") == (8, 8)  # 4 of the 8 summed, 4 of the other 8
 
 
 class _Regroups(tf.Module):
@@ -2153,6 +2156,95 @@ def test_a_squeeze_of_every_size_1_axis_keeps_a_channel_axis_of_1(tmp_path):
     assert groups["squeezed"].prunable, graphprune.channels.describe(groups.values())
     out = _shrunk_as_masked(pm, tmp_path)
     assert _weight_shape(out, "squeezed/kernel") == (8, 1) and _weight_shape(out, "squeezed/bias") == (1, 1)
+
+
+class _CosineTowers(tf.Module):
+    """Two towers projected to 4 channels, L2-normalized (tf.math.l2_normalize: a Sum of squares
+    over the channels) and compared by a product over them, as CLIP's and SigLIP's heads do.
+    ``kind``: "plain" (projections without biases), "biased" (a bias after each projection) or
+    "max" (the largest projected value is an output too)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        rng = np.random.RandomState(0)
+        self.kind = kind
+        self.hidden = [tf.Variable(rng.standard_normal([8, 6]).astype(np.float32), name=f"tower{i}/kernel")
+                       for i in range(2)]
+        self.project = [tf.Variable(rng.standard_normal([6, 4]).astype(np.float32), name=f"project{i}/kernel")
+                        for i in range(2)]
+        self.bias = [tf.Variable(rng.standard_normal([4]).astype(np.float32), name=f"project{i}/bias")
+                     for i in range(2)]
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32)])
+    def __call__(self, x):
+        towers = []
+        for hidden, project, bias in zip(self.hidden, self.project, self.bias):
+            e = tf.matmul(tf.nn.relu(tf.matmul(x, hidden)), project)
+            towers.append(e + bias if self.kind == "biased" else e)
+        a, b_ = (tf.math.l2_normalize(e, -1) for e in towers)
+        logits = tf.matmul(a, b_, transpose_b=True) * 3.0
+        if self.kind == "max":
+            return logits + tf.reduce_max(towers[0], -1, keepdims=True)
+        return logits
+
+
+@pytest.mark.parametrize("kind", ["plain", "biased", "max"])
+def test_channels_summed_over(tmp_path, kind):
+    """A Sum over the channels was "an op graphprune does not model": an L2 norm's kept the
+    projections' channels whole (keras-hub CLIP's and MetaCLIP 2's projection_dim). A removed
+    channel adds what it holds to a Sum: nothing where it is zero (a projection without a bias,
+    squared), so the Sum is read as a product of two activations is (channels._contracted): the
+    projections' channels go. With biases, insert_masks zeroes the removed channels in what the
+    Sum and the product read (names.kept_product); a Max over them still keeps them whole."""
+    pm, _ = _views_pruned(tmp_path, _CosineTowers(kind))
+    group = next(group for group in graphprune.channel_groups(pm)
+                 if any(m.name == "project0/kernel" and m.axis == 1 for m in group.members))
+    assert {(m.name, m.axis, m.role) for m in group.members} >= {("project0/kernel", 1, "out"),
+                                                                 ("project1/kernel", 1, "out")}
+    out = _shrunk_as_masked(pm, tmp_path)
+    if kind == "max":
+        assert not group.prunable and "Max" in group.reason, channels.describe([group])
+        assert _weight_shape(out, "project0/kernel")[1] == 4
+        return
+    assert group.prunable and group.size == 4, channels.describe([group])
+    zeroed = [n for n in pm.traced.entries[0].graph_def.node if names.kept_product_part(n.name) == "apply"]
+    assert len(zeroed) == (3 if kind == "biased" else 0)  # both Sums, and one operand of the product
+    assert _weight_shape(out, "project0/kernel") == (_weight_shape(out, "project0/kernel")[0], 2)
+    assert _weight_shape(out, "project1/kernel")[1] == 2
+    assert graphprune.cost(out).parameters == _predicted_parameters(pm)
+
+
+@pytest.mark.slow
+def test_keras_hub_clip_projections(tmp_path):
+    """keras-hub CLIP from its config: the head L2-normalizes both projections (a Sum of squares
+    over projection_dim) and multiplies them. The projections' channels were left whole ("Sum
+    'clip_head/Sum' reduces over the channels"); now they go, with both towers' heads and MLP
+    neurons, and the shrunk model computes the masked one's logits."""
+    import keras_hub
+
+    models = keras_hub.models
+    model = models.CLIPBackbone(
+        models.CLIPVisionEncoder(patch_size=8, hidden_dim=16, num_layers=1, num_heads=2, intermediate_dim=32,
+                                 image_shape=(32, 32, 3)),
+        models.CLIPTextEncoder(vocabulary_size=50, embedding_dim=16, hidden_dim=16, num_layers=1, num_heads=2,
+                               intermediate_dim=32, max_sequence_length=8),
+        projection_dim=16)
+    model.export(str(tmp_path / "export"), verbose=False)
+    pm = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
+                          one_shot=True)
+    groups = graphprune.channel_groups(pm)
+    projections = next(group for group in groups
+                       if any(m.name == "text_projection/kernel" and m.axis == 1 for m in group.members))
+    assert projections.prunable and projections.size == 16, channels.describe([projections])
+    assert ("vision_projection/kernel", 1) in {(m.name, m.axis) for m in projections.members}
+    # heads and their query/key and value dims, MLP neurons, of both towers; the projections
+    assert sorted(group.size for group in groups if group.prunable) == [2, 2, 8, 8, 8, 8, 16, 32, 32]
+    rng = np.random.RandomState(0)
+    inputs = {"images": tf.constant(rng.standard_normal([2, 32, 32, 3]).astype(np.float32)),
+              "token_ids": tf.constant(rng.randint(0, 50, size=(2, 8)), tf.int32)}
+    out = _hub_shrunk_as_masked(pm, tmp_path, inputs)
+    assert _weight_shape(out, "text_projection/kernel")[1] == 8
+    assert graphprune.cost(out).parameters == _predicted_parameters(pm)
 
 
 class _GroupedConvs(tf.Module):
