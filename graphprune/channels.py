@@ -59,6 +59,8 @@ it does not keep is poisoned):
                                 arithmetic and then float math or an output (1 / sqrt(head dims)):
                                 shrink_channels writes the size it had (Analysis.numbers); into
                                 nothing: no effect; into anything else: the axis is left whole
+    Sum over the channels (an L2 norm)   read as a product of two activations is (below): a removed
+                                channel adds what it holds (_summed)
     Mean over the channels alone (a layer norm)   with analyze(through_means=True) it does not
                                 poison: insert_masks makes it a mean over the kept channels
                                 (names.kept_mean), which later analyses accept: by default where its

@@ -45,7 +45,7 @@ MAX_FROZEN_BYTES = 16 << 20
 
 def finalize_model(prunable, *, freeze: bool | str = True, verify: bool = False,
                    max_frozen_bytes: int = MAX_FROZEN_BYTES, shrink: bool = False, fold_batch_norms=None,
-                   pointwise_matmul: bool | str = False):
+                   pointwise_matmul: bool | str = False, fold_pads: bool | None = False):
     """(final TracedModel, the values its variables are read from, pipeline result); nothing written.
 
     The pruned weights are folded (w := w * mask) into variables first: into the ones loaded from
@@ -80,6 +80,8 @@ def finalize_model(prunable, *, freeze: bool | str = True, verify: bool = False,
         steps += [("fold_batch_norms", {"variables": True}), ("strip_unused", {})]
     if pointwise_matmul:
         steps += [("pointwise_matmul", {"max_macs": _max_macs(pointwise_matmul)}), ("strip_unused", {})]
+    if fold_pads:
+        steps += [("fold_pads", {}), ("strip_unused", {})]
     values = VariableValues(live)
     after_pass = optional_verifier(verify, values, ones_masks=False)
     result = run_pipeline(traced, steps, PassContext(values=values), after_pass=after_pass)
@@ -106,7 +108,7 @@ def _max_macs(pointwise_matmul) -> int | None:
 
 
 # what each pass finalize may give up reports of what it changed
-_CHANGED = {"pointwise_matmul": "rewritten", "fold_batch_norms": "folded"}
+_CHANGED = {"pointwise_matmul": "rewritten", "fold_batch_norms": "folded", "fold_pads": "folded"}
 
 
 def _changed(result, pass_name: str) -> bool:
@@ -285,7 +287,7 @@ def products_as_folded_weights(masked):
 def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool = False, verify: bool = False,
              check: bool = True, max_frozen_bytes: int = MAX_FROZEN_BYTES, progress=None, shrink: bool = False,
              fold_batch_norms: bool | None = None, check_tolerance: float = 1e-5,
-             pointwise_matmul: bool | str = "auto") -> str:
+             pointwise_matmul: bool | str = "auto", fold_pads: bool | None = None) -> str:
     """Fold the masks into the weights, drop every mask/step/update op, and write a SavedModel
     with the original signatures that plain TensorFlow loads and runs (no graphprune needed).
 
@@ -336,6 +338,11 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
         serves frozen residual networks in large batches better (a frozen ResNet50 at 50% of its
         channels, batch 32: 9-20% slower with "auto" over four runs). LiteRT runs both forms
         alike.
+    fold_pads: fold a zero Pad before a VALID convolution into it where the Pad adds what SAME
+        padding would (the fold_pads pass): Keras pads the input of every stride-2 depthwise
+        convolution of MobileNet, MobileNetV2 and EfficientNet so, and TensorFlow runs each Pad as
+        an op of its own (TFLite's converter folds them itself). None (default): fold, keeping the Pads where the
+        folded model fails the check (with a warning; True refuses instead); False: never.
     """
     from graphprune.api import save_traced
     from graphprune.progress import Stages
@@ -352,12 +359,16 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
     check_output(output_dir, overwrite=overwrite, inputs=inputs)
     stages = Stages("finalize", progress)
 
-    def build(pointwise_matmul, fold_batch_norms):
+    if fold_pads is not None and not isinstance(fold_pads, (bool, np.bool_)):
+        raise GraphPruneError(f"fold_pads must be True, False or None, got {fold_pads!r}")
+
+    def build(pointwise_matmul, fold_batch_norms, fold_pads):
         return finalize_model(prunable, freeze=freeze, verify=verify, max_frozen_bytes=max_frozen_bytes,
-                              shrink=shrink, fold_batch_norms=fold_batch_norms, pointwise_matmul=pointwise_matmul)
+                              shrink=shrink, fold_batch_norms=fold_batch_norms, pointwise_matmul=pointwise_matmul,
+                              fold_pads=fold_pads is not False)
 
     with stages("fold masks and strip the pruning ops"):
-        final, values, result = build(pointwise_matmul, fold_batch_norms)
+        final, values, result = build(pointwise_matmul, fold_batch_norms, fold_pads)
     if fold_batch_norms is True and not _changed(result, "fold_batch_norms"):
         warnings.warn("graphprune: finalize: fold_batch_norms folded nothing: no per-channel scale or shift (from "
                       "constants or variables the model never writes) follows a kernel read nowhere else",
@@ -379,7 +390,10 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
                                      "they stay convolutions", "pointwise_matmul=True"),
                 "fold_batch_norms": (fold_batch_norms is None,
                                      "its batch norms folded into the kernels (fold_batch_norms's default)",
-                                     "they stay as they are", "fold_batch_norms=True")}
+                                     "they stay as they are", "fold_batch_norms=True"),
+                "fold_pads": (fold_pads is None,
+                              "its Pads folded into the convolutions' SAME padding (fold_pads's default)",
+                              "they stay Pads", "fold_pads=True")}
     fallbacks, given_up = None, []  # what to give up in turn: known once the first check fails
     while check:
         with stages("check against the masked model"):
@@ -398,7 +412,7 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
         del final, values, result
         with stages(f"fold masks and strip the pruning ops, {' and '.join(given_up)} off"):
             final, values, result = build(**{"pointwise_matmul": pointwise_matmul,
-                                             "fold_batch_norms": fold_batch_norms,
+                                             "fold_batch_norms": fold_batch_norms, "fold_pads": fold_pads,
                                              **{option: False for option in given_up}})
     for option in given_up:
         _, what, instead, asked = defaults[option]

@@ -15,4 +15,5 @@ from graphprune.passes import strip_unused  # noqa: F401  dead nodes, variables,
 from graphprune.passes import shrink_channels  # noqa: F401  dead channels out of every coupled weight
 from graphprune.passes import fold_batch_norms  # noqa: F401  per-channel scale and shift into the kernel
 from graphprune.passes import pointwise_matmul  # noqa: F401  1x1 convolutions as matrix products
+from graphprune.passes import fold_pads  # noqa: F401  a Pad that SAME padding adds, into the convolution
 from graphprune.passes import static_batch  # noqa: F401  fixed batch for TFLite (RNN TensorLists)

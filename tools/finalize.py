@@ -37,6 +37,10 @@ _POINTWISE = flags.DEFINE_bool("pointwise_matmul", None, "Write every 1x1, strid
                                "two Reshapes: faster in TensorFlow on several threads (oneDNN's small convolutions "
                                "cost more a call), the same in LiteRT. Default: only those of at most 8M "
                                "multiply-adds per image (larger ones gain nothing); --nopointwise_matmul: none.")
+_PADS = flags.DEFINE_bool("fold_pads", None, "Fold a zero Pad before a VALID convolution into the convolution where "
+                          "it pads as SAME would (Keras's stride-2 depthwise convs): one op less each in "
+                          "TensorFlow (TFLite's converter folds them itself). Default: on, kept off (with a warning) where the folded model "
+                          "fails the check; --fold_pads refuses then instead; --nofold_pads: never.")
 
 _TOLERANCE = flags.DEFINE_float("check_tolerance", 1e-5, "Refuse (nothing written) a finalized model whose outputs "
                                 "differ from the masked model's by more than this fraction of their scale.")
@@ -62,7 +66,8 @@ def main(argv):
                                verify=_VERIFY.value, max_frozen_bytes=_MAX_FROZEN.value << 20,
                                progress=common.progress(), shrink=_SHRINK.value,
                                fold_batch_norms=_FOLD.value, check_tolerance=_TOLERANCE.value,
-                               pointwise_matmul="auto" if _POINTWISE.value is None else _POINTWISE.value)
+                               pointwise_matmul="auto" if _POINTWISE.value is None else _POINTWISE.value,
+                               fold_pads=_PADS.value)
     if _SHRINK.value:
         size = _UNKNOWN.value
         before, after = (graphprune.cost(p, unknown_size=size) for p in (export.INPUT.value, path))
