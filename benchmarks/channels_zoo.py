@@ -1,7 +1,7 @@
 """Channel pruning across public models nobody here wrote: every keras.applications family and
 keras-hub backbones, pruned at 50% of each group's channels and shrunk.
 
-    python benchmarks/channels_zoo.py [--only=Xception,phi3]      (about 15 minutes on 2 cores)
+    python benchmarks/channels_zoo.py [--only=Xception,phi3]      (about 17 minutes on 2 cores)
 
 Each model is built from its config with random weights (keras.applications' batch norms
 calibrated on 32 random images, as tests/test_zoo_applications.py does; keras-hub backbones at
@@ -82,6 +82,38 @@ def _hub_builders():
                                             hidden_dim=16, intermediate_dim=32),
         "siglip": lambda: keras_hub.models.SigLIPVisionEncoder(patch_size=8, hidden_dim=16, num_layers=1, num_heads=2,
                                                                intermediate_dim=32, image_shape=(32, 32, 3)),
+        "clip": lambda: models.CLIPBackbone(
+            models.CLIPVisionEncoder(patch_size=8, hidden_dim=16, num_layers=1, num_heads=2, intermediate_dim=32,
+                                     image_shape=(32, 32, 3)),
+            models.CLIPTextEncoder(vocabulary_size=50, embedding_dim=16, hidden_dim=16, num_layers=1, num_heads=2,
+                                   intermediate_dim=32, max_sequence_length=8), projection_dim=16),
+        "metaclip2": lambda: models.MetaCLIP2Backbone(
+            models.MetaCLIP2VisionEncoder(patch_size=8, hidden_dim=16, num_layers=1, num_heads=2, intermediate_dim=32,
+                                          image_shape=(32, 32, 3)),
+            models.MetaCLIP2TextEncoder(vocabulary_size=50, embedding_dim=16, hidden_dim=16, num_layers=1,
+                                        num_heads=2, intermediate_dim=32, max_sequence_length=8), projection_dim=16),
+        "paligemma": lambda: models.PaliGemmaBackbone(
+            vocabulary_size=50, image_size=16, num_layers=1, num_query_heads=2, num_key_value_heads=1, hidden_dim=16,
+            intermediate_dim=32, head_dim=8, vit_patch_size=8, vit_num_heads=2, vit_hidden_dim=16, vit_num_layers=1,
+            vit_intermediate_dim=32),
+        "gemma4": lambda: models.Gemma4Backbone(vocabulary_size=50, image_size=16, num_layers=2, num_query_heads=4,
+                                                num_key_value_heads=2, hidden_dim=16, intermediate_dim=32, head_dim=4,
+                                                sliding_window_size=8, sliding_window_pattern=2),
+        "smollm3": lambda: models.SmolLM3Backbone(
+            vocabulary_size=50, hidden_dim=16, intermediate_dim=32, num_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, attention_bias=False, attention_dropout=0.0, rope_layer_enabled_list=[True, False],
+            layer_types=["full_attention", "full_attention"], mlp_bias=False, layer_norm_epsilon=1e-6,
+            max_position_embeddings=32, rope_theta=10000.0, partial_rotary_factor=1.0),
+        "esm2": lambda: models.ESM2Backbone(vocabulary_size=50, num_layers=1, num_heads=2, hidden_dim=16,
+                                            intermediate_dim=32, max_sequence_length=16),
+        "segformer": lambda: models.SegFormerBackbone(
+            image_encoder=models.MiTBackbone(layerwise_depths=[1, 1], num_layers=2, layerwise_num_heads=[1, 2],
+                                             layerwise_sr_ratios=[2, 1], max_drop_path_rate=0.0,
+                                             layerwise_patch_sizes=[7, 3], layerwise_strides=[4, 2],
+                                             image_shape=(32, 32, 3), hidden_dims=[8, 16]), projection_filters=16),
+        "videoprism": lambda: models.VideoPrismBackbone(num_frames=2, patch_size=8, hidden_dim=16, intermediate_dim=32,
+                                                        num_heads=2, num_spatial_layers=1, num_temporal_layers=1,
+                                                        num_auxiliary_layers=0, image_shape=(16, 16, 3)),
         "vgg": lambda: models.VGGBackbone(stackwise_num_repeats=[1, 2], stackwise_num_filters=[8, 16],
                                           image_shape=(32, 32, 3)),
         "densenet": lambda: models.DenseNetBackbone(stackwise_num_repeats=[2, 2], image_shape=(32, 32, 3),
