@@ -45,7 +45,7 @@ MAX_FROZEN_BYTES = 16 << 20
 
 def finalize_model(prunable, *, freeze: bool | str = True, verify: bool = False,
                    max_frozen_bytes: int = MAX_FROZEN_BYTES, shrink: bool = False, fold_batch_norms=None,
-                   pointwise_matmul: bool | str = False, fold_pads: bool | None = False):
+                   pointwise_matmul: bool | str = False, fold_pads: bool = False):
     """(final TracedModel, the values its variables are read from, pipeline result); nothing written.
 
     The pruned weights are folded (w := w * mask) into variables first: into the ones loaded from
@@ -354,15 +354,16 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
         pointwise_matmul = bool(pointwise_matmul)
     if pointwise_matmul is not False:
         _max_macs(pointwise_matmul)  # a bad value is refused before anything is read or written
+    if isinstance(fold_pads, np.bool_):
+        fold_pads = bool(fold_pads)
+    if fold_pads is not None and not isinstance(fold_pads, bool):
+        raise GraphPruneError(f"fold_pads must be True, False or None, got {fold_pads!r}")
     number = isinstance(check_tolerance, (int, float, np.integer, np.floating)) and not isinstance(check_tolerance, bool)
     if not number or not 0 <= check_tolerance < 1:
         raise GraphPruneError(f"check_tolerance must be a number in [0, 1) (of the output scale), got {check_tolerance!r}")
     inputs = [prunable] if isinstance(prunable, (str, os.PathLike)) else []
     check_output(output_dir, overwrite=overwrite, inputs=inputs)
     stages = Stages("finalize", progress)
-
-    if fold_pads is not None and not isinstance(fold_pads, (bool, np.bool_)):
-        raise GraphPruneError(f"fold_pads must be True, False or None, got {fold_pads!r}")
 
     def build(pointwise_matmul, fold_batch_norms, fold_pads):
         return finalize_model(prunable, freeze=freeze, verify=verify, max_frozen_bytes=max_frozen_bytes,

@@ -39,8 +39,9 @@ _POINTWISE = flags.DEFINE_bool("pointwise_matmul", None, "Write every 1x1, strid
                                "multiply-adds per image (larger ones gain nothing); --nopointwise_matmul: none.")
 _PADS = flags.DEFINE_bool("fold_pads", None, "Fold a zero Pad before a VALID convolution into the convolution where "
                           "it pads as SAME would (Keras's stride-2 depthwise convs): one op less each in "
-                          "TensorFlow (TFLite's converter folds them itself). Default: on, kept off (with a warning) where the folded model "
-                          "fails the check; --fold_pads refuses then instead; --nofold_pads: never.")
+                          "TensorFlow (TFLite's converter folds them itself). Default: on, kept off (with a "
+                          "warning) where the folded model fails the check; --fold_pads refuses then instead; "
+                          "--nofold_pads: never.")
 
 _TOLERANCE = flags.DEFINE_float("check_tolerance", 1e-5, "Refuse (nothing written) a finalized model whose outputs "
                                 "differ from the masked model's by more than this fraction of their scale.")
