@@ -144,3 +144,27 @@ def test_bad_value_and_cli_flag(tmp_path):
                                 capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-2000:]
         assert _padded_convolutions(out) == padded
+
+
+class UnknownSize(tf.Module):
+    """Keras's pad before a stride-2 depthwise conv on an image of unknown height and width: SAME
+    would pad an odd size (1, 1), an even one (0, 1), so the Pad stays."""
+
+    def __init__(self):
+        self.depthwise = tf.Variable(RNG.randn(3, 3, 4, 1).astype(np.float32))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 4], tf.float32)])
+    def __call__(self, x):
+        padded = tf.pad(x, [[0, 0], [0, 1], [0, 1], [0, 0]])
+        return tf.nn.depthwise_conv2d(padded, self.depthwise, [1, 2, 2, 1], "VALID")
+
+
+def test_unknown_sizes_keep_their_pads(tmp_path):
+    module = UnknownSize()
+    path = str(tmp_path / "unknown")
+    tf.saved_model.save(module, path)
+    out = graphprune.finalize(graphprune.prune(path), str(tmp_path / "out"))
+    assert _padded_convolutions(out) == 1
+    for shape in [(1, 8, 8, 4), (2, 7, 9, 4)]:
+        x = RNG.rand(*shape).astype(np.float32)
+        _close(_serve(out, x), module(x).numpy())
