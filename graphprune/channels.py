@@ -3145,6 +3145,11 @@ def _refine_round(graph: _Graph, factors: list) -> list:
             for space in (whole, heads, dims):
                 graph.poison(space, "it is split into heads whose sizes are not known statically")
             continue
+        if 1 in sizes[1:]:  # one head, or heads of one dim: channel i is that part's i, nothing to split
+            # (refining a part of period d by d again would give itself back: Gemma 3n's 2 x 2 AltUp
+            # coefficients split a second time)
+            extra_edges.append((whole, dims if sizes[1] == 1 else heads, 0))
+            continue
         component = nx.node_connected_component(plain, whole) if whole in plain else {whole}
         period = sizes[2]
         why, slices = None, _head_slices(graph, component, edges_of, sizes[0], period)

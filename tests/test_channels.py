@@ -2852,6 +2852,14 @@ def _hub_more_models():
     return {
         # ALiBi: a slope per head, a constant that goes with its head
         "bloom": lambda: models.BloomBackbone(vocabulary_size=50, num_heads=2, **small),
+        # AltUp's 2 x 2 coefficient matrices, Laurel's low-rank residual, per-layer inputs: a 2 x 2
+        # split refined a second time into 1 x 2 crashed the analysis (KeyError in _atoms)
+        "gemma3n": lambda: models.Gemma3nBackbone(
+            text_vocab_size=50, text_hidden_size=16, num_hidden_layers=2, pad_token_id=0, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=4, intermediate_size=[32, 32], hidden_activation="gelu_approximate",
+            layer_types=["sliding_attention", "full_attention"], sliding_window=8, rope_theta=10000.0,
+            max_position_embeddings=32, vocab_size_per_layer_input=50, hidden_size_per_layer_input=4,
+            altup_num_inputs=2, laurel_rank=4),
         # one layer's weights shared by two layers (a group of weights read twice)
         "albert": lambda: models.AlbertBackbone(vocabulary_size=50, num_layers=2, num_heads=2, embedding_dim=8,
                                                 hidden_dim=16, intermediate_dim=32, max_sequence_length=8),
@@ -2917,7 +2925,7 @@ def _mobilenetv5():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["bloom", "albert", "moonshine", "t5gemma", "deeplab", "depthanything", "mobilenet",
-                                  "gptoss", "mobilenetv5", "vitdet"])
+                                  "gptoss", "mobilenetv5", "vitdet", "gemma3n"])
 def test_keras_hub_more_families_shrink(tmp_path, name):
     """keras-hub models of families the other tests do not build, pruned as a user would and
     shrunk: the groups found are the ones the architecture has, the shrunk model computes the
@@ -2955,7 +2963,11 @@ def test_keras_hub_more_families_shrink(tmp_path, name):
                 # the heads of both layers (merged with the batch), MLP neurons, the neck's first conv; the
                 # query, key and value dims (one axis, which the relative position tables read as well:
                 # insert_masks zeroes the removed ones in the queries those tables multiply)
-                "vitdet": [2, 2, 8, 8, 8, 32, 32]}[name]
+                "vitdet": [2, 2, 8, 8, 8, 32, 32],
+                # per layer: AltUp's router outputs, key/value heads, the query heads within each group,
+                # Laurel's low rank, MLP neurons (the head dims, normed over them, the AltUp coefficients,
+                # the per-layer inputs' channels and the residual stream stay whole, with their reasons)
+                "gemma3n": [2, 2, 2, 2, 2, 2, 4, 4, 32, 32]}[name]
     assert sorted(group.size for group in groups if group.prunable) == expected, channels.describe(groups)
     spec = pm.signatures["serving_default"].structured_input_signature[1]
     rng = np.random.RandomState(0)
