@@ -29,6 +29,10 @@ from graphprune.pipeline import PassContext
 # than MAX_INPUT_ELEMENTS is not tried.
 INPUT_SIZES = ((2, 2), (32, 32), (32, 2), (512, 512), (512, 2), (4096, 4096), (4096, 2))
 MAX_INPUT_ELEMENTS = 1 << 22
+# Then, where none of those runs, the lengths the model's own 2-D weights have (at most this many,
+# shortest first): a text tower that adds its whole position table needs exactly that many tokens
+# (keras-hub SigLIP's, 64 by default).
+MAX_MODEL_SIZES = 16
 
 
 def seeded_inputs(entry: g.Entry, seed: int = 0, batch: int = 2, positive: bool = False,
@@ -112,7 +116,8 @@ def run_entries(model: g.TracedModel, values, *, ones_masks: bool = True, seed: 
             fixed = constant_random_ops(entry) if random == "constant" else seeded_random_ops(entry)
             run = tf.function(_runner(fixed, live), autograph=False)
             try:
-                outputs[entry.label] = _run_sized(entry, run, seed, positive, {} if sizes is None else sizes)
+                outputs[entry.label] = _run_sized(entry, run, seed, positive, {} if sizes is None else sizes,
+                                                  _model_sizes(model))
             except PassError:
                 if not sized_only:
                     raise
@@ -121,8 +126,18 @@ def run_entries(model: g.TracedModel, values, *, ones_masks: bool = True, seed: 
     return outputs
 
 
-def _run_sized(entry: g.Entry, run, seed: int, positive: bool, sizes: dict) -> list[np.ndarray]:
-    """``run``'s outputs on seeded inputs of the first size the entry runs on (see run_entries)."""
+def _model_sizes(model: g.TracedModel) -> tuple:
+    """The sizes to try after INPUT_SIZES: the first axis of each 2-D variable (a position table's
+    length), shortest first, at most MAX_MODEL_SIZES of them."""
+    tried = {n for pair in INPUT_SIZES for n in pair}
+    found = sorted({int(spec.shape[0]) for spec in model.variables.values() if len(spec.shape) == 2
+                    and spec.shape[0] is not None and 2 < int(spec.shape[0]) <= 4096} - tried)
+    return tuple((n, n) for n in found[:MAX_MODEL_SIZES])
+
+
+def _run_sized(entry: g.Entry, run, seed: int, positive: bool, sizes: dict, more: tuple = ()) -> list[np.ndarray]:
+    """``run``'s outputs on seeded inputs of the first size the entry runs on (see run_entries):
+    one of INPUT_SIZES, else one of ``more`` (_model_sizes)."""
     if entry.label in sizes:
         try:
             return [np.asarray(t) for t in run(*seeded_inputs(entry, seed, positive=positive, size=sizes[entry.label]))]
@@ -131,7 +146,7 @@ def _run_sized(entry: g.Entry, run, seed: int, positive: bool, sizes: dict) -> l
                             f"floating-point inputs, {sizes[entry.label][1]} in others) that it ran on before: "
                             f"{first_line(error)}") from error
     unknown, first_error = _has_unknown_sizes(entry), None
-    for size in INPUT_SIZES if unknown else INPUT_SIZES[:1]:
+    for size in INPUT_SIZES + more if unknown else INPUT_SIZES[:1]:
         if size != INPUT_SIZES[0] and _largest_input(entry, size) > MAX_INPUT_ELEMENTS:
             continue
         try:
@@ -141,7 +156,7 @@ def _run_sized(entry: g.Entry, run, seed: int, positive: bool, sizes: dict) -> l
             continue
         sizes[entry.label] = size
         return outputs
-    tried = f" (unknown dimensions of size {', '.join(str(n) for n in sorted({n for n, _ in INPUT_SIZES}))} tried)"
+    tried = f" (unknown dimensions of size {', '.join(str(n) for n in sorted({n for n, _ in INPUT_SIZES + more}))} tried)"
     raise PassError(f"cannot run '{entry.label}' on the inputs graphprune makes{tried if unknown else ''}: "
                     f"{first_line(first_error)}")
 

@@ -489,3 +489,32 @@ def test_finalize_checks_models_that_need_long_inputs(tmp_path, recwarn):
     # a model that runs on no input graphprune makes is finalized with a warning that it is not checked
     with pytest.warns(UserWarning, match=r"not checked against the masked model \(cannot run .*4096 tried"):
         graphprune.finalize(short, str(tmp_path / "short"), shrink=True)
+
+
+class FixedPositions(tf.Module):
+    """Token ids of unknown length plus a learned position table of 8 rows added whole (keras-hub
+    SigLIP's text tower adds its table so): the model runs on exactly 8 tokens."""
+
+    def __init__(self):
+        rng = np.random.RandomState(6)
+        self.tokens = tf.Variable(rng.standard_normal([50, 4]).astype(np.float32), name="tokens/embeddings")
+        self.positions = tf.Variable(rng.standard_normal([8, 4]).astype(np.float32), name="positions/embeddings")
+        self.hidden = tf.Variable(rng.standard_normal([4, 6]).astype(np.float32), name="hidden/kernel")
+        self.out = tf.Variable(rng.standard_normal([6, 3]).astype(np.float32), name="out/kernel")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32)])
+    def __call__(self, ids):
+        x = tf.gather(self.tokens, ids) + self.positions
+        return tf.matmul(tf.reduce_mean(tf.nn.relu(tf.matmul(x, self.hidden)), 1), self.out)
+
+
+def test_finalize_checks_models_that_need_the_length_of_their_tables(tmp_path, recwarn):
+    """None of the lengths finalize's check tries (2 to 4096) runs a model that adds a whole
+    8-row position table, so it was finalized unchecked, with a warning (keras-hub SigLIP with its
+    text tower). The check now also tries the lengths the model's own 2-D weights have."""
+    pm = graphprune.prune(FixedPositions(), graphprune.ConstantSparsity(0.5, 0), structure="channel", one_shot=True)
+    path = graphprune.finalize(pm, str(tmp_path / "final"), shrink=True)
+    assert not [w for w in recwarn if "not checked" in str(w.message)]
+    ids = tf.constant(np.random.RandomState(0).randint(0, 50, [3, 8]), tf.int32)
+    np.testing.assert_allclose(tf.saved_model.load(path)(ids).numpy(), pm(ids).numpy(), atol=1e-5, rtol=0)
+    assert graphprune.cost(path).parameters < graphprune.cost(pm).parameters  # hidden neurons went
