@@ -38,7 +38,7 @@ from tensorflow.core.framework import node_def_pb2, types_pb2
 from graphprune import body as b
 from graphprune import graph as g
 from graphprune.passbase import PassContext, PassResult, register_pass
-from graphprune.passes.pointwise_matmul import _recorded, _top_shapes
+from graphprune.passes.pointwise_matmul import _recorded, _top_shapes, kernel_shape
 
 FLOAT_TYPES = (types_pb2.DT_FLOAT, types_pb2.DT_DOUBLE, types_pb2.DT_HALF, types_pb2.DT_BFLOAT16)
 CONVOLUTIONS = ("Conv2D", "DepthwiseConv2dNative")
@@ -59,7 +59,7 @@ def fold_pads(model: g.TracedModel, context: PassContext) -> PassResult:
             x = body.data_inputs(pad)[0]
             name, index, _ = body.parse(x)
             shape = _recorded(body, name, index) if body.is_function else shapes.get((name, index))
-            kernel = _kernel_shape(body, model, body.data_inputs(node)[1])
+            kernel = kernel_shape(body, model, body.data_inputs(node)[1])
             if shape is None or len(shape) != 4 or kernel is None or len(kernel) != 4:
                 continue
             if _pads(pad, body) != _same_pads(node, shape[1:3], kernel[:2]):
@@ -124,23 +124,6 @@ def _constant(body: b.Body, ref: str) -> np.ndarray | None:
             return None
         if producer.op == "Const":
             return tf.make_ndarray(producer.attr["value"].tensor)
-        if producer.op != "Identity":
-            return None
-        producer = body.producer(body.data_inputs(producer)[0])
-    return None
-
-
-def _kernel_shape(body: b.Body, model: g.TracedModel, ref: str) -> tuple | None:
-    """The static shape of a kernel that is a Const or a variable read (through Identity nodes)."""
-    producer = body.producer(ref)
-    for _ in range(8):
-        if producer is None:
-            return None
-        if producer.op == "Const":
-            return tuple(d.size for d in producer.attr["value"].tensor.tensor_shape.dim)
-        key = body.read_key(producer)
-        if key is not None:
-            return tuple(model.variables[key].shape) if key in model.variables else None
         if producer.op != "Identity":
             return None
         producer = body.producer(body.data_inputs(producer)[0])

@@ -124,17 +124,21 @@ def _pointwise_kernel(body: b.Body, model: g.TracedModel, node) -> _Kernel | Non
     if padding not in ("SAME", "VALID") and not (padding == "EXPLICIT" and not any(explicit)):
         return None
     ref = body.data_inputs(node)[1]
+    shape = kernel_shape(body, model, ref)
+    return _Kernel(ref, shape) if shape is not None and _is_pointwise(shape) else None
+
+
+def kernel_shape(body: b.Body, model: g.TracedModel, ref: str) -> tuple | None:
+    """The static shape of a kernel that is a Const or a variable read (through Identity nodes)."""
     producer = body.producer(ref)
     for _ in range(8):
         if producer is None:
             return None
         if producer.op == "Const":
-            shape = tuple(d.size for d in producer.attr["value"].tensor.tensor_shape.dim)
-            return _Kernel(ref, shape) if _is_pointwise(shape) else None
+            return tuple(d.size for d in producer.attr["value"].tensor.tensor_shape.dim)
         key = body.read_key(producer)
         if key is not None:
-            shape = tuple(model.variables[key].shape) if key in model.variables else ()
-            return _Kernel(ref, shape) if _is_pointwise(shape) else None
+            return tuple(model.variables[key].shape) if key in model.variables else None
         if producer.op != "Identity":
             return None
         producer = body.producer(body.data_inputs(producer)[0])
