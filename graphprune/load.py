@@ -130,7 +130,9 @@ def _traced_concrete_functions(function) -> list:
 
 
 def _module_functions(module) -> dict:
-    """The module's tf.functions that can be traced without guessing shapes."""
+    """The module's tf.functions that can be traced without guessing shapes: its class's methods and
+    the ones set on the instance (``self.serve = tf.function(...)``, which tf.saved_model.save
+    exports too)."""
     functions = {}
     for attr_name, attr in inspect.getmembers(type(module)):
         if attr_name in RESERVED_FUNCTIONS or not _is_polymorphic_function(attr):
@@ -138,6 +140,12 @@ def _module_functions(module) -> dict:
         bound = getattr(module, attr_name)
         if bound.input_signature is not None or _traced_concrete_functions(bound):
             functions[attr_name] = _concretes_of(bound, f"{type(module).__name__}.{attr_name}")
+    for attr_name, attr in sorted(vars(module).items()):
+        if attr_name.startswith("_") or attr_name in RESERVED_FUNCTIONS or attr_name in functions or \
+                not _is_polymorphic_function(attr):
+            continue
+        if attr.input_signature is not None or _traced_concrete_functions(attr):
+            functions[attr_name] = _concretes_of(attr, f"{type(module).__name__}.{attr_name}")
     if not functions:
         raise BadModelError(
             f"{type(module).__name__} has no tf.function with an input_signature: decorate __call__ with "

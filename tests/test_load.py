@@ -43,3 +43,30 @@ def test_captured_eager_constants_become_consts():
 
     loaded = load(f)
     assert list(loaded.model.entries[0].resources.values()) == [next(iter(loaded.variables))]
+
+
+def test_tf_functions_set_on_the_instance_are_entries(tmp_path):
+    """A tf.function set on the module (``self.serve = tf.function(...)``, the way to give a wrapped
+    model a signature built at run time) was not found: "has no tf.function with an
+    input_signature". tf.saved_model.save exports such functions, and graphprune now takes them,
+    beside the class's own methods; one without a signature or a trace is still skipped."""
+    import numpy as np
+
+    import graphprune
+
+    class Wrapped(tf.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.kernel = tf.Variable(tf.random.stateless_normal([4, width], seed=[1, 2]), name="kernel")
+            self.serve = tf.function(lambda x: tf.matmul(x, self.kernel), input_signature=[tf.TensorSpec([2, 4])])
+            self.untraced = tf.function(lambda x: x)
+            self._private = tf.function(lambda x: x, input_signature=[tf.TensorSpec([2, 4])])
+
+    module = Wrapped(6)
+    assert [entry.name for entry in load(module).model.entries if entry.kind != "update"] == ["serve"]
+    pm = graphprune.prune(module, graphprune.ConstantSparsity(0.5, 0), one_shot=True)
+    x = np.random.RandomState(0).standard_normal([2, 4]).astype(np.float32)
+    masked = pm.serve(x).numpy()
+    assert np.count_nonzero(pm.masks[0].numpy()) == 12
+    loaded = tf.saved_model.load(graphprune.finalize(pm, str(tmp_path / "final")))
+    np.testing.assert_allclose(loaded.serve(x).numpy(), masked, rtol=1e-6, atol=1e-6)
