@@ -206,6 +206,9 @@ class ShapeDim:
     position: int
     spaces: tuple
     operand: int = 1  # the shape operand: a Fill's is 0
+    # the whole operand's value where it is computed from constants alone (tf.repeat's shape under a
+    # static signature, where tf.shape folds to a Const): shrink_channels writes a Const in its place
+    static: tuple | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1387,6 +1390,12 @@ def _evaluate(self: _Entry, ref: str, depth: int):
         return parts[0] // parts[1]
     if node.op == "ConcatV2" and parts[-1] == 0 and all(isinstance(p, list) for p in parts[:-1]):
         return [item for part in parts[:-1] for item in part]
+    if node.op == "Reshape" and parts[0] is not None and isinstance(parts[1], (int, list)) and \
+            None not in np.ravel(np.asarray(parts[0], object)).tolist():  # tf.repeat's count, to a scalar
+        try:
+            return np.reshape(np.asarray(parts[0]), parts[1]).tolist()
+        except ValueError:
+            return None
     return None
 
 
@@ -1406,9 +1415,11 @@ def _strided_slice_value(node, parts):
 def _pad(self: _Entry, node) -> None:
     x, paddings = self.body.data_inputs(node)[:2]
     value = _constant(self, paddings)
-    if value is None or value.ndim != 2 or np.any(value[-1] != 0):
+    if value is None or value.ndim != 2:
         self.unknown(node)
         return
+    # the axes padded (the channels too, or a channels-first tensor's time axis: Qwen3.5's causal
+    # conv and chunks) are left to _settle, which poisons any channels on them
     self.same(x, node.name, node, axes=[a for a in range(len(value)) if not np.any(value[a] != 0)])
 
 
@@ -2316,9 +2327,23 @@ def _repeat(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:
     if dim is None or not ds or len(ds) != len(xs) - 1:
         return False
     i = int(np.ravel(dim)[0]) % len(xs) - 1  # data's axis, next to its copies (one key/value head: size 1)
-    if i < 0 or _merged_axis(xs, ys, at=i) != i or not _shape_of_own_input(self, data, shape_ref):
+    if i < 0 or _merged_axis(xs, ys, at=i) != i:
         return False
+    static = None
+    if not _shape_of_own_input(self, data, shape_ref):
+        # under a static signature tf.shape(data) is a Const, and the shape is computed from it: the
+        # shrunk shape is written in its place, each element the product of its axes' kept sizes
+        static = _constant(self, shape_ref)
+        if static is None or static.shape != (len(ys),) or \
+                any(d is not None and d >= 0 and d != v for d, v in zip(ys, static.tolist())):
+            return False
     _merge(self, x, self.body.ref(node.name), i, len(xs))
+    if static is not None:
+        for position in range(len(ys)):
+            axes = (i, i + 1) if position == i else (position if position < i else position + 1,)
+            self.graph.dims.append(ShapeDim(self.entry.label, self.node_id(node.name), position,
+                                            tuple(self.tensor(x, axis) for axis in axes),
+                                            static=tuple(int(v) for v in static.tolist())))
     return True
 
 

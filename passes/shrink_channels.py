@@ -295,7 +295,8 @@ def _dim_targets(analysis, removed: dict) -> dict[tuple[str, str], tuple[dict[in
             continue  # a dimension not known statically (the batch): never a channel axis
         kept = [_kept_size(analysis, removed, space) for space in dim.spaces]
         if kept != [analysis.sizes[space] for space in dim.spaces]:
-            targets.setdefault((dim.entry, dim.node), ({}, dim.operand))[0][dim.position] = int(np.prod(kept))
+            targets.setdefault((dim.entry, dim.node), ({}, dim.operand, dim.static))[0][dim.position] = \
+                int(np.prod(kept))
     return targets
 
 
@@ -412,10 +413,21 @@ def _set_split_sizes(body: b.Body, node, sizes: list[int]) -> None:
     body.replace(node, split)
 
 
-def _set_dims(body: b.Body, node, values: dict[int, int], operand: int = 1) -> None:
+def _set_dims(body: b.Body, node, values: dict[int, int], operand: int = 1, static: tuple | None = None) -> None:
     """Point a Reshape's (or Fill's) constant shape operand (or a Tile's multiples: the input at ``operand``) at a copy with
-    ``values`` at their positions (an element that is -1 stays -1: TensorFlow infers it)."""
+    ``values`` at their positions (an element that is -1 stays -1: TensorFlow infers it). ``static``:
+    the operand's value where it is computed from constants (channels.ShapeDim.static): a Const
+    holding it, with the new values, takes its place."""
     producer = body.producer(body.data_inputs(node)[operand])
+    if static is not None and producer.op not in ("Pack", "Const"):
+        shape = np.array(static)
+        for position, value in values.items():
+            if shape[position] != -1:
+                shape[position] = value
+        dtype = tf.dtypes.as_dtype(node.attr["Tshape"].type).name if "Tshape" in node.attr else "int32"
+        new = body.add(g.const_node(body.fresh(f"{node.name}/shrunk_shape"), shape.astype(dtype), dtype))
+        body.set_input(node, operand, body.ref(new.name))
+        return
     if producer.op == "Pack":  # of scalars: those at the positions (Consts, or computed sizes) are replaced
         inputs = body.data_inputs(producer)
         values = {p % len(inputs): value for p, value in values.items()}

@@ -828,6 +828,115 @@ def test_keras_hub_grouped_query_and_rotary_heads(tmp_path, name):
     assert graphprune.cost(out).parameters == _predicted_parameters(pm)
 
 
+class _FixedShapes(tf.Module):
+    """A keras-hub backbone called by a tf.function of fixed shapes: how a user hands graphprune a
+    model whose Keras export fails (Qwen3.5's gated delta net and RWKV-7's recurrence test a
+    symbolic sequence length in Python), and the static signature TFLite users write."""
+
+    def __init__(self, backbone, length=8):
+        super().__init__()
+        self.backbone = backbone
+        specs = {i.name: tf.TensorSpec([1, length], i.dtype) for i in backbone.inputs}
+        self.serve = tf.function(lambda inputs: self.backbone(inputs), input_signature=[specs])
+
+
+def _fixed_shape_models():
+    import keras_hub
+
+    models = keras_hub.models
+    small = dict(vocabulary_size=64, hidden_dim=32, intermediate_dim=64, num_query_heads=4, num_key_value_heads=2,
+                 head_dim=8)
+    return {"qwen3": lambda: models.Qwen3Backbone(num_layers=1, **small),
+            "qwen3_5": lambda: models.Qwen3_5Backbone(
+                num_layers=2, layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+                linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8, **small),
+            "qwen3_5_moe": lambda: models.Qwen3_5MoeBackbone(
+                num_layers=2, layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+                linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8, moe_intermediate_dim=16,
+                shared_expert_intermediate_size=32, num_experts=4, top_k=2,
+                **{k: v for k, v in small.items() if k != "intermediate_dim"}),
+            "rwkv7": lambda: models.RWKV7Backbone(hidden_size=32, head_size=8, num_layers=2, vocabulary_size=64,
+                                                  intermediate_dim=64, gate_lora=8, mv_lora=8, aaa_lora=8,
+                                                  decay_lora=8)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["qwen3", "qwen3_5", "qwen3_5_moe", "rwkv7"])
+def test_keras_hub_under_a_static_signature(tmp_path, name):
+    """keras-hub decoders in a tf.Module with a fixed [1, 8] signature. Under it tf.shape folds to a
+    Const, so tf.repeat (grouped-query attention's key/value heads) reshapes to a shape computed
+    from constants: Qwen3's and Qwen3.5's heads were left whole ("Reshape 'Repeat/Reshape_1' uses
+    it"), and shrink_channels now writes the shrunk shape as a Const. Qwen3.5 and RWKV-7 cannot be
+    exported by Keras at all (nor Qwen3.5-MoE); through the module their MLP and experts' neurons,
+    heads, gated query dims and low-rank (LoRA) projections go, and the parts graphprune does not model (the gated delta net's
+    chunked recurrence, RWKV's time mix) stay whole with their reasons. The shrunk model computes
+    the masked one, with the parameters the masks predict."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    module = _FixedShapes(_fixed_shape_models()[name]())
+    pm = graphprune.prune(module, graphprune.ConstantSparsity(0.5, 0), structure="channel", one_shot=True)
+    groups = graphprune.channel_groups(pm)
+    expected = {"qwen3": [2, 2, 4, 8, 64],  # key/value heads, query heads within, rotary pairs, value dims, MLP
+                # + the unrotated query/key dims (6 of 8; the 2 rotated stay whole) and the gated query's
+                # value dims, and the linear-attention layer's MLP (its gated delta net stays whole)
+                "qwen3_5": [2, 2, 6, 8, 64, 64],
+                # + the experts' neurons (one index in every expert) and the shared expert's; whole experts
+                # stay (the router's softmax over them)
+                "qwen3_5_moe": [2, 2, 6, 8, 16, 16, 32, 32],
+                # the time mix's low-rank projections (a, g, w; v in the second layer) and the channel
+                # mix's neurons; the heads, read by the recurrence's BatchMatMuls, stay whole
+                "rwkv7": [8] * 7 + [64] * 2}[name]
+    assert sorted(group.size for group in groups if group.prunable) == expected, channels.describe(groups)
+    assert all(group.reason for group in groups if not group.prunable)
+    inputs = {"token_ids": tf.constant(np.arange(8).reshape(1, 8) * 7 % 64, tf.int32),
+              "padding_mask": tf.ones([1, 8], tf.int32)}
+    masked = pm.serve(inputs).numpy()
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
+    loaded = tf.saved_model.load(out)
+    shrunk = loaded.serve(inputs).numpy()
+    scale = float(np.max(np.abs(masked)))
+    assert scale > 1e-2
+    np.testing.assert_allclose(shrunk, masked, atol=1e-5 * scale, rtol=0)
+    # cost also counts float constants on no channel axis (RWKV's zero states, Qwen3.5's chunk
+    # masks), before and after alike
+    constants = graphprune.cost(module).parameters - sum(
+        int(np.prod(spec.shape)) for spec in pm.traced.variables.values()
+        if spec.role == names.ROLE_OTHER and len(spec.shape) >= 1 and "float" in spec.dtype)
+    assert constants == {"qwen3": 0, "qwen3_5": 320, "qwen3_5_moe": 320, "rwkv7": 512}[name]
+    assert graphprune.cost(out).parameters == _predicted_parameters(pm) + constants
+
+
+class _ChannelsFirstPad(tf.Module):
+    """A dense layer's channels moved first and the time axis, now last, padded on the left (a
+    causal conv over [batch, channels, time], as Qwen3.5's gated delta net pads it), then averaged."""
+
+    def __init__(self):
+        super().__init__()
+        rng = np.random.RandomState(0)
+        self.w1 = tf.Variable(rng.standard_normal([8, 6]).astype(np.float32), name="first/kernel")
+        self.w2 = tf.Variable(rng.standard_normal([6, 3]).astype(np.float32), name="second/kernel")
+
+    @tf.function(input_signature=[tf.TensorSpec([5, 8], tf.float32)])
+    def __call__(self, x):
+        h = tf.nn.relu(tf.matmul(x, self.w1))[:, :, None] * tf.linspace(0.5, 1.5, 4)  # [5, 6 channels, 4 times]
+        h = tf.pad(h, [[0, 0], [0, 0], [2, 0]])
+        return tf.matmul(tf.reduce_mean(h, axis=-1), self.w2)
+
+
+def test_a_pad_of_the_last_axis_keeps_the_channels_of_the_others(tmp_path):
+    """A Pad of the last axis was "an op graphprune does not model", whatever that axis held: the
+    channels before it stayed whole. Now the axes it pads are the ones that stay whole (_settle),
+    and channels on the others go through it."""
+    pm = graphprune.prune(_ChannelsFirstPad(), graphprune.ConstantSparsity(0.5, 0), structure="channel",
+                          one_shot=True)
+    group = next(group for group in graphprune.channel_groups(pm)
+                 if any(m.name == "first/kernel" and m.axis == 1 for m in group.members))
+    assert group.prunable and group.size == 6, channels.describe([group])
+    out = _shrunk_as_masked(pm, tmp_path)
+    assert _weight_shape(out, "first/kernel") == (8, 3) and _weight_shape(out, "second/kernel") == (3, 3)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama", "gemma", "qwen3"])
 def test_keras_hub_rotary_query_key_head_dims(tmp_path, name):
