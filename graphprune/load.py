@@ -131,8 +131,9 @@ def _traced_concrete_functions(function) -> list:
 
 def _module_functions(module) -> dict:
     """The module's tf.functions that can be traced without guessing shapes: its class's methods and
-    the ones set on the instance (``self.serve = tf.function(...)``, which tf.saved_model.save
-    exports too)."""
+    the ones set on the instance with an input_signature (``self.serve = tf.function(...)``, which
+    tf.saved_model.save exports too). An instance function traced without one is not taken: tf-keras
+    keeps its fit loop so (``model.train_function``, traced on an iterator)."""
     functions = {}
     for attr_name, attr in inspect.getmembers(type(module)):
         if attr_name in RESERVED_FUNCTIONS or not _is_polymorphic_function(attr):
@@ -144,7 +145,7 @@ def _module_functions(module) -> dict:
         if attr_name.startswith("_") or attr_name in RESERVED_FUNCTIONS or attr_name in functions or \
                 not _is_polymorphic_function(attr):
             continue
-        if attr.input_signature is not None or _traced_concrete_functions(attr):
+        if attr.input_signature is not None:
             functions[attr_name] = _concretes_of(attr, f"{type(module).__name__}.{attr_name}")
     if not functions:
         raise BadModelError(

@@ -1,5 +1,6 @@
 """Bad input gets a GraphPruneError subclass with a message that says what to do."""
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -48,6 +49,18 @@ def test_function_without_input_signature():
 
     with pytest.raises(graphprune.BadModelError, match="input_signature"):
         graphprune.prune(f)
+
+
+def test_a_tf_keras_model_after_fit_is_told_to_export():
+    """tf-keras keeps its fit loop as a traced tf.function on the model (train_function): it is not
+    an entry, and the model is refused with the export hint, as before fit."""
+    import tf_keras
+
+    model = tf_keras.Sequential([tf_keras.layers.Dense(3, input_shape=(4,))])
+    model.compile("sgd", "mse")
+    model.fit(np.ones((8, 4)), np.ones((8, 3)), verbose=0)
+    with pytest.raises(graphprune.BadModelError, match="input_signature"):
+        graphprune.prune(model)
 
 
 def test_not_a_model():

@@ -49,7 +49,7 @@ def test_tf_functions_set_on_the_instance_are_entries(tmp_path):
     """A tf.function set on the module (``self.serve = tf.function(...)``, the way to give a wrapped
     model a signature built at run time) was not found: "has no tf.function with an
     input_signature". tf.saved_model.save exports such functions, and graphprune now takes them,
-    beside the class's own methods; one without a signature or a trace is still skipped."""
+    beside the class's own methods; one without a signature is skipped, traced or not."""
     import numpy as np
 
     import graphprune
@@ -60,9 +60,11 @@ def test_tf_functions_set_on_the_instance_are_entries(tmp_path):
             self.kernel = tf.Variable(tf.random.stateless_normal([4, width], seed=[1, 2]), name="kernel")
             self.serve = tf.function(lambda x: tf.matmul(x, self.kernel), input_signature=[tf.TensorSpec([2, 4])])
             self.untraced = tf.function(lambda x: x)
+            self.traced = tf.function(lambda x: x * 2.0)  # traced, no signature: as tf-keras's train_function
             self._private = tf.function(lambda x: x, input_signature=[tf.TensorSpec([2, 4])])
 
     module = Wrapped(6)
+    module.traced(tf.ones([2, 4]))
     assert [entry.name for entry in load(module).model.entries if entry.kind != "update"] == ["serve"]
     pm = graphprune.prune(module, graphprune.ConstantSparsity(0.5, 0), one_shot=True)
     x = np.random.RandomState(0).standard_normal([2, 4]).astype(np.float32)
