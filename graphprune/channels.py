@@ -2228,13 +2228,6 @@ def _merge_or_split(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:
     if not _constant_elements(self, producer, [i] if i is not None else [j, j + 1] if j is not None else []):
         return False
 
-    def dims(ref, merged_at: int) -> None:  # every element of the shape follows its spaces
-        for position in range(len(xs) - 1):
-            axes = (position, position + 1) if position == merged_at else \
-                (position if position < merged_at else position + 1,)
-            self.graph.dims.append(ShapeDim(self.entry.label, self.node_id(node.name), position,
-                                            tuple(self.tensor(ref, axis) for axis in axes)))
-
     def split_dims(rank: int) -> None:  # every element of a split shape follows its own axis
         for position in range(rank):
             self.graph.dims.append(ShapeDim(self.entry.label, self.node_id(node.name), position,
@@ -2245,11 +2238,11 @@ def _merge_or_split(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:
         for ref, rank in ((x, len(xs)), (y, len(ys))):
             for axis in range(rank):
                 self.claim(ref, axis)
-        dims(x, i)
+        _merged_dims(self, node, x, i, len(xs))
         return True
     if i is not None and (len(xs) == 3 or not _flattens(xs, ys)):  # [N, h, d] -> [N, h * d]: heads or a flatten
         _merge(self, x, y, i, len(xs))
-        dims(x, i)
+        _merged_dims(self, node, x, i, len(xs))
         return True
     if j is not None and x not in self.merged:
         # an axis split in two: the last into heads x head dims (a dense layer's output, as attention
@@ -2339,12 +2332,17 @@ def _repeat(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:
             return False
     _merge(self, x, self.body.ref(node.name), i, len(xs))
     if static is not None:
-        for position in range(len(ys)):
-            axes = (i, i + 1) if position == i else (position if position < i else position + 1,)
-            self.graph.dims.append(ShapeDim(self.entry.label, self.node_id(node.name), position,
-                                            tuple(self.tensor(x, axis) for axis in axes),
-                                            static=tuple(int(v) for v in static.tolist())))
+        _merged_dims(self, node, x, i, len(xs), static=tuple(int(v) for v in static.tolist()))
     return True
+
+
+def _merged_dims(self: _Entry, node, x: str, i: int, rank: int, static: tuple | None = None) -> None:
+    """Every element of the shape operand of a Reshape merging axes i and i + 1 of x (rank ``rank``)
+    follows its spaces: the merged one is the product of both axes' kept sizes (ShapeDim)."""
+    for position in range(rank - 1):
+        axes = (i, i + 1) if position == i else (position if position < i else position + 1,)
+        self.graph.dims.append(ShapeDim(self.entry.label, self.node_id(node.name), position,
+                                        tuple(self.tensor(x, axis) for axis in axes), static=static))
 
 
 def _merge(self: _Entry, x: str, y: str, i: int, rank: int) -> None:

@@ -419,15 +419,6 @@ def _set_dims(body: b.Body, node, values: dict[int, int], operand: int = 1, stat
     the operand's value where it is computed from constants (channels.ShapeDim.static): a Const
     holding it, with the new values, takes its place."""
     producer = body.producer(body.data_inputs(node)[operand])
-    if static is not None and producer.op not in ("Pack", "Const"):
-        shape = np.array(static)
-        for position, value in values.items():
-            if shape[position] != -1:
-                shape[position] = value
-        dtype = tf.dtypes.as_dtype(node.attr["Tshape"].type).name if "Tshape" in node.attr else "int32"
-        new = body.add(g.const_node(body.fresh(f"{node.name}/shrunk_shape"), shape.astype(dtype), dtype))
-        body.set_input(node, operand, body.ref(new.name))
-        return
     if producer.op == "Pack":  # of scalars: those at the positions (Consts, or computed sizes) are replaced
         inputs = body.data_inputs(producer)
         values = {p % len(inputs): value for p, value in values.items()}
@@ -446,13 +437,17 @@ def _set_dims(body: b.Body, node, values: dict[int, int], operand: int = 1, stat
             shape.input[p] = body.ref(element.name)
         body.set_input(node, operand, body.ref(body.add(shape).name))
         return
-    shape = tf.make_ndarray(producer.attr["value"].tensor).copy()
+    if producer.op == "Const":
+        shape = tf.make_ndarray(producer.attr["value"].tensor).copy()
+        dtype = tf.dtypes.as_dtype(producer.attr["dtype"].type).name
+    else:  # computed from constants: a Const of its value takes its place
+        dtype = tf.dtypes.as_dtype(node.attr["Tshape"].type).name if "Tshape" in node.attr else "int32"
+        shape = np.array(static, dtype)
     positions = [position for position in values if shape[position] != -1]
     if not positions:
         return
     for position in positions:
         shape[position] = values[position]
-    dtype = tf.dtypes.as_dtype(producer.attr["dtype"].type).name
     new = body.add(g.const_node(body.fresh(f"{node.name}/shrunk_shape"), shape, dtype))
     body.set_input(node, operand, body.ref(new.name))
 
