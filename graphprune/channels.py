@@ -82,7 +82,9 @@ Connected spaces (networkx, after splitting spaces where a Concat puts a slice b
 *group*: removing channel i of a group removes index i of every member. A group is left whole,
 with the reason, when an op graphprune does not model touches it (Softmax, a Mean over the
 channels as in LayerNorm, Shape, a loop that changes a channel count, ...), when it reaches an entry's
-inputs or outputs, or when a member variable is used where graphprune does not look.
+inputs or outputs, or when a member variable is used where graphprune does not look. An op that
+no output needs and that has no effect (a Keras layer's key/value cache, stacked and dropped) is
+not read: it never runs, and shrink_channels strips it before it rewrites anything.
 
 A group is *prunable* when it has at least one consumer member ("in": a kernel that contracts
 over the channel) and every such member is a masked weight: a channel whose consumer slices are
@@ -109,6 +111,7 @@ from tensorflow.core.framework import types_pb2
 from graphprune import body as b
 from graphprune import graph as g
 from graphprune import names
+from graphprune.analysis import has_side_effect
 from graphprune.errors import GraphPruneError
 
 UNARY_OPS = {"Identity", "Cast", "Snapshot", "StopGradient", "Relu", "Relu6", "Elu", "Selu", "LeakyRelu", "Sigmoid",
@@ -397,6 +400,14 @@ class _Entry:
         # The top graph, or a function body (a loop's, a branch's) reached from it (_call).
         self.body = body if body is not None else b.top_body(entry.graph_def, dict(entry.resources), writable=False)
         self.shapes = shapes if shapes is not None else _static_shapes(entry, graph.model)
+        # What no output needs and has no effect never runs, and strip_unused removes it before
+        # shrink_channels: it links no axes and poisons none (a Keras layer's key/value cache
+        # stacked and then dropped would otherwise tie the keys' channels to the values').
+        memo: dict = {}
+        roots = [self.body.source(ref) for ref in self.returns()]
+        roots += [node.name for node in self.body.nodes if has_side_effect(self.body, node, memo)]
+        roots += [] if self.body.is_function else list(entry.control_outputs)
+        self.live = b.live_nodes(self.body, roots)
         for node in self.body.nodes:  # tf.tensordot's computed reshapes: known from static shapes
             shape = self.shapes.get((node.name, 0))
             if node.op == "Reshape" and shape is not None and None in shape:
@@ -596,6 +607,8 @@ class _Entry:
             for ref in self.entry.outputs:
                 self.poison_tensor(ref, f"it is an output of {self.entry.label}")
         for node in self.body.nodes:
+            if node.name not in self.live:
+                continue
             handler = _HANDLERS.get(node.op)
             if node.op in UNARY_OPS:
                 handler = _unary
@@ -666,7 +679,7 @@ class _Entry:
             ts = self.shape(t)
             if not ts:
                 continue
-            for reader, _ in self.body.consumers(name):
+            for reader, _ in self._consumers(name):
                 picked = sorted(_elements_picked(self, reader, len(ts)))
                 one = reader.op == "StridedSlice" and _attr(reader, "shrink_axis_mask", "i", 0) & 1  # a scalar
                 if name in self.followed_shapes:  # shapes that follow the tensor's own channels
@@ -697,7 +710,7 @@ class _Entry:
                 continue  # a shape operand (a Reshape's, a Fill's) ends it
             if _floating(node):
                 return True
-            for consumer, _ in self.body.consumers(node.name):
+            for consumer, _ in self._consumers(node.name):
                 if consumer.name not in seen:
                     seen.add(consumer.name)
                     pending.append(consumer)
@@ -715,7 +728,7 @@ class _Entry:
             if node.name in outputs and self.body.is_function:
                 return None  # handed to the caller, which may make it a shape
             value = value or node.name in outputs
-            for consumer, position in self.body.consumers(node.name):
+            for consumer, position in self._consumers(node.name):
                 if consumer.input[position].startswith("^") or consumer.op not in _NUMBER_OPS:
                     return None
                 if consumer.name in seen:
@@ -765,10 +778,14 @@ class _Entry:
             if why is not None:
                 self.poison_tensor(operand, why)
 
+    def _consumers(self, name: str) -> list:
+        """(node, input position) of every live node that reads node ``name``."""
+        return [(node, position) for node, position in self.body.consumers(name) if node.name in self.live]
+
     def _readers(self, ref: str):
         """(consumer, input position) of every op that reads tensor ``ref`` (not control edges)."""
         name, index, _ = self.body.parse(ref)
-        for consumer, position in self.body.consumers(name):
+        for consumer, position in self._consumers(name):
             raw = consumer.input[position]
             if not raw.startswith("^") and self.body.parse(raw)[1] == index:
                 yield consumer, position

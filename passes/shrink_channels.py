@@ -16,7 +16,8 @@ Variables get new values and shapes; constants are rewritten in place, and a tf.
 constant bounds (rotary inverse frequencies) becomes a gather of its kept values, as does a Tile
 of a table made from constants and shapes (DINOv3's rotary angles: channels.TableSite). A group whose every
 channel is dead keeps one (a tensor of zero channels is not a model). Groups left whole by the
-analysis are not touched and are listed in the report with the reason.
+analysis are not touched and are listed in the report with the reason. Ops no output needs are
+removed first (strip_unused): the analysis does not read them, so they would keep the old sizes.
 
 Postcondition: the outputs equal the input model's (the removed channels multiplied zeros) and
 every shape is consistent; finalize's check runs both models and refuses a difference.
@@ -35,6 +36,7 @@ from graphprune import graph as g
 from graphprune import names
 from graphprune.channels import CONTROL_FLOW_OPS, analyze, contracted_axes, rounding
 from graphprune.passbase import Option, PassContext, PassResult, register_pass
+from graphprune.passes.strip_unused import strip_unused
 
 
 # ops whose shape operand (channels.ShapeDim.operand) may spell out a channel count to rewrite
@@ -46,6 +48,10 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
     """Remove every dead channel of every prunable group (see the module docstring). ``round_to``
     keeps a multiple of that many channels per group (dead channels kept back in index order),
     for kernels that run faster on such counts."""
+    # Ops no output needs are not analysed (channels._Entry): left in, they would read the shrunk
+    # tensors with the sizes they had (a Keras layer's dropped key/value cache stacks keys and values)
+    stripped = strip_unused(model, context)
+    model = stripped.model
     analysis = analyze(model)
     consts = _const_values(model)
 
@@ -91,7 +97,7 @@ def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 
             removal.setdefault((member.kind, member.name, member.axis), set()).update(
                 member.indices(dim, dead).tolist())
     if not removal:
-        return PassResult(model, changed=False, report={"shrunk": {}, "left_whole": _whole(analysis)})
+        return PassResult(model, changed=stripped.changed, report={"shrunk": {}, "left_whole": _whole(analysis)})
 
     sliced: dict[tuple[str, str], np.ndarray] = {}
     for (kind, name, axis), indices in sorted(removal.items()):

@@ -937,6 +937,49 @@ def test_a_pad_of_the_last_axis_keeps_the_channels_of_the_others(tmp_path):
     assert _weight_shape(out, "first/kernel") == (8, 3) and _weight_shape(out, "second/kernel") == (3, 3)
 
 
+class _DeadCache(tf.Module):
+    """Keys and values stacked into a cache that nothing returns (a Keras attention layer's
+    key/value cache outside generation), then each read by its own projection."""
+
+    def __init__(self):
+        super().__init__()
+        rng = np.random.RandomState(0)
+        self.k = tf.Variable(rng.standard_normal([8, 6]).astype(np.float32), name="key/kernel")
+        self.v = tf.Variable(rng.standard_normal([8, 6]).astype(np.float32), name="value/kernel")
+        self.ko = tf.Variable(rng.standard_normal([6, 3]).astype(np.float32), name="key_out/kernel")
+        self.vo = tf.Variable(rng.standard_normal([6, 3]).astype(np.float32), name="value_out/kernel")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32)])
+    def __call__(self, x):
+        k, v = tf.nn.relu(tf.matmul(x, self.k)), tf.nn.relu(tf.matmul(x, self.v))
+        tf.stack([k, v], axis=1)  # the cache, dropped
+        return tf.matmul(k, self.ko) + tf.matmul(v, self.vo)
+
+
+def test_an_op_no_output_needs_couples_no_channels(tmp_path):
+    """An op whose result nothing uses never runs, and finalize strips it: the channel analysis
+    skips it. A dropped Pack of keys and values tied their channels into one group (keras-hub's
+    T5Gemma2 stacks its key/value cache so); now each is its own group, pruned at its own
+    sparsity, and the shrunk model keeps a different number of each. shrink_channels strips such ops itself, so a pass list
+    without strip_unused writes a model that loads and computes the masked one too."""
+    from graphprune.api import run_passes
+
+    pm = graphprune.prune(_DeadCache(), graphprune.ConstantSparsity(0.5, 0), structure="channel", one_shot=True,
+                          rules=[graphprune.Rule("value/kernel", sparsity=5 / 6)])
+    groups = [group for group in graphprune.channel_groups(pm) if group.prunable]
+    assert sorted(sorted(m.name for m in group.members) for group in groups) == [
+        ["key/kernel", "key_out/kernel"], ["value/kernel", "value_out/kernel"]], channels.describe(groups)
+    out = _shrunk_as_masked(pm, tmp_path)
+    assert _weight_shape(out, "key/kernel") == (8, 3) and _weight_shape(out, "value/kernel") == (8, 1)
+    graphprune.save(pm, str(tmp_path / "pruned"))
+    run_passes(str(tmp_path / "pruned"), "find_weights,fold_masks,shrink_channels", str(tmp_path / "passes"))
+    x = np.random.RandomState(1).standard_normal([5, 8]).astype(np.float32)
+    masked = pm(x).numpy()
+    np.testing.assert_allclose(tf.saved_model.load(str(tmp_path / "passes"))(x).numpy(), masked,
+                               atol=1e-5 * np.abs(masked).max(), rtol=0)
+    assert _weight_shape(str(tmp_path / "passes"), "value/kernel") == (8, 1)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama", "gemma", "qwen3"])
 def test_keras_hub_rotary_query_key_head_dims(tmp_path, name):
@@ -2983,6 +3026,17 @@ def _hub_more_models():
             encoder_layer_types=["full_attention"], decoder_hidden_dim=16, decoder_intermediate_dim=32,
             decoder_num_layers=1, decoder_num_attention_heads=4, decoder_num_key_value_heads=2, decoder_head_dim=8,
             decoder_layer_types=["full_attention"]),
+        # its successor: query/key RMS norms, the decoder's self and cross attention merged into one
+        "t5gemma2": lambda: models.T5Gemma2Backbone(
+            vocabulary_size=50, encoder_hidden_dim=16, encoder_intermediate_dim=32, encoder_num_layers=1,
+            encoder_num_attention_heads=4, encoder_num_key_value_heads=2, encoder_head_dim=8,
+            encoder_layer_types=["full_attention"], decoder_hidden_dim=16, decoder_intermediate_dim=32,
+            decoder_num_layers=1, decoder_num_attention_heads=4, decoder_num_key_value_heads=2, decoder_head_dim=8,
+            decoder_layer_types=["full_attention"]),
+        # keras-hub's Xception: separable convs, strided 1x1 residual projections, max pooling
+        "xception": lambda: models.XceptionBackbone(
+            stackwise_conv_filters=[[8, 16], [32, 32], [32, 32], [64, 64]], stackwise_pooling=[False, True, False, False],
+            image_shape=(32, 32, 3)),
         # atrous spatial pyramid pooling on a ResNet, its pooled branch and the decoder resized (ResizeBilinear)
         "deeplab": lambda: models.DeepLabV3Backbone(
             image_encoder=models.ResNetBackbone(
@@ -3033,8 +3087,8 @@ def _mobilenetv5():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["bloom", "albert", "moonshine", "t5gemma", "deeplab", "depthanything", "mobilenet",
-                                  "gptoss", "mobilenetv5", "vitdet", "gemma3n"])
+@pytest.mark.parametrize("name", ["bloom", "albert", "moonshine", "t5gemma", "t5gemma2", "xception", "deeplab",
+                                  "depthanything", "mobilenet", "gptoss", "mobilenetv5", "vitdet", "gemma3n"])
 def test_keras_hub_more_families_shrink(tmp_path, name):
     """keras-hub models of families the other tests do not build, pruned as a user would and
     shrunk: the groups found are the ones the architecture has, the shrunk model computes the
@@ -3055,8 +3109,19 @@ def test_keras_hub_more_families_shrink(tmp_path, name):
                 # cross-attention, and those the partial rotary embeddings pass through (4 of 8; its
                 # rotated half is sliced apart and concatenated again: whole)
                 "moonshine": [2, 2, 2, 4, 4, 8, 8, 8, 8, 32, 64, 64],
-                "t5gemma": [2, 2, 2, 2, 2, 2, 4, 4, 8, 32, 32],  # + query heads within key/value groups
-                "deeplab": [8, 32, 32, 32, 32, 32, 64, 64, 256, 256, 256, 256, 256],  # two resized
+                # + query heads within key/value groups; the value head dims of each attention (self and
+                # cross) a group of their own: the key/value cache each layer stacks and drops tied them
+                # to the keys' dims (the rotary pairs, the cross attention's query/key dims)
+                "t5gemma": [2, 2, 2, 2, 2, 2, 4, 4, 8, 8, 8, 8, 32, 32],
+                # key/value heads, query heads within them, rotary pairs (normed over the head dims: the
+                # Means follow the kept dims), value dims, MLP neurons; which half of a pair stays whole
+                "t5gemma2": [2, 2, 2, 2, 4, 4, 8, 8, 32, 32],
+                # each separable conv's pointwise channels (through its depthwise conv), the residual
+                # stream of the middle blocks with their 1x1 projection; the input and output stay whole
+                "xception": [8, 16, 32, 32, 32, 64],
+                # two resized; the encoder's last stage, which nothing reads, is in no group (it never
+                # runs: finalize strips it)
+                "deeplab": [8, 32, 32, 32, 32, 64, 64, 256, 256, 256, 256, 256],
                 # heads, head dims (query/key and value), MLP neurons of 4 layers; the neck's channels
                 "depthanything": [2] * 4 + [8] * 12 + [16] * 17 + [32] * 4,
                 "mobilenet": [8] * 7 + [16, 16, 24],
@@ -3096,7 +3161,7 @@ def test_keras_hub_more_families_shrink(tmp_path, name):
         extra = graphprune.cost(str(tmp_path / "export")).parameters - variables
         assert extra == 6
         predicted += extra
-    if name == "deeplab":  # the encoder's last stage is not used (the prediction counts it): fewer
+    if name == "deeplab":  # the encoder's last stage is not used (the prediction counts its weights): fewer
         assert graphprune.cost(out).parameters < min(predicted, 0.3 * graphprune.cost(str(tmp_path / "export")).parameters)
         assert not _kernel_shapes(out) - _predicted_shapes(pm)  # every kernel as its mask predicts
     else:
