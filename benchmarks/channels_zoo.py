@@ -1,7 +1,7 @@
 """Channel pruning across public models nobody here wrote: every keras.applications family and
 keras-hub backbones, pruned at 50% of each group's channels and shrunk.
 
-    python benchmarks/channels_zoo.py [--only=Xception,phi3]      (about 17 minutes on 2 cores)
+    python benchmarks/channels_zoo.py [--only=Xception,phi3]      (about 20 minutes on 2 cores)
 
 Each model is built from its config with random weights (keras.applications' batch norms
 calibrated on 32 random images, as tests/test_zoo_applications.py does; keras-hub backbones at
@@ -118,7 +118,28 @@ def _hub_builders():
                                           image_shape=(32, 32, 3)),
         "densenet": lambda: models.DenseNetBackbone(stackwise_num_repeats=[2, 2], image_shape=(32, 32, 3),
                                                     growth_rate=8),
+        # a ResNet encoder, a bridge and a decoder of 512-channel convs, a refinement head: the encoder
+        # must start at 64 channels and the decoder's widths are fixed (92.5M parameters)
+        "basnet": lambda: models.BASNetBackbone(
+            image_encoder=models.ResNetBackbone(input_conv_filters=[64], input_conv_kernel_sizes=[7],
+                                                stackwise_num_filters=[64, 128, 256, 512],
+                                                stackwise_num_blocks=[1, 1, 1, 1], stackwise_num_strides=[1, 2, 2, 2],
+                                                block_type="basic_block"),
+            num_classes=1, image_shape=(64, 64, 3), projection_filters=64),
+        # keras-hub's Xception and T5Gemma 2, as tests/test_channels.py builds them
+        **{name: _tested(name) for name in ("xception", "t5gemma2")},
     }
+
+
+def _tested(name: str):
+    """The builder of a keras-hub model tests/test_channels.py builds too."""
+    def build():
+        sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+        from test_channels import _hub_more_models
+
+        return _hub_more_models()[name]()
+
+    return build
 
 
 def _inputs(spec: dict, rng) -> dict:
