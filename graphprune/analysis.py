@@ -322,3 +322,22 @@ def has_side_effect(body: b.Body, node, memo: dict) -> bool:
         result = node.op.startswith(SIDE_EFFECT_PREFIXES) or "Summary" in node.op
     memo[node.name] = result
     return result
+
+
+def effectful_control_outputs(body: b.Body, entry: g.Entry, memo: dict) -> tuple[str, ...]:
+    """The entry's control outputs (of the top graph ``body``) that have a side effect."""
+    return tuple(name for name in entry.control_outputs
+                 if body.node(name) is not None and has_side_effect(body, body.node(name), memo))
+
+
+def live_roots(body: b.Body, entry: g.Entry, memo: dict) -> list[str]:
+    """What a body runs for: a function's returns and every node with a side effect; the top
+    graph's entry outputs, its inputs (kept even if unused) and its control outputs that have a
+    side effect. What these need (body.live_nodes) is live: strip_unused deletes the rest, and
+    the channel analysis does not read it."""
+    if body.is_function:
+        roots = [body.source(ref) for ref in body.outputs()]
+        return roots + [node.name for node in body.nodes if has_side_effect(body, node, memo)]
+    roots = [g.parse_input(name.split(":")[0])[0] for name in entry.outputs]
+    roots += list(effectful_control_outputs(body, entry, memo))
+    return roots + [info.placeholder for info in entry.inputs]

@@ -111,7 +111,7 @@ from tensorflow.core.framework import types_pb2
 from graphprune import body as b
 from graphprune import graph as g
 from graphprune import names
-from graphprune.analysis import has_side_effect
+from graphprune.analysis import live_roots
 from graphprune.errors import GraphPruneError
 
 UNARY_OPS = {"Identity", "Cast", "Snapshot", "StopGradient", "Relu", "Relu6", "Elu", "Selu", "LeakyRelu", "Sigmoid",
@@ -400,14 +400,10 @@ class _Entry:
         # The top graph, or a function body (a loop's, a branch's) reached from it (_call).
         self.body = body if body is not None else b.top_body(entry.graph_def, dict(entry.resources), writable=False)
         self.shapes = shapes if shapes is not None else _static_shapes(entry, graph.model)
-        # What no output needs and has no effect never runs, and strip_unused removes it before
-        # shrink_channels: it links no axes and poisons none (a Keras layer's key/value cache
-        # stacked and then dropped would otherwise tie the keys' channels to the values').
-        memo: dict = {}
-        roots = [self.body.source(ref) for ref in self.returns()]
-        roots += [node.name for node in self.body.nodes if has_side_effect(self.body, node, memo)]
-        roots += [] if self.body.is_function else list(entry.control_outputs)
-        self.live = b.live_nodes(self.body, roots)
+        # What strip_unused deletes before shrink_channels (no output or effect needs it: it never
+        # runs) links no axes and poisons none (a Keras layer's key/value cache stacked and then
+        # dropped would otherwise tie the keys' channels to the values').
+        self.live = b.live_nodes(self.body, live_roots(self.body, entry, {}))
         for node in self.body.nodes:  # tf.tensordot's computed reshapes: known from static shapes
             shape = self.shapes.get((node.name, 0))
             if node.op == "Reshape" and shape is not None and None in shape:

@@ -21,7 +21,7 @@ from types import MappingProxyType
 
 from graphprune import body as b
 from graphprune import graph as g
-from graphprune.analysis import has_side_effect
+from graphprune.analysis import effectful_control_outputs, has_side_effect, live_roots
 from graphprune.passbase import PassContext, PassResult, register_pass
 
 
@@ -53,14 +53,9 @@ def _strip_body(body: b.Body, entry: g.Entry, kept: dict) -> None:
             body.set_inputs(node, inputs)
     if body.is_function:
         _drop_pure_control_returns(body, memo)
-        roots = [body.source(ref) for ref in body.outputs()]
-        roots += [node.name for node in body.nodes if has_side_effect(body, node, memo)]
     else:
-        kept["control_outputs"] = tuple(name for name in entry.control_outputs if body.node(name) is not None
-                                        and has_side_effect(body, body.node(name), memo))
-        roots = [g.parse_input(name.split(":")[0])[0] for name in entry.outputs] + list(kept["control_outputs"])
-        roots += [info.placeholder for info in entry.inputs]  # inputs stay, even if unused
-    live = b.live_nodes(body, roots)
+        kept["control_outputs"] = effectful_control_outputs(body, entry, memo)
+    live = b.live_nodes(body, live_roots(body, entry, memo))
     if not body.is_function:
         for node in body.nodes:
             if node.name in live:
