@@ -73,9 +73,11 @@ def finalize_model(prunable, *, freeze: bool | str = True, verify: bool = False,
                              "stored": tuple(pruned)})]
     if frozen:  # fold_masks leaves weights read inside loop bodies to this pass
         steps.append(("freeze_variables", {"only": tuple(sorted(frozen))}))
-    steps += [("read_handles_directly", {}), ("strip_unused", {})]  # the first: so TFLite freezes and quantizes
-    if shrink:
+    steps.append(("read_handles_directly", {}))  # so TFLite freezes and quantizes
+    if shrink:  # shrink_channels strips what is unused first
         steps += [("shrink_channels", {"round_to": _round_to(prunable)}), ("strip_unused", {})]
+    else:
+        steps.append(("strip_unused", {}))
     if _folds(fold_batch_norms, freeze):
         steps += [("fold_batch_norms", {"variables": True}), ("strip_unused", {})]
     if pointwise_matmul:
