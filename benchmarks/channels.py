@@ -6,6 +6,9 @@
                                                 the 50% rows, to results/channels_repeat_50.json)
     python benchmarks/channels.py --models=MobileNetV2 --ratios=0.5 --round_to=1   (kept counts not rounded;
                                                 results/channels_round_to_1.json)
+    python benchmarks/channels.py --models=MobileNetV2 --ratios=0.5 --variants=final,frozen --processes=10 \
+        --results=channels_processes.json   (these variants alone, each timed in 10 fresh processes:
+                                                the median and spread of the per-process ratios)
     python benchmarks/channels.py --ratios=0.5 --onednn=0    (TF_ENABLE_ONEDNN_OPTS=0: TensorFlow's own
                                                 kernels; results/channels_onednn_off.json)
 
@@ -117,22 +120,75 @@ def _latencies_here(models: list[tuple[str, str]], size: int, repeats: int, lite
 
 
 def _latencies(models: list[tuple[str, str]], size: int, repeats: int, threads: list[str],
-               litert: bool = True) -> list[dict]:
+               litert: bool = True, processes: int = 1) -> list[dict]:
     """The latencies of each (SavedModel, .tflite), each thread setting timed in a fresh process
     (TensorFlow takes its thread counts once, before it runs anything): "default" gives tf_b1_ms,
     tf_b32_ms and (with ``litert``) litert_ms; N gives tfN_b1_ms and tfN_b32_ms (N intra- and
-    inter-op threads)."""
+    inter-op threads). With ``processes`` > 1 every setting is timed in that many fresh processes,
+    one after the other: each key is the median over them, and KEY_runs lists each process's
+    value in order (the models of one process were timed in the same rounds, so
+    ``spread`` divides them process by process)."""
     import subprocess
 
-    rows = [{} for _ in models]
-    for setting in threads:
-        command = [sys.executable, os.path.abspath(__file__), "--time=" + json.dumps(models), f"--size={size}",
-                   f"--repeats={repeats}", f"--threads={setting}", f"--litert={int(litert and setting == 'default')}"]
-        found = subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
-        prefix = "tf" if setting == "default" else f"tf{setting}"
-        for row, timed in zip(rows, json.loads(found)):
-            row.update({(prefix + key[2:] if key.startswith("tf_") else key): ms for key, ms in timed.items()})
+    import numpy as np
+
+    runs = [{} for _ in models]
+    for _ in range(processes):
+        for setting in threads:
+            command = [sys.executable, os.path.abspath(__file__), "--time=" + json.dumps(models), f"--size={size}",
+                       f"--repeats={repeats}", f"--threads={setting}",
+                       f"--litert={int(litert and setting == 'default')}"]
+            found = subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
+            prefix = "tf" if setting == "default" else f"tf{setting}"
+            for row, timed in zip(runs, json.loads(found)):
+                for key, ms in timed.items():
+                    row.setdefault(prefix + key[2:] if key.startswith("tf_") else key, []).append(ms)
+    rows = [{key: float(np.median(values)) for key, values in row.items()} for row in runs]
+    if processes > 1:
+        for row, timed in zip(rows, runs):
+            row.update({key + "_runs": values for key, values in timed.items()})
     return rows
+
+
+def spread(rows) -> str:
+    """For rows timed in several processes: each shrunk model's latency over its dense model's of
+    the same variant, process by process (both timed in the same rounds of one process): the
+    median, the lowest and the highest of those ratios, and how many processes there were."""
+    import numpy as np
+
+    dense = {(row["model"], row.get("variant", "export")): row for row in rows if row["ratio"] == 0.0}
+    lines = []
+    for row in rows:
+        if row["ratio"] == 0.0:
+            continue
+        base = dense[(row["model"], row.get("variant", "export"))]
+        cells = []
+        for key in sorted(key for key in row if key.endswith("_ms_runs") and key in base):
+            ratios = np.array(row[key]) / np.array(base[key])
+            cells.append(f"{key[:-8]} {np.median(ratios):.2f}x ({ratios.min():.2f}-{ratios.max():.2f}, "
+                         f"{len(ratios)} processes)")
+        if cells:
+            lines.append(f"{row['model']} {row['ratio']:.0%} {VARIANTS[row.get('variant', 'export')]}: "
+                         + "; ".join(cells))
+    return "\n".join(lines)
+
+
+def _machine() -> dict:
+    """What the timings were taken on: the CPU's name and flags that matter to the kernels, the cores,
+    TensorFlow's version (hosts of one machine kind differ from session to session)."""
+    import tensorflow as tf
+
+    first = {}
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                first.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    cpu = f"{first.get('model name', '')} (family {first.get('cpu family', '?')}, model {first.get('model', '?')})"
+    flags = {flag for flag in first.get("flags", "").split() if flag in ("avx2", "avx512f", "avx512_bf16", "amx_tile")}
+    return {"cpu": cpu, "flags": sorted(flags), "cores": os.cpu_count(), "tensorflow": tf.__version__}
 
 
 def _model(name: str, size: int):
@@ -150,12 +206,15 @@ def _model(name: str, size: int):
 
 
 def measure(name: str, ratios, size: int, repeats: int, scratch: str, round_to: int = 8,
-            threads=("default", "1")) -> list[dict]:
+            threads=("default", "1"), variants=None, processes: int = 1) -> list[dict]:
+    """The rows of one model: its dense export and each ratio, in each of ``variants`` (FINALIZE's
+    keys; all by default), each variant's latencies timed in ``processes`` fresh processes."""
     import numpy as np
     import tensorflow as tf
 
     import graphprune
 
+    variants = list(FINALIZE) if variants is None else [v for v in FINALIZE if v in variants]
     model, x = _model(name, size)
     dense = os.path.join(scratch, f"{name}_dense")
     model.export(dense, verbose=False)
@@ -167,7 +226,7 @@ def measure(name: str, ratios, size: int, repeats: int, scratch: str, round_to: 
     paths = {}
     for variant, options in FINALIZE.items():  # the dense side: the Keras export, or it finalized
         path = dense
-        if variant in FINALIZED_DENSE:
+        if variant in FINALIZED_DENSE and variant in variants:
             path = graphprune.finalize(graphprune.prune(dense), f"{dense}_{variant}", overwrite=True, **options)
         paths[variant] = [(path, dense + ".tflite")]
     rows += [{**rows[0], "variant": variant} for variant in list(FINALIZE)[1:]]
@@ -179,7 +238,7 @@ def measure(name: str, ratios, size: int, repeats: int, scratch: str, round_to: 
         out = os.path.join(scratch, f"{name}_{ratio}")
         for variant, options in FINALIZE.items():  # "export" first: prune + its finalize are timed
             path = out if not options else f"{out}_{variant}"  # "final" times the same model as "export"
-            if variant == "export" or options:
+            if variant in ("export", "unfolded") or (options and variant in variants):  # "unfolded": counted
                 graphprune.finalize(pm, path, shrink=True, overwrite=True, **options)
             if variant == "export":
                 seconds = time.perf_counter() - start
@@ -199,13 +258,17 @@ def measure(name: str, ratios, size: int, repeats: int, scratch: str, round_to: 
         rows += [{**rows[-1], "variant": variant} for variant in list(FINALIZE)[1:]]
     litert = {}  # every variant converts the same .tflite files: LiteRT is timed with "export" only
     counted = {}  # SavedModel -> parameters: variants share the Keras export and finalize's default output
+    rows = [row for row in rows if row["variant"] in variants]
     for variant, models in paths.items():
+        if variant not in variants:
+            continue
         mine = [row for row in rows if row["variant"] == variant]
         for row, (path, _) in zip(mine, models):  # what the timed SavedModel holds (batch norms folded or not)
             if path not in counted:
                 counted[path] = graphprune.cost(path).parameters
             row["timed_parameters"] = counted[path]
-        for row, latencies in zip(mine, _latencies(models, size, repeats, list(threads), litert=variant == "export")):
+        timed = _latencies(models, size, repeats, list(threads), litert=variant == variants[0], processes=processes)
+        for row, latencies in zip(mine, timed):
             row.update(latencies)
             row["litert_ms"] = litert.setdefault(row["ratio"], row.get("litert_ms"))
             print(json.dumps(row), flush=True)
@@ -308,6 +371,11 @@ def main(argv) -> None:
     size, repeats = int(options.get("size", 128)), int(options.get("repeats", 50))
     round_to = int(options.get("round_to", 8))
     threads = options.get("threads", "default,1").split(",")
+    variants = options["variants"].split(",") if "variants" in options else list(FINALIZE)
+    unknown = sorted(set(variants) - set(FINALIZE))
+    if unknown:
+        raise SystemExit(f"--variants: unknown {', '.join(unknown)}; choose among {', '.join(FINALIZE)}")
+    processes = int(options.get("processes", 1))
     results = RESULTS if round_to == 8 else RESULTS.replace(".json", f"_round_to_{round_to}.json")
     if options.get("onednn") == "0":  # TensorFlow's Eigen kernels instead of oneDNN's (set before it loads)
         os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
@@ -318,15 +386,18 @@ def main(argv) -> None:
     rows = []
     try:
         for name in models:
-            rows += measure(name, ratios, size, repeats, scratch, round_to, threads)
+            rows += measure(name, ratios, size, repeats, scratch, round_to, threads, variants, processes)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     os.makedirs(os.path.dirname(results), exist_ok=True)
     with open(results, "w") as handle:
-        json.dump({"size": size, "repeats": repeats, "round_to": round_to, "threads": threads, "rows": rows}, handle, indent=1)
+        json.dump({"size": size, "repeats": repeats, "round_to": round_to, "threads": threads, "variants": variants,
+                   "processes": processes, "machine": _machine(), "rows": rows}, handle, indent=1)
     if results == RESULTS:
         plot(rows, os.path.join(HERE, "channels.png"))
     print(table(rows))
+    if processes > 1:
+        print(spread(rows))
 
 
 if __name__ == "__main__":
