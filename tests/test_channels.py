@@ -907,6 +907,84 @@ def test_keras_hub_under_a_static_signature(tmp_path, name):
     assert graphprune.cost(out).parameters == _predicted_parameters(pm) + constants
 
 
+class _DetectionModule(tf.Module):
+    """keras-hub's D-FINE detector called by a tf.function of fixed image shape, returning its tensor
+    outputs (Keras's export refuses the model: some outputs are tuples of tensors)."""
+
+    def __init__(self, backbone, size):
+        super().__init__()
+        self.backbone = backbone
+        self.serve = tf.function(self._serve, input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
+
+    def _serve(self, images):
+        outputs = self.backbone(images, training=False)
+        return {key: value for key, value in outputs.items() if tf.is_tensor(value)}
+
+
+def _d_fine():
+    """A small D-FINE (keras-hub's docstring example at a quarter of its widths, one decoder layer,
+    10 queries, 64x64 images) on an HGNetV2 backbone with learnable affine blocks."""
+    import keras_hub
+
+    models = keras_hub.models
+    hgnet = models.HGNetV2Backbone(
+        stem_channels=[3, 16, 16], stackwise_stage_filters=[[16, 16, 64, 1, 3, 3], [64, 32, 128, 1, 3, 3],
+                                                            [128, 32, 128, 1, 3, 5], [128, 32, 128, 1, 3, 5]],
+        apply_downsample=[False, True, True, True], use_lightweight_conv_block=[False, False, True, True],
+        depths=[1, 1, 1, 1], hidden_sizes=[64, 128, 128, 128], embedding_size=16, use_learnable_affine_block=True,
+        hidden_act="relu", image_shape=(64, 64, 3), out_features=["stage3", "stage4"])
+    return models.DFineBackbone(
+        backbone=hgnet, decoder_in_channels=[32, 32], encoder_hidden_dim=32, num_denoising=0, num_labels=8,
+        hidden_dim=32, learn_initial_query=False, num_queries=10, anchor_image_size=(64, 64), feat_strides=[16, 32],
+        num_feature_levels=2, encoder_in_channels=[128, 128], encode_proj_layers=[1], num_attention_heads=2,
+        encoder_ffn_dim=64, num_encoder_layers=1, hidden_expansion=0.34, depth_multiplier=0.5, eval_idx=-1,
+        num_decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=64, decoder_n_points=[2, 2],
+        lqe_hidden_dim=16, num_lqe_layers=1, out_features=["stage3", "stage4"], image_shape=(64, 64, 3), seed=0)
+
+
+@pytest.mark.slow
+def test_keras_hub_d_fine_detector_shrinks(tmp_path):
+    """keras-hub's D-FINE, a detection transformer nobody here wrote: an HGNetV2 backbone, a hybrid
+    encoder (CSP blocks, a transformer layer on the last feature map), top-k query selection and a
+    decoder with deformable attention (sampling offsets and weights per head and point, a softmax
+    over the points, grid sampling as gathers). Its convolutions', MLPs' and heads' channels go; the
+    deformable attention's points and the top-k's inputs stay whole, with their reasons. Every
+    output of the shrunk model equals the masked one's, with the parameters the masks predict."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    module = _DetectionModule(_d_fine(), 64)
+    rng = np.random.RandomState(1)
+    for weight in module.backbone.weights:  # the box heads' last kernels start at zeros: their outputs
+        # would be zeros, and shrink_channels removes every channel only zeros read (keeping one)
+        if weight.path.endswith("kernel") and not np.any(weight.numpy()):
+            weight.assign(rng.standard_normal(weight.shape).astype(np.float32) * 0.1)
+    pm = graphprune.prune(module, graphprune.ConstantSparsity(0.5, 0), structure="channel", one_shot=True)
+    groups = graphprune.channel_groups(pm)
+    prunable = [group for group in groups if group.prunable]
+    assert len(prunable) >= 50, channels.describe(groups)
+    assert all(group.reason for group in groups if not group.prunable)
+    reasons = " ".join(group.reason for group in groups if not group.prunable)
+    assert "Softmax" in reasons and "TopKV2" in reasons, reasons  # the points' weights, the query selection
+    images = tf.constant(np.random.RandomState(0).rand(2, 64, 64, 3).astype(np.float32))
+    masked = {key: value.numpy() for key, value in pm.serve(images).items()}
+    # batch norms kept: the masks predict the parameters of the model as it is
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True, fold_batch_norms=False)
+    loaded = tf.saved_model.load(out)  # held: its variables live as long as it does
+    shrunk = loaded.serve(images)
+    assert sorted(shrunk) == sorted(masked)
+    scale = max(float(np.max(np.abs(value))) for value in masked.values())
+    assert scale > 1e-2
+    for key, value in masked.items():
+        np.testing.assert_allclose(shrunk[key].numpy(), value, atol=1e-5 * scale, rtol=0, err_msg=key)
+    constants = graphprune.cost(module).parameters - sum(
+        int(np.prod(spec.shape)) for spec in pm.traced.variables.values()
+        if spec.role == names.ROLE_OTHER and len(spec.shape) >= 1 and "float" in spec.dtype)
+    after = graphprune.cost(out).parameters
+    assert after == _predicted_parameters(pm) + constants
+    assert after < 0.35 * graphprune.cost(module).parameters
+
+
 class _ChannelsFirstPad(tf.Module):
     """A dense layer's channels moved first and the time axis, now last, padded on the left (a
     causal conv over [batch, channels, time], as Qwen3.5's gated delta net pads it), then averaged."""
