@@ -150,13 +150,18 @@ def _latencies(models: list[tuple[str, str]], size: int, repeats: int, threads: 
     return rows
 
 
+def _dense_rows(rows) -> dict:
+    """(model, variant) -> the row of its dense model, which every row of that kind is divided by."""
+    return {(row["model"], row.get("variant", "export")): row for row in rows if row["ratio"] == 0.0}
+
+
 def spread(rows) -> str:
     """For rows timed in several processes: each shrunk model's latency over its dense model's of
     the same variant, process by process (both timed in the same rounds of one process): the
     median, the lowest and the highest of those ratios, and how many processes there were."""
     import numpy as np
 
-    dense = {(row["model"], row.get("variant", "export")): row for row in rows if row["ratio"] == 0.0}
+    dense = _dense_rows(rows)
     lines = []
     for row in rows:
         if row["ratio"] == 0.0:
@@ -256,7 +261,7 @@ def measure(name: str, ratios, size: int, repeats: int, scratch: str, round_to: 
                      "max_diff": float(np.max(np.abs(shrunk - masked)) / np.max(np.abs(masked))),
                      "prune_finalize_s": seconds})
         rows += [{**rows[-1], "variant": variant} for variant in list(FINALIZE)[1:]]
-    litert = {}  # every variant converts the same .tflite files: LiteRT is timed with "export" only
+    litert = {}  # every variant converts the same .tflite files: LiteRT is timed with the first variant only
     counted = {}  # SavedModel -> parameters: variants share the Keras export and finalize's default output
     rows = [row for row in rows if row["variant"] in variants]
     for variant, models in paths.items():
@@ -296,7 +301,7 @@ def table(rows) -> str:
     lines = ["| model | channels removed | SavedModel | parameters | FLOPs (batch 1) | TF batch 1 | TF batch 32 | "
              + ("TF 1 thread, batch 1 | TF 1 thread, batch 32 | " if one_thread else "")
              + "LiteRT 1 thread | max diff / scale |", "|---|---|---|---|---|---|---|---|---|" + "---|---|" * one_thread]
-    dense = {(row["model"], row.get("variant", "export")): row for row in rows if row["ratio"] == 0.0}
+    dense = _dense_rows(rows)
     for row in rows:
         base = dense[(row["model"], row.get("variant", "export"))]
 

@@ -900,9 +900,7 @@ def test_keras_hub_under_a_static_signature(tmp_path, name):
     np.testing.assert_allclose(shrunk, masked, atol=1e-5 * scale, rtol=0)
     # cost also counts float constants on no channel axis (RWKV's zero states, Qwen3.5's chunk
     # masks), before and after alike
-    constants = graphprune.cost(module).parameters - sum(
-        int(np.prod(spec.shape)) for spec in pm.traced.variables.values()
-        if spec.role == names.ROLE_OTHER and len(spec.shape) >= 1 and "float" in spec.dtype)
+    constants = _constant_parameters(pm, graphprune.cost(module).parameters)
     assert constants == {"qwen3": 0, "qwen3_5": 320, "qwen3_5_moe": 320, "rwkv7": 512}[name]
     assert graphprune.cost(out).parameters == _predicted_parameters(pm) + constants
 
@@ -977,12 +975,10 @@ def test_keras_hub_d_fine_detector_shrinks(tmp_path):
     assert scale > 1e-2
     for key, value in masked.items():
         np.testing.assert_allclose(shrunk[key].numpy(), value, atol=1e-5 * scale, rtol=0, err_msg=key)
-    constants = graphprune.cost(module).parameters - sum(
-        int(np.prod(spec.shape)) for spec in pm.traced.variables.values()
-        if spec.role == names.ROLE_OTHER and len(spec.shape) >= 1 and "float" in spec.dtype)
+    before = graphprune.cost(module).parameters
     after = graphprune.cost(out).parameters
-    assert after == _predicted_parameters(pm) + constants
-    assert after < 0.35 * graphprune.cost(module).parameters
+    assert after == _predicted_parameters(pm) + _constant_parameters(pm, before)
+    assert after < 0.35 * before
 
 
 class _ChannelsFirstPad(tf.Module):
@@ -1267,6 +1263,14 @@ def _predicted_parameters(pm) -> int:
             total += int(np.prod([int(kept[(key, axis)].sum()) if (key, axis) in kept else size
                                   for axis, size in enumerate(spec.shape)]))
     return total
+
+
+def _constant_parameters(pm, counted: int) -> int:
+    """What graphprune.cost counted (``counted``, of the model pm was pruned from) beyond the
+    model's float variables of at least one axis, the ones _predicted_parameters counts: its float
+    constants (kept as they are by a shrink)."""
+    return counted - sum(int(np.prod(spec.shape)) for spec in pm.traced.variables.values()
+                         if spec.role == names.ROLE_OTHER and len(spec.shape) >= 1 and "float" in spec.dtype)
 
 
 def _used_channels(pm, group) -> np.ndarray:
