@@ -381,6 +381,8 @@ def main(argv) -> None:
     if unknown:
         raise SystemExit(f"--variants: unknown {', '.join(unknown)}; choose among {', '.join(FINALIZE)}")
     processes = int(options.get("processes", 1))
+    if processes < 1:
+        raise SystemExit(f"--processes must be 1 or more, got {processes}")
     results = RESULTS if round_to == 8 else RESULTS.replace(".json", f"_round_to_{round_to}.json")
     if options.get("onednn") == "0":  # TensorFlow's Eigen kernels instead of oneDNN's (set before it loads)
         os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
