@@ -30,7 +30,7 @@ shrink=True. For the dense model and each shrunk one, on this machine:
                        variable a constant). finalize's defaults fold the batch norms into the
                        kernels (fold_batch_norms; "unfolded": "export" with
                        fold_batch_norms=False, finalize's output before they did) and write 1x1
-                       convolutions of at most 8M multiply-adds per image as MatMuls
+                       convolutions of at most 3.5M multiply-adds per image as MatMuls
                        (pointwise_matmul="auto"); "export_conv" and "frozen_conv" are "export"
                        and "frozen" with pointwise_matmul=False in every finalize (the Keras
                        export as it is)

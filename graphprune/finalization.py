@@ -327,14 +327,15 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
         much of a small convolutional model's TensorFlow latency (benchmarks/README.md: a
         shrunk MobileNetV2 at 128x128, 2.8-3.2 ms folded against 4.6-4.8 ms not).
     pointwise_matmul="auto" (default): write each 1x1, stride-1 convolution with a constant or
-        variable kernel and at most 8M multiply-adds per image (height and width known) as a
+        variable kernel and at most 3.5M multiply-adds per image (height and width known) as a
         MatMul between two Reshapes (the pointwise_matmul pass), its BiasAdd and activation
         moved along. TensorFlow's oneDNN convolution costs about 50 us more a call than the
         matrix product when it runs on more than one thread (measured on x86, 2 cores): at
         batch 1 that is much of a small or shrunk MobileNet's time (a shrunk MobileNetV2 at
         128x128: 6.4-7.3 ms as convolutions, 4.6-5.1 ms so). Larger convolutions stay: they
-        gain nothing (ResNet50's dense frozen model: 26.1-29.0 ms with every one a MatMul, 23.6-
-        24.1 ms without). Where the MatMuls' outputs fail the check (a deep network summed in
+        gain little or lose, and a MatMul forgoes the fusion of a convolution with a residual
+        Add (ResNet50's dense frozen model: 26.1-29.0 ms with every one a MatMul, 23.6-24.1 ms
+        without; shrunk at 50%, its 1x1 convolutions 4.2M each, 5-15% faster kept). Where the MatMuls' outputs fail the check (a deep network summed in
         another order: EfficientNetV2B0 frozen, 4e-5 of the scale), "auto" warns and keeps the
         convolutions. True: every such convolution, whatever its size; False: none, which
         serves frozen residual networks in large batches better (a frozen ResNet50 at 50% of its

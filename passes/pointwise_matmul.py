@@ -10,7 +10,11 @@ than one thread (benchmarks/README.md, "1x1 convolutions as matrix products"): a
 shrunk MobileNetV2's 35 pointwise convolutions spend most of their time there. A large
 convolution gains nothing by it and can lose: ResNet50's dense frozen model (its 1x1 convolutions
 mostly 16.8M multiply-adds at 128x128) ran batch 1 in 26.1-29.0 ms with every one a MatMul,
-against 23.6-24.1 ms. So ``max_macs`` (finalize's default,
+against 23.6-24.1 ms. And a MatMul costs TensorFlow a fusion where a convolution's output meets a
+residual Add: oneDNN fuses Conv2D + BiasAdd + Add (+ ReLU) into one call, not the MatMul form,
+whose Reshape back also hides from Grappler that the Add's two inputs have the same batch size
+(a shrunk ResNet50 at 50%, whose 1x1 convolutions are all 4.2M multiply-adds, ran batch 1 5-15%
+faster with none of them rewritten, in six paired timings). So ``max_macs`` (finalize's default,
 ``pointwise_matmul="auto"``: AUTO_MAX_MACS) rewrites only convolutions of at most that many
 multiply-adds per image (H x W x Cin x Cout, the output's height and width known); None
 (``pointwise_matmul=True``) rewrites every one.
@@ -51,10 +55,12 @@ FLOAT_TYPES = (types_pb2.DT_FLOAT, types_pb2.DT_DOUBLE, types_pb2.DT_HALF, types
 ACTIVATIONS = {"Relu", "Relu6", "Elu", "LeakyRelu", "Tanh", "Sigmoid"}
 # finalize's pointwise_matmul="auto": the most multiply-adds per image of a convolution it rewrites.
 # Measured at batch 1 on TensorFlow's default threads (2 cores, oneDNN; benchmarks/conv_vs_matmul.py
-# --sweep): a MatMul took 0.45x-0.65x of a 1x1 convolution's time up to 4.2M, 0.75x-0.99x at 8.4M
-# and 1.00x-1.11x at 16.8M. At batch 32 (0.73x-1.36x) and on one thread (0.75x-1.44x) neither
-# form wins by size.
-AUTO_MAX_MACS = 1 << 23
+# --sweep), a MatMul took, of a 1x1 convolution's time: on an earlier host 0.45x-0.65x up to 4.2M,
+# 0.75x-0.99x at 8.4M and 1.00x-1.11x at 16.8M; on an AMD EPYC (AVX-512) 0.45x-0.81x up to 3.3M,
+# 0.89x-1.11x at 4.2M, 1.08x-1.22x at 8.4M and 0.90x-1.56x at 16.8M. Past 3.5M the gain is small
+# on one host and a loss on the other, before the residual Adds' fusions are counted (module
+# docstring). At batch 32 (0.73x-1.36x) and on one thread (0.75x-1.44x) neither form wins by size.
+AUTO_MAX_MACS = 3_500_000
 
 
 def pointwise_matmul(model: g.TracedModel, context: PassContext, max_macs: int | None = None) -> PassResult:

@@ -1,5 +1,5 @@
 """pointwise_matmul: 1x1, stride-1 convolutions written as matrix products (finalize's default,
-pointwise_matmul="auto": those of at most 8M multiply-adds per image; True: every one).
+pointwise_matmul="auto": those of at most 3.5M multiply-adds per image; True: every one).
 
 Every model here is run before and after finalize and compared numerically; the op counts say
 what was rewritten and what was left alone."""
@@ -54,7 +54,7 @@ def test_keras_pointwise_convs_become_matmuls(tmp_path, freeze):
     plain = graphprune.finalize(graphprune.prune(str(tmp_path / "export")), str(tmp_path / "plain"), freeze=freeze,
                                 pointwise_matmul=False)
     assert _ops(plain)["Conv2D"] == 7
-    # finalize's default ("auto"): every 1x1 conv here is far under 8M multiply-adds an image
+    # finalize's default ("auto"): every 1x1 conv here is far under 3.5M multiply-adds an image
     out = graphprune.finalize(graphprune.prune(str(tmp_path / "export")), str(tmp_path / "out"), freeze=freeze)
     ops, plain_ops = _ops(out), _ops(plain)
     # the 3x3, the grouped and the strided 1x1 stay; the dilated 1x1 is a plain one between
@@ -173,7 +173,7 @@ def test_a_reader_without_a_type_attr_is_left_as_it_is(tmp_path):
 
 
 class Sizes(tf.Module):
-    """Two 1x1 convs at 64x64: 64 -> 64 channels (16.8M multiply-adds an image, past "auto"'s 8M)
+    """Two 1x1 convs at 64x64: 64 -> 64 channels (16.8M multiply-adds an image, past "auto"'s 3.5M)
     and 64 -> 8 (2.1M); a third on an input of unknown height and width."""
 
     def __init__(self):

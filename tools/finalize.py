@@ -35,7 +35,7 @@ _FOLD = flags.DEFINE_bool("fold_batch_norms", None, "Fold per-channel scales and
                           "then instead.")
 _POINTWISE = flags.DEFINE_bool("pointwise_matmul", None, "Write every 1x1, stride-1 convolution as a MatMul between "
                                "two Reshapes: faster in TensorFlow on several threads (oneDNN's small convolutions "
-                               "cost more a call), the same in LiteRT. Default: only those of at most 8M "
+                               "cost more a call), the same in LiteRT. Default: only those of at most 3.5M "
                                "multiply-adds per image (larger ones gain nothing); --nopointwise_matmul: none.")
 _PADS = flags.DEFINE_bool("fold_pads", None, "Fold a zero Pad before a VALID convolution into the convolution where "
                           "it pads as SAME would (Keras's stride-2 depthwise convs): one op less each in "
