@@ -59,6 +59,14 @@ NO_TENSORFLOW = ("graphprune needs TensorFlow 2.16 or newer, and none is install
 
 def first_line(error: Exception, limit: int = 300) -> str:
     """An error's first line, at most ``limit`` characters, for a one-line message (TensorFlow's
-    errors add a graph's stack traces; its OpErrors keep the text itself in ``message``)."""
+    errors add a graph's stack traces; its OpErrors keep the text itself in ``message``). Where
+    TensorFlow's first line only says "Graph execution error:", the line that says what went
+    wrong, after the node's stack trace, follows it: "Graph execution error: indices[0] = -1 ..."."""
     text = (getattr(error, "message", None) or str(error)).strip()
-    return (text.splitlines() or [type(error).__name__])[0][:limit]
+    lines = text.splitlines() or [type(error).__name__]
+    if lines[0].strip() == "Graph execution error:":
+        detail = next((line.strip() for line in lines[1:] if line.strip() and not line[0].isspace()
+                       and not line.startswith(("Detected at node", "<stack traces unavailable>"))), None)
+        if detail:
+            return f"{lines[0].strip()} {detail}"[:limit]
+    return lines[0][:limit]

@@ -491,6 +491,47 @@ def test_finalize_checks_models_that_need_long_inputs(tmp_path, recwarn):
         graphprune.finalize(short, str(tmp_path / "short"), shrink=True)
 
 
+class BoxesOffTheImage(tf.Module):
+    """keras-hub SAM 3's geometry encoder, in small: features gathered at indices computed from
+    box coordinates of unknown count. The normal random values finalize's check makes put the
+    boxes off the image, so the gather refuses them at every size."""
+
+    def __init__(self):
+        rng = np.random.RandomState(7)
+        self.kernel = tf.Variable(rng.standard_normal([4, 8]).astype(np.float32))
+        self.table = tf.Variable(rng.standard_normal([8, 4]).astype(np.float32))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32), tf.TensorSpec([None, None], tf.float32)])
+    def __call__(self, x, boxes):
+        rows = tf.gather(self.table, tf.cast(tf.floor(boxes * 8.0), tf.int32))  # [batch, boxes, 4]
+        return tf.matmul(x, self.kernel) + tf.reduce_sum(tf.matmul(rows, self.kernel), 1)
+
+
+def test_finalize_check_stops_where_the_inputs_values_are_wrong(tmp_path, recwarn):
+    """finalize's check tried every size up to 4,096 on a model whose gathers refuse the indices
+    its random inputs make, at any size: keras-hub SAM 3 (boxes off the image) took over 12 GB at
+    512 tokens and 2 boxes and its process was killed. Two index refusals now end the search, and
+    the warning says what TensorFlow said, not only "Graph execution error:"."""
+    module = BoxesOffTheImage()
+    pm = graphprune.prune(module, graphprune.ConstantSparsity(0.5, 0), one_shot=True)
+    path = graphprune.finalize(pm, str(tmp_path / "final"))
+    warned = [str(w.message) for w in recwarn if "not checked" in str(w.message)]
+    assert len(warned) == 1, warned
+    assert "(unknown dimensions of size 2, 32 tried)" in warned[0]  # not 512 or 4096
+    assert "Graph execution error: indices" in warned[0] and "is not in [0, 8)" in warned[0]
+    # the finalized model computes the masked one on boxes on the image
+    x = tf.constant(np.random.RandomState(0).standard_normal([2, 4]).astype(np.float32))
+    boxes = tf.constant(np.random.RandomState(1).uniform(0, 1, [2, 3]).astype(np.float32))
+    np.testing.assert_allclose(tf.saved_model.load(path)(x, boxes).numpy(), pm(x, boxes).numpy(), atol=1e-5, rtol=0)
+    # what counts as an index refusal
+    from graphprune.verify import _bad_index
+
+    with pytest.raises(tf.errors.InvalidArgumentError) as raised:
+        tf.gather(tf.zeros([3]), [5])
+    assert _bad_index(raised.value)
+    assert not _bad_index(tf.errors.InvalidArgumentError(None, None, "Incompatible shapes: [2,3] vs. [2,2,3,3]"))
+
+
 class FixedPositions(tf.Module):
     """Token ids of unknown length plus a learned position table of 8 rows added whole (keras-hub
     SigLIP's text tower adds its table so): the model runs on exactly 8 tokens."""
