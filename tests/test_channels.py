@@ -3115,6 +3115,12 @@ def _hub_more_models():
             encoder_layer_types=["full_attention"], decoder_hidden_dim=16, decoder_intermediate_dim=32,
             decoder_num_layers=1, decoder_num_attention_heads=4, decoder_num_key_value_heads=2, decoder_head_dim=8,
             decoder_layer_types=["full_attention"]),
+        # Flux: double-stream blocks (image and text, attention over both), a single-stream block whose one
+        # kernel makes queries, keys, values and MLP neurons at once, 3-axis rotary positions
+        "flux": lambda: models.FluxBackbone(
+            input_channels=8, hidden_size=32, mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1,
+            axes_dim=[4, 6, 6], theta=10000, use_bias=True, guidance_embed=False, image_shape=(16, 8),
+            text_shape=(8, 12), image_ids_shape=(16, 3), text_ids_shape=(8, 3), y_shape=(12,)),
         # keras-hub's Xception: separable convs, strided 1x1 residual projections, max pooling
         "xception": lambda: models.XceptionBackbone(
             stackwise_conv_filters=[[8, 16], [32, 32], [32, 32], [64, 64]], stackwise_pooling=[False, True, False, False],
@@ -3170,7 +3176,7 @@ def _mobilenetv5():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["bloom", "albert", "moonshine", "t5gemma", "t5gemma2", "xception", "deeplab",
-                                  "depthanything", "mobilenet", "gptoss", "mobilenetv5", "vitdet", "gemma3n"])
+                                  "depthanything", "mobilenet", "gptoss", "mobilenetv5", "vitdet", "gemma3n", "flux"])
 def test_keras_hub_more_families_shrink(tmp_path, name):
     """keras-hub models of families the other tests do not build, pruned as a user would and
     shrunk: the groups found are the ones the architecture has, the shrunk model computes the
@@ -3223,7 +3229,8 @@ def test_keras_hub_more_families_shrink(tmp_path, name):
                 # per layer: AltUp's router outputs, key/value heads, the query heads within each group,
                 # Laurel's low rank, MLP neurons (the head dims, normed over them, the AltUp coefficients,
                 # the per-layer inputs' channels and the residual stream stay whole, with their reasons)
-                "gemma3n": [2, 2, 2, 2, 2, 2, 4, 4, 32, 32]}[name]
+                "gemma3n": [2, 2, 2, 2, 2, 2, 4, 4, 32, 32],
+                "flux": [2, 32, 32, 32, 64, 64, 64, 128]}[name]
     assert sorted(group.size for group in groups if group.prunable) == expected, channels.describe(groups)
     spec = pm.signatures["serving_default"].structured_input_signature[1]
     rng = np.random.RandomState(0)
@@ -3237,6 +3244,8 @@ def test_keras_hub_more_families_shrink(tmp_path, name):
     if name == "bloom":  # and the constant ALiBi slope of each head kept
         heads = next(group for group in groups if any(m.name.endswith("alibi_bias_1/Const") for m in group.members))
         predicted += int(_used_channels(pm, heads).sum())
+    if name == "flux":  # and its float constants (1,152 values), which cost counts and a shrink keeps as they are
+        predicted += _constant_parameters(pm, graphprune.cost(str(tmp_path / "export")).parameters)
     if name == "vitdet":  # cost counts 6 values the variables do not hold, before and after alike
         variables = sum(int(np.prod(spec.shape)) for spec in pm.traced.variables.values()
                         if spec.role == names.ROLE_OTHER and len(spec.shape) >= 1)
