@@ -335,12 +335,14 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
         128x128: 6.4-7.3 ms as convolutions, 4.6-5.1 ms so). Larger convolutions stay: they
         gain little or lose, and a MatMul forgoes the fusion of a convolution with a residual
         Add (ResNet50's dense frozen model: 26.1-29.0 ms with every one a MatMul, 23.6-24.1 ms
-        without; shrunk at 50%, its 1x1 convolutions 4.2M each, 5-15% faster kept). Where the MatMuls' outputs fail the check (a deep network summed in
-        another order: EfficientNetV2B0 frozen, 4e-5 of the scale), "auto" warns and keeps the
-        convolutions. True: every such convolution, whatever its size; False: none, which
-        serves frozen residual networks in large batches better (a frozen ResNet50 at 50% of its
-        channels, batch 32: 9-20% slower with "auto" over four runs). LiteRT runs both forms
-        alike.
+        without; shrunk at 50%, its 1x1 convolutions 4.2M each, 5-15% faster kept). Where the
+        MatMuls' outputs fail the check (a deep network summed in another order:
+        EfficientNetV2B0 frozen, 4e-5 of the scale), "auto" warns and keeps the convolutions.
+        True: every such convolution, whatever its size; False: none, which serves frozen
+        residual networks with small 1x1 convolutions in large batches better (a frozen
+        ResNet50 at 50% of its channels, batch 32: 9-20% slower over four runs under the 8M
+        bound "auto" had before, which made its 4.2M convolutions MatMuls). LiteRT runs both
+        forms alike.
     fold_pads: fold a zero Pad before a VALID convolution into it where the Pad adds what SAME
         padding would (the fold_pads pass): Keras pads the input of every stride-2 depthwise
         convolution of MobileNet, MobileNetV2 and EfficientNet so, and TensorFlow runs each Pad as
