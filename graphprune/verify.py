@@ -175,7 +175,7 @@ def _bad_index(error: Exception) -> bool:
     Two such refusals, at two sizes, mean the inputs' values are wrong for the model (keras-hub
     SAM 3 computes indices from box coordinates, which normal random values put off the image,
     and different gathers refuse at different sizes), and larger sizes cannot help: SAM 3 at 512
-    tokens and 2 boxes took over 12 GB before its process was killed."""
+    boxes (and 2 tokens) took over 12 GB before its process was killed."""
     return bool(_BAD_INDEX.search(getattr(error, "message", None) or str(error)))
 
 

@@ -510,7 +510,7 @@ class BoxesOffTheImage(tf.Module):
 def test_finalize_check_stops_where_the_inputs_values_are_wrong(tmp_path, recwarn):
     """finalize's check tried every size up to 4,096 on a model whose gathers refuse the indices
     its random inputs make, at any size: keras-hub SAM 3 (boxes off the image) took over 12 GB at
-    512 tokens and 2 boxes and its process was killed. Two index refusals now end the search, and
+    512 boxes (and 2 tokens) and its process was killed. Two index refusals now end the search, and
     the warning says what TensorFlow said, not only "Graph execution error:"."""
     module = BoxesOffTheImage()
     pm = graphprune.prune(module, graphprune.ConstantSparsity(0.5, 0), one_shot=True)
