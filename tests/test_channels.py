@@ -3244,14 +3244,10 @@ def test_keras_hub_more_families_shrink(tmp_path, name):
     if name == "bloom":  # and the constant ALiBi slope of each head kept
         heads = next(group for group in groups if any(m.name.endswith("alibi_bias_1/Const") for m in group.members))
         predicted += int(_used_channels(pm, heads).sum())
-    if name == "flux":  # and its float constants (1,152 values), which cost counts and a shrink keeps as they are
-        predicted += _constant_parameters(pm, graphprune.cost(str(tmp_path / "export")).parameters)
-    if name == "vitdet":  # cost counts 6 values the variables do not hold, before and after alike
-        variables = sum(int(np.prod(spec.shape)) for spec in pm.traced.variables.values()
-                        if spec.role == names.ROLE_OTHER and len(spec.shape) >= 1)
-        extra = graphprune.cost(str(tmp_path / "export")).parameters - variables
-        assert extra == 6
-        predicted += extra
+    if name in ("flux", "vitdet"):  # and the float constants cost counts, which a shrink keeps as they are
+        constants = _constant_parameters(pm, graphprune.cost(str(tmp_path / "export")).parameters)
+        assert constants == {"flux": 1152, "vitdet": 6}[name]
+        predicted += constants
     if name == "deeplab":  # the encoder's last stage is not used (the prediction counts its weights): fewer
         assert graphprune.cost(out).parameters < min(predicted, 0.3 * graphprune.cost(str(tmp_path / "export")).parameters)
         assert not _kernel_shapes(out) - _predicted_shapes(pm)  # every kernel as its mask predicts

@@ -36,8 +36,8 @@ _FOLD = flags.DEFINE_bool("fold_batch_norms", None, "Fold per-channel scales and
 _POINTWISE = flags.DEFINE_bool("pointwise_matmul", None, "Write every 1x1, stride-1 convolution as a MatMul between "
                                "two Reshapes: faster in TensorFlow on several threads (oneDNN's small convolutions "
                                "cost more a call), the same in LiteRT. Default: only those of at most 3.5M "
-                               "multiply-adds per image (larger ones gain little, and lose their fusion with a residual Add); "
-                               "--nopointwise_matmul: none.")
+                               "multiply-adds per image (larger ones gain little, and lose their fusion with a "
+                               "residual Add); --nopointwise_matmul: none.")
 _PADS = flags.DEFINE_bool("fold_pads", None, "Fold a zero Pad before a VALID convolution into the convolution where "
                           "it pads as SAME would (Keras's stride-2 depthwise convs): one op less each in "
                           "TensorFlow (TFLite's converter folds them itself). Default: on, kept off (with a "
