@@ -298,17 +298,47 @@ def _trace(functions: dict, *, owner, source: str, defaults: dict | None = None)
             )
         )
     entries = _mark_aliases(entries, functions)
-    renamed = _names_for_shared_variable_names(entries, variables)
-    if renamed:
-        entries = [dataclasses.replace(e, resources=MappingProxyType({p: renamed.get(k, k) for p, k in
-                                                                      e.resources.items()})) for e in entries]
-        variables = {renamed.get(k, k): v for k, v in variables.items()}
-        specs = {renamed.get(k, k): dataclasses.replace(spec, key=renamed.get(k, k)) for k, spec in specs.items()}
+    for names_for in (_names_for_shared_variable_names, _names_for_masked_weights):
+        renamed = names_for(entries, variables)
+        if renamed:
+            entries = [dataclasses.replace(e, resources=MappingProxyType({p: renamed.get(k, k) for p, k in
+                                                                          e.resources.items()})) for e in entries]
+            variables = {renamed.get(k, k): v for k, v in variables.items()}
+            specs = {renamed.get(k, k): dataclasses.replace(spec, key=renamed.get(k, k)) for k, spec in specs.items()}
     model = g.TracedModel(entries=tuple(entries), variables=MappingProxyType(specs))
     return Loaded(model=model, variables=variables, owner=owner, source=source)
 
 
 _SCOPE_UNIQUIFIER = re.compile(r"_\d+$")
+
+
+def _names_for_masked_weights(entries, variables) -> dict[str, str]:
+    """Keys for the weights of a prunable model graphprune saved, where a weight's key (which its
+    mask's key names: 'kernel/graphprune/mask') came from an attribute path of the user's module
+    (a variable with a generic name, ``tf.Variable(...)`` unnamed): saved, the variable is found
+    at 'original_variables/0'. The weight each mask multiplies in the graph takes the key its
+    mask names, where that key is free. Returns old key -> new key."""
+    from graphprune.analysis import is_mask_multiply, mask_operand_key
+
+    missing = {key: weight for key in variables for role, weight in [role_of(key)]
+               if weight is not None and weight not in variables}
+    if not missing:
+        return {}
+    renamed = {}
+
+    def visit(body):
+        for node in body.nodes:
+            if not is_mask_multiply(node):
+                continue
+            mask, read = mask_operand_key(body, node), body.producer(node.input[0])
+            weight = body.read_key(read) if read is not None else None
+            if mask in missing and weight is not None and role_of(weight)[0] == g.ROLE_OTHER:
+                renamed.setdefault(weight, missing[mask])
+
+    for entry in entries:
+        b.visit_entry(entry, visit)
+    targets = [new for new in renamed.values()]
+    return {old: new for old, new in renamed.items() if targets.count(new) == 1 and new not in variables}
 
 
 def _names_for_shared_variable_names(entries, variables) -> dict[str, str]:

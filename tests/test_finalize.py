@@ -532,6 +532,41 @@ def test_finalize_check_stops_where_the_inputs_values_are_wrong(tmp_path, recwar
     assert not _bad_index(tf.errors.InvalidArgumentError(None, None, "Incompatible shapes: [2,3] vs. [2,2,3,3]"))
 
 
+class UnnamedVariables(tf.Module):
+    """Two layers whose variables have no names (tf.Variable(...)): graphprune keys them by
+    attribute path ('hidden', 'out', 'bias')."""
+
+    def __init__(self):
+        rng = np.random.RandomState(8)
+        self.hidden = tf.Variable(rng.standard_normal([6, 16]).astype(np.float32))
+        self.bias = tf.Variable(rng.standard_normal([16]).astype(np.float32))
+        self.out = tf.Variable(rng.standard_normal([16, 3]).astype(np.float32))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 6], tf.float32)])
+    def __call__(self, x):
+        return tf.matmul(tf.nn.relu(tf.matmul(x, self.hidden) + self.bias), self.out)
+
+
+@pytest.mark.parametrize("structure", ["element", "channel"])
+def test_finalize_a_saved_module_whose_variables_have_no_names(tmp_path, structure):
+    """Saved by graphprune, a tf.Module's unnamed variables are found at 'original_variables/0',
+    not at the attribute paths their masks were keyed by ('hidden/graphprune/mask'), and finalize
+    from the directory died with "internal error: KeyError: 'kernel'". Each weight now takes the
+    key of the mask that multiplies it in the graph."""
+    pm = graphprune.prune(UnnamedVariables(), graphprune.ConstantSparsity(0.5, 0), structure=structure,
+                          one_shot=True)
+    saved = graphprune.save(pm, str(tmp_path / "prunable"))
+    loaded = graphprune.load.load(saved)
+    masks = {key: spec.weight for key, spec in loaded.model.variables.items() if spec.weight}
+    assert masks == {"hidden/graphprune/mask": "hidden", "out/graphprune/mask": "out"}
+    assert set(masks.values()) <= set(loaded.model.variables)
+    path = graphprune.finalize(saved, str(tmp_path / "final"), shrink=structure == "channel")
+    x = tf.constant(np.random.RandomState(0).standard_normal([4, 6]).astype(np.float32))
+    np.testing.assert_allclose(tf.saved_model.load(path)(x).numpy(), pm(x).numpy(), atol=1e-5, rtol=0)
+    if structure == "channel":  # half the 16 neurons went
+        assert graphprune.cost(path).parameters == 6 * 8 + 8 + 8 * 3
+
+
 class FixedPositions(tf.Module):
     """Token ids of unknown length plus a learned position table of 8 rows added whole (keras-hub
     SigLIP's text tower adds its table so): the model runs on exactly 8 tokens."""
