@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from graphprune.errors import BadModelError, GraphPruneError, PassError, first_line
+from graphprune.errors import BadModelError, DataError, GraphPruneError, PassError, first_line
 from graphprune import body as b
 from graphprune import rebuild
 from graphprune.analysis import is_mask_multiply, written_variables
@@ -19,7 +19,7 @@ from graphprune.io import atomic_file, check_output
 from graphprune.masks import kept, pruned_values, store_pruned
 from graphprune.load import load
 from graphprune.pipeline import PassContext, VariableValues, run_pipeline
-from graphprune.verify import optional_verifier
+from graphprune.verify import given_inputs, optional_verifier
 
 QUANTIZE_MODES = (None, "dynamic", "int8")
 # TFLite variants by name (the CLI's --tflite_variants): (quantize, sparse encoding).
@@ -182,7 +182,7 @@ def _warn_if_nothing_pruned(traced, variables) -> None:
 
 
 def check_final(masked, final, values, *, atol: float = 1e-5, rtol: float = 1e-5, random: str = "seeded",
-                longer: bool = False) -> None:
+                longer: bool = False, given: dict | None = None) -> None:
     """Refuse a finalized model that computes something else than the masked one: both run on the
     same seeded inputs (each output compared with atol relative to its scale), and the largest
     difference is named with the entry and output it was found in. ``random="constant"``: random
@@ -192,21 +192,30 @@ def check_final(masked, final, values, *, atol: float = 1e-5, rtol: float = 1e-5
     image's size) are compared again on longer inputs (verify.longer_sizes: 16 tokens where the
     first run chose 2, twice a longer size, halved while the masked model refuses it): a shrunk model
     that is wrong only past the first positions (a removed query dim's bias turned by a rotary
-    embedding) passes on two tokens."""
+    embedding) passes on two tokens.
+
+    ``given`` ({"kind:name": [arrays]}, verify.given_inputs): the inputs those entries are compared
+    on, instead of seeded ones (and not again on longer ones); the masked model failing on them is
+    a DataError. An entry the masked model runs on no seeded input of is left out, with a warning
+    (and the whole check, where no entry runs)."""
     from graphprune.verify import longer_sizes, run_entries
 
-    sizes = {}  # the final model runs on the inputs the masked one ran on
+    sizes, failed = {}, []  # the final model runs on the inputs the masked one ran on
+    expected = run_entries(masked, values, ones_masks=False, random=random, sizes=sizes, given=given, failed=failed)
+    if failed:  # inputs graphprune cannot make (a variant, a resource, boxes on the image): say so
+        more = f" and {len(failed) - 1} more entries" if len(failed) > 1 else ""
+        checked = f"; {', '.join(sorted(expected))} checked" if expected else ""
+        warnings.warn(f"graphprune: finalize: not checked against the masked model ({failed[0][1]}{more}){checked}; "
+                      "give it inputs with check_inputs= (--check_inputs)", stacklevel=3)
+        if not expected:
+            return
     try:
-        expected = run_entries(masked, values, ones_masks=False, random=random, sizes=sizes)
-    except PassError as error:  # inputs graphprune cannot make (a variant, a resource): say so
-        warnings.warn(f"graphprune: finalize: not checked against the masked model ({error})", stacklevel=3)
-        return
-    try:
-        actual = run_entries(final, values, ones_masks=False, random=random, sizes=sizes)
-    except PassError as error:
+        actual = run_entries(final, values, ones_masks=False, random=random, sizes=sizes, given=given,
+                             only=set(expected))
+    except (PassError, DataError) as error:
         raise PassError(f"finalize: the finalized model does not run where the masked model does: {error}; "
                         "nothing was written") from error
-    _refuse_differences(expected, actual, atol, rtol, sizes, shrunk=longer)
+    _refuse_differences(expected, actual, atol, rtol, sizes, shrunk=longer, given=given or {})
     pending = longer_sizes(masked, sizes) if longer else {}
     while pending:  # a size the masked model refuses (a short position table) is halved towards the first one
         expected = run_entries(masked, values, ones_masks=False, random=random, sizes=pending, sized_only=True)
@@ -223,7 +232,7 @@ def check_final(masked, final, values, *, atol: float = 1e-5, rtol: float = 1e-5
 
 
 def _refuse_differences(expected: dict, actual: dict, atol: float, rtol: float, sizes: dict, *,
-                        shrunk: bool = False) -> None:
+                        shrunk: bool = False, given=()) -> None:
     """PassError (nothing written) naming the largest difference between two models' outputs
     beyond ``atol`` times the output's scale (at least 1) plus ``rtol`` times it, if any.
     ``shrunk``: the finalized model had channels removed, and the error says how to keep them."""
@@ -237,7 +246,7 @@ def _refuse_differences(expected: dict, actual: dict, atol: float, rtol: float, 
             if want.dtype.kind not in "fc":
                 if not np.array_equal(want, got):
                     raise PassError(f"finalize: output {number} of '{name}' differs from the masked model's"
-                                    f"{_on_inputs(sizes, name)}; nothing was written")
+                                    f"{_on_inputs(sizes, name, given)}; nothing was written")
                 continue
             finite = want[np.isfinite(want)]
             scale = float(np.max(np.abs(finite))) if finite.size else 1.0
@@ -249,13 +258,17 @@ def _refuse_differences(expected: dict, actual: dict, atol: float, rtol: float, 
         keep = "Try without shrink=True (--shrink), which keeps every channel; or " if shrunk else "Try "
         raise PassError(
             f"finalize: the finalized model differs from the masked model by {difference:.3g} (output {number} of "
-            f"'{name}', output scale {scale:.3g}{_on_inputs(sizes, name)}); nothing was written. {keep}freeze=False "
+            f"'{name}', output scale {scale:.3g}{_on_inputs(sizes, name, given)}); nothing was written. "
+            f"{keep}freeze=False "
             "(--nofreeze): TensorFlow folds and fuses constants (oneDNN), which changes the arithmetic; or accept "
             f"it with check_tolerance={_rounded_up(difference / max(1.0, scale)):g} (--check_tolerance)")
 
 
-def _on_inputs(sizes: dict, name: str) -> str:
-    """', on inputs ...' naming the unknown dimensions' size ``name`` ran at, where it was not 2."""
+def _on_inputs(sizes: dict, name: str, given=()) -> str:
+    """', on inputs ...' naming the unknown dimensions' size ``name`` ran at, where it was not 2
+    (', on the check_inputs given' where they were the user's)."""
+    if name in given:
+        return ", on the check_inputs given"
     size = sizes.get(name)
     if size is None or size == (2, 2):
         return ""
@@ -289,7 +302,7 @@ def products_as_folded_weights(masked):
 def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool = False, verify: bool = False,
              check: bool = True, max_frozen_bytes: int = MAX_FROZEN_BYTES, progress=None, shrink: bool = False,
              fold_batch_norms: bool | None = None, check_tolerance: float = 1e-5,
-             pointwise_matmul: bool | str = "auto", fold_pads: bool | None = None) -> str:
+             pointwise_matmul: bool | str = "auto", fold_pads: bool | None = None, check_inputs=None) -> str:
     """Fold the masks into the weights, drop every mask/step/update op, and write a SavedModel
     with the original signatures that plain TensorFlow loads and runs (no graphprune needed).
 
@@ -311,6 +324,17 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
         normalization parameters (freeze="all") lets TensorFlow fold and fuse
         them, which can move a deep CNN's outputs by 1e-4 of their scale: raise the tolerance
         to accept that knowingly.
+    check_inputs: the inputs the check runs both models on, for models whose inputs graphprune
+        cannot make up (its inputs are random normal floats and 0s and 1s: boxes that must lie on
+        the image, indices into a table, lengths). What one call takes, for every entry it fits:
+        a signature's keyword arguments as a dict ({"images": x, "boxes": b}), a method's one
+        argument, a tuple of its arguments or a dict of them by parameter name; or such values
+        by entry name ({"serving_default": {...}, "encode": (x,)}) for entries that take
+        different inputs. Arrays or tensors, any batch; a signature that calls a method and that
+        method share them. Other entries run on inputs graphprune makes; an entry that runs on
+        none of those is left out of the check with a warning (the others are checked). The
+        shrunk model's second check on longer inputs leaves the entries given inputs out. DataError where they fit no
+        entry or the masked model fails on them; refused with check=False.
     progress: a callable taking one line per stage (with its time and peak memory); the CLI's
         --verbose prints them.
     shrink=True: remove dead channels (every channel whose consuming kernels are all zero there,
@@ -366,6 +390,9 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
     number = isinstance(check_tolerance, (int, float, np.integer, np.floating)) and not isinstance(check_tolerance, bool)
     if not number or not 0 <= check_tolerance < 1:
         raise GraphPruneError(f"check_tolerance must be a number in [0, 1) (of the output scale), got {check_tolerance!r}")
+    if check_inputs is not None and not check:
+        raise GraphPruneError("check_inputs are the inputs finalize's check runs on: give them with check=True, "
+                              "or leave them out")
     inputs = [prunable] if isinstance(prunable, (str, os.PathLike)) else []
     check_output(output_dir, overwrite=overwrite, inputs=inputs)
     stages = Stages("finalize", progress)
@@ -382,11 +409,13 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
                       "constants or variables the model never writes) follows a kernel read nowhere else",
                       stacklevel=2)
 
+    # the pipeline's first pass (find_weights) only records facts: its model is the masked one
+    given = given_inputs(result.reports[0][1].model, check_inputs) if check else {}
+
     def checked(final, values, result) -> None:
-        # the pipeline's first pass (find_weights) only records facts: its model is the masked one
         check_final(products_as_folded_weights(result.reports[0][1].model), final, values,
                     atol=check_tolerance, rtol=check_tolerance, random="constant" if shrink else "seeded",
-                    longer=shrink)
+                    longer=shrink, given=given)
 
     # The defaults' rewrites ("auto"'s MatMuls, folded batch norms) are taken where the outputs
     # stay within the tolerance: a deep network summed in another order can move past it

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import zlib
+from collections.abc import Mapping
 
 import numpy as np
 import tensorflow as tf
@@ -18,7 +19,7 @@ from graphprune import graph as g
 from graphprune import rebuild
 from graphprune.analysis import written_variables
 from graphprune.channels import RANDOM_OPS
-from graphprune.errors import PassError, first_line
+from graphprune.errors import DataError, PassError, first_line
 from graphprune.pipeline import PassContext
 
 
@@ -73,7 +74,8 @@ def _input_shape(info, batch: int, size: tuple[int, int] | None) -> list[int]:
 
 def run_entries(model: g.TracedModel, values, *, ones_masks: bool = True, seed: int = 0,
                 positive: bool = False, random: str = "seeded", sizes: dict | None = None,
-                sized_only: bool = False) -> dict:
+                sized_only: bool = False, given: dict | None = None, failed: list | None = None,
+                only=None) -> dict:
     """Outputs of every non-update entry on seeded inputs, as {"kind:name": [arrays]}.
 
     Unknown input dimensions past the first take the first of INPUT_SIZES the entry runs on
@@ -86,6 +88,12 @@ def run_entries(model: g.TracedModel, values, *, ones_masks: bool = True, seed: 
 
     ``sized_only``: run only the entries found in ``sizes``, and leave out (rather than fail on)
     an entry that does not run at its size (a second, longer size a model may refuse).
+
+    ``given`` ({"kind:name": [arrays]}, from given_inputs): the inputs those entries run on instead
+    of seeded ones; DataError (one line) where one fails on them.
+
+    ``failed``: a list to append (label, PassError) to for each entry that runs on none of the
+    inputs graphprune makes, left out, instead of raising. ``only``: the labels to run (all).
 
     Variables hold the values a pass would see (``PassContext.value``): live variables the graphs
     only read are used as they are (no copy of the weights), every variable a graph writes is a
@@ -112,19 +120,229 @@ def run_entries(model: g.TracedModel, values, *, ones_masks: bool = True, seed: 
     logger.setLevel(max(level, logging.ERROR))
     try:
         for entry in model.entries:
-            if entry.kind == "update" or sized_only and entry.label not in sizes:
+            if entry.kind == "update" or sized_only and entry.label not in sizes or only is not None and \
+                    entry.label not in only:
                 continue
             fixed = constant_random_ops(entry) if random == "constant" else seeded_random_ops(entry)
             run = tf.function(_runner(fixed, live), autograph=False)
+            if given and entry.label in given:
+                try:
+                    outputs[entry.label] = [np.asarray(t) for t in run(*given[entry.label])]
+                except (ValueError, tf.errors.InvalidArgumentError) as error:
+                    raise DataError(f"'{entry.label}' fails on the check_inputs given: {first_line(error)}") from error
+                continue
             try:
                 outputs[entry.label] = _run_sized(entry, run, seed, positive, {} if sizes is None else sizes,
                                                   _model_sizes(model))
-            except PassError:
-                if not sized_only:
+            except PassError as error:
+                if failed is not None:
+                    failed.append((entry.label, error))
+                elif not sized_only:
                     raise
     finally:
         logger.setLevel(level)
     return outputs
+
+
+def given_inputs(model: g.TracedModel, check_inputs) -> dict:
+    """finalize's ``check_inputs``, as the flat arrays of each entry they are for: {label: [arrays]}.
+
+    ``check_inputs`` is either what one call takes, for every entry it fits (a signature's keyword
+    arguments as a dict; a method's single argument, a tuple of its positional arguments or a dict
+    of them by parameter name), or a dict of such values by entry name (a signature's or a
+    method's) for several entries that take different inputs. A value fits an entry where its
+    nest matches the entry's inputs, each array's shape is compatible with its input's and its
+    dtype casts to the input's within its kind (float64 to float32, int64 to int32). A signature
+    that calls a method (as SavedModel signatures do) and that method share what either is given.
+    DataError (one line) where a value fits none of the entries it is meant for, or a name is no
+    entry's."""
+    if check_inputs is None:
+        return {}
+    entries = [entry for entry in model.entries if entry.kind != "update"]
+    names = {entry.name for entry in entries}
+    if isinstance(check_inputs, Mapping) and check_inputs and set(check_inputs) <= names:
+        wanted = dict(check_inputs)
+    elif isinstance(check_inputs, Mapping) and any(key in names for key in check_inputs):
+        missing = sorted(str(key) for key in check_inputs if key not in names)
+        raise DataError(f"check_inputs: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not an entry of "
+                        f"the model (its entries: {', '.join(sorted(names))}); key check_inputs by entry names only, "
+                        "or give what one call takes")
+    else:
+        wanted = {None: check_inputs}
+    given, reasons = {}, {}
+    for name, value in wanted.items():
+        for entry in entries:
+            if name is not None and entry.name != name:
+                continue
+            flat = _flat_given(entry, value)
+            if isinstance(flat, str):
+                reasons.setdefault(name, []).append(f"{entry.label}: {flat}")
+            else:
+                given[entry.label] = flat
+        if not any(entry.label in given for entry in entries if name is None or entry.name == name):
+            where = f"entry '{name}'" if name is not None else "any entry of the model"
+            raise DataError(f"check_inputs do not fit {where} ({'; '.join(reasons.get(name, []))})"[:600])
+    _share_with_aliases(entries, given)
+    return given
+
+
+def _share_with_aliases(entries, given: dict) -> None:
+    """A signature that calls a method and that method: each given the other's inputs, where
+    only one of them was given any (the alias maps the signature's inputs to the method's)."""
+    by_name = {}
+    for entry in entries:
+        by_name.setdefault(entry.name, []).append(entry)
+    for signature in entries:
+        if signature.alias is None:
+            continue
+        method_name, indices = signature.alias[0], signature.alias[1]
+        for method in by_name.get(method_name, []):
+            if method.kind != "method" or len(method.inputs) != len(indices):
+                continue
+            if signature.label in given and method.label not in given:
+                flat = [None] * len(indices)
+                for value, index in zip(given[signature.label], indices):
+                    flat[index] = value
+                if _fits_flat(method, flat) is None:
+                    given[method.label] = flat
+            elif method.label in given and signature.label not in given:
+                flat = [given[method.label][index] for index in indices]
+                if _fits_flat(signature, flat) is None:
+                    given[signature.label] = flat
+
+
+def _flat_given(entry: g.Entry, value) -> list[np.ndarray] | str:
+    """``value`` as ``entry``'s flat input arrays, or why it does not fit (a phrase)."""
+    structure = entry.input_structure
+    if not (isinstance(structure, tuple) and len(structure) == 2):
+        return "its inputs' structure is not known"
+    args, kwargs = structure
+    if entry.kind == "signature" or not args:
+        candidates = [((), value)] if isinstance(value, Mapping) else []
+        if not candidates:
+            return f"it takes keyword arguments ({', '.join(sorted(kwargs))}), given a {type(value).__name__}"
+    else:
+        # keyword-only parameters keep their traced constants; an omitted positional one takes the
+        # callable's default (training=False), so that only the trace made with it fits
+        omitted = {key: _OMITTED for key in kwargs}
+        parameters = entry.parameters[:len(args)]
+        defaults = [entry.defaults.get(p, _OMITTED) for p in parameters]
+        candidates = [((value, *defaults[1:]), omitted)] if args else []
+        if isinstance(value, (tuple, list)) and 0 < len(value) <= len(args):
+            candidates.append(((*value, *defaults[len(value):]), omitted))
+        if isinstance(value, Mapping) and set(value) <= set(parameters) and value:
+            candidates.append((tuple(value.get(p, d) for p, d in zip(parameters, defaults)), omitted))
+    reason = f"it takes ({', '.join(entry.parameters)})"
+    for candidate in candidates:
+        flat, paths = _flatten_like(structure, candidate, entry.parameters)
+        if isinstance(flat, str):
+            reason = flat
+            continue
+        if len(flat) != len(entry.inputs):
+            reason = f"it has {len(entry.inputs)} flat inputs, the nest gives {len(flat)}"
+            continue
+        misfit = _fits_flat(entry, flat, paths)
+        if misfit is None:
+            return [_cast(value, info) for value, info in zip(flat, entry.inputs)]
+        reason = misfit
+    return reason
+
+
+_OMITTED = object()
+
+
+def _flatten_like(structure, value, parameters=()) -> tuple:
+    """(``value``'s arrays at the TensorSpec leaves of ``structure`` ((args, kwargs), nests of
+    specs and Python constants), their paths ('images', 'inputs/boxes', by ``parameters`` for
+    the args)), or (why not, None): its other leaves (``training=False``) must be equal or omitted."""
+    flat, paths, path = [], [], []
+
+    def walk(spec, given):
+        if isinstance(spec, tf.TensorSpec):
+            names = list(path[1:])
+            if path and path[0] == "0" and names and int(names[0]) < len(parameters):
+                names[0] = parameters[int(names[0])]
+            name = "/".join(names) or spec.name
+            if given is _OMITTED or given is None:
+                raise _Misfit(f"no value for input '{name}'")
+            flat.append(given)
+            paths.append(name)
+        elif isinstance(spec, Mapping):
+            if given is _OMITTED and not _has_tensor(spec):
+                return
+            if not isinstance(given, Mapping) or set(given) != set(spec):
+                keys = sorted(given) if isinstance(given, Mapping) else type(given).__name__
+                raise _Misfit(f"takes keys {sorted(spec)}, given {keys}")
+            for key in sorted(spec):
+                path.append(str(key))
+                walk(spec[key], given[key])
+                path.pop()
+        elif isinstance(spec, (tuple, list)):
+            if given is _OMITTED and not _has_tensor(spec):
+                return
+            if not isinstance(given, (tuple, list)) or len(given) != len(spec):
+                raise _Misfit(f"takes a sequence of {len(spec)}, given {type(given).__name__}")
+            for number, (s, v) in enumerate(zip(spec, given)):
+                path.append(str(number))
+                walk(s, v)
+                path.pop()
+        elif isinstance(spec, tf.TypeSpec):
+            raise _Misfit(f"takes a {type(spec).__name__}, which check_inputs cannot give")
+        elif given is not _OMITTED and not _same_constant(spec, given):
+            raise _Misfit(f"was traced with {spec!r}, given {given!r}")
+
+    try:
+        walk(structure, value)
+    except _Misfit as misfit:
+        return str(misfit), None
+    return flat, paths
+
+
+class _Misfit(Exception):
+    pass
+
+
+def _has_tensor(spec) -> bool:
+    return any(isinstance(leaf, tf.TypeSpec) for leaf in tf.nest.flatten(spec))
+
+
+def _same_constant(spec, given) -> bool:
+    try:
+        return bool(spec == given)
+    except (ValueError, TypeError):
+        return False
+
+
+def _fits_flat(entry: g.Entry, flat: list, paths=None) -> str | None:
+    """Why ``flat`` cannot feed ``entry`` (a phrase naming the input by ``paths``, else by its
+    placeholder), or None where every array fits its input."""
+    for number, (value, info) in enumerate(zip(flat, entry.inputs)):
+        name = paths[number] if paths else info.name
+        try:
+            array = np.asarray(value) if not isinstance(value, np.ndarray) else value
+        except (ValueError, TypeError):
+            return f"input '{name}' takes an array, given a {type(value).__name__} that is none"
+        dtype = tf.as_dtype(info.dtype)
+        if info.shape is not None and not tf.TensorShape(info.shape).is_compatible_with(array.shape):
+            return f"input '{name}' takes shape {list(info.shape)}, given {list(array.shape)}"
+        if dtype == tf.string:
+            if array.dtype.kind not in "OSU":
+                return f"input '{name}' takes strings, given {array.dtype}"
+        elif dtype == tf.bool:
+            if array.dtype.kind != "b":
+                return f"input '{name}' takes bool, given {array.dtype}"
+        elif not np.can_cast(array.dtype, dtype.as_numpy_dtype, "same_kind"):
+            return f"input '{name}' takes {info.dtype}, given {array.dtype}"
+    return None
+
+
+def _cast(value, info) -> np.ndarray:
+    """``value`` as an array of ``info``'s dtype (a copy only where the dtype differs)."""
+    dtype = tf.as_dtype(info.dtype)
+    array = np.asarray(value)
+    if dtype == tf.string:
+        return array.astype(object) if array.dtype.kind != "O" else array
+    return array if array.dtype == dtype.as_numpy_dtype else array.astype(dtype.as_numpy_dtype)
 
 
 def _model_sizes(model: g.TracedModel) -> tuple:

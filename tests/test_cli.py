@@ -143,6 +143,39 @@ def test_finalize_tflite_flags_and_inspect_table(workspace):
     assert list(Interpreter(model_path=str(tflite)).get_input_details()[0]["shape"]) == [1, 8, 8, 3]
 
 
+def test_finalize_check_inputs(tmp_path):
+    """--check_inputs: the check runs on the user's arrays (an .npz by input name, or by
+    'ENTRY/NAME'), where the inputs graphprune makes put a model's boxes off the image; a file
+    that fits no entry, or is no .npz, exits 2 in one line with nothing written."""
+    module = testmodels.BoxesOffTheImage()
+    tf.saved_model.save(module, str(tmp_path / "model"), signatures={"serving_default": module.__call__})
+    graphprune("prune", f"--input={tmp_path / 'model'}", f"--output={tmp_path / 'prunable'}", "--final_sparsity=0.5",
+               "--one_shot")
+    rng = np.random.RandomState(0)
+    x, boxes = rng.standard_normal([2, 4]).astype(np.float32), rng.uniform(0, 1, [2, 3]).astype(np.float32)
+    np.savez(tmp_path / "by_name.npz", x=x, boxes=boxes)
+    np.savez(tmp_path / "by_entry.npz", **{"serving_default/x": x, "serving_default/boxes": boxes})
+    np.savez(tmp_path / "short.npz", x=x)
+    (tmp_path / "text.npz").write_text("x,boxes\n")
+    for name in ("by_name", "by_entry"):
+        result = graphprune("finalize", f"--input={tmp_path / 'prunable'}", f"--output={tmp_path / name}",
+                            f"--check_inputs={tmp_path / (name + '.npz')}")
+        if name == "by_name":  # both entries, the signature and the method, take x and boxes
+            assert "not checked" not in result.stderr, result.stderr
+        else:  # the method, not named, runs on inputs graphprune makes: it alone is not checked
+            warned = [line for line in result.stderr.splitlines() if "not checked" in line]
+            assert len(warned) == 1 and "cannot run 'method:__call__'" in warned[0], result.stderr
+            assert "signature:serving_default checked" in warned[0], result.stderr
+        loaded = tf.saved_model.load(str(tmp_path / name)).signatures["serving_default"]
+        assert np.isfinite(loaded(x=tf.constant(x), boxes=tf.constant(boxes))["output_0"].numpy()).all()
+    for name, message in (("short", "check_inputs do not fit any entry"), ("text", "needs an .npz of arrays")):
+        result = graphprune("finalize", f"--input={tmp_path / 'prunable'}", f"--output={tmp_path / (name + '_out')}",
+                            f"--check_inputs={tmp_path / (name + '.npz')}", check=False)
+        lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+        assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
+        assert not (tmp_path / (name + "_out")).exists()
+
+
 def test_run_pass_list_and_registry(workspace):
     listing = graphprune("run", "--list").stdout
     for name in ("find_weights", "insert_masks", "insert_mask_updates", "fold_masks", "strip_unused",

@@ -491,28 +491,12 @@ def test_finalize_checks_models_that_need_long_inputs(tmp_path, recwarn):
         graphprune.finalize(short, str(tmp_path / "short"), shrink=True)
 
 
-class BoxesOffTheImage(tf.Module):
-    """keras-hub SAM 3's geometry encoder, in small: features gathered at indices computed from
-    box coordinates of unknown count. The normal random values finalize's check makes put the
-    boxes off the image, so the gather refuses them at every size."""
-
-    def __init__(self):
-        rng = np.random.RandomState(7)
-        self.kernel = tf.Variable(rng.standard_normal([4, 8]).astype(np.float32))
-        self.table = tf.Variable(rng.standard_normal([8, 4]).astype(np.float32))
-
-    @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32), tf.TensorSpec([None, None], tf.float32)])
-    def __call__(self, x, boxes):
-        rows = tf.gather(self.table, tf.cast(tf.floor(boxes * 8.0), tf.int32))  # [batch, boxes, 4]
-        return tf.matmul(x, self.kernel) + tf.reduce_sum(tf.matmul(rows, self.kernel), 1)
-
-
 def test_finalize_check_stops_where_the_inputs_values_are_wrong(tmp_path, recwarn):
     """finalize's check tried every size up to 4,096 on a model whose gathers refuse the indices
     its random inputs make, at any size: keras-hub SAM 3 (boxes off the image) took over 12 GB at
     512 boxes (and 2 tokens) and its process was killed. Two index refusals now end the search, and
     the warning says what TensorFlow said, not only "Graph execution error:"."""
-    module = BoxesOffTheImage()
+    module = testmodels.BoxesOffTheImage()
     pm = graphprune.prune(module, graphprune.ConstantSparsity(0.5, 0), one_shot=True)
     path = graphprune.finalize(pm, str(tmp_path / "final"))
     warned = [str(w.message) for w in recwarn if "not checked" in str(w.message)]
@@ -530,6 +514,51 @@ def test_finalize_check_stops_where_the_inputs_values_are_wrong(tmp_path, recwar
         tf.gather(tf.zeros([3]), [5])
     assert _bad_index(raised.value)
     assert not _bad_index(tf.errors.InvalidArgumentError(None, None, "Incompatible shapes: [2,3] vs. [2,2,3,3]"))
+
+
+def test_finalize_checks_on_the_inputs_given(tmp_path, recwarn):
+    """finalize's check makes random normal inputs, which some models cannot run on (keras-hub
+    SAM 3's boxes must lie on the image): such a model was written unchecked, with a warning.
+    check_inputs= gives the check the user's own inputs, in each form a call takes; inputs that
+    fit no entry, or that the masked model fails on, are refused in one line, nothing written."""
+    from graphprune.finalization import check_final
+    from graphprune.verify import given_inputs
+
+    module = testmodels.BoxesOffTheImage()
+    pm = graphprune.prune(module, graphprune.ConstantSparsity(0.5, 0), one_shot=True)
+    rng = np.random.RandomState(3)
+    x = rng.standard_normal([3, 4])  # float64, any batch: cast for the check, never changed
+    boxes = rng.uniform(0, 1, [3, 5]).astype(np.float32)
+    kept = (x.copy(), boxes.copy())
+    for number, given in enumerate([{"x": x, "boxes": boxes}, (x, boxes), {"__call__": (x, boxes)}]):
+        path = graphprune.finalize(pm, str(tmp_path / f"final{number}"), check_inputs=given)
+        inputs = (tf.constant(x, tf.float32), tf.constant(boxes))
+        np.testing.assert_allclose(tf.saved_model.load(path)(*inputs).numpy(), pm(*inputs).numpy(), atol=1e-5, rtol=0)
+    assert not [w for w in recwarn if "not checked" in str(w.message)]
+    assert x.dtype == np.float64 and np.array_equal(x, kept[0]) and np.array_equal(boxes, kept[1])
+    # the check runs on them: a model that reads the table otherwise differs there, and is refused
+    other = graphprune.prune(testmodels.BoxesOffTheImage(cells=4.0), graphprune.ConstantSparsity(0.5, 0),
+                             one_shot=True)
+    values = VariableValues(pm.variables_by_key)
+    given = given_inputs(pm.traced, (x, boxes))
+    assert sorted(given) == ["method:__call__"] and [a.dtype for a in given["method:__call__"]] == [np.float32] * 2
+    with pytest.raises(graphprune.PassError, match=r"differs from the masked model by .* on the check_inputs given"):
+        check_final(pm.traced, other.traced, values, given=given)
+    # refused, in one line, nothing written
+    refusals = [({"x": x}, r"do not fit any entry .*no value for input 'boxes'"),
+                ({"x": x[:, :3], "boxes": boxes}, r"input 'x' takes shape \[None, 4\], given \[3, 3\]"),
+                ({"x": x, "boxes": boxes.astype(str)}, r"input 'boxes' takes float32, given <U"),
+                ({"__call__": (x, boxes), "serve": (x,)}, r"serve is not an entry of the model"),
+                ({"x": x, "boxes": boxes + 1.0},
+                 r"'method:__call__' fails on the check_inputs given: .*is not in \[0, 8\)")]
+    for number, (given, message) in enumerate(refusals):
+        with pytest.raises(graphprune.errors.DataError, match=message) as raised:
+            graphprune.finalize(pm, str(tmp_path / f"refused{number}"), check_inputs=given)
+        assert "\n" not in str(raised.value)
+        assert not (tmp_path / f"refused{number}").exists()
+    with pytest.raises(graphprune.GraphPruneError, match="check_inputs are the inputs finalize's check runs on"):
+        graphprune.finalize(pm, str(tmp_path / "unchecked"), check=False, check_inputs=(x, boxes))
+    assert not (tmp_path / "unchecked").exists()
 
 
 class UnnamedVariables(tf.Module):
@@ -565,6 +594,67 @@ def test_finalize_a_saved_module_whose_variables_have_no_names(tmp_path, structu
     np.testing.assert_allclose(tf.saved_model.load(path)(x).numpy(), pm(x).numpy(), atol=1e-5, rtol=0)
     if structure == "channel":  # half the 16 neurons went
         assert graphprune.cost(path).parameters == 6 * 8 + 8 + 8 * 3
+
+
+class BoxesAndProjection(testmodels.BoxesOffTheImage):
+    """BoxesOffTheImage, plus a method any input runs."""
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32)])
+    def project(self, x):
+        return tf.matmul(x, self.kernel) * self.cells
+
+
+def test_finalize_checks_the_entries_it_can_run(tmp_path):
+    """One entry that runs on no input graphprune makes left the whole model unchecked. The
+    entries that run are checked now (a finalized model that differs there is refused), and the
+    warning names the one that was not."""
+    from graphprune.finalization import check_final
+
+    pm = graphprune.prune(BoxesAndProjection(), graphprune.ConstantSparsity(0.5, 0), one_shot=True)
+    with pytest.warns(UserWarning, match=r"not checked against the masked model \(cannot run 'method:__call__' "
+                                         r".*\); method:project checked; give it inputs with check_inputs="):
+        path = graphprune.finalize(pm, str(tmp_path / "final"))
+    x = tf.constant(np.random.RandomState(0).standard_normal([2, 4]).astype(np.float32))
+    np.testing.assert_allclose(tf.saved_model.load(path).project(x).numpy(), pm.project(x).numpy(), atol=1e-5, rtol=0)
+    other = graphprune.prune(BoxesAndProjection(cells=4.0), graphprune.ConstantSparsity(0.5, 0), one_shot=True)
+    with pytest.warns(UserWarning, match="not checked"):
+        with pytest.raises(graphprune.PassError, match=r"differs from the masked model by .*'method:project'"):
+            check_final(pm.traced, other.traced, VariableValues(pm.variables_by_key))
+
+
+class TrainingFlag(tf.Module):
+    """A method traced three times: training False and True, and a longer input."""
+
+    def __init__(self):
+        self.kernel = tf.Variable(np.random.RandomState(9).standard_normal([3, 4]).astype(np.float32))
+
+    @tf.function
+    def __call__(self, x, training=False):
+        y = tf.matmul(x, self.kernel)
+        return y * 2.0 if training else y
+
+
+def test_check_inputs_go_to_the_traces_they_fit():
+    """check_inputs fit a polymorphic method's traces by shape and by the Python values they were
+    traced with; an omitted argument takes the callable's default (training=False), so only its
+    trace gets the inputs."""
+    from graphprune.verify import given_inputs
+
+    module = TrainingFlag()
+    x, long = np.ones([2, 3], np.float32), np.ones([2, 5, 3], np.float32)
+    module(x)
+    module(x, training=True)
+    module(long)
+    pm = graphprune.prune(module, graphprune.ConstantSparsity(0.5, 0), one_shot=True)
+    fits = {"x alone": (x, ["method:__call__"]), "as a tuple": ((x,), ["method:__call__"]),
+            "by name": ({"x": x}, ["method:__call__"]), "training": ((x, True), ["method:__call__#1"]),
+            "training by name": ({"x": x, "training": True}, ["method:__call__#1"]),
+            "longer": (long.astype(np.float64), ["method:__call__#2"]),
+            "by entry": ({"__call__": (x, False)}, ["method:__call__"])}
+    for what, (given, labels) in fits.items():
+        assert sorted(given_inputs(pm.traced, given)) == labels, what
+    with pytest.raises(graphprune.errors.DataError, match=r"__call__#1: was traced with True, given False"):
+        given_inputs(pm.traced, {"x": np.ones([2, 4]), "training": False})
 
 
 class FixedPositions(tf.Module):

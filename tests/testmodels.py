@@ -229,3 +229,21 @@ def train_mirrored(strategy, pm, optimizer, data, batch_size: int, steps: int) -
     for _ in range(steps):
         pm.update_masks()
         train_step(next(batches))
+
+
+class BoxesOffTheImage(tf.Module):
+    """keras-hub SAM 3's geometry encoder, in small: features gathered at indices computed from
+    box coordinates of unknown count. The normal random values finalize's check makes put the
+    boxes off the image, so the gather refuses them at every size. ``cells``: the table rows a
+    box's coordinate in [0, 1) spans (another model on the same variables, with another value)."""
+
+    def __init__(self, cells: float = 8.0):
+        self.cells = cells
+        rng = np.random.RandomState(7)
+        self.kernel = tf.Variable(rng.standard_normal([4, 8]).astype(np.float32))
+        self.table = tf.Variable(rng.standard_normal([8, 4]).astype(np.float32))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32), tf.TensorSpec([None, None], tf.float32)])
+    def __call__(self, x, boxes):
+        rows = tf.gather(self.table, tf.cast(tf.floor(boxes * self.cells), tf.int32))  # [batch, boxes, 4]
+        return tf.matmul(x, self.kernel) + tf.reduce_sum(tf.matmul(rows, self.kernel), 1)

@@ -9,8 +9,12 @@
 
 from __future__ import annotations
 
+import zipfile
+
+import numpy as np
 from absl import flags
 
+from graphprune.errors import first_line
 from graphprune.tools import common
 from graphprune.tools import export
 
@@ -47,6 +51,11 @@ _PADS = flags.DEFINE_bool("fold_pads", None, "Fold a zero Pad before a VALID con
 _TOLERANCE = flags.DEFINE_float("check_tolerance", 1e-5, "Refuse (nothing written) a finalized model whose outputs "
                                 "differ from the masked model's by more than this fraction of their scale.")
 
+_CHECK_INPUTS = flags.DEFINE_string("check_inputs", None, "An .npz of the inputs the check runs both models on, for "
+                                    "models whose inputs graphprune cannot make up (boxes that must lie on the "
+                                    "image, indices): an array per input name (a signature's keys, a method's "
+                                    "parameters), or per 'ENTRY/NAME' for entries that take different inputs.")
+
 _UNKNOWN = flags.DEFINE_integer("unknown_size", None, "With --shrink, count FLOPs with every unknown input dimension "
                                 "past the batch (a text model's sequence length) at this size.", lower_bound=1)
 
@@ -63,13 +72,14 @@ def main(argv):
     graphprune.io.check_distinct_outputs([_OUTPUT.value, *plan.values()])
     for path in [_OUTPUT.value, *plan.values()]:
         graphprune.io.check_output(path, overwrite=overwrite, inputs=[export.INPUT.value])
+    check_inputs = _check_inputs(_CHECK_INPUTS.value)
     freeze = "all" if _FREEZE_ALL.value else _FREEZE.value
     path = graphprune.finalize(export.INPUT.value, _OUTPUT.value, freeze=freeze, overwrite=overwrite,
                                verify=_VERIFY.value, max_frozen_bytes=_MAX_FROZEN.value << 20,
                                progress=common.progress(), shrink=_SHRINK.value,
                                fold_batch_norms=_FOLD.value, check_tolerance=_TOLERANCE.value,
                                pointwise_matmul="auto" if _POINTWISE.value is None else _POINTWISE.value,
-                               fold_pads=_PADS.value)
+                               fold_pads=_PADS.value, check_inputs=check_inputs)
     if _SHRINK.value:
         size = _UNKNOWN.value
         before, after = (graphprune.cost(p, unknown_size=size) for p in (export.INPUT.value, path))
@@ -79,3 +89,24 @@ def main(argv):
         print(graphprune.size_report(path).table())
     export.write_tflite(path, plan, representative)
     print(f"wrote {path}")
+
+
+def _check_inputs(path):
+    """--check_inputs's arrays: {name: array}, or {entry: {name: array}} where every key is
+    'ENTRY/NAME'. common.fail (exit 2) where the file is not an .npz of arrays."""
+    if path is None:
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile, AttributeError) as error:
+        common.fail(f"--check_inputs={path}: needs an .npz of arrays, one per input name ({first_line(error)})")
+    if not arrays:
+        common.fail(f"--check_inputs={path}: the .npz holds no arrays; save one per input name (np.savez)")
+    if not all("/" in key for key in arrays):
+        return arrays
+    by_entry = {}
+    for key, array in arrays.items():
+        entry, name = key.split("/", 1)
+        by_entry.setdefault(entry, {})[name] = array
+    return by_entry
