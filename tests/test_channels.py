@@ -776,9 +776,10 @@ def _hub_attention_models():
     }
 
 
-def _hub_shrunk_as_masked(pm, tmp_path, inputs=None) -> str:
+def _hub_shrunk_as_masked(pm, tmp_path, inputs=None, check_inputs=None) -> str:
     """Finalize a pruned keras-hub export with shrink=True and check its serving signature computes
-    the masked one's outputs (on ``inputs``, by default random token inputs); the shrunk model's path."""
+    the masked one's outputs (on ``inputs``, by default random token inputs); the shrunk model's
+    path. ``check_inputs``: finalize's, for a model its check cannot make inputs for."""
     from test_real_models import _inputs
 
     signature = pm.signatures["serving_default"]
@@ -787,7 +788,8 @@ def _hub_shrunk_as_masked(pm, tmp_path, inputs=None) -> str:
     masked = signature(**inputs)
     # batch norms kept: the masks predict the parameters of the model as it is (folding them is
     # finalize's default, checked on keras.applications in test_keras_applications_shrink)
-    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True, fold_batch_norms=False)
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True, fold_batch_norms=False,
+                              check_inputs=check_inputs)
     shrunk = tf.saved_model.load(out).signatures["serving_default"](**inputs)
     for key, value in masked.items():
         scale = float(np.max(np.abs(value.numpy())))
@@ -3159,7 +3161,32 @@ def _hub_more_models():
         # RMS norms over every convolution's channels, edge and universal inverted residuals, multi-query
         # attention, a multi-scale fusion adapter (Gemma 3n's vision encoder)
         "mobilenetv5": _mobilenetv5,
+        # SAM 3 (its docstring's config, smaller): a ViT with windowed and global attention, a feature
+        # pyramid, a text encoder, boxes encoded by ROI-aligning features at their coordinates, a DETR
+        # encoder and decoder, a mask decoder
+        "sam3": _sam3,
     }
+
+
+SAM3_IMAGE = 112
+
+
+def _sam3():
+    from keras_hub import layers
+    from keras_hub.models import SAM3PromptableConceptBackbone
+
+    size, small = SAM3_IMAGE, dict(hidden_dim=32, intermediate_dim=64, num_heads=2)
+    return SAM3PromptableConceptBackbone(
+        vision_encoder=layers.SAM3VisionEncoder(
+            image_shape=(size, size, 3), patch_size=14, num_layers=2, fpn_hidden_dim=32,
+            fpn_scale_factors=[4.0, 2.0, 1.0, 0.5], pretrain_image_shape=(56, 56, 3), window_size=2,
+            global_attn_indexes=[1, 2], **small),
+        text_encoder=layers.SAM3TextEncoder(vocabulary_size=64, embedding_dim=32, num_layers=1, **small),
+        geometry_encoder=layers.SAM3GeometryEncoder(num_layers=1, roi_size=7, **small),
+        detr_encoder=layers.SAM3DetrEncoder(num_layers=1, **small),
+        detr_decoder=layers.SAM3DetrDecoder(image_shape=(size, size, 3), patch_size=14, num_layers=1, num_queries=10,
+                                            **small),
+        mask_decoder=layers.SAM3MaskDecoder(num_upsampling_stages=3, hidden_dim=32, num_heads=2))
 
 
 def _mobilenetv5():
@@ -3176,12 +3203,14 @@ def _mobilenetv5():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["bloom", "albert", "moonshine", "t5gemma", "t5gemma2", "xception", "deeplab",
-                                  "depthanything", "mobilenet", "gptoss", "mobilenetv5", "vitdet", "gemma3n", "flux"])
-def test_keras_hub_more_families_shrink(tmp_path, name):
+                                  "depthanything", "mobilenet", "gptoss", "mobilenetv5", "vitdet", "gemma3n", "flux",
+                                  "sam3"])
+def test_keras_hub_more_families_shrink(tmp_path, recwarn, name):
     """keras-hub models of families the other tests do not build, pruned as a user would and
     shrunk: the groups found are the ones the architecture has, the shrunk model computes the
     masked one and has the parameters the masks predict. Moonshine needs audio longer than the
-    inputs finalize's check used to make (it died with TensorFlow's traceback)."""
+    inputs finalize's check used to make (it died with TensorFlow's traceback). SAM 3 runs on no
+    input finalize's check makes (its boxes must lie on the image): it is checked on the test's."""
     from test_real_models import _inputs
 
     _hub_more_models()[name]().export(str(tmp_path / "export"), verbose=False)
@@ -3230,7 +3259,10 @@ def test_keras_hub_more_families_shrink(tmp_path, name):
                 # Laurel's low rank, MLP neurons (the head dims, normed over them, the AltUp coefficients,
                 # the per-layer inputs' channels and the residual stream stay whole, with their reasons)
                 "gemma3n": [2, 2, 2, 2, 2, 2, 4, 4, 32, 32],
-                "flux": [2, 32, 32, 32, 64, 64, 64, 128]}[name]
+                "flux": [2, 32, 32, 32, 64, 64, 64, 128],
+                # heads, query/key and value head dims, MLP neurons of each encoder and decoder, the
+                # feature pyramid's and the mask decoder's convolution channels
+                "sam3": [2] * 11 + [8] * 3 + [16] * 22 + [32] * 14 + [64] * 7}[name]
     assert sorted(group.size for group in groups if group.prunable) == expected, channels.describe(groups)
     spec = pm.signatures["serving_default"].structured_input_signature[1]
     rng = np.random.RandomState(0)
@@ -3239,14 +3271,21 @@ def test_keras_hub_more_families_shrink(tmp_path, name):
         if tensor_spec.dtype.is_floating:  # images, or 4000 samples of audio
             shape = [2] + [size or 4000 for size in tensor_spec.shape.as_list()[1:]]
             inputs[key] = tf.constant(rng.uniform(size=shape).astype(np.float32))
-    out = _hub_shrunk_as_masked(pm, tmp_path, inputs)
+    if name == "sam3":  # one box (it runs on no more), its coordinates on the image
+        inputs = {"pixel_values": rng.uniform(size=[2, SAM3_IMAGE, SAM3_IMAGE, 3]),
+                  "boxes": rng.uniform(size=[2, 1, 5]), "token_ids": rng.randint(1, 64, [2, 8]),
+                  "padding_mask": np.ones([2, 8]), "box_labels": np.ones([2, 1])}
+        inputs = {key: tf.constant(value, spec[key].dtype) for key, value in inputs.items()}
+    out = _hub_shrunk_as_masked(pm, tmp_path, inputs, check_inputs=inputs if name == "sam3" else None)
+    assert not [w for w in recwarn if "not checked" in str(w.message)]
     predicted = _predicted_parameters(pm)
     if name == "bloom":  # and the constant ALiBi slope of each head kept
         heads = next(group for group in groups if any(m.name.endswith("alibi_bias_1/Const") for m in group.members))
         predicted += int(_used_channels(pm, heads).sum())
-    if name in ("flux", "vitdet"):  # and the float constants cost counts, which a shrink keeps as they are
+    if name in ("flux", "vitdet", "sam3"):  # and the float constants cost counts, which a shrink keeps as they
+        # are; SAM 3's variables no output needs (cost leaves them out, and a shrink strips them) outweigh its
         constants = _constant_parameters(pm, graphprune.cost(str(tmp_path / "export")).parameters)
-        assert constants == {"flux": 1152, "vitdet": 6}[name]
+        assert constants == {"flux": 1152, "vitdet": 6, "sam3": -10236}[name]
         predicted += constants
     if name == "deeplab":  # the encoder's last stage is not used (the prediction counts its weights): fewer
         assert graphprune.cost(out).parameters < min(predicted, 0.3 * graphprune.cost(str(tmp_path / "export")).parameters)
