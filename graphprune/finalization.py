@@ -333,8 +333,9 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
         different inputs. Arrays or tensors, any batch; a signature that calls a method and that
         method share them. Other entries run on inputs graphprune makes; an entry that runs on
         none of those is left out of the check with a warning (the others are checked). The
-        shrunk model's second check on longer inputs leaves the entries given inputs out. DataError where they fit no
-        entry or the masked model fails on them; refused with check=False.
+        shrunk model's second check on longer inputs leaves the entries given inputs out.
+        DataError where they fit no entry (before any work, for a PrunableModel) or the masked
+        model fails on them; refused with check=False.
     progress: a callable taking one line per stage (with its time and peak memory); the CLI's
         --verbose prints them.
     shrink=True: remove dead channels (every channel whose consuming kernels are all zero there,
@@ -395,6 +396,8 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
                               "or leave them out")
     inputs = [prunable] if isinstance(prunable, (str, os.PathLike)) else []
     check_output(output_dir, overwrite=overwrite, inputs=inputs)
+    # inputs that fit no entry are refused before the work, where the entries are known by now
+    given = given_inputs(prunable.traced, check_inputs) if check and hasattr(prunable, "traced") else None
     stages = Stages("finalize", progress)
 
     def build(pointwise_matmul, fold_batch_norms, fold_pads):
@@ -409,8 +412,8 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
                       "constants or variables the model never writes) follows a kernel read nowhere else",
                       stacklevel=2)
 
-    # the pipeline's first pass (find_weights) only records facts: its model is the masked one
-    given = given_inputs(result.reports[0][1].model, check_inputs) if check else {}
+    if given is None and check:  # the pipeline's first pass (find_weights) only records facts: the masked model
+        given = given_inputs(result.reports[0][1].model, check_inputs)
 
     def checked(final, values, result) -> None:
         check_final(products_as_folded_weights(result.reports[0][1].model), final, values,

@@ -552,10 +552,13 @@ def test_finalize_checks_on_the_inputs_given(tmp_path, recwarn):
                 ({"x": x, "boxes": boxes + 1.0},
                  r"'method:__call__' fails on the check_inputs given: .*is not in \[0, 8\)")]
     for number, (given, message) in enumerate(refusals):
+        stages = []
         with pytest.raises(graphprune.errors.DataError, match=message) as raised:
-            graphprune.finalize(pm, str(tmp_path / f"refused{number}"), check_inputs=given)
+            graphprune.finalize(pm, str(tmp_path / f"refused{number}"), check_inputs=given, progress=stages.append)
         assert "\n" not in str(raised.value)
         assert not (tmp_path / f"refused{number}").exists()
+        if number < 4:  # inputs that fit no entry: refused before any work
+            assert not stages, stages
     with pytest.raises(graphprune.GraphPruneError, match="check_inputs are the inputs finalize's check runs on"):
         graphprune.finalize(pm, str(tmp_path / "unchecked"), check=False, check_inputs=(x, boxes))
     assert not (tmp_path / "unchecked").exists()
