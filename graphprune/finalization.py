@@ -45,13 +45,14 @@ MAX_FROZEN_BYTES = 16 << 20
 
 def finalize_model(prunable, *, freeze: bool | str = True, verify: bool = False,
                    max_frozen_bytes: int = MAX_FROZEN_BYTES, shrink: bool = False, fold_batch_norms=None,
-                   pointwise_matmul: bool | str = False, fold_pads: bool = False):
+                   pointwise_matmul: bool | str = False, fold_pads: bool = False, check_inputs=None):
     """(final TracedModel, the values its variables are read from, pipeline result); nothing written.
 
     The pruned weights are folded (w := w * mask) into variables first: into the ones loaded from
     a directory (graphprune's own copies), or into new ones for an in-memory PrunableModel (whose
     variables are never changed). Every model built from the returned values reads those
-    variables, so a model's weights are held once, whatever its size."""
+    variables, so a model's weights are held once, whatever its size. ``check_inputs``: what
+    ``verify`` runs the entries they fit on (finalize's, see verify.given_inputs)."""
     if isinstance(prunable, (str, os.PathLike)):
         loaded = load(os.fspath(prunable))
         traced, variables, owned = loaded.model, loaded.variables, True
@@ -85,7 +86,8 @@ def finalize_model(prunable, *, freeze: bool | str = True, verify: bool = False,
     if fold_pads:
         steps += [("fold_pads", {}), ("strip_unused", {})]
     values = VariableValues(live)
-    after_pass = optional_verifier(verify, values, ones_masks=False)
+    given = given_inputs(traced, check_inputs) if verify and check_inputs is not None else None
+    after_pass = optional_verifier(verify, values, ones_masks=False, given=given)
     result = run_pipeline(traced, steps, PassContext(values=values), after_pass=after_pass)
     return result.model, values, result
 
@@ -324,9 +326,9 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
         normalization parameters (freeze="all") lets TensorFlow fold and fuse
         them, which can move a deep CNN's outputs by 1e-4 of their scale: raise the tolerance
         to accept that knowingly.
-    check_inputs: the inputs the check runs both models on, for models whose inputs graphprune
-        cannot make up (its inputs are random normal floats and 0s and 1s: boxes that must lie on
-        the image, indices into a table, lengths). What one call takes, for every entry it fits:
+    check_inputs: the inputs the check (and ``verify``) runs the models on, for models whose
+        inputs graphprune cannot make up (its inputs are random normal floats and 0s and 1s:
+        boxes that must lie on the image, indices into a table, lengths). What one call takes, for every entry it fits:
         a signature's keyword arguments as a dict ({"images": x, "boxes": b}), a method's one
         argument, a tuple of its arguments or a dict of them by parameter name; or such values
         by entry name ({"serving_default": {...}, "encode": (x,)}) for entries that take
@@ -335,7 +337,7 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
         none of those is left out of the check with a warning (the others are checked). The
         shrunk model's second check on longer inputs leaves the entries given inputs out.
         DataError where they fit no entry (before any work, for a PrunableModel) or the masked
-        model fails on them; refused with check=False.
+        model fails on them; refused with check=False (unless verify=True).
     progress: a callable taking one line per stage (with its time and peak memory); the CLI's
         --verbose prints them.
     shrink=True: remove dead channels (every channel whose consuming kernels are all zero there,
@@ -391,19 +393,19 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
     number = isinstance(check_tolerance, (int, float, np.integer, np.floating)) and not isinstance(check_tolerance, bool)
     if not number or not 0 <= check_tolerance < 1:
         raise GraphPruneError(f"check_tolerance must be a number in [0, 1) (of the output scale), got {check_tolerance!r}")
-    if check_inputs is not None and not check:
-        raise GraphPruneError("check_inputs are the inputs finalize's check runs on: give them with check=True, "
-                              "or leave them out")
+    if check_inputs is not None and not (check or verify):
+        raise GraphPruneError("check_inputs are the inputs finalize's check (and verify) runs on: give them with "
+                              "check=True or verify=True, or leave them out")
     inputs = [prunable] if isinstance(prunable, (str, os.PathLike)) else []
     check_output(output_dir, overwrite=overwrite, inputs=inputs)
     # inputs that fit no entry are refused before the work, where the entries are known by now
-    given = given_inputs(prunable.traced, check_inputs) if check and hasattr(prunable, "traced") else None
+    given = given_inputs(prunable.traced, check_inputs) if hasattr(prunable, "traced") else None
     stages = Stages("finalize", progress)
 
     def build(pointwise_matmul, fold_batch_norms, fold_pads):
         return finalize_model(prunable, freeze=freeze, verify=verify, max_frozen_bytes=max_frozen_bytes,
                               shrink=shrink, fold_batch_norms=fold_batch_norms, pointwise_matmul=pointwise_matmul,
-                              fold_pads=fold_pads is not False)
+                              fold_pads=fold_pads is not False, check_inputs=check_inputs)
 
     with stages("fold masks and strip the pruning ops"):
         final, values, result = build(pointwise_matmul, fold_batch_norms, fold_pads)

@@ -489,8 +489,10 @@ class Verifier:
     ``ones_masks=False`` (finalizing): the real masks are used, so folding must keep outputs too.
     """
 
-    def __init__(self, values, *, ones_masks: bool = True, atol: float = 1e-5, rtol: float = 1e-5, seed: int = 0):
+    def __init__(self, values, *, ones_masks: bool = True, atol: float = 1e-5, rtol: float = 1e-5, seed: int = 0,
+                 given: dict | None = None):
         self.values = values
+        self.given = given  # {"kind:name": [arrays]}: the inputs those entries run on (given_inputs)
         self.ones_masks = ones_masks
         self.atol, self.rtol, self.seed = atol, rtol, seed
         self.report: list[tuple[str, str, int, float]] = []  # (pass, entry, output, max |diff|)
@@ -501,13 +503,14 @@ class Verifier:
     def _outputs(self, model: g.TracedModel) -> dict:
         if self._last[0] is not model:
             if self.positive is None:
-                outputs = run_entries(model, self.values, ones_masks=self.ones_masks, seed=self.seed, sizes=self.sizes)
+                outputs = run_entries(model, self.values, ones_masks=self.ones_masks, seed=self.seed, sizes=self.sizes,
+                                      given=self.given)
                 self.positive = any(_has_nan(o) for values in outputs.values() for o in values)
                 if not self.positive:
                     self._last = (model, outputs)
                     return outputs
             self._last = (model, run_entries(model, self.values, ones_masks=self.ones_masks, seed=self.seed,
-                                             positive=self.positive, sizes=self.sizes))
+                                             positive=self.positive, sizes=self.sizes, given=self.given))
         return self._last[1]
 
     def __call__(self, pass_name: str, before: g.TracedModel, after: g.TracedModel) -> None:
@@ -557,9 +560,10 @@ def max_difference(want, got) -> float:
     return float(np.max(difference))
 
 
-def optional_verifier(enabled: bool, values, *, ones_masks: bool = True):
-    """A Verifier when ``enabled`` (the ``verify=True`` / ``--verify`` switch), else None."""
-    return Verifier(values, ones_masks=ones_masks) if enabled else None
+def optional_verifier(enabled: bool, values, *, ones_masks: bool = True, given: dict | None = None):
+    """A Verifier when ``enabled`` (the ``verify=True`` / ``--verify`` switch), else None;
+    ``given``: the inputs it runs those entries on (given_inputs), as finalize's check_inputs."""
+    return Verifier(values, ones_masks=ones_masks, given=given) if enabled else None
 
 
 def format_report(report) -> str:

@@ -559,9 +559,16 @@ def test_finalize_checks_on_the_inputs_given(tmp_path, recwarn):
         assert not (tmp_path / f"refused{number}").exists()
         if number < 4:  # inputs that fit no entry: refused before any work
             assert not stages, stages
-    with pytest.raises(graphprune.GraphPruneError, match="check_inputs are the inputs finalize's check runs on"):
+    with pytest.raises(graphprune.GraphPruneError, match=r"check_inputs are the inputs finalize's check \(and verify"):
         graphprune.finalize(pm, str(tmp_path / "unchecked"), check=False, check_inputs=(x, boxes))
     assert not (tmp_path / "unchecked").exists()
+    # verify=True (each pass checked) runs on them too: on the inputs graphprune makes it cannot run
+    with pytest.raises(graphprune.PassError, match=r"cannot run 'method:__call__' on the inputs graphprune makes"):
+        graphprune.finalize(pm, str(tmp_path / "verify_made"), verify=True)
+    for check in (True, False):
+        path = graphprune.finalize(pm, str(tmp_path / f"verified{check}"), verify=True, check=check,
+                                   check_inputs=(x, boxes))
+        np.testing.assert_allclose(tf.saved_model.load(path)(*inputs).numpy(), pm(*inputs).numpy(), atol=1e-5, rtol=0)
 
 
 class UnnamedVariables(tf.Module):
