@@ -328,16 +328,17 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
         to accept that knowingly.
     check_inputs: the inputs the check (and ``verify``) runs the models on, for models whose
         inputs graphprune cannot make up (its inputs are random normal floats and 0s and 1s:
-        boxes that must lie on the image, indices into a table, lengths). What one call takes, for every entry it fits:
-        a signature's keyword arguments as a dict ({"images": x, "boxes": b}), a method's one
-        argument, a tuple of its arguments or a dict of them by parameter name; or such values
-        by entry name ({"serving_default": {...}, "encode": (x,)}) for entries that take
-        different inputs. Arrays or tensors, any batch; a signature that calls a method and that
-        method share them. Other entries run on inputs graphprune makes; an entry that runs on
-        none of those is left out of the check with a warning (the others are checked). The
-        shrunk model's second check on longer inputs leaves the entries given inputs out.
-        DataError where they fit no entry (before any work, for a PrunableModel) or the masked
-        model fails on them; refused with check=False (unless verify=True).
+        boxes that must lie on the image, indices into a table, lengths). What one call takes,
+        for every entry it fits: a signature's keyword arguments as a dict ({"images": x,
+        "boxes": b}), a method's one argument, a tuple of its arguments or a dict of them by
+        parameter name; or such values by entry name ({"serving_default": {...}, "encode":
+        (x,)}) for entries that take different inputs. Arrays or tensors, any batch; a
+        signature that calls a method and that method share them. Other entries run on inputs
+        graphprune makes; an entry that runs on none of those is left out of the check with a
+        warning (the others are checked). The shrunk model's second check on longer inputs
+        leaves the entries given inputs out. DataError where they fit no entry (before any work,
+        for a PrunableModel) or the masked model fails on them; refused with check=False
+        (unless verify=True).
     progress: a callable taking one line per stage (with its time and peak memory); the CLI's
         --verbose prints them.
     shrink=True: remove dead channels (every channel whose consuming kernels are all zero there,

@@ -7,6 +7,7 @@ ConcreteFunction.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import inspect
 import os
@@ -337,8 +338,8 @@ def _names_for_masked_weights(entries, variables) -> dict[str, str]:
 
     for entry in entries:
         b.visit_entry(entry, visit)
-    targets = [new for new in renamed.values()]
-    return {old: new for old, new in renamed.items() if targets.count(new) == 1 and new not in variables}
+    claimed = collections.Counter(renamed.values())  # a key two weights would take goes to neither
+    return {old: new for old, new in renamed.items() if claimed[new] == 1 and new not in variables}
 
 
 def _names_for_shared_variable_names(entries, variables) -> dict[str, str]:
