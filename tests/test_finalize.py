@@ -550,7 +550,9 @@ def test_finalize_checks_on_the_inputs_given(tmp_path, recwarn):
                 ({"x": x, "boxes": boxes.astype(str)}, r"input 'boxes' takes float32, given <U"),
                 ({"__call__": (x, boxes), "serve": (x,)}, r"serve is not an entry of the model"),
                 ({"x": x, "boxes": boxes + 1.0},
-                 r"'method:__call__' fails on the check_inputs given: .*is not in \[0, 8\)")]
+                 r"'method:__call__' fails on the check_inputs given: .*is not in \[0, 8\)"),
+                ({"x": np.full_like(x, np.nan), "boxes": boxes},
+                 r"'method:__call__' computes NaN or infinity everywhere on the check_inputs given")]
     for number, (given, message) in enumerate(refusals):
         stages = []
         with pytest.raises(graphprune.errors.DataError, match=message) as raised:
