@@ -205,6 +205,9 @@ def check_final(masked, final, values, *, atol: float = 1e-5, rtol: float = 1e-5
     sizes, failed = {}, []  # the final model runs on the inputs the masked one ran on
     expected = run_entries(masked, values, ones_masks=False, random=random, sizes=sizes, given=given, failed=failed)
     for name in given or ():
+        if name in expected and not any(np.size(output) for output in expected[name]):
+            raise DataError(f"'{name}' computes only empty outputs on the check_inputs given (a batch of 0?), so "
+                            "they check nothing: give inputs with at least one example")
         floats = [output for output in expected[name] if output.dtype.kind in "fc" and output.size]
         if floats and not any(np.isfinite(output).any() for output in floats):
             raise DataError(f"'{name}' computes NaN or infinity everywhere on the check_inputs given, so they check "
@@ -342,9 +345,9 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
         graphprune makes; an entry that runs on none of those is left out of the check with a
         warning (the others are checked). The shrunk model's second check on longer inputs
         leaves the entries given inputs out. DataError where they fit no entry (before any work,
-        for a PrunableModel) or the masked model fails on them or computes NaN or infinity
-        everywhere on them (they would check nothing); refused with check=False (unless
-        verify=True).
+        for a PrunableModel) or the masked model fails on them, computes NaN or infinity
+        everywhere on them or computes only empty outputs (a batch of 0): they would check
+        nothing; refused with check=False (unless verify=True).
     progress: a callable taking one line per stage (with its time and peak memory); the CLI's
         --verbose prints them.
     shrink=True: remove dead channels (every channel whose consuming kernels are all zero there,

@@ -232,7 +232,9 @@ def _flat_given(entry: g.Entry, value) -> list[np.ndarray] | str:
             candidates.append(((*value, *defaults[len(value):]), omitted))
         if isinstance(value, Mapping) and set(value) <= set(parameters) and value:
             candidates.append((tuple(value.get(p, d) for p, d in zip(parameters, defaults)), omitted))
-    reason = f"it takes ({', '.join(entry.parameters)})"
+    reason = takes = f"it takes ({', '.join(entry.parameters)})"
+    unknown = sorted(str(key) for key in value if key not in kwargs and key not in entry.parameters) \
+        if isinstance(value, Mapping) and entry.kind == "method" and args else []
     for candidate in candidates:
         flat, paths = _flatten_like(structure, candidate, entry.parameters)
         if isinstance(flat, str):
@@ -245,6 +247,8 @@ def _flat_given(entry: g.Entry, value) -> list[np.ndarray] | str:
         if misfit is None:
             return [_cast(value, info) for value, info in zip(flat, entry.inputs)]
         reason = misfit
+    if unknown and len(unknown) < len(value):  # some keys name parameters: the others are a mistake
+        return f"it has no parameter {', '.join(repr(key) for key in unknown)}; {takes}"
     return reason
 
 

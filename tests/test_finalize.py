@@ -549,17 +549,19 @@ def test_finalize_checks_on_the_inputs_given(tmp_path, recwarn):
                 ({"x": x[:, :3], "boxes": boxes}, r"input 'x' takes shape \[None, 4\], given \[3, 3\]"),
                 ({"x": x, "boxes": boxes.astype(str)}, r"input 'boxes' takes float32, given <U"),
                 ({"__call__": (x, boxes), "serve": (x,)}, r"serve is not an entry of the model"),
+                ({"x": x, "boxes": boxes, "box": boxes}, r"it has no parameter 'box'; it takes \(x, boxes\)"),
                 ({"x": x, "boxes": boxes + 1.0},
                  r"'method:__call__' fails on the check_inputs given: .*is not in \[0, 8\)"),
                 ({"x": np.full_like(x, np.nan), "boxes": boxes},
-                 r"'method:__call__' computes NaN or infinity everywhere on the check_inputs given")]
+                 r"'method:__call__' computes NaN or infinity everywhere on the check_inputs given"),
+                ({"x": x[:0], "boxes": boxes[:0]}, r"'method:__call__' computes only empty outputs on the check_inputs")]
     for number, (given, message) in enumerate(refusals):
         stages = []
         with pytest.raises(graphprune.errors.DataError, match=message) as raised:
             graphprune.finalize(pm, str(tmp_path / f"refused{number}"), check_inputs=given, progress=stages.append)
         assert "\n" not in str(raised.value)
         assert not (tmp_path / f"refused{number}").exists()
-        if number < 4:  # inputs that fit no entry: refused before any work
+        if number < 5:  # inputs that fit no entry: refused before any work
             assert not stages, stages
     with pytest.raises(graphprune.GraphPruneError, match=r"check_inputs are the inputs finalize's check \(and verify"):
         graphprune.finalize(pm, str(tmp_path / "unchecked"), check=False, check_inputs=(x, boxes))
