@@ -3482,12 +3482,29 @@ def contracted_axes(groups) -> set:
 
 
 def describe(groups) -> str:
+    """One line per group: its name, size, whether it is prunable (or why not) and its members.
+    A constant (a finalized model's kernel) is shown by the weight it was made from ('left/kernel',
+    not 'signature:serving_default/StatefulPartitionedCall/.../left/kernel/graphprune/masked')."""
     lines = []
     for group in groups:
-        roles = ", ".join(f"{m.name}[{m.axis}]{'' if m.role == 'param' else ' ' + m.role}" for m in group.members)
+        # each entry has its own copy of a constant: one line names it once
+        roles = ", ".join(dict.fromkeys(f"{_shown(m.kind, m.name)}[{m.axis}]{'' if m.role == 'param' else ' ' + m.role}"
+                                        for m in group.members))
         state = "prunable" if group.prunable else f"left whole: {group.reason}"
-        lines.append(f"{group.name}: {group.size} channels, {state}; {roles}")
+        name = group.name
+        for m in group.members:
+            if m.kind == "const" and name.startswith(m.name + ":"):
+                name = _shown("const", m.name) + name[len(m.name):]
+                break
+        lines.append(f"{name}: {group.size} channels, {state}; {roles}")
     return "\n".join(lines)
+
+
+def _shown(kind: str, name: str) -> str:
+    """A member's name as describe shows it: a constant's ("entry label/node") as the weight name."""
+    if kind != "const" or "/" not in name:
+        return name
+    return names.display_name(name.split("/", 1)[1])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -655,6 +655,10 @@ def test_cli_prune_channels_finalize_shrink_inspect(channel_net, tmp_path):
     assert "shrink: parameters" in printed
     printed = _cli("inspect", f"--input={tmp_path / 'f'}", f"--baseline={channel_net}", "--channel_groups")
     assert "x parameters" in printed and "left whole" in printed
+    # the finalized model's kernels are constants: shown by the weights they were made from
+    listed = printed[printed.index("channels, "):]
+    assert "left/kernel[3] out" in listed and "stem/kernel:2: 3 channels, left whole" in printed, printed
+    assert "graphprune" not in listed and "PartitionedCall" not in listed, printed
     graphprune.export_tflite(str(tmp_path / "f"), str(tmp_path / "f.tflite"))
     refused = subprocess.run([sys.executable, "-m", "graphprune.tools.main", "inspect", f"--input={tmp_path / 'f.tflite'}",
                               f"--baseline={channel_net}"], capture_output=True, text=True, timeout=600)
