@@ -1095,6 +1095,17 @@ def _matmul(self: _Entry, node) -> None:
     if not _weight_operand(self, a) and not _weight_operand(self, w):  # two activations (2-D ones too)
         _batch_matmul(self, node, a, w, transpose_a, transpose_w)
         return
+    if node.op == "MatMul" and not xs and ys and len(ys) == 2 and ws is not None and len(ws) == 2 and \
+            self.source(a) is None:
+        # a 2-D product of an activation whose shape TensorFlow could not infer (made by ops of a
+        # library such as tensorflow_text, or from a ragged tensor): its columns are known, so the
+        # kernel's output channels go; its rows and the activation's axes are poisoned after it
+        cols = self.weight(node, w, 0 if transpose_w else 1, "out")
+        if cols is None:
+            self.unknown(node, f"{node.op} '{node.name}' multiplies two computed tensors")
+            return
+        self.link(self.tensor(node.name), cols)
+        return
     if self.source(a) is not None or transpose_a or ws is None or len(ws) != 2 or not xs or not ys:
         self.unknown(node)
         return

@@ -504,11 +504,11 @@ def export_tflite(saved_model_dir, tflite_path, *, quantize=None, sparse: bool =
                                  representative_data=representative_data, signature_keys=signature_keys,
                                  overwrite=overwrite)
     check_output(tflite_path, overwrite=overwrite, inputs=[saved_model_dir])
-    try:
-        converter = tf.lite.TFLiteConverter.from_saved_model(os.fspath(saved_model_dir), signature_keys=signature_keys)
-    except (tf.errors.OpError, OSError, RuntimeError, ValueError) as error:  # a broken SavedModel
-        reason = first_line(error, 200)
-        raise BadModelError(f"{os.fspath(saved_model_dir)}: cannot load the SavedModel ({reason})") from error
+    from graphprune.load import with_op_libraries
+
+    converter = with_op_libraries(  # a broken SavedModel, or one whose ops need a library: one line
+        lambda: tf.lite.TFLiteConverter.from_saved_model(os.fspath(saved_model_dir), signature_keys=signature_keys),
+        os.fspath(saved_model_dir), "re-export it")
     optimizations = []
     if quantize is not None:
         optimizations.append(tf.lite.Optimize.DEFAULT)

@@ -156,16 +156,64 @@ def _module_functions(module) -> dict:
     return functions
 
 
+# Libraries whose ops a SavedModel may use (a text model's tokenizer), imported when a model
+# needs an op TensorFlow does not have and the library is installed: importing one registers them.
+OP_LIBRARIES = ("tensorflow_text",)
+_UNREGISTERED_OP = re.compile(r"Op type not registered '([^']+)'")
+
+
+def load_saved_model(path: str):
+    """tf.saved_model.load(path), with the op libraries of OP_LIBRARIES that are installed
+    imported first where the model uses ops TensorFlow does not have (tensorflow_text's
+    tokenizers). BadModelError (one line) where it cannot be loaded, naming an op no library gave."""
+    return with_op_libraries(lambda: tf.saved_model.load(path), path, "re-export it")
+
+
+def with_op_libraries(call, path: str, advice: str):
+    """``call()``, called again after importing an installed library of OP_LIBRARIES each time it
+    fails on an op TensorFlow does not have. BadModelError (one line) where it still fails:
+    naming the op, or quoting the error and then ``advice``."""
+    imported = []
+    while True:
+        try:
+            return call()
+        except Exception as error:  # TF raises many types for broken files
+            text = str(error).strip()
+            missing = _UNREGISTERED_OP.search(text)
+            if missing:
+                library = next((name for name in OP_LIBRARIES if name not in imported and _imports(name)), None)
+                if library is not None:
+                    imported.append(library)
+                    continue
+                tried = f" ({', '.join(imported)} imported, and it is not theirs)" if imported else ""
+                raise BadModelError(
+                    f"{path}: the SavedModel uses op '{missing.group(1)}', which this TensorFlow does not have"
+                    f"{tried}; install and import the library that defines it before loading (tensorflow_text "
+                    "for 'TFText>' ops; tf.load_op_library for a compiled one)") from error
+            first = text.splitlines()[0] if text else type(error).__name__
+            raise BadModelError(f"{path}: cannot load the SavedModel ({first[:200]}); {advice}") from error
+
+
+def _imports(module: str) -> bool:
+    """Import ``module`` if it is installed; whether it is now imported."""
+    import importlib
+    import importlib.util
+
+    try:
+        if importlib.util.find_spec(module) is None:
+            return False
+        importlib.import_module(module)
+        return True
+    except Exception:  # a broken install: as if it were not there
+        return False
+
+
 def _load_saved_model(path: str) -> Loaded:
     if not os.path.isdir(path):
         raise BadModelError(f"{path}: no such directory; pass the directory that holds saved_model.pb")
     if not any(os.path.exists(os.path.join(path, f)) for f in ("saved_model.pb", "saved_model.pbtxt")):
         raise BadModelError(f"{path}: not a SavedModel (no saved_model.pb); export it with tf.saved_model.save or model.export")
-    try:
-        loaded = tf.saved_model.load(path)
-    except Exception as error:  # TF raises many types for broken files
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise BadModelError(f"{path}: cannot load the SavedModel ({first_line[:200]}); re-export it") from error
+    loaded = load_saved_model(path)
     # A Keras export has both a 'serve' signature (keyword inputs) and a 'serve' function
     # (positional inputs): both become entries, told apart by kind.
     functions: dict[tuple[str, str, int], Any] = {}

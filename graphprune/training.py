@@ -101,6 +101,14 @@ def check_data(x, y, spec: tf.TensorSpec, loss: str):
             raise DataError(f"'x' has {int(x.size - np.count_nonzero(np.isfinite(x)))} NaN/Inf values; clean the "
                             "data first")
         x = x.astype(dtype.as_numpy_dtype, copy=False)
+    elif dtype == tf.string and x.dtype.kind in "US":  # text: numpy's unicode strings become UTF-8 bytes
+        x = np.char.encode(x, "utf-8") if x.dtype.kind == "U" else x
+    elif dtype.is_integer and x.dtype.kind in "iu" and x.dtype != dtype.as_numpy_dtype:
+        low, high = (int(x.min()), int(x.max())) if x.size else (0, 0)
+        if low < dtype.min or high > dtype.max:
+            raise DataError(f"'x' has values from {low} to {high}; the model takes {dtype.name} "
+                            f"({dtype.min} to {dtype.max})")
+        x = x.astype(dtype.as_numpy_dtype)  # token ids saved as int64 for an int32 input
     elif x.dtype != dtype.as_numpy_dtype:
         raise DataError(f"'x' has dtype {x.dtype}; the model takes {dtype.name}")
     if loss == "softmax_cross_entropy":

@@ -339,3 +339,130 @@ def test_activations_are_never_reported_as_skipped_weights(mlp):
         warnings.simplefilter("error")
         pm = graphprune.prune(mlp, schedule=graphprune.ConstantSparsity(0.5, 0))
     assert pm.skipped() == {}
+
+
+class Tokenized(tf.Module):
+    """A text classifier as a SavedModel ships one: tensorflow_text's whitespace tokenizer (ops
+    TensorFlow itself does not have), a vocabulary hash table, a ragged embedding lookup averaged
+    over the words (a shape TensorFlow cannot infer), a dense hidden layer and a head."""
+
+    def __init__(self):
+        import tensorflow_text
+
+        self.tokenizer = tensorflow_text.WhitespaceTokenizer()
+        words = tf.lookup.KeyValueTensorInitializer(tf.constant(["a", "b", "c", "d"]), tf.constant([1, 2, 3, 4],
+                                                                                                 tf.int64))
+        self.table = tf.lookup.StaticHashTable(words, 0)
+        rng = np.random.RandomState(0)
+        self.embeddings = tf.Variable(rng.standard_normal([5, 16]).astype(np.float32), name="embeddings")
+        self.hidden = tf.Variable(rng.standard_normal([16, 32]).astype(np.float32) * 0.3, name="hidden/kernel")
+        self.head = tf.Variable(rng.standard_normal([32, 3]).astype(np.float32) * 0.3, name="head/kernel")
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+    def __call__(self, text):
+        ids = self.table.lookup(self.tokenizer.tokenize(text))
+        mean = tf.reduce_mean(tf.gather(self.embeddings, ids).to_tensor(), 1)
+        return tf.nn.relu(mean @ self.hidden) @ self.head
+
+
+def test_a_text_model_with_tensorflow_text_ops_from_the_cli(tmp_path):
+    """The CLI runs in a fresh process that never imported tensorflow_text: graphprune imports it
+    where the SavedModel needs its ops. The hidden layer's neurons are found behind the ragged
+    mean, trained on an .npz of unicode strings, shrunk, and the result computes the masked model."""
+    pytest.importorskip("tensorflow_text")
+    import subprocess
+    import sys
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "graphprune.tools.main", *args], capture_output=True, text=True,
+                              timeout=600)
+
+    tf.saved_model.save(Tokenized(), str(tmp_path / "model"))
+    words = np.array(["a b", "c d a", "b", "d d c a", "a zz", "c"] * 2)  # numpy unicode, as users save text
+    np.savez(tmp_path / "data.npz", x=words, y=np.arange(len(words)) % 3)
+    steps = [("prune", f"--input={tmp_path / 'model'}", f"--output={tmp_path / 'p'}", "--structure=channel",
+              "--final_sparsity=0.5", "--one_shot"),
+             ("train", f"--input={tmp_path / 'p'}", f"--output={tmp_path / 't'}", f"--data={tmp_path / 'data.npz'}",
+              "--batch_size=4"),
+             ("finalize", f"--input={tmp_path / 't'}", f"--output={tmp_path / 'f'}", "--shrink")]
+    for args in steps:
+        done = cli(*args)
+        assert done.returncode == 0, done.stderr[-3000:]
+    trained, shrunk = tf.saved_model.load(str(tmp_path / "t")), tf.saved_model.load(str(tmp_path / "f"))
+    text = tf.constant(["a b c", "d", "b b a c zz", ""])
+    expected = trained.signatures["serving_default"](text=text)["output_0"].numpy()
+    np.testing.assert_allclose(shrunk.signatures["serving_default"](text=text)["output_0"].numpy(), expected,
+                               atol=1e-5 * np.abs(expected).max(), rtol=0)
+    assert graphprune.cost(str(tmp_path / "f")).parameters == 5 * 16 + 16 * 16 + 16 * 3  # 32 neurons -> 16
+    # an op that no library installed here defines: one line, naming it, nothing written
+    model = tmp_path / "unknown_op"
+    tf.saved_model.save(Tokenized(), str(model))
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString((model / "saved_model.pb").read_bytes())
+    relus = [node for function in proto.meta_graphs[0].graph_def.library.function for node in function.node_def
+             if node.op == "Relu"]
+    assert relus
+    for node in relus:
+        node.op = "GraphpruneNoSuchOp"
+    (model / "saved_model.pb").write_bytes(proto.SerializeToString())
+    done = cli("prune", f"--input={model}", f"--output={tmp_path / 'refused'}", "--final_sparsity=0.5", "--one_shot")
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr[-3000:]
+    assert "uses op 'GraphpruneNoSuchOp', which this TensorFlow does not have (tensorflow_text imported" in done.stderr
+    assert not (tmp_path / "refused").exists()
+
+
+def test_train_data_is_cast_to_the_models_integer_inputs():
+    from graphprune.errors import DataError
+    from graphprune.training import check_data
+
+    spec = tf.TensorSpec([None, 4], tf.int32)
+    x, y = check_data(np.arange(8, dtype=np.int64).reshape(2, 4), np.array([0, 1]), spec, "softmax_cross_entropy")
+    assert x.dtype == np.int32 and x.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    with pytest.raises(DataError, match=r"'x' has values from 0 to 4294967296; the model takes int32"):
+        check_data(np.array([[0, 1, 2, 2 ** 32]], np.int64), np.array([0]), spec, "softmax_cross_entropy")
+    with pytest.raises(DataError, match=r"'x' has dtype float32; the model takes int32"):
+        check_data(np.ones([1, 4], np.float32), np.array([0]), spec, "softmax_cross_entropy")
+    text, _ = check_data(np.array(["é a", "b"]), np.array([0, 1]), tf.TensorSpec([None], tf.string),
+                         "softmax_cross_entropy")
+    assert text.tolist() == ["é a".encode(), b"b"]
+
+
+def test_keras_hub_classifier_with_its_tokenizer_inside_shrinks(tmp_path):
+    """keras-hub's BERT classifier behind its own preprocessor (tensorflow_text's WordPiece
+    tokenizer, a vocabulary table, packing to 8 tokens), served on raw strings from a tf.Module as
+    a text model is deployed: heads and MLP neurons go and the shrunk model computes the masked one."""
+    import keras
+    import keras_hub
+
+    keras.utils.set_random_seed(0)
+    vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "quick", "brown", "fox", "jumps", "over",
+                  "lazy", "dog"]
+    preprocessor = keras_hub.models.BertTextClassifierPreprocessor(
+        keras_hub.models.BertTokenizer(vocabulary=vocabulary), sequence_length=8)
+    backbone = keras_hub.models.BertBackbone(vocabulary_size=len(vocabulary), num_layers=1, num_heads=2,
+                                             hidden_dim=16, intermediate_dim=32, max_sequence_length=8)
+    classifier = keras_hub.models.BertTextClassifier(backbone, num_classes=3, preprocessor=None, dropout=0.0)
+
+    class Serve(tf.Module):
+        def __init__(self):
+            self.preprocessor, self.classifier = preprocessor, classifier
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+        def __call__(self, text):
+            return self.classifier(self.preprocessor(text), training=False)
+
+    tf.saved_model.save(Serve(), str(tmp_path / "model"))
+    pm = graphprune.prune(str(tmp_path / "model"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
+                          one_shot=True)
+    prunable = sorted(group.size for group in graphprune.channel_groups(pm) if group.prunable)
+    # the heads, the query/key and the value head dims, the pooler's and the MLP's neurons
+    assert prunable == [2, 8, 8, 16, 32], prunable
+    out = graphprune.finalize(pm, str(tmp_path / "small"), shrink=True)
+    text = tf.constant(["the quick brown fox jumps over the lazy dog", "dog", "", "words it has never seen"])
+    expected = pm(text).numpy()
+    shrunk = tf.saved_model.load(out).signatures["serving_default"](text=text)
+    np.testing.assert_allclose(next(iter(shrunk.values())).numpy(), expected, atol=1e-5 * np.abs(expected).max(),
+                               rtol=0)
+    assert graphprune.cost(out).parameters < 0.55 * graphprune.cost(str(tmp_path / "model")).parameters

@@ -50,7 +50,7 @@ def main(argv):
 
     import graphprune
     from graphprune import training
-    from graphprune.errors import DataError
+    from graphprune.errors import DataError, GraphPruneError
 
     graphprune.io.check_output(_OUTPUT.value, overwrite=_OVERWRITE.value, inputs=[_INPUT.value])
     if (_LOG_DIR.value or None):
@@ -60,9 +60,9 @@ def main(argv):
     stages = common.stages("train")
     try:
         with stages("load"):
-            model = tf.saved_model.load(_INPUT.value)
-    except Exception as error:  # TF raises many types for a bad directory
-        common.fail(f"--input={_INPUT.value}: cannot load a SavedModel ({str(error).splitlines()[0][:200]})")
+            model = graphprune.load.load_saved_model(_INPUT.value)
+    except GraphPruneError as error:
+        common.fail(f"--input={error}")
     if not hasattr(model, "update_masks") or not hasattr(model, "original_variables"):
         common.fail(f"{_INPUT.value} is not a prunable SavedModel (no update_masks); run `graphprune prune` on it first")
     try:
