@@ -38,31 +38,73 @@ MAX_MODEL_SIZES = 16
 
 
 def seeded_inputs(entry: g.Entry, seed: int = 0, batch: int = 2, positive: bool = False,
-                  size: tuple[int, int] | None = None) -> list[np.ndarray]:
+                  size: tuple[int, int] | None = None, ragged: tuple = ()) -> list[np.ndarray]:
     """Deterministic inputs for an entry's flat placeholders (unknown dims become ``batch``; past
     the first dimension, ``size`` (floating-point inputs' size, other inputs' size) when given).
 
     Floats are standard normal, or uniform in [0.1, 1) with ``positive`` (for models whose
     outputs are NaN on negative inputs: a log, a sqrt); integers are 0 or 1 (valid token ids,
-    class ids and indices of any table with two rows or more)."""
+    class ids and indices of any table with two rows or more). ``ragged`` (ragged_layout): the
+    placeholders that are the components of a ragged input get those of a valid ragged tensor
+    (row splits that start at 0, rise and end at its values' length), rows of 1 to 3 values."""
     rng = np.random.RandomState(seed)
-    values = []
-    for info in entry.inputs:
-        dtype = tf.as_dtype(info.dtype)
-        shape = _input_shape(info, batch, size)
-        if dtype.is_floating and positive:
-            values.append(rng.uniform(0.1, 1.0, shape).astype(dtype.as_numpy_dtype))
-        elif dtype.is_floating:
-            values.append(rng.standard_normal(shape).astype(dtype.as_numpy_dtype))
-        elif dtype.is_integer:
-            values.append(rng.randint(0, 2, size=shape).astype(dtype.as_numpy_dtype))
-        elif dtype == tf.bool:
-            values.append(rng.randint(0, 2, size=shape).astype(bool))
-        elif dtype == tf.string:  # words, a known one and an unknown one alike: both models get the same
-            values.append(rng.choice(np.array([b"a", b"the", b"graphprune", b""], dtype=object), size=shape))
-        else:
-            raise PassError(f"verify: cannot make inputs of dtype {info.dtype} for entry '{entry.name}'")
+    values = [_seeded_array(rng, tf.as_dtype(info.dtype), _input_shape(info, batch, size), positive, entry)
+              for info in entry.inputs]
+    for positions, spec in ragged:
+        inner = [(batch if size is None else size[0 if spec.dtype.is_floating else 1]) if d is None else d
+                 for d in spec.shape.as_list()[spec.ragged_rank + 1:]]
+        rows = batch if spec.shape[0] is None else spec.shape[0]
+        lengths = []
+        for _ in range(spec.ragged_rank):
+            lengths.append(rng.randint(1, 4, size=rows).astype(spec.row_splits_dtype.as_numpy_dtype))
+            rows = int(lengths[-1].sum())
+        flat = _seeded_array(rng, spec.dtype, [rows, *inner], positive, entry)
+        value = tf.RaggedTensor.from_nested_row_lengths(flat, lengths)
+        components = tf.nest.flatten(value, expand_composites=True)
+        if len(components) == len(positions):
+            for position, component in zip(positions, components):
+                values[position] = component.numpy()
     return values
+
+
+def _seeded_array(rng, dtype, shape, positive: bool, entry) -> np.ndarray:
+    if dtype.is_floating and positive:
+        return rng.uniform(0.1, 1.0, shape).astype(dtype.as_numpy_dtype)
+    if dtype.is_floating:
+        return rng.standard_normal(shape).astype(dtype.as_numpy_dtype)
+    if dtype.is_integer:
+        return rng.randint(0, 2, size=shape).astype(dtype.as_numpy_dtype)
+    if dtype == tf.bool:
+        return rng.randint(0, 2, size=shape).astype(bool)
+    if dtype == tf.string:  # words, a known one and an unknown one alike: both models get the same
+        return rng.choice(np.array([b"a", b"the", b"graphprune", b""], dtype=object), size=shape)
+    raise PassError(f"verify: cannot make inputs of dtype {dtype.name} for entry '{entry.name}'")
+
+
+def ragged_layout(model: g.TracedModel, entry: g.Entry) -> tuple:
+    """((flat input positions, RaggedTensorSpec), ...) for each ragged input of ``entry``: from its
+    own input structure, or for a signature that calls a method (a SavedModel's signature
+    flattens a ragged argument into plain inputs), from the method's, through the alias."""
+    def layout(structure) -> tuple:
+        if not (isinstance(structure, tuple) and len(structure) == 2):
+            return ()
+        found, position = [], 0
+        for leaf in tf.nest.flatten(structure):
+            count = len(tf.nest.flatten(leaf, expand_composites=True)) if isinstance(leaf, tf.TypeSpec) else 0
+            if isinstance(leaf, tf.RaggedTensorSpec) and leaf.shape.rank is not None:
+                found.append((tuple(range(position, position + count)), leaf))
+            position += count
+        return tuple(found) if position == len(entry.inputs) else ()
+
+    if entry.kind != "signature" or entry.alias is None:
+        return layout(entry.input_structure)
+    method_name, order = entry.alias[0], entry.alias[1]
+    method = next((e for e in model.entries if e.kind == "method" and e.name == method_name and
+                   len(e.inputs) == len(order)), None)
+    if method is None:
+        return ()
+    at = {index: number for number, index in enumerate(order)}  # method input -> signature input
+    return tuple((tuple(at[p] for p in positions), spec) for positions, spec in layout(method.input_structure))
 
 
 def _input_shape(info, batch: int, size: tuple[int, int] | None) -> list[int]:
@@ -133,7 +175,7 @@ def run_entries(model: g.TracedModel, values, *, ones_masks: bool = True, seed: 
                 continue
             try:
                 outputs[entry.label] = _run_sized(entry, run, seed, positive, {} if sizes is None else sizes,
-                                                  _model_sizes(model))
+                                                  _model_sizes(model), ragged_layout(model, entry))
             except PassError as error:
                 if failed is not None:
                     failed.append((entry.label, error))
@@ -261,12 +303,15 @@ def _flatten_like(structure, value, parameters=()) -> tuple:
     the args)), or (why not, None): its other leaves (``training=False``) must be equal or omitted."""
     flat, paths, path = [], [], []
 
+    def where(default):  # the path of the leaf walked, by parameter name
+        names = list(path[1:])
+        if path and path[0] == "0" and names and int(names[0]) < len(parameters):
+            names[0] = parameters[int(names[0])]
+        return "/".join(names) or default
+
     def walk(spec, given):
         if isinstance(spec, tf.TensorSpec):
-            names = list(path[1:])
-            if path and path[0] == "0" and names and int(names[0]) < len(parameters):
-                names[0] = parameters[int(names[0])]
-            name = "/".join(names) or spec.name
+            name = where(spec.name)
             if given is _OMITTED or given is None:
                 raise _Misfit(f"no value for input '{name}'")
             flat.append(given)
@@ -290,8 +335,14 @@ def _flatten_like(structure, value, parameters=()) -> tuple:
                 path.append(str(number))
                 walk(s, v)
                 path.pop()
+        elif isinstance(spec, tf.RaggedTensorSpec) and isinstance(given, tf.RaggedTensor):
+            # its components (values, row splits), as the entry flattens it
+            for number, component in enumerate(tf.nest.flatten(given, expand_composites=True)):
+                flat.append(component.numpy())
+                paths.append(f"{where('ragged')}/{number}")
         elif isinstance(spec, tf.TypeSpec):
-            raise _Misfit(f"takes a {type(spec).__name__}, which check_inputs cannot give")
+            raise _Misfit(f"takes a {type(spec).__name__}, which check_inputs cannot give"
+                          + (" (give a tf.RaggedTensor)" if isinstance(spec, tf.RaggedTensorSpec) else ""))
         elif given is not _OMITTED and not _same_constant(spec, given):
             raise _Misfit(f"was traced with {spec!r}, given {given!r}")
 
@@ -358,12 +409,14 @@ def _model_sizes(model: g.TracedModel) -> tuple:
     return tuple((n, n) for n in found[:MAX_MODEL_SIZES])
 
 
-def _run_sized(entry: g.Entry, run, seed: int, positive: bool, sizes: dict, more: tuple = ()) -> list[np.ndarray]:
+def _run_sized(entry: g.Entry, run, seed: int, positive: bool, sizes: dict, more: tuple = (),
+               ragged: tuple = ()) -> list[np.ndarray]:
     """``run``'s outputs on seeded inputs of the first size the entry runs on (see run_entries):
-    one of INPUT_SIZES, else one of ``more`` (_model_sizes)."""
+    one of INPUT_SIZES, else one of ``more`` (_model_sizes). ``ragged``: ragged_layout."""
     if entry.label in sizes:
         try:
-            return [np.asarray(t) for t in run(*seeded_inputs(entry, seed, positive=positive, size=sizes[entry.label]))]
+            inputs = seeded_inputs(entry, seed, positive=positive, size=sizes[entry.label], ragged=ragged)
+            return [np.asarray(t) for t in run(*inputs)]
         except (ValueError, tf.errors.InvalidArgumentError) as error:
             raise PassError(f"'{entry.label}' fails on inputs (unknown dimensions of size {sizes[entry.label][0]} in "
                             f"floating-point inputs, {sizes[entry.label][1]} in others) that it ran on before: "
@@ -374,7 +427,8 @@ def _run_sized(entry: g.Entry, run, seed: int, positive: bool, sizes: dict, more
             continue
         tried.add(size[0])
         try:
-            outputs = [np.asarray(t) for t in run(*seeded_inputs(entry, seed, positive=positive, size=size))]
+            outputs = [np.asarray(t) for t in run(*seeded_inputs(entry, seed, positive=positive, size=size,
+                                                                  ragged=ragged))]
         except (ValueError, tf.errors.InvalidArgumentError) as error:  # too short for a convolution, ...
             first_error = first_error or error
             if _bad_index(error):

@@ -698,3 +698,54 @@ def test_finalize_checks_models_that_need_the_length_of_their_tables(tmp_path, r
     ids = tf.constant(np.random.RandomState(0).randint(0, 50, [3, 8]), tf.int32)
     np.testing.assert_allclose(tf.saved_model.load(path)(ids).numpy(), pm(ids).numpy(), atol=1e-5, rtol=0)
     assert graphprune.cost(path).parameters < graphprune.cost(pm).parameters  # hidden neurons went
+
+
+class RaggedWords(tf.Module):
+    """Word ids in a ragged batch (a tf.function over a RaggedTensorSpec: its values and row splits
+    are two plain inputs of the SavedModel's signature), embedded and averaged per row."""
+
+    def __init__(self, total: bool = False):
+        self.total = total  # another model on the same variables: sums the words instead
+        rng = np.random.RandomState(3)
+        self.embeddings = tf.Variable(rng.standard_normal([10, 8]).astype(np.float32))
+        self.kernel = tf.Variable(rng.standard_normal([8, 16]).astype(np.float32), name="hidden/kernel")
+        self.head = tf.Variable(rng.standard_normal([16, 3]).astype(np.float32), name="head/kernel")
+
+    @tf.function(input_signature=[tf.RaggedTensorSpec([None, None], tf.int64)])
+    def __call__(self, ids):
+        words = tf.gather(self.embeddings, ids)
+        pooled = tf.reduce_sum(words, 1) if self.total else tf.reduce_mean(words, 1)
+        return tf.nn.relu(pooled @ self.kernel) @ self.head
+
+
+def test_finalize_checks_ragged_inputs(tmp_path, recwarn):
+    """Random components of a ragged input are no ragged tensor (the check could not run and
+    said so); the check makes valid ones, for the method and, through the alias, for the
+    signature that takes them as plain inputs. check_inputs take a tf.RaggedTensor."""
+    from graphprune.finalization import check_final
+    from graphprune.verify import given_inputs
+
+    tf.saved_model.save(RaggedWords(), str(tmp_path / "model"))
+    ids = tf.ragged.constant([[1, 2, 3], [4], [5, 6, 9, 0]], tf.int64)
+    for number, source in enumerate([RaggedWords(), str(tmp_path / "model")]):
+        for structure in ("element", "channel"):
+            pm = graphprune.prune(source, graphprune.ConstantSparsity(0.5, 0), one_shot=True, structure=structure)
+            path = graphprune.finalize(pm, str(tmp_path / f"final{number}{structure}"), shrink=structure == "channel")
+            np.testing.assert_allclose(tf.saved_model.load(path)(ids).numpy(), pm(ids).numpy(), atol=1e-5, rtol=0)
+    assert not [w for w in recwarn if "not checked" in str(w.message)], [str(w.message) for w in recwarn]
+    # the check compares: a model that sums the words is refused, on made inputs and on given ones
+    pm = graphprune.prune(str(tmp_path / "model"), graphprune.ConstantSparsity(0.5, 0), one_shot=True)
+    tf.saved_model.save(RaggedWords(total=True), str(tmp_path / "other"))
+    other = graphprune.prune(str(tmp_path / "other"), graphprune.ConstantSparsity(0.5, 0), one_shot=True)
+    values = VariableValues(pm.variables_by_key)
+    with pytest.raises(graphprune.PassError, match=r"differs from the masked model"):
+        check_final(pm.traced, other.traced, values)
+    given = given_inputs(pm.traced, ids)
+    assert sorted(given) == ["method:__call__", "signature:serving_default"], sorted(given)
+    with pytest.raises(graphprune.PassError, match=r"differs from the masked model by .* on the check_inputs given"):
+        check_final(pm.traced, other.traced, values, given=given)
+    path = graphprune.finalize(pm, str(tmp_path / "given"), check_inputs=ids)
+    np.testing.assert_allclose(tf.saved_model.load(path)(ids).numpy(), pm(ids).numpy(), atol=1e-5, rtol=0)
+    with pytest.raises(graphprune.errors.DataError, match=r"takes a RaggedTensorSpec, which check_inputs cannot give "
+                                                          r"\(give a tf.RaggedTensor\)"):
+        graphprune.finalize(pm, str(tmp_path / "refused"), check_inputs={"__call__": ids.to_tensor().numpy()})
