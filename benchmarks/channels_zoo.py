@@ -1,7 +1,9 @@
 """Channel pruning across public models nobody here wrote: every keras.applications family and
 keras-hub backbones, pruned at 50% of each group's channels and shrunk.
 
-    python benchmarks/channels_zoo.py [--only=Xception,phi3]      (about 20 minutes on 2 cores)
+    python benchmarks/channels_zoo.py [--only=Xception,phi3]      (about 22 minutes on 2 cores; --only
+                                                                  measures those alone and replaces
+                                                                  their rows in the saved results)
 
 Each model is built from its config with random weights (keras.applications' batch norms
 calibrated on 32 random images, as tests/test_zoo_applications.py does; keras-hub backbones at
@@ -128,7 +130,23 @@ def _hub_builders():
             num_classes=1, image_shape=(64, 64, 3), projection_filters=64),
         # keras-hub's Xception and T5Gemma 2, as tests/test_channels.py builds them
         **{name: _tested(name) for name in ("xception", "t5gemma2")},
+        # not exported by keras_hub.models (0.32): a residual-quantized VAE (MLP encoder and
+        # decoder around four codebooks of the latent width) and Stable Diffusion 3's VAE (group norms)
+        "rqvae": lambda: _private("rqvae.rqvae_backbone", "RQVAEBackbone")(
+            input_dim=10, encoder_layer_dims=[32, 16], output_dim=8, decoder_layer_dims=[16, 32], num_embeddings=64,
+            num_quantizers=4),
+        "vae": lambda: _private("vae.vae_backbone", "VAEBackbone")(
+            encoder_num_filters=[32, 64], encoder_num_blocks=[1, 1], decoder_num_filters=[64, 32],
+            decoder_num_blocks=[1, 1], sampler_method="mode", input_channels=3, sample_channels=4, output_channels=3,
+            image_shape=(32, 32, 3)),
     }
+
+
+def _private(module: str, name: str):
+    """A keras-hub class its public API does not export (keras_hub.src.models.<module>)."""
+    import importlib
+
+    return getattr(importlib.import_module(f"keras_hub.src.models.{module}"), name)
 
 
 def _tested(name: str):
@@ -236,7 +254,7 @@ def main(argv) -> None:
         with tempfile.TemporaryDirectory() as scratch:
             print(json.dumps(measure(values.one, scratch)), flush=True)
         return
-    names = [name for name, _ in APPLICATIONS] + list(_hub_builders())
+    names = names_all = [name for name, _ in APPLICATIONS] + list(_hub_builders())
     if values.only:
         unknown = sorted(set(values.only) - set(names))
         if unknown:
@@ -252,10 +270,14 @@ def main(argv) -> None:
         else:
             rows.append(json.loads(found[-1]))
         print(json.dumps(rows[-1]), flush=True)
-    if not values.only:
-        os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-        with open(RESULTS, "w") as f:
-            json.dump({"ratio": 0.5, "rows": rows}, f, indent=1)
+    if values.only and os.path.exists(RESULTS):  # the other models' rows stay as they were
+        with open(RESULTS) as f:
+            kept = [row for row in json.load(f)["rows"] if row["model"] not in values.only]
+        order = {name: number for number, name in enumerate(names_all)}
+        rows = sorted(kept + rows, key=lambda row: order.get(row["model"], len(order)))
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    with open(RESULTS, "w") as f:
+        json.dump({"ratio": 0.5, "rows": rows}, f, indent=1)
     print(table(rows))
 
 
@@ -263,5 +285,6 @@ if __name__ == "__main__":
     from absl import app, flags
 
     flags.DEFINE_string("one", None, "Measure this model alone and print its row as JSON (used per model).")
-    flags.DEFINE_list("only", [], "Measure only these models (names as in the table).")
+    flags.DEFINE_list("only", [], "Measure only these models (names as in the table); their rows replace those of "
+                                  "the saved results, the others' stay.")
     app.run(main)
