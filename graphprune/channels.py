@@ -2291,6 +2291,20 @@ def _merge_or_split(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:
         self.claim(x, j)
         split_dims(len(ys))
         return True
+    k = _parameter_split(xs, ys)
+    if k is not None and self.source(x) is not None and _constant_elements(self, producer, [k, k + 1]):
+        # a per-channel parameter [C] shaped [1, .., 1, groups, C / groups] to scale an activation
+        # split so (Keras's GroupNormalization: its gamma and beta): split as the activation is
+        spaces = (self.tensor(y, k), self.tensor(y, k + 1))
+        self.graph.factors.append((self.tensor(x, 0), *spaces))
+        self.claim(x, 0)
+        self.claimed.update(spaces)
+        for axis in range(k):  # the size-1 axes it broadcasts over
+            self.claim(y, axis)
+        for position in (k, k + 1):
+            self.graph.dims.append(ShapeDim(self.entry.label, self.node_id(node.name), position,
+                                            (self.tensor(y, position),)))
+        return True
     j = _split_in_three(xs, ys)
     if j is not None and x not in self.merged and _constant_elements(self, producer, [j, j + 1, j + 2]):
         # a fused projection's [.., 3 * heads * d] -> [.., 3, heads, d] (Swin's query-key-value)
@@ -2301,6 +2315,15 @@ def _merge_or_split(self: _Entry, node, x: str, shape_ref: str, xs, ys) -> bool:
         split_dims(len(ys))
         return True
     return False
+
+
+def _parameter_split(xs, ys) -> int | None:
+    """k where a Reshape from ``xs`` (one static axis, C) to ``ys`` adds size-1 axes and splits C
+    into the last two, [1, .., 1, G, C / G] (both > 1); None otherwise."""
+    if len(xs) != 1 or xs[0] is None or len(ys) < 2 or any(d != 1 for d in ys[:-2]) or \
+            any(d is None or d < 2 for d in ys[-2:]) or ys[-2] * ys[-1] != xs[0]:
+        return None
+    return len(ys) - 2
 
 
 def _split_in_three_at(self: _Entry, node, x: str, a: int, y: str, j: int) -> None:

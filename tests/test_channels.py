@@ -2751,6 +2751,56 @@ _HGNET_LIGHT = "encoder/encoder_stage_1/encoder_stage_1_block_0/encoder_stage_1_
     "encoder_stage_1_block_0_light_block_0_"
 
 
+def test_group_norms_lose_whole_groups(tmp_path):
+    """Keras's GroupNormalization splits the channels into [groups, C / groups], averages over each
+    group and scales by gamma and beta reshaped the same way: a channel cannot go alone, a whole
+    group can (the other groups' statistics do not change). Nonzero gamma and beta, two group
+    norms (4 groups of 4, 8 of 2); the keras-hub VAE (Stable Diffusion 3's) shrinks exactly."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    images = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(16, 3, padding="same", name="first")(images)
+    x = keras.layers.GroupNormalization(groups=4, name="norm_a")(x)
+    x = keras.layers.Activation("swish")(x)
+    x = keras.layers.Conv2D(16, 3, padding="same", name="second")(x)
+    x = keras.layers.GroupNormalization(groups=8, name="norm_b")(x)
+    x = keras.layers.Conv2D(8, 1, name="last")(keras.layers.ReLU()(x))
+    model = keras.Model(images, x)
+    rng = np.random.RandomState(0)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.GroupNormalization):
+            layer.gamma.assign(rng.uniform(0.5, 1.5, layer.gamma.shape))
+            layer.beta.assign(rng.standard_normal(layer.beta.shape))
+    model.export(str(tmp_path / "export"), verbose=False)
+    pm = graphprune.prune(str(tmp_path / "export"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
+                          one_shot=True)
+    groups = {group.name: group for group in graphprune.channel_groups(pm) if group.prunable}
+    assert sorted((group.size, group.members[0].block) for group in groups.values()) == [(4, 4), (8, 2)], \
+        graphprune.channels.describe(groups.values())
+    for group in groups.values():  # the conv's outputs, its bias, gamma and beta, the next conv's inputs
+        assert {m.name.split("/")[-1] for m in group.members} == {"kernel", "bias", "gamma", "beta"}
+    name = next(iter(pm.signatures["serving_default"].structured_input_signature[1]))
+    inputs = {name: tf.constant(rng.standard_normal([2, 8, 8, 3]).astype(np.float32))}
+    out = _hub_shrunk_as_masked(pm, tmp_path, inputs=inputs)
+    assert _weight_shape(out, "norm_a/gamma") == (8,) and _weight_shape(out, "norm_b/beta") == (8,)
+    assert graphprune.cost(out).parameters == _predicted_parameters(pm)
+    # keras-hub's VAE (Stable Diffusion 3's; not exported by keras_hub.models): 32 groups per norm
+    from keras_hub.src.models.vae.vae_backbone import VAEBackbone
+
+    VAEBackbone(encoder_num_filters=[32, 64], encoder_num_blocks=[1, 1], decoder_num_filters=[64, 32],
+                decoder_num_blocks=[1, 1], sampler_method="mode", input_channels=3, sample_channels=4,
+                output_channels=3).export(str(tmp_path / "vae"), verbose=False)
+    pm = graphprune.prune(str(tmp_path / "vae"), graphprune.ConstantSparsity(0.5, 0), structure="channel",
+                          one_shot=True)
+    blocks = [group.members[0].block for group in graphprune.channel_groups(pm) if group.prunable]
+    assert len(blocks) >= 18 and blocks.count(None) < len(blocks), blocks  # whole groups of 1 or 2 channels
+    name = next(iter(pm.signatures["serving_default"].structured_input_signature[1]))
+    out = _hub_shrunk_as_masked(pm, tmp_path / "vae_small", inputs={
+        name: tf.constant(rng.uniform(size=[2, 32, 32, 3]).astype(np.float32))})
+    assert graphprune.cost(out).parameters < 0.45 * graphprune.cost(str(tmp_path / "vae")).parameters
+
+
 def _biased_and_pruned(model, tmp_path, also: str | None = None):
     """A keras-hub model with its biases (and weights whose path holds ``also``) made nonzero, as
     training leaves them (keras-hub builds biases as zeros), exported and pruned by channels, 50%
