@@ -38,28 +38,38 @@ MAX_MODEL_SIZES = 16
 
 
 def seeded_inputs(entry: g.Entry, seed: int = 0, batch: int = 2, positive: bool = False,
-                  size: tuple[int, int] | None = None, ragged: tuple = ()) -> list[np.ndarray]:
+                  size: tuple[int, int] | None = None, composites: tuple = ()) -> list[np.ndarray]:
     """Deterministic inputs for an entry's flat placeholders (unknown dims become ``batch``; past
     the first dimension, ``size`` (floating-point inputs' size, other inputs' size) when given).
 
     Floats are standard normal, or uniform in [0.1, 1) with ``positive`` (for models whose
     outputs are NaN on negative inputs: a log, a sqrt); integers are 0 or 1 (valid token ids,
-    class ids and indices of any table with two rows or more). ``ragged`` (ragged_layout): the
-    placeholders that are the components of a ragged input get those of a valid ragged tensor
-    (row splits that start at 0, rise and end at its values' length), rows of 1 to 3 values."""
+    class ids and indices of any table with two rows or more). ``composites``
+    (composite_layout): the placeholders that are the components of a ragged or sparse input get
+    those of a valid one: row splits that start at 0, rise and end at the values' length (rows
+    of 1 to 3 values); sorted, distinct indices inside the dense shape (about a third filled)."""
     rng = np.random.RandomState(seed)
     values = [_seeded_array(rng, tf.as_dtype(info.dtype), _input_shape(info, batch, size), positive, entry)
               for info in entry.inputs]
-    for positions, spec in ragged:
-        inner = [(batch if size is None else size[0 if spec.dtype.is_floating else 1]) if d is None else d
-                 for d in spec.shape.as_list()[spec.ragged_rank + 1:]]
-        rows = batch if spec.shape[0] is None else spec.shape[0]
-        lengths = []
-        for _ in range(spec.ragged_rank):
-            lengths.append(rng.randint(1, 4, size=rows).astype(spec.row_splits_dtype.as_numpy_dtype))
-            rows = int(lengths[-1].sum())
-        flat = _seeded_array(rng, spec.dtype, [rows, *inner], positive, entry)
-        value = tf.RaggedTensor.from_nested_row_lengths(flat, lengths)
+
+    def sized(dims, dtype) -> list[int]:  # unknown dims past the first, as _input_shape sizes them
+        return [(batch if size is None else size[0 if dtype.is_floating else 1]) if d is None else d for d in dims]
+
+    for positions, spec in composites:
+        if isinstance(spec, tf.RaggedTensorSpec):
+            inner = sized(spec.shape.as_list()[spec.ragged_rank + 1:], spec.dtype)
+            rows = batch if spec.shape[0] is None else spec.shape[0]
+            lengths = []
+            for _ in range(spec.ragged_rank):
+                lengths.append(rng.randint(1, 4, size=rows).astype(spec.row_splits_dtype.as_numpy_dtype))
+                rows = int(lengths[-1].sum())
+            flat = _seeded_array(rng, spec.dtype, [rows, *inner], positive, entry)
+            value = tf.RaggedTensor.from_nested_row_lengths(flat, lengths)
+        else:  # a SparseTensorSpec
+            dense = [batch if spec.shape[0] is None else spec.shape[0], *sized(spec.shape.as_list()[1:], spec.dtype)]
+            filled = np.flatnonzero(rng.uniform(size=int(np.prod(dense))) < 1 / 3)
+            indices = np.stack(np.unravel_index(filled, dense), axis=1).astype(np.int64).reshape(-1, len(dense))
+            value = tf.SparseTensor(indices, _seeded_array(rng, spec.dtype, [len(filled)], positive, entry), dense)
         components = tf.nest.flatten(value, expand_composites=True)
         if len(components) == len(positions):
             for position, component in zip(positions, components):
@@ -81,17 +91,18 @@ def _seeded_array(rng, dtype, shape, positive: bool, entry) -> np.ndarray:
     raise PassError(f"verify: cannot make inputs of dtype {dtype.name} for entry '{entry.name}'")
 
 
-def ragged_layout(model: g.TracedModel, entry: g.Entry) -> tuple:
-    """((flat input positions, RaggedTensorSpec), ...) for each ragged input of ``entry``: from its
-    own input structure, or for a signature that calls a method (a SavedModel's signature
-    flattens a ragged argument into plain inputs), from the method's, through the alias."""
+def composite_layout(model: g.TracedModel, entry: g.Entry) -> tuple:
+    """((flat input positions, RaggedTensorSpec or SparseTensorSpec), ...) for each ragged or
+    sparse input of ``entry``: from its own input structure, or for a signature that calls a
+    method (a SavedModel's signature flattens such an argument into plain inputs), from the
+    method's, through the alias."""
     def layout(structure) -> tuple:
         if not (isinstance(structure, tuple) and len(structure) == 2):
             return ()
         found, position = [], 0
         for leaf in tf.nest.flatten(structure):
             count = len(tf.nest.flatten(leaf, expand_composites=True)) if isinstance(leaf, tf.TypeSpec) else 0
-            if isinstance(leaf, tf.RaggedTensorSpec) and leaf.shape.rank is not None:
+            if isinstance(leaf, (tf.RaggedTensorSpec, tf.SparseTensorSpec)) and leaf.shape.rank:
                 found.append((tuple(range(position, position + count)), leaf))
             position += count
         return tuple(found) if position == len(entry.inputs) else ()
@@ -175,7 +186,7 @@ def run_entries(model: g.TracedModel, values, *, ones_masks: bool = True, seed: 
                 continue
             try:
                 outputs[entry.label] = _run_sized(entry, run, seed, positive, {} if sizes is None else sizes,
-                                                  _model_sizes(model), ragged_layout(model, entry))
+                                                  _model_sizes(model), composite_layout(model, entry))
             except PassError as error:
                 if failed is not None:
                     failed.append((entry.label, error))
@@ -335,14 +346,16 @@ def _flatten_like(structure, value, parameters=()) -> tuple:
                 path.append(str(number))
                 walk(s, v)
                 path.pop()
-        elif isinstance(spec, tf.RaggedTensorSpec) and isinstance(given, tf.RaggedTensor):
-            # its components (values, row splits), as the entry flattens it
+        elif isinstance(spec, tf.RaggedTensorSpec) and isinstance(given, tf.RaggedTensor) or \
+                isinstance(spec, tf.SparseTensorSpec) and isinstance(given, tf.SparseTensor):
+            # its components (values and row splits; indices, values and shape), as the entry flattens it
             for number, component in enumerate(tf.nest.flatten(given, expand_composites=True)):
                 flat.append(component.numpy())
-                paths.append(f"{where('ragged')}/{number}")
+                paths.append(f"{where('composite')}/{number}")
         elif isinstance(spec, tf.TypeSpec):
+            wanted = {tf.RaggedTensorSpec: "tf.RaggedTensor", tf.SparseTensorSpec: "tf.SparseTensor"}.get(type(spec))
             raise _Misfit(f"takes a {type(spec).__name__}, which check_inputs cannot give"
-                          + (" (give a tf.RaggedTensor)" if isinstance(spec, tf.RaggedTensorSpec) else ""))
+                          + (f" (give a {wanted})" if wanted else ""))
         elif given is not _OMITTED and not _same_constant(spec, given):
             raise _Misfit(f"was traced with {spec!r}, given {given!r}")
 
@@ -410,12 +423,13 @@ def _model_sizes(model: g.TracedModel) -> tuple:
 
 
 def _run_sized(entry: g.Entry, run, seed: int, positive: bool, sizes: dict, more: tuple = (),
-               ragged: tuple = ()) -> list[np.ndarray]:
+               composites: tuple = ()) -> list[np.ndarray]:
     """``run``'s outputs on seeded inputs of the first size the entry runs on (see run_entries):
-    one of INPUT_SIZES, else one of ``more`` (_model_sizes). ``ragged``: ragged_layout."""
+    one of INPUT_SIZES, else one of ``more`` (_model_sizes). ``composites``: composite_layout."""
     if entry.label in sizes:
         try:
-            inputs = seeded_inputs(entry, seed, positive=positive, size=sizes[entry.label], ragged=ragged)
+            inputs = seeded_inputs(entry, seed, positive=positive, size=sizes[entry.label],
+                                   composites=composites)
             return [np.asarray(t) for t in run(*inputs)]
         except (ValueError, tf.errors.InvalidArgumentError) as error:
             raise PassError(f"'{entry.label}' fails on inputs (unknown dimensions of size {sizes[entry.label][0]} in "
@@ -428,7 +442,7 @@ def _run_sized(entry: g.Entry, run, seed: int, positive: bool, sizes: dict, more
         tried.add(size[0])
         try:
             outputs = [np.asarray(t) for t in run(*seeded_inputs(entry, seed, positive=positive, size=size,
-                                                                  ragged=ragged))]
+                                                                  composites=composites))]
         except (ValueError, tf.errors.InvalidArgumentError) as error:  # too short for a convolution, ...
             first_error = first_error or error
             if _bad_index(error):

@@ -749,3 +749,45 @@ def test_finalize_checks_ragged_inputs(tmp_path, recwarn):
     with pytest.raises(graphprune.errors.DataError, match=r"takes a RaggedTensorSpec, which check_inputs cannot give "
                                                           r"\(give a tf.RaggedTensor\)"):
         graphprune.finalize(pm, str(tmp_path / "refused"), check_inputs={"__call__": ids.to_tensor().numpy()})
+
+
+class SparseFeatures(tf.Module):
+    """Sparse features (a tf.function over a SparseTensorSpec: indices, values and dense shape),
+    made dense, then two dense layers."""
+
+    def __init__(self, scale: float = 1.0):
+        self.scale = scale  # another model on the same variables: scales the features
+        rng = np.random.RandomState(4)
+        self.kernel = tf.Variable(rng.standard_normal([10, 16]).astype(np.float32), name="hidden/kernel")
+        self.head = tf.Variable(rng.standard_normal([16, 3]).astype(np.float32), name="head/kernel")
+
+    @tf.function(input_signature=[tf.SparseTensorSpec([None, 10], tf.float32)])
+    def __call__(self, features):
+        return tf.nn.relu(tf.sparse.to_dense(features) * self.scale @ self.kernel) @ self.head
+
+
+def test_finalize_checks_sparse_inputs(tmp_path, recwarn):
+    """As ragged inputs: random indices are no sparse tensor's (unsorted, outside the shape), so
+    the check could not run; it makes valid ones, and check_inputs take a tf.SparseTensor."""
+    from graphprune.finalization import check_final
+    from graphprune.verify import given_inputs
+
+    tf.saved_model.save(SparseFeatures(), str(tmp_path / "model"))
+    features = tf.sparse.from_dense(np.where(np.arange(30).reshape(3, 10) % 4 == 0, 1.5, 0.0).astype(np.float32))
+    pm = graphprune.prune(str(tmp_path / "model"), graphprune.ConstantSparsity(0.5, 0), one_shot=True,
+                          structure="channel")
+    path = graphprune.finalize(pm, str(tmp_path / "final"), shrink=True)
+    np.testing.assert_allclose(tf.saved_model.load(path)(features).numpy(), pm(features).numpy(), atol=1e-5, rtol=0)
+    assert not [w for w in recwarn if "not checked" in str(w.message)], [str(w.message) for w in recwarn]
+    tf.saved_model.save(SparseFeatures(scale=2.0), str(tmp_path / "other"))
+    other = graphprune.prune(str(tmp_path / "other"), graphprune.ConstantSparsity(0.5, 0), one_shot=True,
+                             structure="channel")
+    values = VariableValues(pm.variables_by_key)
+    with pytest.raises(graphprune.PassError, match=r"differs from the masked model"):
+        check_final(pm.traced, other.traced, values)
+    given = given_inputs(pm.traced, features)
+    assert sorted(given) == ["method:__call__", "signature:serving_default"], sorted(given)
+    with pytest.raises(graphprune.PassError, match=r"on the check_inputs given"):
+        check_final(pm.traced, other.traced, values, given=given)
+    with pytest.raises(graphprune.errors.DataError, match=r"\(give a tf.SparseTensor\)"):
+        graphprune.finalize(pm, str(tmp_path / "refused"), check_inputs={"__call__": tf.sparse.to_dense(features)})
