@@ -722,9 +722,6 @@ def test_finalize_checks_ragged_inputs(tmp_path, recwarn):
     """Random components of a ragged input are no ragged tensor (the check could not run and
     said so); the check makes valid ones, for the method and, through the alias, for the
     signature that takes them as plain inputs. check_inputs take a tf.RaggedTensor."""
-    from graphprune.finalization import check_final
-    from graphprune.verify import given_inputs
-
     tf.saved_model.save(RaggedWords(), str(tmp_path / "model"))
     ids = tf.ragged.constant([[1, 2, 3], [4], [5, 6, 9, 0]], tf.int64)
     for number, source in enumerate([RaggedWords(), str(tmp_path / "model")]):
@@ -737,13 +734,7 @@ def test_finalize_checks_ragged_inputs(tmp_path, recwarn):
     pm = graphprune.prune(str(tmp_path / "model"), graphprune.ConstantSparsity(0.5, 0), one_shot=True)
     tf.saved_model.save(RaggedWords(total=True), str(tmp_path / "other"))
     other = graphprune.prune(str(tmp_path / "other"), graphprune.ConstantSparsity(0.5, 0), one_shot=True)
-    values = VariableValues(pm.variables_by_key)
-    with pytest.raises(graphprune.PassError, match=r"differs from the masked model"):
-        check_final(pm.traced, other.traced, values)
-    given = given_inputs(pm.traced, ids)
-    assert sorted(given) == ["method:__call__", "signature:serving_default"], sorted(given)
-    with pytest.raises(graphprune.PassError, match=r"differs from the masked model by .* on the check_inputs given"):
-        check_final(pm.traced, other.traced, values, given=given)
+    _refused_on_made_and_given_inputs(pm, other, ids)
     path = graphprune.finalize(pm, str(tmp_path / "given"), check_inputs=ids)
     np.testing.assert_allclose(tf.saved_model.load(path)(ids).numpy(), pm(ids).numpy(), atol=1e-5, rtol=0)
     with pytest.raises(graphprune.errors.DataError, match=r"takes a RaggedTensorSpec, which check_inputs cannot give "
@@ -769,9 +760,6 @@ class SparseFeatures(tf.Module):
 def test_finalize_checks_sparse_inputs(tmp_path, recwarn):
     """As ragged inputs: random indices are no sparse tensor's (unsorted, outside the shape), so
     the check could not run; it makes valid ones, and check_inputs take a tf.SparseTensor."""
-    from graphprune.finalization import check_final
-    from graphprune.verify import given_inputs
-
     tf.saved_model.save(SparseFeatures(), str(tmp_path / "model"))
     features = tf.sparse.from_dense(np.where(np.arange(30).reshape(3, 10) % 4 == 0, 1.5, 0.0).astype(np.float32))
     pm = graphprune.prune(str(tmp_path / "model"), graphprune.ConstantSparsity(0.5, 0), one_shot=True,
@@ -782,12 +770,22 @@ def test_finalize_checks_sparse_inputs(tmp_path, recwarn):
     tf.saved_model.save(SparseFeatures(scale=2.0), str(tmp_path / "other"))
     other = graphprune.prune(str(tmp_path / "other"), graphprune.ConstantSparsity(0.5, 0), one_shot=True,
                              structure="channel")
+    _refused_on_made_and_given_inputs(pm, other, features)
+    with pytest.raises(graphprune.errors.DataError, match=r"\(give a tf.SparseTensor\)"):
+        graphprune.finalize(pm, str(tmp_path / "refused"), check_inputs={"__call__": tf.sparse.to_dense(features)})
+
+
+def _refused_on_made_and_given_inputs(pm, other, inputs) -> None:
+    """finalize's check refuses ``other`` (a model computing something else on pm's variables) on
+    the inputs it makes and on ``inputs`` given as check_inputs (to the method and, through the
+    alias, to the signature)."""
+    from graphprune.finalization import check_final
+    from graphprune.verify import given_inputs
+
     values = VariableValues(pm.variables_by_key)
     with pytest.raises(graphprune.PassError, match=r"differs from the masked model"):
         check_final(pm.traced, other.traced, values)
-    given = given_inputs(pm.traced, features)
+    given = given_inputs(pm.traced, inputs)
     assert sorted(given) == ["method:__call__", "signature:serving_default"], sorted(given)
-    with pytest.raises(graphprune.PassError, match=r"on the check_inputs given"):
+    with pytest.raises(graphprune.PassError, match=r"differs from the masked model by .* on the check_inputs given"):
         check_final(pm.traced, other.traced, values, given=given)
-    with pytest.raises(graphprune.errors.DataError, match=r"\(give a tf.SparseTensor\)"):
-        graphprune.finalize(pm, str(tmp_path / "refused"), check_inputs={"__call__": tf.sparse.to_dense(features)})
