@@ -3315,8 +3315,9 @@ def test_keras_hub_more_families_shrink(tmp_path, recwarn, name):
                 "gemma3n": [2, 2, 2, 2, 2, 2, 4, 4, 32, 32],
                 "flux": [2, 32, 32, 32, 64, 64, 64, 128],
                 # heads, query/key and value head dims, MLP neurons of each encoder and decoder, the
-                # feature pyramid's and the mask decoder's convolution channels
-                "sam3": [2] * 11 + [8] * 3 + [16] * 22 + [32] * 14 + [64] * 7}[name]
+                # feature pyramid's and the mask decoder's convolution channels, and the pixel decoder's
+                # group norms' 8 groups (of 4 channels) each
+                "sam3": [2] * 11 + [8] * 5 + [16] * 22 + [32] * 14 + [64] * 7}[name]
     assert sorted(group.size for group in groups if group.prunable) == expected, channels.describe(groups)
     spec = pm.signatures["serving_default"].structured_input_signature[1]
     rng = np.random.RandomState(0)
