@@ -205,10 +205,11 @@ def check_final(masked, final, values, *, atol: float = 1e-5, rtol: float = 1e-5
     sizes, failed = {}, []  # the final model runs on the inputs the masked one ran on
     expected = run_entries(masked, values, ones_masks=False, random=random, sizes=sizes, given=given, failed=failed)
     for name in given or ():
-        if name in expected and not any(np.size(output) for output in expected[name]):
+        outputs = expected[name]
+        if not any(np.size(output) for output in outputs):
             raise DataError(f"'{name}' computes only empty outputs on the check_inputs given (a batch of 0?), so "
                             "they check nothing: give inputs with at least one example")
-        floats = [output for output in expected[name] if output.dtype.kind in "fc" and output.size]
+        floats = [output for output in outputs if output.dtype.kind in "fc" and output.size]
         if floats and not any(np.isfinite(output).any() for output in floats):
             raise DataError(f"'{name}' computes NaN or infinity everywhere on the check_inputs given, so they check "
                             "nothing: give inputs the model computes numbers on")

@@ -21,7 +21,7 @@ from graphprune import body as b
 from graphprune import compat
 from graphprune import graph as g
 from graphprune.names import role_of
-from graphprune.errors import BadModelError, UnsupportedError
+from graphprune.errors import BadModelError, UnsupportedError, first_line
 from graphprune.rebuild import captured_tensor, is_distributed
 
 # Functions a graphprune PrunableModel adds; they are machinery, not entries to rewrite.
@@ -190,8 +190,7 @@ def with_op_libraries(call, path: str, advice: str):
                     f"{path}: the SavedModel uses op '{missing.group(1)}', which this TensorFlow does not have"
                     f"{tried}; install and import the library that defines it before loading (tensorflow_text "
                     "for 'TFText>' ops; tf.load_op_library for a compiled one)") from error
-            first = text.splitlines()[0] if text else type(error).__name__
-            raise BadModelError(f"{path}: cannot load the SavedModel ({first[:200]}); {advice}") from error
+            raise BadModelError(f"{path}: cannot load the SavedModel ({first_line(error, 200)}); {advice}") from error
 
 
 def _imports(module: str) -> bool:

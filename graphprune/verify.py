@@ -52,8 +52,8 @@ def seeded_inputs(entry: g.Entry, seed: int = 0, batch: int = 2, positive: bool 
     values = [_seeded_array(rng, tf.as_dtype(info.dtype), _input_shape(info, batch, size), positive, entry)
               for info in entry.inputs]
 
-    def sized(dims, dtype) -> list[int]:  # unknown dims past the first, as _input_shape sizes them
-        return [(batch if size is None else size[0 if dtype.is_floating else 1]) if d is None else d for d in dims]
+    def sized(dims, dtype) -> list[int]:
+        return [_past_first(dtype, batch, size) if d is None else d for d in dims]
 
     for positions, spec in composites:
         if isinstance(spec, tf.RaggedTensorSpec):
@@ -121,8 +121,14 @@ def composite_layout(model: g.TracedModel, entry: g.Entry) -> tuple:
 def _input_shape(info, batch: int, size: tuple[int, int] | None) -> list[int]:
     """The shape seeded_inputs gives input ``info``: unknown dims ``batch``, past the first
     ``size`` (floating-point inputs' size, other inputs' size) when given."""
-    past_first = batch if size is None else size[0] if tf.as_dtype(info.dtype).is_floating else size[1]
+    past_first = _past_first(tf.as_dtype(info.dtype), batch, size)
     return [(past_first if i else batch) if d is None else d for i, d in enumerate(info.shape or (batch,))]
+
+
+def _past_first(dtype, batch: int, size: tuple[int, int] | None) -> int:
+    """The size seeded inputs give an unknown dimension past the first: ``batch``, or ``size``'s
+    floating-point or other inputs' size."""
+    return batch if size is None else size[0] if dtype.is_floating else size[1]
 
 
 def run_entries(model: g.TracedModel, values, *, ones_masks: bool = True, seed: int = 0,
@@ -286,8 +292,6 @@ def _flat_given(entry: g.Entry, value) -> list[np.ndarray] | str:
         if isinstance(value, Mapping) and set(value) <= set(parameters) and value:
             candidates.append((tuple(value.get(p, d) for p, d in zip(parameters, defaults)), omitted))
     reason = takes = f"it takes ({', '.join(entry.parameters)})"
-    unknown = sorted(str(key) for key in value if key not in kwargs and key not in entry.parameters) \
-        if isinstance(value, Mapping) and entry.kind == "method" and args else []
     for candidate in candidates:
         flat, paths = _flatten_like(structure, candidate, entry.parameters)
         if isinstance(flat, str):
@@ -300,8 +304,10 @@ def _flat_given(entry: g.Entry, value) -> list[np.ndarray] | str:
         if misfit is None:
             return [_cast(value, info) for value, info in zip(flat, entry.inputs)]
         reason = misfit
-    if unknown and len(unknown) < len(value):  # some keys name parameters: the others are a mistake
-        return f"it has no parameter {', '.join(repr(key) for key in unknown)}; {takes}"
+    if isinstance(value, Mapping) and entry.kind == "method" and args:
+        unknown = sorted(str(key) for key in value if key not in kwargs and key not in entry.parameters)
+        if unknown and len(unknown) < len(value):  # some keys name parameters: the others are a mistake
+            return f"it has no parameter {', '.join(repr(key) for key in unknown)}; {takes}"
     return reason
 
 

@@ -370,12 +370,7 @@ def test_a_text_model_with_tensorflow_text_ops_from_the_cli(tmp_path):
     where the SavedModel needs its ops. The hidden layer's neurons are found behind the ragged
     mean, trained on an .npz of unicode strings, shrunk, and the result computes the masked model."""
     pytest.importorskip("tensorflow_text")
-    import subprocess
-    import sys
-
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "graphprune.tools.main", *args], capture_output=True, text=True,
-                              timeout=600)
+    from test_cli import graphprune as cli
 
     tf.saved_model.save(Tokenized(), str(tmp_path / "model"))
     words = np.array(["a b", "c d a", "b", "d d c a", "a zz", "c"] * 2)  # numpy unicode, as users save text
@@ -386,8 +381,7 @@ def test_a_text_model_with_tensorflow_text_ops_from_the_cli(tmp_path):
               "--batch_size=4"),
              ("finalize", f"--input={tmp_path / 't'}", f"--output={tmp_path / 'f'}", "--shrink")]
     for args in steps:
-        done = cli(*args)
-        assert done.returncode == 0, done.stderr[-3000:]
+        cli(*args)
     trained, shrunk = tf.saved_model.load(str(tmp_path / "t")), tf.saved_model.load(str(tmp_path / "f"))
     text = tf.constant(["a b c", "d", "b b a c zz", ""])
     expected = trained.signatures["serving_default"](text=text)["output_0"].numpy()
@@ -407,7 +401,8 @@ def test_a_text_model_with_tensorflow_text_ops_from_the_cli(tmp_path):
     for node in relus:
         node.op = "GraphpruneNoSuchOp"
     (model / "saved_model.pb").write_bytes(proto.SerializeToString())
-    done = cli("prune", f"--input={model}", f"--output={tmp_path / 'refused'}", "--final_sparsity=0.5", "--one_shot")
+    done = cli("prune", f"--input={model}", f"--output={tmp_path / 'refused'}", "--final_sparsity=0.5", "--one_shot",
+               check=False)
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr[-3000:]
     assert "uses op 'GraphpruneNoSuchOp', which this TensorFlow does not have (tensorflow_text imported" in done.stderr
     assert not (tmp_path / "refused").exists()
