@@ -164,6 +164,27 @@ class PrunableModel(tf.Module):
             _scalar("pruning/sparsity", self.sparsity(), step)
             if self.config is not None:
                 _scalar("pruning/target_sparsity", float(self.config.schedule(tf.constant(step, tf.int64))[1]), step)
+            removed = self.channel_sparsity()
+            if removed is not None:
+                _scalar("pruning/channel_sparsity", removed, step)
+
+    def channel_sparsity(self) -> float | None:
+        """With structure='channel': the fraction of the pruned groups' channels removed (what the
+        schedule's target measures; ``sparsity()`` counts the weights' zeros, which lose a
+        kernel's rows and columns both). None for other structures."""
+        from graphprune.update import channel_sparsity
+
+        groups = self.traced.facts.get("channel_groups")
+        if not groups or self.config is None:
+            return None
+        from graphprune.analysis import weights_of
+
+        live = self._graphprune.variables
+        weights = [w for w in weights_of(self.traced) if w.mask is not None and w.mask in live]
+        plans, _ = self.config.plan(weights)
+        masks = {w.key: live[w.mask] for w in weights if w.key in plans and plans[w.key].structure.channels}
+        removed = channel_sparsity({key: tf.convert_to_tensor(mask) for key, mask in masks.items()}, groups)
+        return None if removed is None else float(removed)
 
     def apply_masks(self) -> None:
         """Zero the stored pruned weights now (w := w * mask), without advancing the step.

@@ -32,6 +32,9 @@ class FitResult:
     loss: float
     sparsity: float
     pruning_step: int
+    # channel structure: the fraction of the pruned groups' channels removed (what the schedule's
+    # target measures; ``sparsity`` counts the weights' zeros, a kernel's rows and columns both)
+    channel_sparsity: float | None = None
 
 
 def make_optimizer(name: str, learning_rate: float):
@@ -170,11 +173,15 @@ class Progress:
         self.every = every if self.tty else max(every, total // 20 or 1)
         self.started = time.time()
 
-    def __call__(self, step: int, loss: float, current: float, target: float):
+    def __call__(self, step: int, loss: float, current: float, target: float, channels: float | None = None):
         if step % self.every and step != self.total:
             return
         elapsed = time.time() - self.started
-        text = f"step {step}/{self.total}  loss {loss:.4f}  sparsity {current:.3f} (target {target:.3f})  {elapsed:.0f}s"
+        if channels is None:
+            measure = f"sparsity {current:.3f} (target {target:.3f})"
+        else:  # the target is a fraction of channels; the weights lose more (rows and columns)
+            measure = f"channels removed {channels:.3f} (target {target:.3f}), weights {current:.3f} zero"
+        text = f"step {step}/{self.total}  loss {loss:.4f}  {measure}  {elapsed:.0f}s"
         if self.tty:
             done = int(30 * step / self.total)
             self.stream.write(f"\r[{'#' * done}{'.' * (30 - done)}] {text}")
@@ -213,7 +220,7 @@ def fit(model, x, y, *, loss: str = "softmax_cross_entropy", optimizer="adam", l
     total = int(np.ceil(len(x) / batch_size)) * epochs
     report = progress if isinstance(progress, Progress) else Progress(total) if progress else None
     writer = tf.summary.create_file_writer(log_dir) if log_dir else None
-    step, value = 0, float("nan")
+    step, value, channels = 0, float("nan"), None
     for _ in range(epochs):
         order = rng.permutation(len(x))
         for start in range(0, len(x), batch_size):
@@ -227,22 +234,27 @@ def fit(model, x, y, *, loss: str = "softmax_cross_entropy", optimizer="adam", l
             if not np.isfinite(value):
                 raise DataError(f"the loss became {value} at step {step}: training diverged (lower the learning rate "
                                 "or check the data); nothing was written")
+            # a model pruned by an earlier graphprune reports no channel_sparsity
+            channels = float(state["channel_sparsity"]) if "channel_sparsity" in state else None
             if report is not None or writer is not None:
                 current, target = sparsity(masks), float(state["target_sparsity"])
                 if report is not None:
-                    report(step, value, current, target)
+                    report(step, value, current, target, channels)
                 if writer is not None:
-                    _summaries(writer, int(state["step"]), value, current, target)
+                    _summaries(writer, int(state["step"]), value, current, target, channels)
     apply_masks(model)
     if writer is not None:
         writer.flush()
-    return FitResult(steps=step, loss=value, sparsity=sparsity(masks), pruning_step=int(model.step.numpy()))
+    return FitResult(steps=step, loss=value, sparsity=sparsity(masks), pruning_step=int(model.step.numpy()),
+                     channel_sparsity=channels)
 
 
-def _summaries(writer, step, loss, current, target):
+def _summaries(writer, step, loss, current, target, channels=None):
     from graphprune.model import _scalar  # TensorBoard scalars without TensorBoard installed
 
     with writer.as_default():
         _scalar("train/loss", loss, step)
         _scalar("pruning/sparsity", current, step)
         _scalar("pruning/target_sparsity", target, step)
+        if channels is not None:
+            _scalar("pruning/channel_sparsity", channels, step)

@@ -146,13 +146,7 @@ def _channel_masks(weights, plans, sparsities, alive, groups):
     values = {key: value * tf.cast(alive[key], value.dtype) if alive.get(key) is not None else value
               for key, value in weights.items()}
     ranked = []  # (group, members, scores, sparsity, global)
-    for group in groups:
-        if not group.prunable:
-            continue
-        members = group.weight_members(weights)
-        kernels = [m for m in group.members if m.role != "param"]  # a skipped kernel keeps its group whole
-        if not members or any(m.kind != "variable" or m.name not in weights for m in kernels):
-            continue
+    for group, members in _pruned_groups(groups, weights):
         score = tf.add_n([channel_scores(values[m.name], m, structure.importance) for m in members])
         if structure.importance == "l2":
             score = tf.sqrt(score)
@@ -198,6 +192,36 @@ def _channel_masks(weights, plans, sparsities, alive, groups):
         threshold = thresholds.get(key, tf.zeros([], tf.float32))
         results[key] = (mask, tf.cast(threshold, value.dtype))
     return results
+
+
+def _pruned_groups(groups, keys):
+    """(group, its kernels among ``keys``) for each prunable group the channel masks prune: every
+    kernel of it is a channel-structured weight (a skipped kernel keeps its group whole)."""
+    for group in groups:
+        if not group.prunable:
+            continue
+        members = group.weight_members(keys)
+        kernels = [m for m in group.members if m.role != "param"]
+        if members and all(m.kind == "variable" and m.name in keys for m in kernels):
+            yield group, members
+
+
+def channel_sparsity(masks: Mapping[str, tf.Tensor], groups):
+    """The fraction of the channels of the groups the masks prune that are removed (every kernel's
+    slice of the channel masked), over all those groups: what a channel schedule's target_sparsity
+    measures, where the weights' own sparsity counts each kernel's rows and columns both. ``masks``:
+    weight key -> its mask, for the channel-structured weights. None where no group is pruned."""
+    removed, total = [], 0
+    for group, members in _pruned_groups(groups, masks):
+        # one kernel tells: a channel's mask multiplies every kernel of the group, and another group's
+        # keeps at least one channel of each other axis; the smallest is read, once per call
+        member = min(members, key=lambda m: masks[m.name].shape.num_elements() or 0)
+        alive = channel_scores(tf.cast(masks[member.name], tf.float32), member, "l1") > 0
+        removed.append(group.size - tf.reduce_sum(tf.cast(alive, tf.int32)))
+        total += group.size
+    if not total:
+        return None
+    return tf.cast(tf.add_n(removed), tf.float32) / float(total)
 
 
 def channel_scores(value, member, importance: str = "l2"):

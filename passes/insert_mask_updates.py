@@ -11,7 +11,8 @@ graph does:
         should_prune, target = schedule(step)
         If(should_prune):  mask, threshold = magnitude rule(w * mask, target)   # pruned stay pruned
                            assign mask, threshold; assign w := w * mask       # storage sparse too
-    outputs: step, should_prune and target_sparsity of the main schedule
+    outputs: step, should_prune and target_sparsity of the main schedule; with channel groups,
+    channel_sparsity (the fraction of the pruned groups' channels removed, read off the masks)
 
 The graph is built from TF ops (the same ``compute_masks`` the one-shot prune uses) in a scratch
 graph, then kept as a GraphDef like every other entry. Re-running with the same config is a no-op.
@@ -34,7 +35,7 @@ from graphprune.errors import PassError
 from graphprune.masks import pruned_values
 from graphprune.names import STEP_KEY, UPDATE_ENTRY, threshold_key  # noqa: F401  (also imported from here)
 from graphprune.passbase import CONFIG_OPTIONS, PassContext, PassResult, register_pass
-from graphprune.update import compute_masks
+from graphprune.update import channel_sparsity, compute_masks
 
 
 def insert_mask_updates(model: g.TracedModel, context: PassContext, config: PruningConfig | None = None,
@@ -122,6 +123,9 @@ def _build_update_entry(model, config, weights, plans, coupled=()) -> g.Entry:
             step_out = tf.identity(step, name="step")
             should_out = tf.identity(main_should, name="should_prune")
             target_out = tf.identity(main_target, name="target_sparsity")
+            channel_keys = [w for w in weights if plans[w.key].structure.channels]
+            removed = channel_sparsity({w.key: read(w.mask) for w in channel_keys}, coupled) if coupled else None
+            removed_out = tf.identity(removed, name="channel_sparsity") if removed is not None else None
     # The branch functions are owned by the scratch graph, and the eager context forgets their
     # names when it is collected; content-hashed names are owned by no Python object.
     graph_def = graph.as_graph_def()
@@ -134,6 +138,9 @@ def _build_update_entry(model, config, weights, plans, coupled=()) -> g.Entry:
     }
     # Output order is tf.nest's: sorted keys.
     outputs = (should_out.name, step_out.name, target_out.name)
+    if removed_out is not None:  # the fraction of the pruned groups' channels removed, after the update
+        structure["channel_sparsity"] = tf.TensorSpec([], tf.float32)
+        outputs = (removed_out.name,) + outputs
     return g.Entry(
         name=UPDATE_ENTRY,
         kind="update",

@@ -69,6 +69,25 @@ def test_prune_train_finalize_inspect_reaches_target(workspace):
     assert report["totals"]["sparsity"] == pytest.approx(0.75, abs=0.01)
 
 
+def test_channel_training_reports_channels_removed(tmp_path):
+    """train on a channel-pruned model says how many channels are gone, against the target (a
+    fraction of channels), not only the weights' zeros: half of the MLP's 16 neurons take their
+    kernel columns, biases and the next kernel's rows with them, 0.5 of the kernels' weights here."""
+    model = testmodels.MLP()
+    tf.saved_model.save(model, str(tmp_path / "model"))
+    rng = np.random.RandomState(0)
+    np.savez(tmp_path / "data.npz", x=rng.standard_normal([32, 8]).astype(np.float32), y=rng.randint(0, 4, 32))
+    graphprune("prune", f"--input={tmp_path / 'model'}", f"--output={tmp_path / 'prunable'}", "--structure=channel",
+               "--final_sparsity=0.5", "--end_step=2", "--frequency=1")
+    done = graphprune("train", f"--input={tmp_path / 'prunable'}", f"--output={tmp_path / 'trained'}",
+                      f"--data={tmp_path / 'data.npz'}", "--batch_size=8")
+    assert "channels removed 0.500 (target 0.500), weights 0.500 zero" in done.stderr.splitlines()[-1], done.stderr
+    report = json.loads(graphprune("inspect", f"--input={tmp_path / 'trained'}", "--json").stdout)
+    kernels = {weight["name"]: weight for weight in report["weights"]}
+    assert kernels["dense/kernel"]["sparsity"] == kernels["dense_1/kernel"]["sparsity"] == 0.5
+    assert f"channels removed 0.5000, weights sparsity {report['totals']['sparsity']:.4f}" in done.stdout, done.stdout
+
+
 def test_every_prune_flag(workspace, tmp_path):
     report = _run_chain(
         workspace, "flags",

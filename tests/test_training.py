@@ -238,6 +238,18 @@ def test_multi_worker_mirrored_two_processes(tmp_path):
         assert np.mean(first[name] == 0) == pytest.approx(0.75, abs=1.0 / first[name].size)
 
 
+def _tags(log_dir):
+    from tensorflow.core.util import event_pb2
+
+    tags = {}
+    for name in os.listdir(log_dir):
+        for record in tf.data.TFRecordDataset(os.path.join(log_dir, name)):
+            event = event_pb2.Event.FromString(record.numpy())
+            for value in event.summary.value:
+                tags.setdefault(value.tag, []).append((event.step, float(tf.make_ndarray(value.tensor))))
+    return tags
+
+
 def test_tensorboard_summaries(tmp_path, mlp):
     pm = graphprune.prune(mlp, schedule=graphprune.PolynomialDecay(0.0, 0.5, 0, 10, frequency=5))
     writer = tf.summary.create_file_writer(str(tmp_path))
@@ -245,14 +257,7 @@ def test_tensorboard_summaries(tmp_path, mlp):
         pm.update_masks()
         pm.write_summaries(writer=writer)
     writer.flush()
-    from tensorflow.core.util import event_pb2
-
-    tags = {}
-    for name in os.listdir(tmp_path):
-        for record in tf.data.TFRecordDataset(str(tmp_path / name)):
-            event = event_pb2.Event.FromString(record.numpy())
-            for value in event.summary.value:
-                tags.setdefault(value.tag, []).append((event.step, float(tf.make_ndarray(value.tensor))))
+    tags = _tags(tmp_path)
     assert {"pruning/sparsity", "pruning/target_sparsity", "pruning/dense/kernel/sparsity",
             "pruning/dense/kernel/threshold"} <= set(tags)
     # the fifth update is step 5 (the first is step 1, as the reference's first batch)
@@ -309,3 +314,60 @@ def test_global_scope_never_prunes_a_whole_weight():
     masks = {m.name.split("/")[0]: m.numpy() for m in pm.masks}
     assert masks["large"].sum() == 64  # every large weight outranks every small one...
     assert masks["small"].sum() == 1  # ...but the small layer keeps its largest element
+
+
+class _TwoHidden(tf.Module):
+    """8 -> 32 -> 16 -> 3: two groups of neurons, of different widths and fan-ins."""
+
+    def __init__(self):
+        super().__init__()
+        rng = np.random.RandomState(0)
+        self.kernels = [tf.Variable(rng.standard_normal(shape).astype(np.float32) * 0.3, name=name)
+                        for name, shape in (("a/kernel", [8, 32]), ("b/kernel", [32, 16]), ("h/kernel", [16, 3]))]
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32)])
+    def __call__(self, x):
+        a, b, h = self.kernels
+        return tf.nn.relu(tf.nn.relu(x @ a) @ b) @ h
+
+
+def test_channel_training_reports_the_fraction_of_channels_removed(tmp_path):
+    """The schedule's target is a fraction of channels; the weights lose more (a kernel's rows and
+    columns both). fit reports the channels removed against the target (progress, TensorBoard, the
+    result), also for a reloaded prunable SavedModel, as counted from the trained kernels; the weights'
+    sparsity stays in the report for what it is."""
+    import io
+
+    from graphprune import training
+
+    tf.saved_model.save(_TwoHidden(), str(tmp_path / "model"))
+    pm = graphprune.prune(str(tmp_path / "model"), graphprune.PolynomialDecay(0.0, 0.75, 0, 8, frequency=2),
+                          structure="channel")
+    rng = np.random.RandomState(1)
+    x, y = rng.standard_normal([64, 8]).astype(np.float32), np.arange(64) % 3
+    stream = io.StringIO()
+    result = training.fit(pm, x, y, batch_size=4, log_dir=str(tmp_path / "logs"),
+                          progress=training.Progress(16, stream=stream, every=1))
+    kernels = {key.split("/")[0]: value.numpy() for key, value in pm.variables_by_key.items()
+               if key.endswith("kernel")}
+    removed = int((~kernels["a"].any(axis=0)).sum()) + int((~kernels["b"].any(axis=0)).sum())
+    assert removed == 24 + 12 and (~kernels["b"].any(axis=1)).sum() == 24  # b's rows went with a's columns
+    assert result.channel_sparsity == removed / 48 == 0.75 == pm.channel_sparsity()  # and Keras's callback's
+    zeros = sum(int((value == 0).sum()) for value in kernels.values()) / sum(value.size for value in kernels.values())
+    assert result.sparsity == pytest.approx(zeros) and zeros > 0.85  # 1 - (8 * 8 + 8 * 4 + 4 * 3) / 816
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 16 and "channels removed 0.750 (target 0.750), weights 0.868 zero" in lines[-1], lines
+    # step 4: the target 0.75 * (1 - 0.5 ** 3); kept counts rounded up: 11 of 32, 6 of 16 (31 of 48 removed)
+    assert "channels removed 0.646 (target 0.656)" in lines[3], lines
+    tags = _tags(tmp_path / "logs")
+    assert tags["pruning/channel_sparsity"][-1] == (16, 0.75) and tags["pruning/sparsity"][-1][1] == pytest.approx(zeros)
+    # a reloaded prunable SavedModel (the CLI's train) reports the same
+    graphprune.save(pm, str(tmp_path / "prunable"))
+    again = training.fit(tf.saved_model.load(str(tmp_path / "prunable")), x, y, batch_size=32)
+    assert again.channel_sparsity == 0.75
+    # unstructured pruning: the weights' sparsity against the target, as before
+    stream = io.StringIO()
+    pm = graphprune.prune(str(tmp_path / "model"), graphprune.ConstantSparsity(0.5, 0, frequency=1))
+    plain = training.fit(pm, x, y, batch_size=32, progress=training.Progress(2, stream=stream, every=1))
+    assert plain.channel_sparsity is None is pm.channel_sparsity()
+    assert "sparsity 0.500 (target 0.500)" in stream.getvalue()

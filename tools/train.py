@@ -2,7 +2,7 @@
 
     graphprune train --input=prunable --output=trained --data=train.npz --loss=softmax_cross_entropy
 
-    graphprune train ... --log_dir=runs/prune      (TensorBoard: loss, sparsity, target per step)
+    graphprune train ... --log_dir=runs/prune      (TensorBoard: loss, sparsity, target, channels removed)
 
 The loop is graphprune.training.fit; this program reads flags and files and writes the result.
 """
@@ -76,5 +76,6 @@ def main(argv):
                                                         inputs=[_INPUT.value]) as temp:
         tf.saved_model.save(model, temp, signatures=signatures or None)
     sys.stderr.flush()
-    print(f"wrote {_OUTPUT.value}: {result.steps} steps, final loss {result.loss:.4f}, sparsity {result.sparsity:.4f}, "
-          f"pruning step {result.pruning_step}")
+    removed = "" if result.channel_sparsity is None else f"channels removed {result.channel_sparsity:.4f}, weights "
+    print(f"wrote {_OUTPUT.value}: {result.steps} steps, final loss {result.loss:.4f}, {removed}sparsity "
+          f"{result.sparsity:.4f}, pruning step {result.pruning_step}")
