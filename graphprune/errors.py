@@ -45,6 +45,11 @@ class DataError(GraphPruneError, ValueError):
     training that diverged (a NaN loss, non-finite weights at a mask update)."""
 
 
+class OpLibraryError(GraphPruneError):
+    """An op library asked for (--op_library) that is neither an installed module nor a loadable
+    compiled library."""
+
+
 class PassError(GraphPruneError):
     """A pass failed or left an invalid graph; the message names it and the passes before it."""
 

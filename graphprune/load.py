@@ -21,7 +21,7 @@ from graphprune import body as b
 from graphprune import compat
 from graphprune import graph as g
 from graphprune.names import role_of
-from graphprune.errors import BadModelError, UnsupportedError, first_line
+from graphprune.errors import BadModelError, OpLibraryError, UnsupportedError, first_line
 from graphprune.rebuild import captured_tensor, is_distributed
 
 # Functions a graphprune PrunableModel adds; they are machinery, not entries to rewrite.
@@ -160,6 +160,43 @@ def _module_functions(module) -> dict:
 # needs an op TensorFlow does not have and the library is installed: importing one registers them.
 OP_LIBRARIES = ("tensorflow_text",)
 _UNREGISTERED_OP = re.compile(r"Op type not registered '([^']+)'")
+LOADED_LIBRARIES: list[str] = []  # what load_op_libraries loaded, in order (for the message below)
+
+
+def load_op_libraries(libraries) -> None:
+    """Register the ops of each library: a compiled one (a path to a .so, tf.load_op_library) or an
+    installed Python module that registers them when imported (the CLI's --op_library). Each is
+    loaded once. OpLibraryError (one line) where one is neither."""
+    import importlib
+
+    for library in libraries:
+        library = str(library).strip()
+        if not library:
+            raise OpLibraryError("--op_library= is blank; give a compiled op library's path (.so) or a module name")
+        if library in LOADED_LIBRARIES:
+            continue
+        if os.sep in library or library.endswith((".so", ".dylib", ".dll")):
+            if not os.path.isfile(library):
+                raise OpLibraryError(f"--op_library={library}: no such file; give the path of the compiled op "
+                                     "library (.so) that defines the model's ops")
+            try:
+                tf.load_op_library(os.path.abspath(library))
+            except Exception as error:  # a library built for another TensorFlow, or not one at all
+                raise OpLibraryError(f"--op_library={library}: TensorFlow cannot load it ({first_line(error, 200)}); "
+                                     f"build it against this TensorFlow ({tf.__version__})") from None
+        else:
+            try:
+                importlib.import_module(library)
+            except ModuleNotFoundError as error:
+                if error.name is None or not library.startswith(error.name):
+                    raise OpLibraryError(f"--op_library={library}: importing it fails ({first_line(error, 200)})") \
+                        from None
+                raise OpLibraryError(f"--op_library={library}: no such module installed (pip install it), and no "
+                                     "such file (a compiled library's path ends in .so)") from None
+            except Exception as error:
+                raise OpLibraryError(f"--op_library={library}: importing it fails ({first_line(error, 200)})") \
+                    from None
+        LOADED_LIBRARIES.append(library)
 
 
 def load_saved_model(path: str):
@@ -181,15 +218,18 @@ def with_op_libraries(call, path: str, advice: str):
             text = str(error).strip()
             missing = _UNREGISTERED_OP.search(text)
             if missing:
-                library = next((name for name in OP_LIBRARIES if name not in imported and _imports(name)), None)
+                library = next((name for name in OP_LIBRARIES if name not in imported + LOADED_LIBRARIES
+                                and _imports(name)), None)
                 if library is not None:
                     imported.append(library)
                     continue
-                tried = f" ({', '.join(imported)} imported, and it is not theirs)" if imported else ""
+                tried = LOADED_LIBRARIES + imported
+                tried = f" ({', '.join(tried)} loaded, and it is not theirs)" if tried else ""
                 raise BadModelError(
                     f"{path}: the SavedModel uses op '{missing.group(1)}', which this TensorFlow does not have"
-                    f"{tried}; install and import the library that defines it before loading (tensorflow_text "
-                    "for 'TFText>' ops; tf.load_op_library for a compiled one)") from error
+                    f"{tried}; load the library that defines it first: --op_library=MODULE or "
+                    "--op_library=PATH.so on the command line (import it, or tf.load_op_library, in Python)") \
+                    from error
             raise BadModelError(f"{path}: cannot load the SavedModel ({first_line(error, 200)}); {advice}") from error
 
 

@@ -404,7 +404,7 @@ def test_a_text_model_with_tensorflow_text_ops_from_the_cli(tmp_path):
     done = cli("prune", f"--input={model}", f"--output={tmp_path / 'refused'}", "--final_sparsity=0.5", "--one_shot",
                check=False)
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr[-3000:]
-    assert "uses op 'GraphpruneNoSuchOp', which this TensorFlow does not have (tensorflow_text imported" in done.stderr
+    assert "uses op 'GraphpruneNoSuchOp', which this TensorFlow does not have (tensorflow_text loaded" in done.stderr
     assert not (tmp_path / "refused").exists()
 
 

@@ -16,6 +16,9 @@ from absl import flags
 FLAGS = flags.FLAGS
 
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Print the full traceback on errors and TensorFlow's own messages.")
+_OP_LIBRARY = flags.DEFINE_multi_string(
+    "op_library", [], "A library defining ops the model uses, loaded first: a compiled one's path (.so) or an "
+    "installed module that registers its ops on import; repeat for several (tensorflow_text is imported by itself).")
 
 HELP_ARGUMENTS = ("--help", "-help", "-h", "--helpshort", "-helpshort")
 
@@ -116,6 +119,10 @@ def run_main(main):
         from graphprune.errors import GraphPruneError
 
         try:
+            if _OP_LIBRARY.value:
+                from graphprune.load import load_op_libraries
+
+                load_op_libraries(_OP_LIBRARY.value)
             return main(argv)
         except GraphPruneError as error:
             if verbose():
