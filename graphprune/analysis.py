@@ -36,7 +36,10 @@ PRUNABLE_OPS = {
     "Conv3D": (1,),
     "DepthwiseConv2dNative": (1,),
     "Conv2DBackpropInput": (1,),
+    "Conv3DBackpropInputV2": (1,),  # Conv3DTranspose
     "Einsum": None,
+    # tf.sparse.sparse_dense_matmul(sparse features, kernel): (indices, values, dense shape, kernel)
+    "SparseTensorDenseMatMul": (3,),
 }
 # Opt-in (include_gather): lookups of an embedding table read from its variable. Keras 3 reads
 # the table and gathers from the tensor (GatherV2); tf.nn.embedding_lookup on a variable uses
@@ -150,9 +153,11 @@ def input_axis(node, operand: int, rank: int) -> int | None:
             axis = -1 if node.attr["adj_y"].b else -2
         else:
             axis = -2 if node.attr["adj_x"].b else -1
+    elif op == "SparseTensorDenseMatMul":
+        axis = 1 if node.attr["adjoint_b"].b else 0
     elif op in ("Conv2D", "Conv3D"):
         axis = -2
-    elif op == "Conv2DBackpropInput":
+    elif op in ("Conv2DBackpropInput", "Conv3DBackpropInputV2"):
         axis = -1
     elif op == "Einsum":
         inputs, _, output = node.attr["equation"].s.decode().replace(" ", "").partition("->")

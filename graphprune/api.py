@@ -86,7 +86,7 @@ def prune(target, schedule=None, *, block_size=(1, 1), block_pooling="AVG", m_by
                 "prune it again" if constants else "check the rules/exclude pattern")
         raise NoPrunableWeightsError(
             f"{loaded.source}: no weight read by MatMul, BatchMatMul, Conv2D/3D, DepthwiseConv2dNative, "
-            f"Conv2DBackpropInput or Einsum{detail}; nothing to prune ({hint})"
+            f"a transposed conv, Einsum or SparseTensorDenseMatMul{detail}; nothing to prune ({hint})"
         )
     if with_updates:
         updates = run_pipeline(model, [("insert_mask_updates", {"config": config})], context, after_pass=after_pass)

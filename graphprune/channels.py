@@ -17,7 +17,7 @@ it does not keep is poisoned):
     resizing (ResizeBilinear & co.), Pad, Mean over other axes, Squeeze/ExpandDims, Identity/Cast, comparisons and logical ops,
     SpaceToBatchND/BatchToSpaceND (a dilated conv)   the same channels
     Conv2D on ExpandDims(kernel) (Keras's Conv1D)     the kernel's own axes (as Conv2D's)
-    Conv2DBackpropInput(shape, w, x) -> y (Keras's Conv2DTranspose)
+    Conv2DBackpropInput(shape, w, x) -> y (Keras's Conv2DTranspose; Conv3DBackpropInputV2 alike)
                                 x[..., c] ~ w[:, :, :, c] ("in");  y[..., c] ~ w[:, :, c, :] ("out"); the
                                 output shape operand's channel count is rewritten
     RandomUniform & co. of shape Shape(x)   x's axes (a dropout mask; its shape follows x's)
@@ -932,22 +932,25 @@ def _conv(self: _Entry, node) -> None:
 
 
 def _conv_transpose(self: _Entry, node) -> None:
-    """Conv2DBackpropInput(output shape, kernel [h, w, out, in], x) (Keras's Conv2DTranspose): x's
-    channels are the kernel's axis 3 ("in"), the output's its axis 2 ("out"), and the batch goes
-    through. The output's channel count is the last element of the output shape operand (a Const,
-    or a Pack whose element is one): shrink_channels rewrites it (a ShapeDim on operand 0)."""
+    """Conv2DBackpropInput(output shape, kernel [h, w, out, in], x) (Keras's Conv2DTranspose; and
+    Conv3DBackpropInputV2, kernel [d, h, w, out, in]: Conv3DTranspose): x's channels are the
+    kernel's last axis ("in"), the output's the one before ("out"), and the batch goes through. The
+    output's channel count is the last element of the output shape operand (a Const, or a Pack
+    whose element is one): shrink_channels rewrites it (a ShapeDim on operand 0)."""
     sizes, w, x = self.body.data_inputs(node)[:3]
     xs, ws, ys = self.shape(x), self.shape(w), self.shape(node.name)
     producer = self.body.producer(sizes)
-    if _attr(node, "data_format", "s", b"") not in (b"", b"NHWC") or not xs or not ws or not ys or len(ws) != 4 or \
-            xs[-1] != ws[3] or ys[-1] is None or not _constant_elements(self, producer, [3]):
+    rank = 5 if node.op == "Conv3DBackpropInputV2" else 4
+    if _attr(node, "data_format", "s", b"") not in (b"", b"NHWC", b"NDHWC") or not xs or not ws or not ys or \
+            len(ws) != rank or xs[-1] != ws[-1] or ys[-1] is None or \
+            not _constant_elements(self, producer, [rank - 1]):
         self.unknown(node, f"{node.op} '{node.name}' of computed output channels or groups")
         return
-    if not _link_kernel(self, node, self.tensor(x), w, (3, "in"), (2, "out")):
+    if not _link_kernel(self, node, self.tensor(x), w, (rank - 1, "in"), (rank - 2, "out")):
         return
     self.link(self.tensor(x, 0), self.tensor(node.name, 0))
-    self.graph.dims.append(ShapeDim(self.entry.label, self.node_id(node.name), 3, (self.tensor(node.name, 3),),
-                                    operand=0))
+    self.graph.dims.append(ShapeDim(self.entry.label, self.node_id(node.name), rank - 1,
+                                    (self.tensor(node.name, rank - 1),), operand=0))
     self.claim(sizes, 0)
 
 
@@ -1124,6 +1127,26 @@ def _matmul(self: _Entry, node) -> None:
         self.unknown(node)
         return
     self.same(a, node.name, node, axes=range(len(ys) - 1))  # batch (and time) axes go through
+
+
+def _sparse_matmul(self: _Entry, node) -> None:
+    """SparseTensorDenseMatMul(indices, values, dense shape, kernel): sparse features times a
+    kernel (a linear layer over sparse inputs). The kernel's output channels go with the output's
+    last axis; its other axis meets the sparse tensor's columns, which no dense tensor carries:
+    whole, as is everything the sparse operands hold."""
+    inputs = self.body.data_inputs(node)
+    w, transpose_w = inputs[3], _attr(node, "adjoint_b", "b", False)
+    ws, ys = self.shape(w), self.shape(node.name)
+    cols = self.weight(node, w, 0 if transpose_w else 1, "out") if ws is not None and len(ws) == 2 else None
+    rows = self.weight(node, w, 1 if transpose_w else 0, "in") if cols is not None else None
+    if cols is None or rows is None or not ys or len(ys) != 2:
+        self.unknown(node)
+        return
+    reason = f"{node.op} '{node.name}' reads it against a sparse tensor's columns"
+    self.graph.poison(rows, reason)
+    for ref in inputs[:3]:
+        self.poison_tensor(ref, reason)
+    self.link(self.tensor(node.name), cols)
 
 
 def _weight_operand(self: _Entry, ref: str) -> bool:
@@ -2883,7 +2906,8 @@ _HANDLERS = {
     "IdentityN": _identity_n, **{op: _call for op in CONTROL_FLOW_OPS},
     "Softmax": _softmax, "LogSoftmax": _softmax,
     "Conv2D": _conv, "Conv3D": _conv, "DepthwiseConv2dNative": _depthwise, "MatMul": _matmul,
-    "Conv2DBackpropInput": _conv_transpose, **{op: _tensor_list for op in LIST_OPS},
+    "SparseTensorDenseMatMul": _sparse_matmul, "Conv2DBackpropInput": _conv_transpose,
+    "Conv3DBackpropInputV2": _conv_transpose, **{op: _tensor_list for op in LIST_OPS},
     "BatchMatMul": _matmul, "BatchMatMulV2": _matmul, "BatchMatMulV3": _matmul, "Einsum": _einsum,
     **{op: _batch_norm for op in BATCH_NORM_OPS}, **{op: _pool for op in POOL_OPS}, **{op: _resize for op in RESIZE_OPS},
     "Pad": _pad, "PadV2": _pad,
@@ -3635,8 +3659,8 @@ def cost(target, entry: str | None = None, *, unknown_size: int | None = None) -
     return Cost(chosen.label, *totals)
 
 
-PRODUCT_OPS = ("Conv2D", "Conv3D", "DepthwiseConv2dNative", "Conv2DBackpropInput", "MatMul", "BatchMatMul",
-               "BatchMatMulV2", "BatchMatMulV3", "Einsum")
+PRODUCT_OPS = ("Conv2D", "Conv3D", "DepthwiseConv2dNative", "Conv2DBackpropInput", "Conv3DBackpropInputV2", "MatMul",
+               "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3", "Einsum")
 
 
 def _flops(node, shape, body) -> int | None:
@@ -3648,11 +3672,11 @@ def _flops(node, shape, body) -> int | None:
     out = shape(node.name)
     if not out or None in out:
         return None
-    if node.op == "Conv2DBackpropInput":  # every input position times the kernel's [h, w, out]
+    if node.op in ("Conv2DBackpropInput", "Conv3DBackpropInputV2"):  # each input value times [(d,) h, w, out]
         kernel, x = shape(inputs[1]), shape(inputs[2])
         if not kernel or None in kernel or not x or None in x:
             return None
-        return 2 * int(np.prod(x)) * int(np.prod(kernel[:3]))
+        return 2 * int(np.prod(x)) * int(np.prod(kernel[:-1]))
     if node.op in ("Conv2D", "Conv3D", "DepthwiseConv2dNative"):
         kernel = shape(inputs[1])
         if not kernel or None in kernel:

@@ -40,8 +40,8 @@ from graphprune.passes.strip_unused import strip_unused
 
 
 # ops whose shape operand (channels.ShapeDim.operand) may spell out a channel count to rewrite
-SHAPED_OPS = ("Reshape", "Fill", "Tile", "BroadcastTo", "Conv2DBackpropInput", "TensorListFromTensor",
-              "TensorListReserve", "TensorListGetItem", "TensorListStack")
+SHAPED_OPS = ("Reshape", "Fill", "Tile", "BroadcastTo", "Conv2DBackpropInput", "Conv3DBackpropInputV2",
+              "TensorListFromTensor", "TensorListReserve", "TensorListGetItem", "TensorListStack")
 
 
 def shrink_channels(model: g.TracedModel, context: PassContext, round_to: int = 1) -> PassResult:

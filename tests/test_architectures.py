@@ -53,6 +53,7 @@ ARCHITECTURES = {
     "multi_head_attention": (lambda k, i: k.layers.MultiHeadAttention(2, 4)(i, i), (5, 8), 4),
     "conv2d_transpose": (lambda k, i: k.layers.Conv2DTranspose(4, 3, strides=2)(i), (6, 6, 3), 1),
     "conv3d": (lambda k, i: k.layers.Conv3D(4, 3)(i), (5, 5, 5, 2), 1),
+    "conv3d_transpose": (lambda k, i: k.layers.Conv3DTranspose(4, 3, strides=2)(i), (3, 3, 3, 2), 1),
     # The table is only looked up (ResourceGather): a target only with include_gather=True.
     "embedding": (_embedding_classifier, (7,), 2),
 }
