@@ -119,7 +119,7 @@ def run_main(main):
         from graphprune.errors import GraphPruneError
 
         try:
-            if _OP_LIBRARY.value:
+            if FLAGS.is_parsed() and _OP_LIBRARY.value:
                 from graphprune.load import load_op_libraries
 
                 load_op_libraries(_OP_LIBRARY.value)
