@@ -29,6 +29,7 @@ from graphprune import names
 # op type -> operand positions that may hold a weight (None: every operand)
 PRUNABLE_OPS = {
     "MatMul": (0, 1),
+    "SparseMatMul": (0, 1),  # tf.matmul(..., a_is_sparse=True or b_is_sparse=True): a MatMul with hints
     "BatchMatMul": (0, 1),
     "BatchMatMulV2": (0, 1),
     "BatchMatMulV3": (0, 1),
@@ -143,7 +144,7 @@ def mask_operand_key(body: b.Body, node) -> str | None:
 def input_axis(node, operand: int, rank: int) -> int | None:
     """The weight axis the op reduces over (where M:N groups are taken), non-negative."""
     op = node.op
-    if op == "MatMul":
+    if op in ("MatMul", "SparseMatMul"):
         if operand == 1:
             axis = 1 if node.attr["transpose_b"].b else 0
         else:

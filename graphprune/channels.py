@@ -802,9 +802,9 @@ class _Entry:
                 self.periodic[self.body.ref(consumer.name)] = space
                 self._periodic_consumers(self.body.ref(consumer.name))
                 continue
-            transposed = consumer.op == "MatMul" and (_attr(consumer, "transpose_a", "b", False) or
-                                                      _attr(consumer, "transpose_b", "b", False))
-            if consumer.op != "MatMul" or position != 0 or transposed:
+            transposed = consumer.op in MATMUL_2D and (_attr(consumer, "transpose_a", "b", False) or
+                                                       _attr(consumer, "transpose_b", "b", False))
+            if consumer.op not in MATMUL_2D or position != 0 or transposed:
                 self.graph.poison(space, f"{consumer.op} '{consumer.name}' reads a flattened tensor")
                 continue
             source = self.source(consumer.input[1])
@@ -1085,9 +1085,12 @@ def _channel_through_kernel(self: _Entry, node, x: str, w: str, axis: int, singl
     self.link(self.tensor(x, 0), self.tensor(node.name, 0))
 
 
+MATMUL_2D = ("MatMul", "SparseMatMul")  # SparseMatMul: tf.matmul's a_is_sparse / b_is_sparse hints
+
+
 def _matmul(self: _Entry, node) -> None:
     a, w = self.body.data_inputs(node)[:2]
-    if node.op == "MatMul":
+    if node.op in MATMUL_2D:
         transpose_a, transpose_w = _attr(node, "transpose_a", "b", False), _attr(node, "transpose_b", "b", False)
     else:
         transpose_a, transpose_w = _attr(node, "adj_x", "b", False), _attr(node, "adj_y", "b", False)
@@ -1098,7 +1101,7 @@ def _matmul(self: _Entry, node) -> None:
     if not _weight_operand(self, a) and not _weight_operand(self, w):  # two activations (2-D ones too)
         _batch_matmul(self, node, a, w, transpose_a, transpose_w)
         return
-    if node.op == "MatMul" and not xs and ys and len(ys) == 2 and ws is not None and len(ws) == 2 and \
+    if node.op in MATMUL_2D and not xs and ys and len(ys) == 2 and ws is not None and len(ws) == 2 and \
             self.source(a) is None:
         # a 2-D product of an activation whose shape TensorFlow could not infer (made by ops of a
         # library such as tensorflow_text, or from a ragged tensor): its columns are known, so the
@@ -1112,7 +1115,7 @@ def _matmul(self: _Entry, node) -> None:
     if self.source(a) is not None or transpose_a or ws is None or len(ws) != 2 or not xs or not ys:
         self.unknown(node)
         return
-    flattened = node.op == "MatMul" and self.flattened(a)  # rows linked by _periodic_consumers
+    flattened = node.op in MATMUL_2D and self.flattened(a)  # rows linked by _periodic_consumers
     rows = None if flattened else self.weight(node, w, 1 if transpose_w else 0, "in")
     cols = self.weight(node, w, 0 if transpose_w else 1, "out")
     if cols is None or (rows is None and not flattened):
@@ -1199,8 +1202,8 @@ def _contracted(self: _Entry, node, *operands) -> None:
             self.graph.contracted[space] = self.graph.contracted.get(space, True) and ok
 
 
-KERNEL_PRODUCT_OPS = {"MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3", "Einsum", "Conv2D", "Conv3D",
-                      "DepthwiseConv2dNative"}
+KERNEL_PRODUCT_OPS = {"MatMul", "SparseMatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3", "Einsum", "Conv2D",
+                      "Conv3D", "DepthwiseConv2dNative"}
 ZERO_KEEPING_OPS = {"Square", "Abs", "Sqrt", "Relu", "Relu6", "Elu", "Selu", "LeakyRelu", "Tanh", "Softsign", "Erf",
                     "Expm1", "Sin", "Sign", "Gelu", "Atan", "Asinh"}  # f(0) = 0, one value in, one out
 REMOVED_KEEPING_VIEWS = {"Reshape": 0, "Transpose": 0, "ExpandDims": 0, "Squeeze": 0, "Identity": 0, "Cast": 0,
@@ -2905,7 +2908,7 @@ def _as_gather(graph_def, node, shape) -> None:
 _HANDLERS = {
     "IdentityN": _identity_n, **{op: _call for op in CONTROL_FLOW_OPS},
     "Softmax": _softmax, "LogSoftmax": _softmax,
-    "Conv2D": _conv, "Conv3D": _conv, "DepthwiseConv2dNative": _depthwise, "MatMul": _matmul,
+    "Conv2D": _conv, "Conv3D": _conv, "DepthwiseConv2dNative": _depthwise, "MatMul": _matmul, "SparseMatMul": _matmul,
     "SparseTensorDenseMatMul": _sparse_matmul, "Conv2DBackpropInput": _conv_transpose,
     "Conv3DBackpropInputV2": _conv_transpose, **{op: _tensor_list for op in LIST_OPS},
     "BatchMatMul": _matmul, "BatchMatMulV2": _matmul, "BatchMatMulV3": _matmul, "Einsum": _einsum,
@@ -3660,7 +3663,7 @@ def cost(target, entry: str | None = None, *, unknown_size: int | None = None) -
 
 
 PRODUCT_OPS = ("Conv2D", "Conv3D", "DepthwiseConv2dNative", "Conv2DBackpropInput", "Conv3DBackpropInputV2", "MatMul",
-               "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3", "Einsum")
+               "SparseMatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3", "Einsum")
 
 
 def _flops(node, shape, body) -> int | None:
@@ -3684,7 +3687,7 @@ def _flops(node, shape, body) -> int | None:
         # a grouped kernel's Cin is already per group; a depthwise output reads one input channel
         per_output = int(np.prod(kernel[:-2])) * (kernel[-2] if node.op != "DepthwiseConv2dNative" else 1)
         return 2 * int(np.prod(out)) * per_output
-    if node.op in ("MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3", "Einsum"):
+    if node.op in ("MatMul", "SparseMatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3", "Einsum"):
         operand = shape(inputs[0])
         if not operand or None in operand:
             return None
@@ -3699,7 +3702,7 @@ def _flops(node, shape, body) -> int | None:
                 sizes.update(zip(term, dims))
             contracted = [letter for letter in sizes if letter not in result]
             return 2 * int(np.prod(out)) * int(np.prod([sizes[c] for c in contracted] or [1]))
-        transposed = _attr(node, "transpose_a" if node.op == "MatMul" else "adj_x", "b", False)
+        transposed = _attr(node, "transpose_a" if node.op in MATMUL_2D else "adj_x", "b", False)
         depth = operand[-2] if transposed else operand[-1]
         return 2 * int(np.prod(out)) * depth
     return 0

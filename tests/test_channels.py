@@ -3720,3 +3720,37 @@ def test_transposed_3d_convolutions(tmp_path):
     # 8x8x8x8) to 3x3x3x8 and 3x3x3x6; the head's 10x10x10x2 outputs of 6
     assert before.flops == 2 * (512 * 54 + 512 * 216 + 4096 * 162 + 2000 * 6) and not before.uncounted
     assert after.flops < 0.3 * before.flops
+
+
+class _HintedMatMuls(tf.Module):
+    """tf.matmul with a_is_sparse / b_is_sparse (SparseMatMul, a MatMul with hints), one transposed."""
+
+    def __init__(self):
+        super().__init__()
+        rng = np.random.RandomState(0)
+        self.hidden = tf.Variable(rng.standard_normal([8, 16]).astype(np.float32), name="hidden/kernel")
+        self.head = tf.Variable(rng.standard_normal([3, 16]).astype(np.float32), name="head/kernel")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32)])
+    def __call__(self, x):
+        hidden = tf.nn.relu(tf.matmul(x, self.hidden, b_is_sparse=True))
+        return tf.matmul(hidden, self.head, transpose_b=True, a_is_sparse=True)
+
+
+def test_matmuls_with_sparsity_hints_are_pruned_and_shrink(tmp_path):
+    """tf.matmul(..., b_is_sparse=True) makes a SparseMatMul, whose kernels were no target (the
+    model: "nothing to prune"); a hint a pruned model's user may well give. Unstructured and
+    channels, finalized and shrunk, equal to the masked model."""
+    tf.saved_model.save(_HintedMatMuls(), str(tmp_path / "model"))
+    x = np.random.RandomState(1).standard_normal([4, 8]).astype(np.float32)
+    pm = graphprune.prune(str(tmp_path / "model"), graphprune.ConstantSparsity(0.5, 0), one_shot=True)
+    assert {(row["name"], row["op"], row["sparsity"]) for row in pm.weights()} == {
+        ("hidden/kernel", "SparseMatMul", 0.5), ("head/kernel", "SparseMatMul", 0.5)}
+    final = tf.saved_model.load(graphprune.finalize(pm, str(tmp_path / "final")))
+    np.testing.assert_allclose(final(x).numpy(), pm(x).numpy(), atol=1e-6 * np.abs(pm(x).numpy()).max())
+    pm = graphprune.prune(str(tmp_path / "model"), graphprune.ConstantSparsity(0.5, 0), one_shot=True,
+                          structure="channel")
+    assert [group.size for group in graphprune.channel_groups(pm) if group.prunable] == [16]
+    out = _shrunk_as_masked(pm, tmp_path)
+    assert _weight_shape(out, "hidden/kernel") == (8, 8) and _weight_shape(out, "head/kernel") == (3, 8)
+    assert graphprune.cost(out).flops == 2 * (8 * 8 + 8 * 3)
