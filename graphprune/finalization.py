@@ -111,8 +111,10 @@ def _max_macs(pointwise_matmul) -> int | None:
     raise GraphPruneError(f"pointwise_matmul must be 'auto', True or False, got {pointwise_matmul!r}")
 
 
-# what each pass finalize may give up reports of what it changed
-_CHANGED = {"pointwise_matmul": "rewritten", "fold_batch_norms": "folded", "fold_pads": "folded"}
+# what a pass reports of what it changed (finalize may give up the first three; a shrink that
+# changed nothing is warned about)
+_CHANGED = {"pointwise_matmul": "rewritten", "fold_batch_norms": "folded", "fold_pads": "folded",
+            "shrink_channels": "shrunk"}
 
 
 def _changed(result, pass_name: str) -> bool:
@@ -424,6 +426,11 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
         warnings.warn("graphprune: finalize: fold_batch_norms folded nothing: no per-channel scale or shift (from "
                       "constants or variables the model never writes) follows a kernel read nowhere else",
                       stacklevel=2)
+
+    if shrink and not _changed(result, "shrink_channels"):
+        warnings.warn("graphprune: finalize: shrink removed no channel: no channel has all its kernels' slices zero "
+                      "(pruning element by element zeroes weights, not whole channels: prune with "
+                      "structure='channel', --structure=channel, to remove them)", stacklevel=2)
 
     if given is None and check:  # the pipeline's first pass (find_weights) only records facts: the masked model
         given = given_inputs(result.reports[0][1].model, check_inputs)

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -789,3 +790,21 @@ def _refused_on_made_and_given_inputs(pm, other, inputs) -> None:
     assert sorted(given) == ["method:__call__", "signature:serving_default"], sorted(given)
     with pytest.raises(graphprune.PassError, match=r"differs from the masked model by .* on the check_inputs given"):
         check_final(pm.traced, other.traced, values, given=given)
+
+
+def test_a_shrink_that_removes_nothing_says_why(tmp_path, mlp):
+    """shrink=True after pruning element by element removes no channel (none has all its kernels'
+    slices zero): the model is written as it is, and a warning says how to remove channels. After
+    channel pruning it says nothing."""
+    x = np.random.RandomState(0).standard_normal([4, 8]).astype(np.float32)
+    pm = graphprune.prune(mlp, graphprune.ConstantSparsity(0.25, 0), one_shot=True)
+    assert np.count_nonzero(pm.variables_by_key["dense_1/kernel"].numpy(), axis=1).all()  # every neuron still read
+    with pytest.warns(UserWarning, match=r"shrink removed no channel.*structure='channel'"):
+        out = graphprune.finalize(pm, str(tmp_path / "element"), shrink=True)
+    np.testing.assert_allclose(tf.saved_model.load(out)(x).numpy(), pm(x).numpy(), atol=1e-6)
+    assert graphprune.cost(out).parameters == graphprune.cost(mlp).parameters
+    pm = graphprune.prune(mlp, graphprune.ConstantSparsity(0.25, 0), one_shot=True, structure="channel")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graphprune.finalize(pm, str(tmp_path / "channel"), shrink=True)
+    assert not [w for w in caught if "shrink removed" in str(w.message)]
