@@ -430,7 +430,8 @@ def finalize(prunable, output_dir, *, freeze: bool | str = True, overwrite: bool
     if shrink and not _changed(result, "shrink_channels"):
         warnings.warn("graphprune: finalize: shrink removed no channel: no channel has all its kernels' slices zero "
                       "(pruning element by element zeroes weights, not whole channels: prune with "
-                      "structure='channel', --structure=channel, to remove them)", stacklevel=2)
+                      "structure='channel', --structure=channel, to remove them; a group it leaves whole, "
+                      "graphprune.channel_groups says why)", stacklevel=2)
 
     if given is None and check:  # the pipeline's first pass (find_weights) only records facts: the masked model
         given = given_inputs(result.reports[0][1].model, check_inputs)
