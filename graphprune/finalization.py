@@ -506,13 +506,22 @@ def export_tflite(saved_model_dir, tflite_path, *, quantize=None, sparse: bool =
         raise GraphPruneError("quantize='int8' needs representative_data (a few hundred real input samples)")
     if not os.path.isdir(os.fspath(saved_model_dir)):
         raise BadModelError(f"{saved_model_dir}: no such SavedModel directory")
-    if batch_size is not None:
-        with tempfile.TemporaryDirectory(prefix="graphprune-static-batch-") as scratch:
-            static_dir = _with_static_batch(saved_model_dir, os.path.join(scratch, "model"), batch_size)
-            return export_tflite(static_dir, tflite_path, quantize=quantize, sparse=sparse,
-                                 representative_data=representative_data, signature_keys=signature_keys,
-                                 overwrite=overwrite)
     check_output(tflite_path, overwrite=overwrite, inputs=[saved_model_dir])
+    with tempfile.TemporaryDirectory(prefix="graphprune-tflite-") as scratch:
+        source = _for_converter(saved_model_dir, os.path.join(scratch, "model"), batch_size)
+        flatbuffer = _convert(source, quantize, sparse, representative_data, signature_keys)
+    if len(flatbuffer) > TFLITE_MAX_BYTES:
+        size = len(flatbuffer) / 2**30
+        warnings.warn(f"graphprune: {os.fspath(tflite_path)} is {size:.2f} GiB, past the 2 GB of a plain flatbuffer: "
+                      "LiteRT reads it, older TFLite runtimes and flatbuffer tools cannot (quantize='dynamic' stores "
+                      "int8 weights, a quarter of the size)", stacklevel=2)
+    with atomic_file(tflite_path, overwrite=overwrite, inputs=[saved_model_dir]) as temp:
+        with open(temp, "wb") as handle:
+            handle.write(flatbuffer)
+    return os.path.abspath(os.fspath(tflite_path))
+
+
+def _convert(saved_model_dir, quantize, sparse, representative_data, signature_keys) -> bytes:
     from graphprune.load import with_op_libraries
 
     converter = with_op_libraries(  # a broken SavedModel, or one whose ops need a library: one line
@@ -528,19 +537,9 @@ def export_tflite(saved_model_dir, tflite_path, *, quantize=None, sparse: bool =
         converter.representative_dataset = _representative(representative_data)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     try:
-        flatbuffer = converter.convert()
+        return converter.convert()
     except Exception as error:  # the converter raises many types
         raise GraphPruneError(f"TFLite conversion failed: {converter_reason(error)}") from error
-    if len(flatbuffer) > TFLITE_MAX_BYTES:
-        size = len(flatbuffer) / 2**30
-        warnings.warn(f"graphprune: {os.fspath(tflite_path)} is {size:.2f} GiB, past the 2 GB of a plain flatbuffer: "
-                      "LiteRT reads it, older TFLite runtimes and flatbuffer tools cannot (quantize='dynamic' stores "
-                      "int8 weights, a quarter of the size)", stacklevel=2)
-    with atomic_file(tflite_path, overwrite=overwrite, inputs=[saved_model_dir]) as temp:
-        with open(temp, "wb") as handle:
-            handle.write(flatbuffer)
-    return os.path.abspath(os.fspath(tflite_path))
-
 
 _REASONS = (
     # (text in the converter's message, what to tell the user)
@@ -570,15 +569,53 @@ def converter_reason(error: BaseException) -> str:
     return (errors[0] if errors else lines[0] if lines else type(error).__name__)[:300]
 
 
-def _with_static_batch(saved_model_dir, output_dir, batch_size):
-    """A copy of the SavedModel with every input's batch fixed (see passes/static_batch.py)."""
+def _for_converter(saved_model_dir, output_dir, batch_size) -> str:
+    """The SavedModel to convert: ``saved_model_dir`` itself, or a copy in ``output_dir`` rewritten
+    for the converter: a fixed batch (static_batch, where ``batch_size`` is given) and new-axis
+    slices as ExpandDims (expand_new_axes, where the model has any: the converter refuses them on
+    dynamic shapes, as in every keras-hub decoder's attention mask)."""
+    passes = []
+    if batch_size is not None:
+        passes.append(("static_batch", {"batch_size": batch_size}))
+    if _slices_with_new_axes(saved_model_dir):
+        passes.append(("expand_new_axes", {}))
+    if not passes:
+        return os.fspath(saved_model_dir)
     from graphprune.api import save_traced  # api imports this module
 
-    loaded = load(os.fspath(saved_model_dir))
-    values = VariableValues(loaded.variables)
-    result = run_pipeline(loaded.model, [("static_batch", {"batch_size": batch_size})], PassContext(values=values))
+    try:
+        loaded = load(os.fspath(saved_model_dir))
+        values = VariableValues(loaded.variables)
+        result = run_pipeline(loaded.model, passes, PassContext(values=values))
+    except GraphPruneError:
+        if batch_size is not None:
+            raise
+        return os.fspath(saved_model_dir)  # a model graphprune cannot read: the converter may, as it is
+    if batch_size is None and not any(step.changed for _, step, _ in result.reports):
+        return os.fspath(saved_model_dir)
     save_traced(result.model, values, output_dir)
     return output_dir
+
+
+def _slices_with_new_axes(saved_model_dir) -> bool:
+    """Whether any graph or function of the SavedModel has a StridedSlice with a new_axis_mask."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    path = os.path.join(os.fspath(saved_model_dir), "saved_model.pb")
+    if not os.path.isfile(path):
+        return False  # the converter's own message tells
+    proto = saved_model_pb2.SavedModel()
+    try:
+        with open(path, "rb") as handle:
+            proto.ParseFromString(handle.read())
+    except Exception:  # noqa: BLE001  a broken file: the loader's message tells
+        return False
+    for meta_graph in proto.meta_graphs:
+        graph = meta_graph.graph_def
+        bodies = [graph.node] + [function.node_def for function in graph.library.function]
+        if any(node.op == "StridedSlice" and node.attr["new_axis_mask"].i for nodes in bodies for node in nodes):
+            return True
+    return False
 
 
 def _representative(data):

@@ -17,3 +17,4 @@ from graphprune.passes import fold_batch_norms  # noqa: F401  per-channel scale 
 from graphprune.passes import pointwise_matmul  # noqa: F401  1x1 convolutions as matrix products
 from graphprune.passes import fold_pads  # noqa: F401  a Pad that SAME padding adds, into the convolution
 from graphprune.passes import static_batch  # noqa: F401  fixed batch for TFLite (RNN TensorLists)
+from graphprune.passes import expand_new_axes  # noqa: F401  new-axis slices as ExpandDims (TFLite)
