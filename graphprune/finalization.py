@@ -507,9 +507,21 @@ def export_tflite(saved_model_dir, tflite_path, *, quantize=None, sparse: bool =
     if not os.path.isdir(os.fspath(saved_model_dir)):
         raise BadModelError(f"{saved_model_dir}: no such SavedModel directory")
     check_output(tflite_path, overwrite=overwrite, inputs=[saved_model_dir])
+    rewrites = _converter_rewrites(saved_model_dir)
     with tempfile.TemporaryDirectory(prefix="graphprune-tflite-") as scratch:
-        source = _for_converter(saved_model_dir, os.path.join(scratch, "model"), batch_size)
-        flatbuffer = _convert(source, quantize, sparse, representative_data, signature_keys)
+        # a Reshape stated before convolutions the converter takes as they are would only add ops:
+        # known_channels runs where the converter refuses a convolution
+        first = [name for name in rewrites if name != "known_channels"]
+        try:
+            source = _for_converter(saved_model_dir, os.path.join(scratch, "model"), batch_size, first)
+            flatbuffer = _convert(source, quantize, sparse, representative_data, signature_keys)
+        except GraphPruneError as error:
+            from graphprune.passes.known_channels import CONVOLUTIONS
+
+            if rewrites == first or not any(f"'tf.{op}' op is neither" in str(error) for op in CONVOLUTIONS):
+                raise
+            source = _for_converter(saved_model_dir, os.path.join(scratch, "stated"), batch_size, rewrites)
+            flatbuffer = _convert(source, quantize, sparse, representative_data, signature_keys)
     if len(flatbuffer) > TFLITE_MAX_BYTES:
         size = len(flatbuffer) / 2**30
         warnings.warn(f"graphprune: {os.fspath(tflite_path)} is {size:.2f} GiB, past the 2 GB of a plain flatbuffer: "
@@ -569,16 +581,15 @@ def converter_reason(error: BaseException) -> str:
     return (errors[0] if errors else lines[0] if lines else type(error).__name__)[:300]
 
 
-def _for_converter(saved_model_dir, output_dir, batch_size) -> str:
+def _for_converter(saved_model_dir, output_dir, batch_size, rewrites) -> str:
     """The SavedModel to convert: ``saved_model_dir`` itself, or a copy in ``output_dir`` rewritten
-    for the converter: a fixed batch (static_batch, where ``batch_size`` is given) and new-axis
-    slices as ExpandDims (expand_new_axes, where the model has any: the converter refuses them on
-    dynamic shapes, as in every keras-hub decoder's attention mask)."""
-    passes = []
-    if batch_size is not None:
-        passes.append(("static_batch", {"batch_size": batch_size}))
-    if _slices_with_new_axes(saved_model_dir):
-        passes.append(("expand_new_axes", {}))
+    for the converter: a fixed batch (static_batch, where ``batch_size`` is given), and, where the
+    model has them, what TFLite's converter refuses on dynamic shapes in a form it takes:
+    new-axis slices as ExpandDims (expand_new_axes: every keras-hub decoder's attention mask) and
+    convolutions' unknown input channels stated (known_channels: after Keras 3's UpSampling2D);
+    ``rewrites``: those of them to run (_converter_rewrites)."""
+    passes = [("static_batch", {"batch_size": batch_size})] if batch_size is not None else []
+    passes += [(name, {}) for name in rewrites]
     if not passes:
         return os.fspath(saved_model_dir)
     from graphprune.api import save_traced  # api imports this module
@@ -597,25 +608,62 @@ def _for_converter(saved_model_dir, output_dir, batch_size) -> str:
     return output_dir
 
 
-def _slices_with_new_axes(saved_model_dir) -> bool:
-    """Whether any graph or function of the SavedModel has a StridedSlice with a new_axis_mask."""
+def _converter_rewrites(saved_model_dir) -> list[str]:
+    """The passes of _for_converter a look at the SavedModel's graphs says may change it: a
+    StridedSlice with a new_axis_mask; a convolution whose input a trace recorded without its
+    channel count (or did not record), or which a Reshape to a computed shape makes."""
     from tensorflow.core.protobuf import saved_model_pb2
+
+    from graphprune.passes.known_channels import CONVOLUTIONS
 
     path = os.path.join(os.fspath(saved_model_dir), "saved_model.pb")
     if not os.path.isfile(path):
-        return False  # the converter's own message tells
+        return []  # the converter's own message tells
     proto = saved_model_pb2.SavedModel()
     try:
         with open(path, "rb") as handle:
             proto.ParseFromString(handle.read())
     except Exception:  # noqa: BLE001  a broken file: the loader's message tells
-        return False
+        return []
+    found = set()
     for meta_graph in proto.meta_graphs:
         graph = meta_graph.graph_def
-        bodies = [graph.node] + [function.node_def for function in graph.library.function]
-        if any(node.op == "StridedSlice" and node.attr["new_axis_mask"].i for nodes in bodies for node in nodes):
-            return True
-    return False
+        for nodes, function in [(graph.node, None)] + [(f.node_def, f) for f in graph.library.function]:
+            by_name = None
+            for node in nodes:
+                if node.op == "StridedSlice" and node.attr["new_axis_mask"].i:
+                    found.add("expand_new_axes")
+                elif node.op in CONVOLUTIONS and "known_channels" not in found:
+                    by_name = by_name if by_name is not None else {n.name: n for n in nodes}
+                    if _channels_unrecorded(node, by_name, function):
+                        found.add("known_channels")
+    return [name for name in ("expand_new_axes", "known_channels") if name in found]
+
+
+def _channels_unrecorded(node, by_name, function) -> bool:
+    """Whether the input a convolution's kernel sizes may have channels the converter cannot see:
+    no recorded channel count, or a Reshape's to a computed shape (known_channels tells)."""
+    from graphprune.passes.known_channels import CONVOLUTIONS
+
+    inputs = [raw for raw in node.input if not raw.startswith("^")]
+    position = CONVOLUTIONS[node.op][0]
+    if len(inputs) <= position:
+        return False
+    name = inputs[position].split(":")[0]
+    source = by_name.get(name)
+    arguments = [arg.name for arg in function.signature.input_arg] if function is not None else []
+    if source is not None:
+        if source.op == "Reshape" and len(source.input) > 1:
+            shape = by_name.get(source.input[1].split(":")[0])
+            if shape is None or shape.op != "Const":
+                return True
+        attrs = source.attr
+    elif name in arguments and arguments.index(name) in function.arg_attr:
+        attrs = function.arg_attr[arguments.index(name)].attr
+    else:  # the top graph's, or unknown: the pass tells
+        return True
+    shapes = attrs["_output_shapes"].list.shape if "_output_shapes" in attrs else []
+    return len(shapes) != 1 or shapes[0].unknown_rank or not shapes[0].dim or shapes[0].dim[-1].size < 0
 
 
 def _representative(data):

@@ -76,6 +76,14 @@ class PassResult:
     report: dict = dataclasses.field(default_factory=dict)
 
 
+def entries_result(model: g.TracedModel, entries, key: str, names: list) -> PassResult:
+    """The result of a pass that rewrote ``entries`` at the nodes ``names`` (use names), reported
+    sorted under ``key``: the model unchanged where there are none."""
+    if not names:
+        return PassResult(model, changed=False, report={key: []})
+    return PassResult(dataclasses.replace(model, entries=tuple(entries)), changed=True, report={key: sorted(names)})
+
+
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 _FLOAT = re.compile(r"[+-]?([0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(nan|inf)", re.IGNORECASE)
 OPTION_TYPES = ("bool", "int", "float", "str", "object")

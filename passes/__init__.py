@@ -18,3 +18,4 @@ from graphprune.passes import pointwise_matmul  # noqa: F401  1x1 convolutions a
 from graphprune.passes import fold_pads  # noqa: F401  a Pad that SAME padding adds, into the convolution
 from graphprune.passes import static_batch  # noqa: F401  fixed batch for TFLite (RNN TensorLists)
 from graphprune.passes import expand_new_axes  # noqa: F401  new-axis slices as ExpandDims (TFLite)
+from graphprune.passes import known_channels  # noqa: F401  a conv input's channel count stated (TFLite)

@@ -26,15 +26,13 @@ order, with the same shape).
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import node_def_pb2, types_pb2
 
 from graphprune import body as b
 from graphprune import graph as g
-from graphprune.passbase import PassContext, PassResult, register_pass
+from graphprune.passbase import PassContext, PassResult, entries_result, register_pass
 from graphprune.passes.fold_pads import _constant
 
 MASKS = ("begin_mask", "end_mask", "ellipsis_mask", "shrink_axis_mask")
@@ -50,10 +48,7 @@ def expand_new_axes(model: g.TracedModel, context: PassContext) -> PassResult:
                 rewritten.append(body.use_name(node))
 
     entries = tuple(b.rewrite_entry(entry, rewrite)[0] for entry in model.entries)
-    if not rewritten:
-        return PassResult(model, changed=False, report={"rewritten": []})
-    return PassResult(dataclasses.replace(model, entries=entries), changed=True,
-                      report={"rewritten": sorted(rewritten)})
+    return entries_result(model, entries, "rewritten", rewritten)
 
 
 def _bit(mask: int, i: int) -> bool:

@@ -29,15 +29,13 @@ instead of the Pad); finalize's check runs both models.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import node_def_pb2, types_pb2
 
 from graphprune import body as b
 from graphprune import graph as g
-from graphprune.passbase import PassContext, PassResult, register_pass
+from graphprune.passbase import PassContext, PassResult, entries_result, register_pass
 from graphprune.passes.pointwise_matmul import _recorded, _top_shapes, kernel_shape
 
 FLOAT_TYPES = (types_pb2.DT_FLOAT, types_pb2.DT_DOUBLE, types_pb2.DT_HALF, types_pb2.DT_BFLOAT16)
@@ -73,9 +71,7 @@ def fold_pads(model: g.TracedModel, context: PassContext) -> PassResult:
 
     entries = tuple(b.rewrite_entry(entry, lambda body, entry=entry, shapes={}: rewrite(body, entry, shapes))[0]
                     for entry in model.entries)
-    if not folded:
-        return PassResult(model, changed=False, report={"folded": []})
-    return PassResult(dataclasses.replace(model, entries=entries), changed=True, report={"folded": sorted(folded)})
+    return entries_result(model, entries, "folded", folded)
 
 
 def _padded_convolution(body: b.Body, node):
