@@ -585,7 +585,8 @@ def _for_converter(saved_model_dir, output_dir, batch_size, rewrites) -> str:
     """The SavedModel to convert: ``saved_model_dir`` itself, or a copy in ``output_dir`` rewritten
     for the converter: a fixed batch (static_batch, where ``batch_size`` is given), and, where the
     model has them, what TFLite's converter refuses on dynamic shapes in a form it takes:
-    new-axis slices as ExpandDims (expand_new_axes: every keras-hub decoder's attention mask) and
+    new-axis slices as ExpandDims (expand_new_axes: every keras-hub decoder's attention mask),
+    einsums that contract nothing as a Mul (outer_einsums: Gemma 4's rotary angles) and
     convolutions' unknown input channels stated (known_channels: after Keras 3's UpSampling2D);
     ``rewrites``: those of them to run (_converter_rewrites)."""
     passes = [("static_batch", {"batch_size": batch_size})] if batch_size is not None else []
@@ -610,11 +611,12 @@ def _for_converter(saved_model_dir, output_dir, batch_size, rewrites) -> str:
 
 def _converter_rewrites(saved_model_dir) -> list[str]:
     """The passes of _for_converter a look at the SavedModel's graphs says may change it: a
-    StridedSlice with a new_axis_mask; a convolution whose input a trace recorded without its
+    StridedSlice with a new_axis_mask; an Einsum that contracts nothing; a convolution whose input a trace recorded without its
     channel count (or did not record), or which a Reshape to a computed shape makes."""
     from tensorflow.core.protobuf import saved_model_pb2
 
     from graphprune.passes.known_channels import CONVOLUTIONS
+    from graphprune.passes.outer_einsums import outer_equation
 
     path = os.path.join(os.fspath(saved_model_dir), "saved_model.pb")
     if not os.path.isfile(path):
@@ -633,11 +635,13 @@ def _converter_rewrites(saved_model_dir) -> list[str]:
             for node in nodes:
                 if node.op == "StridedSlice" and node.attr["new_axis_mask"].i:
                     found.add("expand_new_axes")
+                elif node.op == "Einsum" and outer_equation(node) is not None:
+                    found.add("outer_einsums")
                 elif node.op in CONVOLUTIONS and "known_channels" not in found:
                     by_name = by_name if by_name is not None else {n.name: n for n in nodes}
                     if _channels_unrecorded(node, by_name, function):
                         found.add("known_channels")
-    return [name for name in ("expand_new_axes", "known_channels") if name in found]
+    return [name for name in ("expand_new_axes", "outer_einsums", "known_channels") if name in found]
 
 
 def _channels_unrecorded(node, by_name, function) -> bool:

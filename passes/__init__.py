@@ -19,3 +19,4 @@ from graphprune.passes import fold_pads  # noqa: F401  a Pad that SAME padding a
 from graphprune.passes import static_batch  # noqa: F401  fixed batch for TFLite (RNN TensorLists)
 from graphprune.passes import expand_new_axes  # noqa: F401  new-axis slices as ExpandDims (TFLite)
 from graphprune.passes import known_channels  # noqa: F401  a conv input's channel count stated (TFLite)
+from graphprune.passes import outer_einsums  # noqa: F401  einsums that contract nothing as Mul (TFLite)

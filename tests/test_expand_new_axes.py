@@ -5,17 +5,12 @@ decoder's attention mask; test_real_models runs them through LiteRT).
 Each model is rewritten, saved, reloaded by TensorFlow alone and run on inputs of several shapes
 against the original: the outputs must be equal, bit for bit."""
 
-import os
-
 import numpy as np
 import pytest
 import tensorflow as tf
 
-import graphprune
+import testmodels
 from graphprune import graph as g
-from graphprune.api import save_traced
-from graphprune.load import load
-from graphprune.pipeline import PassContext, VariableValues, run_pipeline
 
 RNG = np.random.RandomState(0)
 
@@ -48,15 +43,6 @@ class Slices(tf.Module):
         }
 
 
-def _rewritten(tmp_path, module):
-    tf.saved_model.save(module, str(tmp_path / "original"))
-    loaded = load(str(tmp_path / "original"))
-    values = VariableValues(loaded.variables)
-    result = run_pipeline(loaded.model, [("expand_new_axes", {})], PassContext(values=values))
-    save_traced(result.model, values, str(tmp_path / "rewritten"))
-    return result, tf.saved_model.load(str(tmp_path / "rewritten"))
-
-
 def _new_axis_slices(model) -> int:
     count = 0
     for entry in model.entries:
@@ -68,14 +54,13 @@ def _new_axis_slices(model) -> int:
 
 def test_every_new_axis_becomes_expand_dims_with_outputs_equal_bit_for_bit(tmp_path):
     module = Slices()
-    result, rewritten = _rewritten(tmp_path, module)
-    (_, step, _), = result.reports
+    step, model, rewritten = testmodels.one_pass(tmp_path, module, "expand_new_axes")
     assert step.changed
     # all but the slice whose bounds an input gives, in the top graph and at depth 2, in each entry
     # (the signature and the method)
-    assert _new_axis_slices(result.model) == len(result.model.entries) == 2
+    assert _new_axis_slices(model) == len(model.entries) == 2
     counts = {}
-    for entry in result.model.entries:
+    for entry in model.entries:
         for op, n in g.op_counts(entry.graph_def).items():
             counts[op] = counts.get(op, 0) + n
     assert counts["ExpandDims"] >= 15
@@ -96,10 +81,7 @@ def test_a_model_without_new_axes_is_unchanged(tmp_path):
         def __call__(self, x):
             return x[:, 1:3] * 2.0
 
-    tf.saved_model.save(Plain(), str(tmp_path / "plain"))
-    loaded = load(str(tmp_path / "plain"))
-    result = run_pipeline(loaded.model, [("expand_new_axes", {})], PassContext(values=VariableValues(loaded.variables)))
-    (_, step, _), = result.reports
+    step, _, _ = testmodels.one_pass(tmp_path, Plain(), "expand_new_axes")
     assert not step.changed and step.report == {"rewritten": []}
 
 
@@ -119,19 +101,8 @@ class Mask(tf.Module):
 
 @pytest.mark.slow
 def test_export_tflite_converts_a_model_the_converter_refused_and_leaves_the_input_alone(tmp_path):
-    from ai_edge_litert.interpreter import Interpreter
-
     module = Mask()
-    path = str(tmp_path / "model")
-    tf.saved_model.save(module, path)
-    with pytest.raises(Exception, match="StridedSlice"):  # TensorFlow's converter alone refuses it
-        tf.lite.TFLiteConverter.from_saved_model(path).convert()
-    with open(os.path.join(path, "saved_model.pb"), "rb") as handle:
-        before = handle.read()
-    tflite = graphprune.export_tflite(path, str(tmp_path / "m.tflite"))
-    with open(os.path.join(path, "saved_model.pb"), "rb") as handle:
-        assert handle.read() == before  # the rewrite is made on a copy
-    runner = Interpreter(model_path=tflite).get_signature_runner()
+    runner = testmodels.refused_then_converted(tmp_path, module, "StridedSlice")
     x = RNG.randn(2, 3, 4).astype(np.float32)
     mask = (RNG.rand(2, 3, 3) > 0.3).astype(np.int32)
     want = module(x, mask).numpy()

@@ -10,9 +10,7 @@ import pytest
 import tensorflow as tf
 
 import graphprune
-from graphprune.api import save_traced
-from graphprune.load import load
-from graphprune.pipeline import PassContext, VariableValues, run_pipeline
+import testmodels
 
 RNG = np.random.RandomState(0)
 
@@ -56,18 +54,12 @@ class Convolutions(tf.Module):
 
 def test_each_convolution_after_a_lost_channel_count_gets_it_stated_outputs_equal(tmp_path):
     module = Convolutions()
-    tf.saved_model.save(module, str(tmp_path / "original"))
-    loaded = load(str(tmp_path / "original"))
-    values = VariableValues(loaded.variables)
-    result = run_pipeline(loaded.model, [("known_channels", {})], PassContext(values=values))
-    (_, step, _), = result.reports
+    step, _, rewritten = testmodels.one_pass(tmp_path, module, "known_channels")
     # per entry (the signature, the method): the conv, the depthwise at depth 2, the 3-D conv and the
     # transposed conv; the grouped and the plain conv left as they are
     assert len(step.report["stated"]) == 2 * 4, step.report
     ops = sorted({name.rsplit("/", 1)[-1].split("_")[0] for name in step.report["stated"]})
     assert ops == ["Conv2D", "Conv3D", "conv2d", "depthwise"], ops
-    save_traced(result.model, values, str(tmp_path / "rewritten"))
-    rewritten = tf.saved_model.load(str(tmp_path / "rewritten"))
     for height, width in ((3, 5), (4, 4)):
         x = tf.constant(RNG.randn(2, height, width, 4).astype(np.float32))
         video = tf.constant(RNG.randn(1, 2, height, width, 4).astype(np.float32))

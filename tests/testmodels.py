@@ -247,3 +247,38 @@ class BoxesOffTheImage(tf.Module):
     def __call__(self, x, boxes):
         rows = tf.gather(self.table, tf.cast(tf.floor(boxes * self.cells), tf.int32))  # [batch, boxes, 4]
         return tf.matmul(x, self.kernel) + tf.reduce_sum(tf.matmul(rows, self.kernel), 1)
+
+
+def one_pass(tmp_path, module, name: str):
+    """Save tf.Module ``module``, run the pass ``name`` alone on it and save what it makes: (the
+    pass's PassResult, the rewritten TracedModel, that model reloaded by TensorFlow alone)."""
+    from graphprune.api import save_traced
+    from graphprune.load import load
+    from graphprune.pipeline import PassContext, VariableValues, run_pipeline
+
+    tf.saved_model.save(module, str(tmp_path / "original"))
+    loaded = load(str(tmp_path / "original"))
+    values = VariableValues(loaded.variables)
+    result = run_pipeline(loaded.model, [(name, {})], PassContext(values=values))
+    (_, step, _), = result.reports
+    save_traced(result.model, values, str(tmp_path / "rewritten"))
+    return step, result.model, tf.saved_model.load(str(tmp_path / "rewritten"))
+
+
+def refused_then_converted(tmp_path, module, refused: str):
+    """Save tf.Module ``module``; TensorFlow's TFLite converter alone must refuse it (an error that
+    names ``refused``); graphprune.export_tflite converts it, leaving the SavedModel as it was.
+    Returns the LiteRT signature runner of what it wrote."""
+    import pytest
+    from ai_edge_litert.interpreter import Interpreter
+
+    import graphprune
+
+    path = str(tmp_path / "model")
+    tf.saved_model.save(module, path)
+    with pytest.raises(Exception, match=refused):
+        tf.lite.TFLiteConverter.from_saved_model(path).convert()
+    before = directory_digest(path)
+    tflite = graphprune.export_tflite(path, str(tmp_path / "m.tflite"))
+    assert directory_digest(path) == before  # rewritten on a copy
+    return Interpreter(model_path=tflite).get_signature_runner()
