@@ -13,8 +13,8 @@ affine map per output channel, ``y * s + t``, and
 and the one TensorFlow's CPU remapper fuses with the activation into a single kernel: at batch 1,
 where a small model's time is per-op overhead, that is most of its latency.
 
-Matches, in every body at any depth: a Conv2D / Conv3D / DepthwiseConv2dNative (channels last)
-or MatMul whose kernel is a Const, or a variable read only there (its value is scaled; every read
+Matches, in every body at any depth: a Conv2D / Conv3D / DepthwiseConv2dNative, a transposed
+convolution (Conv2DBackpropInput / Conv3DBackpropInputV2; channels last all) or a MatMul whose kernel is a Const, or a variable read only there (its value is scaled; every read
 of it anywhere must fold with the same scale, and nothing may write it), followed by a chain of
 Mul / RealDiv / Add / AddV2 / Sub / BiasAdd, each with an operand computed from constants alone
 (and those variables, with ``variables``) that is one value or one value per output channel, and
@@ -51,6 +51,8 @@ FUSED_BATCH_NORMS = {"FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"}
 PASS_THROUGH = {"Identity", "PartitionedCall", "StatefulPartitionedCall", "If", "StatelessIf", "While",
                 "StatelessWhile", "Case", "StatelessCase", "IdentityN"}
 MAX_OPERAND_ELEMENTS = 1 << 16  # a per-channel scale or shift, not a weight
+# the ops whose kernel (input 1) a chain after them folds into
+KERNEL_OPS = ("Conv2D", "Conv3D", "DepthwiseConv2dNative", "MatMul", "Conv2DBackpropInput", "Conv3DBackpropInputV2")
 
 
 @dataclasses.dataclass
@@ -155,6 +157,11 @@ def _kernel_axes(node, kernel_shape) -> tuple | None:
         return (2, 3)  # output channel c * multiplier + m
     if node.op == "MatMul" and len(kernel_shape) == 2:
         return (0,) if node.attr["transpose_b"].b else (1,)
+    # transposed convolutions: the kernel is [..., out, in]
+    if node.op == "Conv2DBackpropInput" and layout in ("", "NHWC") and len(kernel_shape) == 4:
+        return (2,)
+    if node.op == "Conv3DBackpropInputV2" and layout in ("", "NDHWC") and len(kernel_shape) == 5:
+        return (3,)
     return None
 
 
@@ -164,7 +171,7 @@ def _plans(body: b.Body, model: g.TracedModel, returned: set, read=lambda key: N
     operands, or None where it may not be taken."""
     plans = []
     for node in body.nodes:
-        if node.op not in ("Conv2D", "Conv3D", "DepthwiseConv2dNative", "MatMul"):
+        if node.op not in KERNEL_OPS:
             continue
         if node.attr["T"].type not in FLOAT_TYPES or len(body.data_inputs(node)) < 2:
             continue

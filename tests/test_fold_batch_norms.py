@@ -438,3 +438,33 @@ def test_conv1d_batch_norms_fold(tmp_path):
     out = graphprune.finalize(pm, str(tmp_path / "trainable"), shrink=True, freeze=False, fold_batch_norms=True)
     assert _ops(out)["Rsqrt"] == 0  # folded into the kernels' variables, [k, in, out] as stored
     _close(_serve(out, x), _masked(pm, x))
+
+
+def test_transposed_conv_batch_norms_fold(tmp_path):
+    """A batch norm after Conv2DTranspose or Conv3DTranspose (a decoder's upsampling) folds into its
+    kernel, [..., out, in], along the output axis: under finalize's defaults, pruned by elements or
+    by channels and shrunk, with the outputs the masked model's."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    for name, shape, transposed in (("2d", (6, 6, 4), keras.layers.Conv2DTranspose),
+                                    ("3d", (3, 4, 4, 2), keras.layers.Conv3DTranspose)):
+        inputs = keras.Input(shape)
+        y = transposed(8, 3, strides=2, use_bias=False)(inputs)
+        y = keras.layers.BatchNormalization()(y)
+        y = keras.layers.ReLU()(y)
+        y = transposed(6, 3, padding="same")(y)  # with a bias, then a batch norm
+        y = keras.layers.BatchNormalization()(y)
+        export = str(tmp_path / f"export_{name}")
+        exported(keras.Model(inputs, y), export)
+        assert _ops(export)["Rsqrt"] == 2
+        x = RNG.rand(2, *shape).astype(np.float32)
+        pm = graphprune.prune(export, graphprune.ConstantSparsity(0.5, 0), one_shot=True)
+        out = graphprune.finalize(pm, str(tmp_path / f"final_{name}"))
+        ops = _ops(out)
+        assert ops["Rsqrt"] == 0 and ops["Mul"] == 0 and ops["BiasAdd"] == 2, (name, ops)
+        _close(_serve(out, x), _masked(pm, x))
+        pm = graphprune.prune(export, graphprune.ConstantSparsity(0.5, 0), structure="channel", one_shot=True)
+        out = graphprune.finalize(pm, str(tmp_path / f"small_{name}"), shrink=True)
+        assert _ops(out)["Rsqrt"] == 0
+        _close(_serve(out, x), _masked(pm, x))
