@@ -611,8 +611,9 @@ def _for_converter(saved_model_dir, output_dir, batch_size, rewrites) -> str:
 
 def _converter_rewrites(saved_model_dir) -> list[str]:
     """The passes of _for_converter a look at the SavedModel's graphs says may change it: a
-    StridedSlice with a new_axis_mask; an Einsum that contracts nothing; a convolution whose input a trace recorded without its
-    channel count (or did not record), or which a Reshape to a computed shape makes."""
+    StridedSlice with a new_axis_mask; an Einsum that contracts nothing; a convolution whose input
+    a trace recorded without its channel count (or did not record), or which a Reshape to a
+    computed shape makes."""
     from tensorflow.core.protobuf import saved_model_pb2
 
     from graphprune.passes.known_channels import CONVOLUTIONS

@@ -14,8 +14,9 @@ and the one TensorFlow's CPU remapper fuses with the activation into a single ke
 where a small model's time is per-op overhead, that is most of its latency.
 
 Matches, in every body at any depth: a Conv2D / Conv3D / DepthwiseConv2dNative, a transposed
-convolution (Conv2DBackpropInput / Conv3DBackpropInputV2; channels last all) or a MatMul whose kernel is a Const, or a variable read only there (its value is scaled; every read
-of it anywhere must fold with the same scale, and nothing may write it), followed by a chain of
+convolution (Conv2DBackpropInput / Conv3DBackpropInputV2; channels last all) or a MatMul whose
+kernel is a Const, or a variable read only there (its value is scaled; every read of it anywhere
+must fold with the same scale, and nothing may write it), followed by a chain of
 Mul / RealDiv / Add / AddV2 / Sub / BiasAdd, each with an operand computed from constants alone
 (and those variables, with ``variables``) that is one value or one value per output channel, and
 FusedBatchNorm(V2/V3) in inference, channels last, whose four parameters are so and whose batch

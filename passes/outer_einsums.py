@@ -82,8 +82,8 @@ def _rewrite(body: b.Body, node) -> None:
                        T=dtype, Tperm=tf.int32)
         for position, index in enumerate(output):  # a one where the output has an index it lacks
             if index not in indices:
-                ref = make(f"{label}_expanded", "ExpandDims", [ref, const(f"{label}_axis", np.array(position, np.int32))],
-                           T=dtype, Tdim=tf.int32)
+                axis = const(f"{label}_axis", np.array(position, np.int32))
+                ref = make(f"{label}_expanded", "ExpandDims", [ref, axis], T=dtype, Tdim=tf.int32)
         views.append(ref)
     product = g.make_node(node.name, "Mul", views + controls, T=dtype)
     if "_output_shapes" in node.attr:
