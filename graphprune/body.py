@@ -333,6 +333,19 @@ def const_once(body: Body, seen: dict, name: str, key: str, value, dtype: str):
     return g.const_node(name, value, dtype)
 
 
+def builders(body: Body, base: str):
+    """(const, op): functions that add a node named ``base/<name>`` (made unique) to ``body`` and
+    return the ref of its output 0: ``const(name, value, dtype)`` a Const of ``value`` (dtype: a
+    name, "int32"), ``op(name, op_type, inputs, **attrs)`` any op (attrs as graph.make_node takes)."""
+    def const(name: str, value, dtype: str) -> str:
+        return body.ref(body.add(g.const_node(body.fresh(f"{base}/{name}"), value, dtype)).name)
+
+    def op(name: str, op_type: str, inputs, **attrs) -> str:
+        return body.ref(body.add(g.make_node(body.fresh(f"{base}/{name}"), op_type, inputs, **attrs)).name)
+
+    return const, op
+
+
 def called_functions(node, library: dict) -> list[tuple[str, int | None, str]]:
     """(attr, list index or None, function name) of every library function ``node`` calls; the
     attr is '' for a function called as an op."""

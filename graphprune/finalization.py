@@ -509,18 +509,20 @@ def export_tflite(saved_model_dir, tflite_path, *, quantize=None, sparse: bool =
     check_output(tflite_path, overwrite=overwrite, inputs=[saved_model_dir])
     rewrites = _converter_rewrites(saved_model_dir)
     with tempfile.TemporaryDirectory(prefix="graphprune-tflite-") as scratch:
-        # a Reshape stated before convolutions the converter takes as they are would only add ops:
-        # known_channels runs where the converter refuses a convolution
-        first = [name for name in rewrites if name != "known_channels"]
         try:
-            source = _for_converter(saved_model_dir, os.path.join(scratch, "model"), batch_size, first)
+            source = _for_converter(saved_model_dir, os.path.join(scratch, "model"), batch_size, rewrites)
             flatbuffer = _convert(source, quantize, sparse, representative_data, signature_keys)
         except GraphPruneError as error:
+            # a Reshape stated before convolutions the converter takes as they are would only add
+            # ops: known_channels runs where it refuses one (the pass finds which, if any)
             from graphprune.passes.known_channels import CONVOLUTIONS
 
-            if rewrites == first or not any(f"'tf.{op}' op is neither" in str(error) for op in CONVOLUTIONS):
+            if not any(f"'tf.{op}' op is neither" in str(error) for op in CONVOLUTIONS):
                 raise
-            source = _for_converter(saved_model_dir, os.path.join(scratch, "stated"), batch_size, rewrites)
+            stated = rewrites + ["known_channels"]
+            source = _for_converter(saved_model_dir, os.path.join(scratch, "stated"), batch_size, stated)
+            if source == os.fspath(saved_model_dir):  # nothing to state: the first refusal stands
+                raise
             flatbuffer = _convert(source, quantize, sparse, representative_data, signature_keys)
     if len(flatbuffer) > TFLITE_MAX_BYTES:
         size = len(flatbuffer) / 2**30
@@ -588,7 +590,7 @@ def _for_converter(saved_model_dir, output_dir, batch_size, rewrites) -> str:
     new-axis slices as ExpandDims (expand_new_axes: every keras-hub decoder's attention mask),
     einsums that contract nothing as a Mul (outer_einsums: Gemma 4's rotary angles) and
     convolutions' unknown input channels stated (known_channels: after Keras 3's UpSampling2D);
-    ``rewrites``: those of them to run (_converter_rewrites)."""
+    ``rewrites``: those of them to run."""
     passes = [("static_batch", {"batch_size": batch_size})] if batch_size is not None else []
     passes += [(name, {}) for name in rewrites]
     if not passes:
@@ -610,13 +612,11 @@ def _for_converter(saved_model_dir, output_dir, batch_size, rewrites) -> str:
 
 
 def _converter_rewrites(saved_model_dir) -> list[str]:
-    """The passes of _for_converter a look at the SavedModel's graphs says may change it: a
-    StridedSlice with a new_axis_mask; an Einsum that contracts nothing; a convolution whose input
-    a trace recorded without its channel count (or did not record), or which a Reshape to a
-    computed shape makes."""
+    """The passes of _for_converter a look at the SavedModel's graphs says will change it: a
+    StridedSlice with a new_axis_mask; an Einsum that contracts nothing. (known_channels is run
+    where the converter refuses a convolution.)"""
     from tensorflow.core.protobuf import saved_model_pb2
 
-    from graphprune.passes.known_channels import CONVOLUTIONS
     from graphprune.passes.outer_einsums import outer_equation
 
     path = os.path.join(os.fspath(saved_model_dir), "saved_model.pb")
@@ -631,44 +631,13 @@ def _converter_rewrites(saved_model_dir) -> list[str]:
     found = set()
     for meta_graph in proto.meta_graphs:
         graph = meta_graph.graph_def
-        for nodes, function in [(graph.node, None)] + [(f.node_def, f) for f in graph.library.function]:
-            by_name = None
+        for nodes in [graph.node] + [function.node_def for function in graph.library.function]:
             for node in nodes:
                 if node.op == "StridedSlice" and node.attr["new_axis_mask"].i:
                     found.add("expand_new_axes")
                 elif node.op == "Einsum" and outer_equation(node) is not None:
                     found.add("outer_einsums")
-                elif node.op in CONVOLUTIONS and "known_channels" not in found:
-                    by_name = by_name if by_name is not None else {n.name: n for n in nodes}
-                    if _channels_unrecorded(node, by_name, function):
-                        found.add("known_channels")
-    return [name for name in ("expand_new_axes", "outer_einsums", "known_channels") if name in found]
-
-
-def _channels_unrecorded(node, by_name, function) -> bool:
-    """Whether the input a convolution's kernel sizes may have channels the converter cannot see:
-    no recorded channel count, or a Reshape's to a computed shape (known_channels tells)."""
-    from graphprune.passes.known_channels import CONVOLUTIONS
-
-    inputs = [raw for raw in node.input if not raw.startswith("^")]
-    position = CONVOLUTIONS[node.op][0]
-    if len(inputs) <= position:
-        return False
-    name = inputs[position].split(":")[0]
-    source = by_name.get(name)
-    arguments = [arg.name for arg in function.signature.input_arg] if function is not None else []
-    if source is not None:
-        if source.op == "Reshape" and len(source.input) > 1:
-            shape = by_name.get(source.input[1].split(":")[0])
-            if shape is None or shape.op != "Const":
-                return True
-        attrs = source.attr
-    elif name in arguments and arguments.index(name) in function.arg_attr:
-        attrs = function.arg_attr[arguments.index(name)].attr
-    else:  # the top graph's, or unknown: the pass tells
-        return True
-    shapes = attrs["_output_shapes"].list.shape if "_output_shapes" in attrs else []
-    return len(shapes) != 1 or shapes[0].unknown_rank or not shapes[0].dim or shapes[0].dim[-1].size < 0
+    return [name for name in ("expand_new_axes", "outer_einsums") if name in found]
 
 
 def _representative(data):

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.framework import node_def_pb2, types_pb2
 
 from graphprune import body as b
 from graphprune import graph as g
@@ -85,50 +84,32 @@ def _split(body: b.Body, node) -> bool:
         else:
             positions.append(-1 - sum(1 for j in range(i + 1, slots) if j not in new and makes_axis(j)))
 
-    dtype = node.attr["T"].type
-    index_type = node.attr["Index"].type
+    dtype = tf.dtypes.as_dtype(node.attr["T"].type)
+    index_type = tf.dtypes.as_dtype(node.attr["Index"].type)
+    const, make = b.builders(body, node.name)
     x = inputs[0]
     controls = [raw for raw in node.input if raw.startswith("^")]
     takes_all = all(_bit(ellipsis, i) or (
         (_bit(masks["begin_mask"], i) or (begin[i] == 0 and strides[i] > 0)) and _bit(masks["end_mask"], i)
         and strides[i] == 1 and not _bit(masks["shrink_axis_mask"], i)) for i in keep)
     if keep and not takes_all:
-        sliced = node_def_pb2.NodeDef(name=body.fresh(f"{node.name}/sliced"), op="StridedSlice", device=node.device)
-        refs = [x]
-        for label, values in zip(("begin", "end", "strides"), bounds):
-            refs.append(_const(body, f"{node.name}/sliced_{label}", np.asarray(values[keep]), index_type, node.device))
-        sliced.input.extend(refs + controls)
-        sliced.attr["T"].type = dtype
-        sliced.attr["Index"].type = index_type
-        for name, mask in masks.items():
-            sliced.attr[name].i = sum(1 << k for k, i in enumerate(keep) if _bit(mask, i))
-        sliced.attr["new_axis_mask"].i = 0
-        body.add(sliced)
-        x, controls = body.ref(sliced.name), []
+        kept = [const(f"sliced_{label}", np.asarray(values[keep]), index_type.name)
+                for label, values in zip(("begin", "end", "strides"), bounds)]
+        compressed = {name: sum(1 << k for k, i in enumerate(keep) if _bit(mask, i)) for name, mask in masks.items()}
+        x = make("sliced", "StridedSlice", [x, *kept] + controls, T=dtype, Index=index_type, new_axis_mask=0,
+                 **compressed)
+        controls = []
     for n, position in enumerate(positions):
-        last = n == len(positions) - 1
-        expand = node_def_pb2.NodeDef(name=node.name if last else body.fresh(f"{node.name}/expanded_{n}"),
-                                      op="ExpandDims", device=node.device)
-        axis = _const(body, f"{node.name}/axis_{n}", np.asarray(position, np.int32), types_pb2.DT_INT32, node.device)
-        expand.input.extend([x, axis] + controls)
-        expand.attr["T"].type = dtype
-        expand.attr["Tdim"].type = types_pb2.DT_INT32
-        if last:
-            if "_output_shapes" in node.attr:
-                expand.attr["_output_shapes"].CopyFrom(node.attr["_output_shapes"])
-            body.replace(node, expand)
-        else:
-            body.add(expand)
-            x, controls = body.ref(expand.name), []
+        axis = const(f"axis_{n}", np.asarray(position, np.int32), "int32")
+        if n < len(positions) - 1:
+            x = make(f"expanded_{n}", "ExpandDims", [x, axis] + controls, T=dtype, Tdim=tf.int32)
+            controls = []
+            continue
+        expand = g.make_node(node.name, "ExpandDims", [x, axis] + controls, T=dtype, Tdim=tf.int32)
+        if "_output_shapes" in node.attr:  # the last keeps the slice's name and output
+            expand.attr["_output_shapes"].CopyFrom(node.attr["_output_shapes"])
+        body.replace(node, expand)
     return True
-
-
-def _const(body: b.Body, name: str, value: np.ndarray, dtype, device: str) -> str:
-    const = node_def_pb2.NodeDef(name=body.fresh(name), op="Const", device=device)
-    const.attr["dtype"].type = dtype
-    const.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(value, dtype=tf.dtypes.as_dtype(dtype)))
-    body.add(const)
-    return body.ref(const.name)
 
 
 register_pass("expand_new_axes", expand_new_axes, invalidates=("weights", "channel_groups"))

@@ -57,15 +57,8 @@ def known_channels(model: g.TracedModel, context: PassContext) -> PassResult:
             if found is None:
                 continue
             position, channels = found
-            base = node.name
             dtype = tf.dtypes.as_dtype(node.attr["T"].type)
-
-            def const(name, value, type_name):
-                return body.ref(body.add(g.const_node(body.fresh(f"{base}/{name}"), value, type_name)).name)
-
-            def make(name, op, inputs, **attrs):
-                return body.ref(body.add(g.make_node(body.fresh(f"{base}/{name}"), op, inputs, **attrs)).name)
-
+            const, make = b.builders(body, node.name)
             x = body.data_inputs(node)[position]
             shape = _out_shape(make, const, x, dtype, channels)
             known = make("known_channels", "Reshape", [x, shape], T=dtype, Tshape=tf.int32)
@@ -119,4 +112,5 @@ def computed_reshape(body: b.Body, ref: str) -> bool:
         producer = body.producer(body.data_inputs(producer)[0])
     return False
 
-register_pass("known_channels", known_channels)
+
+register_pass("known_channels", known_channels, invalidates=("weights", "channel_groups"))

@@ -64,25 +64,19 @@ def outer_equation(node) -> tuple[str, str, str] | None:
 def _rewrite(body: b.Body, node) -> None:
     x_indices, y_indices, output = outer_equation(node)
     dtype = tf.dtypes.as_dtype(node.attr["T"].type)
-    base = node.name
     controls = [raw for raw in node.input if raw.startswith("^")]
-
-    def const(name, value):
-        return body.ref(body.add(g.const_node(body.fresh(f"{base}/{name}"), value, "int32")).name)
-
-    def make(name, op, inputs, **attrs):
-        return body.ref(body.add(g.make_node(body.fresh(f"{base}/{name}"), op, inputs, **attrs)).name)
+    const, make = b.builders(body, node.name)
 
     views = []
     for label, ref, indices in zip(("x", "y"), body.data_inputs(node), (x_indices, y_indices)):
         ordered = sorted(indices, key=output.index)
         if list(ordered) != list(indices):
             permutation = np.array([indices.index(i) for i in ordered], np.int32)
-            ref = make(f"{label}_transposed", "Transpose", [ref, const(f"{label}_permutation", permutation)],
-                       T=dtype, Tperm=tf.int32)
+            order = const(f"{label}_permutation", permutation, "int32")
+            ref = make(f"{label}_transposed", "Transpose", [ref, order], T=dtype, Tperm=tf.int32)
         for position, index in enumerate(output):  # a one where the output has an index it lacks
             if index not in indices:
-                axis = const(f"{label}_axis", np.array(position, np.int32))
+                axis = const(f"{label}_axis", np.array(position, np.int32), "int32")
                 ref = make(f"{label}_expanded", "ExpandDims", [ref, axis], T=dtype, Tdim=tf.int32)
         views.append(ref)
     product = g.make_node(node.name, "Mul", views + controls, T=dtype)

@@ -195,12 +195,7 @@ def _rewrite(body: b.Body, conv, kernel: _Kernel, returned: set, spatial: tuple 
     x = body.data_inputs(conv)[0]
     controls = [raw for raw in conv.input if raw.startswith("^")]
 
-    def const(name, value, type_name):
-        return body.ref(body.add(g.const_node(body.fresh(f"{base}/{name}"), value, type_name)).name)
-
-    def node(name, op, inputs, **attrs):
-        return body.ref(body.add(g.make_node(body.fresh(f"{base}/{name}"), op, inputs, **attrs)).name)
-
+    const, node = b.builders(body, base)
     int32 = tf.int32
     flat = node("flat", "Reshape", [x, const("flat_shape", np.array([-1, cin], np.int32), "int32")], T=dtype,
                 Tshape=int32)
